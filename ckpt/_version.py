@@ -1,0 +1,3 @@
+"""The ckpt package version."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,62 @@
+"""Errors about missing, bad or incompatible checkpoints.
+
+Every error ckpt raises about a checkpoint derives from :class:`CheckpointError`;
+each subclass also derives from the builtin it resembles, so existing
+``except FileNotFoundError`` code keeps working::
+
+    CheckpointError (Exception)
+    ├── CheckpointNotFoundError (FileNotFoundError)   no such step / item / file
+    ├── CheckpointExistsError (FileExistsError)        the step is already committed
+    ├── CorruptCheckpointError (ValueError)            bytes or manifest are malformed
+    └── IncompatibleCheckpointError (ValueError)       well formed, but does not fit the
+                                                       live objects (shapes, groups, keys)
+
+Errors carry ``path`` (the file or directory at fault) and ``key`` (the item or
+key path inside it) when they are known, and the message names both.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CheckpointError",
+    "CheckpointExistsError",
+    "CheckpointNotFoundError",
+    "CorruptCheckpointError",
+    "IncompatibleCheckpointError",
+]
+
+
+class CheckpointError(Exception):
+    """Base class of every error about a missing, bad or incompatible checkpoint.
+
+    Attributes:
+        path: The file or directory at fault, when known.
+        key: The item or key path at fault, when known.
+    """
+
+    def __init__(self, message: str, *, path: str | None = None, key: str | None = None):
+        self.path = path
+        self.key = key
+        where = []
+        if path is not None:
+            where.append(f"file {path!r}")
+        if key is not None:
+            where.append(f"key {key!r}")
+        full = f"{message} ({', '.join(where)})" if where else message
+        super().__init__(full)
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """A step, item or file that the caller asked for is not in the checkpoint."""
+
+
+class CheckpointExistsError(CheckpointError, FileExistsError):
+    """A checkpoint for this step is already committed."""
+
+
+class CorruptCheckpointError(CheckpointError, ValueError):
+    """A checkpoint file is truncated, malformed or disagrees with its manifest."""
+
+
+class IncompatibleCheckpointError(CheckpointError, ValueError):
+    """A well-formed checkpoint does not fit the live objects it is restored into."""

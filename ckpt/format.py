@@ -1,0 +1,291 @@
+"""On-disk format v1: step directory names and the JSON manifest.
+
+Pure functions over names and bytes; no I/O. See ``docs/format.md`` for the
+specification. A checkpoint is one directory named :func:`step_dir_name`,
+holding one safetensors file per item that has tensors and ``manifest.json``,
+which is written last and is the commit marker.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ckpt.errors import CorruptCheckpointError, IncompatibleCheckpointError
+from ckpt.tree import Json
+
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "ITEM_KINDS",
+    "MANIFEST_NAME",
+    "ItemRecord",
+    "Manifest",
+    "TensorRecord",
+    "decode_manifest",
+    "encode_manifest",
+    "is_temp_dir_name",
+    "item_file_name",
+    "parse_step_dir_name",
+    "step_dir_name",
+    "temp_dir_name",
+]
+
+FORMAT_NAME = "ckpt"
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+ITEM_KINDS = ("module", "optimizer", "stateful", "dict")
+
+_STEP_DIR = re.compile(r"step_(\d{12,20})")
+_TEMP_PREFIX = ".ckpt-tmp."
+_FILE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\.safetensors")
+_DTYPES = {
+    str(d).removeprefix("torch."): d for d in vars(torch).values() if isinstance(d, torch.dtype)
+}
+
+
+def step_dir_name(step: int) -> str:
+    """Return the directory name of ``step``: ``step_`` and at least 12 digits."""
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"step must be a non-negative int, got {step!r}")
+    return f"step_{step:012d}"
+
+
+def parse_step_dir_name(name: str) -> int | None:
+    """Return the step a directory name stands for, or ``None`` if it is not a step directory.
+
+    Only the canonical spelling parses, so every step has exactly one name.
+    """
+    match = _STEP_DIR.fullmatch(name)
+    if match is None:
+        return None
+    step = int(match.group(1))
+    return step if step_dir_name(step) == name else None
+
+
+def temp_dir_name(step: int, owner: str, token: str) -> str:
+    """Return the name of the temporary directory a save of ``step`` writes into.
+
+    It starts with ``.ckpt-tmp.`` and therefore never parses as a step.
+    """
+    return f"{_TEMP_PREFIX}{step_dir_name(step)}.{owner}.{token}"
+
+
+def is_temp_dir_name(name: str) -> bool:
+    """Tell whether ``name`` is a temporary directory made by :func:`temp_dir_name`."""
+    return name.startswith(_TEMP_PREFIX)
+
+
+def item_file_name(item: str) -> str:
+    """Return the safetensors file name that holds an item's tensors."""
+    return f"{item}.safetensors"
+
+
+@dataclass(frozen=True)
+class TensorRecord:
+    """What the manifest says about one stored tensor."""
+
+    file: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    device: str
+
+
+@dataclass(frozen=True)
+class ItemRecord:
+    """One saved item: its kind, its typed-JSON state tree and kind-specific extras."""
+
+    kind: str
+    state: Json
+    extra: dict[str, Json] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The parsed, validated contents of ``manifest.json``."""
+
+    step: int
+    epoch: int | None
+    metrics: dict[str, float | int]
+    files: dict[str, int]
+    tensors: dict[str, TensorRecord]
+    items: dict[str, ItemRecord]
+    created_at: str = ""
+    versions: dict[str, str] = field(default_factory=dict)
+
+
+def encode_manifest(manifest: Manifest) -> bytes:
+    """Serialize a manifest to UTF-8 JSON bytes (deterministic; no NaN literals)."""
+    doc = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "step": manifest.step,
+        "epoch": manifest.epoch,
+        "metrics": {k: _encode_number(v) for k, v in manifest.metrics.items()},
+        "created_at": manifest.created_at,
+        "versions": manifest.versions,
+        "files": {name: {"size": size} for name, size in manifest.files.items()},
+        "tensors": {
+            name: {
+                "file": r.file,
+                "dtype": str(r.dtype).removeprefix("torch."),
+                "shape": list(r.shape),
+                "device": r.device,
+            }
+            for name, r in manifest.tensors.items()
+        },
+        "items": {
+            name: {"kind": r.kind, **r.extra, "state": r.state}
+            for name, r in manifest.items.items()
+        },
+    }
+    text = json.dumps(doc, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    return (text + "\n").encode("utf-8")
+
+
+def _encode_number(v: float | int) -> Json:
+    if isinstance(v, float) and not math.isfinite(v):
+        return {"$float": "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf")}
+    return v
+
+
+def _decode_number(v: Json) -> float | int | None:
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, (int, float)):
+        return v
+    if isinstance(v, dict) and set(v) == {"$float"}:
+        return {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}.get(v["$float"])
+    return None
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"non-standard JSON constant {name}")
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"duplicate key {k!r}")
+        out[k] = v
+    return out
+
+
+def decode_manifest(raw: bytes, source: str) -> Manifest:
+    """Parse and validate ``manifest.json`` bytes.
+
+    Args:
+        raw: The file's bytes.
+        source: The file's path, for error messages.
+
+    Raises:
+        CorruptCheckpointError: Not UTF-8 JSON, or a field is missing or of the wrong type.
+        IncompatibleCheckpointError: Written by a newer, unknown format version.
+    """
+    try:
+        doc = json.loads(
+            raw.decode("utf-8"), parse_constant=_no_constants, object_pairs_hook=_unique_keys
+        )
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise CorruptCheckpointError(f"manifest is not valid JSON: {e}", path=source) from e
+
+    def bad(key: str, why: str) -> CorruptCheckpointError:
+        return CorruptCheckpointError(f"invalid manifest: {why}", path=source, key=key)
+
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME:
+        raise bad("format", f"not a {FORMAT_NAME} manifest")
+    version = doc.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise bad("format_version", "missing or not an int")
+    if version > FORMAT_VERSION:
+        raise IncompatibleCheckpointError(
+            f"format version {version} is newer than this ckpt understands ({FORMAT_VERSION}); "
+            "upgrade ckpt",
+            path=source,
+            key="format_version",
+        )
+    step = doc.get("step")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise bad("step", "must be a non-negative int")
+    epoch = doc.get("epoch")
+    if epoch is not None and (isinstance(epoch, bool) or not isinstance(epoch, int)):
+        raise bad("epoch", "must be an int or null")
+    metrics_doc = doc.get("metrics", {})
+    if not isinstance(metrics_doc, dict):
+        raise bad("metrics", "must be an object")
+    metrics: dict[str, float | int] = {}
+    for k, v in metrics_doc.items():
+        number = _decode_number(v)
+        if number is None:
+            raise bad(f"metrics.{k}", "must be a number")
+        metrics[k] = number
+    files = _decode_files(doc.get("files"), bad)
+    tensors = _decode_tensors(doc.get("tensors"), files, bad)
+    items = _decode_items(doc.get("items"), bad)
+    created_at = doc.get("created_at", "")
+    versions = doc.get("versions", {})
+    if not isinstance(created_at, str):
+        raise bad("created_at", "must be a string")
+    if not isinstance(versions, dict) or not all(isinstance(v, str) for v in versions.values()):
+        raise bad("versions", "must map names to strings")
+    return Manifest(step, epoch, metrics, files, tensors, items, created_at, versions)
+
+
+def _decode_files(doc: Json, bad: Any) -> dict[str, int]:
+    if not isinstance(doc, dict):
+        raise bad("files", "must be an object")
+    files: dict[str, int] = {}
+    for name, info in doc.items():
+        if not _FILE_NAME.fullmatch(name):
+            raise bad(f"files.{name}", "file name is not a plain .safetensors name")
+        size = info.get("size") if isinstance(info, dict) else None
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise bad(f"files.{name}", "size must be a non-negative int")
+        files[name] = size
+    return files
+
+
+def _decode_tensors(doc: Json, files: Mapping[str, int], bad: Any) -> dict[str, TensorRecord]:
+    if not isinstance(doc, dict):
+        raise bad("tensors", "must be an object")
+    tensors: dict[str, TensorRecord] = {}
+    for name, info in doc.items():
+        where = f"tensors.{name}"
+        if not isinstance(info, dict):
+            raise bad(where, "must be an object")
+        file, dtype, shape, device = (info.get(k) for k in ("file", "dtype", "shape", "device"))
+        if file not in files:
+            raise bad(where, f"names file {file!r}, which is not in 'files'")
+        if not isinstance(dtype, str) or dtype not in _DTYPES:
+            raise bad(where, f"unknown dtype {dtype!r}")
+        if not isinstance(shape, list) or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+        ):
+            raise bad(where, "shape must be a list of non-negative ints")
+        if not isinstance(device, str):
+            raise bad(where, "device must be a string")
+        try:
+            torch.device(device)
+        except RuntimeError as e:
+            raise bad(where, f"invalid device {device!r}") from e
+        tensors[name] = TensorRecord(file, _DTYPES[dtype], tuple(shape), device)
+    return tensors
+
+
+def _decode_items(doc: Json, bad: Any) -> dict[str, ItemRecord]:
+    if not isinstance(doc, dict):
+        raise bad("items", "must be an object")
+    items: dict[str, ItemRecord] = {}
+    for name, info in doc.items():
+        if not isinstance(info, dict) or info.get("kind") not in ITEM_KINDS or "state" not in info:
+            raise bad(f"items.{name}", f"must have a kind in {ITEM_KINDS} and a state")
+        extra = {k: v for k, v in info.items() if k not in ("kind", "state")}
+        items[name] = ItemRecord(info["kind"], info["state"], extra)
+    return items

@@ -1,0 +1,311 @@
+"""Items: what can be saved, how its state is captured, checked and loaded back.
+
+An item is a keyword argument of ``save``/``restore``: an ``nn.Module``, a
+``torch.optim.Optimizer``, any :class:`Stateful` object (a scheduler, a
+``GradScaler``, a sampler), or a plain ``dict``. This module decides each
+item's kind, captures its state for saving, and on restore checks a saved
+state against the live object and decides where each tensor is built before
+anything is mutated. No I/O happens here.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+from ckpt.errors import CorruptCheckpointError, IncompatibleCheckpointError
+from ckpt.format import ItemRecord
+from ckpt.optim import (
+    Target,
+    check_optimizer_state,
+    optimizer_param_records,
+    optimizer_targets,
+)
+from ckpt.tree import Json, KeyPath, flatten, unflatten
+
+__all__ = [
+    "RESERVED_NAMES",
+    "Captured",
+    "RestorePlan",
+    "Stateful",
+    "capture",
+    "check_item_name",
+    "item_kind",
+    "plan_restore",
+]
+
+RESERVED_NAMES = frozenset({"step", "epoch", "metrics", "map_location", "strict"})
+"""Names that cannot be items because ``save``/``restore`` take them as options."""
+
+_RESTORE_ORDER = {"module": 0, "optimizer": 1, "stateful": 2, "dict": 3}
+
+
+@runtime_checkable
+class Stateful(Protocol):
+    """An object whose state ckpt can save and restore.
+
+    The same protocol as ``torch.distributed.checkpoint.stateful.Stateful``:
+    ``state_dict()`` returns nested dicts/lists/tuples of tensors and plain
+    values; ``load_state_dict(state)`` restores from such a value.
+    """
+
+    def state_dict(self) -> dict[str, Any]:
+        """Return the object's state."""
+        ...
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> Any:
+        """Restore the object's state from what ``state_dict()`` returned."""
+        ...
+
+
+def check_item_name(name: str) -> None:
+    """Refuse item names that are not identifiers or that clash with options.
+
+    Raises:
+        ValueError: Naming the item and why.
+    """
+    if not name.isidentifier() or not name.isascii():
+        raise ValueError(f"item name {name!r} must be an ASCII Python identifier")
+    if name in RESERVED_NAMES:
+        raise ValueError(f"item name {name!r} is reserved; choose another name")
+
+
+def item_kind(name: str, obj: object) -> str:
+    """Return the kind of an item: ``module``, ``optimizer``, ``stateful`` or ``dict``.
+
+    Raises:
+        TypeError: The object is none of these; the message names the item.
+    """
+    if isinstance(obj, nn.Module):
+        return "module"
+    if isinstance(obj, torch.optim.Optimizer):
+        return "optimizer"
+    if isinstance(obj, Stateful):
+        return "stateful"
+    if isinstance(obj, dict):
+        return "dict"
+    raise TypeError(
+        f"item {name!r} is a {type(obj).__qualname__}; expected an nn.Module, an Optimizer, "
+        "an object with state_dict()/load_state_dict(), or a dict"
+    )
+
+
+@dataclass(frozen=True)
+class Captured:
+    """An item's state ready to be written: its kind, typed-JSON tree, tensors and extras."""
+
+    kind: str
+    tree: Json
+    tensors: dict[str, torch.Tensor]
+    extra: dict[str, Json] = field(default_factory=dict)
+
+
+def capture(name: str, obj: Any, param_names: Mapping[int, str]) -> Captured:
+    """Capture one item's state for saving.
+
+    Args:
+        name: The item name (the first component of its tensor names).
+        obj: The live object.
+        param_names: ``id(parameter) -> name`` over the modules saved in the same call.
+
+    Raises:
+        TypeError: The item, or a value in its state, cannot be stored without pickle.
+    """
+    kind = item_kind(name, obj)
+    extra: dict[str, Json] = {}
+    if kind == "dict":
+        state = obj
+    else:
+        state = obj.state_dict()
+        if not isinstance(state, dict):
+            raise TypeError(
+                f"item {name!r}: state_dict() returned {type(state).__name__}, not a dict"
+            )
+    if kind == "module":
+        metadata = getattr(state, "_metadata", None)
+        if metadata is not None:
+            extra["module_metadata"], _ = flatten(dict(metadata), name)
+    elif kind == "optimizer":
+        extra["params"] = optimizer_param_records(obj, param_names)
+    tree, tensors = flatten(state, name)
+    return Captured(kind, tree, tensors, extra)
+
+
+def _live_tensor_devices(live: Any) -> dict[KeyPath, torch.device]:
+    """Map each key path of a live state to the device of the tensor there."""
+    out: dict[KeyPath, torch.device] = {}
+
+    def visit(obj: Any, path: KeyPath) -> None:
+        if isinstance(obj, torch.Tensor):
+            out[path] = obj.device
+        elif isinstance(obj, dict):
+            for k, v in obj.items():
+                visit(v, (*path, k))
+        elif isinstance(obj, (list, tuple)):
+            for i, v in enumerate(obj):
+                visit(v, (*path, i))
+
+    visit(live, ())
+    return out
+
+
+@dataclass
+class RestorePlan:
+    """A checked restore of one item: where each tensor goes, and how to load it.
+
+    Built by :func:`plan_restore` before any file is read or object mutated.
+    """
+
+    name: str
+    kind: str
+    obj: Any
+    record: ItemRecord
+    targets: dict[str, Target]
+    strict: bool
+
+    @property
+    def order(self) -> int:
+        """Restore position: modules, then optimizers, then other stateful objects, then dicts."""
+        return _RESTORE_ORDER[self.kind]
+
+    def build(self, tensors: Mapping[str, torch.Tensor]) -> Any:
+        """Assemble the item's state from the loaded tensors."""
+        return build_state(self.record, tensors, self.name)
+
+    def apply(self, state: Any) -> tuple[list[str], list[str]]:
+        """Load ``state`` into the live object; return (missing, unexpected) keys."""
+        if self.kind == "module":
+            result = self.obj.load_state_dict(state, strict=self.strict)
+            return list(result.missing_keys), list(result.unexpected_keys)
+        if self.kind == "dict":
+            self.obj.clear()
+            self.obj.update(state)
+        else:
+            self.obj.load_state_dict(state)
+        return [], []
+
+
+def build_state(record: ItemRecord, tensors: Mapping[str, torch.Tensor], name: str) -> Any:
+    """Decode an item's saved tree with ``tensors`` (modules get an ``OrderedDict``)."""
+    state = unflatten(record.state, tensors)
+    if record.kind == "module":
+        if not isinstance(state, dict):
+            raise CorruptCheckpointError("module state is not a dict", key=name)
+        state = OrderedDict(state)
+        metadata = record.extra.get("module_metadata")
+        if metadata is not None:
+            state._metadata = unflatten(metadata, {})  # type: ignore[attr-defined]
+    return state
+
+
+def plan_restore(
+    name: str,
+    obj: Any,
+    record: ItemRecord,
+    skeleton: Any,
+    placeholder_names: Mapping[int, str],
+    *,
+    strict: bool,
+    live_names: Mapping[int, str],
+    override: bool,
+) -> RestorePlan:
+    """Check a saved item against its live object and decide where its tensors go.
+
+    Args:
+        name: The item name.
+        obj: The live object.
+        record: The item's manifest record.
+        skeleton: The saved state with meta placeholders for tensors.
+        placeholder_names: ``id(placeholder) -> tensor name``.
+        strict: Module keys must match exactly; optimizer parameter names must match.
+        live_names: ``id(parameter) -> name`` over the modules restored in the same call.
+        override: ``map_location`` was given: build every tensor there, not at its live target.
+
+    Raises:
+        IncompatibleCheckpointError: The saved state does not fit the live object.
+        CorruptCheckpointError: The saved state is malformed.
+    """
+    kind = item_kind(name, obj)
+    if kind != record.kind:
+        raise IncompatibleCheckpointError(
+            f"item {name!r} was saved as a {record.kind} but a {kind} was given", key=name
+        )
+    by_id: dict[int, Target] = {}
+    if kind == "optimizer":
+        id_map = check_optimizer_state(
+            name, skeleton, obj, record.extra.get("params"), live_names, strict=strict
+        )
+        if not override:
+            by_id = optimizer_targets(skeleton, id_map)
+    else:
+        live = obj if kind == "dict" else obj.state_dict()
+        if kind == "module":
+            _check_module_state(name, skeleton, live, strict=strict)
+        if not override:
+            devices = _live_tensor_devices(live)
+            by_id = {
+                id(t): (devices[path], None)
+                for path, t in _placeholders_by_path(skeleton).items()
+                if path in devices
+            }
+    targets = {
+        placeholder_names[i]: target for i, target in by_id.items() if i in placeholder_names
+    }
+    return RestorePlan(name, kind, obj, record, targets, strict)
+
+
+def _placeholders_by_path(state: Any) -> dict[KeyPath, torch.Tensor]:
+    found: dict[KeyPath, torch.Tensor] = {}
+
+    def visit(obj: Any, path: KeyPath) -> None:
+        if isinstance(obj, torch.Tensor):
+            found.setdefault(path, obj)
+        elif isinstance(obj, dict):
+            for k, v in obj.items():
+                visit(v, (*path, k))
+        elif isinstance(obj, (list, tuple)):
+            for i, v in enumerate(obj):
+                visit(v, (*path, i))
+
+    visit(state, ())
+    return found
+
+
+def _check_module_state(name: str, saved: Any, live: Mapping[str, Any], *, strict: bool) -> None:
+    """Raise what ``nn.Module.load_state_dict`` would, in its wording, before loading anything."""
+    if not isinstance(saved, dict):
+        raise CorruptCheckpointError("module state is not a dict", key=name)
+    errors = []
+    if strict:
+        missing = [k for k in live if k not in saved]
+        unexpected = [k for k in saved if k not in live]
+        if unexpected:
+            errors.append(
+                "Unexpected key(s) in state_dict: " + ", ".join(f'"{k}"' for k in unexpected) + "."
+            )
+        if missing:
+            errors.append(
+                "Missing key(s) in state_dict: " + ", ".join(f'"{k}"' for k in missing) + "."
+            )
+    for key, value in saved.items():
+        target = live.get(key)
+        if not (isinstance(value, torch.Tensor) and isinstance(target, torch.Tensor)):
+            continue
+        if isinstance(target, nn.parameter.UninitializedParameter):
+            continue
+        if target.dim() == 0 and value.dim() == 1:
+            continue  # torch accepts a 1-d tensor for a 0-d parameter (old checkpoints)
+        if value.shape != target.shape:
+            errors.append(
+                f"size mismatch for {key}: copying a param with shape {value.shape} from "
+                f"checkpoint, the shape in current model is {target.shape}."
+            )
+    if errors:
+        raise IncompatibleCheckpointError(
+            f"Error(s) in loading state_dict for item {name!r}:\n\t" + "\n\t".join(errors), key=name
+        )

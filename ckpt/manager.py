@@ -1,0 +1,500 @@
+"""The checkpoint manager: numbered steps, atomic commits, restore and retention."""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import re
+import secrets
+import socket
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import torch
+
+from ckpt import _version
+from ckpt.errors import CheckpointExistsError, CheckpointNotFoundError, CorruptCheckpointError
+from ckpt.format import (
+    MANIFEST_NAME,
+    ItemRecord,
+    Manifest,
+    TensorRecord,
+    is_temp_dir_name,
+    item_file_name,
+    parse_step_dir_name,
+    step_dir_name,
+    temp_dir_name,
+)
+from ckpt.io import load_tensors, read_manifest, write_checkpoint_files
+from ckpt.items import RestorePlan, build_state, capture, check_item_name, plan_restore
+from ckpt.locations import MapLocation, check_map_location, mapped_device
+from ckpt.optim import Target, module_param_names
+from ckpt.retention import steps_to_delete
+from ckpt.storage import Storage
+from ckpt.tensorfile import dtype_name
+from ckpt.tree import tensor_refs, unflatten
+
+__all__ = ["Checkpoint", "CheckpointManager"]
+
+logger = logging.getLogger(__name__)
+
+STALE_TEMP_SECONDS = 3600.0
+"""A temporary directory untouched for this long is abandoned and may be removed."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A committed checkpoint, as returned by ``save`` and ``restore``.
+
+    Attributes:
+        step: The step it was saved at (the last completed step).
+        epoch: The epoch passed to ``save``, or ``None``.
+        metrics: The metrics passed to ``save``.
+        path: The checkpoint directory (a local path or a URL).
+        items: The names of the items it holds.
+        missing_keys: For a non-strict restore, module keys the checkpoint lacked, by item.
+        unexpected_keys: For a non-strict restore, checkpoint keys the module lacked, by item.
+    """
+
+    step: int
+    epoch: int | None
+    metrics: Mapping[str, float | int]
+    path: str
+    items: tuple[str, ...]
+    missing_keys: Mapping[str, list[str]] = field(default_factory=dict)
+    unexpected_keys: Mapping[str, list[str]] = field(default_factory=dict)
+
+
+def _owner() -> str:
+    host = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:64] or "host"
+    return f"{host}-{os.getpid()}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _check_metrics(metrics: Mapping[str, Any] | None) -> dict[str, float | int]:
+    if metrics is None:
+        return {}
+    if not isinstance(metrics, Mapping):
+        raise TypeError(f"metrics must be a dict of numbers, got {type(metrics).__name__}")
+    out: dict[str, float | int] = {}
+    for key, given in metrics.items():
+        value = given.item() if isinstance(given, torch.Tensor) and given.numel() == 1 else given
+        if (
+            not isinstance(key, str)
+            or isinstance(value, bool)
+            or not isinstance(value, (int, float))
+        ):
+            raise TypeError(f"metrics[{key!r}] must be a number with a str key, got {value!r}")
+        out[key] = value
+    return out
+
+
+class CheckpointManager:
+    """Saves and restores numbered checkpoints of training state in one directory.
+
+    Each ``save(step, ...)`` writes one checkpoint directory atomically: files
+    go into a temporary sibling, are fsynced, the manifest is written last, and
+    the directory is renamed into place. Only committed checkpoints are ever
+    listed or restored. One process should write to a directory at a time;
+    any number may read. An instance is not thread-safe.
+
+    Args:
+        directory: A local path or fsspec URL (``memory://run``, ``s3://bucket/run``).
+        keep_last: Keep only this many newest checkpoints (deleted after each commit);
+            ``None`` keeps all.
+        storage_options: Passed to the fsspec filesystem (credentials, endpoint, ...).
+
+    Example:
+        >>> mgr = ckpt.CheckpointManager("runs/exp1", keep_last=3)
+        >>> info = mgr.restore(model=model, optimizer=opt)
+        >>> start = 0 if info is None else info.step + 1
+        >>> for step in range(start, total_steps):
+        ...     train_one_step()
+        ...     mgr.save(step, model=model, optimizer=opt)
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        keep_last: int | None = None,
+        storage_options: dict[str, Any] | None = None,
+    ):
+        if keep_last is not None and (
+            isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1
+        ):
+            raise ValueError(f"keep_last must be a positive int or None, got {keep_last!r}")
+        if storage_options is not None and not isinstance(storage_options, dict):
+            raise TypeError("storage_options must be a dict")
+        self._storage = Storage(os.fspath(directory), storage_options)
+        self._storage.makedirs()
+        self.keep_last = keep_last
+
+    def __repr__(self) -> str:
+        return f"CheckpointManager({self._storage.url!r}, keep_last={self.keep_last})"
+
+    @property
+    def directory(self) -> str:
+        """The root directory, as given."""
+        return self._storage.url
+
+    # ----------------------------------------------------------------- listing
+
+    def all_steps(self) -> list[int]:
+        """Return the steps of all committed checkpoints, ascending."""
+        steps = []
+        for name in self._storage.list_dir():
+            step = parse_step_dir_name(name)
+            if step is not None and self._storage.exists(name, MANIFEST_NAME):
+                steps.append(step)
+        return sorted(steps)
+
+    def latest_step(self) -> int | None:
+        """Return the newest committed step, or ``None`` if there is none."""
+        steps = self.all_steps()
+        return steps[-1] if steps else None
+
+    def checkpoint(self, step: int | None = None) -> Checkpoint | None:
+        """Describe a committed checkpoint (the latest when ``step`` is ``None``) without loading.
+
+        Returns ``None`` when ``step`` is ``None`` and nothing is committed.
+
+        Raises:
+            CheckpointNotFoundError: ``step`` is not committed.
+            CorruptCheckpointError: Its manifest is malformed.
+        """
+        found = self._manifest(step)
+        return None if found is None else self._info(found[1])
+
+    # -------------------------------------------------------------------- save
+
+    def save(
+        self,
+        step: int,
+        *,
+        epoch: int | None = None,
+        metrics: Mapping[str, float | int] | None = None,
+        **items: Any,
+    ) -> Checkpoint:
+        """Save items as the checkpoint of ``step``, atomically.
+
+        Args:
+            step: The step just completed; a non-negative int not saved before.
+            epoch: The epoch, stored for bookkeeping.
+            metrics: Numbers to store with the checkpoint (loss, accuracy, ...).
+            **items: What to save, by name: ``nn.Module``, ``Optimizer``, any object
+                with ``state_dict()``/``load_state_dict()``, or a dict.
+
+        Returns:
+            The committed checkpoint.
+
+        Raises:
+            CheckpointExistsError: ``step`` is already committed.
+            TypeError: An item, or a value in its state, cannot be stored without pickle.
+            ValueError: A bad step, epoch or item name.
+        """
+        start = time.perf_counter()
+        step_name = step_dir_name(step)
+        if epoch is not None and (isinstance(epoch, bool) or not isinstance(epoch, int)):
+            raise ValueError(f"epoch must be an int or None, got {epoch!r}")
+        checked_metrics = _check_metrics(metrics)
+        if not items:
+            raise ValueError("save() needs at least one item, e.g. save(step, model=model)")
+        for name in items:
+            check_item_name(name)
+        modules = {n: o for n, o in items.items() if isinstance(o, torch.nn.Module)}
+        param_names = module_param_names(modules)
+        captured = {name: capture(name, obj, param_names) for name, obj in items.items()}
+
+        files: dict[str, dict[str, torch.Tensor]] = {}
+        tensors: dict[str, TensorRecord] = {}
+        for name, cap in captured.items():
+            if not cap.tensors:
+                continue
+            file_name = item_file_name(name)
+            for tname, t in cap.tensors.items():
+                dtype_name(t.dtype)
+                tensors[tname] = TensorRecord(file_name, t.dtype, tuple(t.shape), str(t.device))
+            files[file_name] = cap.tensors
+        manifest = Manifest(
+            step=step,
+            epoch=epoch,
+            metrics=checked_metrics,
+            files={},
+            tensors=tensors,
+            items={n: ItemRecord(c.kind, c.tree, c.extra) for n, c in captured.items()},
+            created_at=datetime.now(timezone.utc).isoformat(timespec="microseconds"),
+            versions={
+                "ckpt": _version.__version__,
+                "torch": torch.__version__,
+                "python": platform.python_version(),
+            },
+        )
+
+        if self._storage.exists(step_name, MANIFEST_NAME):
+            raise CheckpointExistsError(
+                f"step {step} is already saved; choose a new step", path=self._url(step_name)
+            )
+        self._remove_abandoned_temps()
+        temp = temp_dir_name(step, _owner(), secrets.token_hex(4))
+        self._storage.makedirs(temp)
+        try:
+            manifest = write_checkpoint_files(self._storage, temp, files, manifest)
+            self._storage.commit_dir(temp, step_name)
+        except BaseException:
+            self._remove_quietly(temp)
+            raise
+        nbytes = sum(manifest.files.values())
+        logger.info(
+            "saved step %d to %s (%d bytes in %.3f s)",
+            step,
+            self._url(step_name),
+            nbytes,
+            time.perf_counter() - start,
+        )
+        self._apply_retention(step)
+        return self._info(manifest)
+
+    def _apply_retention(self, just_saved: int) -> None:
+        for old in steps_to_delete(
+            self.all_steps(), just_saved=just_saved, keep_last=self.keep_last
+        ):
+            name = step_dir_name(old)
+            try:
+                # The manifest goes first, so the step stops being listed at once.
+                self._storage.remove_file(name, MANIFEST_NAME)
+                self._storage.remove_tree(name)
+            except Exception as e:
+                logger.warning("could not delete old checkpoint %s: %s", self._url(name), e)
+            else:
+                logger.info(
+                    "deleted old checkpoint %s (keep_last=%s)", self._url(name), self.keep_last
+                )
+
+    def _remove_abandoned_temps(self) -> None:
+        """Remove temporary directories left by crashed saves (dead writer or stale)."""
+        me = _owner().rsplit("-", 1)[0]
+        for name in self._storage.list_dir():
+            if not is_temp_dir_name(name):
+                continue
+            parts = name.rsplit(".", 2)
+            host, _, pid = parts[1].rpartition("-") if len(parts) == 3 else ("", "", "")
+            dead = host == me and pid.isdigit() and not _pid_alive(int(pid))
+            age = self._storage.age_seconds(name)
+            if dead or (age is not None and age > STALE_TEMP_SECONDS):
+                logger.info("removing abandoned temporary checkpoint %s", self._url(name))
+                self._remove_quietly(name)
+
+    def _remove_quietly(self, name: str) -> None:
+        try:
+            self._storage.remove_tree(name)
+        except Exception as e:
+            logger.warning("could not remove %s: %s", self._url(name), e)
+
+    # ----------------------------------------------------------------- restore
+
+    def restore(
+        self,
+        step: int | None = None,
+        *,
+        map_location: MapLocation = None,
+        strict: bool = True,
+        **items: Any,
+    ) -> Checkpoint | None:
+        """Load a checkpoint into live objects, in place.
+
+        Everything is checked and read before any item is touched, so a failed
+        restore leaves every item as it was. Modules are loaded first, then
+        optimizers, then other stateful objects, then dicts.
+
+        Args:
+            step: The step to restore; the latest committed one when ``None``.
+            map_location: Where to build tensors, as for ``torch.load``; by default
+                each tensor is built where its live counterpart lives (optimizer
+                state following ``Optimizer.load_state_dict``'s cast rules).
+            strict: Module keys must match exactly, and optimizer parameters must
+                have the names they had when saved.
+            **items: The live objects to load into, by the names they were saved under.
+
+        Returns:
+            The restored checkpoint, or ``None`` when ``step`` is ``None`` and
+            nothing has been saved yet.
+
+        Raises:
+            CheckpointNotFoundError: ``step`` or an item is not in the checkpoint.
+            IncompatibleCheckpointError: The checkpoint does not fit the live objects.
+            CorruptCheckpointError: A file is malformed or disagrees with the manifest.
+        """
+        start = time.perf_counter()
+        check_map_location(map_location)
+        for name in items:
+            check_item_name(name)
+        found = self._manifest(step)
+        if found is None:
+            return None
+        step_name, manifest = found
+        manifest_path = self._storage.path(step_name, MANIFEST_NAME)
+        for name in items:
+            if name not in manifest.items:
+                raise CheckpointNotFoundError(
+                    f"item {name!r} is not in checkpoint step {manifest.step} "
+                    f"(it holds {sorted(manifest.items)})",
+                    path=manifest_path,
+                    key=name,
+                )
+
+        live_names = module_param_names(
+            {n: o for n, o in items.items() if isinstance(o, torch.nn.Module)}
+        )
+        plans: list[RestorePlan] = []
+        names: list[str] = []
+        for name, obj in items.items():
+            record = manifest.items[name]
+            skeleton, placeholders = _skeleton(record.state, manifest)
+            plans.append(
+                plan_restore(
+                    name,
+                    obj,
+                    record,
+                    skeleton,
+                    placeholders,
+                    strict=strict,
+                    live_names=live_names,
+                    override=map_location is not None,
+                )
+            )
+            names.extend(dict.fromkeys(n for _, n in tensor_refs(record.state)))
+        targets: dict[str, Target] = {}
+        for plan in plans:
+            targets.update(plan.targets)
+        if map_location is not None:
+            targets = {n: _mapped(map_location, manifest, n) for n in names}
+        loaded = load_tensors(self._storage, step_name, manifest, names, targets, map_location)
+        states = [(plan, plan.build(loaded)) for plan in plans]
+
+        missing: dict[str, list[str]] = {}
+        unexpected: dict[str, list[str]] = {}
+        for plan, state in sorted(states, key=lambda ps: ps[0].order):
+            miss, unexp = plan.apply(state)
+            if miss:
+                missing[plan.name] = miss
+            if unexp:
+                unexpected[plan.name] = unexp
+        for name in missing.keys() | unexpected.keys():
+            logger.warning(
+                "restored %r non-strictly: missing keys %s, unexpected keys %s",
+                name,
+                missing.get(name, []),
+                unexpected.get(name, []),
+            )
+        logger.info(
+            "restored step %d from %s (%d tensors in %.3f s)",
+            manifest.step,
+            self._url(step_name),
+            len(loaded),
+            time.perf_counter() - start,
+        )
+        info = self._info(manifest)
+        return Checkpoint(
+            info.step, info.epoch, info.metrics, info.path, info.items, missing, unexpected
+        )
+
+    def read(self, step: int | None = None, *, map_location: MapLocation = "cpu") -> dict[str, Any]:
+        """Load a checkpoint's items as plain state dicts, without live objects.
+
+        Module states come back as ``OrderedDict`` (with torch's ``_metadata``);
+        optimizer states in torch's index-packed form.
+
+        Args:
+            step: The step to read; the latest committed one when ``None``.
+            map_location: Where to build tensors, as for ``torch.load``
+                (``None`` keeps the devices they were saved from).
+
+        Returns:
+            ``{item name: state}``.
+
+        Raises:
+            CheckpointNotFoundError: No checkpoint, or ``step`` is not committed.
+            CorruptCheckpointError: A file is malformed or disagrees with the manifest.
+        """
+        check_map_location(map_location)
+        found = self._manifest(step)
+        if found is None:
+            raise CheckpointNotFoundError("no checkpoint has been saved", path=self.directory)
+        step_name, manifest = found
+        names = list(
+            dict.fromkeys(n for r in manifest.items.values() for _, n in tensor_refs(r.state))
+        )
+        targets = {n: _mapped(map_location, manifest, n) for n in names}
+        loaded = load_tensors(self._storage, step_name, manifest, names, targets, map_location)
+        return {name: build_state(r, loaded, name) for name, r in manifest.items.items()}
+
+    # ---------------------------------------------------------------- helpers
+
+    def _url(self, *parts: str) -> str:
+        return self._storage.url_of(*parts)
+
+    def _info(self, manifest: Manifest) -> Checkpoint:
+        return Checkpoint(
+            step=manifest.step,
+            epoch=manifest.epoch,
+            metrics=dict(manifest.metrics),
+            path=self._url(step_dir_name(manifest.step)),
+            items=tuple(manifest.items),
+        )
+
+    def _manifest(self, step: int | None) -> tuple[str, Manifest] | None:
+        if step is None:
+            step = self.latest_step()
+            if step is None:
+                return None
+        step_name = step_dir_name(step)
+        if not self._storage.exists(step_name, MANIFEST_NAME):
+            raise CheckpointNotFoundError(
+                f"no committed checkpoint for step {step} (committed: {self.all_steps()})",
+                path=self._url(step_name),
+            )
+        manifest = read_manifest(self._storage, step_name)
+        if manifest.step != step:
+            raise CorruptCheckpointError(
+                f"manifest says step {manifest.step} but lives in the directory of step {step}",
+                path=self._storage.path(step_name, MANIFEST_NAME),
+                key="step",
+            )
+        return step_name, manifest
+
+
+def _mapped(map_location: MapLocation, manifest: Manifest, name: str) -> Target:
+    record = manifest.tensors.get(name)
+    if record is None:
+        return None, None
+    return mapped_device(map_location, record.device), None
+
+
+def _skeleton(tree: Any, manifest: Manifest) -> tuple[Any, dict[int, str]]:
+    """Decode a state tree with a meta tensor standing in for each stored tensor."""
+    cache: dict[str, torch.Tensor] = {}
+
+    def placeholder(name: str) -> torch.Tensor:
+        if name not in cache:
+            record = manifest.tensors.get(name)
+            if record is None:
+                raise KeyError(name)
+            cache[name] = torch.empty(record.shape, dtype=record.dtype, device="meta")
+        return cache[name]
+
+    skeleton = unflatten(tree, placeholder)
+    return skeleton, {id(t): name for name, t in cache.items()}

@@ -1,0 +1,235 @@
+"""Storage: the only module that touches a filesystem.
+
+A :class:`Storage` is a checkpoint root directory on any fsspec filesystem,
+resolved once from a URL and ``storage_options``. Local paths take a fast
+path through plain OS calls, so that every file and directory can be fsynced
+and a directory renamed atomically; other filesystems go through fsspec.
+Paths inside the root are ``/``-separated strings relative to it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from typing import BinaryIO
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+from ckpt.errors import CheckpointExistsError, CheckpointNotFoundError
+
+__all__ = ["Storage"]
+
+logger = logging.getLogger(__name__)
+
+_EXTRAS = {"s3": "s3", "s3a": "s3"}
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Storage:
+    """A checkpoint root directory on a local disk or any fsspec filesystem.
+
+    Not thread-safe; one instance per manager.
+
+    Args:
+        url: A local path or an fsspec URL (``memory://runs/a``, ``s3://bucket/run``).
+        storage_options: Passed to the fsspec filesystem (credentials, endpoint).
+
+    Raises:
+        ImportError: The URL's protocol needs a driver that is not installed;
+            the message names the extra to install.
+    """
+
+    def __init__(self, url: str, storage_options: dict[str, object] | None = None):
+        if not isinstance(url, (str, os.PathLike)):
+            raise TypeError(f"directory must be a str or path, got {type(url).__name__}")
+        url = os.fspath(url)
+        if not url:
+            raise ValueError("directory must not be empty")
+        try:
+            fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
+        except ImportError as e:
+            protocol = url.split("://", 1)[0]
+            extra = _EXTRAS.get(protocol)
+            hint = (
+                f"pip install 'ckpt[{extra}]'"
+                if extra
+                else f"install the fsspec driver for {protocol}://"
+            )
+            raise ImportError(f"cannot open {url!r}: {e}; {hint}") from e
+        self.url = url
+        self.fs = fs
+        self.is_local = isinstance(fs, LocalFileSystem)
+        self.root = os.path.abspath(root) if self.is_local else root.rstrip("/")
+
+    def __repr__(self) -> str:
+        return f"Storage({self.url!r})"
+
+    def path(self, *parts: str) -> str:
+        """Return the full path of ``parts`` below the root (for messages and fsspec)."""
+        if self.is_local:
+            return os.path.join(self.root, *parts)
+        return "/".join((self.root, *parts))
+
+    def url_of(self, *parts: str) -> str:
+        """Return a user-facing location of ``parts``: a plain path locally, else a URL."""
+        full = self.path(*parts)
+        return full if self.is_local else str(self.fs.unstrip_protocol(full))
+
+    def makedirs(self, *parts: str) -> None:
+        """Create a directory below the root (and its parents) if it does not exist."""
+        if self.is_local:
+            os.makedirs(self.path(*parts), exist_ok=True)
+        else:
+            self.fs.makedirs(self.path(*parts), exist_ok=True)
+
+    def list_dir(self, *parts: str) -> list[str]:
+        """Return the names of the entries of a directory below the root (empty if none)."""
+        full = self.path(*parts)
+        if self.is_local:
+            try:
+                return sorted(os.listdir(full))
+            except FileNotFoundError:
+                return []
+        try:
+            entries = self.fs.ls(full, detail=False)
+        except FileNotFoundError:
+            return []
+        return sorted(str(e).rstrip("/").rsplit("/", 1)[-1] for e in entries)
+
+    def exists(self, *parts: str) -> bool:
+        """Tell whether a file or directory exists below the root."""
+        if self.is_local:
+            return os.path.exists(self.path(*parts))
+        return bool(self.fs.exists(self.path(*parts)))
+
+    def size(self, *parts: str) -> int:
+        """Return a file's size in bytes.
+
+        Raises:
+            CheckpointNotFoundError: The file does not exist.
+        """
+        full = self.path(*parts)
+        try:
+            if self.is_local:
+                return os.stat(full).st_size
+            return int(self.fs.size(full))
+        except FileNotFoundError as e:
+            raise CheckpointNotFoundError("file is missing", path=full) from e
+
+    def age_seconds(self, *parts: str) -> float | None:
+        """Return seconds since an entry was last modified, or ``None`` if unknown."""
+        full = self.path(*parts)
+        try:
+            if self.is_local:
+                return time.time() - os.stat(full).st_mtime
+            modified = self.fs.modified(full)
+        except (OSError, NotImplementedError, ValueError):
+            return None
+        return time.time() - modified.timestamp()
+
+    def read_bytes(self, *parts: str) -> bytes:
+        """Return a whole file's bytes.
+
+        Raises:
+            CheckpointNotFoundError: The file does not exist.
+        """
+        with self.open_read(*parts) as f:
+            return f.read()
+
+    @contextlib.contextmanager
+    def open_read(self, *parts: str) -> Iterator[BinaryIO]:
+        """Open a file for reading; seek and readinto are supported.
+
+        Raises:
+            CheckpointNotFoundError: The file does not exist.
+        """
+        full = self.path(*parts)
+        try:
+            f = open(full, "rb") if self.is_local else self.fs.open(full, "rb")  # noqa: SIM115
+        except FileNotFoundError as e:
+            raise CheckpointNotFoundError("file is missing", path=full) from e
+        with f:
+            yield f
+
+    def write_file(self, parts: tuple[str, ...], write: Callable[[BinaryIO], int]) -> int:
+        """Create a new file, fill it with ``write(f)``, then flush and fsync it.
+
+        Args:
+            parts: The file's path below the root.
+            write: Writes the content and returns the number of bytes written.
+
+        Returns:
+            What ``write`` returned.
+        """
+        full = self.path(*parts)
+        if self.is_local:
+            with open(full, "xb") as f:
+                n = write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            return n
+        with self.fs.open(full, "wb") as f:
+            return write(f)
+
+    def commit_dir(self, temp: str, final: str) -> None:
+        """Atomically move a finished temporary directory to its final name.
+
+        On local disk the temp directory is fsynced, renamed, and the root
+        fsynced, so the new name is durable when this returns.
+
+        Raises:
+            CheckpointExistsError: ``final`` already exists.
+        """
+        if self.is_local:
+            _fsync_dir(self.path(temp))
+            if os.path.exists(self.path(final)):
+                raise CheckpointExistsError("checkpoint already exists", path=self.path(final))
+            try:
+                os.rename(self.path(temp), self.path(final))
+            except OSError as e:
+                if e.errno in (errno.EEXIST, errno.ENOTEMPTY):
+                    raise CheckpointExistsError(
+                        "checkpoint already exists", path=self.path(final)
+                    ) from e
+                raise
+            _fsync_dir(self.root)
+            return
+        if self.fs.exists(self.path(final)):
+            raise CheckpointExistsError("checkpoint already exists", path=self.path(final))
+        self.fs.mv(self.path(temp), self.path(final), recursive=True)
+
+    def remove_file(self, *parts: str) -> None:
+        """Remove one file; a missing file is not an error."""
+        full = self.path(*parts)
+        with contextlib.suppress(FileNotFoundError):
+            if self.is_local:
+                os.remove(full)
+            else:
+                self.fs.rm_file(full)
+
+    def remove_tree(self, *parts: str) -> None:
+        """Remove a directory and everything below it; a missing one is not an error."""
+        full = self.path(*parts)
+        if self.is_local:
+            _rmtree(full)
+            return
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm(full, recursive=True)
+
+
+def _rmtree(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        shutil.rmtree(path)

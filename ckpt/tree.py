@@ -1,0 +1,285 @@
+"""Turn nested training state into typed JSON plus named tensors, and back.
+
+Pure functions, no I/O. :func:`flatten` walks a nested value (dicts, lists,
+tuples, scalars, tensors) and returns a JSON-compatible tree in which every
+tensor is replaced by a reference ``{"$tensor": name}``; the tensors themselves
+are returned separately, keyed by that name. :func:`unflatten` is the exact
+inverse. The encoding keeps what a plain ``json.dumps`` would lose:
+
+==========================  ======================================
+Python value                JSON
+==========================  ======================================
+``None``, ``bool``, ``str`` itself
+``int``                     itself (arbitrary size)
+finite ``float``            itself (``repr`` round-trips exactly)
+``nan``, ``inf``, ``-inf``  ``{"$float": "nan" | "inf" | "-inf"}``
+``list``                    array
+``tuple``                   ``{"$tuple": [...]}``
+``dict`` with ``str`` keys  object (when no key starts with ``$``)
+any other ``dict``          ``{"$dict": [[key, value], ...]}``
+``bytes``                   ``{"$bytes": "<base64>"}``
+``torch.dtype``             ``{"$dtype": "float32"}``
+``torch.device``            ``{"$device": "cuda:0"}``
+``torch.Tensor``            ``{"$tensor": "<name>"}``
+==========================  ======================================
+
+Dict keys may be ``str`` or ``int``; insertion order is kept. A tensor's name is
+its escaped key path (``/`` separated; ``%``, ``/``, ``#`` and NUL escaped;
+``int`` dict keys written ``#N``), so names are unique and readable. A tensor
+that appears twice (tied weights: the same memory, dtype, shape and strides) is
+stored once and both places refer to the one name. Anything else cannot be
+stored without pickle and raises :class:`TypeError` naming its key path.
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+from collections.abc import Callable, Mapping
+from typing import Any, TypeAlias
+
+import torch
+
+from ckpt.errors import CorruptCheckpointError
+
+__all__ = [
+    "Json",
+    "KeyPath",
+    "flatten",
+    "format_key_path",
+    "tensor_name",
+    "tensor_refs",
+    "unflatten",
+]
+
+Json: TypeAlias = Any
+"""A JSON value: ``None``, ``bool``, ``int``, ``float``, ``str``, a list or a str-keyed dict."""
+
+KeyPath: TypeAlias = tuple[str | int, ...]
+"""Where a value sits in a nested state: dict keys and list/tuple indices, outermost first."""
+
+_TAGS = frozenset({"$float", "$tuple", "$dict", "$bytes", "$dtype", "$device", "$tensor"})
+_SPECIAL_FLOATS = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
+_DTYPES = {
+    str(dtype).removeprefix("torch."): dtype
+    for dtype in vars(torch).values()
+    if isinstance(dtype, torch.dtype)
+}
+
+
+def _escape(component: str) -> str:
+    return (
+        component.replace("%", "%25").replace("/", "%2F").replace("#", "%23").replace("\x00", "%00")
+    )
+
+
+def tensor_name(prefix: str, path: KeyPath, *, in_sequence: tuple[bool, ...] | None = None) -> str:
+    """Return the stored name of the tensor at ``path`` under ``prefix``.
+
+    ``str`` keys are escaped, ``int`` dict keys become ``#N`` and sequence
+    indices (marked by ``in_sequence``) stay plain digits, so ``{0: t}`` and
+    ``{"0": t}`` get different names.
+    """
+    parts = [_escape(prefix)]
+    for i, key in enumerate(path):
+        if isinstance(key, str):
+            parts.append(_escape(key))
+        elif in_sequence is not None and in_sequence[i]:
+            parts.append(str(key))
+        else:
+            parts.append(f"#{key}")
+    return "/".join(parts)
+
+
+def format_key_path(prefix: str, path: KeyPath) -> str:
+    """Format a key path for error messages, like ``optimizer['state'][0]['exp_avg']``."""
+    return prefix + "".join(f"[{key!r}]" for key in path)
+
+
+def _tensor_identity(t: torch.Tensor) -> tuple[Any, ...] | None:
+    if t.layout != torch.strided or t.device.type == "meta":
+        return None
+    ptr = t.data_ptr()
+    if ptr == 0:
+        return None
+    return (str(t.device), ptr, t.dtype, tuple(t.shape), t.stride())
+
+
+def flatten(value: Any, prefix: str) -> tuple[Json, dict[str, torch.Tensor]]:
+    """Encode ``value`` as typed JSON with tensors pulled out.
+
+    Args:
+        value: Nested state: dicts (``str``/``int`` keys), lists, tuples,
+            ``None``, ``bool``, ``int``, ``float``, ``str``, ``bytes``,
+            ``torch.dtype``, ``torch.device`` and dense tensors.
+        prefix: The first component of every tensor name (the item name).
+
+    Returns:
+        The JSON tree and ``{name: tensor}`` (tensors as given, detached).
+
+    Raises:
+        TypeError: A value or key cannot be stored without pickle; the message
+            names its key path.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    seen: dict[tuple[Any, ...], str] = {}
+
+    def visit(obj: Any, path: KeyPath, seq: tuple[bool, ...]) -> Json:
+        if obj is None or isinstance(obj, (bool, str)):
+            return obj
+        if isinstance(obj, int):
+            return int(obj)
+        if isinstance(obj, float):
+            if math.isfinite(obj):
+                return float(obj)
+            return {"$float": "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")}
+        if isinstance(obj, torch.Tensor):
+            return {"$tensor": add_tensor(obj, path, seq)}
+        if type(obj) is list:
+            return [visit(v, (*path, i), (*seq, True)) for i, v in enumerate(obj)]
+        if type(obj) is tuple:
+            return {"$tuple": [visit(v, (*path, i), (*seq, True)) for i, v in enumerate(obj)]}
+        if isinstance(obj, dict) and type(obj).__name__ in ("dict", "OrderedDict"):
+            return visit_dict(obj, path, seq)
+        if isinstance(obj, bytes):
+            return {"$bytes": base64.b64encode(obj).decode("ascii")}
+        if isinstance(obj, torch.dtype):
+            return {"$dtype": str(obj).removeprefix("torch.")}
+        if isinstance(obj, torch.device):
+            return {"$device": str(obj)}
+        raise TypeError(
+            f"cannot store a value of type {type(obj).__qualname__} at "
+            f"{format_key_path(prefix, path)} without pickle; convert it to tensors, "
+            "numbers, strings, lists, tuples or dicts (for example in state_dict())"
+        )
+
+    def visit_dict(obj: dict[Any, Any], path: KeyPath, seq: tuple[bool, ...]) -> Json:
+        for key in obj:
+            if isinstance(key, bool) or not isinstance(key, (str, int)):
+                raise TypeError(
+                    f"cannot store dict key {key!r} of type {type(key).__qualname__} at "
+                    f"{format_key_path(prefix, path)}; only str and int keys are supported"
+                )
+        items = [(key, visit(v, (*path, key), (*seq, False))) for key, v in obj.items()]
+        if all(isinstance(key, str) and not key.startswith("$") for key in obj):
+            return dict(items)
+        return {"$dict": [[int(key) if isinstance(key, int) else key, v] for key, v in items]}
+
+    def add_tensor(t: torch.Tensor, path: KeyPath, seq: tuple[bool, ...]) -> str:
+        where = format_key_path(prefix, path)
+        if t.layout != torch.strided:
+            raise TypeError(f"cannot store a {t.layout} tensor at {where}; convert it to dense")
+        if t.is_quantized or t.is_nested:
+            raise TypeError(f"cannot store a quantized or nested tensor at {where}")
+        if t.device.type == "meta":
+            raise TypeError(f"cannot store a meta tensor at {where}: it holds no data")
+        identity = _tensor_identity(t)
+        if identity is not None and identity in seen:
+            return seen[identity]
+        name = tensor_name(prefix, path, in_sequence=seq)
+        tensors[name] = t.detach()
+        if identity is not None:
+            seen[identity] = name
+        return name
+
+    return visit(value, (), ()), tensors
+
+
+def unflatten(
+    tree: Json, tensors: Mapping[str, torch.Tensor] | Callable[[str], torch.Tensor]
+) -> Any:
+    """Decode a tree made by :func:`flatten`, putting the tensors back.
+
+    Args:
+        tree: The typed JSON tree.
+        tensors: The tensors by name, or a function returning the tensor for a name.
+            A name referenced twice gets the same tensor object both times when
+            ``tensors`` is a mapping (or a function that caches).
+
+    Raises:
+        CorruptCheckpointError: The tree is malformed or names an unknown tensor;
+            the message names the key path.
+    """
+    get = tensors.__getitem__ if isinstance(tensors, Mapping) else tensors
+    return _decode(tree, lambda name, _path: get(name))
+
+
+def tensor_refs(tree: Json) -> list[tuple[KeyPath, str]]:
+    """List ``(key path, tensor name)`` for every tensor reference in a tree, in order.
+
+    The key paths are those :func:`unflatten` produces, so a caller can decide
+    where each tensor should be built from where it will land.
+
+    Raises:
+        CorruptCheckpointError: The tree is malformed.
+    """
+    found: list[tuple[KeyPath, str]] = []
+
+    def record(name: str, path: KeyPath) -> torch.Tensor:
+        found.append((path, name))
+        return _PLACEHOLDER
+
+    _decode(tree, record)
+    return found
+
+
+_PLACEHOLDER = torch.empty(0)
+
+
+def _decode(tree: Json, lookup: Callable[[str, KeyPath], torch.Tensor]) -> Any:
+    def bad(path: KeyPath, why: str) -> CorruptCheckpointError:
+        return CorruptCheckpointError(f"malformed state tree: {why}", key=format_key_path("", path))
+
+    def visit(node: Json, path: KeyPath) -> Any:
+        if node is None or isinstance(node, (bool, int, float, str)):
+            return node
+        if isinstance(node, list):
+            return [visit(v, (*path, i)) for i, v in enumerate(node)]
+        if not isinstance(node, dict):
+            raise bad(path, f"unexpected JSON value of type {type(node).__name__}")
+        if len(node) == 1:
+            ((tag, arg),) = node.items()
+            if tag in _TAGS:
+                return visit_tagged(tag, arg, path)
+        if any(k.startswith("$") for k in node):
+            raise bad(path, "unknown or misplaced '$' tag")
+        return {k: visit(v, (*path, k)) for k, v in node.items()}
+
+    def visit_tagged(tag: str, arg: Json, path: KeyPath) -> Any:
+        if tag == "$tuple" and isinstance(arg, list):
+            return tuple(visit(v, (*path, i)) for i, v in enumerate(arg))
+        if tag == "$dict" and isinstance(arg, list):
+            out: dict[Any, Any] = {}
+            for pair in arg:
+                if not (isinstance(pair, list) and len(pair) == 2):
+                    raise bad(path, "$dict entries must be [key, value] pairs")
+                key = pair[0]
+                if isinstance(key, bool) or not isinstance(key, (str, int)) or key in out:
+                    raise bad(path, f"invalid or duplicate $dict key {key!r}")
+                out[key] = visit(pair[1], (*path, key))
+            return out
+        if tag == "$float" and arg in _SPECIAL_FLOATS:
+            return _SPECIAL_FLOATS[arg]
+        if tag == "$bytes" and isinstance(arg, str):
+            try:
+                return base64.b64decode(arg, validate=True)
+            except ValueError as e:
+                raise bad(path, "invalid base64 in $bytes") from e
+        if tag == "$dtype" and isinstance(arg, str) and arg in _DTYPES:
+            return _DTYPES[arg]
+        if tag == "$device" and isinstance(arg, str):
+            try:
+                return torch.device(arg)
+            except RuntimeError as e:
+                raise bad(path, f"invalid device {arg!r}") from e
+        if tag == "$tensor" and isinstance(arg, str):
+            try:
+                return lookup(arg, path)
+            except KeyError as e:
+                raise bad(path, f"reference to unknown tensor {arg!r}") from e
+        raise bad(path, f"invalid argument for {tag}")
+
+    try:
+        return visit(tree, ())
+    except RecursionError as e:
+        raise CorruptCheckpointError("state tree is nested too deeply") from e
