@@ -85,8 +85,9 @@ class Storage:
 
     def url_of(self, *parts: str) -> str:
         """Return a user-facing location of ``parts``: a plain path locally, else a URL."""
-        full = self.path(*parts)
-        return full if self.is_local else str(self.fs.unstrip_protocol(full))
+        if self.is_local:
+            return self.path(*parts)
+        return "/".join((self.url.rstrip("/"), *parts))
 
     def makedirs(self, *parts: str) -> None:
         """Create a directory below the root (and its parents) if it does not exist."""

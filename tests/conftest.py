@@ -1,0 +1,56 @@
+"""Shared test helpers: exact state comparison and markers."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+import torch
+
+
+def assert_same_state(a: Any, b: Any, path: str = "") -> None:
+    """Assert two nested states are identical: types, keys and order, tensors bit for bit."""
+    assert type(a) is type(b) or (isinstance(a, dict) and isinstance(b, dict)), (
+        f"{path}: {type(a).__name__} != {type(b).__name__}"
+    )
+    if isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype, f"{path}: dtype {a.dtype} != {b.dtype}"
+        assert a.device == b.device, f"{path}: device {a.device} != {b.device}"
+        assert a.shape == b.shape, f"{path}: shape {a.shape} != {b.shape}"
+        if a.device.type != "meta":
+            assert torch.equal(a.cpu(), b.cpu()) or (
+                a.is_floating_point()
+                and torch.equal(torch.isnan(a).cpu(), torch.isnan(b).cpu())
+                and torch.equal(a.nan_to_num().cpu(), b.nan_to_num().cpu())
+            ), f"{path}: values differ"
+    elif isinstance(a, dict):
+        assert list(a.keys()) == list(b.keys()), f"{path}: keys {list(a)} != {list(b)}"
+        for k in a:
+            assert_same_state(a[k], b[k], f"{path}[{k!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), f"{path}: length {len(a)} != {len(b)}"
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_same_state(x, y, f"{path}[{i}]")
+    elif isinstance(a, float) and math.isnan(a):
+        assert math.isnan(b), f"{path}: nan != {b!r}"
+    else:
+        assert a == b, f"{path}: {a!r} != {b!r}"
+
+
+def states_differ(a: Any, b: Any) -> bool:
+    """Tell whether two states are not identical."""
+    try:
+        assert_same_state(a, b)
+    except AssertionError:
+        return True
+    return False
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
