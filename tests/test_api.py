@@ -1,0 +1,75 @@
+"""The public surface: exports, error tree, and the no-pickle rule."""
+
+from __future__ import annotations
+
+import ast
+import inspect
+from pathlib import Path
+
+import ckpt
+
+PACKAGE = Path(ckpt.__file__).parent
+
+
+def test_all_is_sorted_and_complete():
+    public = {n for n, v in vars(ckpt).items() if not n.startswith("_") and not inspect.ismodule(v)}
+    assert ckpt.__all__ == sorted(ckpt.__all__)
+    assert set(ckpt.__all__) == public | {"__version__"}
+
+
+def test_every_error_derives_from_checkpoint_error_and_its_builtin():
+    assert issubclass(ckpt.CheckpointNotFoundError, (ckpt.CheckpointError, FileNotFoundError))
+    assert issubclass(ckpt.CheckpointNotFoundError, FileNotFoundError)
+    assert issubclass(ckpt.CheckpointExistsError, FileExistsError)
+    assert issubclass(ckpt.CorruptCheckpointError, ValueError)
+    assert issubclass(ckpt.IncompatibleCheckpointError, ValueError)
+    for cls in (ckpt.CheckpointNotFoundError, ckpt.CheckpointExistsError,
+                ckpt.CorruptCheckpointError, ckpt.IncompatibleCheckpointError):  # fmt: skip
+        assert issubclass(cls, ckpt.CheckpointError)
+        err = cls("bad thing", path="/x/manifest.json", key="model")
+        assert str(err) == "bad thing (file '/x/manifest.json', key 'model')"
+        assert (err.path, err.key) == ("/x/manifest.json", "model")
+
+
+def test_every_public_name_has_a_docstring():
+    for name in ckpt.__all__:
+        obj = getattr(ckpt, name)
+        if inspect.isclass(obj) or inspect.isfunction(obj):
+            assert inspect.getdoc(obj), name
+    for method in ("save", "restore", "read", "all_steps", "latest_step", "checkpoint"):
+        assert inspect.getdoc(getattr(ckpt.CheckpointManager, method)), method
+
+
+def test_package_source_never_uses_pickle_or_torch_load():
+    offenders = []
+    for path in PACKAGE.rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [a.name for a in node.names] + [getattr(node, "module", None) or ""]
+                if any(n.split(".")[0] in {"pickle", "cPickle", "dill", "cloudpickle", "marshal"}
+                       for n in names):  # fmt: skip
+                    offenders.append(f"{path.name}:{node.lineno} imports {names}")
+            if isinstance(node, ast.Attribute) and node.attr in {"load", "save"}:
+                base = node.value
+                if isinstance(base, ast.Name) and base.id == "torch":
+                    offenders.append(f"{path.name}:{node.lineno} torch.{node.attr}")
+    assert not offenders, offenders
+
+
+def test_no_print_in_the_library():
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "print":
+                raise AssertionError(f"print() in {path.name}:{node.lineno}")
+
+
+def test_stateful_protocol_matches_torch_objects():
+    import torch
+
+    model = torch.nn.Linear(1, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=1)
+    sched = torch.optim.lr_scheduler.StepLR(opt, 1)
+    for obj in (model, opt, sched, torch.amp.GradScaler("cpu")):
+        assert isinstance(obj, ckpt.Stateful)
+    assert not isinstance({}, ckpt.Stateful)
