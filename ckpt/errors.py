@@ -30,11 +30,13 @@ class CheckpointError(Exception):
     """Base class of every error about a missing, bad or incompatible checkpoint.
 
     Attributes:
+        reason: The message without the location.
         path: The file or directory at fault, when known.
         key: The item or key path at fault, when known.
     """
 
     def __init__(self, message: str, *, path: str | None = None, key: str | None = None):
+        self.reason = message
         self.path = path
         self.key = key
         where = []
@@ -44,6 +46,12 @@ class CheckpointError(Exception):
             where.append(f"key {key!r}")
         full = f"{message} ({', '.join(where)})" if where else message
         super().__init__(full)
+
+    def located(self, path: str) -> CheckpointError:
+        """Return this error with ``path`` filled in when it names no file yet."""
+        if self.path is not None:
+            return self
+        return type(self)(self.reason, path=path, key=self.key)
 
 
 class CheckpointNotFoundError(CheckpointError, FileNotFoundError):

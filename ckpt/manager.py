@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import platform
@@ -9,7 +10,7 @@ import re
 import secrets
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -17,7 +18,12 @@ from typing import Any
 import torch
 
 from ckpt import _version
-from ckpt.errors import CheckpointExistsError, CheckpointNotFoundError, CorruptCheckpointError
+from ckpt.errors import (
+    CheckpointError,
+    CheckpointExistsError,
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+)
 from ckpt.format import (
     MANIFEST_NAME,
     ItemRecord,
@@ -356,34 +362,15 @@ class CheckpointManager:
                     key=name,
                 )
 
-        live_names = module_param_names(
-            {n: o for n, o in items.items() if isinstance(o, torch.nn.Module)}
-        )
-        plans: list[RestorePlan] = []
-        names: list[str] = []
-        for name, obj in items.items():
-            record = manifest.items[name]
-            skeleton, placeholders = _skeleton(record.state, manifest)
-            plans.append(
-                plan_restore(
-                    name,
-                    obj,
-                    record,
-                    skeleton,
-                    placeholders,
-                    strict=strict,
-                    live_names=live_names,
-                    override=map_location is not None,
-                )
-            )
-            names.extend(dict.fromkeys(n for _, n in tensor_refs(record.state)))
-        targets: dict[str, Target] = {}
-        for plan in plans:
-            targets.update(plan.targets)
-        if map_location is not None:
-            targets = {n: _mapped(map_location, manifest, n) for n in names}
-        loaded = load_tensors(self._storage, step_name, manifest, names, targets, map_location)
-        states = [(plan, plan.build(loaded)) for plan in plans]
+        with _located(manifest_path):
+            plans, names = self._plan_restore(manifest, items, strict, map_location)
+            targets: dict[str, Target] = {}
+            for plan in plans:
+                targets.update(plan.targets)
+            if map_location is not None:
+                targets = {n: _mapped(map_location, manifest, n) for n in names}
+            loaded = load_tensors(self._storage, step_name, manifest, names, targets, map_location)
+            states = [(plan, plan.build(loaded)) for plan in plans]
 
         missing: dict[str, list[str]] = {}
         unexpected: dict[str, list[str]] = {}
@@ -412,6 +399,37 @@ class CheckpointManager:
             info.step, info.epoch, info.metrics, info.path, info.items, missing, unexpected
         )
 
+    def _plan_restore(
+        self,
+        manifest: Manifest,
+        items: Mapping[str, Any],
+        strict: bool,
+        map_location: MapLocation,
+    ) -> tuple[list[RestorePlan], list[str]]:
+        """Check every item against the manifest; list the tensors to load. Reads no tensor."""
+        live_names = module_param_names(
+            {n: o for n, o in items.items() if isinstance(o, torch.nn.Module)}
+        )
+        plans: list[RestorePlan] = []
+        names: list[str] = []
+        for name, obj in items.items():
+            record = manifest.items[name]
+            skeleton, placeholders = _skeleton(record.state, manifest)
+            plans.append(
+                plan_restore(
+                    name,
+                    obj,
+                    record,
+                    skeleton,
+                    placeholders,
+                    strict=strict,
+                    live_names=live_names,
+                    override=map_location is not None,
+                )
+            )
+            names.extend(dict.fromkeys(n for _, n in tensor_refs(record.state)))
+        return plans, list(dict.fromkeys(names))
+
     def read(self, step: int | None = None, *, map_location: MapLocation = "cpu") -> dict[str, Any]:
         """Load a checkpoint's items as plain state dicts, without live objects.
 
@@ -439,8 +457,9 @@ class CheckpointManager:
             dict.fromkeys(n for r in manifest.items.values() for _, n in tensor_refs(r.state))
         )
         targets = {n: _mapped(map_location, manifest, n) for n in names}
-        loaded = load_tensors(self._storage, step_name, manifest, names, targets, map_location)
-        return {name: build_state(r, loaded, name) for name, r in manifest.items.items()}
+        with _located(self._storage.path(step_name, MANIFEST_NAME)):
+            loaded = load_tensors(self._storage, step_name, manifest, names, targets, map_location)
+            return {name: build_state(r, loaded, name) for name, r in manifest.items.items()}
 
     # ---------------------------------------------------------------- helpers
 
@@ -475,6 +494,18 @@ class CheckpointManager:
                 key="step",
             )
         return step_name, manifest
+
+
+@contextlib.contextmanager
+def _located(path: str) -> Iterator[None]:
+    """Fill in ``path`` on checkpoint errors raised inside that name no file."""
+    try:
+        yield
+    except CheckpointError as e:
+        located = e.located(path)
+        if located is e:
+            raise
+        raise located from e
 
 
 def _mapped(map_location: MapLocation, manifest: Manifest, name: str) -> Target:

@@ -133,6 +133,7 @@ def test_shape_mismatch_names_the_key_in_torch_wording(tmp_path):
     with pytest.raises(ckpt.IncompatibleCheckpointError, match="size mismatch for weight") as info:
         mgr.restore(model=target, strict=False)
     assert info.value.key == "model"
+    assert info.value.path == str(tmp_path / step_dir_name(1) / MANIFEST_NAME)
     assert torch.equal(target.weight, before)
 
 
@@ -348,3 +349,45 @@ def test_one_info_log_line_per_save_and_restore(tmp_path, caplog):
     assert len(lines) == 2
     assert lines[0].startswith("saved step 1") and "bytes" in lines[0]
     assert lines[1].startswith("restored step 1")
+
+
+def test_damaged_files_are_checkpoint_errors_naming_the_file(tmp_path):
+    model, opt = trained()
+    mgr = ckpt.CheckpointManager(tmp_path)
+    mgr.save(1, model=model, optimizer=opt)
+    step_dir = tmp_path / step_dir_name(1)
+    target = small_model(4)
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+
+    data = (step_dir / "model.safetensors").read_bytes()
+    (step_dir / "model.safetensors").write_bytes(data[:-3])
+    with pytest.raises(ckpt.CorruptCheckpointError, match="size") as info:
+        mgr.restore(model=target)
+    assert info.value.path == str(step_dir / "model.safetensors")
+
+    (step_dir / "model.safetensors").unlink()
+    with pytest.raises(ckpt.CheckpointNotFoundError) as info:
+        mgr.restore(model=target)
+    assert info.value.path == str(step_dir / "model.safetensors")
+
+    (step_dir / MANIFEST_NAME).write_text("{not json")
+    with pytest.raises(ckpt.CorruptCheckpointError, match="not valid JSON"):
+        mgr.restore(model=target)
+    assert_same_state(target.state_dict(), before)
+
+
+def test_manifest_and_file_header_must_agree(tmp_path):
+    mgr = ckpt.CheckpointManager(tmp_path)
+    mgr.save(1, data={"w": torch.ones(2, 3)})
+    manifest_path = tmp_path / step_dir_name(1) / MANIFEST_NAME
+    doc = json.loads(manifest_path.read_text())
+    doc["tensors"]["data/w"]["shape"] = [3, 2]
+    manifest_path.write_text(json.dumps(doc))
+    with pytest.raises(ckpt.CorruptCheckpointError, match="manifest says") as info:
+        mgr.read(1)
+    assert info.value.key == "data/w"
+    doc["items"]["data"]["state"]["w"] = {"$tensor": "data/nope"}
+    manifest_path.write_text(json.dumps(doc))
+    with pytest.raises(ckpt.CorruptCheckpointError, match="does not list") as info:
+        mgr.read(1)
+    assert info.value.path == str(manifest_path)
