@@ -261,7 +261,7 @@ def _decode_tensors(doc: Json, files: Mapping[str, int], bad: Any) -> dict[str, 
         if not isinstance(info, dict):
             raise bad(where, "must be an object")
         file, dtype, shape, device = (info.get(k) for k in ("file", "dtype", "shape", "device"))
-        if file not in files:
+        if not isinstance(file, str) or file not in files:
             raise bad(where, f"names file {file!r}, which is not in 'files'")
         if not isinstance(dtype, str) or dtype not in _DTYPES:
             raise bad(where, f"unknown dtype {dtype!r}")

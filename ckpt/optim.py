@@ -105,12 +105,12 @@ def check_optimizer_state(
             f"(checkpoint {len(saved_groups)}, optimizer {len(groups)})",
             key=item,
         )
-    for i, (saved, live) in enumerate(zip(saved_groups, groups, strict=True)):
-        if len(saved["params"]) != len(live["params"]):
+    for i, (saved, group) in enumerate(zip(saved_groups, groups, strict=True)):
+        if len(saved["params"]) != len(group["params"]):
             raise IncompatibleCheckpointError(
                 "loaded state dict contains a parameter group that doesn't match the size of "
                 f"optimizer's group (group {i}: checkpoint {len(saved['params'])}, "
-                f"optimizer {len(live['params'])})",
+                f"optimizer {len(group['params'])})",
                 key=item,
             )
     saved_ids = list(chain.from_iterable(g["params"] for g in saved_groups))

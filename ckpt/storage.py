@@ -139,7 +139,7 @@ class Storage:
             modified = self.fs.modified(full)
         except (OSError, NotImplementedError, ValueError):
             return None
-        return time.time() - modified.timestamp()
+        return time.time() - float(modified.timestamp())
 
     def read_bytes(self, *parts: str) -> bytes:
         """Return a whole file's bytes.

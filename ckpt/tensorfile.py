@@ -196,14 +196,14 @@ def parse_header(
         entries[name] = _parse_entry(name, info, source)
     data_start = 8 + n
     expected = 0
-    for e in sorted(entries.values(), key=lambda e: (e.begin, e.end)):
-        if e.begin != expected:
+    for entry in sorted(entries.values(), key=lambda x: (x.begin, x.end)):
+        if entry.begin != expected:
             raise CorruptCheckpointError(
-                f"tensor data offsets overlap or leave a gap at byte {e.begin}",
+                f"tensor data offsets overlap or leave a gap at byte {entry.begin}",
                 path=source,
-                key=e.name,
+                key=entry.name,
             )
-        expected = e.end
+        expected = entry.end
     if expected != file_size - data_start:
         raise CorruptCheckpointError(
             f"tensor data covers {expected} bytes but the file holds {file_size - data_start}",
