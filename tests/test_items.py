@@ -1,0 +1,62 @@
+"""Item kinds, names and capture."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from ckpt.items import capture, check_item_name, item_kind
+from ckpt.optim import module_param_names
+
+
+def test_kinds():
+    model = nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=1)
+    assert item_kind("m", model) == "module"
+    assert item_kind("o", opt) == "optimizer"
+    assert item_kind("s", torch.optim.lr_scheduler.StepLR(opt, 1)) == "stateful"
+    assert item_kind("d", {"a": 1}) == "dict"
+    with pytest.raises(TypeError, match="'x' is a list"):
+        item_kind("x", [1])
+
+
+@pytest.mark.parametrize("name", ["a/b", "../x", "", "1a", "a b", "é", "step", "strict", "epoch"])
+def test_bad_item_names(name):
+    with pytest.raises(ValueError):
+        check_item_name(name)
+
+
+def test_optimizer_capture_records_names_and_shapes():
+    model = nn.Sequential(nn.Linear(3, 2), nn.Linear(2, 1))
+    extra_param = nn.Parameter(torch.zeros(4))
+    opt = torch.optim.Adam([*model.parameters(), extra_param])
+    cap = capture("opt", opt, module_param_names({"model": model}))
+    assert cap.kind == "optimizer"
+    assert cap.extra["params"] == [
+        {"name": "model.0.weight", "shape": [2, 3]},
+        {"name": "model.0.bias", "shape": [2]},
+        {"name": "model.1.weight", "shape": [1, 2]},
+        {"name": "model.1.bias", "shape": [1]},
+        {"name": None, "shape": [4]},
+    ]
+
+
+def test_module_capture_keeps_version_metadata():
+    cap = capture("m", nn.BatchNorm1d(3), {})
+    assert cap.extra["module_metadata"] == {"": {"version": 2}}
+    assert set(cap.tensors) == {
+        "m/weight", "m/bias", "m/running_mean", "m/running_var", "m/num_batches_tracked",
+    }  # fmt: skip
+
+
+def test_state_dict_that_is_not_a_dict_is_refused():
+    class Odd:
+        def state_dict(self):
+            return [1]
+
+        def load_state_dict(self, state):
+            pass
+
+    with pytest.raises(TypeError, match="not a dict"):
+        capture("odd", Odd(), {})
