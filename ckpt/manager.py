@@ -259,7 +259,7 @@ class CheckpointManager:
         self._storage.makedirs(temp)
         try:
             manifest = write_checkpoint_files(self._storage, temp, files, manifest)
-            self._storage.commit_dir(temp, step_name)
+            self._storage.commit_dir(temp, step_name, last=MANIFEST_NAME)
         except BaseException:
             self._remove_quietly(temp)
             raise

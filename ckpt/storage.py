@@ -185,11 +185,13 @@ class Storage:
         with self.fs.open(full, "wb") as f:
             return write(f)
 
-    def commit_dir(self, temp: str, final: str) -> None:
-        """Atomically move a finished temporary directory to its final name.
+    def commit_dir(self, temp: str, final: str, *, last: str | None = None) -> None:
+        """Move a finished temporary directory to its final name.
 
-        On local disk the temp directory is fsynced, renamed, and the root
-        fsynced, so the new name is durable when this returns.
+        On local disk the temp directory is fsynced, atomically renamed, and the
+        root fsynced, so the new name is durable when this returns. Filesystems
+        without atomic directory rename get the files moved one by one, ``last``
+        (the commit marker) after all others.
 
         Raises:
             CheckpointExistsError: ``final`` already exists.
@@ -210,7 +212,11 @@ class Storage:
             return
         if self.fs.exists(self.path(final)):
             raise CheckpointExistsError("checkpoint already exists", path=self.path(final))
-        self.fs.mv(self.path(temp), self.path(final), recursive=True)
+        names = sorted(self.list_dir(temp), key=lambda name: name == last)
+        self.fs.makedirs(self.path(final), exist_ok=True)
+        for name in names:
+            self.fs.mv(self.path(temp, name), self.path(final, name))
+        self.remove_tree(temp)
 
     def remove_file(self, *parts: str) -> None:
         """Remove one file; a missing file is not an error."""

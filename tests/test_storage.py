@@ -83,3 +83,19 @@ def test_bad_directory_arguments():
 def test_url_of_keeps_the_users_spelling(tmp_path):
     assert Storage("memory://a/b").url_of("x", "y") == "memory://a/b/x/y"
     assert Storage(str(tmp_path)).url_of("x") == str(tmp_path / "x")
+
+
+def test_commit_without_rename_moves_the_marker_last(tmp_path):
+    s = Storage(f"memory://t-{uuid.uuid4().hex}")
+    s.makedirs("tmp")
+    for name in ("z.bin", "manifest.json", "a.bin"):
+        write(s, ("tmp", name), name.encode())
+    moved = []
+    original = s.fs.mv
+    s.fs.mv = lambda src, dst, **kw: (
+        moved.append(dst.rsplit("/", 1)[-1]),
+        original(src, dst, **kw),
+    )
+    s.commit_dir("tmp", "final", last="manifest.json")
+    assert moved[-1] == "manifest.json" and sorted(moved) == ["a.bin", "manifest.json", "z.bin"]
+    assert not s.exists("tmp") and s.read_bytes("final", "a.bin") == b"a.bin"
