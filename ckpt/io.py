@@ -116,6 +116,7 @@ def load_tensors(
             )
         by_file.setdefault(record.file, []).append(name)
     out: dict[str, torch.Tensor] = {}
+    cuda_devices: set[torch.device] = set()
     for file_name, file_names in by_file.items():
         path = storage.path(directory, file_name)
         expected = manifest.files[file_name]
@@ -137,10 +138,21 @@ def load_tensors(
                         record.shape, dtype=dtype or record.dtype, device="meta"
                     )
                     continue
-                cpu = read_tensor(f, entry, data_start, path)
+                to_cuda = device is not None and device.type == "cuda" and torch.cuda.is_available()
+                cpu = read_tensor(f, entry, data_start, path, pin_memory=to_cuda)
                 out[name] = place(
-                    cpu, device, dtype, map_location=map_location, saved=record.device, key=name
+                    cpu,
+                    device,
+                    dtype,
+                    map_location=map_location,
+                    saved=record.device,
+                    key=name,
+                    non_blocking=to_cuda,
                 )
+                if to_cuda:
+                    cuda_devices.add(out[name].device)
+    for cuda in cuda_devices:  # pinned host copies are asynchronous: finish them
+        torch.cuda.synchronize(cuda)
     return out
 
 

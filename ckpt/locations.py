@@ -83,6 +83,7 @@ def place(
     map_location: MapLocation = None,
     saved: str = "cpu",
     key: str | None = None,
+    non_blocking: bool = False,
 ) -> torch.Tensor:
     """Move a freshly read CPU tensor to its target device and dtype.
 
@@ -93,6 +94,7 @@ def place(
         map_location: Consulted only when ``device`` is ``None``.
         saved: The tensor's saved location, passed to a callable ``map_location``.
         key: The tensor's name, for error messages.
+        non_blocking: Copy asynchronously (``cpu`` must be pinned; the caller synchronizes).
 
     Raises:
         IncompatibleCheckpointError: The target device does not exist on this machine.
@@ -106,7 +108,7 @@ def place(
                 moved = torch.empty(0, dtype=cpu.dtype, device=storage.device)
                 moved.set_(storage, cpu.storage_offset(), cpu.shape, cpu.stride())
                 return moved if dtype is None else moved.to(dtype)
-        return cpu.to(device=device, dtype=dtype)
+        return cpu.to(device=device, dtype=dtype, non_blocking=non_blocking)
     except (RuntimeError, AssertionError) as e:
         raise IncompatibleCheckpointError(
             f"cannot build a tensor saved on {saved!r} on {device}: {e}; "

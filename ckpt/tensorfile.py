@@ -280,13 +280,22 @@ def write_tensors(
     return written
 
 
-def read_tensor(f: BinaryIO, entry: TensorEntry, data_start: int, source: str) -> torch.Tensor:
+def read_tensor(
+    f: BinaryIO, entry: TensorEntry, data_start: int, source: str, *, pin_memory: bool = False
+) -> torch.Tensor:
     """Read one tensor's bytes from ``f`` into a new CPU tensor of the entry's dtype and shape.
+
+    Args:
+        f: The open file.
+        entry: The tensor's header entry.
+        data_start: Offset of the data section in the file.
+        source: The file's path, for error messages.
+        pin_memory: Allocate page-locked memory (for a fast, asynchronous copy to a GPU).
 
     Raises:
         CorruptCheckpointError: The file ends before the tensor's last byte.
     """
-    out = torch.empty(entry.shape, dtype=entry.dtype)
+    out = torch.empty(entry.shape, dtype=entry.dtype, pin_memory=pin_memory)
     if entry.nbytes == 0:
         return out
     f.seek(data_start + entry.begin)
