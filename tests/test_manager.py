@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 import logging
 import os
+import uuid
 from collections import OrderedDict
 
 import pytest
 import torch
 from conftest import assert_same_state, states_differ
-from helpers import small_model, train_steps
+from helpers import keys, small_model, train_steps, trees
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import ckpt
@@ -391,3 +394,17 @@ def test_manifest_and_file_header_must_agree(tmp_path):
     with pytest.raises(ckpt.CorruptCheckpointError, match="does not list") as info:
         mgr.read(1)
     assert info.value.path == str(manifest_path)
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(value=st.dictionaries(keys, trees, max_size=5))
+def test_any_storable_dict_round_trips_through_the_manager(tmp_path, value):
+    root = tmp_path / uuid.uuid4().hex
+    mgr = ckpt.CheckpointManager(root)
+    mgr.save(0, data=value)
+    assert_same_state(mgr.read()["data"], value)
+    live: dict = {}
+    mgr.restore(data=live)
+    assert_same_state(live, value)

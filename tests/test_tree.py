@@ -9,43 +9,12 @@ from collections import OrderedDict, namedtuple
 import pytest
 import torch
 from conftest import assert_same_state
+from helpers import keys, tensors, trees
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import ckpt
 from ckpt.tree import flatten, tensor_refs, unflatten
-
-HOSTILE_KEYS = ["a/b", "../x", "/abs", "%2F", "#0", "$tensor", "$dict", "", "\x00", "é", "0"]
-
-keys = st.one_of(st.sampled_from(HOSTILE_KEYS), st.text(max_size=6), st.integers(-5, 2**70))
-tensors = st.builds(
-    lambda shape, dtype, seed: torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(
-        dtype
-    ),
-    st.lists(st.integers(0, 3), max_size=3).map(tuple),
-    st.sampled_from([torch.float32, torch.bfloat16, torch.int64, torch.bool, torch.float64]),
-    st.integers(0, 1000),
-)
-leaves = st.one_of(
-    st.none(),
-    st.booleans(),
-    st.integers(),
-    st.floats(allow_nan=True, allow_infinity=True),
-    st.text(),
-    st.binary(max_size=8),
-    st.sampled_from([torch.float16, torch.int8]),
-    st.sampled_from([torch.device("cpu"), torch.device("cuda", 1)]),
-    tensors,
-)
-trees = st.recursive(
-    leaves,
-    lambda children: st.one_of(
-        st.lists(children, max_size=4),
-        st.lists(children, max_size=4).map(tuple),
-        st.dictionaries(keys, children, max_size=4),
-    ),
-    max_leaves=20,
-)
 
 
 def through_json(tree):
