@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from ckpt.errors import CorruptCheckpointError, IncompatibleCheckpointError
-from ckpt.tree import Json
+from ckpt.tree import Json, loads_strict
 
 __all__ = [
     "FORMAT_NAME",
@@ -165,19 +165,6 @@ def _decode_number(v: Json) -> float | int | None:
     return None
 
 
-def _no_constants(name: str) -> Any:
-    raise ValueError(f"non-standard JSON constant {name}")
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in pairs:
-        if k in out:
-            raise ValueError(f"duplicate key {k!r}")
-        out[k] = v
-    return out
-
-
 def decode_manifest(raw: bytes, source: str) -> Manifest:
     """Parse and validate ``manifest.json`` bytes.
 
@@ -190,10 +177,8 @@ def decode_manifest(raw: bytes, source: str) -> Manifest:
         IncompatibleCheckpointError: Written by a newer, unknown format version.
     """
     try:
-        doc = json.loads(
-            raw.decode("utf-8"), parse_constant=_no_constants, object_pairs_hook=_unique_keys
-        )
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        doc = loads_strict(raw)
+    except (ValueError, RecursionError) as e:
         raise CorruptCheckpointError(f"manifest is not valid JSON: {e}", path=source) from e
 
     def bad(key: str, why: str) -> CorruptCheckpointError:

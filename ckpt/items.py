@@ -26,7 +26,7 @@ from ckpt.optim import (
     optimizer_param_records,
     optimizer_targets,
 )
-from ckpt.tree import Json, KeyPath, flatten, unflatten
+from ckpt.tree import Json, flatten, tensors_by_path, unflatten
 
 __all__ = [
     "RESERVED_NAMES",
@@ -136,24 +136,6 @@ def capture(name: str, obj: Any, param_names: Mapping[int, str]) -> Captured:
     return Captured(kind, tree, tensors, extra)
 
 
-def _live_tensor_devices(live: Any) -> dict[KeyPath, torch.device]:
-    """Map each key path of a live state to the device of the tensor there."""
-    out: dict[KeyPath, torch.device] = {}
-
-    def visit(obj: Any, path: KeyPath) -> None:
-        if isinstance(obj, torch.Tensor):
-            out[path] = obj.device
-        elif isinstance(obj, dict):
-            for k, v in obj.items():
-                visit(v, (*path, k))
-        elif isinstance(obj, (list, tuple)):
-            for i, v in enumerate(obj):
-                visit(v, (*path, i))
-
-    visit(live, ())
-    return out
-
-
 @dataclass
 class RestorePlan:
     """A checked restore of one item: where each tensor goes, and how to load it.
@@ -247,33 +229,16 @@ def plan_restore(
         if kind == "module":
             _check_module_state(name, skeleton, live, strict=strict)
         if not override:
-            devices = _live_tensor_devices(live)
+            live_tensors = tensors_by_path(live)
             by_id = {
-                id(t): (devices[path], None)
-                for path, t in _placeholders_by_path(skeleton).items()
-                if path in devices
+                id(t): (live_tensors[path].device, None)
+                for path, t in tensors_by_path(skeleton).items()
+                if path in live_tensors
             }
     targets = {
         placeholder_names[i]: target for i, target in by_id.items() if i in placeholder_names
     }
     return RestorePlan(name, kind, obj, record, targets, strict)
-
-
-def _placeholders_by_path(state: Any) -> dict[KeyPath, torch.Tensor]:
-    found: dict[KeyPath, torch.Tensor] = {}
-
-    def visit(obj: Any, path: KeyPath) -> None:
-        if isinstance(obj, torch.Tensor):
-            found.setdefault(path, obj)
-        elif isinstance(obj, dict):
-            for k, v in obj.items():
-                visit(v, (*path, k))
-        elif isinstance(obj, (list, tuple)):
-            for i, v in enumerate(obj):
-                visit(v, (*path, i))
-
-    visit(state, ())
-    return found
 
 
 def _check_module_state(name: str, saved: Any, live: Mapping[str, Any], *, strict: bool) -> None:

@@ -27,6 +27,7 @@ from typing import BinaryIO
 import torch
 
 from ckpt.errors import CorruptCheckpointError
+from ckpt.tree import loads_strict
 
 __all__ = [
     "MAX_HEADER_BYTES",
@@ -135,15 +136,6 @@ def encode_header(entries: Iterable[TensorEntry], metadata: Mapping[str, str] | 
     return struct.pack("<Q", len(raw)) + raw
 
 
-def _reject_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
-    out: dict[str, object] = {}
-    for key, value in pairs:
-        if key in out:
-            raise ValueError(f"duplicate key {key!r}")
-        out[key] = value
-    return out
-
-
 def _is_index(x: object) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
@@ -179,7 +171,7 @@ def parse_header(
     if len(prefix) < 8 + n:
         raise CorruptCheckpointError("safetensors header is truncated", path=source)
     try:
-        header = json.loads(prefix[8 : 8 + n].decode("utf-8"), object_pairs_hook=_reject_duplicates)
+        header = loads_strict(prefix[8 : 8 + n])
     except (ValueError, RecursionError) as e:
         raise CorruptCheckpointError(
             f"safetensors header is not valid JSON: {e}", path=source

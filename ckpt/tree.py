@@ -34,6 +34,7 @@ stored without pickle and raises :class:`TypeError` naming its key path.
 from __future__ import annotations
 
 import base64
+import json
 import math
 from collections.abc import Callable, Mapping
 from typing import Any, TypeAlias
@@ -47,8 +48,10 @@ __all__ = [
     "KeyPath",
     "flatten",
     "format_key_path",
+    "loads_strict",
     "tensor_name",
     "tensor_refs",
+    "tensors_by_path",
     "unflatten",
 ]
 
@@ -103,6 +106,50 @@ def _tensor_identity(t: torch.Tensor) -> tuple[Any, ...] | None:
     if ptr == 0:
         return None
     return (str(t.device), ptr, t.dtype, tuple(t.shape), t.stride())
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key {key!r}")
+        out[key] = value
+    return out
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"non-standard JSON constant {name}")
+
+
+def loads_strict(raw: bytes) -> Json:
+    """Parse UTF-8 JSON, rejecting duplicate keys and ``NaN``/``Infinity`` literals.
+
+    Raises:
+        ValueError: Not UTF-8, not JSON, or one of the above (``UnicodeDecodeError``
+            and ``json.JSONDecodeError`` are ``ValueError`` subclasses).
+        RecursionError: Nested too deeply to parse.
+    """
+    return json.loads(
+        raw.decode("utf-8"), parse_constant=_no_constants, object_pairs_hook=_unique_keys
+    )
+
+
+def tensors_by_path(state: Any) -> dict[KeyPath, torch.Tensor]:
+    """Map the key path of every tensor in a nested state (dicts, lists, tuples) to the tensor."""
+    found: dict[KeyPath, torch.Tensor] = {}
+
+    def visit(obj: Any, path: KeyPath) -> None:
+        if isinstance(obj, torch.Tensor):
+            found.setdefault(path, obj)
+        elif isinstance(obj, dict):
+            for k, v in obj.items():
+                visit(v, (*path, k))
+        elif isinstance(obj, (list, tuple)):
+            for i, v in enumerate(obj):
+                visit(v, (*path, i))
+
+    visit(state, ())
+    return found
 
 
 def flatten(value: Any, prefix: str) -> tuple[Json, dict[str, torch.Tensor]]:
