@@ -229,16 +229,31 @@ def plan_restore(
         if kind == "module":
             _check_module_state(name, skeleton, live, strict=strict)
         if not override:
-            live_tensors = tensors_by_path(live)
+            live_devices = {p: t.device for p, t in tensors_by_path(live).items()}
             by_id = {
-                id(t): (live_tensors[path].device, None)
+                id(t): (_staging_device(kind, live_devices.get(path)), None)
                 for path, t in tensors_by_path(skeleton).items()
-                if path in live_tensors
             }
     targets = {
         placeholder_names[i]: target for i, target in by_id.items() if i in placeholder_names
     }
     return RestorePlan(name, kind, obj, record, targets, strict)
+
+
+_CPU = torch.device("cpu")
+
+
+def _staging_device(kind: str, live: torch.device | None) -> torch.device | None:
+    """Where to build a tensor whose live counterpart is on ``live`` (``None``: none).
+
+    A module's tensors are staged in host memory and copied into its parameters
+    by ``load_state_dict``, so a restore never needs twice the model's size in
+    accelerator memory; meta modules need no data. Other items may keep the
+    tensors they are given, so those are built where the live tensor is.
+    """
+    if kind == "module":
+        return live if live is not None and live.type == "meta" else _CPU
+    return live
 
 
 def _check_module_state(name: str, saved: Any, live: Mapping[str, Any], *, strict: bool) -> None:

@@ -388,10 +388,10 @@ class CheckpointManager:
                 unexpected.get(name, []),
             )
         logger.info(
-            "restored step %d from %s (%d tensors in %.3f s)",
+            "restored step %d from %s (%d bytes in %.3f s)",
             manifest.step,
             self._url(step_name),
-            len(loaded),
+            sum(t.numel() * t.element_size() for t in loaded.values()),
             time.perf_counter() - start,
         )
         info = self._info(manifest)

@@ -25,6 +25,8 @@ def build(optimizer: str) -> tuple[nn.Module, torch.optim.Optimizer]:
         opt: torch.optim.Optimizer = torch.optim.AdamW(
             model.parameters(), lr=3e-3, weight_decay=0.05
         )
+    elif optimizer == "adam-fused":
+        opt = torch.optim.Adam(model.parameters(), lr=3e-3, amsgrad=True, fused=True)
     else:
         opt = torch.optim.SGD(
             [

@@ -134,3 +134,18 @@ def test_cuda_checkpoint_reads_on_cpu_and_fused_step_moves(tmp_path):
     ref_opt.load_state_dict(opt.state_dict())
     assert_same_state(fresh_opt.state_dict(), ref_opt.state_dict())
     assert fresh_opt.state_dict()["state"][0]["step"].device.type == "cuda"
+
+
+def test_meta_module_restores_without_reading_tensor_data(saved, monkeypatch):
+    mgr, _, _ = saved
+    import ckpt.io
+
+    calls = []
+    original = ckpt.io.read_tensor
+    monkeypatch.setattr(
+        ckpt.io, "read_tensor", lambda *a, **k: calls.append(1) or original(*a, **k)
+    )
+    with torch.device("meta"):
+        meta_model = small_model(0)
+    mgr.restore(model=meta_model)
+    assert calls == []

@@ -351,7 +351,7 @@ def test_one_info_log_line_per_save_and_restore(tmp_path, caplog):
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 2
     assert lines[0].startswith("saved step 1") and "bytes" in lines[0]
-    assert lines[1].startswith("restored step 1")
+    assert lines[1].startswith("restored step 1") and "16 bytes" in lines[1]
 
 
 def test_damaged_files_are_checkpoint_errors_naming_the_file(tmp_path):
