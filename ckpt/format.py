@@ -27,12 +27,14 @@ __all__ = [
     "MANIFEST_NAME",
     "ItemRecord",
     "Manifest",
+    "TempDirName",
     "TensorRecord",
     "decode_manifest",
     "encode_manifest",
-    "is_temp_dir_name",
     "item_file_name",
     "parse_step_dir_name",
+    "parse_temp_dir_name",
+    "safe_host_name",
     "step_dir_name",
     "temp_dir_name",
 ]
@@ -44,6 +46,9 @@ ITEM_KINDS = ("module", "optimizer", "stateful", "dict")
 
 _STEP_DIR = re.compile(r"step_(\d{12,20})")
 _TEMP_PREFIX = ".ckpt-tmp."
+_TEMP_DIR = re.compile(
+    r"\.ckpt-tmp\.(step_\d{12,20})\.([A-Za-z0-9-]+)-(\d{1,10})\.([0-9a-f]{1,32})"
+)
 _FILE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\.safetensors")
 _DTYPES = {
     str(d).removeprefix("torch."): d for d in vars(torch).values() if isinstance(d, torch.dtype)
@@ -69,17 +74,35 @@ def parse_step_dir_name(name: str) -> int | None:
     return step if step_dir_name(step) == name else None
 
 
-def temp_dir_name(step: int, owner: str, token: str) -> str:
+@dataclass(frozen=True)
+class TempDirName:
+    """The parts of a temporary directory name: the step and the writer that made it."""
+
+    step: int
+    host: str
+    pid: int
+
+
+def safe_host_name(host: str) -> str:
+    """Reduce a host name to the characters allowed in a temporary directory name."""
+    return re.sub(r"[^A-Za-z0-9-]", "-", host)[:64] or "host"
+
+
+def temp_dir_name(step: int, host: str, pid: int, token: str) -> str:
     """Return the name of the temporary directory a save of ``step`` writes into.
 
-    It starts with ``.ckpt-tmp.`` and therefore never parses as a step.
+    It starts with ``.ckpt-tmp.`` and therefore never parses as a step; it names
+    the writer (host and pid) so that an abandoned one can be recognized.
     """
-    return f"{_TEMP_PREFIX}{step_dir_name(step)}.{owner}.{token}"
+    return f"{_TEMP_PREFIX}{step_dir_name(step)}.{safe_host_name(host)}-{pid}.{token}"
 
 
-def is_temp_dir_name(name: str) -> bool:
-    """Tell whether ``name`` is a temporary directory made by :func:`temp_dir_name`."""
-    return name.startswith(_TEMP_PREFIX)
+def parse_temp_dir_name(name: str) -> TempDirName | None:
+    """Return the parts of a name made by :func:`temp_dir_name`, or ``None`` if it is not one."""
+    match = _TEMP_DIR.fullmatch(name)
+    if match is None or parse_step_dir_name(match.group(1)) is None:
+        return None
+    return TempDirName(int(match.group(1)[5:]), match.group(2), int(match.group(3)))
 
 
 def item_file_name(item: str) -> str:

@@ -19,24 +19,30 @@ import torch
 from torch import nn
 
 from ckpt.errors import CorruptCheckpointError, IncompatibleCheckpointError
-from ckpt.format import ItemRecord
+from ckpt.format import ItemRecord, Manifest, TensorRecord, item_file_name
 from ckpt.optim import (
     Target,
     check_optimizer_state,
+    module_param_names,
     optimizer_param_records,
     optimizer_targets,
 )
-from ckpt.tree import Json, flatten, tensors_by_path, unflatten
+from ckpt.tensorfile import dtype_name
+from ckpt.tree import Json, flatten, tensor_refs, tensors_by_path, unflatten
 
 __all__ = [
     "RESERVED_NAMES",
     "Captured",
     "RestorePlan",
     "Stateful",
+    "assemble_manifest",
+    "build_state",
     "capture",
     "check_item_name",
     "item_kind",
     "plan_restore",
+    "plan_restores",
+    "skeleton",
 ]
 
 RESERVED_NAMES = frozenset({"step", "epoch", "metrics", "map_location", "strict"})
@@ -155,6 +161,11 @@ class RestorePlan:
         """Restore position: modules, then optimizers, then other stateful objects, then dicts."""
         return _RESTORE_ORDER[self.kind]
 
+    @property
+    def tensor_names(self) -> list[str]:
+        """The names of the stored tensors this item's state refers to, without repeats."""
+        return list(dict.fromkeys(name for _, name in tensor_refs(self.record.state)))
+
     def build(self, tensors: Mapping[str, torch.Tensor]) -> Any:
         """Assemble the item's state from the loaded tensors."""
         return build_state(self.record, tensors, self.name)
@@ -183,6 +194,93 @@ def build_state(record: ItemRecord, tensors: Mapping[str, torch.Tensor], name: s
         if metadata is not None:
             state._metadata = unflatten(metadata, {})  # type: ignore[attr-defined]
     return state
+
+
+def assemble_manifest(
+    step: int,
+    epoch: int | None,
+    metrics: dict[str, float | int],
+    captured: Mapping[str, Captured],
+    *,
+    created_at: str,
+    versions: dict[str, str],
+) -> tuple[dict[str, dict[str, torch.Tensor]], Manifest]:
+    """Lay captured items out as tensor files and a manifest (file sizes still unknown).
+
+    Returns:
+        ``{file name: {tensor name: tensor}}`` and the manifest.
+
+    Raises:
+        TypeError: A tensor's dtype cannot be stored in safetensors.
+    """
+    files: dict[str, dict[str, torch.Tensor]] = {}
+    tensors: dict[str, TensorRecord] = {}
+    for name, cap in captured.items():
+        if not cap.tensors:
+            continue
+        file_name = item_file_name(name)
+        for tensor_name, t in cap.tensors.items():
+            dtype_name(t.dtype)
+            tensors[tensor_name] = TensorRecord(file_name, t.dtype, tuple(t.shape), str(t.device))
+        files[file_name] = cap.tensors
+    items = {n: ItemRecord(c.kind, c.tree, c.extra) for n, c in captured.items()}
+    manifest = Manifest(step, epoch, metrics, {}, tensors, items, created_at, versions)
+    return files, manifest
+
+
+def plan_restores(
+    manifest: Manifest, items: Mapping[str, Any], *, strict: bool, override: bool
+) -> list[RestorePlan]:
+    """Check every live item against the checkpoint; reads no tensor data.
+
+    Args:
+        manifest: The checkpoint's manifest; every item name must be in it.
+        items: The live objects by item name.
+        strict: As for :func:`plan_restore`.
+        override: As for :func:`plan_restore`.
+
+    Returns:
+        One plan per item, in the order given.
+    """
+    live_names = module_param_names({n: o for n, o in items.items() if isinstance(o, nn.Module)})
+    plans = []
+    for name, obj in items.items():
+        record = manifest.items[name]
+        state, placeholders = skeleton(record.state, manifest.tensors)
+        plans.append(
+            plan_restore(
+                name,
+                obj,
+                record,
+                state,
+                placeholders,
+                strict=strict,
+                live_names=live_names,
+                override=override,
+            )
+        )
+    return plans
+
+
+def skeleton(tree: Json, records: Mapping[str, TensorRecord]) -> tuple[Any, dict[int, str]]:
+    """Decode a state tree with a meta tensor of the right dtype and shape for each stored tensor.
+
+    Returns:
+        The state, and ``id(placeholder) -> tensor name``.
+
+    Raises:
+        CorruptCheckpointError: The tree is malformed or names an unlisted tensor.
+    """
+    cache: dict[str, torch.Tensor] = {}
+
+    def placeholder(name: str) -> torch.Tensor:
+        if name not in cache:
+            record = records[name]  # KeyError: reported by unflatten with the key path
+            cache[name] = torch.empty(record.shape, dtype=record.dtype, device="meta")
+        return cache[name]
+
+    state = unflatten(tree, placeholder)
+    return state, {id(t): name for name, t in cache.items()}
 
 
 def plan_restore(

@@ -6,7 +6,6 @@ import contextlib
 import logging
 import os
 import platform
-import re
 import secrets
 import socket
 import time
@@ -26,23 +25,26 @@ from ckpt.errors import (
 )
 from ckpt.format import (
     MANIFEST_NAME,
-    ItemRecord,
     Manifest,
-    TensorRecord,
-    is_temp_dir_name,
-    item_file_name,
     parse_step_dir_name,
+    parse_temp_dir_name,
+    safe_host_name,
     step_dir_name,
     temp_dir_name,
 )
 from ckpt.io import load_tensors, read_manifest, write_checkpoint_files
-from ckpt.items import RestorePlan, build_state, capture, check_item_name, plan_restore
-from ckpt.locations import MapLocation, check_map_location, mapped_device
-from ckpt.optim import Target, module_param_names
+from ckpt.items import (
+    assemble_manifest,
+    build_state,
+    capture,
+    check_item_name,
+    plan_restores,
+)
+from ckpt.locations import MapLocation, check_map_location
+from ckpt.optim import module_param_names
 from ckpt.retention import steps_to_delete
 from ckpt.storage import Storage
-from ckpt.tensorfile import dtype_name
-from ckpt.tree import tensor_refs, unflatten
+from ckpt.tree import tensor_refs
 
 __all__ = ["Checkpoint", "CheckpointManager"]
 
@@ -73,11 +75,6 @@ class Checkpoint:
     items: tuple[str, ...]
     missing_keys: Mapping[str, list[str]] = field(default_factory=dict)
     unexpected_keys: Mapping[str, list[str]] = field(default_factory=dict)
-
-
-def _owner() -> str:
-    host = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:64] or "host"
-    return f"{host}-{os.getpid()}"
 
 
 def _pid_alive(pid: int) -> bool:
@@ -225,23 +222,11 @@ class CheckpointManager:
         param_names = module_param_names(modules)
         captured = {name: capture(name, obj, param_names) for name, obj in items.items()}
 
-        files: dict[str, dict[str, torch.Tensor]] = {}
-        tensors: dict[str, TensorRecord] = {}
-        for name, cap in captured.items():
-            if not cap.tensors:
-                continue
-            file_name = item_file_name(name)
-            for tname, t in cap.tensors.items():
-                dtype_name(t.dtype)
-                tensors[tname] = TensorRecord(file_name, t.dtype, tuple(t.shape), str(t.device))
-            files[file_name] = cap.tensors
-        manifest = Manifest(
-            step=step,
-            epoch=epoch,
-            metrics=checked_metrics,
-            files={},
-            tensors=tensors,
-            items={n: ItemRecord(c.kind, c.tree, c.extra) for n, c in captured.items()},
+        files, manifest = assemble_manifest(
+            step,
+            epoch,
+            checked_metrics,
+            captured,
             created_at=datetime.now(timezone.utc).isoformat(timespec="microseconds"),
             versions={
                 "ckpt": _version.__version__,
@@ -255,7 +240,7 @@ class CheckpointManager:
                 f"step {step} is already saved; choose a new step", path=self._url(step_name)
             )
         self._remove_abandoned_temps()
-        temp = temp_dir_name(step, _owner(), secrets.token_hex(4))
+        temp = temp_dir_name(step, socket.gethostname(), os.getpid(), secrets.token_hex(4))
         self._storage.makedirs(temp)
         try:
             manifest = write_checkpoint_files(self._storage, temp, files, manifest)
@@ -292,13 +277,12 @@ class CheckpointManager:
 
     def _remove_abandoned_temps(self) -> None:
         """Remove temporary directories left by crashed saves (dead writer or stale)."""
-        me = _owner().rsplit("-", 1)[0]
+        here = safe_host_name(socket.gethostname())
         for name in self._storage.list_dir():
-            if not is_temp_dir_name(name):
+            temp = parse_temp_dir_name(name)
+            if temp is None:
                 continue
-            parts = name.rsplit(".", 2)
-            host, _, pid = parts[1].rpartition("-") if len(parts) == 3 else ("", "", "")
-            dead = host == me and pid.isdigit() and not _pid_alive(int(pid))
+            dead = temp.host == here and not _pid_alive(temp.pid)
             age = self._storage.age_seconds(name)
             if dead or (age is not None and age > STALE_TEMP_SECONDS):
                 logger.info("removing abandoned temporary checkpoint %s", self._url(name))
@@ -363,12 +347,9 @@ class CheckpointManager:
                 )
 
         with _located(manifest_path):
-            plans, names = self._plan_restore(manifest, items, strict, map_location)
-            targets: dict[str, Target] = {}
-            for plan in plans:
-                targets.update(plan.targets)
-            if map_location is not None:
-                targets = {n: _mapped(map_location, manifest, n) for n in names}
+            plans = plan_restores(manifest, items, strict=strict, override=map_location is not None)
+            names = [n for plan in plans for n in plan.tensor_names]
+            targets = {n: t for plan in plans for n, t in plan.targets.items()}
             loaded = load_tensors(self._storage, step_name, manifest, names, targets, map_location)
             states = [(plan, plan.build(loaded)) for plan in plans]
 
@@ -399,37 +380,6 @@ class CheckpointManager:
             info.step, info.epoch, info.metrics, info.path, info.items, missing, unexpected
         )
 
-    def _plan_restore(
-        self,
-        manifest: Manifest,
-        items: Mapping[str, Any],
-        strict: bool,
-        map_location: MapLocation,
-    ) -> tuple[list[RestorePlan], list[str]]:
-        """Check every item against the manifest; list the tensors to load. Reads no tensor."""
-        live_names = module_param_names(
-            {n: o for n, o in items.items() if isinstance(o, torch.nn.Module)}
-        )
-        plans: list[RestorePlan] = []
-        names: list[str] = []
-        for name, obj in items.items():
-            record = manifest.items[name]
-            skeleton, placeholders = _skeleton(record.state, manifest)
-            plans.append(
-                plan_restore(
-                    name,
-                    obj,
-                    record,
-                    skeleton,
-                    placeholders,
-                    strict=strict,
-                    live_names=live_names,
-                    override=map_location is not None,
-                )
-            )
-            names.extend(dict.fromkeys(n for _, n in tensor_refs(record.state)))
-        return plans, list(dict.fromkeys(names))
-
     def read(self, step: int | None = None, *, map_location: MapLocation = "cpu") -> dict[str, Any]:
         """Load a checkpoint's items as plain state dicts, without live objects.
 
@@ -456,9 +406,8 @@ class CheckpointManager:
         names = list(
             dict.fromkeys(n for r in manifest.items.values() for _, n in tensor_refs(r.state))
         )
-        targets = {n: _mapped(map_location, manifest, n) for n in names}
         with _located(self._storage.path(step_name, MANIFEST_NAME)):
-            loaded = load_tensors(self._storage, step_name, manifest, names, targets, map_location)
+            loaded = load_tensors(self._storage, step_name, manifest, names, {}, map_location)
             return {name: build_state(r, loaded, name) for name, r in manifest.items.items()}
 
     # ---------------------------------------------------------------- helpers
@@ -506,26 +455,3 @@ def _located(path: str) -> Iterator[None]:
         if located is e:
             raise
         raise located from e
-
-
-def _mapped(map_location: MapLocation, manifest: Manifest, name: str) -> Target:
-    record = manifest.tensors.get(name)
-    if record is None:
-        return None, None
-    return mapped_device(map_location, record.device), None
-
-
-def _skeleton(tree: Any, manifest: Manifest) -> tuple[Any, dict[int, str]]:
-    """Decode a state tree with a meta tensor standing in for each stored tensor."""
-    cache: dict[str, torch.Tensor] = {}
-
-    def placeholder(name: str) -> torch.Tensor:
-        if name not in cache:
-            record = manifest.tensors.get(name)
-            if record is None:
-                raise KeyError(name)
-            cache[name] = torch.empty(record.shape, dtype=record.dtype, device="meta")
-        return cache[name]
-
-    skeleton = unflatten(tree, placeholder)
-    return skeleton, {id(t): name for name, t in cache.items()}

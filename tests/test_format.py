@@ -17,10 +17,11 @@ import ckpt
 from ckpt.format import (
     MANIFEST_NAME,
     Manifest,
+    TempDirName,
     decode_manifest,
     encode_manifest,
-    is_temp_dir_name,
     parse_step_dir_name,
+    parse_temp_dir_name,
     step_dir_name,
     temp_dir_name,
 )
@@ -45,9 +46,19 @@ def test_step_names_are_strict():
         step_dir_name(-1)
 
 
-def test_temp_names_never_parse_as_steps():
-    name = temp_dir_name(5, "host-12", "abcd")
-    assert is_temp_dir_name(name) and parse_step_dir_name(name) is None
+def test_temp_names_never_parse_as_steps_and_name_their_writer():
+    name = temp_dir_name(5, "my.host_name", 1234, "abcd")
+    assert parse_step_dir_name(name) is None
+    assert parse_temp_dir_name(name) == TempDirName(5, "my-host-name", 1234)
+    others = [
+        "step_000000000005",
+        ".ckpt-tmp.step_5.h-1.ab",
+        ".ckpt-tmp.step_000000000005.h.ab",
+        ".ckpt-tmp.step_000000000005.h-1.ab/..",
+        "x.ckpt-tmp.step_000000000005.h-1.ab",
+    ]
+    for other in others:
+        assert parse_temp_dir_name(other) is None, other
 
 
 def minimal_manifest(**changes: object) -> bytes:

@@ -210,11 +210,12 @@ def test_uncommitted_and_foreign_directories_are_never_listed(tmp_path):
 
 
 def test_leftover_temp_directory_of_a_dead_writer_is_cleaned(tmp_path):
-    from ckpt.manager import _owner
+    import socket
 
-    host = _owner().rsplit("-", 1)[0]
+    from ckpt.format import temp_dir_name
+
     dead_pid = 2**22 + 12345  # above the default pid_max, never alive
-    leftover = tmp_path / f".ckpt-tmp.step_000000000003.{host}-{dead_pid}.0000"
+    leftover = tmp_path / temp_dir_name(3, socket.gethostname(), dead_pid, "0000")
     leftover.mkdir()
     (leftover / "model.safetensors").write_bytes(b"partial")
     mgr = ckpt.CheckpointManager(tmp_path)
