@@ -287,7 +287,7 @@ def plan_restore(
     name: str,
     obj: Any,
     record: ItemRecord,
-    skeleton: Any,
+    saved: Any,
     placeholder_names: Mapping[int, str],
     *,
     strict: bool,
@@ -300,7 +300,7 @@ def plan_restore(
         name: The item name.
         obj: The live object.
         record: The item's manifest record.
-        skeleton: The saved state with meta placeholders for tensors.
+        saved: The saved state with meta placeholders for tensors (see :func:`skeleton`).
         placeholder_names: ``id(placeholder) -> tensor name``.
         strict: Module keys must match exactly; optimizer parameter names must match.
         live_names: ``id(parameter) -> name`` over the modules restored in the same call.
@@ -318,19 +318,19 @@ def plan_restore(
     by_id: dict[int, Target] = {}
     if kind == "optimizer":
         id_map = check_optimizer_state(
-            name, skeleton, obj, record.extra.get("params"), live_names, strict=strict
+            name, saved, obj, record.extra.get("params"), live_names, strict=strict
         )
         if not override:
-            by_id = optimizer_targets(skeleton, id_map)
+            by_id = optimizer_targets(saved, id_map)
     else:
         live = obj if kind == "dict" else obj.state_dict()
         if kind == "module":
-            _check_module_state(name, skeleton, live, strict=strict)
+            _check_module_state(name, saved, live, strict=strict)
         if not override:
             live_devices = {p: t.device for p, t in tensors_by_path(live).items()}
             by_id = {
                 id(t): (_staging_device(kind, live_devices.get(path)), None)
-                for path, t in tensors_by_path(skeleton).items()
+                for path, t in tensors_by_path(saved).items()
             }
     targets = {
         placeholder_names[i]: target for i, target in by_id.items() if i in placeholder_names
