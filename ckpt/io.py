@@ -7,6 +7,7 @@ tensors, checking every file against the manifest on the way.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import BinaryIO
 
@@ -19,9 +20,12 @@ from ckpt.optim import Target
 from ckpt.storage import Storage
 from ckpt.tensorfile import MAX_HEADER_BYTES, TensorEntry, parse_header, read_tensor, write_tensors
 
-__all__ = ["load_tensors", "read_manifest", "write_checkpoint_files"]
+__all__ = ["MAX_MANIFEST_BYTES", "load_tensors", "read_manifest", "write_checkpoint_files"]
 
 _SAFETENSORS_METADATA = {"format": "pt"}
+
+MAX_MANIFEST_BYTES = 256 * 1024 * 1024
+"""Largest manifest read (a manifest of a million tensors is about 150 MB)."""
 
 
 def write_checkpoint_files(
@@ -48,18 +52,14 @@ def write_checkpoint_files(
             return write_tensors(f, tensors, _SAFETENSORS_METADATA)
 
         sizes[file_name] = storage.write_file((directory, file_name), write)
-    manifest = Manifest(
-        manifest.step,
-        manifest.epoch,
-        manifest.metrics,
-        sizes,
-        manifest.tensors,
-        manifest.items,
-        manifest.created_at,
-        manifest.versions,
-    )
+    manifest = dataclasses.replace(manifest, files=sizes)
     raw = encode_manifest(manifest)
-    storage.write_file((directory, MANIFEST_NAME), lambda f: f.write(raw) or len(raw))
+
+    def write_manifest(f: BinaryIO) -> int:
+        f.write(raw)
+        return len(raw)
+
+    storage.write_file((directory, MANIFEST_NAME), write_manifest)
     return manifest
 
 
@@ -70,8 +70,13 @@ def read_manifest(storage: Storage, directory: str) -> Manifest:
         CheckpointNotFoundError: There is no manifest (not a committed checkpoint).
         CorruptCheckpointError: The manifest is malformed.
     """
-    raw = storage.read_bytes(directory, MANIFEST_NAME)
-    return decode_manifest(raw, storage.path(directory, MANIFEST_NAME))
+    path = storage.path(directory, MANIFEST_NAME)
+    size = storage.size(directory, MANIFEST_NAME)
+    if size > MAX_MANIFEST_BYTES:
+        raise CorruptCheckpointError(
+            f"manifest is {size} bytes, more than the {MAX_MANIFEST_BYTES} allowed", path=path
+        )
+    return decode_manifest(storage.read_bytes(directory, MANIFEST_NAME), path)
 
 
 def _read_header(f: BinaryIO, path: str, size: int) -> tuple[dict[str, TensorEntry], int]:

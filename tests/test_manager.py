@@ -409,3 +409,13 @@ def test_any_storable_dict_round_trips_through_the_manager(tmp_path, value):
     live: dict = {}
     mgr.restore(data=live)
     assert_same_state(live, value)
+
+
+def test_oversized_manifest_is_refused_before_reading(tmp_path, monkeypatch):
+    import ckpt.io
+
+    mgr = ckpt.CheckpointManager(tmp_path)
+    mgr.save(1, data={"v": 1})
+    monkeypatch.setattr(ckpt.io, "MAX_MANIFEST_BYTES", 10)
+    with pytest.raises(ckpt.CorruptCheckpointError, match="more than the 10 allowed"):
+        mgr.read(1)
