@@ -90,11 +90,18 @@ class Storage:
         return "/".join((self.url.rstrip("/"), *parts))
 
     def makedirs(self, *parts: str) -> None:
-        """Create a directory below the root (and its parents) if it does not exist."""
+        """Create a directory below the root (and its parents) if it does not exist.
+
+        On local disk a directory that is created has its parent fsynced, so its
+        name survives a power loss.
+        """
+        full = self.path(*parts)
         if self.is_local:
-            os.makedirs(self.path(*parts), exist_ok=True)
+            if not os.path.isdir(full):
+                os.makedirs(full, exist_ok=True)
+                _fsync_dir(os.path.dirname(full.rstrip(os.sep)) or os.sep)
         else:
-            self.fs.makedirs(self.path(*parts), exist_ok=True)
+            self.fs.makedirs(full, exist_ok=True)
 
     def list_dir(self, *parts: str) -> list[str]:
         """Return the names of the entries of a directory below the root (empty if none)."""
