@@ -23,7 +23,8 @@ any other ``dict``          ``{"$dict": [[key, value], ...]}``
 ``torch.Tensor``            ``{"$tensor": "<name>"}``
 ==========================  ======================================
 
-Dict keys may be ``str`` or ``int``; insertion order is kept. A tensor's name is
+Dict keys may be ``str`` or ``int``; insertion order is kept; dict subclasses
+are stored, and read back, as ``dict``. A tensor's name is
 its escaped key path (``/`` separated; ``%``, ``/``, ``#`` and NUL escaped;
 ``int`` dict keys written ``#N``), so names are unique and readable. A tensor
 that appears twice (tied weights: the same memory, dtype, shape and strides) is
@@ -186,7 +187,7 @@ def flatten(value: Any, prefix: str) -> tuple[Json, dict[str, torch.Tensor]]:
             return [visit(v, (*path, i), (*seq, True)) for i, v in enumerate(obj)]
         if type(obj) is tuple:
             return {"$tuple": [visit(v, (*path, i), (*seq, True)) for i, v in enumerate(obj)]}
-        if isinstance(obj, dict) and type(obj).__name__ in ("dict", "OrderedDict"):
+        if isinstance(obj, dict):
             return visit_dict(obj, path, seq)
         if isinstance(obj, bytes):
             return {"$bytes": base64.b64encode(obj).decode("ascii")}

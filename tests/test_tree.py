@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections import OrderedDict, namedtuple
+from collections import OrderedDict, defaultdict, namedtuple
 
 import pytest
 import torch
@@ -92,9 +92,11 @@ def test_unstorable_values_name_their_key_path(value, where):
     assert where in str(info.value)
 
 
-def test_ordered_dict_flattens_like_dict():
+def test_dict_subclasses_flatten_like_dict():
     back = unflatten(flatten(OrderedDict(b=1, a=2), "x")[0], {})
-    assert list(back) == ["b", "a"]
+    assert list(back) == ["b", "a"] and type(back) is dict
+    counts = defaultdict(int, {3: 1})
+    assert unflatten(flatten(counts, "x")[0], {}) == {3: 1}
 
 
 @pytest.mark.parametrize(
