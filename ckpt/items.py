@@ -28,7 +28,7 @@ from ckpt.optim import (
     optimizer_targets,
 )
 from ckpt.tensorfile import dtype_name
-from ckpt.tree import Json, flatten, tensor_refs, tensors_by_path, unflatten
+from ckpt.tree import Json, flatten, tensors_by_path, unflatten
 
 __all__ = [
     "RESERVED_NAMES",
@@ -155,16 +155,13 @@ class RestorePlan:
     record: ItemRecord
     targets: dict[str, Target]
     strict: bool
+    tensor_names: list[str]
+    """The stored tensors this item's state refers to, in first-reference order."""
 
     @property
     def order(self) -> int:
         """Restore position: modules, then optimizers, then other stateful objects, then dicts."""
         return _RESTORE_ORDER[self.kind]
-
-    @property
-    def tensor_names(self) -> list[str]:
-        """The names of the stored tensors this item's state refers to, without repeats."""
-        return list(dict.fromkeys(name for _, name in tensor_refs(self.record.state)))
 
     def build(self, tensors: Mapping[str, torch.Tensor]) -> Any:
         """Assemble the item's state from the loaded tensors."""
@@ -266,7 +263,7 @@ def skeleton(tree: Json, records: Mapping[str, TensorRecord]) -> tuple[Any, dict
     """Decode a state tree with a meta tensor of the right dtype and shape for each stored tensor.
 
     Returns:
-        The state, and ``id(placeholder) -> tensor name``.
+        The state, and ``id(placeholder) -> tensor name`` in first-reference order.
 
     Raises:
         CorruptCheckpointError: The tree is malformed or names an unlisted tensor.
@@ -335,7 +332,7 @@ def plan_restore(
     targets = {
         placeholder_names[i]: target for i, target in by_id.items() if i in placeholder_names
     }
-    return RestorePlan(name, kind, obj, record, targets, strict)
+    return RestorePlan(name, kind, obj, record, targets, strict, list(placeholder_names.values()))
 
 
 _CPU = torch.device("cpu")
