@@ -42,7 +42,7 @@ __all__ = [
 FORMAT_NAME = "ckpt"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
-ITEM_KINDS = ("module", "optimizer", "stateful", "dict")
+ITEM_KINDS = ("module", "optimizer", "stateful", "dict", "rng")
 
 _STEP_DIR = re.compile(r"step_(\d{12,20})")
 _TEMP_PREFIX = ".ckpt-tmp."

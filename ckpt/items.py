@@ -27,6 +27,7 @@ from ckpt.optim import (
     optimizer_param_records,
     optimizer_targets,
 )
+from ckpt.rng import RandomStreams
 from ckpt.tensorfile import dtype_name
 from ckpt.tree import Json, flatten, tensors_by_path, unflatten
 
@@ -45,10 +46,10 @@ __all__ = [
     "skeleton",
 ]
 
-RESERVED_NAMES = frozenset({"step", "epoch", "metrics", "map_location", "strict"})
+RESERVED_NAMES = frozenset({"step", "epoch", "metrics", "map_location", "strict", "rng"})
 """Names that cannot be items because ``save``/``restore`` take them as options."""
 
-_RESTORE_ORDER = {"module": 0, "optimizer": 1, "stateful": 2, "dict": 3}
+_RESTORE_ORDER = {"module": 0, "optimizer": 1, "stateful": 2, "dict": 3, "rng": 4}
 
 
 @runtime_checkable
@@ -82,7 +83,7 @@ def check_item_name(name: str) -> None:
 
 
 def item_kind(name: str, obj: object) -> str:
-    """Return the kind of an item: ``module``, ``optimizer``, ``stateful`` or ``dict``.
+    """Return the kind of an item: ``module``, ``optimizer``, ``rng``, ``stateful`` or ``dict``.
 
     Raises:
         TypeError: The object is none of these; the message names the item.
@@ -91,6 +92,8 @@ def item_kind(name: str, obj: object) -> str:
         return "module"
     if isinstance(obj, torch.optim.Optimizer):
         return "optimizer"
+    if isinstance(obj, RandomStreams):
+        return "rng"
     if isinstance(obj, Stateful):
         return "stateful"
     if isinstance(obj, dict):
@@ -160,7 +163,7 @@ class RestorePlan:
 
     @property
     def order(self) -> int:
-        """Restore position: modules, then optimizers, then other stateful objects, then dicts."""
+        """Restore position: modules, optimizers, other stateful objects, dicts, random streams."""
         return _RESTORE_ORDER[self.kind]
 
     def build(self, tensors: Mapping[str, torch.Tensor]) -> Any:
@@ -319,6 +322,10 @@ def plan_restore(
         )
         if not override:
             by_id = optimizer_targets(saved, id_map)
+    elif kind == "rng":
+        obj.check_state_dict(saved)
+        # Generators take their states from host memory, whatever map_location says.
+        by_id = {id(t): (_CPU, None) for t in tensors_by_path(saved).values()}
     else:
         live = obj if kind == "dict" else obj.state_dict()
         if kind == "module":

@@ -9,7 +9,7 @@ import platform
 import secrets
 import socket
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from ckpt import _version
+from ckpt.cadence import SaveCadence
 from ckpt.errors import (
     CheckpointError,
     CheckpointExistsError,
@@ -42,7 +43,10 @@ from ckpt.items import (
 )
 from ckpt.locations import MapLocation, check_map_location
 from ckpt.optim import module_param_names
+from ckpt.preemption import DEFAULT_PREEMPTION_SIGNALS, PreemptionWatch
 from ckpt.retention import steps_to_delete
+from ckpt.rng import RNG_ITEM, RandomStreams
+from ckpt.schedulers import align_lr_to_scheduler, scheduler_optimizer
 from ckpt.storage import Storage
 from ckpt.tree import tensor_refs
 
@@ -75,6 +79,11 @@ class Checkpoint:
     items: tuple[str, ...]
     missing_keys: Mapping[str, list[str]] = field(default_factory=dict)
     unexpected_keys: Mapping[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def next_step(self) -> int:
+        """The step to run next when resuming from this checkpoint: ``step + 1``."""
+        return self.step + 1
 
 
 def _pid_alive(pid: int) -> bool:
@@ -111,22 +120,32 @@ class CheckpointManager:
     Each ``save(step, ...)`` writes one checkpoint directory atomically: files
     go into a temporary sibling, are fsynced, the manifest is written last, and
     the directory is renamed into place. Only committed checkpoints are ever
-    listed or restored. One process should write to a directory at a time;
-    any number may read. An instance is not thread-safe.
+    listed or restored. Every save also captures the process's random streams,
+    and every restore puts them back last (``rng=False`` opts out). One process
+    should write to a directory at a time; any number may read. An instance is
+    not thread-safe.
 
     Args:
         directory: A local path or fsspec URL (``memory://run``, ``s3://bucket/run``).
         keep_last: Keep only this many newest checkpoints (deleted after each commit);
             ``None`` keeps all.
         storage_options: Passed to the fsspec filesystem (credentials, endpoint, ...).
+        every_steps: ``should_save(step)`` is true after every this many steps.
+        every_seconds: ``should_save(step)`` is true once this long has passed since
+            the last save (or since the manager was created).
+        preemption_signals: ``True`` for SIGTERM and SIGUSR1, or the signals to watch.
+            A watched signal only sets a flag: ``should_save`` is then true at the next
+            step boundary, and ``should_stop`` once that save has committed. The
+            previous handlers come back on ``close()``.
 
     Example:
-        >>> mgr = ckpt.CheckpointManager("runs/exp1", keep_last=3)
+        >>> mgr = ckpt.CheckpointManager("runs/exp1", keep_last=3, every_steps=500)
         >>> info = mgr.restore(model=model, optimizer=opt)
-        >>> start = 0 if info is None else info.step + 1
+        >>> start = 0 if info is None else info.next_step
         >>> for step in range(start, total_steps):
         ...     train_one_step()
-        ...     mgr.save(step, model=model, optimizer=opt)
+        ...     if mgr.should_save(step):
+        ...         mgr.save(step, model=model, optimizer=opt)
     """
 
     def __init__(
@@ -135,6 +154,9 @@ class CheckpointManager:
         *,
         keep_last: int | None = None,
         storage_options: dict[str, Any] | None = None,
+        every_steps: int | None = None,
+        every_seconds: float | None = None,
+        preemption_signals: bool | Iterable[int] = False,
     ):
         if keep_last is not None and (
             isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1
@@ -142,12 +164,60 @@ class CheckpointManager:
             raise ValueError(f"keep_last must be a positive int or None, got {keep_last!r}")
         if storage_options is not None and not isinstance(storage_options, dict):
             raise TypeError("storage_options must be a dict")
+        self._cadence = SaveCadence(every_steps, every_seconds)
         self._storage = Storage(os.fspath(directory), storage_options)
         self._storage.makedirs()
         self.keep_last = keep_last
+        self._last_save_time = time.monotonic()
+        self._last_saved_step: int | None = None
+        self._saved_since_signal = False
+        self._watch: PreemptionWatch | None = None
+        if preemption_signals is True:
+            self._watch = PreemptionWatch(DEFAULT_PREEMPTION_SIGNALS)
+        elif preemption_signals is not False:
+            self._watch = PreemptionWatch(preemption_signals)
 
     def __repr__(self) -> str:
         return f"CheckpointManager({self._storage.url!r}, keep_last={self.keep_last})"
+
+    def __enter__(self) -> CheckpointManager:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Put back the signal handlers replaced for ``preemption_signals``; idempotent."""
+        if self._watch is not None:
+            self._watch.close()
+            self._watch = None
+
+    # ------------------------------------------------------------------ cadence
+
+    @property
+    def preempted(self) -> bool:
+        """Whether a watched preemption signal has been received."""
+        return self._watch is not None and self._watch.received is not None
+
+    @property
+    def should_stop(self) -> bool:
+        """Whether a preemption signal was received and a checkpoint has committed since."""
+        return self.preempted and self._saved_since_signal
+
+    def should_save(self, step: int) -> bool:
+        """Whether to save after completing ``step``: the cadence is due, or a stop was requested.
+
+        Never true twice for the same step once it has been saved.
+
+        Args:
+            step: The step just completed (counting from 0).
+        """
+        step_dir_name(step)  # validates the step
+        if step == self._last_saved_step:
+            return False
+        if self.preempted and not self._saved_since_signal:
+            return True
+        return self._cadence.due(step, seconds_since_save=time.monotonic() - self._last_save_time)
 
     @property
     def directory(self) -> str:
@@ -190,6 +260,7 @@ class CheckpointManager:
         *,
         epoch: int | None = None,
         metrics: Mapping[str, float | int] | None = None,
+        rng: bool = True,
         **items: Any,
     ) -> Checkpoint:
         """Save items as the checkpoint of ``step``, atomically.
@@ -198,6 +269,7 @@ class CheckpointManager:
             step: The step just completed; a non-negative int not saved before.
             epoch: The epoch, stored for bookkeeping.
             metrics: Numbers to store with the checkpoint (loss, accuracy, ...).
+            rng: Also save the random streams of Python, NumPy, torch CPU and CUDA.
             **items: What to save, by name: ``nn.Module``, ``Optimizer``, any object
                 with ``state_dict()``/``load_state_dict()``, or a dict.
 
@@ -218,6 +290,8 @@ class CheckpointManager:
             raise ValueError("save() needs at least one item, e.g. save(step, model=model)")
         for name in items:
             check_item_name(name)
+        if rng:
+            items[RNG_ITEM] = RandomStreams()
         modules = {n: o for n, o in items.items() if isinstance(o, torch.nn.Module)}
         param_names = module_param_names(modules)
         captured = {name: capture(name, obj, param_names) for name, obj in items.items()}
@@ -256,6 +330,16 @@ class CheckpointManager:
             nbytes,
             time.perf_counter() - start,
         )
+        self._last_saved_step = step
+        self._last_save_time = time.monotonic()
+        if self._watch is not None and self._watch.received is not None:
+            if not self._saved_since_signal:
+                logger.warning(
+                    "%s received: step %d is saved; the run should stop now",
+                    self._watch.received.name,
+                    step,
+                )
+            self._saved_since_signal = True
         self._apply_retention(step)
         return self._info(manifest)
 
@@ -302,13 +386,16 @@ class CheckpointManager:
         *,
         map_location: MapLocation = None,
         strict: bool = True,
+        rng: bool = True,
         **items: Any,
     ) -> Checkpoint | None:
         """Load a checkpoint into live objects, in place.
 
         Everything is checked and read before any item is touched, so a failed
         restore leaves every item as it was. Modules are loaded first, then
-        optimizers, then other stateful objects, then dicts.
+        optimizers, then other stateful objects (schedulers after their
+        optimizers), then dicts, and the random streams last. A scheduler
+        restored without its optimizer sets its groups' lr to its last lr.
 
         Args:
             step: The step to restore; the latest committed one when ``None``.
@@ -317,6 +404,8 @@ class CheckpointManager:
                 state following ``Optimizer.load_state_dict``'s cast rules).
             strict: Module keys must match exactly, and optimizer parameters must
                 have the names they had when saved.
+            rng: Restore the random streams saved with the checkpoint, if it has
+                them; pass ``False`` for a warm start.
             **items: The live objects to load into, by the names they were saved under.
 
         Returns:
@@ -337,6 +426,13 @@ class CheckpointManager:
             return None
         step_name, manifest = found
         manifest_path = self._storage.path(step_name, MANIFEST_NAME)
+        if rng and RNG_ITEM in manifest.items:
+            items[RNG_ITEM] = RandomStreams()
+        elif rng:
+            logger.warning(
+                "checkpoint step %d holds no random state; the random streams are not restored",
+                manifest.step,
+            )
         for name in items:
             if name not in manifest.items:
                 raise CheckpointNotFoundError(
@@ -361,6 +457,11 @@ class CheckpointManager:
                 missing[plan.name] = miss
             if unexp:
                 unexpected[plan.name] = unexp
+        restored_optimizers = {id(p.obj) for p in plans if p.kind == "optimizer"}
+        for plan in plans:
+            optimizer = scheduler_optimizer(plan.obj)
+            if optimizer is not None and id(optimizer) not in restored_optimizers:
+                align_lr_to_scheduler(plan.name, plan.obj)
         for name in missing.keys() | unexpected.keys():
             logger.warning(
                 "restored %r non-strictly: missing keys %s, unexpected keys %s",

@@ -10,8 +10,10 @@ steps it ran as JSON (float.hex, so equality is bit equality).
 from __future__ import annotations
 
 import json
+import random
 import sys
 
+import numpy
 import torch
 from torch import nn
 
@@ -19,6 +21,8 @@ import ckpt
 
 
 def build(optimizer: str) -> tuple[nn.Module, torch.optim.Optimizer]:
+    random.seed(1234)
+    numpy.random.seed(1234)
     torch.manual_seed(1234)
     model = nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.GELU(), nn.Linear(16, 4))
     if optimizer == "adamw":

@@ -215,7 +215,7 @@ def test_golden_bytes_pin_format_v1(tmp_path):
     Regenerate deliberately with ``CKPT_REGENERATE_GOLDEN=1 pytest tests/test_format.py``.
     """
     mgr = ckpt.CheckpointManager(tmp_path)
-    mgr.save(7, epoch=1, metrics={"loss": 0.125}, **golden_items())
+    mgr.save(7, epoch=1, metrics={"loss": 0.125}, rng=False, **golden_items())
     written = tmp_path / step_dir_name(7)
     if os.environ.get("CKPT_REGENERATE_GOLDEN"):
         shutil.rmtree(GOLDEN, ignore_errors=True)

@@ -54,7 +54,7 @@ def test_round_trip_restores_every_kind_of_item(tmp_path):
     )
     assert (info.step, info.epoch, dict(info.metrics)) == (10, 2, {"loss": 0.5})
     assert info.path == os.path.join(str(tmp_path), "step_000000000010")
-    assert info.items == ("model", "optim", "counter", "extra")
+    assert info.items == ("model", "optim", "counter", "extra", "rng")
 
     model2, opt2 = trained(seed=1)
     counter2, extra2 = Counter(), {"stale": 1}
@@ -161,7 +161,7 @@ def test_tied_weights_are_written_once_and_stay_tied(tmp_path):
 
     model = Tied()
     mgr = ckpt.CheckpointManager(tmp_path)
-    mgr.save(0, model=model)
+    mgr.save(0, model=model, rng=False)
     manifest = json.loads((tmp_path / step_dir_name(0) / MANIFEST_NAME).read_text())
     assert list(manifest["tensors"]) == ["model/emb.weight"]
     state = mgr.read()["model"]
@@ -347,8 +347,8 @@ def test_missing_driver_names_the_extra(monkeypatch):
 def test_one_info_log_line_per_save_and_restore(tmp_path, caplog):
     mgr = ckpt.CheckpointManager(tmp_path)
     with caplog.at_level(logging.INFO, logger="ckpt"):
-        mgr.save(1, data={"t": torch.ones(4)})
-        mgr.restore(data={})
+        mgr.save(1, data={"t": torch.ones(4)}, rng=False)
+        mgr.restore(data={}, rng=False)
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 2
     assert lines[0].startswith("saved step 1") and "bytes" in lines[0]
