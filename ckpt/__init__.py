@@ -2,15 +2,17 @@
 
 Example:
     >>> import ckpt
-    >>> mgr = ckpt.CheckpointManager("runs/exp1", keep_last=3)
-    >>> info = mgr.restore(model=model, optimizer=optimizer)
-    >>> start = 0 if info is None else info.step + 1
+    >>> mgr = ckpt.CheckpointManager("runs/exp1", keep_last=3, every_steps=500)
+    >>> info = mgr.restore(model=model, optimizer=optimizer, scheduler=scheduler)
+    >>> start = 0 if info is None else info.next_step
     >>> for step in range(start, total_steps):
     ...     train_one_step()
-    ...     mgr.save(step, epoch=epoch, model=model, optimizer=optimizer)
+    ...     if mgr.should_save(step):
+    ...         mgr.save(step, model=model, optimizer=optimizer, scheduler=scheduler)
 """
 
 from ckpt._version import __version__
+from ckpt.data import ResumableSampler, resumable_loader
 from ckpt.errors import (
     CheckpointError,
     CheckpointExistsError,
@@ -31,6 +33,8 @@ __all__ = [
     "CorruptCheckpointError",
     "IncompatibleCheckpointError",
     "MapLocation",
+    "ResumableSampler",
     "Stateful",
     "__version__",
+    "resumable_loader",
 ]
