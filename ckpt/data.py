@@ -105,20 +105,19 @@ class ResumableSampler(Sampler[int]):
         return list(range(self._size))
 
     def __iter__(self) -> Iterator[int]:
-        if self._resume and not self._epoch_done():
-            self._resume = False
-        else:
-            self._resume = False
-            if self._order is not None:
+        resume, self._resume = self._resume, False
+        order = self._order
+        if not resume or order is None or self._epoch_done():
+            if order is not None:
                 abandoned = not self._epoch_done()
                 self._epoch += 1
                 self._position = 0
                 if abandoned:
                     self._seed_loader_generator()
             self._epoch_start_state = self._generator.get_state()
-            self._order = self._draw_order()
+            order = self._order = self._draw_order()
         self._live_iterator += 1
-        return self._indices(self._live_iterator, self._order)
+        return self._indices(self._live_iterator, order)
 
     def _indices(self, token: int, order: list[int]) -> Iterator[int]:
         while self._position < self._size:
