@@ -25,10 +25,12 @@ class ResumableSampler(Sampler[int]):
     """Yields ``0 .. n-1`` once per epoch, shuffled from its own generator, and resumes mid-epoch.
 
     Each ``iter()`` starts the next epoch, except the first after
-    ``load_state_dict``, which continues the saved epoch at exactly the next
-    index. The order never depends on the global random streams, and the
-    sampler counts the indices it has yielded, which is the number training
-    consumed when the DataLoader has ``num_workers=0``.
+    ``load_state_dict``, which yields the rest of the saved epoch, from exactly
+    the next index (nothing, if the state was saved after its last index).
+    The order never depends on the global random streams, and the sampler
+    counts the indices it has yielded, which is the number training consumed
+    when the DataLoader has ``num_workers=0`` (torchdata's ``StatefulDataLoader``
+    accounts for prefetching workers).
 
     ``loader_generator`` is for the DataLoader's ``generator=`` argument: torch
     draws one number from it at every ``iter(loader)`` to seed workers. With
@@ -95,8 +97,8 @@ class ResumableSampler(Sampler[int]):
         return self._order is not None and self._position >= self._size
 
     def _seed_loader_generator(self) -> None:
-        # The next iter(loader) draws from it: seed it for the epoch that iter() will start.
-        upcoming = self._epoch + 1 if self._epoch_done() else self._epoch
+        # The next iter(loader) draws from it: seed it for the epoch that iter() will yield.
+        upcoming = self._epoch + 1 if self._epoch_done() and not self._resume else self._epoch
         self.loader_generator.manual_seed((self.seed ^ (upcoming * _MIX)) % 2**64)
 
     def _draw_order(self) -> list[int]:
@@ -107,7 +109,7 @@ class ResumableSampler(Sampler[int]):
     def __iter__(self) -> Iterator[int]:
         resume, self._resume = self._resume, False
         order = self._order
-        if not resume or order is None or self._epoch_done():
+        if not resume or order is None:
             if order is not None:
                 abandoned = not self._epoch_done()
                 self._epoch += 1
@@ -120,9 +122,12 @@ class ResumableSampler(Sampler[int]):
         return self._indices(self._live_iterator, order)
 
     def _indices(self, token: int, order: list[int]) -> Iterator[int]:
-        while self._position < self._size:
+        while True:
             if token != self._live_iterator:
                 raise RuntimeError("this sampler iterator was superseded by a newer iter()")
+            if self._position >= self._size:  # a resumed epoch that had nothing left
+                self._seed_loader_generator()
+                return
             index = order[self._position]
             self._position += 1
             if self._position == self._size:
@@ -147,6 +152,9 @@ class ResumableSampler(Sampler[int]):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Continue from a saved position: the next ``iter()`` yields the rest of that epoch.
+
+        The rest may be empty (a state saved after the epoch's last index); the
+        ``iter()`` after it starts the next epoch.
 
         Raises:
             ValueError: The state is malformed or was saved for another dataset size

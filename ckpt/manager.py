@@ -96,6 +96,13 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _check_rng_flag(rng: object) -> None:
+    if not isinstance(rng, bool):
+        raise TypeError(
+            f"rng must be True or False, got {type(rng).__name__} ('rng' cannot name an item)"
+        )
+
+
 def _check_metrics(metrics: Mapping[str, Any] | None) -> dict[str, float | int]:
     if metrics is None:
         return {}
@@ -286,6 +293,7 @@ class CheckpointManager:
         if epoch is not None and (isinstance(epoch, bool) or not isinstance(epoch, int)):
             raise ValueError(f"epoch must be an int or None, got {epoch!r}")
         checked_metrics = _check_metrics(metrics)
+        _check_rng_flag(rng)
         if not items:
             raise ValueError("save() needs at least one item, e.g. save(step, model=model)")
         for name in items:
@@ -421,6 +429,7 @@ class CheckpointManager:
         check_map_location(map_location)
         for name in items:
             check_item_name(name)
+        _check_rng_flag(rng)
         found = self._manifest(step)
         if found is None:
             return None

@@ -1,9 +1,11 @@
 """Demo: a run is killed mid-way, resumed, and ends bit-identical to one that never stopped.
 
-Run it with no arguments. It starts three child processes:
+Run it with no arguments. The training has everything that usually makes a
+resumed run drift: dropout, a DataLoader that shuffles every epoch, a OneCycle
+learning-rate schedule and a GradScaler. It starts three child processes:
 
 1. an uninterrupted run of all steps;
-2. the same run, SIGKILLed right after a random step (some work since the last
+2. the same run, SIGKILLed right after a random step (work since the last
    checkpoint is lost, as in a real crash);
 3. a new process that restores the latest checkpoint and finishes the run.
 
@@ -27,23 +29,35 @@ from torch import nn
 
 import ckpt
 
-TOTAL_STEPS = 60
+EPOCHS = 4
+BATCH = 16
+SAMPLES = 200  # 13 batches per epoch, the last one short
 SAVE_EVERY = 5
 
 
-def build() -> tuple[nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+def build() -> dict:
+    """The model, optimizer, schedule, scaler and data of the run, seeded."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(16, 64), nn.LayerNorm(64), nn.GELU(), nn.Linear(64, 4))
+    random.seed(0)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(SAMPLES, 16, generator=gen)
+    y = x[:, :4].sin() + 0.1 * torch.randn(SAMPLES, 4, generator=gen)
+    loader = ckpt.resumable_loader(
+        torch.utils.data.TensorDataset(x, y), batch_size=BATCH, shuffle=True, seed=0
+    )
+    model = nn.Sequential(
+        nn.Linear(16, 64), nn.Dropout(0.2), nn.GELU(), nn.LayerNorm(64), nn.Linear(64, 4)
+    )
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=20, gamma=0.5)
-    return model, optimizer, scheduler
-
-
-def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The data of one step: a pure function of the step number."""
-    gen = torch.Generator().manual_seed(step)
-    x = torch.randn(32, 16, generator=gen)
-    return x, x[:, :4].sin() + 0.1 * torch.randn(32, 4, generator=gen)
+    total_steps = EPOCHS * len(loader)
+    return {
+        "loader": loader,
+        "model": model,
+        "optimizer": optimizer,
+        "scheduler": torch.optim.lr_scheduler.OneCycleLR(optimizer, 1e-2, total_steps=total_steps),
+        "scaler": torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=10),
+        "total_steps": total_steps,
+    }
 
 
 def state_hash(model: nn.Module, optimizer: torch.optim.Optimizer) -> str:
@@ -68,26 +82,40 @@ def _leaves(obj: object, prefix: str) -> list[tuple[str, object]]:
 
 def train(directory: str, kill_after: int | None) -> None:
     """One training process: resume if a checkpoint exists, train, save every few steps."""
-    model, optimizer, scheduler = build()
-    mgr = ckpt.CheckpointManager(directory, keep_last=2)
-    info = mgr.restore(model=model, optimizer=optimizer, scheduler=scheduler)
-    start = 0 if info is None else info.step + 1
+    run = build()
+    loader, model, optimizer, scheduler, scaler = (
+        run[k] for k in ("loader", "model", "optimizer", "scheduler", "scaler")
+    )
+    items = {
+        "model": model,
+        "optimizer": optimizer,
+        "scheduler": scheduler,
+        "scaler": scaler,
+        "sampler": loader.sampler,
+    }
+    mgr = ckpt.CheckpointManager(directory, keep_last=2, every_steps=SAVE_EVERY)
+    info = mgr.restore(**items)  # also restores the random streams, last
+    step = 0 if info is None else info.next_step
     if info is not None:
-        print(f"  resumed from step {info.step}, continuing at step {start}", file=sys.stderr)
-    for step in range(start, TOTAL_STEPS):
-        x, y = batch(step)
-        optimizer.zero_grad()
-        loss = nn.functional.mse_loss(model(x), y)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        if (step + 1) % SAVE_EVERY == 0 or step == TOTAL_STEPS - 1:
-            mgr.save(step, metrics={"loss": loss.item()}, model=model, optimizer=optimizer,
-                     scheduler=scheduler)  # fmt: skip
-        if step == kill_after:
-            print(f"  SIGKILL after step {step} (last checkpoint: {mgr.latest_step()})",
-                  file=sys.stderr)  # fmt: skip
-            os.kill(os.getpid(), signal.SIGKILL)
+        print(f"  resumed from step {info.step}, continuing at step {step} "
+              f"(epoch {loader.sampler.epoch}, batch {loader.sampler.position // BATCH})",
+              file=sys.stderr)  # fmt: skip
+    while step < run["total_steps"]:
+        for x, y in loader:  # after a resume, the rest of the interrupted epoch
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = nn.functional.mse_loss(model(x + 0.01 * torch.randn_like(x)), y)
+            optimizer.zero_grad()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            if mgr.should_save(step) or step == run["total_steps"] - 1:
+                mgr.save(step, epoch=loader.sampler.epoch, metrics={"loss": loss.item()}, **items)
+            if step == kill_after:
+                print(f"  SIGKILL after step {step} (last checkpoint: {mgr.latest_step()})",
+                      file=sys.stderr)  # fmt: skip
+                os.kill(os.getpid(), signal.SIGKILL)
+            step += 1
     print(json.dumps({"hash": state_hash(model, optimizer), "loss": loss.item()}))
 
 
@@ -113,9 +141,10 @@ def main() -> int:
         train(args.child, args.kill_after)
         return 0
 
-    kill_after = random.Random(args.seed).randrange(SAVE_EVERY, TOTAL_STEPS - 2)
+    total_steps = EPOCHS * -(-SAMPLES // BATCH)
+    kill_after = random.Random(args.seed).randrange(SAVE_EVERY, total_steps - 2)
     with tempfile.TemporaryDirectory(prefix="ckpt-demo-") as tmp:
-        print(f"1) uninterrupted run of {TOTAL_STEPS} steps")
+        print(f"1) uninterrupted run of {total_steps} steps ({EPOCHS} epochs)")
         straight = child(os.path.join(tmp, "straight"))
         print(f"2) interrupted run, killed after step {kill_after}")
         assert child(os.path.join(tmp, "resumed"), kill_after) is None, "the run was not killed"

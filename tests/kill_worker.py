@@ -69,12 +69,12 @@ def build(config: str) -> dict[str, Any]:
     elif config == "plateau":
         opt = torch.optim.Adam(model.parameters(), lr=lr, amsgrad=True, fused=True)
         scheduler = sched.ReduceLROnPlateau(opt, patience=1, factor=0.5)
-    else:  # "stateful-loader": torchdata's StatefulDataLoader and a LambdaLR
+    else:  # "stateful-loader[-workers]": torchdata's StatefulDataLoader and a LambdaLR
         opt = torch.optim.AdamW(model.parameters(), lr=lr, foreach=True)
         scheduler = sched.LambdaLR(opt, lambda step: 0.97**step)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=3)
     data = dataset()
-    if config == "stateful-loader":
+    if config.startswith("stateful-loader"):
         # torchdata's own shuffling draws from the global torch stream whenever an
         # iterator is created (also when it resumes), so it gets ckpt's sampler.
         from torchdata.stateful_dataloader import StatefulDataLoader
@@ -87,6 +87,7 @@ def build(config: str) -> dict[str, Any]:
                 batch_size=BATCH,
                 sampler=sampler,
                 generator=sampler.loader_generator,
+                num_workers=2 if config.endswith("workers") else 0,
             )
         data_item = loader
     else:

@@ -26,7 +26,7 @@ import kill_worker
 import pytest
 from kill_worker import PHASES, STEPS_PER_EPOCH, TOTAL_STEPS
 
-CONFIGS = ["onecycle", "sequential", "plateau", "stateful-loader"]
+CONFIGS = ["onecycle", "sequential", "plateau", "stateful-loader", "stateful-loader-workers"]
 KILLS_PER_TRAJECTORY = 8
 TIMED_KILLS = 10
 SEED = int(os.environ.get("CKPT_KILL_SEED", random.SystemRandom().randrange(2**32)))
