@@ -419,3 +419,11 @@ def test_oversized_manifest_is_refused_before_reading(tmp_path, monkeypatch):
     monkeypatch.setattr(ckpt.io, "MAX_MANIFEST_BYTES", 10)
     with pytest.raises(ckpt.CorruptCheckpointError, match="more than the 10 allowed"):
         mgr.read(1)
+
+
+def test_checkpoint_names_the_completed_step_and_the_next_one(tmp_path):
+    mgr = ckpt.CheckpointManager(tmp_path)
+    info = mgr.save(41, epoch=3, data={})
+    assert (info.step, info.next_step, info.epoch) == (41, 42, 3)
+    restored = mgr.restore(data={})
+    assert restored is not None and (restored.step, restored.next_step) == (41, 42)

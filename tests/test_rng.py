@@ -241,3 +241,34 @@ def test_cuda_streams_round_trip(tmp_path):
     torch.cuda.manual_seed_all(12)
     mgr.restore(data={})
     assert torch.rand(4, device="cuda").tolist() == expected
+
+
+def _rank_streams(rank: int, root: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group(
+        "gloo", init_method=f"file://{root}/rendezvous", rank=rank, world_size=2
+    )
+    try:
+        seed_all(100 + rank)
+        mgr = ckpt.CheckpointManager(f"{root}/rank{rank}")
+        mgr.save(0, data={})
+        saved = mgr.read()["rng"]
+        assert (saved["rank"], saved["world_size"]) == (rank, 2)
+        expected = draws()
+        seed_all(0)
+        mgr.restore(data={})
+        assert draws() == expected
+        dist.barrier()
+        other = ckpt.CheckpointManager(f"{root}/rank{1 - rank}")
+        with pytest.raises(ckpt.IncompatibleCheckpointError, match=f"this is rank {rank}"):
+            other.restore(data={})
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_each_rank_saves_and_restores_its_own_streams(tmp_path):
+    torch.multiprocessing.start_processes(
+        _rank_streams, args=(str(tmp_path),), nprocs=2, start_method="spawn"
+    )
