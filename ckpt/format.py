@@ -18,10 +18,12 @@ from typing import Any
 import torch
 
 from ckpt.errors import CorruptCheckpointError, IncompatibleCheckpointError
+from ckpt.integrity import ALGORITHM, hash_bytes
 from ckpt.tree import Json, loads_strict
 
 __all__ = [
     "FORMAT_NAME",
+    "FileRecord",
     "FORMAT_VERSION",
     "ITEM_KINDS",
     "MANIFEST_NAME",
@@ -50,6 +52,7 @@ _TEMP_DIR = re.compile(
     r"\.ckpt-tmp\.(step_\d{12,20})\.([A-Za-z0-9-]+)-(\d{1,10})\.([0-9a-f]{1,32})"
 )
 _FILE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\.safetensors")
+_DIGEST = re.compile(r"xxh3_64:[0-9a-f]{16}")
 _DTYPES = {
     str(d).removeprefix("torch."): d for d in vars(torch).values() if isinstance(d, torch.dtype)
 }
@@ -130,13 +133,21 @@ class ItemRecord:
 
 
 @dataclass(frozen=True)
+class FileRecord:
+    """One tensor file of a checkpoint: its size and checksum (``None`` in ckpt 0.1.0 files)."""
+
+    size: int
+    checksum: str | None = None
+
+
+@dataclass(frozen=True)
 class Manifest:
     """The parsed, validated contents of ``manifest.json``."""
 
     step: int
     epoch: int | None
     metrics: dict[str, float | int]
-    files: dict[str, int]
+    files: dict[str, FileRecord]
     tensors: dict[str, TensorRecord]
     items: dict[str, ItemRecord]
     created_at: str = ""
@@ -144,7 +155,11 @@ class Manifest:
 
 
 def encode_manifest(manifest: Manifest) -> bytes:
-    """Serialize a manifest to UTF-8 JSON bytes (deterministic; no NaN literals)."""
+    """Serialize a manifest to UTF-8 JSON bytes (deterministic; no NaN literals).
+
+    The JSON ends with ``"checksum"``: the digest of the bytes before it with the
+    object closed right there, so any change to the manifest is detected.
+    """
     doc = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -153,7 +168,10 @@ def encode_manifest(manifest: Manifest) -> bytes:
         "metrics": {k: _encode_number(v) for k, v in manifest.metrics.items()},
         "created_at": manifest.created_at,
         "versions": manifest.versions,
-        "files": {name: {"size": size} for name, size in manifest.files.items()},
+        "files": {
+            name: {"size": r.size, **({"checksum": r.checksum} if r.checksum else {})}
+            for name, r in manifest.files.items()
+        },
         "tensors": {
             name: {
                 "file": r.file,
@@ -168,8 +186,29 @@ def encode_manifest(manifest: Manifest) -> bytes:
             for name, r in manifest.items.items()
         },
     }
-    text = json.dumps(doc, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-    return (text + "\n").encode("utf-8")
+    body = json.dumps(doc, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    checksum = hash_bytes(body.encode("utf-8"))
+    return (body[:-1] + f',"checksum":"{checksum}"}}\n').encode("utf-8")
+
+
+_CHECKSUM_TAIL = re.compile(rb',"checksum":"(xxh3_64:[0-9a-f]{16})"\}\n?\Z')
+
+
+def _check_manifest_checksum(raw: bytes, source: str) -> None:
+    """Verify the manifest's own checksum, when it has one (manifests of ckpt 0.1.0 do not)."""
+    tail = _CHECKSUM_TAIL.search(raw)
+    if tail is None:
+        if b'"checksum"' in raw[-64:]:
+            raise CorruptCheckpointError("manifest checksum is malformed", path=source)
+        return
+    actual = hash_bytes(raw[: tail.start()] + b"}")
+    expected = tail.group(1).decode()
+    if actual != expected:
+        raise CorruptCheckpointError(
+            f"manifest checksum mismatch: expected {expected}, actual {actual}",
+            path=source,
+            key="checksum",
+        )
 
 
 def _encode_number(v: float | int) -> Json:
@@ -199,6 +238,7 @@ def decode_manifest(raw: bytes, source: str) -> Manifest:
         CorruptCheckpointError: Not UTF-8 JSON, or a field is missing or of the wrong type.
         IncompatibleCheckpointError: Written by a newer, unknown format version.
     """
+    _check_manifest_checksum(raw, source)
     try:
         doc = loads_strict(raw)
     except (ValueError, RecursionError) as e:
@@ -246,21 +286,31 @@ def decode_manifest(raw: bytes, source: str) -> Manifest:
     return Manifest(step, epoch, metrics, files, tensors, items, created_at, versions)
 
 
-def _decode_files(doc: Json, bad: Any) -> dict[str, int]:
+def _decode_files(doc: Json, bad: Any) -> dict[str, FileRecord]:
     if not isinstance(doc, dict):
         raise bad("files", "must be an object")
-    files: dict[str, int] = {}
+    files: dict[str, FileRecord] = {}
     for name, info in doc.items():
         if not _FILE_NAME.fullmatch(name):
             raise bad(f"files.{name}", "file name is not a plain .safetensors name")
-        size = info.get("size") if isinstance(info, dict) else None
+        if not isinstance(info, dict):
+            raise bad(f"files.{name}", "must be an object")
+        size = info.get("size")
         if isinstance(size, bool) or not isinstance(size, int) or size < 0:
             raise bad(f"files.{name}", "size must be a non-negative int")
-        files[name] = size
+        checksum = info.get("checksum")
+        if checksum is not None and not (isinstance(checksum, str) and _DIGEST.fullmatch(checksum)):
+            raise bad(f"files.{name}.checksum", f"must be '{ALGORITHM}:' and 16 hex digits")
+        unknown = sorted(set(info) - {"size", "checksum"})
+        if unknown:
+            raise bad(f"files.{name}", f"unknown fields {unknown}")
+        files[name] = FileRecord(size, checksum)
     return files
 
 
-def _decode_tensors(doc: Json, files: Mapping[str, int], bad: Any) -> dict[str, TensorRecord]:
+def _decode_tensors(
+    doc: Json, files: Mapping[str, FileRecord], bad: Any
+) -> dict[str, TensorRecord]:
     if not isinstance(doc, dict):
         raise bad("tensors", "must be an object")
     tensors: dict[str, TensorRecord] = {}

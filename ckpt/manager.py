@@ -330,7 +330,7 @@ class CheckpointManager:
         except BaseException:
             self._remove_quietly(temp)
             raise
-        nbytes = sum(manifest.files.values())
+        nbytes = sum(r.size for r in manifest.files.values())
         logger.info(
             "saved step %d to %s (%d bytes in %.3f s)",
             step,

@@ -22,7 +22,7 @@ import struct
 import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 import torch
 
@@ -252,8 +252,16 @@ def _cpu_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t.to("cpu").contiguous()
 
 
+class Writer(Protocol):
+    """Anything with a binary ``write`` (a file, or a wrapper that hashes as it writes)."""
+
+    def write(self, data: bytes | bytearray | memoryview, /) -> int:
+        """Write all of ``data``."""
+        ...
+
+
 def write_tensors(
-    f: BinaryIO, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
+    f: Writer, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
 ) -> int:
     """Write ``tensors`` to ``f`` as a safetensors file; return the bytes written.
 

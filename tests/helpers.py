@@ -64,3 +64,14 @@ trees = st.recursive(
     ),
     max_leaves=20,
 )
+
+
+def write_manifest(path, doc: dict) -> None:
+    """Write a hand-edited manifest with a valid checksum, as a buggy writer would."""
+    import json
+
+    from ckpt.integrity import hash_bytes
+
+    doc = {k: v for k, v in doc.items() if k != "checksum"}
+    body = json.dumps(doc, separators=(",", ":"))
+    path.write_text(body[:-1] + f',"checksum":"{hash_bytes(body.encode())}"}}\n')

@@ -145,6 +145,7 @@ def run(
     restore_rng: bool = True,
 ) -> None:
     """Train to TOTAL_STEPS (resuming if possible); SIGKILL self at ``kill``."""
+    os.setpgrp()  # a process group of its own, for this run and its DataLoader workers
     torch.set_num_threads(1)
     objs = build(config)
     model, opt, scheduler, scaler, loader = (
@@ -157,8 +158,8 @@ def run(
         os.write(log, (json.dumps(record) + "\n").encode())
 
     def maybe_kill(step: int, phase: str) -> None:
-        if kill == (step, phase):
-            os.kill(os.getpid(), signal.SIGKILL)
+        if kill == (step, phase):  # the whole job dies at once: DataLoader workers too
+            os.killpg(0, signal.SIGKILL)
 
     mgr = ckpt.CheckpointManager(directory, keep_last=2, every_steps=SAVE_EVERY)
     info = mgr.restore(rng=restore_rng, **items)

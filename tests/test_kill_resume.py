@@ -52,12 +52,23 @@ def launch(context, *args, kill_after: float | None = None) -> int:
     if kill_after is not None:
         process.join(timeout=kill_after)
         if process.exitcode is None:
-            process.kill()
+            _kill_group(process.pid)
     process.join(timeout=120)
+    _kill_group(process.pid)  # DataLoader workers a killed run left behind
     if process.exitcode is None:
         process.kill()
         pytest.fail(f"worker hung (kill seed {SEED})")
     return process.exitcode
+
+
+def _kill_group(pid: int) -> None:
+    """SIGKILL a run's process group; just the run if it has not made its group yet."""
+    for kill in (os.killpg, os.kill):
+        try:
+            kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            continue
+        return
 
 
 def kill_points(rng: random.Random, count: int) -> list[tuple[int, str]]:

@@ -11,7 +11,7 @@ from collections import OrderedDict
 import pytest
 import torch
 from conftest import assert_same_state, states_differ
-from helpers import keys, small_model, train_steps, trees
+from helpers import keys, small_model, train_steps, trees, write_manifest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -386,12 +386,12 @@ def test_manifest_and_file_header_must_agree(tmp_path):
     manifest_path = tmp_path / step_dir_name(1) / MANIFEST_NAME
     doc = json.loads(manifest_path.read_text())
     doc["tensors"]["data/w"]["shape"] = [3, 2]
-    manifest_path.write_text(json.dumps(doc))
+    write_manifest(manifest_path, doc)
     with pytest.raises(ckpt.CorruptCheckpointError, match="manifest says") as info:
         mgr.read(1)
     assert info.value.key == "data/w"
     doc["items"]["data"]["state"]["w"] = {"$tensor": "data/nope"}
-    manifest_path.write_text(json.dumps(doc))
+    write_manifest(manifest_path, doc)
     with pytest.raises(ckpt.CorruptCheckpointError, match="does not list") as info:
         mgr.read(1)
     assert info.value.path == str(manifest_path)

@@ -11,7 +11,7 @@ import numpy
 import pytest
 import torch
 from conftest import assert_same_state, states_differ
-from helpers import small_model
+from helpers import small_model, write_manifest
 
 import ckpt
 import ckpt.rng
@@ -187,7 +187,7 @@ def test_a_bad_stored_state_fails_the_restore_before_anything_changes(tmp_path):
     manifest_path = tmp_path / step_dir_name(0) / MANIFEST_NAME
     manifest = json.loads(manifest_path.read_text())
     manifest["items"]["rng"]["state"]["python"]["internal"] = [1, 2, 3]
-    manifest_path.write_text(json.dumps(manifest))
+    write_manifest(manifest_path, manifest)
 
     live = small_model(1)
     before = {k: v.clone() for k, v in live.state_dict().items()}
