@@ -16,7 +16,9 @@ from ckpt.data import ResumableSampler, resumable_loader
 from ckpt.errors import (
     CheckpointError,
     CheckpointExistsError,
+    CheckpointLockedError,
     CheckpointNotFoundError,
+    CheckpointWriteError,
     CorruptCheckpointError,
     IncompatibleCheckpointError,
 )
@@ -28,8 +30,10 @@ __all__ = [
     "Checkpoint",
     "CheckpointError",
     "CheckpointExistsError",
+    "CheckpointLockedError",
     "CheckpointManager",
     "CheckpointNotFoundError",
+    "CheckpointWriteError",
     "CorruptCheckpointError",
     "IncompatibleCheckpointError",
     "MapLocation",

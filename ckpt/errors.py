@@ -5,11 +5,15 @@ each subclass also derives from the builtin it resembles, so existing
 ``except FileNotFoundError`` code keeps working::
 
     CheckpointError (Exception)
-    ├── CheckpointNotFoundError (FileNotFoundError)   no such step / item / file
+    ├── CheckpointNotFoundError (FileNotFoundError)   no such step / item
     ├── CheckpointExistsError (FileExistsError)        the step is already committed
-    ├── CorruptCheckpointError (ValueError)            bytes or manifest are malformed
-    └── IncompatibleCheckpointError (ValueError)       well formed, but does not fit the
-                                                       live objects (shapes, groups, keys)
+    ├── CorruptCheckpointError (ValueError)            bytes or manifest are malformed,
+    │                                                  a file is missing or fails its checksum
+    ├── IncompatibleCheckpointError (ValueError)       well formed, but does not fit the
+    │                                                  live objects (shapes, groups, keys)
+    ├── CheckpointWriteError (OSError)                 a save could not write (disk full,
+    │                                                  I/O error); earlier ones are intact
+    └── CheckpointLockedError (BlockingIOError)        another process is writing here
 
 Errors carry ``path`` (the file or directory at fault) and ``key`` (the item or
 key path inside it) when they are known, and the message names both.
@@ -20,7 +24,9 @@ from __future__ import annotations
 __all__ = [
     "CheckpointError",
     "CheckpointExistsError",
+    "CheckpointLockedError",
     "CheckpointNotFoundError",
+    "CheckpointWriteError",
     "CorruptCheckpointError",
     "IncompatibleCheckpointError",
 ]
@@ -68,3 +74,25 @@ class CorruptCheckpointError(CheckpointError, ValueError):
 
 class IncompatibleCheckpointError(CheckpointError, ValueError):
     """A well-formed checkpoint does not fit the live objects it is restored into."""
+
+
+class CheckpointWriteError(CheckpointError, OSError):
+    """A save failed while writing; its temporary files are gone and earlier checkpoints intact.
+
+    ``errno`` is that of the underlying ``OSError`` (``ENOSPC``, ``EIO``, ...).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: str | None = None,
+        key: str | None = None,
+        errno: int | None = None,
+    ):
+        super().__init__(message, path=path, key=key)
+        self.errno = errno
+
+
+class CheckpointLockedError(CheckpointError, BlockingIOError):
+    """Another process (or manager) holds the directory's writer lock."""

@@ -130,7 +130,12 @@ def _check_digest(record: FileRecord, hasher: Hasher, path: str, step: int) -> N
 def _check_size(storage: Storage, directory: str, file_name: str, manifest: Manifest) -> str:
     path = storage.path(directory, file_name)
     expected = manifest.files[file_name].size
-    actual = storage.size(directory, file_name)
+    try:
+        actual = storage.size(directory, file_name)
+    except CheckpointNotFoundError as e:
+        raise CorruptCheckpointError(
+            f"a file of step {manifest.step} listed in its manifest is missing", path=path
+        ) from e
     if actual != expected:
         raise CorruptCheckpointError(
             f"file size in step {manifest.step} is {actual} bytes, the manifest says {expected}",

@@ -9,6 +9,7 @@ import platform
 import secrets
 import socket
 import time
+import weakref
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -22,6 +23,7 @@ from ckpt.errors import (
     CheckpointError,
     CheckpointExistsError,
     CheckpointNotFoundError,
+    CheckpointWriteError,
     CorruptCheckpointError,
 )
 from ckpt.format import (
@@ -33,29 +35,38 @@ from ckpt.format import (
     step_dir_name,
     temp_dir_name,
 )
-from ckpt.io import load_tensors, read_manifest, write_checkpoint_files
+from ckpt.io import load_tensors, read_manifest, verify_checkpoint_files, write_checkpoint_files
 from ckpt.items import (
+    RestorePlan,
     assemble_manifest,
     build_state,
     capture,
     check_item_name,
     plan_restores,
+    skeleton,
 )
 from ckpt.locations import MapLocation, check_map_location
 from ckpt.optim import module_param_names
 from ckpt.preemption import DEFAULT_PREEMPTION_SIGNALS, PreemptionWatch
-from ckpt.retention import steps_to_delete
+from ckpt.retention import RetentionPolicy, steps_to_delete
 from ckpt.rng import RNG_ITEM, RandomStreams
 from ckpt.schedulers import align_lr_to_scheduler, scheduler_optimizer
-from ckpt.storage import Storage
+from ckpt.storage import Storage, WriterLock
 from ckpt.tree import tensor_refs
 
 __all__ = ["Checkpoint", "CheckpointManager"]
+
+_Prepared = tuple[
+    str, Manifest, list[RestorePlan], list[tuple[RestorePlan, Any]], dict[str, torch.Tensor]
+]
 
 logger = logging.getLogger(__name__)
 
 STALE_TEMP_SECONDS = 3600.0
 """A temporary directory untouched for this long is abandoned and may be removed."""
+
+LOCK_NAME = ".ckpt-writer.lock"
+"""The writer lock file in the root directory."""
 
 
 @dataclass(frozen=True)
@@ -128,14 +139,24 @@ class CheckpointManager:
     go into a temporary sibling, are fsynced, the manifest is written last, and
     the directory is renamed into place. Only committed checkpoints are ever
     listed or restored. Every save also captures the process's random streams,
-    and every restore puts them back last (``rng=False`` opts out). One process
-    should write to a directory at a time; any number may read. An instance is
-    not thread-safe.
+    and every restore puts them back last (``rng=False`` opts out). Every file
+    carries a checksum, verified as it is read. Retention rules (``keep_*``) are
+    combined: a checkpoint is kept when any rule keeps it, and deletion happens
+    only after a new checkpoint has committed; with no rule, all are kept. The
+    first save takes the directory's writer lock until ``close()``: a second
+    writer fails at once with :class:`~ckpt.CheckpointLockedError`; any number
+    may read. An instance is not thread-safe.
 
     Args:
         directory: A local path or fsspec URL (``memory://run``, ``s3://bucket/run``).
-        keep_last: Keep only this many newest checkpoints (deleted after each commit);
-            ``None`` keeps all.
+        keep_last: Keep the this many newest checkpoints.
+        keep_every: Also keep every checkpoint that completes a multiple of this many steps.
+        keep_best: Also keep the this many checkpoints with the best ``best_metric``.
+        best_metric: The metric (from ``save(metrics=...)``) ranking ``keep_best``.
+        best_mode: ``"min"`` or ``"max"``: which ``best_metric`` values are best.
+        fallback_to_intact: When the latest checkpoint is corrupt, ``restore()`` (with no
+            step) restores the newest intact one instead, with a warning naming what
+            it skipped. Off by default: a corrupt latest checkpoint raises.
         storage_options: Passed to the fsspec filesystem (credentials, endpoint, ...).
         every_steps: ``should_save(step)`` is true after every this many steps.
         every_seconds: ``should_save(step)`` is true once this long has passed since
@@ -160,21 +181,25 @@ class CheckpointManager:
         directory: str | os.PathLike[str],
         *,
         keep_last: int | None = None,
+        keep_every: int | None = None,
+        keep_best: int | None = None,
+        best_metric: str | None = None,
+        best_mode: str = "min",
+        fallback_to_intact: bool = False,
         storage_options: dict[str, Any] | None = None,
         every_steps: int | None = None,
         every_seconds: float | None = None,
         preemption_signals: bool | Iterable[int] = False,
     ):
-        if keep_last is not None and (
-            isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1
-        ):
-            raise ValueError(f"keep_last must be a positive int or None, got {keep_last!r}")
+        self.retention = RetentionPolicy(keep_last, keep_every, keep_best, best_metric, best_mode)
+        self.fallback_to_intact = bool(fallback_to_intact)
         if storage_options is not None and not isinstance(storage_options, dict):
             raise TypeError("storage_options must be a dict")
         self._cadence = SaveCadence(every_steps, every_seconds)
         self._storage = Storage(os.fspath(directory), storage_options)
         self._storage.makedirs()
-        self.keep_last = keep_last
+        self._lock: WriterLock | None = None
+        self._metrics_cache: dict[int, Mapping[str, float | int]] = {}
         self._last_save_time = time.monotonic()
         self._last_saved_step: int | None = None
         self._saved_since_signal = False
@@ -185,7 +210,7 @@ class CheckpointManager:
             self._watch = PreemptionWatch(preemption_signals)
 
     def __repr__(self) -> str:
-        return f"CheckpointManager({self._storage.url!r}, keep_last={self.keep_last})"
+        return f"CheckpointManager({self._storage.url!r}, {self.retention})"
 
     def __enter__(self) -> CheckpointManager:
         return self
@@ -194,10 +219,22 @@ class CheckpointManager:
         self.close()
 
     def close(self) -> None:
-        """Put back the signal handlers replaced for ``preemption_signals``; idempotent."""
+        """Release the writer lock and put back replaced signal handlers; idempotent."""
         if self._watch is not None:
             self._watch.close()
             self._watch = None
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def _take_lock(self) -> None:
+        if self._lock is None:
+            owner = (
+                f"host {socket.gethostname()} pid {os.getpid()} since "
+                f"{datetime.now(timezone.utc).isoformat(timespec='seconds')}"
+            )
+            self._lock = self._storage.lock(LOCK_NAME, owner)
+            weakref.finalize(self, self._lock.release)
 
     # ------------------------------------------------------------------ cadence
 
@@ -268,6 +305,7 @@ class CheckpointManager:
         epoch: int | None = None,
         metrics: Mapping[str, float | int] | None = None,
         rng: bool = True,
+        overwrite: bool = False,
         **items: Any,
     ) -> Checkpoint:
         """Save items as the checkpoint of ``step``, atomically.
@@ -277,6 +315,9 @@ class CheckpointManager:
             epoch: The epoch, stored for bookkeeping.
             metrics: Numbers to store with the checkpoint (loss, accuracy, ...).
             rng: Also save the random streams of Python, NumPy, torch CPU and CUDA.
+            overwrite: Replace ``step`` if it is already saved. On local disk the
+                old checkpoint and the new one are swapped atomically: readers see
+                one or the other, never neither.
             **items: What to save, by name: ``nn.Module``, ``Optimizer``, any object
                 with ``state_dict()``/``load_state_dict()``, or a dict.
 
@@ -284,7 +325,10 @@ class CheckpointManager:
             The committed checkpoint.
 
         Raises:
-            CheckpointExistsError: ``step`` is already committed.
+            CheckpointExistsError: ``step`` is already committed (and not ``overwrite``).
+            CheckpointLockedError: Another writer holds the directory.
+            CheckpointWriteError: Writing failed (disk full, I/O error); the partial
+                checkpoint is removed and earlier checkpoints are intact.
             TypeError: An item, or a value in its state, cannot be stored without pickle.
             ValueError: A bad step, epoch or item name.
         """
@@ -317,19 +361,30 @@ class CheckpointManager:
             },
         )
 
-        if self._storage.exists(step_name, MANIFEST_NAME):
+        self._take_lock()
+        if not overwrite and self._storage.exists(step_name, MANIFEST_NAME):
             raise CheckpointExistsError(
-                f"step {step} is already saved; choose a new step", path=self._url(step_name)
+                f"step {step} is already saved; choose a new step or pass overwrite=True",
+                path=self._url(step_name),
             )
         self._remove_abandoned_temps()
         temp = temp_dir_name(step, socket.gethostname(), os.getpid(), secrets.token_hex(4))
-        self._storage.makedirs(temp)
         try:
+            self._storage.makedirs(temp)
             manifest = write_checkpoint_files(self._storage, temp, files, manifest)
-            self._storage.commit_dir(temp, step_name, last=MANIFEST_NAME)
-        except BaseException:
+            self._storage.commit_dir(temp, step_name, last=MANIFEST_NAME, replace=overwrite)
+        except BaseException as e:
             self._remove_quietly(temp)
+            if isinstance(e, OSError) and not isinstance(e, CheckpointError):
+                raise CheckpointWriteError(
+                    f"could not save step {step}: {e.strerror or e}; the partial checkpoint "
+                    "was removed and earlier checkpoints are intact",
+                    path=e.filename if isinstance(e.filename, str) else self._url(temp),
+                    errno=e.errno,
+                ) from e
             raise
+        finally:
+            self._metrics_cache.pop(step, None)
         nbytes = sum(r.size for r in manifest.files.values())
         logger.info(
             "saved step %d to %s (%d bytes in %.3f s)",
@@ -351,11 +406,28 @@ class CheckpointManager:
         self._apply_retention(step)
         return self._info(manifest)
 
+    def _committed_metrics(self, steps: list[int]) -> dict[int, Mapping[str, float | int]]:
+        """Each step's metrics, from its manifest (cached: manifests do not change)."""
+        for step in steps:
+            if step not in self._metrics_cache:
+                try:
+                    manifest = read_manifest(self._storage, step_dir_name(step))
+                except CheckpointError as e:
+                    logger.warning("cannot rank step %d for keep_best: %s", step, e)
+                    manifest = None
+                self._metrics_cache[step] = {} if manifest is None else manifest.metrics
+        return {step: self._metrics_cache[step] for step in steps}
+
     def _apply_retention(self, just_saved: int) -> None:
+        if self.retention.keeps_all:
+            return
+        committed = self.all_steps()
+        metrics = self._committed_metrics(committed) if self.retention.keep_best else {}
         for old in steps_to_delete(
-            self.all_steps(), just_saved=just_saved, keep_last=self.keep_last
+            committed, just_saved=just_saved, policy=self.retention, metrics=metrics
         ):
             name = step_dir_name(old)
+            self._metrics_cache.pop(old, None)
             try:
                 # The manifest goes first, so the step stops being listed at once.
                 self._storage.remove_file(name, MANIFEST_NAME)
@@ -363,9 +435,7 @@ class CheckpointManager:
             except Exception as e:
                 logger.warning("could not delete old checkpoint %s: %s", self._url(name), e)
             else:
-                logger.info(
-                    "deleted old checkpoint %s (keep_last=%s)", self._url(name), self.keep_last
-                )
+                logger.info("deleted old checkpoint %s (%s)", self._url(name), self.retention)
 
     def _remove_abandoned_temps(self) -> None:
         """Remove temporary directories left by crashed saves (dead writer or stale)."""
@@ -395,6 +465,7 @@ class CheckpointManager:
         map_location: MapLocation = None,
         strict: bool = True,
         rng: bool = True,
+        verify: bool = True,
         **items: Any,
     ) -> Checkpoint | None:
         """Load a checkpoint into live objects, in place.
@@ -414,6 +485,7 @@ class CheckpointManager:
                 have the names they had when saved.
             rng: Restore the random streams saved with the checkpoint, if it has
                 them; pass ``False`` for a warm start.
+            verify: Check every file read against its checksum as it streams in.
             **items: The live objects to load into, by the names they were saved under.
 
         Returns:
@@ -423,40 +495,19 @@ class CheckpointManager:
         Raises:
             CheckpointNotFoundError: ``step`` or an item is not in the checkpoint.
             IncompatibleCheckpointError: The checkpoint does not fit the live objects.
-            CorruptCheckpointError: A file is malformed or disagrees with the manifest.
+            CorruptCheckpointError: A file is missing, malformed, fails its checksum
+                or disagrees with the manifest (for the latest step, unless
+                ``fallback_to_intact`` found an intact older one).
         """
         start = time.perf_counter()
         check_map_location(map_location)
         for name in items:
             check_item_name(name)
         _check_rng_flag(rng)
-        found = self._manifest(step)
-        if found is None:
+        prepared = self._prepare_with_fallback(step, items, map_location, strict, rng, verify)
+        if prepared is None:
             return None
-        step_name, manifest = found
-        manifest_path = self._storage.path(step_name, MANIFEST_NAME)
-        if rng and RNG_ITEM in manifest.items:
-            items[RNG_ITEM] = RandomStreams()
-        elif rng:
-            logger.warning(
-                "checkpoint step %d holds no random state; the random streams are not restored",
-                manifest.step,
-            )
-        for name in items:
-            if name not in manifest.items:
-                raise CheckpointNotFoundError(
-                    f"item {name!r} is not in checkpoint step {manifest.step} "
-                    f"(it holds {sorted(manifest.items)})",
-                    path=manifest_path,
-                    key=name,
-                )
-
-        with _located(manifest_path):
-            plans = plan_restores(manifest, items, strict=strict, override=map_location is not None)
-            names = [n for plan in plans for n in plan.tensor_names]
-            targets = {n: t for plan in plans for n, t in plan.targets.items()}
-            loaded = load_tensors(self._storage, step_name, manifest, names, targets, map_location)
-            states = [(plan, plan.build(loaded)) for plan in plans]
+        step_name, manifest, plans, states, loaded = prepared
 
         missing: dict[str, list[str]] = {}
         unexpected: dict[str, list[str]] = {}
@@ -490,16 +541,133 @@ class CheckpointManager:
             info.step, info.epoch, info.metrics, info.path, info.items, missing, unexpected
         )
 
-    def read(self, step: int | None = None, *, map_location: MapLocation = "cpu") -> dict[str, Any]:
+    def _prepare_with_fallback(
+        self,
+        step: int | None,
+        items: dict[str, Any],
+        map_location: MapLocation,
+        strict: bool,
+        rng: bool,
+        verify: bool,
+    ) -> _Prepared | None:
+        """Check and read a checkpoint (the latest intact one, if so configured)."""
+        skipped: list[int] = []
+        for _attempt in range(3):  # a step deleted or replaced by another process: again
+            candidates = [step] if step is not None else self.all_steps()[::-1]
+            candidates = [c for c in candidates if c not in skipped]
+            if not candidates and not skipped:
+                return None
+            for candidate in candidates:
+                step_name = step_dir_name(candidate)
+                before = self._created_at(step_name)
+                try:
+                    prepared = self._prepare(
+                        candidate, dict(items), map_location, strict, rng, verify
+                    )
+                except (CorruptCheckpointError, CheckpointNotFoundError) as e:
+                    now = self._created_at(step_name)
+                    if before is not None and now is not None and now != before:
+                        logger.info("step %d was replaced while being restored; again", candidate)
+                        break
+                    if step is None and before is not None and now is None:
+                        logger.info(
+                            "step %d was deleted while being restored; listing again", candidate
+                        )
+                        break
+                    if step is not None and before is not None and now is None:
+                        raise CheckpointNotFoundError(
+                            f"step {candidate} was deleted while being restored (by retention in "
+                            "another process?); nothing was loaded",
+                            path=self._url(step_name),
+                        ) from e
+                    if (
+                        step is not None
+                        or not self.fallback_to_intact
+                        or not isinstance(e, CorruptCheckpointError)
+                    ):
+                        raise
+                    logger.warning(
+                        "checkpoint step %d is corrupt, trying an older one: %s", candidate, e
+                    )
+                    skipped.append(candidate)
+                    continue
+                if skipped:
+                    logger.warning(
+                        "restoring step %d, the newest intact checkpoint; skipped corrupt %s",
+                        candidate,
+                        skipped,
+                    )
+                return prepared
+            else:
+                raise CorruptCheckpointError(
+                    f"no intact checkpoint to restore: step(s) {skipped} are corrupt",
+                    path=self.directory,
+                )
+        raise CheckpointNotFoundError(
+            "checkpoints kept being deleted or replaced while being restored; retry",
+            path=self.directory,
+        )
+
+    def _created_at(self, step_name: str) -> str | None:
+        """The manifest's creation time: tells a replaced or deleted checkpoint apart."""
+        try:
+            return read_manifest(self._storage, step_name).created_at
+        except CheckpointError:
+            return None
+
+    def _prepare(
+        self,
+        step: int,
+        items: dict[str, Any],
+        map_location: MapLocation,
+        strict: bool,
+        rng: bool,
+        verify: bool,
+    ) -> _Prepared:
+        """Check one checkpoint against the live items and read its tensors; mutate nothing."""
+        found = self._manifest(step)
+        assert found is not None
+        step_name, manifest = found
+        manifest_path = self._storage.path(step_name, MANIFEST_NAME)
+        if rng and RNG_ITEM in manifest.items:
+            items[RNG_ITEM] = RandomStreams()
+        elif rng:
+            logger.warning(
+                "checkpoint step %d holds no random state; the random streams are not restored",
+                manifest.step,
+            )
+        for name in items:
+            if name not in manifest.items:
+                raise CheckpointNotFoundError(
+                    f"item {name!r} is not in checkpoint step {manifest.step} "
+                    f"(it holds {sorted(manifest.items)})",
+                    path=manifest_path,
+                    key=name,
+                )
+        with _located(manifest_path):
+            plans = plan_restores(manifest, items, strict=strict, override=map_location is not None)
+            names = [n for plan in plans for n in plan.tensor_names]
+            targets = {n: t for plan in plans for n, t in plan.targets.items()}
+            loaded = load_tensors(
+                self._storage, step_name, manifest, names, targets, map_location, verify=verify
+            )
+            states = [(plan, plan.build(loaded)) for plan in plans]
+        return step_name, manifest, plans, states, loaded
+
+    def read(
+        self, step: int | None = None, *, map_location: MapLocation = "cpu", verify: bool = True
+    ) -> dict[str, Any]:
         """Load a checkpoint's items as plain state dicts, without live objects.
 
         Module states come back as ``OrderedDict`` (with torch's ``_metadata``);
-        optimizer states in torch's index-packed form.
+        optimizer states in torch's index-packed form; the random streams (if
+        saved) under ``"rng"``.
 
         Args:
             step: The step to read; the latest committed one when ``None``.
             map_location: Where to build tensors, as for ``torch.load``
                 (``None`` keeps the devices they were saved from).
+            verify: Check every file read against its checksum.
 
         Returns:
             ``{item name: state}``.
@@ -517,8 +685,59 @@ class CheckpointManager:
             dict.fromkeys(n for r in manifest.items.values() for _, n in tensor_refs(r.state))
         )
         with _located(self._storage.path(step_name, MANIFEST_NAME)):
-            loaded = load_tensors(self._storage, step_name, manifest, names, {}, map_location)
+            loaded = load_tensors(
+                self._storage, step_name, manifest, names, {}, map_location, verify=verify
+            )
             return {name: build_state(r, loaded, name) for name, r in manifest.items.items()}
+
+    def verify(self, step: int | None = None) -> Checkpoint:
+        """Check a checkpoint completely without loading it anywhere.
+
+        Reads the manifest and every file whole: sizes, headers (each tensor the
+        manifest lists, with its dtype and shape, and nothing more), checksums,
+        and every item's state tree.
+
+        Args:
+            step: The step to check; the latest committed one when ``None``.
+
+        Returns:
+            The checkpoint, when it is intact.
+
+        Raises:
+            CheckpointNotFoundError: No checkpoint, or ``step`` is not committed.
+            CorruptCheckpointError: Anything is wrong; the message names the step,
+                the file and, for checksums, the expected and actual digests.
+        """
+        start = time.perf_counter()
+        found = self._manifest(step)
+        if found is None:
+            raise CheckpointNotFoundError("no checkpoint has been saved", path=self.directory)
+        step_name, manifest = found
+        manifest_path = self._storage.path(step_name, MANIFEST_NAME)
+        with _located(manifest_path):
+            for name, record in manifest.items.items():
+                try:
+                    skeleton(record.state, manifest.tensors)
+                except CorruptCheckpointError as e:
+                    raise CorruptCheckpointError(
+                        f"item {name!r} of step {manifest.step}: {e.reason}", key=e.key
+                    ) from e
+            nbytes = verify_checkpoint_files(self._storage, step_name, manifest)
+        unchecked = [n for n, r in manifest.files.items() if r.checksum is None]
+        if unchecked:
+            logger.warning(
+                "step %d predates checksums: %s checked for size and structure only",
+                manifest.step,
+                unchecked,
+            )
+        logger.info(
+            "verified step %d at %s (%d bytes in %.3f s)",
+            manifest.step,
+            self._url(step_name),
+            nbytes,
+            time.perf_counter() - start,
+        )
+        return self._info(manifest)
 
     # ---------------------------------------------------------------- helpers
 
@@ -540,6 +759,11 @@ class CheckpointManager:
             if step is None:
                 return None
         step_name = step_dir_name(step)
+        if self._storage.is_link(step_name):
+            raise CorruptCheckpointError(
+                "checkpoint directory is a symbolic link; ckpt never follows links in its root",
+                path=self._url(step_name),
+            )
         if not self._storage.exists(step_name, MANIFEST_NAME):
             raise CheckpointNotFoundError(
                 f"no committed checkpoint for step {step} (committed: {self.all_steps()})",

@@ -10,10 +10,13 @@ Paths inside the root are ``/``-separated strings relative to it.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
+import fcntl
 import logging
 import os
 import shutil
+import stat
 import time
 from collections.abc import Callable, Iterator
 from typing import BinaryIO
@@ -21,13 +24,70 @@ from typing import BinaryIO
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from ckpt.errors import CheckpointExistsError, CheckpointNotFoundError
+from ckpt.errors import (
+    CheckpointExistsError,
+    CheckpointLockedError,
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+)
 
-__all__ = ["Storage"]
+__all__ = ["Storage", "WriterLock"]
 
 logger = logging.getLogger(__name__)
 
 _EXTRAS = {"s3": "s3", "s3a": "s3"}
+
+
+_SYMLINK = "is a symbolic link; ckpt never follows links inside a checkpoint directory"
+
+_AT_FDCWD = -100
+_RENAME_NOREPLACE = 1
+_RENAME_EXCHANGE = 2
+
+
+def _renameat2(old: str, new: str, flags: int) -> bool:
+    """Call Linux ``renameat2``; return False where the C library or filesystem lacks it."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(old), _AT_FDCWD, os.fsencode(new), flags) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+        return False
+    raise OSError(code, os.strerror(code), old, None, new)
+
+
+def _rename_noreplace(old: str, new: str) -> None:
+    """Rename, failing with EEXIST if ``new`` exists, atomically where the kernel can."""
+    if not _renameat2(old, new, _RENAME_NOREPLACE):
+        if os.path.exists(new):
+            raise OSError(errno.EEXIST, os.strerror(errno.EEXIST), new)
+        os.rename(old, new)
+
+
+def _exchange(a: str, b: str) -> None:
+    """Swap two directories atomically; where the kernel cannot, move ``b`` aside first."""
+    if _renameat2(a, b, _RENAME_EXCHANGE):
+        return
+    aside = f"{a}.old"
+    os.rename(b, aside)
+    os.rename(a, b)
+    os.rename(aside, a)
+
+
+class WriterLock:
+    """A held writer lock; ``release()`` gives it up (idempotent)."""
+
+    def __init__(self, release: Callable[[], None]):
+        self._release: Callable[[], None] | None = release
+
+    def release(self) -> None:
+        """Give the lock up."""
+        if self._release is not None:
+            release, self._release = self._release, None
+            release()
 
 
 def _fsync_dir(path: str) -> None:
@@ -132,10 +192,17 @@ class Storage:
         full = self.path(*parts)
         try:
             if self.is_local:
-                return os.stat(full).st_size
+                info = os.lstat(full)
+                if stat.S_ISLNK(info.st_mode):
+                    raise CorruptCheckpointError(_SYMLINK, path=full)
+                return info.st_size
             return int(self.fs.size(full))
         except FileNotFoundError as e:
             raise CheckpointNotFoundError("file is missing", path=full) from e
+
+    def is_link(self, *parts: str) -> bool:
+        """Tell whether an entry is a symbolic link (never on non-local filesystems)."""
+        return self.is_local and os.path.islink(self.path(*parts))
 
     def age_seconds(self, *parts: str) -> float | None:
         """Return seconds since an entry was last modified, or ``None`` if unknown."""
@@ -166,9 +233,16 @@ class Storage:
         """
         full = self.path(*parts)
         try:
-            f = open(full, "rb") if self.is_local else self.fs.open(full, "rb")  # noqa: SIM115
+            if self.is_local:
+                f = os.fdopen(os.open(full, os.O_RDONLY | os.O_NOFOLLOW), "rb")
+            else:
+                f = self.fs.open(full, "rb")
         except FileNotFoundError as e:
             raise CheckpointNotFoundError("file is missing", path=full) from e
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise CorruptCheckpointError(_SYMLINK, path=full) from e
+            raise
         with f:
             yield f
 
@@ -192,38 +266,92 @@ class Storage:
         with self.fs.open(full, "wb") as f:
             return write(f)
 
-    def commit_dir(self, temp: str, final: str, *, last: str | None = None) -> None:
+    def commit_dir(
+        self, temp: str, final: str, *, last: str | None = None, replace: bool = False
+    ) -> None:
         """Move a finished temporary directory to its final name.
 
-        On local disk the temp directory is fsynced, atomically renamed, and the
-        root fsynced, so the new name is durable when this returns. Filesystems
+        On local disk the temp directory is fsynced, renamed with
+        ``renameat2(RENAME_NOREPLACE)`` (or, with ``replace``, swapped with the
+        existing directory by ``RENAME_EXCHANGE`` and the old one removed), and
+        the root fsynced, so the new name is durable and readers see the old
+        checkpoint or the new one, never neither, when this returns. Filesystems
         without atomic directory rename get the files moved one by one, ``last``
-        (the commit marker) after all others.
+        (the commit marker) after all others; ``replace`` removes the old
+        checkpoint's marker first there.
 
         Raises:
-            CheckpointExistsError: ``final`` already exists.
+            CheckpointExistsError: ``final`` already exists and ``replace`` is false.
         """
         if self.is_local:
             _fsync_dir(self.path(temp))
-            if os.path.exists(self.path(final)):
-                raise CheckpointExistsError("checkpoint already exists", path=self.path(final))
+            exists = CheckpointExistsError("checkpoint already exists", path=self.path(final))
+            if replace and os.path.exists(self.path(final)):
+                _exchange(self.path(temp), self.path(final))
+                _fsync_dir(self.root)
+                self.remove_tree(temp)  # now the old checkpoint
+                return
             try:
-                os.rename(self.path(temp), self.path(final))
+                _rename_noreplace(self.path(temp), self.path(final))
             except OSError as e:
                 if e.errno in (errno.EEXIST, errno.ENOTEMPTY):
-                    raise CheckpointExistsError(
-                        "checkpoint already exists", path=self.path(final)
-                    ) from e
+                    raise exists from e
                 raise
             _fsync_dir(self.root)
             return
         if self.fs.exists(self.path(final)):
-            raise CheckpointExistsError("checkpoint already exists", path=self.path(final))
+            if not replace:
+                raise CheckpointExistsError("checkpoint already exists", path=self.path(final))
+            if last is not None:
+                self.remove_file(final, last)
+            self.remove_tree(final)
         names = sorted(self.list_dir(temp), key=lambda name: name == last)
         self.fs.makedirs(self.path(final), exist_ok=True)
         for name in names:
             self.fs.mv(self.path(temp, name), self.path(final, name))
         self.remove_tree(temp)
+
+    def lock(self, name: str, owner: str) -> WriterLock:
+        """Take the exclusive writer lock ``name`` in the root, failing at once if it is held.
+
+        Local disk uses ``flock``, which the OS releases when the process dies.
+        Other filesystems create the lock file only if absent; a lock left by a
+        dead process on this host is taken over.
+
+        Args:
+            name: The lock file's name.
+            owner: Who takes it (written into the file, shown to the next writer).
+
+        Raises:
+            CheckpointLockedError: Another writer holds it; the message says who.
+        """
+        full = self.path(name)
+        if self.is_local:
+            fd = os.open(full, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError as e:
+                holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip()
+                os.close(fd)
+                raise CheckpointLockedError(
+                    f"another writer holds this directory ({holder or 'unknown'}); "
+                    "one process may write to a checkpoint directory at a time",
+                    path=full,
+                ) from e
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, owner.encode(), 0)
+            return WriterLock(lambda: os.close(fd))
+        try:
+            with self.fs.open(full, "xb") as f:
+                f.write(owner.encode())
+        except FileExistsError as e:
+            holder = self.read_bytes(name).decode("utf-8", "replace").strip()
+            raise CheckpointLockedError(
+                f"another writer holds this directory ({holder}); if it is gone, delete the "
+                "lock file",
+                path=full,
+            ) from e
+        return WriterLock(lambda: self.remove_file(name))
 
     def remove_file(self, *parts: str) -> None:
         """Remove one file; a missing file is not an error."""

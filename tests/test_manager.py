@@ -18,6 +18,7 @@ from torch import nn
 
 import ckpt
 from ckpt.format import MANIFEST_NAME, step_dir_name
+from ckpt.manager import LOCK_NAME
 
 
 def trained(seed: int = 0, steps: int = 2):
@@ -94,7 +95,7 @@ def test_saving_an_existing_step_is_an_error_and_keeps_the_original(tmp_path):
         mgr.save(1, data={"v": 2})
     assert isinstance(info.value, FileExistsError)
     assert mgr.read(1)["data"] == {"v": 1}
-    assert [n for n in os.listdir(tmp_path) if n.startswith(".")] == []
+    assert [n for n in os.listdir(tmp_path) if n.startswith(".ckpt-tmp")] == []
 
 
 def test_unknown_step_and_missing_item_are_not_found_errors(tmp_path):
@@ -188,7 +189,7 @@ def test_keep_last_deletes_only_after_commit_and_keeps_the_newest(tmp_path):
     for step in range(5):
         mgr.save(step, data={"s": step})
     assert mgr.all_steps() == [3, 4]
-    assert sorted(os.listdir(tmp_path)) == [step_dir_name(3), step_dir_name(4)]
+    assert sorted(os.listdir(tmp_path)) == [LOCK_NAME, step_dir_name(3), step_dir_name(4)]
     mgr.save(1, data={"s": 1})  # an older step just saved is kept
     assert mgr.all_steps() == [1, 3, 4]
     mgr.save(5, data={"s": 5})
@@ -203,6 +204,7 @@ def test_uncommitted_and_foreign_directories_are_never_listed(tmp_path):
     (tmp_path / "notes").mkdir()
     (tmp_path / ".ckpt-tmp.step_000000000003.otherhost-1.abcd").mkdir()
     assert mgr.all_steps() == [1]
+    mgr.close()  # releases the writer lock for the next manager
     mgr2 = ckpt.CheckpointManager(tmp_path, keep_last=1)
     mgr2.save(5, data={"v": 5})
     assert mgr2.all_steps() == [5]
@@ -251,7 +253,7 @@ def test_failed_save_keeps_earlier_checkpoints_and_leaves_no_temp(tmp_path):
     finally:
         ckpt_io.write_tensors = original
     assert mgr.all_steps() == [1]
-    assert os.listdir(tmp_path) == [step_dir_name(1)]
+    assert sorted(os.listdir(tmp_path)) == [LOCK_NAME, step_dir_name(1)]
     mgr.save(2, data={"v": 2})
     assert mgr.all_steps() == [1, 2]
 
@@ -370,7 +372,7 @@ def test_damaged_files_are_checkpoint_errors_naming_the_file(tmp_path):
     assert info.value.path == str(step_dir / "model.safetensors")
 
     (step_dir / "model.safetensors").unlink()
-    with pytest.raises(ckpt.CheckpointNotFoundError) as info:
+    with pytest.raises(ckpt.CorruptCheckpointError, match="missing") as info:
         mgr.restore(model=target)
     assert info.value.path == str(step_dir / "model.safetensors")
 
