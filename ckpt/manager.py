@@ -10,10 +10,10 @@ import secrets
 import socket
 import time
 import weakref
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -56,6 +56,7 @@ from ckpt.tree import tensor_refs
 
 __all__ = ["Checkpoint", "CheckpointManager"]
 
+_T = TypeVar("_T")
 _Prepared = tuple[
     str, Manifest, list[RestorePlan], list[tuple[RestorePlan, Any]], dict[str, torch.Tensor]
 ]
@@ -608,6 +609,31 @@ class CheckpointManager:
             path=self.directory,
         )
 
+    def _retrying(self, step: int | None, attempt: Callable[[int | None], _T]) -> _T:
+        """Run ``attempt`` on a step again if another process replaced or deleted it meanwhile."""
+        for _ in range(3):
+            target = step if step is not None else self.latest_step()
+            if target is None:
+                return attempt(None)
+            name = step_dir_name(target)
+            before = self._created_at(name)
+            try:
+                return attempt(target)
+            except (CorruptCheckpointError, CheckpointNotFoundError) as e:
+                now = self._created_at(name)
+                if before is None or now == before:
+                    raise
+                if step is not None and now is None:
+                    raise CheckpointNotFoundError(
+                        f"step {target} was deleted while being read (by retention in another "
+                        "process?)",
+                        path=self._url(name),
+                    ) from e
+                logger.info("step %d changed while being read; reading again", target)
+        raise CheckpointNotFoundError(
+            "checkpoints kept changing while being read; retry", path=self.directory
+        )
+
     def _created_at(self, step_name: str) -> str | None:
         """The manifest's creation time: tells a replaced or deleted checkpoint apart."""
         try:
@@ -677,6 +703,9 @@ class CheckpointManager:
             CorruptCheckpointError: A file is malformed or disagrees with the manifest.
         """
         check_map_location(map_location)
+        return self._retrying(step, lambda s: self._read(s, map_location, verify))
+
+    def _read(self, step: int | None, map_location: MapLocation, verify: bool) -> dict[str, Any]:
         found = self._manifest(step)
         if found is None:
             raise CheckpointNotFoundError("no checkpoint has been saved", path=self.directory)
@@ -708,6 +737,9 @@ class CheckpointManager:
             CorruptCheckpointError: Anything is wrong; the message names the step,
                 the file and, for checksums, the expected and actual digests.
         """
+        return self._retrying(step, self._verify)
+
+    def _verify(self, step: int | None) -> Checkpoint:
         start = time.perf_counter()
         found = self._manifest(step)
         if found is None:

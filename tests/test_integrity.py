@@ -48,7 +48,7 @@ def test_manifest_records_each_files_xxh3_and_size(tmp_path):
 
 @pytest.mark.parametrize("where", ["header", "data", "last byte"])
 def test_a_flipped_bit_fails_restore_naming_step_file_expected_and_actual(tmp_path, where):
-    mgr, models = saved(tmp_path)
+    mgr, _ = saved(tmp_path)
     path = tmp_path / step_dir_name(1) / "model.safetensors"
     size = path.stat().st_size
     flip(path, {"header": 20, "data": size - 40, "last byte": size - 1}[where])
