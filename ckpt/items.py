@@ -39,6 +39,7 @@ __all__ = [
     "assemble_manifest",
     "build_state",
     "capture",
+    "check_state_shape",
     "check_item_name",
     "item_kind",
     "plan_restore",
@@ -194,6 +195,21 @@ def build_state(record: ItemRecord, tensors: Mapping[str, torch.Tensor], name: s
         if metadata is not None:
             state._metadata = unflatten(metadata, {})  # type: ignore[attr-defined]
     return state
+
+
+def check_state_shape(name: str, kind: str, state: Any) -> None:
+    """Check the outline every item of ``kind`` has, without live objects.
+
+    Raises:
+        CorruptCheckpointError: A module, optimizer or rng state that is not a dict,
+            or an optimizer state without ``state`` and ``param_groups``.
+    """
+    if kind in ("module", "optimizer", "rng", "dict") and not isinstance(state, dict):
+        raise CorruptCheckpointError(f"a {kind} state must be a dict", key=name)
+    if kind == "optimizer" and not {"state", "param_groups"} <= set(state):
+        raise CorruptCheckpointError(
+            "an optimizer state needs 'state' and 'param_groups'", key=name
+        )
 
 
 def assemble_manifest(

@@ -42,6 +42,7 @@ from ckpt.items import (
     build_state,
     capture,
     check_item_name,
+    check_state_shape,
     plan_restores,
     skeleton,
 )
@@ -749,11 +750,12 @@ class CheckpointManager:
         with _located(manifest_path):
             for name, record in manifest.items.items():
                 try:
-                    skeleton(record.state, manifest.tensors)
+                    state, _ = skeleton(record.state, manifest.tensors)
                 except CorruptCheckpointError as e:
                     raise CorruptCheckpointError(
                         f"item {name!r} of step {manifest.step}: {e.reason}", key=e.key
                     ) from e
+                check_state_shape(name, record.kind, state)
             nbytes = verify_checkpoint_files(self._storage, step_name, manifest)
         unchecked = [n for n, r in manifest.files.items() if r.checksum is None]
         if unchecked:

@@ -119,6 +119,7 @@ def test_kills_at_random_moments_leave_only_complete_checkpoints(tmp_path, forks
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_many_more_kills_at_random_moments(tmp_path, forkserver):
     counts = timed_trials(tmp_path, forkserver, SLOW_TRIALS)
     assert counts["killed"] >= SLOW_TRIALS // 2, counts
