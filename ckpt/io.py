@@ -282,7 +282,7 @@ def _matching_entry(
 ) -> TensorEntry:
     entry = entries.get(name)
     if entry is None:
-        raise CheckpointNotFoundError("tensor is missing from its file", path=path, key=name)
+        raise CorruptCheckpointError("tensor is missing from its file", path=path, key=name)
     if entry.dtype != record.dtype or entry.shape != record.shape:
         raise CorruptCheckpointError(
             f"file holds {entry.dtype} {list(entry.shape)} but the manifest says "
