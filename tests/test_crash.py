@@ -8,7 +8,6 @@ temporary directory is ever listed; a new writer then continues.
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import random
 import signal
@@ -24,16 +23,6 @@ import ckpt
 SEED = int(os.environ.get("CKPT_KILL_SEED", random.SystemRandom().randrange(2**32)))
 TRIALS = 100
 SLOW_TRIALS = 1000
-
-
-@pytest.fixture(scope="module")
-def forkserver():
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["torch", "ckpt", "crash_worker"])
-    warm_up = context.Process(target=time.sleep, args=(0,))
-    warm_up.start()
-    warm_up.join()
-    return context
 
 
 def launch(context, root, point=None, kill_after=None) -> int:

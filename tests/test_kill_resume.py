@@ -15,7 +15,6 @@ replay a run (the seed is in every failure message).
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import random
 import signal
@@ -30,19 +29,6 @@ CONFIGS = ["onecycle", "sequential", "plateau", "stateful-loader", "stateful-loa
 KILLS_PER_TRAJECTORY = 8
 TIMED_KILLS = 10
 SEED = int(os.environ.get("CKPT_KILL_SEED", random.SystemRandom().randrange(2**32)))
-
-
-@pytest.fixture(scope="module")
-def forkserver():
-    context = multiprocessing.get_context("forkserver")
-    # torch._dynamo is imported lazily by the first optimizer: 1 s per trial if not preloaded.
-    context.set_forkserver_preload(
-        ["torch", "torch._dynamo", "torchdata.stateful_dataloader", "numpy", "ckpt", "kill_worker"]
-    )
-    warm_up = context.Process(target=time.sleep, args=(0,))  # starts the server once
-    warm_up.start()
-    warm_up.join()
-    return context
 
 
 def launch(context, *args, kill_after: float | None = None) -> int:
