@@ -40,7 +40,7 @@ def test_every_public_name_has_a_docstring():
         assert inspect.getdoc(getattr(ckpt.CheckpointManager, method)), method
 
 
-def test_package_source_never_uses_pickle_or_torch_load():
+def test_package_source_never_uses_pickle_torch_load_or_eval():
     offenders = []
     for path in PACKAGE.rglob("*.py"):
         tree = ast.parse(path.read_text())
@@ -50,6 +50,8 @@ def test_package_source_never_uses_pickle_or_torch_load():
                 if any(n.split(".")[0] in {"pickle", "cPickle", "dill", "cloudpickle", "marshal"}
                        for n in names):  # fmt: skip
                     offenders.append(f"{path.name}:{node.lineno} imports {names}")
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) in {"eval", "exec"}:
+                offenders.append(f"{path.name}:{node.lineno} {node.func.id}()")  # type: ignore[attr-defined]
             if isinstance(node, ast.Attribute) and node.attr in {"load", "save"}:
                 base = node.value
                 if isinstance(base, ast.Name) and base.id == "torch":
