@@ -51,7 +51,8 @@ _TEMP_PREFIX = ".ckpt-tmp."
 _TEMP_DIR = re.compile(
     r"\.ckpt-tmp\.(step_\d{12,20})\.([A-Za-z0-9-]+)-(\d{1,10})\.([0-9a-f]{1,32})"
 )
-_FILE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\.safetensors")
+_FILE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[0-9a-f]{8})?\.safetensors")
+_TOKEN = re.compile(r"[0-9a-f]{8}")
 _DIGEST = re.compile(r"xxh3_64:[0-9a-f]{16}")
 _DTYPES = {
     str(d).removeprefix("torch."): d for d in vars(torch).values() if isinstance(d, torch.dtype)
@@ -108,9 +109,18 @@ def parse_temp_dir_name(name: str) -> TempDirName | None:
     return TempDirName(int(match.group(1)[5:]), match.group(2), int(match.group(3)))
 
 
-def item_file_name(item: str) -> str:
-    """Return the safetensors file name that holds an item's tensors."""
-    return f"{item}.safetensors"
+def item_file_name(item: str, token: str | None = None) -> str:
+    """Return the safetensors file name that holds an item's tensors.
+
+    ``token`` (8 hex digits) makes the name unique to one save attempt; it is
+    used where checkpoints are committed without a rename (object stores), so
+    that two writers racing for one step never write the same object.
+    """
+    if token is None:
+        return f"{item}.safetensors"
+    if not _TOKEN.fullmatch(token):
+        raise ValueError(f"token must be 8 hex digits, got {token!r}")
+    return f"{item}.{token}.safetensors"
 
 
 @dataclass(frozen=True)

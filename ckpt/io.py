@@ -54,6 +54,8 @@ def write_checkpoint_files(
     directory: str,
     files: Mapping[str, Mapping[str, torch.Tensor]],
     manifest: Manifest,
+    *,
+    replace_manifest: bool = False,
 ) -> Manifest:
     """Write each tensor file, then the manifest (with the files' sizes and checksums) last.
 
@@ -61,24 +63,31 @@ def write_checkpoint_files(
 
     Args:
         storage: Where to write.
-        directory: An existing, empty directory below the storage root.
+        directory: A directory below the storage root where the files do not exist yet.
         files: ``{file name: {tensor name: tensor}}``.
         manifest: The manifest to complete with file records and write.
+        replace_manifest: Overwrite an existing manifest instead of failing.
 
     Returns:
         The manifest as written.
+
+    Raises:
+        FileExistsError: A file (the manifest, when another writer committed first) exists.
     """
     records: dict[str, FileRecord] = {}
     for file_name, tensors in files.items():
-        hasher = Hasher()
+        hashers: list[Hasher] = []
 
         def write(
-            f: BinaryIO, tensors: Mapping[str, torch.Tensor] = tensors, hasher: Hasher = hasher
+            f: BinaryIO,
+            tensors: Mapping[str, torch.Tensor] = tensors,
+            hashers: list[Hasher] = hashers,
         ) -> int:
-            return write_tensors(HashingWriter(f, hasher), tensors, _SAFETENSORS_METADATA)
+            hashers.append(Hasher())  # a fresh digest for each attempt
+            return write_tensors(HashingWriter(f, hashers[-1]), tensors, _SAFETENSORS_METADATA)
 
         size = storage.write_file((directory, file_name), write)
-        records[file_name] = FileRecord(size, hasher.digest())
+        records[file_name] = FileRecord(size, hashers[-1].digest())
     manifest = dataclasses.replace(manifest, files=records)
     raw = encode_manifest(manifest)
 
@@ -86,7 +95,7 @@ def write_checkpoint_files(
         f.write(raw)
         return len(raw)
 
-    storage.write_file((directory, MANIFEST_NAME), write_manifest)
+    storage.write_file((directory, MANIFEST_NAME), write_manifest, replace=replace_manifest)
     return manifest
 
 

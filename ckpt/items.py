@@ -220,6 +220,7 @@ def assemble_manifest(
     *,
     created_at: str,
     versions: dict[str, str],
+    file_token: str | None = None,
 ) -> tuple[dict[str, dict[str, torch.Tensor]], Manifest]:
     """Lay captured items out as tensor files and a manifest (file sizes still unknown).
 
@@ -234,7 +235,7 @@ def assemble_manifest(
     for name, cap in captured.items():
         if not cap.tensors:
             continue
-        file_name = item_file_name(name)
+        file_name = item_file_name(name, file_token)
         for tensor_name, t in cap.tensors.items():
             dtype_name(t.dtype)
             tensors[tensor_name] = TensorRecord(file_name, t.dtype, tuple(t.shape), str(t.device))

@@ -15,16 +15,18 @@ import errno
 import fcntl
 import logging
 import os
+import random
 import shutil
 import stat
 import time
 from collections.abc import Callable, Iterator
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from ckpt.errors import (
+    CheckpointError,
     CheckpointExistsError,
     CheckpointLockedError,
     CheckpointNotFoundError,
@@ -36,6 +38,28 @@ __all__ = ["Storage", "WriterLock"]
 logger = logging.getLogger(__name__)
 
 _EXTRAS = {"s3": "s3", "s3a": "s3"}
+
+
+_T = TypeVar("_T")
+
+RETRIES = 4
+"""Object-store operations failing transiently are tried this many more times."""
+RETRY_BASE_SECONDS = 0.1
+"""The first retry waits 0.1-0.2 s; each later one twice as long."""
+
+_PERMANENT = (
+    FileNotFoundError,
+    FileExistsError,
+    PermissionError,
+    IsADirectoryError,
+    NotADirectoryError,
+    CheckpointError,
+)
+
+
+def _is_transient(e: BaseException) -> bool:
+    """Throttling (503), timeouts and dropped connections; not missing or refused objects."""
+    return isinstance(e, (OSError, ConnectionError, TimeoutError)) and not isinstance(e, _PERMANENT)
 
 
 _SYMLINK = "is a symbolic link; ckpt never follows links inside a checkpoint directory"
@@ -172,7 +196,7 @@ class Storage:
             except FileNotFoundError:
                 return []
         try:
-            entries = self.fs.ls(full, detail=False)
+            entries = self._retrying(f"listing {full}", lambda: self.fs.ls(full, detail=False))
         except FileNotFoundError:
             return []
         return sorted(str(e).rstrip("/").rsplit("/", 1)[-1] for e in entries)
@@ -181,7 +205,8 @@ class Storage:
         """Tell whether a file or directory exists below the root."""
         if self.is_local:
             return os.path.exists(self.path(*parts))
-        return bool(self.fs.exists(self.path(*parts)))
+        full = self.path(*parts)
+        return bool(self._retrying(f"checking {full}", lambda: self.fs.exists(full)))
 
     def size(self, *parts: str) -> int:
         """Return a file's size in bytes.
@@ -196,7 +221,7 @@ class Storage:
                 if stat.S_ISLNK(info.st_mode):
                     raise CorruptCheckpointError(_SYMLINK, path=full)
                 return info.st_size
-            return int(self.fs.size(full))
+            return int(self._retrying(f"sizing {full}", lambda: self.fs.size(full)))
         except FileNotFoundError as e:
             raise CheckpointNotFoundError("file is missing", path=full) from e
 
@@ -236,7 +261,7 @@ class Storage:
             if self.is_local:
                 f = os.fdopen(os.open(full, os.O_RDONLY | os.O_NOFOLLOW), "rb")
             else:
-                f = self.fs.open(full, "rb")
+                f = self._retrying(f"opening {full}", lambda: self.fs.open(full, "rb"))
         except FileNotFoundError as e:
             raise CheckpointNotFoundError("file is missing", path=full) from e
         except OSError as e:
@@ -246,15 +271,25 @@ class Storage:
         with f:
             yield f
 
-    def write_file(self, parts: tuple[str, ...], write: Callable[[BinaryIO], int]) -> int:
+    def write_file(
+        self, parts: tuple[str, ...], write: Callable[[BinaryIO], int], *, replace: bool = False
+    ) -> int:
         """Create a new file, fill it with ``write(f)``, then flush and fsync it.
+
+        On object stores the file is streamed in parts (fsspec's block size) and
+        created only if absent (S3 ``If-None-Match``), unless ``replace``; a
+        transient failure restarts the write (``write`` must be repeatable).
 
         Args:
             parts: The file's path below the root.
             write: Writes the content and returns the number of bytes written.
+            replace: Overwrite an existing file (object stores only; one PUT is atomic).
 
         Returns:
             What ``write`` returned.
+
+        Raises:
+            FileExistsError: The file exists (and not ``replace``).
         """
         full = self.path(*parts)
         if self.is_local:
@@ -263,8 +298,36 @@ class Storage:
                 f.flush()
                 os.fsync(f.fileno())
             return n
-        with self.fs.open(full, "wb") as f:
-            return write(f)
+
+        def attempt() -> int:
+            with self.fs.open(full, "wb" if replace else "xb") as f:
+                return write(f)
+
+        return self._retrying(f"writing {full}", attempt)
+
+    @property
+    def atomic_rename(self) -> bool:
+        """Whether a directory can be renamed atomically here (local disk only)."""
+        return self.is_local
+
+    def _retrying(self, what: str, operation: Callable[[], _T]) -> _T:
+        """Run an object-store operation, retrying transient failures with backoff."""
+        for attempt in range(RETRIES + 1):
+            try:
+                return operation()
+            except Exception as e:
+                if not _is_transient(e):
+                    raise
+                if attempt == RETRIES:
+                    raise OSError(
+                        getattr(e, "errno", None) or errno.EIO,
+                        f"{what} failed after {RETRIES + 1} attempts: {e}",
+                        what.rsplit(" ", 1)[-1],
+                    ) from e
+                delay = RETRY_BASE_SECONDS * 2**attempt * (1 + random.random())
+                logger.warning("%s failed (%s); retrying in %.2f s", what, e, delay)
+                time.sleep(delay)
+        raise AssertionError("unreachable")
 
     def commit_dir(
         self, temp: str, final: str, *, last: str | None = None, replace: bool = False
