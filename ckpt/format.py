@@ -33,6 +33,7 @@ __all__ = [
     "TensorRecord",
     "decode_manifest",
     "encode_manifest",
+    "is_tensor_file_name",
     "item_file_name",
     "parse_step_dir_name",
     "parse_temp_dir_name",
@@ -121,6 +122,11 @@ def item_file_name(item: str, token: str | None = None) -> str:
     if not _TOKEN.fullmatch(token):
         raise ValueError(f"token must be 8 hex digits, got {token!r}")
     return f"{item}.{token}.safetensors"
+
+
+def is_tensor_file_name(name: str) -> bool:
+    """Whether ``name`` is a tensor file name ckpt writes (``<item>[.<token>].safetensors``)."""
+    return _FILE_NAME.fullmatch(name) is not None
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ import contextlib
 import logging
 import os
 import platform
+import re
 import secrets
 import socket
 import time
@@ -29,6 +30,7 @@ from ckpt.errors import (
 from ckpt.format import (
     MANIFEST_NAME,
     Manifest,
+    is_tensor_file_name,
     parse_step_dir_name,
     parse_temp_dir_name,
     safe_host_name,
@@ -97,6 +99,14 @@ class Checkpoint:
     def next_step(self) -> int:
         """The step to run next when resuming from this checkpoint: ``step + 1``."""
         return self.step + 1
+
+
+def _writer_is_gone(holder: str) -> bool:
+    """Whether a lock's holder ("host H pid P since T") was a process on this host now dead."""
+    match = re.match(r"host (\S+) pid (\d+) ", holder)
+    return bool(
+        match and match.group(1) == socket.gethostname() and not _pid_alive(int(match.group(2)))
+    )
 
 
 def _pid_alive(pid: int) -> bool:
@@ -201,6 +211,7 @@ class CheckpointManager:
         self._storage = Storage(os.fspath(directory), storage_options)
         self._storage.makedirs()
         self._lock: WriterLock | None = None
+        self._uploads_checked = False
         self._metrics_cache: dict[int, Mapping[str, float | int]] = {}
         self._last_save_time = time.monotonic()
         self._last_saved_step: int | None = None
@@ -235,8 +246,13 @@ class CheckpointManager:
                 f"host {socket.gethostname()} pid {os.getpid()} since "
                 f"{datetime.now(timezone.utc).isoformat(timespec='seconds')}"
             )
-            self._lock = self._storage.lock(LOCK_NAME, owner)
+            self._lock = self._storage.lock(LOCK_NAME, owner, abandoned=_writer_is_gone)
             weakref.finalize(self, self._lock.release)
+        else:
+            try:
+                self._lock.refresh()
+            except OSError as e:  # the save itself will tell whether storage works
+                logger.warning("could not refresh the writer lock: %s", e)
 
     # ------------------------------------------------------------------ cadence
 
@@ -349,6 +365,7 @@ class CheckpointManager:
         modules = {n: o for n, o in items.items() if isinstance(o, torch.nn.Module)}
         param_names = module_param_names(modules)
         captured = {name: capture(name, obj, param_names) for name, obj in items.items()}
+        token = secrets.token_hex(4)
 
         files, manifest = assemble_manifest(
             step,
@@ -361,6 +378,7 @@ class CheckpointManager:
                 "torch": torch.__version__,
                 "python": platform.python_version(),
             },
+            file_token=None if self._storage.atomic_rename else token,
         )
 
         self._take_lock()
@@ -369,24 +387,7 @@ class CheckpointManager:
                 f"step {step} is already saved; choose a new step or pass overwrite=True",
                 path=self._url(step_name),
             )
-        self._remove_abandoned_temps()
-        temp = temp_dir_name(step, socket.gethostname(), os.getpid(), secrets.token_hex(4))
-        try:
-            self._storage.makedirs(temp)
-            manifest = write_checkpoint_files(self._storage, temp, files, manifest)
-            self._storage.commit_dir(temp, step_name, last=MANIFEST_NAME, replace=overwrite)
-        except BaseException as e:
-            self._remove_quietly(temp)
-            if isinstance(e, OSError) and not isinstance(e, CheckpointError):
-                raise CheckpointWriteError(
-                    f"could not save step {step}: {e.strerror or e}; the partial checkpoint "
-                    "was removed and earlier checkpoints are intact",
-                    path=e.filename if isinstance(e.filename, str) else self._url(temp),
-                    errno=e.errno,
-                ) from e
-            raise
-        finally:
-            self._metrics_cache.pop(step, None)
+        manifest = self._commit(step, files, manifest, token=token, overwrite=overwrite)
         nbytes = sum(r.size for r in manifest.files.values())
         logger.info(
             "saved step %d to %s (%d bytes in %.3f s)",
@@ -407,6 +408,62 @@ class CheckpointManager:
             self._saved_since_signal = True
         self._apply_retention(step)
         return self._info(manifest)
+
+    def _commit(
+        self,
+        step: int,
+        files: dict[str, dict[str, torch.Tensor]],
+        manifest: Manifest,
+        *,
+        token: str,
+        overwrite: bool,
+    ) -> Manifest:
+        """Write a checkpoint's files and commit them: by rename locally, else by the manifest."""
+        step_name = step_dir_name(step)
+        renames = self._storage.atomic_rename
+        replaced = None
+        if renames:
+            self._remove_abandoned_temps()
+            temp = temp_dir_name(step, socket.gethostname(), os.getpid(), token)
+        else:
+            self._remove_abandoned_uploads()
+            temp = step_name
+            replaced = self._created_at(step_name) if overwrite else None
+        try:
+            if renames:
+                self._storage.makedirs(temp)
+                manifest = write_checkpoint_files(self._storage, temp, files, manifest)
+                self._storage.commit_dir(temp, step_name, last=MANIFEST_NAME, replace=overwrite)
+            else:
+                # No rename here: the files get names unique to this attempt, and the
+                # manifest, created only if absent (or replaced in one PUT), commits them.
+                manifest = write_checkpoint_files(
+                    self._storage, step_name, files, manifest, replace_manifest=overwrite
+                )
+        except BaseException as e:
+            if renames:
+                self._remove_quietly(temp)
+            else:
+                for file_name in files:
+                    self._remove_file_quietly(step_name, file_name)
+            if isinstance(e, FileExistsError) and not isinstance(e, CheckpointError):
+                raise CheckpointExistsError(
+                    f"step {step} was committed by another writer meanwhile",
+                    path=self._url(step_name),
+                ) from e
+            if isinstance(e, OSError) and not isinstance(e, CheckpointError):
+                raise CheckpointWriteError(
+                    f"could not save step {step}: {e.strerror or e}; the partial checkpoint "
+                    "was removed and earlier checkpoints are intact",
+                    path=e.filename if isinstance(e.filename, str) else self._url(temp),
+                    errno=e.errno,
+                ) from e
+            raise
+        finally:
+            self._metrics_cache.pop(step, None)
+        if not renames and replaced is not None:
+            self._remove_unreferenced(step_name, manifest, grace=0.0)
+        return manifest
 
     def _committed_metrics(self, steps: list[int]) -> dict[int, Mapping[str, float | int]]:
         """Each step's metrics, from its manifest (cached: manifests do not change)."""
@@ -451,6 +508,43 @@ class CheckpointManager:
             if dead or (age is not None and age > STALE_TEMP_SECONDS):
                 logger.info("removing abandoned temporary checkpoint %s", self._url(name))
                 self._remove_quietly(name)
+
+    def _remove_abandoned_uploads(self) -> None:
+        """On object stores, once per manager: remove files of saves that never committed.
+
+        Only ckpt's own file names are touched, and only once they are older than
+        the grace period, so a save in flight elsewhere is left alone.
+        """
+        if self._uploads_checked:
+            return
+        self._uploads_checked = True
+        for name in self._storage.list_dir():
+            if parse_step_dir_name(name) is None:
+                continue
+            try:
+                manifest = read_manifest(self._storage, name)
+            except CheckpointError:
+                manifest = None
+            self._remove_unreferenced(name, manifest, grace=STALE_TEMP_SECONDS)
+
+    def _remove_unreferenced(
+        self, step_name: str, manifest: Manifest | None, *, grace: float
+    ) -> None:
+        """Remove ckpt tensor files in ``step_name`` that ``manifest`` does not list."""
+        keep = set() if manifest is None else set(manifest.files)
+        for file_name in self._storage.list_dir(step_name):
+            if file_name in keep or not is_tensor_file_name(file_name):
+                continue
+            age = self._storage.age_seconds(step_name, file_name)
+            if age is not None and age >= grace:
+                logger.info("removing abandoned upload %s", self._url(step_name, file_name))
+                self._remove_file_quietly(step_name, file_name)
+
+    def _remove_file_quietly(self, *parts: str) -> None:
+        try:
+            self._storage.remove_file(*parts)
+        except Exception as e:
+            logger.warning("could not remove %s: %s", self._url(*parts), e)
 
     def _remove_quietly(self, name: str) -> None:
         try:

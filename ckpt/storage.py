@@ -104,8 +104,14 @@ def _exchange(a: str, b: str) -> None:
 class WriterLock:
     """A held writer lock; ``release()`` gives it up (idempotent)."""
 
-    def __init__(self, release: Callable[[], None]):
+    def __init__(self, release: Callable[[], None], refresh: Callable[[], object] | None = None):
         self._release: Callable[[], None] | None = release
+        self._refresh = refresh
+
+    def refresh(self) -> None:
+        """Show the lock is still in use (object stores; a no-op for ``flock``)."""
+        if self._refresh is not None and self._release is not None:
+            self._refresh()
 
     def release(self) -> None:
         """Give the lock up."""
@@ -338,10 +344,9 @@ class Storage:
         ``renameat2(RENAME_NOREPLACE)`` (or, with ``replace``, swapped with the
         existing directory by ``RENAME_EXCHANGE`` and the old one removed), and
         the root fsynced, so the new name is durable and readers see the old
-        checkpoint or the new one, never neither, when this returns. Filesystems
-        without atomic directory rename get the files moved one by one, ``last``
-        (the commit marker) after all others; ``replace`` removes the old
-        checkpoint's marker first there.
+        checkpoint or the new one, never neither, when this returns. Only for
+        local disk (:attr:`atomic_rename`); object stores commit by their
+        manifest instead.
 
         Raises:
             CheckpointExistsError: ``final`` already exists and ``replace`` is false.
@@ -362,28 +367,29 @@ class Storage:
                 raise
             _fsync_dir(self.root)
             return
-        if self.fs.exists(self.path(final)):
-            if not replace:
-                raise CheckpointExistsError("checkpoint already exists", path=self.path(final))
-            if last is not None:
-                self.remove_file(final, last)
-            self.remove_tree(final)
-        names = sorted(self.list_dir(temp), key=lambda name: name == last)
-        self.fs.makedirs(self.path(final), exist_ok=True)
-        for name in names:
-            self.fs.mv(self.path(temp, name), self.path(final, name))
-        self.remove_tree(temp)
+        raise NotImplementedError("commit_dir needs atomic rename: local disk only")
 
-    def lock(self, name: str, owner: str) -> WriterLock:
+    def lock(
+        self,
+        name: str,
+        owner: str,
+        *,
+        abandoned: Callable[[str], bool] = lambda holder: False,
+        stale_after: float = 3600.0,
+    ) -> WriterLock:
         """Take the exclusive writer lock ``name`` in the root, failing at once if it is held.
 
         Local disk uses ``flock``, which the OS releases when the process dies.
-        Other filesystems create the lock file only if absent; a lock left by a
-        dead process on this host is taken over.
+        Other filesystems create the lock file only if absent (a conditional
+        create on S3). There, a lock is taken over when ``abandoned(holder)``
+        says its writer is gone, or when it has not been refreshed (see
+        :meth:`WriterLock.refresh`) for ``stale_after`` seconds.
 
         Args:
             name: The lock file's name.
             owner: Who takes it (written into the file, shown to the next writer).
+            abandoned: Tells from the holder's text whether it is certainly gone.
+            stale_after: Age after which an unrefreshed lock is taken over.
 
         Raises:
             CheckpointLockedError: Another writer holds it; the message says who.
@@ -404,17 +410,29 @@ class Storage:
             os.ftruncate(fd, 0)
             os.pwrite(fd, owner.encode(), 0)
             return WriterLock(lambda: os.close(fd))
+
+        def write(f: BinaryIO) -> int:
+            return f.write(owner.encode())
+
         try:
-            with self.fs.open(full, "xb") as f:
-                f.write(owner.encode())
+            self.write_file((name,), write)
         except FileExistsError as e:
             holder = self.read_bytes(name).decode("utf-8", "replace").strip()
-            raise CheckpointLockedError(
-                f"another writer holds this directory ({holder}); if it is gone, delete the "
-                "lock file",
-                path=full,
-            ) from e
-        return WriterLock(lambda: self.remove_file(name))
+            age = self.age_seconds(name)
+            if not abandoned(holder) and (age is None or age < stale_after):
+                raise CheckpointLockedError(
+                    f"another writer holds this directory ({holder}); it is taken over once "
+                    f"unrefreshed for {stale_after:.0f} s, or delete the lock file if that "
+                    "writer is gone",
+                    path=full,
+                ) from e
+            logger.warning(
+                "taking over the writer lock of %s (last refreshed %s s ago)", holder, age
+            )
+            self.write_file((name,), write, replace=True)
+        return WriterLock(
+            lambda: self.remove_file(name), lambda: self.write_file((name,), write, replace=True)
+        )
 
     def remove_file(self, *parts: str) -> None:
         """Remove one file; a missing file is not an error."""

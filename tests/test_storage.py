@@ -45,6 +45,10 @@ def test_missing_files_are_not_found_errors(storage):
 
 
 def test_commit_moves_a_directory_and_refuses_to_replace(storage):
+    if not storage.atomic_rename:
+        with pytest.raises(NotImplementedError):
+            storage.commit_dir("tmp1", "final")
+        return
     for name in ("tmp1", "tmp2"):
         storage.makedirs(name)
         write(storage, (name, "f"), name.encode())
@@ -85,17 +89,23 @@ def test_url_of_keeps_the_users_spelling(tmp_path):
     assert Storage(str(tmp_path)).url_of("x") == str(tmp_path / "x")
 
 
-def test_commit_without_rename_moves_the_marker_last(tmp_path):
+def test_object_store_files_are_created_only_if_absent_unless_replaced(storage):
+    write(storage, ("f",), b"one")
+    with pytest.raises(FileExistsError):
+        write(storage, ("f",), b"two")
+    if not storage.is_local:  # local disk never replaces a file: it renames directories
+        storage.write_file(("f",), lambda f: f.write(b"three"), replace=True)
+        assert storage.read_bytes("f") == b"three"
+
+
+def test_object_store_locks_are_taken_over_only_when_abandoned_or_stale(tmp_path):
     s = Storage(f"memory://t-{uuid.uuid4().hex}")
-    s.makedirs("tmp")
-    for name in ("z.bin", "manifest.json", "a.bin"):
-        write(s, ("tmp", name), name.encode())
-    moved = []
-    original = s.fs.mv
-    s.fs.mv = lambda src, dst, **kw: (
-        moved.append(dst.rsplit("/", 1)[-1]),
-        original(src, dst, **kw),
-    )
-    s.commit_dir("tmp", "final", last="manifest.json")
-    assert moved[-1] == "manifest.json" and sorted(moved) == ["a.bin", "manifest.json", "z.bin"]
-    assert not s.exists("tmp") and s.read_bytes("final", "a.bin") == b"a.bin"
+    held = s.lock("lock", "host a pid 1 since t")
+    with pytest.raises(ckpt.CheckpointLockedError, match="host a pid 1"):
+        s.lock("lock", "host b pid 2 since t")
+    s.lock("lock", "host b pid 2 since t", abandoned=lambda holder: "host a" in holder)
+    assert s.read_bytes("lock") == b"host b pid 2 since t"
+    s.lock("lock", "host c pid 3 since t", stale_after=0.0)
+    assert s.read_bytes("lock") == b"host c pid 3 since t"
+    held.release()
+    assert not s.exists("lock")
