@@ -518,6 +518,10 @@ class CheckpointManager:
         if self._uploads_checked:
             return
         self._uploads_checked = True
+        try:
+            self._storage.abort_stale_uploads(STALE_TEMP_SECONDS)
+        except Exception as e:
+            logger.warning("could not clean up unfinished uploads: %s", e)
         for name in self._storage.list_dir():
             if parse_step_dir_name(name) is None:
                 continue

@@ -20,6 +20,7 @@ import shutil
 import stat
 import time
 from collections.abc import Callable, Iterator
+from datetime import datetime, timezone
 from typing import BinaryIO, TypeVar
 
 import fsspec
@@ -368,6 +369,31 @@ class Storage:
             _fsync_dir(self.root)
             return
         raise NotImplementedError("commit_dir needs atomic rename: local disk only")
+
+    def abort_stale_uploads(self, grace: float) -> int:
+        """Abort unfinished multipart uploads below the root older than ``grace`` seconds.
+
+        A writer killed mid-upload leaves parts that S3 keeps (and bills) but never
+        lists; only S3-like filesystems have them. Returns how many were aborted.
+        """
+        lister = getattr(self.fs, "list_multipart_uploads", None)
+        if self.is_local or lister is None:
+            return 0
+        bucket, _, prefix = self.root.partition("/")
+        now = datetime.now(timezone.utc)
+        aborted = 0
+        for upload in self._retrying(f"listing uploads in {bucket}", lambda: lister(bucket)):
+            key, initiated = upload.get("Key", ""), upload.get("Initiated")
+            if not key.startswith(prefix + "/") or initiated is None:
+                continue
+            if (now - initiated).total_seconds() < grace:
+                continue
+            self.fs.call_s3(
+                "abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload["UploadId"]
+            )
+            logger.info("aborted an unfinished upload of %s/%s", bucket, key)
+            aborted += 1
+        return aborted
 
     def lock(
         self,

@@ -20,14 +20,18 @@ import ckpt.integrity
 import ckpt.storage
 
 STEPS = 40
+BIG_STEPS = 8
 ARMED_STEP = 5
 KEEP_LAST = 3
 
 
-def state(step: int) -> dict[str, Any]:
-    """What step ``step`` holds: enough bytes that a kill often lands mid-write."""
+def state(step: int, big: bool = False) -> dict[str, Any]:
+    """What step ``step`` holds: enough bytes that a kill often lands mid-write.
+
+    ``big`` (12 MiB) spans several parts of a multipart upload.
+    """
     return {
-        "w": torch.full((128, 256), float(step)),
+        "w": torch.full((3 * 2**20,) if big else (128, 256), float(step)),
         "v": torch.arange(1000, dtype=torch.int64) * step,
         "step": step,
     }
@@ -60,13 +64,18 @@ def _arm(name: str, nth: int, armed: list[bool]) -> None:
     setattr(owner, attribute, wrapped)
 
 
-def run(root: str, point: tuple[str, int] | None) -> None:
+def run(
+    root: str,
+    point: tuple[str, int] | None,
+    storage_options: dict[str, Any] | None = None,
+    big: bool = False,
+) -> None:
     armed = [False]
     if point is not None:
         _arm(*point, armed)
-    mgr = ckpt.CheckpointManager(root, keep_last=KEEP_LAST)
+    mgr = ckpt.CheckpointManager(root, keep_last=KEEP_LAST, storage_options=storage_options)
     latest = mgr.latest_step()
-    for step in range(0 if latest is None else latest + 1, STEPS):
+    for step in range(0 if latest is None else latest + 1, BIG_STEPS if big else STEPS):
         armed[0] = point is not None and step == ARMED_STEP
-        mgr.save(step, data=state(step), rng=False)
+        mgr.save(step, data=state(step, big), rng=False)
     mgr.close()

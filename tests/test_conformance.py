@@ -168,3 +168,16 @@ def test_transient_errors_are_retried_and_a_final_failure_names_the_object(place
     failures["left"] = 0
     assert mgr.all_steps() == [1]
     mgr.close()
+
+
+@pytest.mark.s3
+def test_unfinished_multipart_uploads_are_aborted_by_the_first_save(s3_bucket):
+    bucket, options = s3_bucket
+    mgr = ckpt.CheckpointManager(f"s3://{bucket}/run", storage_options=options)
+    fs = mgr._storage.fs
+    for key in ("run/step_000000000001/data.0123abcd.safetensors", "elsewhere/x.bin"):
+        fs.call_s3("create_multipart_upload", Bucket=bucket, Key=key)
+    mgr.save(2, data=state(2))  # moto dates every upload 2010: all are past the grace period
+    left = [u["Key"] for u in fs.list_multipart_uploads(bucket)]
+    assert left == ["elsewhere/x.bin"]  # outside the checkpoint root: not ckpt's
+    mgr.close()

@@ -16,17 +16,19 @@ import time
 import crash_worker
 import pytest
 from conftest import assert_same_state
-from crash_worker import ARMED_STEP, KEEP_LAST, POINTS, STEPS, state
+from crash_worker import ARMED_STEP, BIG_STEPS, KEEP_LAST, POINTS, STEPS, state
 
 import ckpt
+import ckpt.manager
 
 SEED = int(os.environ.get("CKPT_KILL_SEED", random.SystemRandom().randrange(2**32)))
 TRIALS = 100
+S3_TRIALS = 8
 SLOW_TRIALS = 1000
 
 
-def launch(context, root, point=None, kill_after=None) -> int:
-    process = context.Process(target=crash_worker.run, args=(str(root), point))
+def launch(context, root, point=None, kill_after=None, options=None, big=False) -> int:
+    process = context.Process(target=crash_worker.run, args=(str(root), point, options, big))
     process.start()
     process.join(timeout=kill_after)
     if process.exitcode is None and kill_after is not None:
@@ -36,13 +38,13 @@ def launch(context, root, point=None, kill_after=None) -> int:
     return process.exitcode
 
 
-def check_only_complete_checkpoints(root, context: str) -> list[int]:
-    mgr = ckpt.CheckpointManager(root)
+def check_only_complete_checkpoints(root, context: str, options=None, big=False) -> list[int]:
+    mgr = ckpt.CheckpointManager(root, storage_options=options)
     steps = mgr.all_steps()
     assert len(steps) <= KEEP_LAST + 1, f"{context}: retention left {steps}"
     for step in steps:
         mgr.verify(step)
-        assert_same_state(mgr.read(step)["data"], state(step))
+        assert_same_state(mgr.read(step)["data"], state(step, big))
     if steps:
         assert mgr.checkpoint().step == steps[-1]
     return steps
@@ -112,3 +114,28 @@ def test_kills_at_random_moments_leave_only_complete_checkpoints(tmp_path, forks
 def test_many_more_kills_at_random_moments(tmp_path, forkserver):
     counts = timed_trials(tmp_path, forkserver, SLOW_TRIALS)
     assert counts["killed"] >= SLOW_TRIALS // 2, counts
+
+
+@pytest.mark.s3
+def test_kills_in_the_middle_of_s3_uploads_leave_only_complete_checkpoints(s3_bucket, forkserver):
+    """12 MiB files go up in 5 MiB parts; kills land inside multipart uploads."""
+    bucket, options = s3_bucket
+    options = {**options, "default_block_size": 5 * 2**20}
+    rng = random.Random(f"{SEED}-s3")
+    began = time.monotonic()
+    assert launch(forkserver, f"s3://{bucket}/timing", options=options, big=True) == 0
+    duration = time.monotonic() - began
+    killed, run = 0, 0
+    for trial in range(S3_TRIALS):
+        root = f"s3://{bucket}/run{run}"
+        delay = rng.uniform(0, duration)
+        code = launch(forkserver, root, kill_after=delay, options=options, big=True)
+        killed += code == -signal.SIGKILL
+        context = f"s3 trial {trial}, seed {SEED}"
+        steps = check_only_complete_checkpoints(root, context, options, big=True)
+        if steps and steps[-1] == BIG_STEPS - 1:
+            run += 1  # finished: the next trial starts a fresh run
+    assert killed >= S3_TRIALS // 2, killed
+    mgr = ckpt.CheckpointManager(f"s3://{bucket}/run{run}", storage_options=options)
+    mgr.save(BIG_STEPS + 1, data={"x": 1})  # a first save aborts unfinished uploads
+    assert mgr._storage.fs.list_multipart_uploads(bucket) == []
