@@ -453,7 +453,9 @@ class Storage:
                     path=full,
                 ) from e
             logger.warning(
-                "taking over the writer lock of %s (last refreshed %s s ago)", holder, age
+                "taking over the writer lock of %s (%s)",
+                holder,
+                "its writer is gone" if age is None else f"last refreshed {age:.0f} s ago",
             )
             self.write_file((name,), write, replace=True)
         return WriterLock(

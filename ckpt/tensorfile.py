@@ -260,6 +260,11 @@ class Writer(Protocol):
         ...
 
 
+WRITE_CHUNK_BYTES = 16 * 1024 * 1024
+"""Tensor bytes go to the file in slices of at most this, so a writer that buffers
+(an object-store upload) never holds a copy of a whole large tensor."""
+
+
 def write_tensors(
     f: Writer, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
 ) -> int:
@@ -274,9 +279,10 @@ def write_tensors(
     written = len(header)
     for e in entries:
         t = _cpu_contiguous(tensors[e.name])
-        if e.nbytes:
-            f.write(tensor_bytes(t))
-            written += e.nbytes
+        view = tensor_bytes(t)
+        for at in range(0, e.nbytes, WRITE_CHUNK_BYTES):  # bounds a buffering writer's copy
+            f.write(view[at : at + WRITE_CHUNK_BYTES])
+        written += e.nbytes
     return written
 
 

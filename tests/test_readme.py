@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).parent.parent
 
 
@@ -26,6 +28,19 @@ def test_readme_has_two_setup_commands_and_ci_runs_the_test_one():
 def test_demo_resumes_bit_identically():
     done = subprocess.run(
         [sys.executable, str(ROOT / "examples" / "train_resume.py"), "--seed", "3"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "IDENTICAL" in done.stdout
+
+
+@pytest.mark.s3
+def test_s3_example_resumes_bit_identically():
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "s3_resume.py")],
         capture_output=True,
         text=True,
         timeout=300,

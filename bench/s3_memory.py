@@ -1,0 +1,111 @@
+"""Peak memory of saving and restoring a 1 GiB state through S3 (moto on loopback).
+
+Usage: python bench/s3_memory.py [--gib 1.0] [--endpoint URL] [--block-mib N]
+
+Without --endpoint it starts a moto S3 server on 127.0.0.1 in a separate process
+(so its copy of the data does not count). It prints the extra resident memory
+(peak RSS above the RSS before the call) of ``save`` and of ``restore`` into
+live tensors, and the time each took. Needs Linux (/proc) and ``ckpt[s3]``
+plus ``moto[server]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import time
+import uuid
+
+
+def _serve(queue) -> None:  # runs in its own process
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    queue.put(server.get_host_and_port())
+    while True:
+        time.sleep(3600)
+
+
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _reset_peak() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current RSS
+
+
+def measure(label: str, fn, nbytes: int) -> None:
+    import gc
+
+    gc.collect()
+    _reset_peak()
+    before = _rss_kib("VmRSS")
+    start = time.perf_counter()
+    fn()
+    seconds = time.perf_counter() - start
+    extra = (_rss_kib("VmHWM") - before) * 1024
+    print(
+        f"{label:8s} {seconds:6.2f} s  {nbytes / seconds / 2**20:7.1f} MiB/s  "
+        f"peak extra memory {extra / 2**20:7.1f} MiB = {extra / nbytes:.3f} x state"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--gib", type=float, default=1.0, help="state size in GiB")
+    parser.add_argument("--endpoint", help="an S3 endpoint URL (default: start moto)")
+    parser.add_argument("--block-mib", type=int, default=None, help="s3fs default_block_size")
+    args = parser.parse_args()
+
+    server = None
+    endpoint = args.endpoint
+    if endpoint is None:
+        queue = multiprocessing.get_context("spawn").Queue()
+        server = multiprocessing.get_context("spawn").Process(target=_serve, args=(queue,))
+        server.start()
+        host, port = queue.get(timeout=60)
+        endpoint = f"http://{host}:{port}"
+
+    import boto3
+    import torch
+
+    import ckpt
+
+    bucket = f"bench-{uuid.uuid4().hex[:12]}"
+    boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+        region_name="us-east-1",
+    ).create_bucket(Bucket=bucket)
+    options = {
+        "key": "testing",
+        "secret": "testing",
+        "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"},
+    }
+    if args.block_mib:
+        options["default_block_size"] = args.block_mib * 2**20
+    count = 16
+    per = int(args.gib * 2**30) // count // 4
+    state = {f"t{i}": torch.randn(per) for i in range(count)}
+    nbytes = sum(t.numel() * t.element_size() for t in state.values())
+    print(f"state: {count} float32 tensors, {nbytes / 2**30:.2f} GiB; endpoint {endpoint}")
+    mgr = ckpt.CheckpointManager(f"s3://{bucket}/run", storage_options=options)
+    measure("save", lambda: mgr.save(0, data=state, rng=False), nbytes)
+    live = {k: torch.zeros_like(v) for k, v in state.items()}
+    measure("restore", lambda: mgr.restore(data=live, rng=False), nbytes)
+    assert all(torch.equal(live[k], state[k]) for k in state)
+    mgr.close()
+    if server is not None:
+        server.kill()
+
+
+if __name__ == "__main__":
+    main()
