@@ -102,6 +102,25 @@ def _exchange(a: str, b: str) -> None:
     os.rename(aside, a)
 
 
+_HELD_LOCK_FDS: set[int] = set()
+"""File descriptors holding an ``flock`` writer lock in this process."""
+
+
+def _close_inherited_locks() -> None:
+    """In a forked child (a DataLoader worker, say), drop the parent's lock descriptors.
+
+    An ``flock`` belongs to the open file description, which a fork shares: a
+    child outliving a killed trainer would otherwise keep the directory locked.
+    """
+    for fd in _HELD_LOCK_FDS:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD_LOCK_FDS.clear()
+
+
+os.register_at_fork(after_in_child=_close_inherited_locks)
+
+
 class WriterLock:
     """A held writer lock; ``release()`` gives it up (idempotent)."""
 
@@ -435,7 +454,13 @@ class Storage:
                 ) from e
             os.ftruncate(fd, 0)
             os.pwrite(fd, owner.encode(), 0)
-            return WriterLock(lambda: os.close(fd))
+            _HELD_LOCK_FDS.add(fd)
+
+            def release() -> None:
+                _HELD_LOCK_FDS.discard(fd)
+                os.close(fd)
+
+            return WriterLock(release)
 
         def write(f: BinaryIO) -> int:
             return f.write(owner.encode())

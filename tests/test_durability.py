@@ -177,3 +177,29 @@ def test_a_restore_racing_retention_gets_a_retryable_error_or_the_newer_step(tmp
     info = mgr.restore(data=live)  # latest (3) vanishes mid-restore: the list is read again
     assert info is not None and info.step == 2
     assert_same_state(live, big_state(2))
+
+
+def test_a_forked_child_of_a_killed_writer_does_not_keep_the_lock(tmp_path):
+    """A DataLoader worker (a forked child) may outlive a killed trainer for a while."""
+    read_end, write_end = os.pipe()
+    writer = os.fork()
+    if writer == 0:  # the trainer: takes the lock, forks a worker, dies
+        try:
+            mgr = ckpt.CheckpointManager(tmp_path)
+            mgr.save(1, data={"a": 1})
+            worker = os.fork()
+            if worker == 0:
+                os.close(write_end)
+                os.read(read_end, 1)  # lingers until the test is done
+                os._exit(0)
+        finally:
+            os.kill(os.getpid(), 9)
+    os.close(read_end)
+    _, status = os.waitpid(writer, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == 9
+    try:
+        mgr = ckpt.CheckpointManager(tmp_path)
+        mgr.save(2, data={"a": 2})  # the worker is still alive, and the lock is free
+        mgr.close()
+    finally:
+        os.close(write_end)  # lets the worker exit
