@@ -41,7 +41,6 @@ def launch(context, root, point=None, kill_after=None, options=None, big=False) 
 def check_only_complete_checkpoints(root, context: str, options=None, big=False) -> list[int]:
     mgr = ckpt.CheckpointManager(root, storage_options=options)
     steps = mgr.all_steps()
-    assert len(steps) <= KEEP_LAST + 1, f"{context}: retention left {steps}"
     for step in steps:
         mgr.verify(step)
         assert_same_state(mgr.read(step)["data"], state(step, big))
@@ -99,6 +98,10 @@ def timed_trials(tmp_path, forkserver, trials: int) -> dict[str, int]:
         counts["killed" if code == -signal.SIGKILL else "finished"] += 1
         assert code in (0, -signal.SIGKILL)
         steps = check_only_complete_checkpoints(root, f"trial {trial}, kill seed {SEED}")
+        # Retention runs after each commit, so kills between a commit and its retention
+        # can leave extra steps; the next save that completes removes them all.
+        if code == 0:
+            assert len(steps) <= KEEP_LAST, f"trial {trial}: retention left {steps}"
         if steps and steps[-1] == STEPS - 1:
             root = tmp_path / f"run{trial + 1}"  # finished: start a fresh run
     return counts

@@ -1,0 +1,258 @@
+"""Benchmark: ckpt against a raw write, torch.save/load, safetensors and DCP, in one run.
+
+Usage: python bench/bench.py [--gib 1.0] [--small 10000] [--dir DIR] [--cold]
+
+Two states: a model with AdamW state of about ``--gib`` GiB, and ``--small``
+small tensors. Every method runs in a fresh process (so peak memory is its own),
+writes with the same fsync policy (every file fsynced before the clock stops),
+and is timed with a warm page cache (``--cold`` drops caches before each load;
+needs root). Prints seconds, ratios and peak extra RSS (peak RSS above the RSS
+once the state is built) per method.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SAVE_METHODS = ["raw", "torch.save", "safetensors", "dcp", "ckpt"]
+LOAD_METHODS = ["torch.load(mmap)", "safetensors", "dcp", "ckpt"]
+
+
+def build(kind: str, gib: float, small: int, seed: int = 0):
+    """The state to save: (model, optimizer) for "model", a dict for "small"."""
+    import torch
+
+    torch.manual_seed(seed)
+    if kind == "small":
+        return None, None, {f"t{i}": torch.randn(64) for i in range(small)}
+    width = 4096
+    layers = max(1, int(gib * 2**30 / 12 / (width * width)))  # params + 2 AdamW moments
+    model = torch.nn.Sequential(*[torch.nn.Linear(width, width) for _ in range(layers)])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    optimizer.step()
+    return model, optimizer, None
+
+
+def _flat(model, optimizer):
+    """Everything as one flat {name: tensor} (for the formats that need one)."""
+    out = {f"model.{k}": v for k, v in model.state_dict().items()}
+    for index, state in optimizer.state_dict()["state"].items():
+        for key, value in state.items():
+            out[f"optim.{index}.{key}"] = value
+    return out
+
+
+def _fsync_tree(path: Path) -> None:
+    for p in [path] if path.is_file() else sorted(path.rglob("*")):
+        if p.is_file():
+            fd = os.open(p, os.O_RDONLY)
+            os.fsync(fd)
+            os.close(fd)
+
+
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def child(args) -> None:
+    """One measurement in a fresh process; prints a JSON line."""
+    import torch
+
+    model, optimizer, small = build(args.kind, args.gib, args.small)
+    tensors = small if small is not None else _flat(model, optimizer)
+    nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    target = Path(args.dir) / f"{args.kind}-{args.method.replace('(', '').replace(')', '')}"
+    if args.phase == "load":
+        model, optimizer, small = build(args.kind, args.gib, args.small, seed=1)  # fresh values
+        if args.cold:
+            subprocess.run(["sync"], check=True)
+            Path("/proc/sys/vm/drop_caches").write_text("3")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = _rss_kib("VmRSS")
+    start = time.perf_counter()
+    if args.phase == "save":
+        _save(args.method, target, model, optimizer, small, tensors)
+    else:
+        _load(args.method, target, model, optimizer, small)
+    seconds = time.perf_counter() - start
+    extra = (_rss_kib("VmHWM") - before) * 1024
+    size = (
+        sum(p.stat().st_size for p in target.rglob("*") if p.is_file())
+        if target.is_dir()
+        else (target.stat().st_size if target.exists() else 0)
+    )
+    print(json.dumps({"seconds": seconds, "extra": extra, "bytes": nbytes, "size": size}))
+    del torch
+
+
+def _save(method, target, model, optimizer, small, tensors) -> None:
+    import torch
+
+    if method == "raw":
+        with open(target, "wb") as f:
+            for t in tensors.values():
+                f.write(memoryview(t.reshape(-1).contiguous().view(torch.uint8).numpy()))
+            f.flush()
+            os.fsync(f.fileno())
+    elif method == "torch.save":
+        state = small if small is not None else {"model": model.state_dict(),
+                                                  "optimizer": optimizer.state_dict()}  # fmt: skip
+        torch.save(state, target)
+        _fsync_tree(target)
+    elif method == "safetensors":
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(target))
+        _fsync_tree(target)
+    elif method == "dcp":
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        if small is not None:
+            state = small
+        else:
+            model_state, optim_state = get_state_dict(model, optimizer)
+            state = {"model": model_state, "optimizer": optim_state}
+        dcp.save(state, checkpoint_id=str(target))
+        _fsync_tree(target)
+    elif method == "ckpt":
+        import ckpt
+
+        mgr = ckpt.CheckpointManager(str(target))
+        if small is not None:
+            mgr.save(0, data=small, rng=False)
+        else:
+            mgr.save(0, model=model, optimizer=optimizer, rng=False)
+        mgr.close()
+
+
+def _load(method, target, model, optimizer, small) -> None:
+    import torch
+
+    if method == "torch.load(mmap)":
+        state = torch.load(target.with_name(target.name.replace("torch.loadmmap", "torch.save")),
+                           mmap=True, weights_only=True)  # fmt: skip
+        if small is not None:
+            small.update(state)
+        else:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+    elif method == "safetensors":
+        from safetensors.torch import load_file
+
+        flat = load_file(str(target))
+        if small is not None:
+            small.update(flat)
+        else:
+            model.load_state_dict({k[6:]: v for k, v in flat.items() if k.startswith("model.")})
+            packed = optimizer.state_dict()
+            state: dict = {}
+            for key, value in flat.items():
+                if key.startswith("optim."):
+                    _, index, name = key.split(".", 2)
+                    state.setdefault(int(index), {})[name] = value
+            optimizer.load_state_dict({"state": state, "param_groups": packed["param_groups"]})
+    elif method == "dcp":
+        import torch.distributed.checkpoint as dcp
+
+        if small is not None:
+            dcp.load(small, checkpoint_id=str(target))
+        else:
+            from torch.distributed.checkpoint.state_dict import (
+                get_state_dict,
+                set_state_dict,
+            )
+
+            model_state, optim_state = get_state_dict(model, optimizer)
+            state = {"model": model_state, "optimizer": optim_state}
+            dcp.load(state, checkpoint_id=str(target))
+            set_state_dict(model, optimizer, model_state_dict=state["model"],
+                           optim_state_dict=state["optimizer"])  # fmt: skip
+    elif method == "ckpt":
+        import ckpt
+
+        mgr = ckpt.CheckpointManager(str(target))
+        if small is not None:
+            mgr.restore(data=small, rng=False)
+        else:
+            mgr.restore(model=model, optimizer=optimizer, rng=False)
+
+
+def run_child(args, kind: str, phase: str, method: str) -> dict:
+    cmd = [sys.executable, __file__, "--child", "--kind", kind, "--phase", phase,
+           "--method", method, "--gib", str(args.gib), "--small", str(args.small),
+           "--dir", args.dir] + (["--cold"] if args.cold else [])  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        return {"error": done.stderr.strip().splitlines()[-1] if done.stderr else "failed"}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--gib", type=float, default=1.0)
+    parser.add_argument("--small", type=int, default=10_000)
+    parser.add_argument("--dir", default=None)
+    parser.add_argument("--cold", action="store_true")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--kind", help=argparse.SUPPRESS)
+    parser.add_argument("--phase", help=argparse.SUPPRESS)
+    parser.add_argument("--method", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args)
+        return
+    own = args.dir is None
+    args.dir = args.dir or tempfile.mkdtemp(prefix="ckpt-bench-")
+    try:
+        for kind in ("model", "small"):
+            print(
+                f"\n== {kind}: "
+                + ("model + AdamW" if kind == "model" else f"{args.small} small tensors")
+            )
+            results = {}
+            for method in SAVE_METHODS:
+                results[method] = run_child(args, kind, "save", method)
+            nbytes = results["raw"].get("bytes", 1)
+            header = ("save", "s", "/raw", "/torch", "extra mem", "size/bytes")
+            print("{:18s} {:>7s} {:>6s} {:>7s} {:>10s} {:>10s}".format(*header))
+            raw_s, torch_s = results["raw"]["seconds"], results["torch.save"]["seconds"]
+            for method, r in results.items():
+                if "error" in r:
+                    print(f"{method:18s} error: {r['error']}")
+                    continue
+                s = r["seconds"]
+                print(f"{method:18s} {s:7.3f} {s / raw_s:6.2f} {s / torch_s:7.2f} "
+                      f"{r['extra'] / nbytes:9.3f}x {r['size'] / nbytes:10.4f}")  # fmt: skip
+            loads = {m: run_child(args, kind, "load", m) for m in LOAD_METHODS}
+            print(f"{'load':18s} {'s':>7s} {'/torch':>7s} {'extra mem':>10s}")
+            base = loads["torch.load(mmap)"].get("seconds", float("nan"))
+            for method, r in loads.items():
+                if "error" in r:
+                    print(f"{method:18s} error: {r['error']}")
+                    continue
+                print(f"{method:18s} {r['seconds']:7.3f} {r['seconds'] / base:7.2f} "
+                      f"{r['extra'] / nbytes:9.3f}x")  # fmt: skip
+            print(f"(state: {nbytes / 2**20:.1f} MiB of tensor bytes)")
+    finally:
+        if own:
+            shutil.rmtree(args.dir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
