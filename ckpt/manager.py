@@ -9,6 +9,7 @@ import platform
 import re
 import secrets
 import socket
+import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -54,6 +55,7 @@ from ckpt.preemption import DEFAULT_PREEMPTION_SIGNALS, PreemptionWatch
 from ckpt.retention import RetentionPolicy, steps_to_delete
 from ckpt.rng import RNG_ITEM, RandomStreams
 from ckpt.schedulers import align_lr_to_scheduler, scheduler_optimizer
+from ckpt.staging import StagingBuffers
 from ckpt.storage import Storage, WriterLock
 from ckpt.tree import tensor_refs
 
@@ -177,6 +179,14 @@ class CheckpointManager:
             A watched signal only sets a flag: ``should_save`` is then true at the next
             step boundary, and ``should_stop`` once that save has committed. The
             previous handlers come back on ``close()``.
+        async_save: ``save()`` returns once the state is copied into staging buffers
+            (reused from one save to the next; pinned for CUDA tensors) and writes
+            in a background thread. At most one save is in flight: the next
+            ``save()`` waits for it. ``wait()`` and ``close()`` flush it; a failure
+            in the background is raised by the next ``save()``, ``wait()``,
+            ``restore()``, ``read()``, ``verify()`` or ``close()``. A process that
+            exits without ``wait()`` still finishes the save (the thread is not a
+            daemon); one that is killed leaves a complete checkpoint or none.
 
     Example:
         >>> mgr = ckpt.CheckpointManager("runs/exp1", keep_last=3, every_steps=500)
@@ -202,6 +212,7 @@ class CheckpointManager:
         every_steps: int | None = None,
         every_seconds: float | None = None,
         preemption_signals: bool | Iterable[int] = False,
+        async_save: bool = False,
     ):
         self.retention = RetentionPolicy(keep_last, keep_every, keep_best, best_metric, best_mode)
         self.fallback_to_intact = bool(fallback_to_intact)
@@ -212,6 +223,11 @@ class CheckpointManager:
         self._storage.makedirs()
         self._lock: WriterLock | None = None
         self._uploads_checked = False
+        self.async_save = bool(async_save)
+        self._staging = StagingBuffers()
+        self._pending: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._save_requested_after_signal = False
         self._metrics_cache: dict[int, Mapping[str, float | int]] = {}
         self._last_save_time = time.monotonic()
         self._last_saved_step: int | None = None
@@ -232,7 +248,17 @@ class CheckpointManager:
         self.close()
 
     def close(self) -> None:
-        """Release the writer lock and put back replaced signal handlers; idempotent."""
+        """Finish a save in flight, release the writer lock, restore signal handlers; idempotent.
+
+        Raises:
+            Exception: What a background save raised, if it failed.
+        """
+        try:
+            self.wait()
+        finally:
+            self._release()
+
+    def _release(self) -> None:
         if self._watch is not None:
             self._watch.close()
             self._watch = None
@@ -263,7 +289,12 @@ class CheckpointManager:
 
     @property
     def should_stop(self) -> bool:
-        """Whether a preemption signal was received and a checkpoint has committed since."""
+        """Whether a preemption signal was received and a checkpoint has committed since.
+
+        With ``async_save``, a save requested after the signal is waited for here.
+        """
+        if self.preempted and self._save_requested_after_signal and not self._saved_since_signal:
+            self.wait()
         return self.preempted and self._saved_since_signal
 
     def should_save(self, step: int) -> bool:
@@ -350,6 +381,7 @@ class CheckpointManager:
             TypeError: An item, or a value in its state, cannot be stored without pickle.
             ValueError: A bad step, epoch or item name.
         """
+        self.wait()  # at most one save in flight; an earlier failure surfaces here
         start = time.perf_counter()
         step_name = step_dir_name(step)
         if epoch is not None and (isinstance(epoch, bool) or not isinstance(epoch, int)):
@@ -387,18 +419,45 @@ class CheckpointManager:
                 f"step {step} is already saved; choose a new step or pass overwrite=True",
                 path=self._url(step_name),
             )
+        signalled = self._watch is not None and self._watch.received is not None
+        if not self.async_save:
+            return self._finish(step, files, manifest, token, overwrite, signalled, start)
+        staged = self._staging.stage(files)
+        self._last_saved_step = step
+        self._last_save_time = time.monotonic()
+        self._save_requested_after_signal |= signalled
+        self._pending = threading.Thread(
+            target=self._finish_in_background,
+            args=(step, staged, manifest, token, overwrite, signalled, start),
+            name=f"ckpt-save-{step}",
+        )
+        self._pending.start()
+        logger.debug("step %d staged in %.3f s", step, time.perf_counter() - start)
+        return self._info(manifest)
+
+    def _finish(
+        self,
+        step: int,
+        files: dict[str, dict[str, torch.Tensor]],
+        manifest: Manifest,
+        token: str,
+        overwrite: bool,
+        signalled: bool,
+        start: float,
+    ) -> Checkpoint:
+        """Write, commit, log and apply retention (on the caller's thread or in the background)."""
         manifest = self._commit(step, files, manifest, token=token, overwrite=overwrite)
         nbytes = sum(r.size for r in manifest.files.values())
         logger.info(
             "saved step %d to %s (%d bytes in %.3f s)",
             step,
-            self._url(step_name),
+            self._url(step_dir_name(step)),
             nbytes,
             time.perf_counter() - start,
         )
         self._last_saved_step = step
         self._last_save_time = time.monotonic()
-        if self._watch is not None and self._watch.received is not None:
+        if signalled and self._watch is not None and self._watch.received is not None:
             if not self._saved_since_signal:
                 logger.warning(
                     "%s received: step %d is saved; the run should stop now",
@@ -408,6 +467,26 @@ class CheckpointManager:
             self._saved_since_signal = True
         self._apply_retention(step)
         return self._info(manifest)
+
+    def _finish_in_background(self, *args: Any) -> None:
+        try:
+            self._finish(*args)
+        except BaseException as e:
+            logger.error("background save of step %d failed: %s", args[0], e)
+            self._error = e
+
+    def wait(self) -> None:
+        """Block until the save in flight (``async_save=True``) has committed.
+
+        Raises:
+            Exception: What the background save raised, if it failed (raised once).
+        """
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.join()
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
 
     def _commit(
         self,
@@ -599,6 +678,7 @@ class CheckpointManager:
                 or disagrees with the manifest (for the latest step, unless
                 ``fallback_to_intact`` found an intact older one).
         """
+        self.wait()
         start = time.perf_counter()
         check_map_location(map_location)
         for name in items:
@@ -801,6 +881,7 @@ class CheckpointManager:
             CheckpointNotFoundError: No checkpoint, or ``step`` is not committed.
             CorruptCheckpointError: A file is malformed or disagrees with the manifest.
         """
+        self.wait()
         check_map_location(map_location)
         return self._retrying(step, lambda s: self._read(s, map_location, verify))
 
@@ -836,6 +917,7 @@ class CheckpointManager:
             CorruptCheckpointError: Anything is wrong; the message names the step,
                 the file and, for checksums, the expected and actual digests.
         """
+        self.wait()
         return self._retrying(step, self._verify)
 
     def _verify(self, step: int | None) -> Checkpoint:
