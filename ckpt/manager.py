@@ -6,7 +6,6 @@ import contextlib
 import logging
 import os
 import platform
-import re
 import secrets
 import socket
 import threading
@@ -21,24 +20,25 @@ import torch
 
 from ckpt import _version
 from ckpt.cadence import SaveCadence
+from ckpt.commit import (
+    commit_checkpoint,
+    delete_checkpoint,
+    remove_abandoned_uploads,
+    writer_is_gone,
+)
 from ckpt.errors import (
     CheckpointError,
     CheckpointExistsError,
     CheckpointNotFoundError,
-    CheckpointWriteError,
     CorruptCheckpointError,
 )
 from ckpt.format import (
     MANIFEST_NAME,
     Manifest,
-    is_tensor_file_name,
     parse_step_dir_name,
-    parse_temp_dir_name,
-    safe_host_name,
     step_dir_name,
-    temp_dir_name,
 )
-from ckpt.io import load_tensors, read_manifest, verify_checkpoint_files, write_checkpoint_files
+from ckpt.io import load_tensors, read_manifest, verify_checkpoint_files
 from ckpt.items import (
     RestorePlan,
     assemble_manifest,
@@ -67,9 +67,6 @@ _Prepared = tuple[
 ]
 
 logger = logging.getLogger(__name__)
-
-STALE_TEMP_SECONDS = 3600.0
-"""A temporary directory untouched for this long is abandoned and may be removed."""
 
 LOCK_NAME = ".ckpt-writer.lock"
 """The writer lock file in the root directory."""
@@ -101,24 +98,6 @@ class Checkpoint:
     def next_step(self) -> int:
         """The step to run next when resuming from this checkpoint: ``step + 1``."""
         return self.step + 1
-
-
-def _writer_is_gone(holder: str) -> bool:
-    """Whether a lock's holder ("host H pid P since T") was a process on this host now dead."""
-    match = re.match(r"host (\S+) pid (\d+) ", holder)
-    return bool(
-        match and match.group(1) == socket.gethostname() and not _pid_alive(int(match.group(2)))
-    )
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _check_rng_flag(rng: object) -> None:
@@ -272,7 +251,7 @@ class CheckpointManager:
                 f"host {socket.gethostname()} pid {os.getpid()} since "
                 f"{datetime.now(timezone.utc).isoformat(timespec='seconds')}"
             )
-            self._lock = self._storage.lock(LOCK_NAME, owner, abandoned=_writer_is_gone)
+            self._lock = self._storage.lock(LOCK_NAME, owner, abandoned=writer_is_gone)
             weakref.finalize(self, self._lock.release)
         else:
             try:
@@ -446,7 +425,15 @@ class CheckpointManager:
         start: float,
     ) -> Checkpoint:
         """Write, commit, log and apply retention (on the caller's thread or in the background)."""
-        manifest = self._commit(step, files, manifest, token=token, overwrite=overwrite)
+        if not self._storage.atomic_rename and not self._uploads_checked:
+            self._uploads_checked = True  # once per manager: crashed writers' leftovers
+            remove_abandoned_uploads(self._storage)
+        try:
+            manifest = commit_checkpoint(
+                self._storage, step, files, manifest, token=token, overwrite=overwrite
+            )
+        finally:
+            self._metrics_cache.pop(step, None)
         nbytes = sum(r.size for r in manifest.files.values())
         logger.info(
             "saved step %d to %s (%d bytes in %.3f s)",
@@ -488,62 +475,6 @@ class CheckpointManager:
         if error is not None:
             raise error
 
-    def _commit(
-        self,
-        step: int,
-        files: dict[str, dict[str, torch.Tensor]],
-        manifest: Manifest,
-        *,
-        token: str,
-        overwrite: bool,
-    ) -> Manifest:
-        """Write a checkpoint's files and commit them: by rename locally, else by the manifest."""
-        step_name = step_dir_name(step)
-        renames = self._storage.atomic_rename
-        replaced = None
-        if renames:
-            self._remove_abandoned_temps()
-            temp = temp_dir_name(step, socket.gethostname(), os.getpid(), token)
-        else:
-            self._remove_abandoned_uploads()
-            temp = step_name
-            replaced = self._created_at(step_name) if overwrite else None
-        try:
-            if renames:
-                self._storage.makedirs(temp)
-                manifest = write_checkpoint_files(self._storage, temp, files, manifest)
-                self._storage.commit_dir(temp, step_name, last=MANIFEST_NAME, replace=overwrite)
-            else:
-                # No rename here: the files get names unique to this attempt, and the
-                # manifest, created only if absent (or replaced in one PUT), commits them.
-                manifest = write_checkpoint_files(
-                    self._storage, step_name, files, manifest, replace_manifest=overwrite
-                )
-        except BaseException as e:
-            if renames:
-                self._remove_quietly(temp)
-            else:
-                for file_name in files:
-                    self._remove_file_quietly(step_name, file_name)
-            if isinstance(e, FileExistsError) and not isinstance(e, CheckpointError):
-                raise CheckpointExistsError(
-                    f"step {step} was committed by another writer meanwhile",
-                    path=self._url(step_name),
-                ) from e
-            if isinstance(e, OSError) and not isinstance(e, CheckpointError):
-                raise CheckpointWriteError(
-                    f"could not save step {step}: {e.strerror or e}; the partial checkpoint "
-                    "was removed and earlier checkpoints are intact",
-                    path=e.filename if isinstance(e.filename, str) else self._url(temp),
-                    errno=e.errno,
-                ) from e
-            raise
-        finally:
-            self._metrics_cache.pop(step, None)
-        if not renames and replaced is not None:
-            self._remove_unreferenced(step_name, manifest, grace=0.0)
-        return manifest
-
     def _committed_metrics(self, steps: list[int]) -> dict[int, Mapping[str, float | int]]:
         """Each step's metrics, from its manifest (cached: manifests do not change)."""
         for step in steps:
@@ -564,76 +495,8 @@ class CheckpointManager:
         for old in steps_to_delete(
             committed, just_saved=just_saved, policy=self.retention, metrics=metrics
         ):
-            name = step_dir_name(old)
             self._metrics_cache.pop(old, None)
-            try:
-                # The manifest goes first, so the step stops being listed at once.
-                self._storage.remove_file(name, MANIFEST_NAME)
-                self._storage.remove_tree(name)
-            except Exception as e:
-                logger.warning("could not delete old checkpoint %s: %s", self._url(name), e)
-            else:
-                logger.info("deleted old checkpoint %s (%s)", self._url(name), self.retention)
-
-    def _remove_abandoned_temps(self) -> None:
-        """Remove temporary directories left by crashed saves (dead writer or stale)."""
-        here = safe_host_name(socket.gethostname())
-        for name in self._storage.list_dir():
-            temp = parse_temp_dir_name(name)
-            if temp is None:
-                continue
-            dead = temp.host == here and not _pid_alive(temp.pid)
-            age = self._storage.age_seconds(name)
-            if dead or (age is not None and age > STALE_TEMP_SECONDS):
-                logger.info("removing abandoned temporary checkpoint %s", self._url(name))
-                self._remove_quietly(name)
-
-    def _remove_abandoned_uploads(self) -> None:
-        """On object stores, once per manager: remove files of saves that never committed.
-
-        Only ckpt's own file names are touched, and only once they are older than
-        the grace period, so a save in flight elsewhere is left alone.
-        """
-        if self._uploads_checked:
-            return
-        self._uploads_checked = True
-        try:
-            self._storage.abort_stale_uploads(STALE_TEMP_SECONDS)
-        except Exception as e:
-            logger.warning("could not clean up unfinished uploads: %s", e)
-        for name in self._storage.list_dir():
-            if parse_step_dir_name(name) is None:
-                continue
-            try:
-                manifest = read_manifest(self._storage, name)
-            except CheckpointError:
-                manifest = None
-            self._remove_unreferenced(name, manifest, grace=STALE_TEMP_SECONDS)
-
-    def _remove_unreferenced(
-        self, step_name: str, manifest: Manifest | None, *, grace: float
-    ) -> None:
-        """Remove ckpt tensor files in ``step_name`` that ``manifest`` does not list."""
-        keep = set() if manifest is None else set(manifest.files)
-        for file_name in self._storage.list_dir(step_name):
-            if file_name in keep or not is_tensor_file_name(file_name):
-                continue
-            age = self._storage.age_seconds(step_name, file_name)
-            if age is not None and age >= grace:
-                logger.info("removing abandoned upload %s", self._url(step_name, file_name))
-                self._remove_file_quietly(step_name, file_name)
-
-    def _remove_file_quietly(self, *parts: str) -> None:
-        try:
-            self._storage.remove_file(*parts)
-        except Exception as e:
-            logger.warning("could not remove %s: %s", self._url(*parts), e)
-
-    def _remove_quietly(self, name: str) -> None:
-        try:
-            self._storage.remove_tree(name)
-        except Exception as e:
-            logger.warning("could not remove %s: %s", self._url(name), e)
+            delete_checkpoint(self._storage, old, str(self.retention))
 
     # ----------------------------------------------------------------- restore
 

@@ -13,8 +13,8 @@ from conftest import assert_same_state
 from helpers import small_model
 
 import ckpt
+import ckpt.commit
 import ckpt.io
-import ckpt.manager
 
 
 @pytest.fixture
@@ -22,14 +22,14 @@ def gate(monkeypatch):
     """Hold background writes until the test opens the gate."""
     opened = threading.Event()
     started = threading.Event()
-    original = ckpt.manager.write_checkpoint_files
+    original = ckpt.commit.write_checkpoint_files
 
     def gated(*args, **kwargs):
         started.set()
         assert opened.wait(60)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(ckpt.manager, "write_checkpoint_files", gated)
+    monkeypatch.setattr(ckpt.commit, "write_checkpoint_files", gated)
     return opened, started
 
 
