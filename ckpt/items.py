@@ -27,7 +27,7 @@ from ckpt.optim import (
     optimizer_param_records,
     optimizer_targets,
 )
-from ckpt.rng import RandomStreams
+from ckpt.rng import RandomStreams, check_rng_values
 from ckpt.tensorfile import dtype_name
 from ckpt.tree import Json, flatten, tensors_by_path, unflatten
 
@@ -168,8 +168,11 @@ class RestorePlan:
         return _RESTORE_ORDER[self.kind]
 
     def build(self, tensors: Mapping[str, torch.Tensor]) -> Any:
-        """Assemble the item's state from the loaded tensors."""
-        return build_state(self.record, tensors, self.name)
+        """Assemble the item's state from the loaded tensors (random states are dry-run)."""
+        state = build_state(self.record, tensors, self.name)
+        if self.kind == "rng":
+            check_rng_values(state)
+        return state
 
     def apply(self, state: Any) -> tuple[list[str], list[str]]:
         """Load ``state`` into the live object; return (missing, unexpected) keys."""

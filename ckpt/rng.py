@@ -21,7 +21,14 @@ import torch
 
 from ckpt.errors import CorruptCheckpointError, IncompatibleCheckpointError
 
-__all__ = ["RNG_ITEM", "RandomStreams", "capture_rng_state", "check_rng_state", "set_rng_state"]
+__all__ = [
+    "RNG_ITEM",
+    "RandomStreams",
+    "capture_rng_state",
+    "check_rng_state",
+    "check_rng_values",
+    "set_rng_state",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -151,6 +158,43 @@ def check_rng_state(state: object) -> None:
             raise _fail("cuda", "must be a list of per-device states")
         for index, device_state in enumerate(cuda):
             _check_bytes(f"cuda.#{index}", device_state)
+
+
+def check_rng_values(state: Mapping[str, Any]) -> None:
+    """Dry-run a loaded random state on scratch generators, so setting it cannot fail later.
+
+    Checks what :func:`check_rng_state` cannot see without the data: that torch
+    accepts the CPU generator's bytes and Python and NumPy their states.
+
+    Raises:
+        CorruptCheckpointError: A state the generator refuses (the key names which).
+    """
+    python = state["python"]
+    try:
+        random.Random().setstate(
+            (python["version"], tuple(python["internal"]), python["gauss_next"])
+        )
+    except (ValueError, TypeError, OverflowError) as e:
+        raise _fail("python", f"is refused by Python: {e}") from e
+    try:
+        torch.Generator().set_state(state["torch"].cpu())
+    except RuntimeError as e:
+        raise _fail("torch", f"is refused by torch: {e}") from e
+    numpy_state = state.get("numpy")
+    numpy = sys.modules.get("numpy")
+    if numpy_state is not None and numpy is not None:
+        try:
+            numpy.random.RandomState().set_state(
+                (
+                    numpy_state["bit_generator"],
+                    numpy.array(numpy_state["key"], dtype=numpy.uint32),
+                    numpy_state["pos"],
+                    numpy_state["has_gauss"],
+                    numpy_state["gauss"],
+                )
+            )
+        except (ValueError, TypeError) as e:
+            raise _fail("numpy", f"is refused by NumPy: {e}") from e
 
 
 def set_rng_state(state: Mapping[str, Any]) -> None:

@@ -272,3 +272,27 @@ def test_each_rank_saves_and_restores_its_own_streams(tmp_path):
     torch.multiprocessing.start_processes(
         _rank_streams, args=(str(tmp_path),), nprocs=2, start_method="spawn"
     )
+
+
+def test_a_torch_state_torch_refuses_fails_before_anything_is_loaded(tmp_path, monkeypatch):
+    """Found by the fuzzer: a flipped bit in the generator bytes, checksums rewritten."""
+    from ckpt.rng import check_rng_values
+
+    state = capture_rng_state()
+    bad = state["torch"].clone()
+    bad[8:12] = 0  # the "left" counter of the mt19937 state: torch refuses 0
+    with pytest.raises(ckpt.CorruptCheckpointError) as info:
+        check_rng_values({**state, "torch": bad})
+    assert info.value.key == "rng.torch"
+
+    model = small_model(0)
+    mgr = ckpt.CheckpointManager(tmp_path)
+    mgr.save(0, model=model)
+    live = small_model(1)
+    before = {k: v.clone() for k, v in live.state_dict().items()}
+    with monkeypatch.context() as patch:
+        patch.setattr(ckpt.rng, "capture_rng_state", lambda: {**state, "torch": bad})
+        mgr.save(1, model=model)
+    with pytest.raises(ckpt.CorruptCheckpointError):
+        mgr.restore(1, model=live)
+    assert_same_state(live.state_dict(), before)
