@@ -594,65 +594,47 @@ class CheckpointManager:
         verify: bool,
     ) -> _Prepared | None:
         """Check and read a checkpoint (the latest intact one, if so configured)."""
-        skipped: list[int] = []
-        for _attempt in range(3):  # a step deleted or replaced by another process: again
-            candidates = [step] if step is not None else self.all_steps()[::-1]
-            candidates = [c for c in candidates if c not in skipped]
-            if not candidates and not skipped:
-                return None
-            for candidate in candidates:
-                step_name = step_dir_name(candidate)
-                before = self._created_at(step_name)
-                try:
-                    prepared = self._prepare(
-                        candidate, dict(items), map_location, strict, rng, verify
-                    )
-                except (CorruptCheckpointError, CheckpointNotFoundError) as e:
-                    now = self._created_at(step_name)
-                    if before is not None and now is not None and now != before:
-                        logger.info("step %d was replaced while being restored; again", candidate)
-                        break
-                    if step is None and before is not None and now is None:
-                        logger.info(
-                            "step %d was deleted while being restored; listing again", candidate
-                        )
-                        break
-                    if step is not None and before is not None and now is None:
-                        raise CheckpointNotFoundError(
-                            f"step {candidate} was deleted while being restored (by retention in "
-                            "another process?); nothing was loaded",
-                            path=self._url(step_name),
-                        ) from e
-                    if (
-                        step is not None
-                        or not self.fallback_to_intact
-                        or not isinstance(e, CorruptCheckpointError)
-                    ):
-                        raise
-                    logger.warning(
-                        "checkpoint step %d is corrupt, trying an older one: %s", candidate, e
-                    )
-                    skipped.append(candidate)
-                    continue
-                if skipped:
-                    logger.warning(
-                        "restoring step %d, the newest intact checkpoint; skipped corrupt %s",
-                        candidate,
-                        skipped,
-                    )
-                return prepared
-            else:
-                raise CorruptCheckpointError(
-                    f"no intact checkpoint to restore: step(s) {skipped} are corrupt",
-                    path=self.directory,
-                )
-        raise CheckpointNotFoundError(
-            "checkpoints kept being deleted or replaced while being restored; retry",
-            path=self.directory,
-        )
 
-    def _retrying(self, step: int | None, attempt: Callable[[int | None], _T]) -> _T:
-        """Run ``attempt`` on a step again if another process replaced or deleted it meanwhile."""
+        def prepare(candidate: int | None) -> _Prepared | None:
+            return self._prepare(candidate, dict(items), map_location, strict, rng, verify)
+
+        if step is not None or not self.fallback_to_intact:
+            return self._retrying(step, prepare, "restored")
+        skipped: list[int] = []
+        for candidate in self.all_steps()[::-1]:
+            try:
+                prepared = self._retrying(candidate, prepare, "restored")
+            except CorruptCheckpointError as e:
+                logger.warning(
+                    "checkpoint step %d is corrupt, trying an older one: %s", candidate, e
+                )
+                skipped.append(candidate)
+                continue
+            except CheckpointNotFoundError:
+                if self._storage.exists(step_dir_name(candidate), MANIFEST_NAME):
+                    raise  # not a deleted step: an item is missing, say
+                continue  # deleted meanwhile by another process's retention
+            if skipped:
+                logger.warning(
+                    "restoring step %d, the newest intact checkpoint; skipped corrupt %s",
+                    candidate,
+                    skipped,
+                )
+            return prepared
+        if skipped:
+            raise CorruptCheckpointError(
+                f"no intact checkpoint to restore: step(s) {skipped} are corrupt",
+                path=self.directory,
+            )
+        return None
+
+    def _retrying(
+        self, step: int | None, attempt: Callable[[int | None], _T], doing: str = "read"
+    ) -> _T:
+        """Run ``attempt`` on a step again if another process replaced or deleted it meanwhile.
+
+        With ``step`` ``None`` it works on the latest step, listing again after a deletion.
+        """
         for _ in range(3):
             target = step if step is not None else self.latest_step()
             if target is None:
@@ -667,13 +649,13 @@ class CheckpointManager:
                     raise
                 if step is not None and now is None:
                     raise CheckpointNotFoundError(
-                        f"step {target} was deleted while being read (by retention in another "
-                        "process?)",
+                        f"step {target} was deleted while being {doing} (by retention in "
+                        "another process?); nothing was loaded",
                         path=self._url(name),
                     ) from e
-                logger.info("step %d changed while being read; reading again", target)
+                logger.info("step %d changed while being %s; again", target, doing)
         raise CheckpointNotFoundError(
-            "checkpoints kept changing while being read; retry", path=self.directory
+            f"checkpoints kept changing while being {doing}; retry", path=self.directory
         )
 
     def _created_at(self, step_name: str) -> str | None:
@@ -685,16 +667,20 @@ class CheckpointManager:
 
     def _prepare(
         self,
-        step: int,
+        step: int | None,
         items: dict[str, Any],
         map_location: MapLocation,
         strict: bool,
         rng: bool,
         verify: bool,
-    ) -> _Prepared:
-        """Check one checkpoint against the live items and read its tensors; mutate nothing."""
+    ) -> _Prepared | None:
+        """Check a checkpoint against the live items and read its tensors; mutate nothing.
+
+        ``step`` ``None`` means the latest; the result is ``None`` when there is none.
+        """
         found = self._manifest(step)
-        assert found is not None
+        if found is None:
+            return None
         step_name, manifest = found
         manifest_path = self._storage.path(step_name, MANIFEST_NAME)
         if rng and RNG_ITEM in manifest.items:
