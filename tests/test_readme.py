@@ -25,9 +25,9 @@ def test_readme_has_two_setup_commands_and_ci_runs_the_test_one():
     assert tests in (ROOT / ".ci" / "run").read_text()
 
 
-def test_demo_resumes_bit_identically():
+def assert_example_ends_identical(script: str, *args: str) -> None:
     done = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "train_resume.py"), "--seed", "3"],
+        [sys.executable, str(ROOT / "examples" / script), *args],
         capture_output=True,
         text=True,
         timeout=300,
@@ -35,16 +35,12 @@ def test_demo_resumes_bit_identically():
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "IDENTICAL" in done.stdout
+
+
+def test_demo_resumes_bit_identically():
+    assert_example_ends_identical("train_resume.py", "--seed", "3")
 
 
 @pytest.mark.s3
 def test_s3_example_resumes_bit_identically():
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "s3_resume.py")],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "IDENTICAL" in done.stdout
+    assert_example_ends_identical("s3_resume.py")
