@@ -104,7 +104,7 @@ def commit_checkpoint(
         if renames:
             storage.makedirs(temp)
             manifest = write_checkpoint_files(storage, temp, files, manifest)
-            storage.commit_dir(temp, step_name, last=MANIFEST_NAME, replace=overwrite)
+            storage.commit_dir(temp, step_name, replace=overwrite)
         else:
             # No rename here: the files get names unique to this attempt, and the
             # manifest, created only if absent (or replaced in one PUT), commits them.

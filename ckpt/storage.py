@@ -355,9 +355,7 @@ class Storage:
                 time.sleep(delay)
         raise AssertionError("unreachable")
 
-    def commit_dir(
-        self, temp: str, final: str, *, last: str | None = None, replace: bool = False
-    ) -> None:
+    def commit_dir(self, temp: str, final: str, *, replace: bool = False) -> None:
         """Move a finished temporary directory to its final name.
 
         On local disk the temp directory is fsynced, renamed with
