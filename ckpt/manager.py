@@ -547,7 +547,9 @@ class CheckpointManager:
         for name in items:
             check_item_name(name)
         _check_rng_flag(rng)
-        prepared = self._prepare_with_fallback(step, items, map_location, strict, rng, verify)
+        prepared = self._prepare_with_fallback(
+            step, lambda s: self._prepare(s, dict(items), map_location, strict, rng, verify)
+        )
         if prepared is None:
             return None
         step_name, manifest, plans, states, loaded = prepared
@@ -585,19 +587,9 @@ class CheckpointManager:
         )
 
     def _prepare_with_fallback(
-        self,
-        step: int | None,
-        items: dict[str, Any],
-        map_location: MapLocation,
-        strict: bool,
-        rng: bool,
-        verify: bool,
+        self, step: int | None, prepare: Callable[[int | None], _Prepared | None]
     ) -> _Prepared | None:
-        """Check and read a checkpoint (the latest intact one, if so configured)."""
-
-        def prepare(candidate: int | None) -> _Prepared | None:
-            return self._prepare(candidate, dict(items), map_location, strict, rng, verify)
-
+        """Run ``prepare`` on ``step`` (the latest intact one, if so configured)."""
         if step is not None or not self.fallback_to_intact:
             return self._retrying(step, prepare, "restored")
         skipped: list[int] = []
