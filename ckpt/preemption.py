@@ -28,22 +28,17 @@ class PreemptionWatch:
     def __init__(self, signals: Iterable[int]):
         if threading.current_thread() is not threading.main_thread():
             raise ValueError("preemption signal handlers can only be installed on the main thread")
-        self._signals = tuple(signal.Signals(s) for s in signals)
-        if not self._signals:
+        watched = tuple(signal.Signals(s) for s in signals)
+        if not watched:
             raise ValueError("preemption_signals must name at least one signal")
         self._received: signal.Signals | None = None
         self._previous: dict[signal.Signals, Any] = {}
-        for sig in self._signals:
+        for sig in watched:
             self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self._received is None:
             self._received = signal.Signals(signum)
-
-    @property
-    def signals(self) -> tuple[signal.Signals, ...]:
-        """The signals watched."""
-        return self._signals
 
     @property
     def received(self) -> signal.Signals | None:

@@ -50,7 +50,3 @@ class StagingBuffers:
             buffer = torch.empty(source.shape, dtype=source.dtype, pin_memory=pin)
             self._buffers[name] = buffer
         return buffer
-
-    def nbytes(self) -> int:
-        """Bytes held by the buffers."""
-        return sum(b.numel() * b.element_size() for b in self._buffers.values())
