@@ -91,13 +91,77 @@ def child(args) -> None:
         _load(args.method, target, model, optimizer, small)
     seconds = time.perf_counter() - start
     extra = (_rss_kib("VmHWM") - before) * 1024
+    steps = {}
+    if args.phase == "load" and optimizer is not None:
+        # The first optimizer step pays for whatever the load deferred (mmap'd state).
+        for label in ("first_step", "next_step"):
+            begin = time.perf_counter()
+            optimizer.step()
+            steps[label] = time.perf_counter() - begin
     size = (
         sum(p.stat().st_size for p in target.rglob("*") if p.is_file())
         if target.is_dir()
         else (target.stat().st_size if target.exists() else 0)
     )
-    print(json.dumps({"seconds": seconds, "extra": extra, "bytes": nbytes, "size": size}))
+    print(json.dumps({"seconds": seconds, "extra": extra, "bytes": nbytes, "size": size, **steps}))
     del torch
+
+
+def async_child(args) -> None:
+    """Async save: how long save() blocks, and how much slower training steps run meanwhile."""
+    import statistics
+
+    import torch
+
+    import ckpt
+
+    model, optimizer, _ = build("model", args.gib, 0)
+    tensors = _flat(model, optimizer)
+    nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    buffers = {k: torch.empty_like(v) for k, v in tensors.items()}
+    copies = []
+    for _ in range(3):  # one copy of the state into memory that is already mapped
+        begin = time.perf_counter()
+        for k, v in tensors.items():
+            buffers[k].copy_(v)
+        copies.append(time.perf_counter() - begin)
+    del buffers
+    batch = torch.randn(args.batch, model[0].in_features)
+
+    def train_step() -> float:
+        begin = time.perf_counter()
+        optimizer.zero_grad()
+        model(batch).square().mean().backward()
+        optimizer.step()
+        return time.perf_counter() - begin
+
+    for _ in range(2):
+        train_step()  # warm up
+    alone = [train_step() for _ in range(args.steps)]
+    shutil.rmtree(Path(args.dir) / "async", ignore_errors=True)
+    mgr = ckpt.CheckpointManager(str(Path(args.dir) / "async"), async_save=True, keep_last=2)
+    blocked, during, per_save = [], [], []
+    for step in range(args.saves):
+        begin = time.perf_counter()
+        mgr.save(step, model=model, optimizer=optimizer, rng=False)
+        blocked.append(time.perf_counter() - begin)
+        steps = []
+        while mgr._pending is not None and mgr._pending.is_alive():
+            steps.append(train_step())
+        per_save.append(time.perf_counter() - begin)
+        during.extend(steps[:-1])  # the last step may end long after the save did
+        mgr.wait()
+        train_step()  # the writer's last bytes may still be settling
+    mgr.close()
+    print(json.dumps({
+        "bytes": nbytes,
+        "copy": min(copies),
+        "blocked": blocked,
+        "persist": per_save,
+        "step_alone": statistics.median(alone),
+        "step_during": statistics.median(during) if during else float("nan"),
+        "steps_during": len(during),
+    }))  # fmt: skip
 
 
 def _save(method, target, model, optimizer, small, tensors) -> None:
@@ -196,11 +260,29 @@ def _load(method, target, model, optimizer, small) -> None:
 def run_child(args, kind: str, phase: str, method: str) -> dict:
     cmd = [sys.executable, __file__, "--child", "--kind", kind, "--phase", phase,
            "--method", method, "--gib", str(args.gib), "--small", str(args.small),
-           "--dir", args.dir] + (["--cold"] if args.cold else [])  # fmt: skip
+           "--dir", args.dir, "--saves", str(args.saves), "--steps", str(args.steps),
+           "--batch", str(args.batch)] + (["--cold"] if args.cold else [])  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         return {"error": done.stderr.strip().splitlines()[-1] if done.stderr else "failed"}
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _print_async(r: dict) -> None:
+    if "error" in r:
+        print(f"async error: {r['error']}")
+        return
+    copy, blocked = r["copy"], r["blocked"]
+    later = sorted(blocked[1:])[len(blocked[1:]) // 2] if len(blocked) > 1 else float("nan")
+    budget = 1.5 * copy + 0.050
+    print(f"async save: one copy of the state {copy:.3f} s; save() blocked "
+          f"{blocked[0]:.3f} s the first time, median {later:.3f} s after "
+          f"({later / budget:.2f}x the 1.5 x copy + 50 ms budget of {budget:.3f} s); "
+          f"all: {', '.join(f'{b:.3f}' for b in blocked)}")  # fmt: skip
+    print(f"training step {r['step_alone']:.3f} s alone, {r['step_during']:.3f} s while a "
+          f"save persists ({r['step_during'] / r['step_alone']:.2f}x, "
+          f"{r['steps_during']} steps); save to commit: "
+          f"{', '.join(f'{p:.2f}' for p in r['persist'])} s")  # fmt: skip
 
 
 def main() -> None:
@@ -209,13 +291,16 @@ def main() -> None:
     parser.add_argument("--small", type=int, default=10_000)
     parser.add_argument("--dir", default=None)
     parser.add_argument("--cold", action="store_true")
+    parser.add_argument("--saves", type=int, default=4, help="async saves to time")
+    parser.add_argument("--steps", type=int, default=8, help="training steps timed alone")
+    parser.add_argument("--batch", type=int, default=32, help="training batch (async)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--kind", help=argparse.SUPPRESS)
     parser.add_argument("--phase", help=argparse.SUPPRESS)
     parser.add_argument("--method", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(args)
+        async_child(args) if args.phase == "async" else child(args)
         return
     own = args.dir is None
     args.dir = args.dir or tempfile.mkdtemp(prefix="ckpt-bench-")
@@ -240,15 +325,24 @@ def main() -> None:
                 print(f"{method:18s} {s:7.3f} {s / raw_s:6.2f} {s / torch_s:7.2f} "
                       f"{r['extra'] / nbytes:9.3f}x {r['size'] / nbytes:10.4f}")  # fmt: skip
             loads = {m: run_child(args, kind, "load", m) for m in LOAD_METHODS}
-            print(f"{'load':18s} {'s':>7s} {'/torch':>7s} {'extra mem':>10s}")
+            print(f"{'load':18s} {'s':>7s} {'/torch':>7s} {'extra mem':>10s} "
+                  f"{'+1st step':>10s} {'/torch':>7s} {'2nd step':>9s}")  # fmt: skip
             base = loads["torch.load(mmap)"].get("seconds", float("nan"))
+            first = loads["torch.load(mmap)"].get("first_step", 0.0)
             for method, r in loads.items():
                 if "error" in r:
                     print(f"{method:18s} error: {r['error']}")
                     continue
-                print(f"{method:18s} {r['seconds']:7.3f} {r['seconds'] / base:7.2f} "
-                      f"{r['extra'] / nbytes:9.3f}x")  # fmt: skip
+                line = (f"{method:18s} {r['seconds']:7.3f} {r['seconds'] / base:7.2f} "
+                        f"{r['extra'] / nbytes:9.3f}x")  # fmt: skip
+                if "first_step" in r:
+                    total = r["seconds"] + r["first_step"]
+                    line += (f" {total:10.3f} {total / (base + first):7.2f} "
+                             f"{r['next_step']:9.3f}")  # fmt: skip
+                print(line)
             print(f"(state: {nbytes / 2**20:.1f} MiB of tensor bytes)")
+            if kind == "model":
+                _print_async(run_child(args, kind, "async", "ckpt"))
     finally:
         if own:
             shutil.rmtree(args.dir, ignore_errors=True)

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
+from contextlib import ExitStack
 from typing import BinaryIO
 
 import torch
 
-from ckpt.errors import CheckpointNotFoundError, CorruptCheckpointError
+from ckpt.errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
 from ckpt.format import (
     MANIFEST_NAME,
     FileRecord,
@@ -30,6 +31,7 @@ from ckpt.tensorfile import (
     MAX_HEADER_BYTES,
     TensorEntry,
     parse_header,
+    read_into,
     read_tensor,
     tensor_bytes,
     write_tensors,
@@ -37,6 +39,7 @@ from ckpt.tensorfile import (
 
 __all__ = [
     "MAX_MANIFEST_BYTES",
+    "PendingReads",
     "load_tensors",
     "read_manifest",
     "verify_checkpoint_files",
@@ -153,6 +156,66 @@ def _check_size(storage: Storage, directory: str, file_name: str, manifest: Mani
     return path
 
 
+class PendingReads:
+    """Reads straight into live tensors, held back until every check of a restore has passed.
+
+    The files stay open from the checks to the reads, so the bytes read are
+    those of the files checked even if the checkpoint is replaced or deleted
+    meanwhile. Use as a context manager, or call :meth:`close`.
+    """
+
+    def __init__(self) -> None:
+        self._files = ExitStack()
+        self._reads: list[tuple[BinaryIO, TensorEntry, int, str, torch.Tensor]] = []
+
+    def __enter__(self) -> PendingReads:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def hold(self, scope: ExitStack) -> None:
+        """Keep what ``scope`` holds open until :meth:`close`."""
+        self._files.push(scope)
+
+    def add(
+        self, f: BinaryIO, entry: TensorEntry, data_start: int, path: str, out: torch.Tensor
+    ) -> None:
+        """Schedule reading ``entry`` of the open file ``f`` into ``out``."""
+        self._reads.append((f, entry, data_start, path, out))
+
+    @property
+    def nbytes(self) -> int:
+        """The bytes still to read."""
+        return sum(entry.nbytes for _, entry, _, _, _ in self._reads)
+
+    def run(self) -> None:
+        """Do the reads, in file order.
+
+        Raises:
+            CorruptCheckpointError: A read failed (the file shrank or the disk
+                failed since it was checked); the message says that live
+                tensors may be partly overwritten.
+        """
+        reads, self._reads = self._reads, []
+        for f, entry, data_start, path, out in sorted(reads, key=lambda r: (id(r[0]), r[1].begin)):
+            try:
+                read_into(f, entry, data_start, path, out)
+            except (CheckpointError, OSError) as e:
+                raise CorruptCheckpointError(
+                    f"reading into the live tensor failed after every check had passed ({e}); "
+                    "tensors loaded in place before it hold the checkpoint's values, the rest "
+                    "their old ones",
+                    path=path,
+                    key=entry.name,
+                ) from e
+
+    def close(self) -> None:
+        """Close the files; reads not run are dropped."""
+        self._reads = []
+        self._files.close()
+
+
 def load_tensors(
     storage: Storage,
     directory: str,
@@ -162,13 +225,18 @@ def load_tensors(
     map_location: MapLocation,
     *,
     verify: bool = True,
-) -> dict[str, torch.Tensor]:
+    into: Mapping[str, torch.Tensor] | None = None,
+) -> tuple[dict[str, torch.Tensor], PendingReads]:
     """Load the named tensors, each built at its target device and dtype.
 
     With ``verify``, every file that has a tensor to read is read whole and its
     checksum compared with the manifest's, as the bytes stream in; tensors not
     asked for are hashed and dropped. A file whose tensors all go to the
     ``meta`` device is not read at all.
+
+    Tensors named in ``into`` are not read now: they are hashed (with
+    ``verify``) and their reads into the given live tensors are returned as
+    :class:`PendingReads`, to run once the caller has checked everything else.
 
     Args:
         storage: Where the checkpoint is.
@@ -179,11 +247,17 @@ def load_tensors(
             means "where ``map_location`` maps the saved location".
         map_location: As for ``torch.load``.
         verify: Check each file read against its checksum.
+        into: ``{name: contiguous CPU tensor of the stored dtype and shape}``.
+
+    Returns:
+        ``{name: tensor}`` (for names in ``into``, the live tensor, not yet
+        read into) and the pending reads, which the caller must run or close.
 
     Raises:
         CheckpointNotFoundError: A tensor file is missing.
         CorruptCheckpointError: A file's size, header or checksum disagrees with the manifest.
     """
+    into = into or {}
     by_file: dict[str, list[str]] = {}
     for name in names:
         record = manifest.tensors.get(name)
@@ -195,57 +269,104 @@ def load_tensors(
             )
         by_file.setdefault(record.file, []).append(name)
     out: dict[str, torch.Tensor] = {}
-    cuda_devices: set[torch.device] = set()
-    scratch = bytearray()
-    for file_name, file_names in by_file.items():
-        wanted: dict[str, tuple[torch.device | None, torch.dtype | None]] = {}
-        for name in file_names:
-            record = manifest.tensors[name]
-            device, dtype = targets.get(name, (None, None))
-            if device is None and not callable(map_location):
-                device = mapped_device(map_location, record.device)
-            if device is not None and device.type == "meta":
-                out[name] = torch.empty(record.shape, dtype=dtype or record.dtype, device="meta")
-            else:
-                wanted[name] = (device, dtype)
-        if not wanted:
-            continue
-        path = _check_size(storage, directory, file_name, manifest)
-        file_record = manifest.files[file_name]
-        hasher = Hasher() if verify and file_record.checksum else None
-        with storage.open_read(directory, file_name) as f:
-            entries, data_start = _read_header(f, path, file_record.size, hasher)
+    reader = _FileReader(storage, directory, manifest, map_location, verify, into)
+    with ExitStack() as on_error:
+        on_error.push(reader.pending)
+        for file_name, file_names in by_file.items():
+            wanted: dict[str, Target] = {}
+            for name in file_names:
+                record = manifest.tensors[name]
+                device, dtype = targets.get(name, (None, None))
+                if device is None and not callable(map_location):
+                    device = mapped_device(map_location, record.device)
+                if device is not None and device.type == "meta":
+                    out[name] = torch.empty(
+                        record.shape, dtype=dtype or record.dtype, device="meta"
+                    )
+                else:
+                    wanted[name] = (device, dtype)
+            if wanted:
+                out.update(reader.load(file_name, wanted))
+        for cuda in reader.cuda_devices:  # pinned host copies are asynchronous: finish them
+            torch.cuda.synchronize(cuda)
+        on_error.pop_all()
+    return out, reader.pending
+
+
+class _FileReader:
+    """Loads the wanted tensors of one file at a time for :func:`load_tensors`."""
+
+    def __init__(
+        self,
+        storage: Storage,
+        directory: str,
+        manifest: Manifest,
+        map_location: MapLocation,
+        verify: bool,
+        into: Mapping[str, torch.Tensor],
+    ) -> None:
+        self.storage, self.directory, self.manifest = storage, directory, manifest
+        self.map_location, self.verify, self.into = map_location, verify, into
+        self.pending = PendingReads()
+        self.cuda_devices: set[torch.device] = set()
+        self._scratch = bytearray()
+
+    def load(self, file_name: str, wanted: Mapping[str, Target]) -> dict[str, torch.Tensor]:
+        """Read ``wanted`` from one file (hashing it whole), deferring reads into live tensors."""
+        manifest = self.manifest
+        path = _check_size(self.storage, self.directory, file_name, manifest)
+        record = manifest.files[file_name]
+        hasher = Hasher() if self.verify and record.checksum else None
+        out: dict[str, torch.Tensor] = {}
+        with ExitStack() as file_scope:
+            f = file_scope.enter_context(self.storage.open_read(self.directory, file_name))
+            if any(name in self.into for name in wanted):
+                self.pending.hold(file_scope.pop_all())  # open until the pending reads ran
+            entries, data_start = _read_header(f, path, record.size, hasher)
             for name in wanted:
                 _matching_entry(entries, name, manifest.tensors[name], path)
             for entry in sorted(entries.values(), key=lambda e: e.begin):
-                if entry.name not in wanted:
-                    if hasher is not None:
-                        if not scratch:
-                            scratch = bytearray(CHUNK_BYTES)
-                        f.seek(data_start + entry.begin)
-                        hasher.skip(f, entry.nbytes, scratch)
+                if entry.name in wanted and entry.name not in self.into:
+                    out[entry.name] = self._read(f, entry, data_start, path, wanted, hasher)
                     continue
-                device, dtype = wanted[entry.name]
-                to_cuda = device is not None and device.type == "cuda" and torch.cuda.is_available()
-                cpu = read_tensor(f, entry, data_start, path, pin_memory=to_cuda)
+                if entry.name in wanted:
+                    out[entry.name] = self.into[entry.name]
+                    self.pending.add(f, entry, data_start, path, self.into[entry.name])
                 if hasher is not None:
-                    hasher.update(tensor_bytes(cpu))
-                out[entry.name] = place(
-                    cpu,
-                    device,
-                    dtype,
-                    map_location=map_location,
-                    saved=manifest.tensors[entry.name].device,
-                    key=entry.name,
-                    non_blocking=to_cuda,
-                )
-                if to_cuda:
-                    cuda_devices.add(out[entry.name].device)
+                    if not self._scratch:
+                        self._scratch = bytearray(CHUNK_BYTES)
+                    f.seek(data_start + entry.begin)
+                    hasher.skip(f, entry.nbytes, self._scratch)
         if hasher is not None:
-            _check_digest(file_record, hasher, path, manifest.step)
-    for cuda in cuda_devices:  # pinned host copies are asynchronous: finish them
-        torch.cuda.synchronize(cuda)
-    return out
+            _check_digest(record, hasher, path, manifest.step)
+        return out
+
+    def _read(
+        self,
+        f: BinaryIO,
+        entry: TensorEntry,
+        data_start: int,
+        path: str,
+        wanted: Mapping[str, Target],
+        hasher: Hasher | None,
+    ) -> torch.Tensor:
+        device, dtype = wanted[entry.name]
+        to_cuda = device is not None and device.type == "cuda" and torch.cuda.is_available()
+        cpu = read_tensor(f, entry, data_start, path, pin_memory=to_cuda)
+        if hasher is not None:
+            hasher.update(tensor_bytes(cpu))
+        placed = place(
+            cpu,
+            device,
+            dtype,
+            map_location=self.map_location,
+            saved=self.manifest.tensors[entry.name].device,
+            key=entry.name,
+            non_blocking=to_cuda,
+        )
+        if to_cuda:
+            self.cuda_devices.add(placed.device)
+        return placed
 
 
 def verify_checkpoint_files(storage: Storage, directory: str, manifest: Manifest) -> int:

@@ -20,6 +20,11 @@ from torch import nn
 
 from ckpt.errors import CorruptCheckpointError, IncompatibleCheckpointError
 from ckpt.format import ItemRecord, Manifest, TensorRecord, item_file_name
+from ckpt.inplace import (
+    Counterpart,
+    module_loads_plainly,
+    optimizer_loads_plainly,
+)
 from ckpt.optim import (
     Target,
     check_optimizer_state,
@@ -161,6 +166,11 @@ class RestorePlan:
     strict: bool
     tensor_names: list[str]
     """The stored tensors this item's state refers to, in first-reference order."""
+    counterparts: dict[str, list[Counterpart]] = field(default_factory=dict)
+    """Live tensors that loading would copy each stored tensor into unchanged (see
+    :mod:`ckpt.inplace`); empty for items that do not load the standard way."""
+    written: list[torch.Tensor] = field(default_factory=list)
+    """Every live tensor that loading this item may write."""
 
     @property
     def order(self) -> int:
@@ -336,12 +346,27 @@ def plan_restore(
             f"item {name!r} was saved as a {record.kind} but a {kind} was given", key=name
         )
     by_id: dict[int, Target] = {}
+    counterparts: dict[str, list[Counterpart]] = {}
+    written: list[torch.Tensor] = []
     if kind == "optimizer":
         id_map = check_optimizer_state(
             name, saved, obj, record.extra.get("params"), live_names, strict=strict
         )
+        natural = optimizer_targets(saved, id_map)
         if not override:
-            by_id = optimizer_targets(saved, id_map)
+            by_id = natural
+        written = list(tensors_by_path(list(obj.state.values())).values())
+        if optimizer_loads_plainly(obj):
+            for index, value in saved["state"].items():
+                live_state = obj.state.get(id_map[index]) if index in id_map else None
+                if not isinstance(value, dict) or not isinstance(live_state, dict):
+                    continue
+                for key, t in value.items():
+                    live_t = live_state.get(key)
+                    if id(t) in placeholder_names and isinstance(live_t, torch.Tensor):
+                        counterparts.setdefault(placeholder_names[id(t)], []).append(
+                            (live_t, natural[id(t)])
+                        )
     elif kind == "rng":
         obj.check_state_dict(saved)
         # Generators take their states from host memory, whatever map_location says.
@@ -350,6 +375,14 @@ def plan_restore(
         live = obj if kind == "dict" else obj.state_dict()
         if kind == "module":
             _check_module_state(name, saved, live, strict=strict)
+            live_by_path = tensors_by_path(live)
+            written = list(live_by_path.values())
+            if module_loads_plainly(obj):
+                for path, t in tensors_by_path(saved).items():
+                    if id(t) in placeholder_names and path in live_by_path:
+                        counterparts.setdefault(placeholder_names[id(t)], []).append(
+                            (live_by_path[path], (_CPU, None))
+                        )
         if not override:
             live_devices = {p: t.device for p, t in tensors_by_path(live).items()}
             by_id = {
@@ -359,7 +392,17 @@ def plan_restore(
     targets = {
         placeholder_names[i]: target for i, target in by_id.items() if i in placeholder_names
     }
-    return RestorePlan(name, kind, obj, record, targets, strict, list(placeholder_names.values()))
+    return RestorePlan(
+        name,
+        kind,
+        obj,
+        record,
+        targets,
+        strict,
+        list(placeholder_names.values()),
+        counterparts,
+        written,
+    )
 
 
 _CPU = torch.device("cpu")

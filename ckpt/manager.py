@@ -38,7 +38,8 @@ from ckpt.format import (
     parse_step_dir_name,
     step_dir_name,
 )
-from ckpt.io import load_tensors, read_manifest, verify_checkpoint_files
+from ckpt.inplace import choose_destinations
+from ckpt.io import PendingReads, load_tensors, read_manifest, verify_checkpoint_files
 from ckpt.items import (
     RestorePlan,
     assemble_manifest,
@@ -63,7 +64,12 @@ __all__ = ["Checkpoint", "CheckpointManager"]
 
 _T = TypeVar("_T")
 _Prepared = tuple[
-    str, Manifest, list[RestorePlan], list[tuple[RestorePlan, Any]], dict[str, torch.Tensor]
+    str,
+    Manifest,
+    list[RestorePlan],
+    list[tuple[RestorePlan, Any]],
+    dict[str, torch.Tensor],
+    PendingReads,
 ]
 
 logger = logging.getLogger(__name__)
@@ -252,7 +258,7 @@ class CheckpointManager:
                 f"{datetime.now(timezone.utc).isoformat(timespec='seconds')}"
             )
             self._lock = self._storage.lock(LOCK_NAME, owner, abandoned=writer_is_gone)
-            weakref.finalize(self, self._lock.release)
+            weakref.finalize(self, _release_quietly, self._lock)
         else:
             try:
                 self._lock.refresh()
@@ -552,8 +558,9 @@ class CheckpointManager:
         )
         if prepared is None:
             return None
-        step_name, manifest, plans, states, loaded = prepared
-
+        step_name, manifest, plans, states, loaded, pending = prepared
+        with pending:
+            pending.run()  # every check has passed: read straight into live tensors
         missing: dict[str, list[str]] = {}
         unexpected: dict[str, list[str]] = {}
         for plan, state in sorted(states, key=lambda ps: ps[0].order):
@@ -694,11 +701,29 @@ class CheckpointManager:
             plans = plan_restores(manifest, items, strict=strict, override=map_location is not None)
             names = [n for plan in plans for n in plan.tensor_names]
             targets = {n: t for plan in plans for n, t in plan.targets.items()}
-            loaded = load_tensors(
-                self._storage, step_name, manifest, names, targets, map_location, verify=verify
+            into = {}
+            if self._storage.is_local:  # elsewhere a second pass would download twice
+                into = choose_destinations(
+                    {n: c for plan in plans for n, c in plan.counterparts.items()},
+                    [t for plan in plans for t in plan.written],
+                    manifest.tensors,
+                    map_location,
+                )
+            loaded, pending = load_tensors(
+                self._storage,
+                step_name,
+                manifest,
+                names,
+                targets,
+                map_location,
+                verify=verify,
+                into=into,
             )
-            states = [(plan, plan.build(loaded)) for plan in plans]
-        return step_name, manifest, plans, states, loaded
+            with contextlib.ExitStack() as on_error:
+                on_error.push(pending)
+                states = [(plan, plan.build(loaded)) for plan in plans]
+                on_error.pop_all()
+        return step_name, manifest, plans, states, loaded, pending
 
     def read(
         self, step: int | None = None, *, map_location: MapLocation = "cpu", verify: bool = True
@@ -735,7 +760,7 @@ class CheckpointManager:
             dict.fromkeys(n for r in manifest.items.values() for _, n in tensor_refs(r.state))
         )
         with _located(self._storage.path(step_name, MANIFEST_NAME)):
-            loaded = load_tensors(
+            loaded, _ = load_tensors(
                 self._storage, step_name, manifest, names, {}, map_location, verify=verify
             )
             return {name: build_state(r, loaded, name) for name, r in manifest.items.items()}
@@ -832,6 +857,19 @@ class CheckpointManager:
                 key="step",
             )
         return step_name, manifest
+
+
+def _release_quietly(lock: WriterLock) -> None:
+    """Release a lock left held by a manager never closed (at garbage collection or exit)."""
+    try:
+        lock.release()
+    except Exception as e:  # the storage may be gone by now; never raise from a finalizer
+        logger.warning(
+            "could not release the writer lock of an unclosed manager (%s); the next writer "
+            "takes it over once it is stale. Call close() or use the manager as a context "
+            "manager to release it promptly",
+            e,
+        )
 
 
 @contextlib.contextmanager

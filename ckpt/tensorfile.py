@@ -37,6 +37,7 @@ __all__ = [
     "encode_header",
     "layout",
     "parse_header",
+    "read_into",
     "read_tensor",
     "tensor_bytes",
     "write_tensors",
@@ -302,10 +303,26 @@ def read_tensor(
         CorruptCheckpointError: The file ends before the tensor's last byte.
     """
     out = torch.empty(entry.shape, dtype=entry.dtype, pin_memory=pin_memory)
+    read_into(f, entry, data_start, source, out)
+    return out
+
+
+def read_into(
+    f: BinaryIO, entry: TensorEntry, data_start: int, source: str, out: torch.Tensor
+) -> None:
+    """Read one tensor's bytes from ``f`` straight into the memory of ``out``.
+
+    ``out`` must be a contiguous CPU tensor of exactly ``entry.nbytes`` bytes.
+
+    Raises:
+        CorruptCheckpointError: The file ends before the tensor's last byte.
+    """
     if entry.nbytes == 0:
-        return out
+        return
     f.seek(data_start + entry.begin)
     view = tensor_bytes(out)
+    if len(view) != entry.nbytes:
+        raise ValueError(f"{entry.name}: destination holds {len(view)} bytes, not {entry.nbytes}")
     filled = 0
     while filled < entry.nbytes:
         n = f.readinto(view[filled:])  # type: ignore[attr-defined]
@@ -316,4 +333,3 @@ def read_tensor(
                 key=entry.name,
             )
         filled += n
-    return out

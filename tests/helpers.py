@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+from typing import Any
+
 import torch
 from hypothesis import strategies as st
 from torch import nn
@@ -75,3 +78,16 @@ def write_manifest(path, doc: dict) -> None:
     doc = {k: v for k, v in doc.items() if k != "checksum"}
     body = json.dumps(doc, separators=(",", ":"))
     path.write_text(body[:-1] + f',"checksum":"{hash_bytes(body.encode())}"}}\n')
+
+
+def trained_live_objects(seed: int = 2) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """A model and an AdamW that has stepped, so a restore can load into existing state."""
+    model = small_model(seed)
+    optimizer = torch.optim.AdamW(model.parameters())
+    train_steps(model, optimizer, 1, seed=seed)
+    return model, optimizer
+
+
+def snapshot(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[Any, Any]:
+    """Deep copies of both states (tensors cloned), to compare against later."""
+    return copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict())

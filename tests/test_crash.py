@@ -142,3 +142,4 @@ def test_kills_in_the_middle_of_s3_uploads_leave_only_complete_checkpoints(s3_bu
     mgr = ckpt.CheckpointManager(f"s3://{bucket}/run{run}", storage_options=options)
     mgr.save(BIG_STEPS + 1, data={"x": 1})  # a first save aborts unfinished uploads
     assert mgr._storage.fs.list_multipart_uploads(bucket) == []
+    mgr.close()

@@ -19,7 +19,7 @@ import uuid
 import pytest
 import torch
 from conftest import assert_same_state
-from helpers import small_model
+from helpers import small_model, snapshot, trained_live_objects
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -97,9 +97,8 @@ def reseal(step_dir, name: str) -> None:
 
 
 def check_restore_of(step_dir) -> None:
-    model = small_model(2)
-    optimizer = torch.optim.AdamW(model.parameters())
-    before = ({k: v.clone() for k, v in model.state_dict().items()}, optimizer.state_dict())
+    model, optimizer = trained_live_objects(2)  # restores load into its existing state
+    before = snapshot(model, optimizer)
     mgr = ckpt.CheckpointManager(step_dir.parent)
     try:
         mgr.restore(0, model=model, optimizer=optimizer)

@@ -17,7 +17,7 @@ import struct
 import pytest
 import torch
 from conftest import assert_same_state
-from helpers import small_model, write_manifest
+from helpers import small_model, snapshot, trained_live_objects, write_manifest
 
 import ckpt
 from ckpt.format import MANIFEST_NAME, step_dir_name
@@ -283,9 +283,8 @@ def test_hostile_checkpoints_are_refused_and_change_nothing(checkpoint, damage, 
     step_dir = checkpoint / step_dir_name(STEP)
     doc = json.loads((step_dir / MANIFEST_NAME).read_text())
     damage(step_dir, doc)
-    model = small_model(2)
-    optimizer = torch.optim.AdamW(model.parameters())
-    before = ({k: v.clone() for k, v in model.state_dict().items()}, optimizer.state_dict())
+    model, optimizer = trained_live_objects(2)  # restores load into its existing state
+    before = snapshot(model, optimizer)
     mgr = ckpt.CheckpointManager(checkpoint)
     with pytest.raises(error):
         mgr.restore(STEP, model=model, optimizer=optimizer)

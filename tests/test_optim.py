@@ -110,8 +110,10 @@ def test_every_installed_optimizer_is_covered():
     assert not missing, f"add constructor arguments for {missing}"
 
 
+@pytest.mark.parametrize("live_state", ["fresh", "trained"])
 @pytest.mark.parametrize(("key", "variant", "kwargs"), cases(), ids=str)
-def test_restore_matches_torch_load_state_dict(tmp_path, key, variant, kwargs):
+def test_restore_matches_torch_load_state_dict(tmp_path, key, variant, kwargs, live_state):
+    """Into a fresh optimizer, and into one that has state (ckpt reads into it: ckpt.inplace)."""
     model, opt = build(key, kwargs)
     try:
         train_steps(model, opt, 3)
@@ -124,6 +126,9 @@ def test_restore_matches_torch_load_state_dict(tmp_path, key, variant, kwargs):
 
     ours_model, ours_opt = build(key, kwargs, seed=1)
     ref_model, ref_opt = build(key, kwargs, seed=1)
+    if live_state == "trained":
+        train_steps(ours_model, ours_opt, 2, seed=5)
+        train_steps(ref_model, ref_opt, 2, seed=5)
     assert states_differ(ours_opt.state_dict(), opt.state_dict())
     seen = watch_incoming_state(ours_opt)
 

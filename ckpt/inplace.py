@@ -1,0 +1,158 @@
+"""Restoring in place: which live tensors a restore may read file bytes straight into.
+
+A restore that stages every tensor in fresh memory before loading costs a
+second copy of the state and a page fault per fresh page, which is most of its
+time. Instead, once every file has been checked, ckpt reads a tensor's bytes
+straight into the live tensor that would end up holding them, and hands that
+same tensor to ``load_state_dict`` (whose copy of a tensor onto itself does
+nothing). This is exact only when the live tensor is where torch's own load
+would put the bytes unchanged:
+
+* it is a plain, contiguous CPU tensor of the saved dtype and shape;
+* the object loads the standard way: a module whose classes all keep torch's
+  ``_load_from_state_dict``, an optimizer that keeps torch's ``load_state_dict``;
+* no other tensor the restore writes shares any of its memory (tied weights
+  that the checkpoint also stores as one tensor are fine).
+
+Everything else is read into fresh memory as before. These functions are pure:
+they look at live objects and decide; the reading is :mod:`ckpt.io`'s.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import torch
+from torch import nn
+
+from ckpt.format import TensorRecord
+from ckpt.locations import MapLocation, mapped_device
+from ckpt.optim import Target
+
+__all__ = [
+    "Counterpart",
+    "choose_destinations",
+    "module_loads_plainly",
+    "optimizer_loads_plainly",
+]
+
+Counterpart = tuple[torch.Tensor, Target]
+"""A live tensor that would receive a stored tensor, and where the load builds it first."""
+
+_CPU = torch.device("cpu")
+
+
+def module_loads_plainly(module: nn.Module) -> bool:
+    """Whether every submodule loads its state with torch's own ``_load_from_state_dict``.
+
+    torch's own overrides (batch norm's, for one) only read the given state, so
+    they qualify; a user-defined override might read a parameter's old value.
+    """
+    if torch.__future__.get_swap_module_params_on_conversion():
+        return False  # load_state_dict would swap tensors instead of copying into them
+    for sub in module.modules():
+        owner = getattr(type(sub)._load_from_state_dict, "__module__", "") or ""
+        if not owner.startswith("torch.nn.modules."):
+            return False
+    return True
+
+
+def optimizer_loads_plainly(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether the optimizer keeps torch's ``load_state_dict``."""
+    return type(optimizer).load_state_dict is torch.optim.Optimizer.load_state_dict
+
+
+def _plain_cpu(t: object) -> bool:
+    return (
+        type(t) in (torch.Tensor, nn.Parameter)
+        and isinstance(t, torch.Tensor)
+        and t.device.type == "cpu"
+        and t.is_contiguous()
+        and not t.is_conj()
+        and not t.is_neg()
+        and t.numel() > 0
+    )
+
+
+def _span(t: torch.Tensor) -> tuple[int, int]:
+    """The byte range of memory ``t`` may touch (its whole storage unless contiguous)."""
+    if t.is_contiguous():
+        start = t.data_ptr()
+        return start, start + t.numel() * t.element_size()
+    storage = t.untyped_storage()
+    return storage.data_ptr(), storage.data_ptr() + storage.nbytes()
+
+
+def _lands_unchanged(
+    live: torch.Tensor,
+    target: Target,
+    record: TensorRecord,
+    map_location: MapLocation,
+) -> bool:
+    """Whether the stored bytes reach ``live`` unconverted through torch's load."""
+    if not _plain_cpu(live) or live.dtype != record.dtype or tuple(live.shape) != record.shape:
+        return False
+    if map_location is not None:
+        if callable(map_location) and not isinstance(map_location, (str, torch.device)):
+            return False
+        if mapped_device(map_location, record.device) != _CPU:
+            return False
+    device, dtype = target
+    final_device = device if device is not None else torch.device(record.device)
+    return final_device == _CPU and (dtype is None or dtype == record.dtype)
+
+
+def choose_destinations(
+    counterparts: Mapping[str, list[Counterpart]],
+    written: Iterable[torch.Tensor],
+    records: Mapping[str, TensorRecord],
+    map_location: MapLocation,
+) -> dict[str, torch.Tensor]:
+    """Pick the stored tensors to read straight into live memory, and where.
+
+    Args:
+        counterparts: For each stored tensor name, the live tensors its value
+            would be loaded into (several when the state refers to it twice).
+        written: Every live tensor the restore may write, counterpart or not;
+            a destination must share memory with none of them but its own.
+        records: The manifest's tensor records.
+        map_location: As given to ``restore``.
+
+    Returns:
+        ``{stored tensor name: live tensor}``.
+    """
+    spans: dict[tuple[int, int], set[str | None]] = {}
+    for t in written:
+        if isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.numel() > 0:
+            spans.setdefault(_span(t), set()).add(None)
+    chosen: dict[str, torch.Tensor] = {}
+    for name, lives in counterparts.items():
+        record = records[name]
+        if not lives or not all(_lands_unchanged(t, g, record, map_location) for t, g in lives):
+            continue
+        own = {_span(t) for t, _ in lives}
+        if len(own) != 1:
+            continue  # the state loads one stored tensor into two different places
+        (span,) = own
+        names = spans.setdefault(span, set())
+        names.discard(None)
+        names.add(name)
+        chosen[name] = lives[0][0]
+    return {name: chosen[name] for name in _unshared(spans) if name in chosen}
+
+
+def _unshared(spans: Mapping[tuple[int, int], set[str | None]]) -> set[str]:
+    """Names whose span overlaps no other span and is claimed by that name alone."""
+    ok: set[str] = set()
+    ordered = sorted(spans.items())
+    reach = -1  # the furthest end among spans before the current one
+    for i, ((start, end), names) in enumerate(ordered):
+        overlaps_before = start < reach
+        overlaps_after = i + 1 < len(ordered) and ordered[i + 1][0][0] < end
+        reach = max(reach, end)
+        if overlaps_before or overlaps_after or len(names) != 1:
+            continue
+        (only,) = names
+        if only is not None:
+            ok.add(only)
+    return ok
