@@ -8,13 +8,15 @@ tensors, checking every file against the manifest on the way.
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from typing import BinaryIO
 
 import torch
 
-from ckpt.errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
+from ckpt.errors import CheckpointNotFoundError, CorruptCheckpointError
 from ckpt.format import (
     MANIFEST_NAME,
     FileRecord,
@@ -31,7 +33,6 @@ from ckpt.tensorfile import (
     MAX_HEADER_BYTES,
     TensorEntry,
     parse_header,
-    read_into,
     read_tensor,
     tensor_bytes,
     write_tensors,
@@ -156,6 +157,43 @@ def _check_size(storage: Storage, directory: str, file_name: str, manifest: Mani
     return path
 
 
+READ_SLICE_BYTES = 32 * 1024 * 1024
+"""Reads into live tensors go in slices of at most this, spread over threads."""
+
+PARALLEL_READ_BYTES = 64 * 1024 * 1024
+"""Below this many bytes to read into live tensors, one thread does it all."""
+
+MAX_READ_THREADS = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class _Slice:
+    """Part of one tensor's bytes, read with ``pread`` (threads share the descriptor)."""
+
+    fd: int
+    offset: int
+    view: memoryview
+    path: str
+    key: str
+
+    def read(self) -> None:
+        filled = 0
+        try:
+            while filled < len(self.view):
+                n = os.preadv(self.fd, [self.view[filled:]], self.offset + filled)
+                if not n:
+                    raise EOFError(f"the file ends at byte {self.offset + filled}")
+                filled += n
+        except (OSError, EOFError) as e:
+            raise CorruptCheckpointError(
+                f"reading into the live tensor failed after every check had passed ({e}); "
+                "tensors loaded in place before it hold the checkpoint's values, the rest "
+                "their old ones",
+                path=self.path,
+                key=self.key,
+            ) from e
+
+
 class PendingReads:
     """Reads straight into live tensors, held back until every check of a restore has passed.
 
@@ -190,25 +228,32 @@ class PendingReads:
         return sum(entry.nbytes for _, entry, _, _, _ in self._reads)
 
     def run(self) -> None:
-        """Do the reads, in file order.
+        """Do the reads; large ones in slices on several threads.
 
         Raises:
             CorruptCheckpointError: A read failed (the file shrank or the disk
                 failed since it was checked); the message says that live
                 tensors may be partly overwritten.
         """
-        reads, self._reads = self._reads, []
-        for f, entry, data_start, path, out in sorted(reads, key=lambda r: (id(r[0]), r[1].begin)):
-            try:
-                read_into(f, entry, data_start, path, out)
-            except (CheckpointError, OSError) as e:
-                raise CorruptCheckpointError(
-                    f"reading into the live tensor failed after every check had passed ({e}); "
-                    "tensors loaded in place before it hold the checkpoint's values, the rest "
-                    "their old ones",
-                    path=path,
-                    key=entry.name,
-                ) from e
+        reads, self._reads = self._reads, []  # ``reads`` keeps the tensors alive
+        slices: list[_Slice] = []
+        for f, entry, data_start, path, out in reads:
+            view = tensor_bytes(out)
+            if len(view) != entry.nbytes:
+                raise ValueError(f"{entry.name}: {len(view)} bytes to fill, not {entry.nbytes}")
+            at = data_start + entry.begin
+            for begin in range(0, entry.nbytes, READ_SLICE_BYTES):
+                part = view[begin : begin + READ_SLICE_BYTES]
+                slices.append(_Slice(f.fileno(), at + begin, part, path, entry.name))
+        total = sum(len(piece.view) for piece in slices)
+        workers = min(os.cpu_count() or 1, MAX_READ_THREADS)
+        if workers < 2 or total < PARALLEL_READ_BYTES:
+            for piece in slices:
+                piece.read()
+            return
+        with ThreadPoolExecutor(workers, thread_name_prefix="ckpt-read") as pool:
+            for _ in pool.map(_Slice.read, slices):
+                pass  # re-raises the first failure
 
     def close(self) -> None:
         """Close the files; reads not run are dropped."""

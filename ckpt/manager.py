@@ -38,6 +38,7 @@ from ckpt.format import (
     parse_step_dir_name,
     step_dir_name,
 )
+from ckpt.gc_pause import paused_gc
 from ckpt.inplace import choose_destinations
 from ckpt.io import PendingReads, load_tensors, read_manifest, verify_checkpoint_files
 from ckpt.items import (
@@ -332,6 +333,7 @@ class CheckpointManager:
 
     # -------------------------------------------------------------------- save
 
+    @paused_gc()
     def save(
         self,
         step: int,
@@ -506,6 +508,7 @@ class CheckpointManager:
 
     # ----------------------------------------------------------------- restore
 
+    @paused_gc()
     def restore(
         self,
         step: int | None = None,
@@ -725,6 +728,7 @@ class CheckpointManager:
                 on_error.pop_all()
         return step_name, manifest, plans, states, loaded, pending
 
+    @paused_gc()
     def read(
         self, step: int | None = None, *, map_location: MapLocation = "cpu", verify: bool = True
     ) -> dict[str, Any]:
@@ -765,6 +769,7 @@ class CheckpointManager:
             )
             return {name: build_state(r, loaded, name) for name, r in manifest.items.items()}
 
+    @paused_gc()
     def verify(self, step: int | None = None) -> Checkpoint:
         """Check a checkpoint completely without loading it anywhere.
 

@@ -440,3 +440,22 @@ def test_a_lock_that_cannot_be_released_at_exit_is_logged_not_raised(caplog):
 
     _release_quietly(WriterLock(unreachable))
     assert "could not release the writer lock" in caplog.text
+
+
+def test_save_and_restore_pause_the_garbage_collector_and_resume_it(tmp_path):
+    import gc
+
+    seen: list[bool] = []
+
+    class Probe:
+        def state_dict(self):
+            seen.append(gc.isenabled())
+            return {"x": 1}
+
+        def load_state_dict(self, state):
+            seen.append(gc.isenabled())
+
+    mgr = ckpt.CheckpointManager(tmp_path)
+    mgr.save(1, probe=Probe())
+    mgr.restore(probe=Probe())
+    assert len(seen) >= 2 and not any(seen) and gc.isenabled()
