@@ -1,13 +1,16 @@
 """Benchmark: ckpt against a raw write, torch.save/load, safetensors and DCP, in one run.
 
-Usage: python bench/bench.py [--gib 1.0] [--small 10000] [--dir DIR] [--cold]
+Usage: python bench/bench.py [--gib 1.0] [--small 10000] [--repeat 3] [--dir DIR] [--cold]
 
 Two states: a model with AdamW state of about ``--gib`` GiB, and ``--small``
 small tensors. Every method runs in a fresh process (so peak memory is its own),
 writes with the same fsync policy (every file fsynced before the clock stops),
 and is timed with a warm page cache (``--cold`` drops caches before each load;
 needs root). Prints seconds, ratios and peak extra RSS (peak RSS above the RSS
-once the state is built) per method.
+once the state is built) per method, each the median of ``--repeat`` runs.
+Loads into the model also time the first optimizer step after the load, which
+pays for any state a lazy (mmap) load left unread. The async part times how
+long ``save()`` blocks and the training steps run while the save persists.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -23,7 +27,7 @@ import time
 from pathlib import Path
 
 SAVE_METHODS = ["raw", "torch.save", "safetensors", "dcp", "ckpt"]
-LOAD_METHODS = ["torch.load(mmap)", "safetensors", "dcp", "ckpt"]
+LOAD_METHODS = ["torch.load(mmap)", "safetensors", "dcp", "ckpt", "ckpt(no verify)"]
 
 
 def build(kind: str, gib: float, small: int, seed: int = 0):
@@ -247,14 +251,24 @@ def _load(method, target, model, optimizer, small) -> None:
             dcp.load(state, checkpoint_id=str(target))
             set_state_dict(model, optimizer, model_state_dict=state["model"],
                            optim_state_dict=state["optimizer"])  # fmt: skip
-    elif method == "ckpt":
+    elif method.startswith("ckpt"):
         import ckpt
 
-        mgr = ckpt.CheckpointManager(str(target))
+        mgr = ckpt.CheckpointManager(str(target.with_name(target.name.split("-")[0] + "-ckpt")))
+        verify = method == "ckpt"
         if small is not None:
-            mgr.restore(data=small, rng=False)
+            mgr.restore(data=small, rng=False, verify=verify)
         else:
-            mgr.restore(model=model, optimizer=optimizer, rng=False)
+            mgr.restore(model=model, optimizer=optimizer, rng=False, verify=verify)
+
+
+def run_median(args, kind: str, phase: str, method: str) -> dict:
+    """Run one measurement ``--repeat`` times, each in a fresh process; the median of each."""
+    runs = [run_child(args, kind, phase, method) for _ in range(args.repeat)]
+    failed = [r for r in runs if "error" in r]
+    if failed:
+        return failed[0]
+    return {key: statistics.median(r[key] for r in runs) for key in runs[0]}
 
 
 def run_child(args, kind: str, phase: str, method: str) -> dict:
@@ -291,6 +305,7 @@ def main() -> None:
     parser.add_argument("--small", type=int, default=10_000)
     parser.add_argument("--dir", default=None)
     parser.add_argument("--cold", action="store_true")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per figure (median)")
     parser.add_argument("--saves", type=int, default=4, help="async saves to time")
     parser.add_argument("--steps", type=int, default=8, help="training steps timed alone")
     parser.add_argument("--batch", type=int, default=32, help="training batch (async)")
@@ -312,7 +327,7 @@ def main() -> None:
             )
             results = {}
             for method in SAVE_METHODS:
-                results[method] = run_child(args, kind, "save", method)
+                results[method] = run_median(args, kind, "save", method)
             nbytes = results["raw"].get("bytes", 1)
             header = ("save", "s", "/raw", "/torch", "extra mem", "size/bytes")
             print("{:18s} {:>7s} {:>6s} {:>7s} {:>10s} {:>10s}".format(*header))
@@ -324,7 +339,7 @@ def main() -> None:
                 s = r["seconds"]
                 print(f"{method:18s} {s:7.3f} {s / raw_s:6.2f} {s / torch_s:7.2f} "
                       f"{r['extra'] / nbytes:9.3f}x {r['size'] / nbytes:10.4f}")  # fmt: skip
-            loads = {m: run_child(args, kind, "load", m) for m in LOAD_METHODS}
+            loads = {m: run_median(args, kind, "load", m) for m in LOAD_METHODS}
             print(f"{'load':18s} {'s':>7s} {'/torch':>7s} {'extra mem':>10s} "
                   f"{'+1st step':>10s} {'/torch':>7s} {'2nd step':>9s}")  # fmt: skip
             base = loads["torch.load(mmap)"].get("seconds", float("nan"))

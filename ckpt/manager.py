@@ -173,6 +173,11 @@ class CheckpointManager:
             ``restore()``, ``read()``, ``verify()`` or ``close()``. A process that
             exits without ``wait()`` still finishes the save (the thread is not a
             daemon); one that is killed leaves a complete checkpoint or none.
+        background_nice: The background writer's CPU niceness (Linux, per thread).
+            The default 19 makes it yield to training whenever both want a core, so
+            steps keep their speed; on a machine whose cores training keeps busy, the
+            save then takes longer to commit. ``0`` shares the CPU evenly; ``None``
+            leaves the priority alone.
 
     Example:
         >>> mgr = ckpt.CheckpointManager("runs/exp1", keep_last=3, every_steps=500)
@@ -199,6 +204,7 @@ class CheckpointManager:
         every_seconds: float | None = None,
         preemption_signals: bool | Iterable[int] = False,
         async_save: bool = False,
+        background_nice: int | None = 19,
     ):
         self.retention = RetentionPolicy(keep_last, keep_every, keep_best, best_metric, best_mode)
         self.fallback_to_intact = bool(fallback_to_intact)
@@ -210,6 +216,13 @@ class CheckpointManager:
         self._lock: WriterLock | None = None
         self._uploads_checked = False
         self.async_save = bool(async_save)
+        if background_nice is not None and (
+            isinstance(background_nice, bool)
+            or not isinstance(background_nice, int)
+            or not 0 <= background_nice <= 19
+        ):
+            raise ValueError(f"background_nice must be None or 0..19, got {background_nice!r}")
+        self.background_nice = background_nice
         self._staging = StagingBuffers()
         self._pending: threading.Thread | None = None
         self._error: BaseException | None = None
@@ -464,6 +477,8 @@ class CheckpointManager:
         return self._info(manifest)
 
     def _finish_in_background(self, *args: Any) -> None:
+        if self.background_nice is not None:
+            _set_thread_nice(self.background_nice)
         try:
             self._finish(*args)
         except BaseException as e:
@@ -862,6 +877,14 @@ class CheckpointManager:
                 key="step",
             )
         return step_name, manifest
+
+
+def _set_thread_nice(nice: int) -> None:
+    """Set the calling thread's CPU niceness (Linux applies it per thread)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+    except (AttributeError, OSError) as e:  # not Linux, or lowering it is not permitted
+        logger.debug("the background writer keeps its CPU priority: %s", e)
 
 
 def _release_quietly(lock: WriterLock) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -150,3 +151,31 @@ def test_should_stop_waits_for_the_save_requested_after_a_signal(tmp_path):
         mgr.save(0, data={"t": torch.ones(2)})
         assert mgr.should_stop
         assert mgr.all_steps() == [0]
+
+
+def _writer_niceness(tmp_path, monkeypatch, **kwargs) -> int:
+    seen: list[int] = []
+    original = ckpt.manager.commit_checkpoint
+
+    def record(*args, **kw):
+        seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        return original(*args, **kw)
+
+    monkeypatch.setattr(ckpt.manager, "commit_checkpoint", record)
+    with ckpt.CheckpointManager(tmp_path, async_save=True, **kwargs) as mgr:
+        mgr.save(1, model=small_model())
+    return seen[0]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice is Linux's")
+def test_the_background_writer_yields_the_cpu_to_training(tmp_path, monkeypatch):
+    own = os.getpriority(os.PRIO_PROCESS, 0)
+    assert _writer_niceness(tmp_path / "a", monkeypatch) == 19
+    assert _writer_niceness(tmp_path / "b", monkeypatch, background_nice=None) == own
+    assert os.getpriority(os.PRIO_PROCESS, 0) == own  # the caller's thread is untouched
+
+
+@pytest.mark.parametrize("bad", [-1, 20, True, 1.5, "19"])
+def test_background_nice_is_checked(tmp_path, bad):
+    with pytest.raises(ValueError, match="background_nice"):
+        ckpt.CheckpointManager(tmp_path, async_save=True, background_nice=bad)
