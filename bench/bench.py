@@ -80,6 +80,10 @@ def child(args) -> None:
     tensors = small if small is not None else _flat(model, optimizer)
     nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
     target = Path(args.dir) / f"{args.kind}-{args.method.replace('(', '').replace(')', '')}"
+    if args.phase == "save":  # a fresh target, and no dirty pages left by earlier runs
+        shutil.rmtree(target, ignore_errors=True)
+        target.unlink(missing_ok=True)
+        os.sync()
     if args.phase == "load":
         model, optimizer, small = build(args.kind, args.gib, args.small, seed=1)  # fresh values
         if args.cold:

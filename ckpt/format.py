@@ -1,4 +1,4 @@
-"""On-disk format v1: step directory names and the JSON manifest.
+"""On-disk format (versions 1 and 2): step directory names and the JSON manifest.
 
 Pure functions over names and bytes; no I/O. See ``docs/format.md`` for the
 specification. A checkpoint is one directory named :func:`step_dir_name`,
@@ -8,9 +8,11 @@ which is written last and is the commit marker.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +29,8 @@ __all__ = [
     "FORMAT_VERSION",
     "ITEM_KINDS",
     "MANIFEST_NAME",
+    "MAX_MANIFEST_BYTES",
+    "PACK_SUFFIX",
     "ItemRecord",
     "Manifest",
     "TempDirName",
@@ -43,8 +47,18 @@ __all__ = [
 ]
 
 FORMAT_NAME = "ckpt"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""The newest version this ckpt reads and writes. A checkpoint is written in the
+oldest version that can express it: 1 unless it packs small tensors or
+compresses its manifest (version 2)."""
 MANIFEST_NAME = "manifest.json"
+MAX_MANIFEST_BYTES = 256 * 1024 * 1024
+"""Largest manifest read, compressed or not (a million tensors is about 150 MB of JSON)."""
+COMPRESS_MANIFEST_ABOVE = 64 * 1024
+"""Manifests whose JSON is larger than this are stored zlib-compressed (version 2)."""
+PACK_SUFFIX = "/#pack"
+"""An item's pack of small tensors is the tensor ``<item>/#pack``: no state key maps
+to that name (``#`` in a string key is escaped; integer keys give ``#<digits>``)."""
 ITEM_KINDS = ("module", "optimizer", "stateful", "dict", "rng")
 
 _STEP_DIR = re.compile(r"step_(\d{12,20})")
@@ -131,12 +145,28 @@ def is_tensor_file_name(name: str) -> bool:
 
 @dataclass(frozen=True)
 class TensorRecord:
-    """What the manifest says about one stored tensor."""
+    """What the manifest says about one stored tensor.
+
+    A packed tensor (format version 2) is not a tensor of its file: its bytes
+    sit at ``offset`` in the ``uint8`` tensor named ``pack``, which is.
+    """
 
     file: str
     dtype: torch.dtype
     shape: tuple[int, ...]
     device: str
+    pack: str | None = None
+    offset: int = 0
+
+    @property
+    def nbytes(self) -> int:
+        """The number of bytes the tensor's data occupies."""
+        return math.prod(self.shape) * _itemsize(self.dtype)
+
+
+@functools.cache
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
 
 
 @dataclass(frozen=True)
@@ -176,9 +206,10 @@ def encode_manifest(manifest: Manifest) -> bytes:
     The JSON ends with ``"checksum"``: the digest of the bytes before it with the
     object closed right there, so any change to the manifest is detected.
     """
+    packed = any(r.pack is not None for r in manifest.tensors.values())
     doc = {
         "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
+        "format_version": 2 if packed else 1,
         "step": manifest.step,
         "epoch": manifest.epoch,
         "metrics": {k: _encode_number(v) for k, v in manifest.metrics.items()},
@@ -188,23 +219,58 @@ def encode_manifest(manifest: Manifest) -> bytes:
             name: {"size": r.size, **({"checksum": r.checksum} if r.checksum else {})}
             for name, r in manifest.files.items()
         },
-        "tensors": {
-            name: {
-                "file": r.file,
-                "dtype": str(r.dtype).removeprefix("torch."),
-                "shape": list(r.shape),
-                "device": r.device,
-            }
-            for name, r in manifest.tensors.items()
-        },
+        "tensors": {name: _encode_tensor(r) for name, r in manifest.tensors.items()},
         "items": {
             name: {"kind": r.kind, **r.extra, "state": r.state}
             for name, r in manifest.items.items()
         },
     }
+    raw = _sealed_json(doc)
+    if len(raw) <= COMPRESS_MANIFEST_ABOVE:
+        return raw
+    doc["format_version"] = 2
+    return zlib.compress(_sealed_json(doc), 6)
+
+
+def _sealed_json(doc: dict[str, Any]) -> bytes:
+    """The JSON of ``doc`` with its own checksum as the last field."""
     body = json.dumps(doc, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
     checksum = hash_bytes(body.encode("utf-8"))
     return (body[:-1] + f',"checksum":"{checksum}"}}\n').encode("utf-8")
+
+
+def _encode_tensor(r: TensorRecord) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "file": r.file,
+        "dtype": str(r.dtype).removeprefix("torch."),
+        "shape": list(r.shape),
+        "device": r.device,
+    }
+    if r.pack is not None:
+        out["pack"] = r.pack
+        out["offset"] = r.offset
+    return out
+
+
+def _decompressed(raw: bytes, source: str) -> bytes:
+    """The JSON of a manifest, inflating a compressed one within the size limit."""
+    if not raw.startswith(b"x"):  # zlib's first byte; JSON text cannot start with it
+        return raw
+    inflate = zlib.decompressobj()
+    try:
+        out = inflate.decompress(raw, MAX_MANIFEST_BYTES + 1)
+    except zlib.error as e:
+        raise CorruptCheckpointError(f"compressed manifest is damaged: {e}", path=source) from e
+    if len(out) > MAX_MANIFEST_BYTES:
+        raise CorruptCheckpointError(
+            f"compressed manifest inflates past the {MAX_MANIFEST_BYTES} bytes allowed",
+            path=source,
+        )
+    if not inflate.eof or inflate.unused_data:
+        raise CorruptCheckpointError(
+            "compressed manifest is truncated or followed by other bytes", path=source
+        )
+    return out
 
 
 _CHECKSUM_TAIL = re.compile(rb',"checksum":"(xxh3_64:[0-9a-f]{16})"\}\n?\Z')
@@ -254,6 +320,7 @@ def decode_manifest(raw: bytes, source: str) -> Manifest:
         CorruptCheckpointError: Not UTF-8 JSON, or a field is missing or of the wrong type.
         IncompatibleCheckpointError: Written by a newer, unknown format version.
     """
+    raw = _decompressed(raw, source)
     _check_manifest_checksum(raw, source)
     try:
         doc = loads_strict(raw)
@@ -349,8 +416,44 @@ def _decode_tensors(
             torch.device(device)
         except RuntimeError as e:
             raise bad(where, f"invalid device {device!r}") from e
-        tensors[name] = TensorRecord(file, _DTYPES[dtype], tuple(shape), device)
+        pack, offset = info.get("pack"), info.get("offset", 0)
+        unknown = sorted(set(info) - {"file", "dtype", "shape", "device", "pack", "offset"})
+        if unknown:
+            raise bad(where, f"unknown fields {unknown}")
+        if pack is not None and not isinstance(pack, str):
+            raise bad(where, "pack must be a tensor name")
+        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+            raise bad(where, "offset must be a non-negative int")
+        if pack is None and "offset" in info:
+            raise bad(where, "offset without a pack")
+        tensors[name] = TensorRecord(file, _DTYPES[dtype], tuple(shape), device, pack, offset)
+    _check_packs(tensors, bad)
     return tensors
+
+
+def _check_packs(tensors: Mapping[str, TensorRecord], bad: Any) -> None:
+    """Every pack is a 1-d uint8 tensor of its members' file, tiled exactly by them."""
+    members: dict[str, list[tuple[int, int, str]]] = {}
+    for name, r in tensors.items():
+        if r.pack is None:
+            continue
+        pack = tensors.get(r.pack)
+        where = f"tensors.{name}"
+        if pack is None or pack.pack is not None:
+            raise bad(where, f"pack {r.pack!r} is not a stored tensor")
+        if pack.dtype != torch.uint8 or len(pack.shape) != 1 or pack.file != r.file:
+            raise bad(where, f"pack {r.pack!r} must be a 1-d uint8 tensor of file {r.file!r}")
+        if r.offset % _itemsize(r.dtype):
+            raise bad(where, f"offset {r.offset} is not aligned to {r.dtype}")
+        members.setdefault(r.pack, []).append((r.offset, r.offset + r.nbytes, name))
+    for pack_name, spans in members.items():
+        expected = 0
+        for begin, end, name in sorted(spans):
+            if begin != expected:
+                raise bad(f"tensors.{name}", f"packed bytes overlap or leave a gap at {begin}")
+            expected = end
+        if expected != tensors[pack_name].shape[0]:
+            raise bad(f"tensors.{pack_name}", f"members cover {expected} bytes of the pack")
 
 
 def _decode_items(doc: Json, bad: Any) -> dict[str, ItemRecord]:

@@ -19,6 +19,7 @@ import torch
 from ckpt.errors import CheckpointNotFoundError, CorruptCheckpointError
 from ckpt.format import (
     MANIFEST_NAME,
+    MAX_MANIFEST_BYTES,
     FileRecord,
     Manifest,
     TensorRecord,
@@ -48,9 +49,6 @@ __all__ = [
 ]
 
 _SAFETENSORS_METADATA = {"format": "pt"}
-
-MAX_MANIFEST_BYTES = 256 * 1024 * 1024
-"""Largest manifest read (a manifest of a million tensors is about 150 MB)."""
 
 
 def write_checkpoint_files(
@@ -205,6 +203,7 @@ class PendingReads:
     def __init__(self) -> None:
         self._files = ExitStack()
         self._reads: list[tuple[BinaryIO, TensorEntry, int, str, torch.Tensor]] = []
+        self._copies: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def __enter__(self) -> PendingReads:
         return self
@@ -222,10 +221,9 @@ class PendingReads:
         """Schedule reading ``entry`` of the open file ``f`` into ``out``."""
         self._reads.append((f, entry, data_start, path, out))
 
-    @property
-    def nbytes(self) -> int:
-        """The bytes still to read."""
-        return sum(entry.nbytes for _, entry, _, _, _ in self._reads)
+    def copy(self, source: torch.Tensor, out: torch.Tensor) -> None:
+        """Schedule copying ``source`` (checked bytes already in memory) into ``out``."""
+        self._copies.append((source, out))
 
     def run(self) -> None:
         """Do the reads; large ones in slices on several threads.
@@ -235,6 +233,9 @@ class PendingReads:
                 failed since it was checked); the message says that live
                 tensors may be partly overwritten.
         """
+        copies, self._copies = self._copies, []
+        for source, out in copies:
+            out.copy_(source)
         reads, self._reads = self._reads, []  # ``reads`` keeps the tensors alive
         slices: list[_Slice] = []
         for f, entry, data_start, path, out in reads:
@@ -258,6 +259,7 @@ class PendingReads:
     def close(self) -> None:
         """Close the files; reads not run are dropped."""
         self._reads = []
+        self._copies = []
         self._files.close()
 
 
@@ -357,24 +359,36 @@ class _FileReader:
         self._scratch = bytearray()
 
     def load(self, file_name: str, wanted: Mapping[str, Target]) -> dict[str, torch.Tensor]:
-        """Read ``wanted`` from one file (hashing it whole), deferring reads into live tensors."""
+        """Read ``wanted`` from one file (hashing it whole), deferring reads into live tensors.
+
+        Packed tensors are cut from their pack, which is read whole.
+        """
         manifest = self.manifest
         path = _check_size(self.storage, self.directory, file_name, manifest)
         record = manifest.files[file_name]
         hasher = Hasher() if self.verify and record.checksum else None
+        packed = {n: manifest.tensors[n] for n in wanted if manifest.tensors[n].pack is not None}
+        direct = {n: t for n, t in wanted.items() if n not in packed}
+        packs = {r.pack for r in packed.values() if r.pack is not None}
         out: dict[str, torch.Tensor] = {}
+        buffers: dict[str, torch.Tensor] = {}
         with ExitStack() as file_scope:
             f = file_scope.enter_context(self.storage.open_read(self.directory, file_name))
-            if any(name in self.into for name in wanted):
+            if any(name in self.into for name in direct):
                 self.pending.hold(file_scope.pop_all())  # open until the pending reads ran
             entries, data_start = _read_header(f, path, record.size, hasher)
-            for name in wanted:
+            for name in [*direct, *packs]:
                 _matching_entry(entries, name, manifest.tensors[name], path)
             for entry in sorted(entries.values(), key=lambda e: e.begin):
-                if entry.name in wanted and entry.name not in self.into:
-                    out[entry.name] = self._read(f, entry, data_start, path, wanted, hasher)
+                if entry.name in packs:
+                    buffers[entry.name] = read_tensor(f, entry, data_start, path)
+                    if hasher is not None:
+                        hasher.update(tensor_bytes(buffers[entry.name]))
                     continue
-                if entry.name in wanted:
+                if entry.name in direct and entry.name not in self.into:
+                    out[entry.name] = self._read(f, entry, data_start, path, direct, hasher)
+                    continue
+                if entry.name in direct:
                     out[entry.name] = self.into[entry.name]
                     self.pending.add(f, entry, data_start, path, self.into[entry.name])
                 if hasher is not None:
@@ -384,6 +398,22 @@ class _FileReader:
                     hasher.skip(f, entry.nbytes, self._scratch)
         if hasher is not None:
             _check_digest(record, hasher, path, manifest.step)
+        for name, r in packed.items():
+            assert r.pack is not None
+            cut = buffers[r.pack][r.offset : r.offset + r.nbytes].view(r.dtype).reshape(r.shape)
+            if name in self.into:
+                out[name] = self.into[name]
+                self.pending.copy(cut, self.into[name])
+                continue
+            device, dtype = wanted[name]
+            out[name] = place(
+                cut.clone(),
+                device,
+                dtype,
+                map_location=self.map_location,
+                saved=r.device,
+                key=name,
+            )
         return out
 
     def _read(
@@ -429,7 +459,8 @@ def verify_checkpoint_files(storage: Storage, directory: str, manifest: Manifest
     """
     in_file: dict[str, set[str]] = {name: set() for name in manifest.files}
     for name, tensor in manifest.tensors.items():
-        in_file[tensor.file].add(name)
+        if tensor.pack is None:  # packed tensors live inside their pack
+            in_file[tensor.file].add(name)
     scratch = bytearray(CHUNK_BYTES)
     checked = 0
     for file_name, names in in_file.items():

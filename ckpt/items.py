@@ -10,6 +10,7 @@ anything is mutated. No I/O happens here.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ import torch
 from torch import nn
 
 from ckpt.errors import CorruptCheckpointError, IncompatibleCheckpointError
-from ckpt.format import ItemRecord, Manifest, TensorRecord, item_file_name
+from ckpt.format import PACK_SUFFIX, ItemRecord, Manifest, TensorRecord, item_file_name
 from ckpt.inplace import (
     Counterpart,
     module_loads_plainly,
@@ -33,10 +34,12 @@ from ckpt.optim import (
     optimizer_targets,
 )
 from ckpt.rng import RandomStreams, check_rng_values
-from ckpt.tensorfile import dtype_name
+from ckpt.tensorfile import dtype_name, pack_tensors
 from ckpt.tree import Json, flatten, tensors_by_path, unflatten
 
 __all__ = [
+    "PACK_MAX_BYTES",
+    "PACK_MIN_TENSORS",
     "RESERVED_NAMES",
     "Captured",
     "RestorePlan",
@@ -54,6 +57,12 @@ __all__ = [
 
 RESERVED_NAMES = frozenset({"step", "epoch", "metrics", "map_location", "strict", "rng"})
 """Names that cannot be items because ``save``/``restore`` take them as options."""
+
+PACK_MAX_BYTES = 16 * 1024
+"""Tensors of at most this many bytes may be packed together."""
+
+PACK_MIN_TENSORS = 64
+"""An item packs its small tensors only when it has at least this many."""
 
 _RESTORE_ORDER = {"module": 0, "optimizer": 1, "stateful": 2, "dict": 3, "rng": 4}
 
@@ -237,6 +246,10 @@ def assemble_manifest(
 ) -> tuple[dict[str, dict[str, torch.Tensor]], Manifest]:
     """Lay captured items out as tensor files and a manifest (file sizes still unknown).
 
+    An item with at least :data:`PACK_MIN_TENSORS` tensors of at most
+    :data:`PACK_MAX_BYTES` each stores those as one pack (format version 2):
+    per-tensor headers would otherwise outweigh their data.
+
     Returns:
         ``{file name: {tensor name: tensor}}`` and the manifest.
 
@@ -252,7 +265,21 @@ def assemble_manifest(
         for tensor_name, t in cap.tensors.items():
             dtype_name(t.dtype)
             tensors[tensor_name] = TensorRecord(file_name, t.dtype, tuple(t.shape), str(t.device))
-        files[file_name] = cap.tensors
+        small = {
+            n: t for n, t in cap.tensors.items() if t.numel() * t.element_size() <= PACK_MAX_BYTES
+        }
+        if len(small) < PACK_MIN_TENSORS:
+            files[file_name] = cap.tensors
+            continue
+        pack_name = name + PACK_SUFFIX
+        pack, offsets = pack_tensors(small)
+        for tensor_name, offset in offsets.items():
+            tensors[tensor_name] = dataclasses.replace(
+                tensors[tensor_name], pack=pack_name, offset=offset
+            )
+        tensors[pack_name] = TensorRecord(file_name, torch.uint8, tuple(pack.shape), "cpu")
+        files[file_name] = {n: t for n, t in cap.tensors.items() if n not in small}
+        files[file_name][pack_name] = pack
     items = {n: ItemRecord(c.kind, c.tree, c.extra) for n, c in captured.items()}
     manifest = Manifest(step, epoch, metrics, {}, tensors, items, created_at, versions)
     return files, manifest

@@ -36,6 +36,7 @@ __all__ = [
     "dtype_name",
     "encode_header",
     "layout",
+    "pack_tensors",
     "parse_header",
     "read_into",
     "read_tensor",
@@ -119,6 +120,21 @@ def layout(tensors: Mapping[str, torch.Tensor]) -> list[TensorEntry]:
         entries.append(TensorEntry(name, t.dtype, tuple(t.shape), offset, offset + nbytes))
         offset += nbytes
     return entries
+
+
+def pack_tensors(tensors: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, int]]:
+    """Concatenate the bytes of ``tensors`` into one ``uint8`` CPU tensor.
+
+    Tensors are placed as :func:`layout` places them (widest element first, then
+    by name), so each offset is a multiple of its tensor's element size.
+
+    Returns:
+        The pack, and each tensor's byte offset in it.
+    """
+    entries = layout(tensors)
+    pieces = [_cpu_contiguous(tensors[e.name]).reshape(-1).view(torch.uint8) for e in entries]
+    pack = torch.cat(pieces) if pieces else torch.empty(0, dtype=torch.uint8)
+    return pack, {e.name: e.begin for e in entries}
 
 
 def encode_header(entries: Iterable[TensorEntry], metadata: Mapping[str, str] | None) -> bytes:

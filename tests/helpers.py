@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import itertools
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -80,9 +82,27 @@ def write_manifest(path, doc: dict) -> None:
     path.write_text(body[:-1] + f',"checksum":"{hash_bytes(body.encode())}"}}\n')
 
 
-def trained_live_objects(seed: int = 2) -> tuple[nn.Module, torch.optim.Optimizer]:
+class ManySmall(nn.Module):
+    """101 tiny layers: a model whose tensors, and its optimizer's, ckpt packs together."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        sizes = [6] + [4] * 100  # train_steps feeds 6 features and wants 3 out
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(sizes))
+        self.norm = nn.BatchNorm1d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = torch.tanh(layer(x))
+        return self.norm(x)[:, :3]
+
+
+def trained_live_objects(
+    seed: int = 2, build: Callable[[int], nn.Module] | None = None
+) -> tuple[nn.Module, torch.optim.Optimizer]:
     """A model and an AdamW that has stepped, so a restore can load into existing state."""
-    model = small_model(seed)
+    model = (build or small_model)(seed)
     optimizer = torch.optim.AdamW(model.parameters())
     train_steps(model, optimizer, 1, seed=seed)
     return model, optimizer
@@ -91,3 +111,26 @@ def trained_live_objects(seed: int = 2) -> tuple[nn.Module, torch.optim.Optimize
 def snapshot(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[Any, Any]:
     """Deep copies of both states (tensors cloned), to compare against later."""
     return copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict())
+
+
+Pair = tuple[nn.Module, torch.optim.Optimizer]
+
+
+def restore_matches_torch(
+    mgr: Any, saved: Pair, ours: Pair, ref: Pair, after_restore: Callable[[], None] | None = None
+) -> None:
+    """Restore ``ours`` through ckpt and ``ref`` through torch's ``load_state_dict`` from
+    ``saved``'s states; both must be identical, and stay so for 2 more steps (which catches
+    state on a wrong device or dtype)."""
+    from conftest import assert_same_state
+
+    mgr.restore(model=ours[0], optimizer=ours[1])
+    if after_restore is not None:
+        after_restore()
+    ref[0].load_state_dict(saved[0].state_dict())
+    ref[1].load_state_dict(saved[1].state_dict())
+    for extra_steps in (0, 2):
+        train_steps(*ours, extra_steps, seed=7)
+        train_steps(*ref, extra_steps, seed=7)
+        assert_same_state(ours[1].state_dict(), ref[1].state_dict())
+        assert_same_state(ours[0].state_dict(), ref[0].state_dict())

@@ -1,4 +1,4 @@
-"""The on-disk format: step names, manifest validation, and golden bytes that pin v1."""
+"""The on-disk format: step names, manifest validation, and golden bytes that pin v1 and v2."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import json
 import math
 import os
 import shutil
+import zlib
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from conftest import assert_same_state
 from torch import nn
 
 import ckpt
+import ckpt.format
 from ckpt.format import (
     MANIFEST_NAME,
     Manifest,
@@ -25,10 +27,13 @@ from ckpt.format import (
     step_dir_name,
     temp_dir_name,
 )
+from ckpt.items import PACK_MAX_BYTES, PACK_MIN_TENSORS
 
 GOLDEN = Path(__file__).parent / "golden" / "v1"
 GOLDEN_WITHOUT_CHECKSUMS = Path(__file__).parent / "golden" / "v1-ckpt-0.1.0-no-checksums"
 """Written by ckpt 0.1.0, before files had checksums: must still load."""
+GOLDEN_V2 = Path(__file__).parent / "golden" / "v2"
+"""A pack of small tensors and a compressed manifest."""
 
 
 @pytest.mark.parametrize("step", [0, 1, 42, 10**12 - 1, 10**12, 2**63 - 1])
@@ -204,31 +209,55 @@ def golden_items() -> dict[str, object]:
     }
 
 
+def golden_items_v2() -> dict[str, object]:
+    dtypes = [torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.bool, torch.int8]
+    packed = {
+        f"p{i}": (torch.arange(i % 5 + 1) - 2).to(dtypes[i % len(dtypes)])
+        for i in range(PACK_MIN_TENSORS + 2)
+    }
+    packed["large"] = torch.arange(PACK_MAX_BYTES // 4 + 1, dtype=torch.float32)
+    return {"packed": packed}
+
+
 def normalized_manifest(path: Path) -> dict[str, object]:
-    doc = json.loads(path.read_text())
+    raw = path.read_bytes()
+    doc = json.loads(zlib.decompress(raw) if raw.startswith(b"x") else raw)
     assert isinstance(doc.pop("created_at"), str)
     assert set(doc.pop("versions")) == {"ckpt", "torch", "python"}
     doc.pop("checksum")  # covers created_at and versions, so it changes on every save
     return doc
 
 
-def test_golden_bytes_pin_format_v1(tmp_path):
+@pytest.mark.parametrize("version", [1, 2])
+def test_golden_bytes_pin_the_format(tmp_path, monkeypatch, version):
     """Fails when the bytes ckpt writes change: that is a format change (bump the version).
 
     Regenerate deliberately with ``CKPT_REGENERATE_GOLDEN=1 pytest tests/test_format.py``.
     """
+    golden, items = (GOLDEN, golden_items()) if version == 1 else (GOLDEN_V2, golden_items_v2())
+    if version == 2:
+        monkeypatch.setattr(ckpt.format, "COMPRESS_MANIFEST_ABOVE", 0)
     mgr = ckpt.CheckpointManager(tmp_path)
-    mgr.save(7, epoch=1, metrics={"loss": 0.125}, rng=False, **golden_items())
+    mgr.save(7, epoch=1, metrics={"loss": 0.125}, rng=False, **items)
     written = tmp_path / step_dir_name(7)
     if os.environ.get("CKPT_REGENERATE_GOLDEN"):
-        shutil.rmtree(GOLDEN, ignore_errors=True)
-        shutil.copytree(written, GOLDEN)
-    assert sorted(os.listdir(written)) == sorted(os.listdir(GOLDEN))
-    for name in os.listdir(GOLDEN):
+        shutil.rmtree(golden, ignore_errors=True)
+        shutil.copytree(written, golden)
+    assert (written / MANIFEST_NAME).read_bytes()[:1] == (b"{" if version == 1 else b"x")
+    assert normalized_manifest(written / MANIFEST_NAME)["format_version"] == version
+    assert sorted(os.listdir(written)) == sorted(os.listdir(golden))
+    for name in os.listdir(golden):
         if name == MANIFEST_NAME:
-            assert normalized_manifest(written / name) == normalized_manifest(GOLDEN / name)
+            assert normalized_manifest(written / name) == normalized_manifest(golden / name)
         else:
-            assert (written / name).read_bytes() == (GOLDEN / name).read_bytes(), name
+            assert (written / name).read_bytes() == (golden / name).read_bytes(), name
+
+
+def test_golden_v2_still_loads(tmp_path):
+    shutil.copytree(GOLDEN_V2, tmp_path / step_dir_name(7))
+    mgr = ckpt.CheckpointManager(tmp_path)
+    assert_same_state(mgr.read(7)["packed"], golden_items_v2()["packed"])
+    mgr.verify(7)
 
 
 @pytest.mark.parametrize("golden", [GOLDEN, GOLDEN_WITHOUT_CHECKSUMS], ids=["v1", "v1-0.1.0"])

@@ -15,32 +15,52 @@ import json
 import re
 import shutil
 import uuid
+from pathlib import Path
 
 import pytest
-import torch
 from conftest import assert_same_state
-from helpers import small_model, snapshot, trained_live_objects
+from helpers import ManySmall, small_model, snapshot, trained_live_objects
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import ckpt
+import ckpt.format
 from ckpt.format import MANIFEST_NAME, step_dir_name
 from ckpt.integrity import hash_bytes
 
 FILES = [MANIFEST_NAME, "model.safetensors", "optimizer.safetensors", "rng.safetensors"]
 
 
-@pytest.fixture(scope="module")
-def pristine(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pristine")
-    model = small_model(1)
-    optimizer = torch.optim.AdamW(model.parameters())
-    model(torch.randn(4, 6)).sum().backward()
-    optimizer.step()
+def _pristine(root, build) -> Path:
+    model, optimizer = trained_live_objects(1, build)
     mgr = ckpt.CheckpointManager(root)
     mgr.save(0, model=model, optimizer=optimizer)
     mgr.close()
     return root / step_dir_name(0)
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory):
+    return _pristine(tmp_path_factory.mktemp("pristine"), small_model)
+
+
+@pytest.fixture(scope="module")
+def pristine_packed(tmp_path_factory):
+    """Files holding packs of small tensors (format version 2), with a plain JSON manifest
+    so that resealed mutations reach the pack checks."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ckpt.format, "COMPRESS_MANIFEST_ABOVE", 2**30)
+        step_dir = _pristine(tmp_path_factory.mktemp("pristine-packed"), ManySmall)
+    assert b'"pack":' in (step_dir / MANIFEST_NAME).read_bytes()
+    return step_dir
+
+
+@pytest.fixture(scope="module")
+def pristine_compressed(tmp_path_factory):
+    """The same state saved as usual: its manifest is large enough to be compressed."""
+    step_dir = _pristine(tmp_path_factory.mktemp("pristine-compressed"), ManySmall)
+    assert (step_dir / MANIFEST_NAME).read_bytes().startswith(b"x")
+    return step_dir
 
 
 @st.composite
@@ -96,8 +116,8 @@ def reseal(step_dir, name: str) -> None:
         manifest.write_bytes(sealed)
 
 
-def check_restore_of(step_dir) -> None:
-    model, optimizer = trained_live_objects(2)  # restores load into its existing state
+def check_restore_of(step_dir, build=small_model) -> None:
+    model, optimizer = trained_live_objects(2, build)  # restores load into its existing state
     before = snapshot(model, optimizer)
     mgr = ckpt.CheckpointManager(step_dir.parent)
     try:
@@ -109,14 +129,14 @@ def check_restore_of(step_dir) -> None:
         mgr.verify(0)
 
 
-def fuzz_case(pristine, tmp_path, name, edits, resealed) -> None:
+def fuzz_case(pristine, tmp_path, name, edits, resealed, build=small_model) -> None:
     step_dir = tmp_path / uuid.uuid4().hex / step_dir_name(0)
     shutil.copytree(pristine, step_dir)
     path = step_dir / name
     path.write_bytes(mutate(path.read_bytes(), edits))
     if resealed:
         reseal(step_dir, name)
-    check_restore_of(step_dir)
+    check_restore_of(step_dir, build)
 
 
 SETTINGS = settings(
@@ -133,3 +153,28 @@ SETTINGS = settings(
 def test_mutated_files_only_ever_raise_checkpoint_errors(pristine, tmp_path, name, resealed, data):
     size = (pristine / name).stat().st_size
     fuzz_case(pristine, tmp_path, name, data.draw(mutations(size)), resealed)
+
+
+PACKED_FILES = [MANIFEST_NAME, "model.safetensors", "optimizer.safetensors"]
+
+
+@pytest.mark.parametrize("resealed", [False, True], ids=["raw", "resealed"])
+@pytest.mark.parametrize("name", PACKED_FILES)
+@settings(SETTINGS, max_examples=60)
+@given(data=st.data())
+def test_mutated_packed_files_only_ever_raise_checkpoint_errors(
+    pristine_packed, tmp_path, name, resealed, data
+):
+    size = (pristine_packed / name).stat().st_size
+    edits = data.draw(mutations(size))
+    fuzz_case(pristine_packed, tmp_path, name, edits, resealed, ManySmall)
+
+
+@settings(SETTINGS, max_examples=60)
+@given(data=st.data())
+def test_mutated_compressed_manifests_only_ever_raise_checkpoint_errors(
+    pristine_compressed, tmp_path, data
+):
+    size = (pristine_compressed / MANIFEST_NAME).stat().st_size
+    edits = data.draw(mutations(size))
+    fuzz_case(pristine_compressed, tmp_path, MANIFEST_NAME, edits, False, ManySmall)

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import torch
 from conftest import assert_same_state, states_differ
-from helpers import small_model, train_steps
+from helpers import restore_matches_torch, small_model, train_steps
 from torch import nn
 
 import ckpt
@@ -131,19 +131,13 @@ def test_restore_matches_torch_load_state_dict(tmp_path, key, variant, kwargs, l
         train_steps(ref_model, ref_opt, 2, seed=5)
     assert states_differ(ours_opt.state_dict(), opt.state_dict())
     seen = watch_incoming_state(ours_opt)
-
-    mgr.restore(model=ours_model, optimizer=ours_opt)
-    assert_loaded_without_copies(ours_opt, seen)
-    ref_model.load_state_dict(model.state_dict())
-    ref_opt.load_state_dict(opt.state_dict())
-
-    assert_same_state(ours_opt.state_dict(), ref_opt.state_dict())
-    assert_same_state(ours_model.state_dict(), ref_model.state_dict())
-    # Training on from both must stay identical (catches state on a wrong device or dtype).
-    train_steps(ours_model, ours_opt, 2, seed=7)
-    train_steps(ref_model, ref_opt, 2, seed=7)
-    assert_same_state(ours_opt.state_dict(), ref_opt.state_dict())
-    assert_same_state(ours_model.state_dict(), ref_model.state_dict())
+    restore_matches_torch(
+        mgr,
+        (model, opt),
+        (ours_model, ours_opt),
+        (ref_model, ref_opt),
+        after_restore=lambda: assert_loaded_without_copies(ours_opt, seen),
+    )
 
 
 def test_param_groups_with_different_hyperparameters(tmp_path):
