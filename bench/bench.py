@@ -1,6 +1,6 @@
 """Benchmark: ckpt against a raw write, torch.save/load, safetensors and DCP, in one run.
 
-Usage: python bench/bench.py [--gib 1.0] [--small 10000] [--repeat 3] [--dir DIR] [--cold]
+Usage: python bench/bench.py [--gib 1.0] [--small 10000] [--repeat 5] [--dir DIR] [--cold]
 
 Two states: a model with AdamW state of about ``--gib`` GiB, and ``--small``
 small tensors. Every method runs in a fresh process (so peak memory is its own),
@@ -266,13 +266,20 @@ def _load(method, target, model, optimizer, small) -> None:
             mgr.restore(model=model, optimizer=optimizer, rng=False, verify=verify)
 
 
-def run_median(args, kind: str, phase: str, method: str) -> dict:
-    """Run one measurement ``--repeat`` times, each in a fresh process; the median of each."""
-    runs = [run_child(args, kind, phase, method) for _ in range(args.repeat)]
-    failed = [r for r in runs if "error" in r]
-    if failed:
-        return failed[0]
-    return {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+def run_interleaved(args, kind: str, phase: str, methods: list[str]) -> dict[str, dict]:
+    """Run every method ``--repeat`` times, each run in a fresh process, taking turns
+    (so drift in the disk's speed hits every method alike); the median of each figure."""
+    runs: dict[str, list[dict]] = {m: [] for m in methods}
+    for _ in range(args.repeat):
+        for method in methods:
+            runs[method].append(run_child(args, kind, phase, method))
+    out = {}
+    for method, results in runs.items():
+        failed = [r for r in results if "error" in r]
+        out[method] = failed[0] if failed else {
+            key: statistics.median(r[key] for r in results) for key in results[0]
+        }  # fmt: skip
+    return out
 
 
 def run_child(args, kind: str, phase: str, method: str) -> dict:
@@ -309,7 +316,7 @@ def main() -> None:
     parser.add_argument("--small", type=int, default=10_000)
     parser.add_argument("--dir", default=None)
     parser.add_argument("--cold", action="store_true")
-    parser.add_argument("--repeat", type=int, default=3, help="runs per figure (median)")
+    parser.add_argument("--repeat", type=int, default=5, help="runs per figure (median)")
     parser.add_argument("--saves", type=int, default=4, help="async saves to time")
     parser.add_argument("--steps", type=int, default=8, help="training steps timed alone")
     parser.add_argument("--batch", type=int, default=32, help="training batch (async)")
@@ -329,9 +336,7 @@ def main() -> None:
                 f"\n== {kind}: "
                 + ("model + AdamW" if kind == "model" else f"{args.small} small tensors")
             )
-            results = {}
-            for method in SAVE_METHODS:
-                results[method] = run_median(args, kind, "save", method)
+            results = run_interleaved(args, kind, "save", SAVE_METHODS)
             nbytes = results["raw"].get("bytes", 1)
             header = ("save", "s", "/raw", "/torch", "extra mem", "size/bytes")
             print("{:18s} {:>7s} {:>6s} {:>7s} {:>10s} {:>10s}".format(*header))
@@ -343,7 +348,7 @@ def main() -> None:
                 s = r["seconds"]
                 print(f"{method:18s} {s:7.3f} {s / raw_s:6.2f} {s / torch_s:7.2f} "
                       f"{r['extra'] / nbytes:9.3f}x {r['size'] / nbytes:10.4f}")  # fmt: skip
-            loads = {m: run_median(args, kind, "load", m) for m in LOAD_METHODS}
+            loads = run_interleaved(args, kind, "load", LOAD_METHODS)
             print(f"{'load':18s} {'s':>7s} {'/torch':>7s} {'extra mem':>10s} "
                   f"{'+1st step':>10s} {'/torch':>7s} {'2nd step':>9s}")  # fmt: skip
             base = loads["torch.load(mmap)"].get("seconds", float("nan"))

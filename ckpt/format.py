@@ -225,16 +225,16 @@ def encode_manifest(manifest: Manifest) -> bytes:
             for name, r in manifest.items.items()
         },
     }
-    raw = _sealed_json(doc)
-    if len(raw) <= COMPRESS_MANIFEST_ABOVE:
-        return raw
-    doc["format_version"] = 2
-    return zlib.compress(_sealed_json(doc), 6)
-
-
-def _sealed_json(doc: dict[str, Any]) -> bytes:
-    """The JSON of ``doc`` with its own checksum as the last field."""
     body = json.dumps(doc, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    if len(body) <= COMPRESS_MANIFEST_ABOVE:
+        return _sealed(body)
+    # Compressed needs version 2; "format_version" is the second key, so this edits only it.
+    body = body.replace('"format_version":1,', '"format_version":2,', 1)
+    return zlib.compress(_sealed(body), 6)
+
+
+def _sealed(body: str) -> bytes:
+    """The JSON object ``body`` with its own checksum added as the last field."""
     checksum = hash_bytes(body.encode("utf-8"))
     return (body[:-1] + f',"checksum":"{checksum}"}}\n').encode("utf-8")
 

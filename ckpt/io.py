@@ -29,7 +29,7 @@ from ckpt.format import (
 from ckpt.integrity import CHUNK_BYTES, Hasher, HashingWriter
 from ckpt.locations import MapLocation, mapped_device, place
 from ckpt.optim import Target
-from ckpt.storage import Storage
+from ckpt.storage import BackgroundSyncs, Storage
 from ckpt.tensorfile import (
     MAX_HEADER_BYTES,
     TensorEntry,
@@ -77,19 +77,21 @@ def write_checkpoint_files(
         FileExistsError: A file (the manifest, when another writer committed first) exists.
     """
     records: dict[str, FileRecord] = {}
-    for file_name, tensors in files.items():
-        hashers: list[Hasher] = []
+    with BackgroundSyncs() as syncs:  # each file flushes while the next is written
+        for file_name, tensors in files.items():
+            hashers: list[Hasher] = []
 
-        def write(
-            f: BinaryIO,
-            tensors: Mapping[str, torch.Tensor] = tensors,
-            hashers: list[Hasher] = hashers,
-        ) -> int:
-            hashers.append(Hasher())  # a fresh digest for each attempt
-            return write_tensors(HashingWriter(f, hashers[-1]), tensors, _SAFETENSORS_METADATA)
+            def write(
+                f: BinaryIO,
+                tensors: Mapping[str, torch.Tensor] = tensors,
+                hashers: list[Hasher] = hashers,
+            ) -> int:
+                hashers.append(Hasher())  # a fresh digest for each attempt
+                return write_tensors(HashingWriter(f, hashers[-1]), tensors, _SAFETENSORS_METADATA)
 
-        size = storage.write_file((directory, file_name), write)
-        records[file_name] = FileRecord(size, hashers[-1].digest())
+            size = storage.write_file((directory, file_name), write, syncs=syncs)
+            records[file_name] = FileRecord(size, hashers[-1].digest())
+        syncs.wait()  # every tensor file is durable before the manifest exists
     manifest = dataclasses.replace(manifest, files=records)
     raw = encode_manifest(manifest)
 
@@ -248,13 +250,18 @@ class PendingReads:
                 slices.append(_Slice(f.fileno(), at + begin, part, path, entry.name))
         total = sum(len(piece.view) for piece in slices)
         workers = min(os.cpu_count() or 1, MAX_READ_THREADS)
-        if workers < 2 or total < PARALLEL_READ_BYTES:
-            for piece in slices:
-                piece.read()
-            return
-        with ThreadPoolExecutor(workers, thread_name_prefix="ckpt-read") as pool:
-            for _ in pool.map(_Slice.read, slices):
-                pass  # re-raises the first failure
+        if workers >= 2 and total >= PARALLEL_READ_BYTES:
+            with ThreadPoolExecutor(workers, thread_name_prefix="ckpt-read") as pool:
+                try:
+                    done = pool.map(_Slice.read, slices)
+                except RuntimeError:  # the interpreter is exiting: read on this thread
+                    pass
+                else:
+                    for _ in done:
+                        pass  # re-raises the first failure
+                    return
+        for piece in slices:
+            piece.read()
 
     def close(self) -> None:
         """Close the files; reads not run are dropped."""

@@ -10,7 +10,6 @@ anything is mutated. No I/O happens here.
 
 from __future__ import annotations
 
-import dataclasses
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -262,24 +261,30 @@ def assemble_manifest(
         if not cap.tensors:
             continue
         file_name = item_file_name(name, file_token)
-        for tensor_name, t in cap.tensors.items():
-            dtype_name(t.dtype)
-            tensors[tensor_name] = TensorRecord(file_name, t.dtype, tuple(t.shape), str(t.device))
         small = {
             n: t for n, t in cap.tensors.items() if t.numel() * t.element_size() <= PACK_MAX_BYTES
         }
-        if len(small) < PACK_MIN_TENSORS:
-            files[file_name] = cap.tensors
-            continue
-        pack_name = name + PACK_SUFFIX
-        pack, offsets = pack_tensors(small)
-        for tensor_name, offset in offsets.items():
-            tensors[tensor_name] = dataclasses.replace(
-                tensors[tensor_name], pack=pack_name, offset=offset
+        offsets: dict[str, int] = {}
+        pack_name = None
+        files[file_name] = dict(cap.tensors)
+        if len(small) >= PACK_MIN_TENSORS:
+            pack_name = name + PACK_SUFFIX
+            pack, offsets = pack_tensors(small)
+            for tensor_name in small:
+                del files[file_name][tensor_name]
+            files[file_name][pack_name] = pack
+            tensors[pack_name] = TensorRecord(file_name, torch.uint8, tuple(pack.shape), "cpu")
+        for tensor_name, t in cap.tensors.items():
+            dtype_name(t.dtype)
+            offset = offsets.get(tensor_name)
+            tensors[tensor_name] = TensorRecord(
+                file_name,
+                t.dtype,
+                tuple(t.shape),
+                str(t.device),
+                None if offset is None else pack_name,
+                offset or 0,
             )
-        tensors[pack_name] = TensorRecord(file_name, torch.uint8, tuple(pack.shape), "cpu")
-        files[file_name] = {n: t for n, t in cap.tensors.items() if n not in small}
-        files[file_name][pack_name] = pack
     items = {n: ItemRecord(c.kind, c.tree, c.extra) for n, c in captured.items()}
     manifest = Manifest(step, epoch, metrics, {}, tensors, items, created_at, versions)
     return files, manifest

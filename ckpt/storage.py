@@ -20,6 +20,7 @@ import shutil
 import stat
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime, timezone
 from typing import BinaryIO, TypeVar
 
@@ -34,7 +35,7 @@ from ckpt.errors import (
     CorruptCheckpointError,
 )
 
-__all__ = ["Storage", "WriterLock"]
+__all__ = ["BackgroundSyncs", "Storage", "WriterLock"]
 
 logger = logging.getLogger(__name__)
 
@@ -138,6 +139,56 @@ class WriterLock:
         if self._release is not None:
             release, self._release = self._release, None
             release()
+
+
+class BackgroundSyncs:
+    """fsyncs of finished files, each on a helper thread while the next file is written.
+
+    The disk flushes one file while the CPU copies the next into the page cache.
+    Use as a context manager; :meth:`wait` before anything that must come after
+    the files are durable (the manifest).
+    """
+
+    def __init__(self) -> None:
+        self._helper: ThreadPoolExecutor | None = None
+        self._pending: list[Future[None]] = []
+
+    def __enter__(self) -> BackgroundSyncs:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        try:
+            self.wait()
+        except OSError:
+            if exc_info[0] is None:
+                raise  # else the error already propagating is the one to report
+
+    def fsync(self, fd: int) -> None:
+        """Start fsyncing ``fd`` (a duplicate is kept open until that is done)."""
+        if self._helper is None:
+            self._helper = ThreadPoolExecutor(2, thread_name_prefix="ckpt-fsync")
+        duplicate = os.dup(fd)
+        try:
+            self._pending.append(self._helper.submit(_fsync_fd, duplicate))
+        except RuntimeError:  # the interpreter is exiting (an async save finishing): inline
+            _fsync_fd(duplicate)
+
+    def wait(self) -> None:
+        """Wait for every fsync started; raise the first one's error."""
+        pending, self._pending = self._pending, []
+        errors = [e for e in (f.exception() for f in pending) if e is not None]
+        if self._helper is not None:
+            self._helper.shutdown()
+            self._helper = None
+        if errors:
+            raise errors[0]
+
+
+def _fsync_fd(fd: int) -> None:
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _fsync_dir(path: str) -> None:
@@ -298,9 +349,17 @@ class Storage:
             yield f
 
     def write_file(
-        self, parts: tuple[str, ...], write: Callable[[BinaryIO], int], *, replace: bool = False
+        self,
+        parts: tuple[str, ...],
+        write: Callable[[BinaryIO], int],
+        *,
+        replace: bool = False,
+        syncs: BackgroundSyncs | None = None,
     ) -> int:
         """Create a new file, fill it with ``write(f)``, then flush and fsync it.
+
+        With ``syncs`` (local disk), the fsync runs on a helper thread while the
+        caller goes on writing; :meth:`BackgroundSyncs.wait` waits for it.
 
         On object stores the file is streamed in parts (fsspec's block size) and
         created only if absent (S3 ``If-None-Match``), unless ``replace``; a
@@ -310,6 +369,7 @@ class Storage:
             parts: The file's path below the root.
             write: Writes the content and returns the number of bytes written.
             replace: Overwrite an existing file (object stores only; one PUT is atomic).
+            syncs: Where to start the fsync instead of waiting for it (local disk).
 
         Returns:
             What ``write`` returned.
@@ -322,7 +382,10 @@ class Storage:
             with open(full, "xb") as f:
                 n = write(f)
                 f.flush()
-                os.fsync(f.fileno())
+                if syncs is None:
+                    os.fsync(f.fileno())
+                else:
+                    syncs.fsync(f.fileno())
             return n
 
         def attempt() -> int:

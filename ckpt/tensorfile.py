@@ -132,8 +132,11 @@ def pack_tensors(tensors: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, dic
         The pack, and each tensor's byte offset in it.
     """
     entries = layout(tensors)
-    pieces = [_cpu_contiguous(tensors[e.name]).reshape(-1).view(torch.uint8) for e in entries]
-    pack = torch.cat(pieces) if pieces else torch.empty(0, dtype=torch.uint8)
+    pieces = [_contiguous(tensors[e.name]).reshape(-1).view(torch.uint8) for e in entries]
+    if len({p.device for p in pieces}) > 1:
+        pieces = [p.cpu() for p in pieces]
+    # Concatenated where the tensors live (one copy to the host for a GPU, not one each).
+    pack = torch.cat(pieces).cpu() if pieces else torch.empty(0, dtype=torch.uint8)
     return pack, {e.name: e.begin for e in entries}
 
 
@@ -260,13 +263,17 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview((ctypes.c_ubyte * nbytes).from_address(t.data_ptr())).cast("B")
 
 
-def _cpu_contiguous(t: torch.Tensor) -> torch.Tensor:
+def _contiguous(t: torch.Tensor) -> torch.Tensor:
     t = t.detach()
     if t.is_conj():
         t = t.resolve_conj()
     if t.is_neg():
         t = t.resolve_neg()
-    return t.to("cpu").contiguous()
+    return t.contiguous()
+
+
+def _cpu_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return _contiguous(t).to("cpu").contiguous()
 
 
 class Writer(Protocol):

@@ -214,12 +214,14 @@ def flatten(value: Any, prefix: str) -> tuple[Json, dict[str, torch.Tensor]]:
         return {"$dict": [[int(key) if isinstance(key, int) else key, v] for key, v in items]}
 
     def add_tensor(t: torch.Tensor, path: KeyPath, seq: tuple[bool, ...]) -> str:
-        where = format_key_path(prefix, path)
         if t.layout != torch.strided:
+            where = format_key_path(prefix, path)
             raise TypeError(f"cannot store a {t.layout} tensor at {where}; convert it to dense")
         if t.is_quantized or t.is_nested:
+            where = format_key_path(prefix, path)
             raise TypeError(f"cannot store a quantized or nested tensor at {where}")
         if t.device.type == "meta":
+            where = format_key_path(prefix, path)
             raise TypeError(f"cannot store a meta tensor at {where}: it holds no data")
         identity = _tensor_identity(t)
         if identity is not None and identity in seen:
