@@ -5,10 +5,13 @@ second copy of the state and a page fault per fresh page, which is most of its
 time. Instead, once every file has been checked, ckpt reads a tensor's bytes
 straight into the live tensor that would end up holding them, and hands that
 same tensor to ``load_state_dict`` (whose copy of a tensor onto itself does
-nothing). This is exact only when the live tensor is where torch's own load
-would put the bytes unchanged:
+nothing). A cast to the live tensor's dtype or a copy to its GPU happens on the
+way, a chunk at a time. This is exact only when the live tensor is where
+torch's own load would put the value:
 
-* it is a plain, contiguous CPU tensor of the saved dtype and shape;
+* it is a plain, contiguous CPU or CUDA tensor of the saved shape, in the dtype
+  and on the device torch's load would give the value (for a module, any: its
+  ``load_state_dict`` copies into it, casting; the read casts the same way);
 * the object loads the standard way: a module whose classes all keep torch's
   ``_load_from_state_dict``, an optimizer that keeps torch's ``load_state_dict``;
 * no other tensor the restore writes shares any of its memory (tied weights
@@ -36,10 +39,13 @@ __all__ = [
     "optimizer_loads_plainly",
 ]
 
-Counterpart = tuple[torch.Tensor, Target]
-"""A live tensor that would receive a stored tensor, and where the load builds it first."""
+Counterpart = tuple[torch.Tensor, Target | None]
+"""A live tensor that would receive a stored tensor, and the cast torch's load applies
+first: an optimizer's target (see :func:`ckpt.optim.cast_policy`), or ``None`` for a
+module, whose ``load_state_dict`` copies the value into the live tensor, casting it."""
 
 _CPU = torch.device("cpu")
+_WRITABLE_DEVICES = ("cpu", "cuda")
 
 
 def module_loads_plainly(module: nn.Module) -> bool:
@@ -62,11 +68,11 @@ def optimizer_loads_plainly(optimizer: torch.optim.Optimizer) -> bool:
     return type(optimizer).load_state_dict is torch.optim.Optimizer.load_state_dict
 
 
-def _plain_cpu(t: object) -> bool:
+def _writable(t: object) -> bool:
     return (
         type(t) in (torch.Tensor, nn.Parameter)
         and isinstance(t, torch.Tensor)
-        and t.device.type == "cpu"
+        and t.device.type in _WRITABLE_DEVICES
         and t.is_contiguous()
         and not t.is_conj()
         and not t.is_neg()
@@ -74,32 +80,38 @@ def _plain_cpu(t: object) -> bool:
     )
 
 
-def _span(t: torch.Tensor) -> tuple[int, int]:
-    """The byte range of memory ``t`` may touch (its whole storage unless contiguous)."""
+def _span(t: torch.Tensor) -> tuple[str, int, int]:
+    """The memory ``t`` may touch: device, and byte range (its whole storage unless contiguous)."""
     if t.is_contiguous():
         start = t.data_ptr()
-        return start, start + t.numel() * t.element_size()
+        return str(t.device), start, start + t.numel() * t.element_size()
     storage = t.untyped_storage()
-    return storage.data_ptr(), storage.data_ptr() + storage.nbytes()
+    return str(t.device), storage.data_ptr(), storage.data_ptr() + storage.nbytes()
 
 
-def _lands_unchanged(
+def _lands_in(
     live: torch.Tensor,
-    target: Target,
+    target: Target | None,
     record: TensorRecord,
     map_location: MapLocation,
 ) -> bool:
-    """Whether the stored bytes reach ``live`` unconverted through torch's load."""
-    if not _plain_cpu(live) or live.dtype != record.dtype or tuple(live.shape) != record.shape:
+    """Whether torch's load would leave the stored value in ``live``.
+
+    That is: same shape, and the value cast to ``live``'s dtype and device (which a
+    module's ``load_state_dict`` always does).
+    """
+    if not _writable(live) or tuple(live.shape) != record.shape:
         return False
     if map_location is not None:
         if callable(map_location) and not isinstance(map_location, (str, torch.device)):
             return False
-        if mapped_device(map_location, record.device) != _CPU:
-            return False
+        if mapped_device(map_location, record.device) not in (_CPU, live.device):
+            return False  # keep torch's error for a device that does not exist
+    if target is None:
+        return True
     device, dtype = target
     final_device = device if device is not None else torch.device(record.device)
-    return final_device == _CPU and (dtype is None or dtype == record.dtype)
+    return final_device == live.device and (dtype or record.dtype) == live.dtype
 
 
 def choose_destinations(
@@ -121,14 +133,14 @@ def choose_destinations(
     Returns:
         ``{stored tensor name: live tensor}``.
     """
-    spans: dict[tuple[int, int], set[str | None]] = {}
+    spans: dict[tuple[str, int, int], set[str | None]] = {}
     for t in written:
-        if isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.numel() > 0:
+        if isinstance(t, torch.Tensor) and t.device.type in _WRITABLE_DEVICES and t.numel() > 0:
             spans.setdefault(_span(t), set()).add(None)
     chosen: dict[str, torch.Tensor] = {}
     for name, lives in counterparts.items():
         record = records[name]
-        if not lives or not all(_lands_unchanged(t, g, record, map_location) for t, g in lives):
+        if not lives or not all(_lands_in(t, g, record, map_location) for t, g in lives):
             continue
         own = {_span(t) for t, _ in lives}
         if len(own) != 1:
@@ -141,15 +153,16 @@ def choose_destinations(
     return {name: chosen[name] for name in _unshared(spans) if name in chosen}
 
 
-def _unshared(spans: Mapping[tuple[int, int], set[str | None]]) -> set[str]:
+def _unshared(spans: Mapping[tuple[str, int, int], set[str | None]]) -> set[str]:
     """Names whose span overlaps no other span and is claimed by that name alone."""
     ok: set[str] = set()
     ordered = sorted(spans.items())
-    reach = -1  # the furthest end among spans before the current one
-    for i, ((start, end), names) in enumerate(ordered):
-        overlaps_before = start < reach
-        overlaps_after = i + 1 < len(ordered) and ordered[i + 1][0][0] < end
-        reach = max(reach, end)
+    reach: tuple[str, int] = ("", -1)  # the furthest end among earlier spans on a device
+    for i, ((device, start, end), names) in enumerate(ordered):
+        overlaps_before = reach[0] == device and start < reach[1]
+        following = ordered[i + 1][0] if i + 1 < len(ordered) else None
+        overlaps_after = following is not None and following[0] == device and following[1] < end
+        reach = (device, max(reach[1], end) if reach[0] == device else end)
         if overlaps_before or overlaps_after or len(names) != 1:
             continue
         (only,) = names

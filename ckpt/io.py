@@ -177,21 +177,47 @@ class _Slice:
     key: str
 
     def read(self) -> None:
-        filled = 0
-        try:
-            while filled < len(self.view):
-                n = os.preadv(self.fd, [self.view[filled:]], self.offset + filled)
-                if not n:
-                    raise EOFError(f"the file ends at byte {self.offset + filled}")
-                filled += n
-        except (OSError, EOFError) as e:
-            raise CorruptCheckpointError(
-                f"reading into the live tensor failed after every check had passed ({e}); "
-                "tensors loaded in place before it hold the checkpoint's values, the rest "
-                "their old ones",
-                path=self.path,
-                key=self.key,
-            ) from e
+        _pread_exactly(self.fd, self.offset, self.view, self.path, self.key)
+
+
+def _pread_exactly(fd: int, offset: int, view: memoryview, path: str, key: str) -> None:
+    """Fill ``view`` from ``fd`` at ``offset``, or raise the after-the-checks error."""
+    filled = 0
+    try:
+        while filled < len(view):
+            n = os.preadv(fd, [view[filled:]], offset + filled)
+            if not n:
+                raise EOFError(f"the file ends at byte {offset + filled}")
+            filled += n
+    except (OSError, EOFError) as e:
+        raise CorruptCheckpointError(
+            f"reading into the live tensor failed after every check had passed ({e}); "
+            "tensors loaded in place before it hold the checkpoint's values, the rest "
+            "their old ones",
+            path=path,
+            key=key,
+        ) from e
+
+
+CAST_CHUNK_BYTES = 8 * 1024 * 1024
+"""Bytes read at a time for a live tensor that needs a cast or lives on a GPU."""
+
+
+def _read_cast(
+    fd: int, offset: int, entry: TensorEntry, out: torch.Tensor, path: str, buffer: torch.Tensor
+) -> None:
+    """Read ``entry``'s bytes a chunk at a time into ``out``.
+
+    Each chunk is cast (and moved to ``out``'s device) exactly as
+    ``out.copy_(whole)`` would cast it.
+    """
+    itemsize = torch.empty((), dtype=entry.dtype).element_size()
+    step = max(itemsize, len(buffer) // itemsize * itemsize)
+    flat = out.view(-1)
+    for begin in range(0, entry.nbytes, step):
+        n = min(step, entry.nbytes - begin)
+        _pread_exactly(fd, offset + begin, tensor_bytes(buffer)[:n], path, entry.name)
+        flat[begin // itemsize : (begin + n) // itemsize].copy_(buffer[:n].view(entry.dtype))
 
 
 class PendingReads:
@@ -220,7 +246,7 @@ class PendingReads:
     def add(
         self, f: BinaryIO, entry: TensorEntry, data_start: int, path: str, out: torch.Tensor
     ) -> None:
-        """Schedule reading ``entry`` of the open file ``f`` into ``out``."""
+        """Schedule reading ``entry`` of the open file ``f`` into ``out`` (cast to its dtype)."""
         self._reads.append((f, entry, data_start, path, out))
 
     def copy(self, source: torch.Tensor, out: torch.Tensor) -> None:
@@ -240,7 +266,16 @@ class PendingReads:
             out.copy_(source)
         reads, self._reads = self._reads, []  # ``reads`` keeps the tensors alive
         slices: list[_Slice] = []
+        casts = [r for r in reads if r[4].device.type != "cpu" or r[4].dtype != r[1].dtype]
+        if casts:
+            pin = torch.cuda.is_available() and any(r[4].device.type == "cuda" for r in casts)
+            largest = max(entry.nbytes for _, entry, _, _, _ in casts)
+            buffer = torch.empty(min(largest, CAST_CHUNK_BYTES), dtype=torch.uint8, pin_memory=pin)
+            for f, entry, data_start, path, out in casts:
+                _read_cast(f.fileno(), data_start + entry.begin, entry, out, path, buffer)
         for f, entry, data_start, path, out in reads:
+            if out.device.type != "cpu" or out.dtype != entry.dtype:
+                continue
             view = tensor_bytes(out)
             if len(view) != entry.nbytes:
                 raise ValueError(f"{entry.name}: {len(view)} bytes to fill, not {entry.nbytes}")
@@ -301,7 +336,8 @@ def load_tensors(
             means "where ``map_location`` maps the saved location".
         map_location: As for ``torch.load``.
         verify: Check each file read against its checksum.
-        into: ``{name: contiguous CPU tensor of the stored dtype and shape}``.
+        into: ``{name: contiguous CPU or CUDA tensor of the stored shape}``; the
+            bytes are cast to its dtype on the way, as ``copy_`` casts.
 
     Returns:
         ``{name: tensor}`` (for names in ``into``, the live tensor, not yet

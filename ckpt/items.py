@@ -413,7 +413,7 @@ def plan_restore(
                 for path, t in tensors_by_path(saved).items():
                     if id(t) in placeholder_names and path in live_by_path:
                         counterparts.setdefault(placeholder_names[id(t)], []).append(
-                            (live_by_path[path], (_CPU, None))
+                            (live_by_path[path], None)  # load_state_dict copies into it
                         )
         if not override:
             live_devices = {p: t.device for p, t in tensors_by_path(live).items()}

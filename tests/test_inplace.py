@@ -51,12 +51,20 @@ def test_tensors_that_cannot_take_raw_bytes_are_not_destinations(live):
     assert choose({"m/w": [(live, (CPU, None))]}, [live], records={"m/w": saved}) == {}
 
 
-def test_a_dtype_or_shape_change_is_left_to_load_state_dict():
+def test_a_module_takes_a_cast_in_place_but_not_a_shape_change():
     w = torch.zeros(4, 3)
     as_double = TensorRecord("x.safetensors", torch.float64, (4, 3), "cpu")
     reshaped = TensorRecord("x.safetensors", torch.float32, (3, 4), "cpu")
-    assert choose({"m/w": [(w, (CPU, None))]}, [w], records={"m/w": as_double}) == {}
-    assert choose({"m/w": [(w, (CPU, None))]}, [w], records={"m/w": reshaped}) == {}
+    from_gpu = TensorRecord("x.safetensors", torch.float32, (4, 3), "cuda:0")
+    module = {"m/w": [(w, None)]}  # None: load_state_dict copies into w, casting
+    assert choose(module, [w], records={"m/w": as_double}) == {"m/w": w}
+    assert choose(module, [w], records={"m/w": from_gpu}) == {"m/w": w}
+    assert choose(module, [w], records={"m/w": reshaped}) == {}
+    # An optimizer keeps what it is given: only a value already cast to w's dtype lands in w.
+    assert choose({"o/s": [(w, (CPU, None))]}, [w], records={"o/s": as_double}) == {}
+    assert choose({"o/s": [(w, (CPU, torch.float32))]}, [w], records={"o/s": as_double}) == {
+        "o/s": w
+    }
 
 
 def test_an_optimizer_cast_target_is_respected():
@@ -304,13 +312,33 @@ def test_modules_with_their_own_loading_see_what_torch_shows_them(tmp_path):
     assert torch.equal(ours.seen[0], old)
 
 
-def test_a_dtype_change_still_loads_like_torch(saved):
-    root, model, _ = saved
-    ours = small_model(2, torch.float64)
-    ckpt.CheckpointManager(root).restore(model=ours, rng=False)
-    ref = small_model(2, torch.float64)
+def assert_cast_in_place_like_torch(saved, build) -> None:
+    """Restore into trained objects from ``build()``: memory kept, values as torch's."""
+    root, model, optimizer = saved
+    ours, ref = build(), build()
+    ours_opt = torch.optim.AdamW(ours.parameters())
+    ref_opt = torch.optim.AdamW(ref.parameters())
+    train_steps(ours, ours_opt, 1)  # state in the live dtype and device, for the cast to land in
+    train_steps(ref, ref_opt, 1)
+    before = pointers(ours, ours_opt)
+    ckpt.CheckpointManager(root).restore(model=ours, optimizer=ours_opt, rng=False)
     ref.load_state_dict(model.state_dict())
+    ref_opt.load_state_dict(optimizer.state_dict())
+    assert pointers(ours, ours_opt) == before
     assert_same_state(ours.state_dict(), ref.state_dict())
+    assert_same_state(ours_opt.state_dict(), ref_opt.state_dict())
+
+
+@pytest.mark.parametrize("live_dtype", [torch.float64, torch.bfloat16, torch.float16])
+def test_a_dtype_change_is_cast_into_the_live_tensors_like_torch(saved, live_dtype, monkeypatch):
+    monkeypatch.setattr(ckpt.io, "CAST_CHUNK_BYTES", 24)  # several chunks per tensor
+    assert_cast_in_place_like_torch(saved, lambda: small_model(2, live_dtype))
+
+
+@pytest.mark.cuda
+def test_parameters_on_a_gpu_are_filled_in_place_a_chunk_at_a_time(saved, monkeypatch):
+    monkeypatch.setattr(ckpt.io, "CAST_CHUNK_BYTES", 24)
+    assert_cast_in_place_like_torch(saved, lambda: small_model(2).cuda())
 
 
 def test_training_goes_on_identically_after_an_in_place_restore(saved):
