@@ -4,8 +4,10 @@ Usage: python bench/s3_memory.py [--gib 1.0] [--endpoint URL] [--block-mib N]
 
 Without --endpoint it starts a moto S3 server on 127.0.0.1 in a separate process
 (so its copy of the data does not count). It prints the extra resident memory
-(peak RSS above the RSS before the call) of ``save`` and of ``restore`` into
-live tensors, and the time each took. Needs Linux (/proc) and ``ckpt[s3]``
+(peak RSS above the RSS before the call) of ``save`` and of ``restore`` into a
+trained model and AdamW, and the time each took. The restore reads each object
+once, checks it, keeps the checked bytes in an unnamed local temporary file and
+then reads them into the live tensors. Needs Linux (/proc) and ``ckpt[s3]``
 plus ``moto[server]``.
 """
 
@@ -56,6 +58,20 @@ def measure(label: str, fn, nbytes: int) -> None:
     )
 
 
+def _trained(gib: float, seed: int):
+    """bench.py's model and AdamW (stepped once), about ``gib`` GiB in all."""
+    from bench import build  # this script's directory is on sys.path
+
+    model, optimizer, _ = build("model", gib, 0, seed=seed)
+    return model, optimizer
+
+
+def _nbytes(model, optimizer) -> int:
+    from bench import _flat
+
+    return sum(t.numel() * t.element_size() for t in _flat(model, optimizer).values())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gib", type=float, default=1.0, help="state size in GiB")
@@ -92,16 +108,20 @@ def main() -> None:
     }
     if args.block_mib:
         options["default_block_size"] = args.block_mib * 2**20
-    count = 16
-    per = int(args.gib * 2**30) // count // 4
-    state = {f"t{i}": torch.randn(per) for i in range(count)}
-    nbytes = sum(t.numel() * t.element_size() for t in state.values())
-    print(f"state: {count} float32 tensors, {nbytes / 2**30:.2f} GiB; endpoint {endpoint}")
+    model, optimizer = _trained(args.gib, seed=0)
+    nbytes = _nbytes(model, optimizer)
+    print(f"state: a model and its AdamW state, {nbytes / 2**30:.2f} GiB; endpoint {endpoint}")
     mgr = ckpt.CheckpointManager(f"s3://{bucket}/run", storage_options=options)
-    measure("save", lambda: mgr.save(0, data=state, rng=False), nbytes)
-    live = {k: torch.zeros_like(v) for k, v in state.items()}
-    measure("restore", lambda: mgr.restore(data=live, rng=False), nbytes)
-    assert all(torch.equal(live[k], state[k]) for k in state)
+    measure("save", lambda: mgr.save(0, model=model, optimizer=optimizer, rng=False), nbytes)
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    model = optimizer = None  # free the saved objects before measuring the restore
+    live_model, live_opt = _trained(args.gib, seed=1)
+    measure(
+        "restore into a trained model and AdamW",
+        lambda: mgr.restore(model=live_model, optimizer=live_opt, rng=False),
+        nbytes,
+    )
+    assert all(torch.equal(v, expected[k]) for k, v in live_model.state_dict().items())
     mgr.close()
     if server is not None:
         server.kill()

@@ -8,7 +8,10 @@ tensors, checking every file against the manifest on the way.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
+import shutil
+import tempfile
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
@@ -47,6 +50,8 @@ __all__ = [
     "verify_checkpoint_files",
     "write_checkpoint_files",
 ]
+
+logger = logging.getLogger(__name__)
 
 _SAFETENSORS_METADATA = {"format": "pt"}
 
@@ -218,6 +223,52 @@ def _read_cast(
         n = min(step, entry.nbytes - begin)
         _pread_exactly(fd, offset + begin, tensor_bytes(buffer)[:n], path, entry.name)
         flat[begin // itemsize : (begin + n) // itemsize].copy_(buffer[:n].view(entry.dtype))
+
+
+SPILL_MARGIN_BYTES = 256 * 1024 * 1024
+"""Free space left on the local disk after a spill; with less, tensors go to memory."""
+
+
+def _open_spill(nbytes: int) -> BinaryIO | None:
+    """An unnamed local temporary file for ``nbytes`` of checked remote bytes, if there is room.
+
+    It lives in ``tempfile.gettempdir()`` (``TMPDIR``) and disappears when closed
+    or when the process dies.
+    """
+    directory = tempfile.gettempdir()
+    try:
+        free = shutil.disk_usage(directory).free
+    except OSError:
+        return None
+    if free < nbytes + SPILL_MARGIN_BYTES:
+        logger.info(
+            "not enough room in %s to spill %d bytes; restoring through memory", directory, nbytes
+        )
+        return None
+    return tempfile.TemporaryFile(dir=directory)
+
+
+def _copy_bytes(
+    f: BinaryIO,
+    to: BinaryIO,
+    entry: TensorEntry,
+    path: str,
+    hasher: Hasher | None,
+    buffer: bytearray,
+) -> None:
+    """Copy one tensor's bytes from ``f`` (positioned at them) to ``to``, hashing them."""
+    view = memoryview(buffer)
+    left = entry.nbytes
+    while left:
+        n = f.readinto(view[: min(len(view), left)])  # type: ignore[attr-defined]
+        if not n:
+            raise CorruptCheckpointError(
+                f"file ends {left} bytes before the end of the tensor", path=path, key=entry.name
+            )
+        if hasher is not None:
+            hasher.update(view[:n])
+        to.write(view[:n])
+        left -= n
 
 
 class PendingReads:
@@ -413,11 +464,21 @@ class _FileReader:
         packed = {n: manifest.tensors[n] for n in wanted if manifest.tensors[n].pack is not None}
         direct = {n: t for n, t in wanted.items() if n not in packed}
         packs = {r.pack for r in packed.values() if r.pack is not None}
+        in_place = {n for n in direct if n in self.into}
+        spill = None
+        if in_place and not self.storage.is_local:  # keep the checked bytes on local disk
+            spill = _open_spill(sum(manifest.tensors[n].nbytes for n in in_place))
+            if spill is None:
+                in_place = set()  # no room: read them into fresh memory instead
         out: dict[str, torch.Tensor] = {}
         buffers: dict[str, torch.Tensor] = {}
+        if not self._scratch:
+            self._scratch = bytearray(CHUNK_BYTES)
         with ExitStack() as file_scope:
             f = file_scope.enter_context(self.storage.open_read(self.directory, file_name))
-            if any(name in self.into for name in direct):
+            if spill is not None:
+                file_scope.enter_context(spill)
+            if in_place:
                 self.pending.hold(file_scope.pop_all())  # open until the pending reads ran
             entries, data_start = _read_header(f, path, record.size, hasher)
             for name in [*direct, *packs]:
@@ -428,19 +489,51 @@ class _FileReader:
                     if hasher is not None:
                         hasher.update(tensor_bytes(buffers[entry.name]))
                     continue
-                if entry.name in direct and entry.name not in self.into:
+                if entry.name in direct and entry.name not in in_place:
                     out[entry.name] = self._read(f, entry, data_start, path, direct, hasher)
                     continue
-                if entry.name in direct:
-                    out[entry.name] = self.into[entry.name]
-                    self.pending.add(f, entry, data_start, path, self.into[entry.name])
-                if hasher is not None:
-                    if not self._scratch:
-                        self._scratch = bytearray(CHUNK_BYTES)
-                    f.seek(data_start + entry.begin)
+                f.seek(data_start + entry.begin)
+                if entry.name in in_place:
+                    out[entry.name] = self._defer(f, entry, data_start, path, hasher, spill)
+                elif hasher is not None:
                     hasher.skip(f, entry.nbytes, self._scratch)
+            if spill is not None:
+                spill.flush()
         if hasher is not None:
             _check_digest(record, hasher, path, manifest.step)
+        out.update(self._cut(packed, buffers, wanted))
+        return out
+
+    def _defer(
+        self,
+        f: BinaryIO,
+        entry: TensorEntry,
+        data_start: int,
+        path: str,
+        hasher: Hasher | None,
+        spill: BinaryIO | None,
+    ) -> torch.Tensor:
+        """Hash a tensor's bytes now and schedule reading them into its live tensor."""
+        live = self.into[entry.name]
+        if spill is None:
+            self.pending.add(f, entry, data_start, path, live)
+            if hasher is not None:
+                hasher.skip(f, entry.nbytes, self._scratch)
+            return live
+        at = spill.tell()
+        _copy_bytes(f, spill, entry, path, hasher, self._scratch)
+        moved = dataclasses.replace(entry, begin=at, end=at + entry.nbytes)
+        self.pending.add(spill, moved, 0, path, live)
+        return live
+
+    def _cut(
+        self,
+        packed: Mapping[str, TensorRecord],
+        buffers: Mapping[str, torch.Tensor],
+        wanted: Mapping[str, Target],
+    ) -> dict[str, torch.Tensor]:
+        """Cut packed tensors from their checked packs (copies into live tensors wait)."""
+        out: dict[str, torch.Tensor] = {}
         for name, r in packed.items():
             assert r.pack is not None
             cut = buffers[r.pack][r.offset : r.offset + r.nbytes].view(r.dtype).reshape(r.shape)

@@ -719,14 +719,12 @@ class CheckpointManager:
             plans = plan_restores(manifest, items, strict=strict, override=map_location is not None)
             names = [n for plan in plans for n in plan.tensor_names]
             targets = {n: t for plan in plans for n, t in plan.targets.items()}
-            into = {}
-            if self._storage.is_local:  # elsewhere a second pass would download twice
-                into = choose_destinations(
-                    {n: c for plan in plans for n, c in plan.counterparts.items()},
-                    [t for plan in plans for t in plan.written],
-                    manifest.tensors,
-                    map_location,
-                )
+            into = choose_destinations(
+                {n: c for plan in plans for n, c in plan.counterparts.items()},
+                [t for plan in plans for t in plan.written],
+                manifest.tensors,
+                map_location,
+            )
             loaded, pending = load_tensors(
                 self._storage,
                 step_name,

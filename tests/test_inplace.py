@@ -5,7 +5,9 @@ from __future__ import annotations
 import copy
 import os
 import shutil
+import uuid
 
+import fsspec
 import pytest
 import torch
 from conftest import assert_same_state
@@ -226,10 +228,15 @@ def test_a_failed_check_leaves_live_tensors_alone_even_when_read_in_place(saved)
     raw = bytearray(path.read_bytes())
     raw[-1] ^= 0xFF  # the last byte of the last tensor: every other one reads fine first
     path.write_bytes(bytes(raw))
+    assert_refused_and_nothing_changed(root)
+
+
+def assert_refused_and_nothing_changed(url) -> None:
+    """Restoring the damaged checkpoint at ``url`` fails and changes no trained object."""
     live_model, live_opt = trained_live_objects(2)
     before = snapshot(live_model, live_opt)
     with pytest.raises(ckpt.CorruptCheckpointError, match="checksum"):
-        ckpt.CheckpointManager(root).restore(model=live_model, optimizer=live_opt)
+        ckpt.CheckpointManager(url).restore(model=live_model, optimizer=live_opt)
     assert_same_state(live_model.state_dict(), before[0])
     assert_same_state(live_opt.state_dict(), before[1])
 
@@ -352,3 +359,40 @@ def test_training_goes_on_identically_after_an_in_place_restore(saved):
     train_steps(ref_model, ref_opt, 3, seed=9)
     assert_same_state(ours_model.state_dict(), ref_model.state_dict())
     assert_same_state(ours_opt.state_dict(), ref_opt.state_dict())
+
+
+# ------------------------------------------------------------------ object stores
+
+
+def saved_in_memory() -> tuple[str, nn.Module, torch.optim.Optimizer]:
+    url = f"memory://ckpt-inplace-{uuid.uuid4().hex}/run"
+    model, optimizer = trained_live_objects(1)
+    with ckpt.CheckpointManager(url) as mgr:
+        mgr.save(5, model=model, optimizer=optimizer)
+    return url, model, optimizer
+
+
+def optimizer_pointers(optimizer) -> list[int]:
+    return [t.data_ptr() for state in optimizer.state.values() for t in state.values()]
+
+
+def test_without_room_to_spill_an_object_store_restore_goes_through_memory(monkeypatch):
+    url, model, optimizer = saved_in_memory()
+    monkeypatch.setattr(ckpt.io, "SPILL_MARGIN_BYTES", 2**62)
+    live_model, live_opt = trained_live_objects(2)
+    before = optimizer_pointers(live_opt)
+    ckpt.CheckpointManager(url).restore(model=live_model, optimizer=live_opt)
+    assert optimizer_pointers(live_opt) != before  # fresh tensors, as before in-place reads
+    assert_same_state(live_model.state_dict(), model.state_dict())
+    assert_same_state(live_opt.state_dict(), optimizer.state_dict())
+
+
+def test_a_damaged_object_changes_nothing_even_with_a_spill():
+    url, _, _ = saved_in_memory()
+    fs = fsspec.filesystem("memory")
+    path = f"{url.removeprefix('memory://')}/{step_dir_name(5)}"
+    (name,) = [p for p in fs.ls(path, detail=False) if "optimizer" in p]
+    raw = bytearray(fs.cat_file(name))
+    raw[-1] ^= 0xFF
+    fs.pipe_file(name, bytes(raw))
+    assert_refused_and_nothing_changed(url)
