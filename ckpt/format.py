@@ -397,6 +397,7 @@ def _decode_tensors(
     if not isinstance(doc, dict):
         raise bad("tensors", "must be an object")
     tensors: dict[str, TensorRecord] = {}
+    valid_devices: set[str] = set()
     for name, info in doc.items():
         where = f"tensors.{name}"
         if not isinstance(info, dict):
@@ -412,10 +413,12 @@ def _decode_tensors(
             raise bad(where, "shape must be a list of non-negative ints")
         if not isinstance(device, str):
             raise bad(where, "device must be a string")
-        try:
-            torch.device(device)
-        except RuntimeError as e:
-            raise bad(where, f"invalid device {device!r}") from e
+        if device not in valid_devices:  # a few distinct strings: parse each once
+            try:
+                torch.device(device)
+            except RuntimeError as e:
+                raise bad(where, f"invalid device {device!r}") from e
+            valid_devices.add(device)
         pack, offset = info.get("pack"), info.get("offset", 0)
         unknown = sorted(set(info) - {"file", "dtype", "shape", "device", "pack", "offset"})
         if unknown:

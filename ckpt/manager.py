@@ -40,7 +40,13 @@ from ckpt.format import (
 )
 from ckpt.gc_pause import paused_gc
 from ckpt.inplace import choose_destinations
-from ckpt.io import PendingReads, load_tensors, read_manifest, verify_checkpoint_files
+from ckpt.io import (
+    PendingReads,
+    load_tensors,
+    manifest_digest,
+    read_manifest,
+    verify_checkpoint_files,
+)
 from ckpt.items import (
     RestorePlan,
     assemble_manifest,
@@ -657,11 +663,11 @@ class CheckpointManager:
             if target is None:
                 return attempt(None)
             name = step_dir_name(target)
-            before = self._created_at(name)
+            before = self._manifest_identity(name)
             try:
                 return attempt(target)
             except (CorruptCheckpointError, CheckpointNotFoundError) as e:
-                now = self._created_at(name)
+                now = self._manifest_identity(name)
                 if before is None or now == before:
                     raise
                 if step is not None and now is None:
@@ -675,11 +681,14 @@ class CheckpointManager:
             f"checkpoints kept changing while being {doing}; retry", path=self.directory
         )
 
-    def _created_at(self, step_name: str) -> str | None:
-        """The manifest's creation time: tells a replaced or deleted checkpoint apart."""
+    def _manifest_identity(self, step_name: str) -> str | None:
+        """A digest of the manifest's bytes, or ``None`` if it cannot be read.
+
+        Tells a replaced or deleted checkpoint apart without parsing the manifest again.
+        """
         try:
-            return read_manifest(self._storage, step_name).created_at
-        except CheckpointError:
+            return manifest_digest(self._storage, step_name)
+        except (CheckpointError, OSError):
             return None
 
     def _prepare(
