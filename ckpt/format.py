@@ -8,7 +8,6 @@ which is written last and is the commit marker.
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import re
@@ -161,12 +160,7 @@ class TensorRecord:
     @property
     def nbytes(self) -> int:
         """The number of bytes the tensor's data occupies."""
-        return math.prod(self.shape) * _itemsize(self.dtype)
-
-
-@functools.cache
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+        return math.prod(self.shape) * self.dtype.itemsize
 
 
 @dataclass(frozen=True)
@@ -446,7 +440,7 @@ def _check_packs(tensors: Mapping[str, TensorRecord], bad: Any) -> None:
             raise bad(where, f"pack {r.pack!r} is not a stored tensor")
         if pack.dtype != torch.uint8 or len(pack.shape) != 1 or pack.file != r.file:
             raise bad(where, f"pack {r.pack!r} must be a 1-d uint8 tensor of file {r.file!r}")
-        if r.offset % _itemsize(r.dtype):
+        if r.offset % r.dtype.itemsize:
             raise bad(where, f"offset {r.offset} is not aligned to {r.dtype}")
         members.setdefault(r.pack, []).append((r.offset, r.offset + r.nbytes, name))
     for pack_name, spans in members.items():

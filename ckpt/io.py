@@ -232,7 +232,7 @@ def _read_cast(
     Each chunk is cast (and moved to ``out``'s device) exactly as
     ``out.copy_(whole)`` would cast it.
     """
-    itemsize = torch.empty((), dtype=entry.dtype).element_size()
+    itemsize = entry.dtype.itemsize
     step = max(itemsize, len(buffer) // itemsize * itemsize)
     flat = out.view(-1)
     for begin in range(0, entry.nbytes, step):
@@ -287,6 +287,10 @@ def _copy_bytes(
         left -= n
 
 
+_Read = tuple[BinaryIO, TensorEntry, int, str, torch.Tensor]
+"""A deferred read: the open file, the tensor's entry, its data start, path, live tensor."""
+
+
 class PendingReads:
     """Reads straight into live tensors, held back until every check of a restore has passed.
 
@@ -297,7 +301,7 @@ class PendingReads:
 
     def __init__(self) -> None:
         self._files = ExitStack()
-        self._reads: list[tuple[BinaryIO, TensorEntry, int, str, torch.Tensor]] = []
+        self._reads: list[_Read] = []
         self._copies: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def __enter__(self) -> PendingReads:
@@ -332,17 +336,19 @@ class PendingReads:
         for source, out in copies:
             out.copy_(source)
         reads, self._reads = self._reads, []  # ``reads`` keeps the tensors alive
-        slices: list[_Slice] = []
-        casts = [r for r in reads if r[4].device.type != "cpu" or r[4].dtype != r[1].dtype]
+        casts: list[_Read] = []
+        direct: list[_Read] = []
+        for r in reads:
+            same_bytes = r[4].device.type == "cpu" and r[4].dtype == r[1].dtype
+            (direct if same_bytes else casts).append(r)
         if casts:
             pin = torch.cuda.is_available() and any(r[4].device.type == "cuda" for r in casts)
             largest = max(entry.nbytes for _, entry, _, _, _ in casts)
             buffer = torch.empty(min(largest, CAST_CHUNK_BYTES), dtype=torch.uint8, pin_memory=pin)
             for f, entry, data_start, path, out in casts:
                 _read_cast(f.fileno(), data_start + entry.begin, entry, out, path, buffer)
-        for f, entry, data_start, path, out in reads:
-            if out.device.type != "cpu" or out.dtype != entry.dtype:
-                continue
+        slices: list[_Slice] = []
+        for f, entry, data_start, path, out in direct:
             view = tensor_bytes(out)
             if len(view) != entry.nbytes:
                 raise ValueError(f"{entry.name}: {len(view)} bytes to fill, not {entry.nbytes}")

@@ -261,9 +261,7 @@ def assemble_manifest(
         if not cap.tensors:
             continue
         file_name = item_file_name(name, file_token)
-        small = {
-            n: t for n, t in cap.tensors.items() if t.numel() * t.element_size() <= PACK_MAX_BYTES
-        }
+        small = {n: t for n, t in cap.tensors.items() if t.nbytes <= PACK_MAX_BYTES}
         offsets: dict[str, int] = {}
         pack_name = None
         files[file_name] = dict(cap.tensors)

@@ -192,11 +192,7 @@ def _fsync_fd(fd: int) -> None:
 
 
 def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    _fsync_fd(os.open(path, os.O_RDONLY))
 
 
 class Storage:

@@ -38,7 +38,6 @@ __all__ = [
     "layout",
     "pack_tensors",
     "parse_header",
-    "read_into",
     "read_tensor",
     "tensor_bytes",
     "write_tensors",
@@ -239,7 +238,7 @@ def _parse_entry(name: str, info: object, source: str) -> TensorEntry:
         or offsets[0] > offsets[1]
     ):
         raise CorruptCheckpointError("malformed tensor entry", path=source, key=name)
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    itemsize = dtype.itemsize
     if math.prod(shape) * itemsize != offsets[1] - offsets[0]:
         raise CorruptCheckpointError(
             f"byte count {offsets[1] - offsets[0]} does not match dtype {info['dtype']} "
@@ -326,26 +325,10 @@ def read_tensor(
         CorruptCheckpointError: The file ends before the tensor's last byte.
     """
     out = torch.empty(entry.shape, dtype=entry.dtype, pin_memory=pin_memory)
-    read_into(f, entry, data_start, source, out)
-    return out
-
-
-def read_into(
-    f: BinaryIO, entry: TensorEntry, data_start: int, source: str, out: torch.Tensor
-) -> None:
-    """Read one tensor's bytes from ``f`` straight into the memory of ``out``.
-
-    ``out`` must be a contiguous CPU tensor of exactly ``entry.nbytes`` bytes.
-
-    Raises:
-        CorruptCheckpointError: The file ends before the tensor's last byte.
-    """
     if entry.nbytes == 0:
-        return
+        return out
     f.seek(data_start + entry.begin)
     view = tensor_bytes(out)
-    if len(view) != entry.nbytes:
-        raise ValueError(f"{entry.name}: destination holds {len(view)} bytes, not {entry.nbytes}")
     filled = 0
     while filled < entry.nbytes:
         n = f.readinto(view[filled:])  # type: ignore[attr-defined]
@@ -356,3 +339,4 @@ def read_into(
                 key=entry.name,
             )
         filled += n
+    return out
