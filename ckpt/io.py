@@ -10,9 +10,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import resource
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from typing import BinaryIO
@@ -64,6 +65,7 @@ def write_checkpoint_files(
     manifest: Manifest,
     *,
     replace_manifest: bool = False,
+    before_manifest: Callable[[], None] | None = None,
 ) -> Manifest:
     """Write each tensor file, then the manifest (with the files' sizes and checksums) last.
 
@@ -75,6 +77,8 @@ def write_checkpoint_files(
         files: ``{file name: {tensor name: tensor}}``.
         manifest: The manifest to complete with file records and write.
         replace_manifest: Overwrite an existing manifest instead of failing.
+        before_manifest: Called once the files are durable, before the manifest is
+            written; raising stops the save there.
 
     Returns:
         The manifest as written.
@@ -98,6 +102,8 @@ def write_checkpoint_files(
             size = storage.write_file((directory, file_name), write, syncs=syncs)
             records[file_name] = FileRecord(size, hashers[-1].digest())
         syncs.wait()  # every tensor file is durable before the manifest exists
+    if before_manifest is not None:
+        before_manifest()
     manifest = dataclasses.replace(manifest, files=records)
     raw = encode_manifest(manifest)
 
@@ -245,23 +251,19 @@ SPILL_MARGIN_BYTES = 256 * 1024 * 1024
 """Free space left on the local disk after a spill; with less, tensors go to memory."""
 
 
-def _open_spill(nbytes: int) -> BinaryIO | None:
-    """An unnamed local temporary file for ``nbytes`` of checked remote bytes, if there is room.
-
-    It lives in ``tempfile.gettempdir()`` (``TMPDIR``) and disappears when closed
-    or when the process dies.
-    """
+def _spill_room(nbytes: int) -> bool:
+    """Whether ``nbytes`` of checked remote bytes fit in ``tempfile.gettempdir()`` with margin."""
     directory = tempfile.gettempdir()
     try:
         free = shutil.disk_usage(directory).free
     except OSError:
-        return None
+        return False
     if free < nbytes + SPILL_MARGIN_BYTES:
         logger.info(
             "not enough room in %s to spill %d bytes; restoring through memory", directory, nbytes
         )
-        return None
-    return tempfile.TemporaryFile(dir=directory)
+        return False
+    return True
 
 
 def _copy_bytes(
@@ -287,21 +289,58 @@ def _copy_bytes(
         left -= n
 
 
-_Read = tuple[BinaryIO, TensorEntry, int, str, torch.Tensor]
-"""A deferred read: the open file, the tensor's entry, its data start, path, live tensor."""
+MAX_HELD_FILES = 16
+"""Checked files kept open from the checks to the reads into live tensors, at most (fewer
+under a low ``RLIMIT_NOFILE``); beyond, files are reopened and their identity compared."""
+
+
+def held_files_limit() -> int:
+    """How many checked files a restore keeps open.
+
+    :data:`MAX_HELD_FILES`, or an eighth of the soft descriptor limit if that is
+    lower (at least 1).
+    """
+    try:
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (OSError, ValueError):
+        return MAX_HELD_FILES
+    if soft == resource.RLIM_INFINITY:
+        return MAX_HELD_FILES
+    return max(1, min(MAX_HELD_FILES, soft // 8))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Reopen:
+    """A checked file closed to bound open descriptors: reopened only if still identical."""
+
+    storage: Storage
+    identity: object
+    parts: tuple[str, ...]
+
+
+_Source = BinaryIO | _Reopen
+_Read = tuple[TensorEntry, int, str, torch.Tensor]
+"""A deferred read: the tensor's entry, its data start, the file's path, the live tensor."""
 
 
 class PendingReads:
     """Reads straight into live tensors, held back until every check of a restore has passed.
 
-    The files stay open from the checks to the reads, so the bytes read are
-    those of the files checked even if the checkpoint is replaced or deleted
-    meanwhile. Use as a context manager, or call :meth:`close`.
+    The bytes read are those checked, even if the checkpoint is replaced or
+    deleted meanwhile: up to :func:`held_files_limit` checked files stay open
+    until the reads; beyond that, local files are closed and reopened one at a
+    time, and must still be the same file (device, inode, size, modification
+    and change times), else the restore fails; object-store bytes wait in one
+    unnamed local spill file. Open descriptors stay bounded however many files
+    a checkpoint has. Use as a context manager, or call :meth:`close`.
     """
 
     def __init__(self) -> None:
         self._files = ExitStack()
-        self._reads: list[_Read] = []
+        self._held = 0
+        self._limit = held_files_limit()
+        self._spill: BinaryIO | None = None
+        self._reads: dict[int, tuple[_Source, list[_Read]]] = {}
         self._copies: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def __enter__(self) -> PendingReads:
@@ -310,15 +349,33 @@ class PendingReads:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
+    def can_hold(self) -> bool:
+        """Whether one more checked file may stay open until the reads."""
+        return self._held < self._limit
+
     def hold(self, scope: ExitStack) -> None:
-        """Keep what ``scope`` holds open until :meth:`close`."""
+        """Keep what ``scope`` holds (one checked file) open until :meth:`close`."""
+        self._held += 1
         self._files.push(scope)
 
+    def spill(self, nbytes: int) -> BinaryIO | None:
+        """The one unnamed local file where checked remote bytes wait, if ``nbytes`` more fit.
+
+        It lives in ``tempfile.gettempdir()`` (``TMPDIR``) and disappears when
+        closed or when the process dies.
+        """
+        if not _spill_room(nbytes):
+            return None
+        if self._spill is None:
+            spill = tempfile.TemporaryFile(dir=tempfile.gettempdir())  # noqa: SIM115 - held
+            self._spill = self._files.enter_context(spill)
+        return self._spill
+
     def add(
-        self, f: BinaryIO, entry: TensorEntry, data_start: int, path: str, out: torch.Tensor
+        self, source: _Source, entry: TensorEntry, data_start: int, path: str, out: torch.Tensor
     ) -> None:
-        """Schedule reading ``entry`` of the open file ``f`` into ``out`` (cast to its dtype)."""
-        self._reads.append((f, entry, data_start, path, out))
+        """Schedule reading ``entry`` of ``source`` into ``out`` (cast to its dtype)."""
+        self._reads.setdefault(id(source), (source, []))[1].append((entry, data_start, path, out))
 
     def copy(self, source: torch.Tensor, out: torch.Tensor) -> None:
         """Schedule copying ``source`` (checked bytes already in memory) into ``out``."""
@@ -327,55 +384,78 @@ class PendingReads:
     def run(self) -> None:
         """Do the reads; large ones in slices on several threads.
 
+        Files that were closed are first reopened one at a time and compared
+        with what was checked, before any live tensor is touched.
+
         Raises:
-            CorruptCheckpointError: A read failed (the file shrank or the disk
-                failed since it was checked); the message says that live
-                tensors may be partly overwritten.
+            CorruptCheckpointError: A file was replaced since it was checked
+                (nothing is touched), or a read failed (the file changed or the
+                disk failed since the checks; the message says that live
+                tensors may be partly overwritten).
         """
-        copies, self._copies = self._copies, []
-        for source, out in copies:
-            out.copy_(source)
-        reads, self._reads = self._reads, []  # ``reads`` keeps the tensors alive
-        casts: list[_Read] = []
-        direct: list[_Read] = []
-        for r in reads:
-            same_bytes = r[4].device.type == "cpu" and r[4].dtype == r[1].dtype
-            (direct if same_bytes else casts).append(r)
-        if casts:
-            pin = torch.cuda.is_available() and any(r[4].device.type == "cuda" for r in casts)
-            largest = max(entry.nbytes for _, entry, _, _, _ in casts)
-            buffer = torch.empty(min(largest, CAST_CHUNK_BYTES), dtype=torch.uint8, pin_memory=pin)
-            for f, entry, data_start, path, out in casts:
-                _read_cast(f.fileno(), data_start + entry.begin, entry, out, path, buffer)
-        slices: list[_Slice] = []
-        for f, entry, data_start, path, out in direct:
-            view = tensor_bytes(out)
-            if len(view) != entry.nbytes:
-                raise ValueError(f"{entry.name}: {len(view)} bytes to fill, not {entry.nbytes}")
-            at = data_start + entry.begin
-            for begin in range(0, entry.nbytes, READ_SLICE_BYTES):
-                part = view[begin : begin + READ_SLICE_BYTES]
-                slices.append(_Slice(f.fileno(), at + begin, part, path, entry.name))
-        total = sum(len(piece.view) for piece in slices)
-        workers = min(os.cpu_count() or 1, MAX_READ_THREADS)
-        if workers >= 2 and total >= PARALLEL_READ_BYTES:
-            with ThreadPoolExecutor(workers, thread_name_prefix="ckpt-read") as pool:
-                try:
-                    done = pool.map(_Slice.read, slices)
-                except RuntimeError:  # the interpreter is exiting: read on this thread
+        groups, self._reads = list(self._reads.values()), {}
+        for source, _ in groups:
+            if isinstance(source, _Reopen):
+                with source.storage.reopen(source.identity, *source.parts):
                     pass
-                else:
-                    for _ in done:
-                        pass  # re-raises the first failure
-                    return
-        for piece in slices:
-            piece.read()
+        copies, self._copies = self._copies, []
+        for tensor, out in copies:
+            out.copy_(tensor)
+        for source, reads in groups:
+            if isinstance(source, _Reopen):
+                with source.storage.reopen(source.identity, *source.parts) as f:
+                    _run_reads(f, reads)
+            else:
+                if self._spill is not None and source is self._spill:
+                    self._spill.flush()
+                _run_reads(source, reads)
 
     def close(self) -> None:
         """Close the files; reads not run are dropped."""
-        self._reads = []
+        self._reads = {}
         self._copies = []
+        self._spill = None
+        self._held = 0
         self._files.close()
+
+
+def _run_reads(f: BinaryIO, reads: list[_Read]) -> None:
+    """Read each entry of one open file into its live tensor."""
+    fd = f.fileno()
+    casts: list[_Read] = []
+    direct: list[_Read] = []
+    for r in reads:
+        same_bytes = r[3].device.type == "cpu" and r[3].dtype == r[0].dtype
+        (direct if same_bytes else casts).append(r)
+    if casts:
+        pin = torch.cuda.is_available() and any(r[3].device.type == "cuda" for r in casts)
+        largest = max(entry.nbytes for entry, _, _, _ in casts)
+        buffer = torch.empty(min(largest, CAST_CHUNK_BYTES), dtype=torch.uint8, pin_memory=pin)
+        for entry, data_start, path, out in casts:
+            _read_cast(fd, data_start + entry.begin, entry, out, path, buffer)
+    slices: list[_Slice] = []
+    for entry, data_start, path, out in direct:
+        view = tensor_bytes(out)
+        if len(view) != entry.nbytes:
+            raise ValueError(f"{entry.name}: {len(view)} bytes to fill, not {entry.nbytes}")
+        at = data_start + entry.begin
+        for begin in range(0, entry.nbytes, READ_SLICE_BYTES):
+            part = view[begin : begin + READ_SLICE_BYTES]
+            slices.append(_Slice(fd, at + begin, part, path, entry.name))
+    total = sum(len(piece.view) for piece in slices)
+    workers = min(os.cpu_count() or 1, MAX_READ_THREADS)
+    if workers >= 2 and total >= PARALLEL_READ_BYTES:
+        with ThreadPoolExecutor(workers, thread_name_prefix="ckpt-read") as pool:
+            try:
+                done = pool.map(_Slice.read, slices)
+            except RuntimeError:  # the interpreter is exiting: read on this thread
+                pass
+            else:
+                for _ in done:
+                    pass  # re-raises the first failure
+                return
+    for piece in slices:
+        piece.read()
 
 
 def load_tensors(
@@ -489,7 +569,7 @@ class _FileReader:
         in_place = {n for n in direct if n in self.into}
         spill = None
         if in_place and not self.storage.is_local:  # keep the checked bytes on local disk
-            spill = _open_spill(sum(manifest.tensors[n].nbytes for n in in_place))
+            spill = self.pending.spill(sum(manifest.tensors[n].nbytes for n in in_place))
             if spill is None:
                 in_place = set()  # no room: read them into fresh memory instead
         out: dict[str, torch.Tensor] = {}
@@ -498,10 +578,13 @@ class _FileReader:
             self._scratch = bytearray(CHUNK_BYTES)
         with ExitStack() as file_scope:
             f = file_scope.enter_context(self.storage.open_read(self.directory, file_name))
-            if spill is not None:
-                file_scope.enter_context(spill)
-            if in_place:
-                self.pending.hold(file_scope.pop_all())  # open until the pending reads ran
+            source: _Source = f
+            if in_place and spill is None:
+                identity = self.storage.file_identity(f)
+                if self.pending.can_hold() or identity is None:
+                    self.pending.hold(file_scope.pop_all())  # open until the pending reads ran
+                else:  # closed now, reopened for the reads only if still the file checked
+                    source = _Reopen(self.storage, identity, (self.directory, file_name))
             entries, data_start = _read_header(f, path, record.size, hasher)
             for name in [*direct, *packs]:
                 _matching_entry(entries, name, manifest.tensors[name], path)
@@ -516,11 +599,9 @@ class _FileReader:
                     continue
                 f.seek(data_start + entry.begin)
                 if entry.name in in_place:
-                    out[entry.name] = self._defer(f, entry, data_start, path, hasher, spill)
+                    out[entry.name] = self._defer(f, source, entry, data_start, path, hasher, spill)
                 elif hasher is not None:
                     hasher.skip(f, entry.nbytes, self._scratch)
-            if spill is not None:
-                spill.flush()
         if hasher is not None:
             _check_digest(record, hasher, path, manifest.step)
         out.update(self._cut(packed, buffers, wanted))
@@ -529,6 +610,7 @@ class _FileReader:
     def _defer(
         self,
         f: BinaryIO,
+        source: _Source,
         entry: TensorEntry,
         data_start: int,
         path: str,
@@ -538,7 +620,7 @@ class _FileReader:
         """Hash a tensor's bytes now and schedule reading them into its live tensor."""
         live = self.into[entry.name]
         if spill is None:
-            self.pending.add(f, entry, data_start, path, live)
+            self.pending.add(source, entry, data_start, path, live)
             if hasher is not None:
                 hasher.skip(f, entry.nbytes, self._scratch)
             return live

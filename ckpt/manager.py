@@ -23,13 +23,15 @@ from ckpt.cadence import SaveCadence
 from ckpt.commit import (
     commit_checkpoint,
     delete_checkpoint,
-    remove_abandoned_uploads,
+    file_token,
+    remove_leftovers,
     writer_is_gone,
 )
 from ckpt.errors import (
     CheckpointError,
     CheckpointExistsError,
     CheckpointNotFoundError,
+    CheckpointWriteError,
     CorruptCheckpointError,
 )
 from ckpt.format import (
@@ -64,7 +66,7 @@ from ckpt.retention import RetentionPolicy, steps_to_delete
 from ckpt.rng import RNG_ITEM, RandomStreams
 from ckpt.schedulers import align_lr_to_scheduler, scheduler_optimizer
 from ckpt.staging import StagingBuffers
-from ckpt.storage import Storage, WriterLock
+from ckpt.storage import WriterLock, open_storage
 from ckpt.tree import tensor_refs
 
 __all__ = ["Checkpoint", "CheckpointManager"]
@@ -217,8 +219,15 @@ class CheckpointManager:
         if storage_options is not None and not isinstance(storage_options, dict):
             raise TypeError("storage_options must be a dict")
         self._cadence = SaveCadence(every_steps, every_seconds)
-        self._storage = Storage(os.fspath(directory), storage_options)
-        self._storage.makedirs()
+        self._storage = open_storage(os.fspath(directory), storage_options)
+        try:
+            self._storage.makedirs()
+        except OSError as e:
+            raise CheckpointWriteError(
+                f"cannot create the checkpoint directory: {e.strerror or e}",
+                path=self._storage.url,
+                errno=e.errno,
+            ) from e
         self._lock: WriterLock | None = None
         self._uploads_checked = False
         self.async_save = bool(async_save)
@@ -275,11 +284,13 @@ class CheckpointManager:
         if self._lock is None:
             owner = (
                 f"host {socket.gethostname()} pid {os.getpid()} since "
-                f"{datetime.now(timezone.utc).isoformat(timespec='seconds')}"
+                f"{datetime.now(timezone.utc).isoformat(timespec='seconds')} "
+                f"id {secrets.token_hex(4)}"
             )
             self._lock = self._storage.lock(LOCK_NAME, owner, abandoned=writer_is_gone)
             weakref.finalize(self, _release_quietly, self._lock)
         else:
+            self._lock.check()  # deleted, replaced or taken over, or a forked child: refuse
             try:
                 self._lock.refresh()
             except OSError as e:  # the save itself will tell whether storage works
@@ -416,7 +427,7 @@ class CheckpointManager:
                 "torch": torch.__version__,
                 "python": platform.python_version(),
             },
-            file_token=None if self._storage.atomic_rename else token,
+            file_token=file_token(self._storage, token, overwrite=overwrite),
         )
 
         self._take_lock()
@@ -452,12 +463,19 @@ class CheckpointManager:
         start: float,
     ) -> Checkpoint:
         """Write, commit, log and apply retention (on the caller's thread or in the background)."""
-        if not self._storage.atomic_rename and not self._uploads_checked:
+        if not self._uploads_checked:
             self._uploads_checked = True  # once per manager: crashed writers' leftovers
-            remove_abandoned_uploads(self._storage)
+            remove_leftovers(self._storage)
+        lock = self._lock
         try:
             manifest = commit_checkpoint(
-                self._storage, step, files, manifest, token=token, overwrite=overwrite
+                self._storage,
+                step,
+                files,
+                manifest,
+                token=token,
+                overwrite=overwrite,
+                guard=None if lock is None else lock.check,
             )
         finally:
             self._metrics_cache.pop(step, None)

@@ -37,15 +37,16 @@ def state(step: int, big: bool = False) -> dict[str, Any]:
     }
 
 
-# Each named point of the commit protocol: (module, attribute) to wrap.
+# Each named point of the commit protocol: (object, attribute) to wrap. OS calls are
+# wrapped where the local backend makes them all: ckpt.storage.SYSCALLS.
 POINTS: dict[str, tuple[Any, str]] = {
-    "makedirs": (ckpt.storage.Storage, "makedirs"),
-    "write_file": (ckpt.storage.Storage, "write_file"),
+    "makedirs": (ckpt.storage.LocalStorage, "makedirs"),
+    "write_file": (ckpt.storage.LocalStorage, "write_file"),
     "mid_write": (ckpt.integrity.HashingWriter, "write"),
-    "fsync": (ckpt.storage.os, "fsync"),
-    "rename": (ckpt.storage, "_rename_noreplace"),
-    "remove_manifest": (ckpt.storage.Storage, "remove_file"),
-    "remove_tree": (ckpt.storage.Storage, "remove_tree"),
+    "fsync": (ckpt.storage.SYSCALLS, "fsync"),
+    "rename": (ckpt.storage.SYSCALLS, "renameat2"),
+    "remove_manifest": (ckpt.storage.LocalStorage, "remove_file"),
+    "remove_tree": (ckpt.storage.LocalStorage, "remove_tree"),
 }
 
 

@@ -13,6 +13,7 @@ from helpers import trained_live_objects
 
 import ckpt
 import ckpt.commit
+import ckpt.storage.remote
 from ckpt.format import MANIFEST_NAME, step_dir_name
 
 BACKENDS = ["local", "memory", pytest.param("s3", marks=pytest.mark.s3)]
@@ -167,7 +168,7 @@ def test_transient_errors_are_retried_and_a_final_failure_names_the_object(place
     mgr = manager(place)
     if mgr._storage.atomic_rename:
         pytest.skip("local disk does not retry")
-    monkeypatch.setattr(ckpt.storage, "RETRY_BASE_SECONDS", 0.001)
+    monkeypatch.setattr(ckpt.storage.remote, "RETRY_BASE_SECONDS", 0.001)
     fs = mgr._storage.fs
     original = fs.open
     failures = {"left": 3}

@@ -23,11 +23,11 @@ def entries(root) -> list[str]:
 
 
 class Faults:
-    """Make the Nth call of an OS function fail with an errno."""
+    """Make the Nth call of an OS call of the local backend fail with an errno."""
 
     def __init__(self, monkeypatch, name: str, code: int, nth: int):
         self.calls = 0
-        original = getattr(os, name)
+        original = getattr(ckpt.storage.SYSCALLS, name)
 
         def failing(*args, **kwargs):
             self.calls += 1
@@ -35,7 +35,7 @@ class Faults:
                 raise OSError(code, os.strerror(code))
             return original(*args, **kwargs)
 
-        monkeypatch.setattr(ckpt.storage.os, name, failing)
+        monkeypatch.setattr(ckpt.storage.SYSCALLS, name, failing)
 
 
 def big_state(step: int) -> dict:
@@ -51,7 +51,7 @@ def big_state(step: int) -> dict:
         ("fsync", errno.EIO, 4),  # the root, after the rename
         ("rename", errno.ENOSPC, 1),
         ("open", errno.ENOSPC, 1),
-        ("makedirs", errno.ENOSPC, 1),
+        ("mkdir", errno.ENOSPC, 1),
     ],
 )
 def test_a_failed_write_is_a_clear_error_and_loses_nothing(
@@ -59,7 +59,7 @@ def test_a_failed_write_is_a_clear_error_and_loses_nothing(
 ):
     mgr = ckpt.CheckpointManager(tmp_path)
     mgr.save(1, data=big_state(1))
-    monkeypatch.setattr(ckpt.storage, "_renameat2", lambda *a: False)  # plain os.rename
+    monkeypatch.setattr(ckpt.storage.SYSCALLS, "renameat2", lambda *a: False)  # plain rename
     Faults(monkeypatch, function, code, nth)
     with pytest.raises(ckpt.CheckpointWriteError) as info:
         mgr.save(2, data=big_state(2))
