@@ -167,7 +167,10 @@ def _commit_by_manifest(
     try:
         storage.makedirs(step_name)
         if marked:
-            storage.write_file((step_name, REPLACING), lambda f: f.write(token.encode()))
+            # Replaced into place, so the marker is durable before any new file exists.
+            storage.write_file(
+                (step_name, REPLACING), lambda f: f.write(token.encode()), replace=True
+            )
         manifest = write_checkpoint_files(
             storage, step_name, files, manifest, replace_manifest=overwrite, before_manifest=guard
         )
@@ -212,7 +215,9 @@ def remove_leftovers(storage: Storage) -> None:
         remove_abandoned_uploads(storage)
         return
     for name in storage.list_dir():
-        if parse_step_dir_name(name) is None or REPLACING not in storage.list_dir(name):
+        if parse_step_dir_name(name) is None or not any(
+            n == REPLACING or n.startswith(NEW_FILE_PREFIX) for n in storage.list_dir(name)
+        ):
             continue
         try:
             manifest = read_manifest(storage, name)

@@ -80,3 +80,116 @@ def run(
         armed[0] = point is not None and step == ARMED_STEP
         mgr.save(step, data=state(step, big), rng=False)
     mgr.close()
+
+
+# ------------------------------------------------- overwrite without RENAME_EXCHANGE
+
+OVERWRITE_STEP = 5
+OVERWRITES = 6
+
+# Points of an overwrite that cannot swap directories: (SYSCALLS attribute, nth call).
+OVERWRITE_POINTS = [
+    ("open", 1),  # the lock
+    ("open", 2),  # the marker, under a temporary name
+    ("rename", 1),  # the marker in place
+    ("open", 3),  # the new file
+    ("fsync", 3),  # the new file is durable
+    ("open", 4),  # the manifest, under a temporary name
+    ("rename", 2),  # the manifest replaces the old one: the commit point
+    ("fsync", 5),  # the directory, after the swap
+    ("unlink", 1),  # the old file
+    ("unlink", 2),  # the marker
+]
+
+
+def no_exchange() -> None:
+    """Make the local backend see a filesystem without renameat2 (no RENAME_EXCHANGE)."""
+    ckpt.storage.SYSCALLS.renameat2 = lambda *args: False  # type: ignore[method-assign]
+
+
+def overwrite_state(version: int) -> dict[str, Any]:
+    return {"w": torch.full((64, 64), float(version)), "version": version}
+
+
+def run_overwrites(root: str, point: tuple[str, int] | None, first: int) -> None:
+    """Overwrite OVERWRITE_STEP with versions first..OVERWRITES-1 (renameat2 unavailable).
+
+    With ``point``, SIGKILL at the nth call of that OS call during the first overwrite.
+    """
+    no_exchange()
+    armed = [False]
+    if point is not None:
+        _arm_syscall(*point, armed)
+    mgr = ckpt.CheckpointManager(root)
+    for version in range(first, OVERWRITES):
+        armed[0] = point is not None and version == first
+        mgr.save(OVERWRITE_STEP, data=overwrite_state(version), rng=False, overwrite=True)
+    mgr.close()
+
+
+def _arm_syscall(name: str, nth: int, armed: list[bool]) -> None:
+    original = getattr(ckpt.storage.SYSCALLS, name)
+    calls = [0]
+
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        if armed[0]:
+            calls[0] += 1
+            if calls[0] == nth:
+                os.kill(os.getpid(), signal.SIGKILL)
+        return original(*args, **kwargs)
+
+    setattr(ckpt.storage.SYSCALLS, name, wrapped)
+
+
+# ------------------------------------------------------------ resource limits
+
+
+def save_over_file_size_limit(root: str, report: str) -> None:
+    """Save with RLIMIT_FSIZE below the file's size; write what happened to ``report``."""
+    import resource
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of death
+    mgr = ckpt.CheckpointManager(root)
+    mgr.save(1, data={"w": torch.zeros(10)}, rng=False)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, resource.RLIM_INFINITY))
+    try:
+        mgr.save(2, data={"w": torch.zeros(2**20)}, rng=False)
+        outcome = "saved"
+    except ckpt.CheckpointWriteError as e:
+        outcome = f"CheckpointWriteError errno={e.errno} path={e.path}"
+    except BaseException as e:
+        outcome = f"{type(e).__name__}: {e}"
+    resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    with open(report, "w") as f:
+        f.write(f"{outcome}\nsteps={mgr.all_steps()}\n")
+    mgr.close()
+
+
+ITEMS = 200
+
+
+def restore_many_items_with_few_descriptors(root: str, report: str) -> None:
+    """Save and restore 200 module items under RLIMIT_NOFILE=64, in place."""
+    import resource
+
+    torch.manual_seed(0)
+    saved = {f"m{i}": torch.nn.Linear(8, 8) for i in range(ITEMS)}
+    live = {f"m{i}": torch.nn.Linear(8, 8) for i in range(ITEMS)}
+    pointers = {n: m.weight.data_ptr() for n, m in live.items()}
+    resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+    try:
+        mgr = ckpt.CheckpointManager(root)
+        mgr.save(1, rng=False, **saved)
+        mgr.restore(rng=False, **live)
+        same = all(
+            torch.equal(live[n].weight, saved[n].weight)
+            and torch.equal(live[n].bias, saved[n].bias)
+            and live[n].weight.data_ptr() == pointers[n]
+            for n in saved
+        )
+        outcome = "ok" if same else "values differ"
+        mgr.close()
+    except BaseException as e:
+        outcome = f"{type(e).__name__}: {e}"
+    with open(report, "w") as f:
+        f.write(outcome)

@@ -20,6 +20,7 @@ import socket
 import stat
 import time
 from collections.abc import Callable, Iterator
+from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import BinaryIO
 
@@ -41,6 +42,10 @@ NEW_FILE_PREFIX = ".ckpt-new."
 """A file written to replace another has this prefix until it is renamed over it."""
 
 NOT_OWN = "is a symbolic link or not a directory; ckpt never follows links below its root"
+
+
+MAX_PENDING_SYNCS = 4
+"""Files whose fsync may be in flight at once (each holds a duplicate descriptor)."""
 
 
 class BackgroundSyncs:
@@ -69,6 +74,8 @@ class BackgroundSyncs:
         """Start fsyncing ``fd`` (a duplicate is kept open until that is done)."""
         if self._helper is None:
             self._helper = ThreadPoolExecutor(2, thread_name_prefix="ckpt-fsync")
+        if len(self._pending) >= MAX_PENDING_SYNCS:  # bound the duplicates held open
+            futures.wait(self._pending[: len(self._pending) - MAX_PENDING_SYNCS + 1])
         duplicate = os.dup(fd)
         try:
             self._pending.append(self._helper.submit(_fsync_fd, duplicate))
@@ -208,11 +215,16 @@ class LocalStorage(Storage):
             raise
 
     def exists(self, *parts: str) -> bool:
-        """Whether an entry exists, reached through real directories and not itself a link."""
+        """Whether an entry exists, reached through real directories (never through a link).
+
+        The entry itself may be anything: a link or special file where ckpt
+        expects its own file exists, and reading it is a ``CorruptCheckpointError``.
+        """
         try:
-            return not stat.S_ISLNK(self._lstat(parts).st_mode)
+            self._lstat(parts)
         except OSError:
             return False
+        return True
 
     def is_link(self, *parts: str) -> bool:
         """Whether the entry is a symbolic link."""
