@@ -14,7 +14,7 @@ import abc
 import contextlib
 import enum
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import TYPE_CHECKING, BinaryIO
 
 import fsspec
