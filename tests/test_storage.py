@@ -1,4 +1,4 @@
-"""One storage suite over every backend (local disk, memory://)."""
+"""One storage suite over every backend (local disk, memory://, S3 with moto on loopback)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,14 @@ import ckpt
 from ckpt.storage import Storage
 
 
-@pytest.fixture(params=["local", "memory"])
+@pytest.fixture(params=["local", "memory", pytest.param("s3", marks=pytest.mark.s3)])
 def storage(request, tmp_path):
-    url = str(tmp_path / "root") if request.param == "local" else f"memory://t-{uuid.uuid4().hex}"
-    s = Storage(url)
+    if request.param == "s3":
+        bucket, options = request.getfixturevalue("s3_bucket")
+        s = Storage(f"s3://{bucket}/root", options)
+    else:
+        local = request.param == "local"
+        s = Storage(str(tmp_path / "root") if local else f"memory://t-{uuid.uuid4().hex}")
     s.makedirs()
     return s
 
@@ -109,3 +113,58 @@ def test_object_store_locks_are_taken_over_only_when_abandoned_or_stale(tmp_path
     assert s.read_bytes("lock") == b"host c pid 3 since t"
     held.release()
     assert not s.exists("lock")
+
+
+def test_storage_returns_the_backend_for_the_url(tmp_path):
+    from ckpt.storage import LocalStorage, RemoteStorage, open_storage
+
+    assert type(Storage(str(tmp_path))) is LocalStorage
+    assert type(Storage(f"file://{tmp_path}")) is LocalStorage
+    assert type(open_storage("memory://x")) is RemoteStorage
+    assert Storage(f"file://{tmp_path}").path("a") == str(tmp_path / "a")
+
+
+def test_each_backend_names_its_commit_strategy(storage, monkeypatch):
+    from ckpt.storage import SYSCALLS, CommitStrategy
+
+    storage.makedirs("step")
+    if not storage.is_local:
+        assert storage.commit_strategy("step", overwrite=False) is CommitStrategy.MANIFEST_LAST
+        assert storage.unique_file_names(overwrite=False)
+        return
+    assert storage.commit_strategy("step", overwrite=True) is CommitStrategy.RENAME_DIR
+    assert not storage.unique_file_names(overwrite=True)
+    monkeypatch.setattr(SYSCALLS, "renameat2", lambda *args: False)
+    fresh = Storage(storage.root)  # probes again: no RENAME_EXCHANGE here now
+    assert fresh.commit_strategy("step", overwrite=True) is CommitStrategy.MANIFEST_LAST
+    assert fresh.commit_strategy("new", overwrite=True) is CommitStrategy.RENAME_DIR
+    assert fresh.commit_strategy("step", overwrite=False) is CommitStrategy.RENAME_DIR
+    assert fresh.unique_file_names(overwrite=True)
+    assert [n for n in fresh.list_dir() if n.startswith(".ckpt-tmp")] == []  # probe removed
+
+
+def test_replacing_a_file_is_atomic_and_leaves_no_temporary(storage):
+    write(storage, ("f",), b"one")
+    storage.write_file(("f",), lambda f: f.write(b"two"), replace=True)
+    assert storage.read_bytes("f") == b"two" and storage.list_dir() == ["f"]
+
+
+def test_a_failed_write_leaves_no_partial_file(storage):
+    def broken(f):
+        f.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError):
+        storage.write_file(("f",), broken)
+    assert not storage.exists("f")
+
+
+def test_local_errors_name_the_full_path(tmp_path):
+    s = Storage(str(tmp_path))
+    s.makedirs("d")
+    write(s, ("d", "f"), b"x")
+    with pytest.raises(FileExistsError) as info:
+        write(s, ("d", "f"), b"y")
+    assert info.value.filename == str(tmp_path / "d" / "f")
+    with pytest.raises(ValueError):
+        s.read_bytes("..", "etc")

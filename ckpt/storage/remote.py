@@ -19,6 +19,7 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, BinaryIO, TypeVar
 
 import fsspec
+from fsspec.spec import AbstractBufferedFile
 
 from ckpt.errors import (
     CheckpointError,
@@ -170,10 +171,34 @@ class RemoteStorage(Storage):
         full = self.path(*parts)
 
         def attempt() -> int:
-            with self.fs.open(full, "wb" if replace else "xb") as f:
-                return write(f)
+            f = self.fs.open(full, "wb" if replace else "xb")
+            try:
+                n = write(f)
+            except BaseException:
+                self._abandon(f, full, created=not replace)
+                raise
+            f.close()
+            return n
 
         return self._retrying(f"writing {full}", attempt)
+
+    def _abandon(self, f: BinaryIO, full: str, *, created: bool) -> None:
+        """Drop a write that failed, so that no partial object is ever committed.
+
+        Buffered uploads (S3) are discarded (a multipart upload is aborted) and
+        never closed, since closing commits; a filesystem that made the file at
+        open (``memory://``) has the file, which this call created, removed.
+        """
+        if isinstance(f, AbstractBufferedFile):
+            with contextlib.suppress(Exception):
+                f.discard()
+            f.closed = True  # closing, even at garbage collection, would commit it
+            return
+        with contextlib.suppress(Exception):
+            f.close()
+        if created:
+            with contextlib.suppress(Exception):
+                self.fs.rm_file(full)
 
     def remove_file(self, *parts: str) -> None:
         """Remove one object; a missing one is not an error."""
