@@ -223,17 +223,27 @@ def test_a_link_on_the_way_to_a_file_is_not_followed(world):
     assert (root / step_dir_name(1) / MANIFEST_NAME).exists()
 
 
-def test_a_directory_in_place_of_a_manifest_on_memory_is_corrupt():
-    url = f"memory://hostile-{uuid.uuid4().hex}"
-    mgr = ckpt.CheckpointManager(url, fallback_to_intact=True)
+@pytest.mark.parametrize("where", ["memory", pytest.param("s3", marks=pytest.mark.s3)])
+@pytest.mark.parametrize("target", ["manifest", "tensor file"])
+def test_a_directory_in_place_of_a_file_on_an_object_store_is_corrupt(request, where, target):
+    if where == "s3":
+        bucket, options = request.getfixturevalue("s3_bucket")
+        url = f"s3://{bucket}/run"
+    else:
+        url, options = f"memory://hostile-{uuid.uuid4().hex}", None
+    mgr = ckpt.CheckpointManager(url, fallback_to_intact=True, storage_options=options)
     mgr.save(1, data=state(1))
     mgr.save(2, data=state(2))
     storage = mgr._storage
-    name = step_dir_name(2)
-    storage.remove_file(name, MANIFEST_NAME)
-    storage.fs.makedirs(storage.path(name, MANIFEST_NAME, "inner"), exist_ok=True)
-    storage.fs.pipe(storage.path(name, MANIFEST_NAME, "inner", "x"), b"x")
+    step = step_dir_name(2)
+    names = storage.list_dir(step)
+    name = MANIFEST_NAME if target == "manifest" else next(n for n in names if "data" in n)
+    storage.remove_file(step, name)
+    storage.fs.pipe(storage.path(step, name, "inner"), b"x")  # now a "directory"
     with bounded():
+        strict = ckpt.CheckpointManager(url, storage_options=options)
+        with pytest.raises(ckpt.CorruptCheckpointError):
+            strict.restore(data={})
         live: dict = {}
         info = mgr.restore(data=live)
         assert info is not None and info.step == 1

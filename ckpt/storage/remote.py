@@ -123,11 +123,22 @@ class RemoteStorage(Storage):
         """Return an object's size in bytes."""
         full = self.path(*parts)
         try:
-            return int(self._retrying(f"sizing {full}", lambda: self.fs.size(full)))
-        except FileNotFoundError as e:
-            raise CheckpointNotFoundError("file is missing", path=full) from e
-        except (IsADirectoryError, TypeError) as e:
-            raise CorruptCheckpointError("is a directory, not a file", path=full) from e
+            size = self._retrying(f"sizing {full}", lambda: self.fs.size(full))
+        except (FileNotFoundError, IsADirectoryError) as e:
+            raise self._missing(full) from e
+        if size is None:  # a prefix ("directory") has no size
+            raise CorruptCheckpointError("is a directory, not a file", path=full)
+        return int(size)
+
+    def _missing(self, full: str) -> CheckpointError:
+        """The error for an object that cannot be opened: missing, or a prefix in its place."""
+        try:
+            prefix = bool(self.fs.isdir(full))
+        except Exception:
+            prefix = False
+        if prefix:
+            return CorruptCheckpointError("is a directory, not a file", path=full)
+        return CheckpointNotFoundError("file is missing", path=full)
 
     def age_seconds(self, *parts: str) -> float | None:
         """Seconds since the object was last modified, or ``None`` if unknown."""
@@ -143,10 +154,8 @@ class RemoteStorage(Storage):
         full = self.path(*parts)
         try:
             f = self._retrying(f"opening {full}", lambda: self.fs.open(full, "rb"))
-        except FileNotFoundError as e:
-            raise CheckpointNotFoundError("file is missing", path=full) from e
-        except IsADirectoryError as e:
-            raise CorruptCheckpointError("is a directory, not a file", path=full) from e
+        except (FileNotFoundError, IsADirectoryError) as e:
+            raise self._missing(full) from e
         with f:
             yield f
 
