@@ -13,6 +13,8 @@ each subclass also derives from the builtin it resembles, so existing
     │                                                  live objects (shapes, groups, keys)
     ├── CheckpointWriteError (OSError)                 a save could not write (disk full,
     │                                                  I/O error); earlier ones are intact
+    ├── CheckpointReadError (OSError)                  the OS refused to read a file
+    │                                                  (permission, I/O error); not corrupt
     └── CheckpointLockedError (BlockingIOError)        another process is writing here
 
 Errors carry ``path`` (the file or directory at fault) and ``key`` (the item or
@@ -26,6 +28,7 @@ __all__ = [
     "CheckpointExistsError",
     "CheckpointLockedError",
     "CheckpointNotFoundError",
+    "CheckpointReadError",
     "CheckpointWriteError",
     "CorruptCheckpointError",
     "IncompatibleCheckpointError",
@@ -80,6 +83,24 @@ class CheckpointWriteError(CheckpointError, OSError):
     """A save failed while writing; its temporary files are gone and earlier checkpoints intact.
 
     ``errno`` is that of the underlying ``OSError`` (``ENOSPC``, ``EIO``, ...).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: str | None = None,
+        key: str | None = None,
+        errno: int | None = None,
+    ):
+        super().__init__(message, path=path, key=key)
+        self.errno = errno
+
+
+class CheckpointReadError(CheckpointError, OSError):
+    """The operating system refused or failed to read a checkpoint file (not corruption).
+
+    ``errno`` is that of the underlying ``OSError`` (``EACCES``, ``EIO``, ...).
     """
 
     def __init__(

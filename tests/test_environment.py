@@ -152,3 +152,23 @@ def test_restoring_200_items_under_a_64_descriptor_limit_works_in_place(tmp_path
     )
     assert outcome == "ok"
     assert len(os.listdir(tmp_path / "run" / step_dir_name(1))) == crash_worker.ITEMS + 1
+
+
+@pytest.mark.parametrize("code", [errno.EACCES, errno.EIO, errno.EMFILE])
+def test_a_refused_read_is_a_clear_error_and_touches_nothing(tmp_path, monkeypatch, code):
+    mgr = ckpt.CheckpointManager(tmp_path, fallback_to_intact=True)
+    mgr.save(1, data=state(1))
+    mgr.save(2, data=state(2))
+
+    def refusing(*args, **kwargs):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(ckpt.storage.SYSCALLS, "open", refusing)
+    live = state(7)
+    with pytest.raises(ckpt.CheckpointReadError) as info:
+        mgr.restore(data=live)  # not corruption: no fallback to an older step either
+    monkeypatch.undo()
+    assert info.value.errno == code and info.value.path.startswith(str(tmp_path))
+    assert isinstance(info.value, OSError) and os.strerror(code) in str(info.value)
+    assert_same_state(live, state(7))
+    mgr.close()

@@ -152,7 +152,7 @@ def test_replacing_a_file_is_atomic_and_leaves_no_temporary(storage):
 def test_a_failed_write_leaves_no_partial_file(storage):
     def broken(f):
         f.write(b"partial")
-        raise OSError(28, "No space left on device")
+        raise PermissionError(13, "Permission denied")  # permanent: not retried
 
     with pytest.raises(OSError):
         storage.write_file(("f",), broken)

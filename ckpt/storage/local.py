@@ -26,7 +26,13 @@ from typing import BinaryIO
 
 from fsspec.implementations.local import LocalFileSystem
 
-from ckpt.errors import CheckpointExistsError, CheckpointNotFoundError, CorruptCheckpointError
+from ckpt.errors import (
+    CheckpointError,
+    CheckpointExistsError,
+    CheckpointNotFoundError,
+    CheckpointReadError,
+    CorruptCheckpointError,
+)
 from ckpt.format import temp_dir_name
 from ckpt.storage.base import CommitStrategy, Storage, WriterLock, check_url
 from ckpt.storage.lock import take_flock
@@ -138,12 +144,12 @@ def _check_regular(info: os.stat_result, full: str) -> None:
         raise CorruptCheckpointError(f"is {_kind(info.st_mode)}", path=full)
 
 
-def _read_error(e: OSError, full: str) -> Exception:
+def _read_error(e: OSError, full: str) -> CheckpointError:
     if e.errno == errno.ENOENT:
         return CheckpointNotFoundError("file is missing", path=full)
     if e.errno in (errno.ELOOP, errno.ENOTDIR):
         return CorruptCheckpointError(f"it or a directory above it {NOT_OWN}", path=full)
-    return e
+    return CheckpointReadError(f"cannot read: {e.strerror or e}", path=full, errno=e.errno)
 
 
 class LocalStorage(Storage):
@@ -207,12 +213,10 @@ class LocalStorage(Storage):
         try:
             with self._dir(_components(parts)) as fd:
                 return sorted(os.listdir(fd))
-        except (FileNotFoundError, NotADirectoryError):
-            return []
         except OSError as e:
-            if e.errno == errno.ELOOP:
+            if e.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
                 return []
-            raise
+            raise _read_error(e, self.path(*parts)) from e
 
     def exists(self, *parts: str) -> bool:
         """Whether an entry exists, reached through real directories (never through a link).

@@ -25,6 +25,7 @@ from ckpt.errors import (
     CheckpointError,
     CheckpointLockedError,
     CheckpointNotFoundError,
+    CheckpointReadError,
     CorruptCheckpointError,
 )
 from ckpt.storage.base import CommitStrategy, Storage, WriterLock, check_url
@@ -58,6 +59,13 @@ _PERMANENT = (
 def _is_transient(e: BaseException) -> bool:
     """Throttling (503), timeouts and dropped connections; not missing or refused objects."""
     return isinstance(e, (OSError, ConnectionError, TimeoutError)) and not isinstance(e, _PERMANENT)
+
+
+def _read_error(e: OSError, full: str) -> CheckpointError:
+    """A read the store refused or failed (after retries), as a checkpoint error."""
+    if isinstance(e, CheckpointError):
+        return e
+    return CheckpointReadError(f"cannot read: {e.strerror or e}", path=full, errno=e.errno)
 
 
 class RemoteStorage(Storage):
@@ -112,6 +120,8 @@ class RemoteStorage(Storage):
             entries = self._retrying(f"listing {full}", lambda: self.fs.ls(full, detail=False))
         except (FileNotFoundError, NotADirectoryError):
             return []
+        except OSError as e:
+            raise _read_error(e, full) from e
         return sorted(str(e).rstrip("/").rsplit("/", 1)[-1] for e in entries)
 
     def exists(self, *parts: str) -> bool:
@@ -126,6 +136,8 @@ class RemoteStorage(Storage):
             size = self._retrying(f"sizing {full}", lambda: self.fs.size(full))
         except (FileNotFoundError, IsADirectoryError) as e:
             raise self._missing(full) from e
+        except OSError as e:
+            raise _read_error(e, full) from e
         if size is None:  # a prefix ("directory") has no size
             raise CorruptCheckpointError("is a directory, not a file", path=full)
         return int(size)
@@ -156,6 +168,8 @@ class RemoteStorage(Storage):
             f = self._retrying(f"opening {full}", lambda: self.fs.open(full, "rb"))
         except (FileNotFoundError, IsADirectoryError) as e:
             raise self._missing(full) from e
+        except OSError as e:
+            raise _read_error(e, full) from e
         with f:
             yield f
 
