@@ -568,10 +568,6 @@ class _FileReader:
         packs = {r.pack for r in packed.values() if r.pack is not None}
         in_place = {n for n in direct if n in self.into}
         spill = None
-        if in_place and not self.storage.is_local:  # keep the checked bytes on local disk
-            spill = self.pending.spill(sum(manifest.tensors[n].nbytes for n in in_place))
-            if spill is None:
-                in_place = set()  # no room: read them into fresh memory instead
         out: dict[str, torch.Tensor] = {}
         buffers: dict[str, torch.Tensor] = {}
         if not self._scratch:
@@ -579,12 +575,15 @@ class _FileReader:
         with ExitStack() as file_scope:
             f = file_scope.enter_context(self.storage.open_read(self.directory, file_name))
             source: _Source = f
-            if in_place and spill is None:
-                identity = self.storage.file_identity(f)
-                if self.pending.can_hold() or identity is None:
-                    self.pending.hold(file_scope.pop_all())  # open until the pending reads ran
-                else:  # closed now, reopened for the reads only if still the file checked
-                    source = _Reopen(self.storage, identity, (self.directory, file_name))
+            identity = self.storage.file_identity(f) if in_place else None
+            if in_place and identity is None:  # an object store: checked bytes wait locally
+                spill = self.pending.spill(sum(manifest.tensors[n].nbytes for n in in_place))
+                if spill is None:
+                    in_place = set()  # no room: read them into fresh memory instead
+            elif in_place and self.pending.can_hold():
+                self.pending.hold(file_scope.pop_all())  # open until the pending reads ran
+            elif in_place:  # closed now, reopened for the reads only if still the file checked
+                source = _Reopen(self.storage, identity, (self.directory, file_name))
             entries, data_start = _read_header(f, path, record.size, hasher)
             for name in [*direct, *packs]:
                 _matching_entry(entries, name, manifest.tensors[name], path)
