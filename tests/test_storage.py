@@ -168,3 +168,14 @@ def test_local_errors_name_the_full_path(tmp_path):
     assert info.value.filename == str(tmp_path / "d" / "f")
     with pytest.raises(ValueError):
         s.read_bytes("..", "etc")
+
+
+def test_errors_raised_by_the_writer_callback_pass_through_unchanged(tmp_path):
+    s = Storage(str(tmp_path))
+
+    def refuse(f):
+        raise ckpt.CheckpointWriteError("mine", path="p", errno=28)
+
+    with pytest.raises(ckpt.CheckpointWriteError, match="mine"):
+        s.write_file(("f",), refuse)
+    assert not s.exists("f")

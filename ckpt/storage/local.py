@@ -120,8 +120,8 @@ def _named(full: str) -> Iterator[None]:
     try:
         yield
     except OSError as e:
-        if e.filename == full or e.errno is None:
-            raise
+        if e.filename == full or e.errno is None or type(e).__module__ != "builtins":
+            raise  # named already, or not the OS's (a CheckpointError, say)
         raise type(e)(e.errno, e.strerror, full) from e
 
 

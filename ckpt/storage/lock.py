@@ -59,6 +59,14 @@ def _refuse(full: str, e: OSError) -> CheckpointWriteError:
     )
 
 
+def _not_regular(full: str) -> CheckpointWriteError:
+    return CheckpointWriteError(
+        "cannot take the writer lock: a link, directory, FIFO or device is in its place "
+        "(ckpt never follows or opens those in its root; remove it)",
+        path=full,
+    )
+
+
 def take_flock(storage: LocalStorage, name: str, owner: str) -> WriterLock:
     """Take the exclusive writer lock ``name`` in ``storage``'s root, failing at once if held.
 
@@ -70,17 +78,18 @@ def take_flock(storage: LocalStorage, name: str, owner: str) -> WriterLock:
     full = storage.path(name)
     try:
         with storage._dir([]) as root:
+            with contextlib.suppress(FileNotFoundError):  # never open a device or FIFO there
+                if not stat.S_ISREG(os.stat(name, dir_fd=root, follow_symlinks=False).st_mode):
+                    raise _not_regular(full)
             fd = SYSCALLS.open(name, _LOCK_FLAGS, 0o644, dir_fd=root)
+    except CheckpointWriteError:
+        raise
     except OSError as e:
         raise _refuse(full, e) from e
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
-            raise CheckpointWriteError(
-                "cannot take the writer lock: something other than a regular file is in its "
-                "place (remove it)",
-                path=full,
-            )
+            raise _not_regular(full)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as e:
