@@ -67,6 +67,8 @@ def test_a_read_only_filesystem_refuses_saves_clearly_and_still_restores(tmp_pat
         with pytest.raises(ckpt.CheckpointWriteError, match="writer lock") as info:
             again.save(2, data=state(2))
         assert info.value.errno == errno.EROFS and info.value.path == str(m / "run" / LOCK_NAME)
+        with pytest.raises(ckpt.CheckpointWriteError, match="writer lock"):
+            again.save(1, data=state(2), overwrite=True)  # probing for RENAME_EXCHANGE too
         live: dict = {}
         assert again.restore(data=live).step == 1
         assert_same_state(live, state(1))

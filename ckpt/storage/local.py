@@ -385,15 +385,18 @@ class LocalStorage(Storage):
         if self._can_exchange is None:
             token = secrets.token_hex(4)
             a, b = (temp_dir_name(0, socket.gethostname(), os.getpid(), token + s) for s in "ab")
-            with self._dir([]) as root:
-                try:
-                    for name in (a, b):
-                        SYSCALLS.mkdir(name, 0o755, dir_fd=root)
-                    self._can_exchange = SYSCALLS.renameat2(root, a, b, RENAME_EXCHANGE)
-                finally:
-                    for name in (a, b):
-                        with contextlib.suppress(OSError):
-                            os.rmdir(name, dir_fd=root)
+            try:
+                with self._dir([]) as root:
+                    try:
+                        for name in (a, b):
+                            SYSCALLS.mkdir(name, 0o755, dir_fd=root)
+                        self._can_exchange = SYSCALLS.renameat2(root, a, b, RENAME_EXCHANGE)
+                    finally:
+                        for name in (a, b):
+                            with contextlib.suppress(OSError):
+                                os.rmdir(name, dir_fd=root)
+            except OSError:  # cannot write here now: the save will say why; ask again later
+                return False
         return self._can_exchange
 
     def unique_file_names(self, overwrite: bool) -> bool:
