@@ -401,14 +401,13 @@ class PendingReads:
         copies, self._copies = self._copies, []
         for tensor, out in copies:
             out.copy_(tensor)
+        if self._spill is not None:
+            self._spill.flush()
+        _run_reads([(s, reads) for s, reads in groups if not isinstance(s, _Reopen)])
         for source, reads in groups:
             if isinstance(source, _Reopen):
                 with source.storage.reopen(source.identity, *source.parts) as f:
-                    _run_reads(f, reads)
-            else:
-                if self._spill is not None and source is self._spill:
-                    self._spill.flush()
-                _run_reads(source, reads)
+                    _run_reads([(f, reads)])
 
     def close(self) -> None:
         """Close the files; reads not run are dropped."""
@@ -419,22 +418,22 @@ class PendingReads:
         self._files.close()
 
 
-def _run_reads(f: BinaryIO, reads: list[_Read]) -> None:
-    """Read each entry of one open file into its live tensor."""
-    fd = f.fileno()
-    casts: list[_Read] = []
-    direct: list[_Read] = []
-    for r in reads:
-        same_bytes = r[3].device.type == "cpu" and r[3].dtype == r[0].dtype
-        (direct if same_bytes else casts).append(r)
+def _run_reads(files: list[tuple[BinaryIO, list[_Read]]]) -> None:
+    """Read each entry of the open files into its live tensor; large ones on several threads."""
+    casts: list[tuple[int, _Read]] = []
+    direct: list[tuple[int, _Read]] = []
+    for f, reads in files:
+        for r in reads:
+            same_bytes = r[3].device.type == "cpu" and r[3].dtype == r[0].dtype
+            (direct if same_bytes else casts).append((f.fileno(), r))
     if casts:
-        pin = torch.cuda.is_available() and any(r[3].device.type == "cuda" for r in casts)
-        largest = max(entry.nbytes for entry, _, _, _ in casts)
+        pin = torch.cuda.is_available() and any(r[3].device.type == "cuda" for _, r in casts)
+        largest = max(r[0].nbytes for _, r in casts)
         buffer = torch.empty(min(largest, CAST_CHUNK_BYTES), dtype=torch.uint8, pin_memory=pin)
-        for entry, data_start, path, out in casts:
+        for fd, (entry, data_start, path, out) in casts:
             _read_cast(fd, data_start + entry.begin, entry, out, path, buffer)
     slices: list[_Slice] = []
-    for entry, data_start, path, out in direct:
+    for fd, (entry, data_start, path, out) in direct:
         view = tensor_bytes(out)
         if len(view) != entry.nbytes:
             raise ValueError(f"{entry.name}: {len(view)} bytes to fill, not {entry.nbytes}")
