@@ -40,7 +40,7 @@ RETRY_SECONDS = 60.0
 MIN_ATTEMPTS = 3
 """Attempts made before :data:`RETRY_SECONDS` can end the retrying (a slow read still retries)."""
 
-LIST_ATTEMPTS = 100
+LIST_ATTEMPTS = 10
 """Listings taken at most while steps keep vanishing between listing and checking."""
 
 
@@ -77,7 +77,6 @@ class StepReader:
         again, and the answer stands once two listings agree.
         """
         listed = self._listed()
-        found: list[int] = []
         for _ in range(LIST_ATTEMPTS):
             found, vanished = [], False
             for step in sorted(listed, reverse=True):
@@ -87,13 +86,18 @@ class StepReader:
                         break
                 else:
                     vanished = True
-            if not vanished:
-                break
-            again = self._listed()
+            again = self._listed() if vanished else listed
             if again.keys() == listed.keys():
-                break
+                return sorted(found)
             listed = again
-        return sorted(found)
+        if found:  # each was committed when checked; newer ones may be missing
+            return sorted(found)
+        raise CheckpointError(
+            f"checkpoints kept changing while being listed ({LIST_ATTEMPTS} listings "
+            "disagreed): another process is saving and deleting faster than this one can "
+            "list; retry, or keep more checkpoints",
+            path=self.storage.url_of(),
+        )
 
     def all_steps(self) -> list[int]:
         """Return the steps of all committed checkpoints, ascending."""

@@ -175,6 +175,7 @@ def test_checkpoints_that_never_stop_changing_end_in_a_clear_error(
     pool, tmp_path, monkeypatch, operation, fallback
 ):
     monkeypatch.setattr(ckpt.reader, "RETRY_SECONDS", 0.0)
+    monkeypatch.setattr(ckpt.reader, "LIST_ATTEMPTS", 2)
     churn = Churn(pool, str(tmp_path))
     mgr = ckpt.CheckpointManager(tmp_path, fallback_to_intact=fallback)
     hook_storage(mgr, lambda n: churn())  # another save commits before every single call
@@ -234,18 +235,18 @@ def race(forkserver, root: str, iterations: int, operations: list[str], **kwargs
 def test_reading_the_latest_while_another_process_saves_with_keep_last_1(
     forkserver, tmp_path, fallback
 ):
-    race(forkserver, str(tmp_path), 1500, OPERATIONS, fallback_to_intact=fallback)
+    race(forkserver, str(tmp_path), 1000, OPERATIONS, fallback_to_intact=fallback)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fallback", [False, True])
-def test_reading_the_latest_while_another_process_saves_many_times(forkserver, tmp_path, fallback):
-    race(forkserver, str(tmp_path), 20000, OPERATIONS, fallback_to_intact=fallback)
+def test_reading_the_latest_while_another_process_saves_many_times(forkserver, tmp_path):
+    race(forkserver, str(tmp_path / "a"), 3000, OPERATIONS)
+    race(forkserver, str(tmp_path / "b"), 3000, OPERATIONS, fallback_to_intact=True)
 
 
 def test_reading_the_latest_while_a_thread_saves_on_an_object_store():
     """On memory:// (commit by manifest, no rename) a writer thread races the reader."""
-    url = "memory://races-object-store"
+    url = f"memory://races-{os.getpid()}-{threading.get_ident()}"
     mgr_w = ckpt.CheckpointManager(url, keep_last=1)
     mgr_w.save(1, data=state(1), rng=False)
     stop = threading.Event()
