@@ -327,6 +327,7 @@ class CheckpointManager:
         Raises:
             CheckpointNotFoundError: ``step`` is not committed.
             CorruptCheckpointError: Its manifest is malformed.
+            CheckpointError: Checkpoints kept changing under every attempt for a minute.
         """
         found = self._retrying(step, self._manifest, "described")
         return None if found is None else self._info(found[1])
@@ -504,7 +505,11 @@ class CheckpointManager:
         try:
             self._delete_dropped(just_saved)
         except Exception as e:  # an unreadable root, a hostile manifest: the save stands
-            logger.warning("retention after step %d failed, nothing deleted: %s", just_saved, e)
+            logger.warning(
+                "retention after step %d failed (the save stands; the next one retries): %s",
+                just_saved,
+                e,
+            )
 
     def _delete_dropped(self, just_saved: int) -> None:
         committed = self.all_steps()
@@ -703,6 +708,7 @@ class CheckpointManager:
         Raises:
             CheckpointNotFoundError: No checkpoint, or ``step`` is not committed.
             CorruptCheckpointError: A file is malformed or disagrees with the manifest.
+            CheckpointError: Checkpoints kept changing under every attempt for a minute.
         """
         self.wait()
         check_map_location(map_location)

@@ -43,7 +43,7 @@ def entries(root) -> list[str]:
 
 
 def test_the_step_range_is_what_a_step_directory_name_holds():
-    assert MAX_STEP == 10**20 - 1
+    assert MAX_STEP == ckpt.MAX_STEP == 10**20 - 1
     assert parse_step_dir_name(step_dir_name(MAX_STEP)) == MAX_STEP
     assert parse_step_dir_name("step_" + "1" * 21) is None
     for bad in (MAX_STEP + 1, 10**20, 2**70, 10**5000, -1, -(10**5000)):
