@@ -88,16 +88,18 @@ def _is_boolean(value: object) -> bool:
 
 
 def check_metrics(metrics: Mapping[str, Any] | None) -> dict[str, float | int]:
-    """Validate the metrics passed to ``save``: finite numbers that float64 can hold, by str key.
+    """Validate the metrics passed to ``save``: numbers that float64 can hold, by str key.
 
     Python ``int`` and ``float``, NumPy scalars and 1-element tensors or arrays
-    are accepted; ints are kept as ints. ``bool``, NaN, infinities and ints
-    beyond float64's range are refused.
+    are accepted; ints are kept as ints. NaN and the infinities are float64
+    values and are kept (a loss overflows now and then; the save must not fail
+    for it), but never rank in ``keep_best``. ``bool`` and ints beyond float64's
+    range are refused.
 
     Raises:
         TypeError: ``metrics`` is not a mapping, a key is not a ``str``, or a value is
             not a number.
-        ValueError: A value is NaN, infinite, or too large for float64.
+        ValueError: A value is an int too large for float64.
     """
     if metrics is None:
         return {}
@@ -112,16 +114,14 @@ def check_metrics(metrics: Mapping[str, Any] | None) -> dict[str, float | int]:
             or not isinstance(value, (int, float))
         ):
             raise TypeError(f"metrics[{key!r}] must be a number with a str key, got {given!r}")
-        if float64_value(value) is None:
+        if isinstance(value, int) and float64_value(value) is None:
             raise ValueError(
-                f"metrics[{key!r}] must be a finite number that float64 can hold, got "
+                f"metrics[{key!r}] must be a number that float64 can hold, got "
                 f"{_short(value)}; store it in an item instead, or leave it out"
             )
         out[key] = value
     return out
 
 
-def _short(value: float | int) -> str:
-    if isinstance(value, float) or abs(value) < 10**30:
-        return repr(value)
+def _short(value: int) -> str:
     return f"an int of {value.bit_length()} bits"  # str() of a huge int may itself fail

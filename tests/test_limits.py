@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import tracemalloc
 import zlib
@@ -102,26 +103,31 @@ def test_a_manifest_step_out_of_range_is_corrupt():
         (2**63, 2**63),
         (10**308, 10**308),
         (-1.7976931348623157e308, -1.7976931348623157e308),
+        (float("inf"), float("inf")),
+        (-float("inf"), -float("inf")),
+        (np.float32("inf"), float("inf")),
+        (torch.tensor(float("-inf")), -float("inf")),
+        (float("nan"), float("nan")),
+        (np.float64("nan"), float("nan")),
     ],
 )
 def test_numbers_of_every_kind_are_accepted_as_metrics(tmp_path, given, stored):
+    """NaN and the infinities too: a loss overflows now and then (GradScaler), and the save
+    must not fail for it (tests/kill_worker.py saves such a loss); they never rank."""
     mgr = ckpt.CheckpointManager(tmp_path)
     info = mgr.save(1, metrics={"m": given}, data={"v": 1}, rng=False)
     for got in (info.metrics["m"], mgr.checkpoint(1).metrics["m"]):
-        assert got == stored and type(got) is type(stored)
+        assert type(got) is type(stored)
+        assert got == stored or (math.isnan(got) and math.isnan(stored))
 
 
 @pytest.mark.parametrize(
     ("given", "error"),
     [
-        (float("nan"), ValueError),
-        (float("inf"), ValueError),
-        (-float("inf"), ValueError),
         (10**400, ValueError),
         (-(10**400), ValueError),
+        (2**1024, ValueError),
         pytest.param(10**5000, ValueError, id="10**5000"),
-        (np.float64("nan"), ValueError),
-        (torch.tensor(float("inf")), ValueError),
         (True, TypeError),
         (np.bool_(True), TypeError),
         (torch.tensor(True), TypeError),
@@ -132,7 +138,7 @@ def test_numbers_of_every_kind_are_accepted_as_metrics(tmp_path, given, stored):
         (None, TypeError),
     ],
 )
-def test_metrics_that_are_not_finite_float64_numbers_are_refused_at_save(tmp_path, given, error):
+def test_metrics_that_are_not_float64_numbers_are_refused_at_save(tmp_path, given, error):
     mgr = ckpt.CheckpointManager(tmp_path, keep_best=1, best_metric="m")
     with pytest.raises(error, match=r"metrics\['m'\]"):
         mgr.save(1, metrics={"m": given}, data={"v": 1})
@@ -150,7 +156,9 @@ def math_nan() -> float:
     return float("nan")
 
 
-@pytest.mark.parametrize("bad", [10**400, -(10**400), {"$float": "inf"}, {"$float": "nan"}])
+@pytest.mark.parametrize(
+    "bad", [10**400, -(10**400), 2**1024, {"$float": "inf"}, {"$float": "nan"}, 1e999]
+)
 def test_a_bad_metric_in_an_old_manifest_never_breaks_retention(tmp_path, bad, caplog):
     """Written by an older ckpt (or by hand): ranking skips it, and every later save works."""
     mgr = ckpt.CheckpointManager(tmp_path, keep_best=1, best_metric="loss", keep_last=1)

@@ -301,7 +301,7 @@ def test_bad_manager_configuration_is_refused(tmp_path, value, error):
 
 def test_metric_tensors_are_stored_as_numbers(tmp_path):
     mgr = ckpt.CheckpointManager(tmp_path)
-    info = mgr.save(1, metrics={"loss": torch.tensor(0.25)}, data={"v": 1})  # NaN: test_limits
+    info = mgr.save(1, metrics={"loss": torch.tensor(0.25), "nan": float("nan")}, data={"v": 1})
     assert info.metrics["loss"] == 0.25
     again = mgr.checkpoint(1)
     assert again is not None and again.metrics["loss"] == 0.25
