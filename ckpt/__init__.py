@@ -24,6 +24,7 @@ from ckpt.errors import (
     IncompatibleCheckpointError,
 )
 from ckpt.items import Stateful
+from ckpt.limits import MAX_STEP
 from ckpt.locations import MapLocation
 from ckpt.manager import Checkpoint, CheckpointManager
 
@@ -38,6 +39,7 @@ __all__ = [
     "CheckpointWriteError",
     "CorruptCheckpointError",
     "IncompatibleCheckpointError",
+    "MAX_STEP",
     "MapLocation",
     "ResumableSampler",
     "Stateful",

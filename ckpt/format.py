@@ -19,7 +19,8 @@ from typing import Any
 import torch
 
 from ckpt.errors import CorruptCheckpointError, IncompatibleCheckpointError
-from ckpt.integrity import ALGORITHM, hash_bytes
+from ckpt.integrity import ALGORITHM, Hasher, hash_bytes
+from ckpt.limits import MAX_BYTES, MAX_STEP, byte_count
 from ckpt.tree import Json, loads_strict
 
 __all__ = [
@@ -28,7 +29,10 @@ __all__ = [
     "FORMAT_VERSION",
     "ITEM_KINDS",
     "MANIFEST_NAME",
+    "MAX_COMPRESSION_RATIO",
     "MAX_MANIFEST_BYTES",
+    "MAX_MANIFEST_VALUES",
+    "MAX_STEP",
     "PACK_SUFFIX",
     "ItemRecord",
     "Manifest",
@@ -51,8 +55,17 @@ FORMAT_VERSION = 2
 oldest version that can express it: 1 unless it packs small tensors or
 compresses its manifest (version 2)."""
 MANIFEST_NAME = "manifest.json"
-MAX_MANIFEST_BYTES = 256 * 1024 * 1024
-"""Largest manifest read, compressed or not (a million tensors is about 150 MB of JSON)."""
+MAX_MANIFEST_BYTES = 64 * 1024 * 1024
+"""Largest manifest, compressed or not, read or written (400,000 tensors is about 60 MB of JSON)."""
+MAX_MANIFEST_VALUES = 2**22
+"""Most JSON values (and object members) a manifest may hold, counted as the bytes ``,``,
+``[`` and ``{`` in its JSON: it bounds the time and memory parsing takes (about 10
+values per tensor)."""
+MAX_COMPRESSION_RATIO = 64
+"""A compressed manifest may inflate to at most this many times its size (or to
+:data:`INFLATE_FREELY`); a manifest that compresses better is stored plain."""
+INFLATE_FREELY = 1024 * 1024
+"""Any compressed manifest may inflate this far, whatever its ratio."""
 COMPRESS_MANIFEST_ABOVE = 64 * 1024
 """Manifests whose JSON is larger than this are stored zlib-compressed (version 2)."""
 PACK_SUFFIX = "/#pack"
@@ -74,9 +87,14 @@ _DTYPES = {
 
 
 def step_dir_name(step: int) -> str:
-    """Return the directory name of ``step``: ``step_`` and at least 12 digits."""
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise ValueError(f"step must be a non-negative int, got {step!r}")
+    """Return the directory name of ``step``: ``step_`` and 12 to 20 digits.
+
+    Raises:
+        ValueError: ``step`` is not an int from 0 to :data:`MAX_STEP` (``10**20 - 1``).
+    """
+    if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= MAX_STEP:
+        shown = repr(step) if not isinstance(step, int) or abs(step) < 10**30 else "a huge int"
+        raise ValueError(f"step must be an int from 0 to 10**20 - 1, got {shown}")
     return f"step_{step:012d}"
 
 
@@ -220,11 +238,36 @@ def encode_manifest(manifest: Manifest) -> bytes:
         },
     }
     body = json.dumps(doc, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    values = sum(body.count(c) for c in ",[{")
+    if values > MAX_MANIFEST_VALUES:
+        raise ValueError(
+            f"the manifest of step {manifest.step} would hold {values} JSON values, more than "
+            f"the {MAX_MANIFEST_VALUES} a reader accepts; store long lists as tensors"
+        )
     if len(body) <= COMPRESS_MANIFEST_ABOVE:
-        return _sealed(body)
+        return _checked_size(_sealed(body), manifest.step)
     # Compressed needs version 2; "format_version" is the second key, so this edits only it.
-    body = body.replace('"format_version":1,', '"format_version":2,', 1)
-    return zlib.compress(_sealed(body), 6)
+    compressed_body = body.replace('"format_version":1,', '"format_version":2,', 1)
+    inflated = _sealed(compressed_body)
+    raw = zlib.compress(inflated, 6)
+    if len(inflated) > _inflate_limit(len(raw)):  # a reader would refuse it: store it plain
+        return _checked_size(_sealed(body), manifest.step)
+    return _checked_size(raw, manifest.step, inflated=len(inflated))
+
+
+def _checked_size(raw: bytes, step: int, *, inflated: int = 0) -> bytes:
+    """``raw``, when a reader accepts a manifest of its size."""
+    if max(len(raw), inflated) > MAX_MANIFEST_BYTES:
+        raise ValueError(
+            f"the manifest of step {step} would be {max(len(raw), inflated)} bytes, more than "
+            f"the {MAX_MANIFEST_BYTES} a reader accepts; store long lists as tensors"
+        )
+    return raw
+
+
+def _inflate_limit(compressed: int) -> int:
+    """How far a compressed manifest of ``compressed`` bytes may inflate."""
+    return min(MAX_MANIFEST_BYTES, max(INFLATE_FREELY, MAX_COMPRESSION_RATIO * compressed))
 
 
 def _sealed(body: str) -> bytes:
@@ -250,14 +293,16 @@ def _decompressed(raw: bytes, source: str) -> bytes:
     """The JSON of a manifest, inflating a compressed one within the size limit."""
     if not raw.startswith(b"x"):  # zlib's first byte; JSON text cannot start with it
         return raw
+    limit = _inflate_limit(len(raw))
     inflate = zlib.decompressobj()
     try:
-        out = inflate.decompress(raw, MAX_MANIFEST_BYTES + 1)
+        out = inflate.decompress(raw, limit + 1)
     except zlib.error as e:
         raise CorruptCheckpointError(f"compressed manifest is damaged: {e}", path=source) from e
-    if len(out) > MAX_MANIFEST_BYTES:
+    if len(out) > limit:
         raise CorruptCheckpointError(
-            f"compressed manifest inflates past the {MAX_MANIFEST_BYTES} bytes allowed",
+            f"compressed manifest of {len(raw)} bytes inflates past the {limit} bytes allowed "
+            f"({MAX_COMPRESSION_RATIO} times its size, at most {MAX_MANIFEST_BYTES})",
             path=source,
         )
     if not inflate.eof or inflate.unused_data:
@@ -272,12 +317,15 @@ _CHECKSUM_TAIL = re.compile(rb',"checksum":"(xxh3_64:[0-9a-f]{16})"\}\n?\Z')
 
 def _check_manifest_checksum(raw: bytes, source: str) -> None:
     """Verify the manifest's own checksum, when it has one (manifests of ckpt 0.1.0 do not)."""
-    tail = _CHECKSUM_TAIL.search(raw)
+    tail = _CHECKSUM_TAIL.search(raw, max(0, len(raw) - 64))  # it can only be at the end
     if tail is None:
         if b'"checksum"' in raw[-64:]:
             raise CorruptCheckpointError("manifest checksum is malformed", path=source)
         return
-    actual = hash_bytes(raw[: tail.start()] + b"}")
+    hasher = Hasher()  # the bytes before the checksum, closed: hashed in place, not copied
+    hasher.update(memoryview(raw)[: tail.start()])
+    hasher.update(b"}")
+    actual = hasher.digest()
     expected = tail.group(1).decode()
     if actual != expected:
         raise CorruptCheckpointError(
@@ -316,6 +364,12 @@ def decode_manifest(raw: bytes, source: str) -> Manifest:
     """
     raw = _decompressed(raw, source)
     _check_manifest_checksum(raw, source)
+    values = sum(raw.count(c) for c in (b",", b"[", b"{"))
+    if values > MAX_MANIFEST_VALUES:  # counted before parsing: parsing costs per value
+        raise CorruptCheckpointError(
+            f"manifest holds {values} JSON values, more than the {MAX_MANIFEST_VALUES} allowed",
+            path=source,
+        )
     try:
         doc = loads_strict(raw)
     except (ValueError, RecursionError) as e:
@@ -337,8 +391,8 @@ def decode_manifest(raw: bytes, source: str) -> Manifest:
             key="format_version",
         )
     step = doc.get("step")
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise bad("step", "must be a non-negative int")
+    if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= MAX_STEP:
+        raise bad("step", "must be an int from 0 to 10**20 - 1")
     epoch = doc.get("epoch")
     if epoch is not None and (isinstance(epoch, bool) or not isinstance(epoch, int)):
         raise bad("epoch", "must be an int or null")
@@ -405,6 +459,9 @@ def _decode_tensors(
             isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
         ):
             raise bad(where, "shape must be a list of non-negative ints")
+        nbytes = byte_count(shape, _DTYPES[dtype].itemsize)
+        if nbytes is None:
+            raise bad(where, f"shape {_shown(shape)} overflows: more than {MAX_BYTES} bytes")
         if not isinstance(device, str):
             raise bad(where, "device must be a string")
         if device not in valid_devices:  # a few distinct strings: parse each once
@@ -419,13 +476,29 @@ def _decode_tensors(
             raise bad(where, f"unknown fields {unknown}")
         if pack is not None and not isinstance(pack, str):
             raise bad(where, "pack must be a tensor name")
-        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
-            raise bad(where, "offset must be a non-negative int")
+        if (
+            isinstance(offset, bool)
+            or not isinstance(offset, int)
+            or not 0 <= offset <= files[file].size
+        ):
+            raise bad(where, "offset must be a non-negative int within its file")
         if pack is None and "offset" in info:
             raise bad(where, "offset without a pack")
         tensors[name] = TensorRecord(file, _DTYPES[dtype], tuple(shape), device, pack, offset)
     _check_packs(tensors, bad)
+    for name, r in tensors.items():
+        if r.nbytes > files[r.file].size:
+            shape = _shown(list(r.shape))
+            raise bad(
+                f"tensors.{name}", f"shape {shape} needs {r.nbytes} bytes; {r.file!r} is smaller"
+            )
     return tensors
+
+
+def _shown(shape: list[int]) -> str:
+    """A shape for a message: long ones and huge numbers cut short."""
+    dims = [str(d) if d < 10**20 else f"<{d.bit_length()} bits>" for d in shape[:8]]
+    return "[" + ", ".join(dims) + (", ...]" if len(shape) > 8 else "]")
 
 
 def _check_packs(tensors: Mapping[str, TensorRecord], bad: Any) -> None:

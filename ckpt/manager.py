@@ -37,7 +37,6 @@ from ckpt.errors import (
 from ckpt.format import (
     MANIFEST_NAME,
     Manifest,
-    parse_step_dir_name,
     step_dir_name,
 )
 from ckpt.gc_pause import paused_gc
@@ -45,7 +44,6 @@ from ckpt.inplace import choose_destinations
 from ckpt.io import (
     PendingReads,
     load_tensors,
-    manifest_digest,
     read_manifest,
     verify_checkpoint_files,
 )
@@ -59,9 +57,11 @@ from ckpt.items import (
     plan_restores,
     skeleton,
 )
+from ckpt.limits import check_metrics
 from ckpt.locations import MapLocation, check_map_location
 from ckpt.optim import module_param_names
 from ckpt.preemption import DEFAULT_PREEMPTION_SIGNALS, PreemptionWatch
+from ckpt.reader import StepReader
 from ckpt.retention import RetentionPolicy, steps_to_delete
 from ckpt.rng import RNG_ITEM, RandomStreams
 from ckpt.schedulers import align_lr_to_scheduler, scheduler_optimizer
@@ -120,24 +120,6 @@ def _check_rng_flag(rng: object) -> None:
         raise TypeError(
             f"rng must be True or False, got {type(rng).__name__} ('rng' cannot name an item)"
         )
-
-
-def _check_metrics(metrics: Mapping[str, Any] | None) -> dict[str, float | int]:
-    if metrics is None:
-        return {}
-    if not isinstance(metrics, Mapping):
-        raise TypeError(f"metrics must be a dict of numbers, got {type(metrics).__name__}")
-    out: dict[str, float | int] = {}
-    for key, given in metrics.items():
-        value = given.item() if isinstance(given, torch.Tensor) and given.numel() == 1 else given
-        if (
-            not isinstance(key, str)
-            or isinstance(value, bool)
-            or not isinstance(value, (int, float))
-        ):
-            raise TypeError(f"metrics[{key!r}] must be a number with a str key, got {value!r}")
-        out[key] = value
-    return out
 
 
 class CheckpointManager:
@@ -228,6 +210,7 @@ class CheckpointManager:
                 path=self._storage.url,
                 errno=e.errno,
             ) from e
+        self._reader = StepReader(self._storage)
         self._lock: WriterLock | None = None
         self._uploads_checked = False
         self.async_save = bool(async_save)
@@ -336,18 +319,16 @@ class CheckpointManager:
     # ----------------------------------------------------------------- listing
 
     def all_steps(self) -> list[int]:
-        """Return the steps of all committed checkpoints, ascending."""
-        steps = []
-        for name in self._storage.list_dir():
-            step = parse_step_dir_name(name)
-            if step is not None and self._storage.exists(name, MANIFEST_NAME):
-                steps.append(step)
-        return sorted(steps)
+        """Return the steps of all committed checkpoints, ascending.
+
+        Safe against another process committing and deleting meanwhile: a step
+        deleted while being listed is never taken for the last committed one.
+        """
+        return self._reader.all_steps()
 
     def latest_step(self) -> int | None:
         """Return the newest committed step, or ``None`` if there is none."""
-        steps = self.all_steps()
-        return steps[-1] if steps else None
+        return self._reader.latest_step()
 
     def checkpoint(self, step: int | None = None) -> Checkpoint | None:
         """Describe a committed checkpoint (the latest when ``step`` is ``None``) without loading.
@@ -357,8 +338,9 @@ class CheckpointManager:
         Raises:
             CheckpointNotFoundError: ``step`` is not committed.
             CorruptCheckpointError: Its manifest is malformed.
+            CheckpointError: Checkpoints kept changing under every attempt for a minute.
         """
-        found = self._manifest(step)
+        found = self._retrying(step, self._manifest, "described")
         return None if found is None else self._info(found[1])
 
     # -------------------------------------------------------------------- save
@@ -403,7 +385,7 @@ class CheckpointManager:
         step_name = step_dir_name(step)
         if epoch is not None and (isinstance(epoch, bool) or not isinstance(epoch, int)):
             raise ValueError(f"epoch must be an int or None, got {epoch!r}")
-        checked_metrics = _check_metrics(metrics)
+        checked_metrics = check_metrics(metrics)
         _check_rng_flag(rng)
         if not items:
             raise ValueError("save() needs at least one item, e.g. save(step, model=model)")
@@ -535,8 +517,19 @@ class CheckpointManager:
         return {step: self._metrics_cache[step] for step in steps}
 
     def _apply_retention(self, just_saved: int) -> None:
+        """Delete what the retention rules drop; a failure is a warning, never a failed save."""
         if self.retention.keeps_all:
             return
+        try:
+            self._delete_dropped(just_saved)
+        except Exception as e:  # an unreadable root, a hostile manifest: the save stands
+            logger.warning(
+                "retention after step %d failed (the save stands; the next one retries): %s",
+                just_saved,
+                e,
+            )
+
+    def _delete_dropped(self, just_saved: int) -> None:
         committed = self.all_steps()
         metrics = self._committed_metrics(committed) if self.retention.keep_best else {}
         for old in steps_to_delete(
@@ -641,33 +634,7 @@ class CheckpointManager:
         """Run ``prepare`` on ``step`` (the latest intact one, if so configured)."""
         if step is not None or not self.fallback_to_intact:
             return self._retrying(step, prepare, "restored")
-        skipped: list[int] = []
-        for candidate in self.all_steps()[::-1]:
-            try:
-                prepared = self._retrying(candidate, prepare, "restored")
-            except CorruptCheckpointError as e:
-                logger.warning(
-                    "checkpoint step %d is corrupt, trying an older one: %s", candidate, e
-                )
-                skipped.append(candidate)
-                continue
-            except CheckpointNotFoundError:
-                if self._storage.exists(step_dir_name(candidate), MANIFEST_NAME):
-                    raise  # not a deleted step: an item is missing, say
-                continue  # deleted meanwhile by another process's retention
-            if skipped:
-                logger.warning(
-                    "restoring step %d, the newest intact checkpoint; skipped corrupt %s",
-                    candidate,
-                    skipped,
-                )
-            return prepared
-        if skipped:
-            raise CorruptCheckpointError(
-                f"no intact checkpoint to restore: step(s) {skipped} are corrupt",
-                path=self.directory,
-            )
-        return None
+        return self._reader.newest_intact(prepare, "restored")
 
     def _retrying(
         self, step: int | None, attempt: Callable[[int | None], _T], doing: str = "read"
@@ -676,38 +643,7 @@ class CheckpointManager:
 
         With ``step`` ``None`` it works on the latest step, listing again after a deletion.
         """
-        for _ in range(3):
-            target = step if step is not None else self.latest_step()
-            if target is None:
-                return attempt(None)
-            name = step_dir_name(target)
-            before = self._manifest_identity(name)
-            try:
-                return attempt(target)
-            except (CorruptCheckpointError, CheckpointNotFoundError) as e:
-                now = self._manifest_identity(name)
-                if before is None or now == before:
-                    raise
-                if step is not None and now is None:
-                    raise CheckpointNotFoundError(
-                        f"step {target} was deleted while being {doing} (by retention in "
-                        "another process?); nothing was loaded",
-                        path=self._url(name),
-                    ) from e
-                logger.info("step %d changed while being %s; again", target, doing)
-        raise CheckpointNotFoundError(
-            f"checkpoints kept changing while being {doing}; retry", path=self.directory
-        )
-
-    def _manifest_identity(self, step_name: str) -> str | None:
-        """A digest of the manifest's bytes, or ``None`` if it cannot be read.
-
-        Tells a replaced or deleted checkpoint apart without parsing the manifest again.
-        """
-        try:
-            return manifest_digest(self._storage, step_name)
-        except (CheckpointError, OSError):
-            return None
+        return self._reader.retrying(step, attempt, doing)
 
     def _prepare(
         self,
@@ -790,6 +726,7 @@ class CheckpointManager:
         Raises:
             CheckpointNotFoundError: No checkpoint, or ``step`` is not committed.
             CorruptCheckpointError: A file is malformed or disagrees with the manifest.
+            CheckpointError: Checkpoints kept changing under every attempt for a minute.
         """
         self.wait()
         check_map_location(map_location)
@@ -879,29 +816,7 @@ class CheckpointManager:
         )
 
     def _manifest(self, step: int | None) -> tuple[str, Manifest] | None:
-        if step is None:
-            step = self.latest_step()
-            if step is None:
-                return None
-        step_name = step_dir_name(step)
-        if self._storage.is_link(step_name):
-            raise CorruptCheckpointError(
-                "checkpoint directory is a symbolic link; ckpt never follows links in its root",
-                path=self._url(step_name),
-            )
-        if not self._storage.exists(step_name, MANIFEST_NAME):
-            raise CheckpointNotFoundError(
-                f"no committed checkpoint for step {step} (committed: {self.all_steps()})",
-                path=self._url(step_name),
-            )
-        manifest = read_manifest(self._storage, step_name)
-        if manifest.step != step:
-            raise CorruptCheckpointError(
-                f"manifest says step {manifest.step} but lives in the directory of step {step}",
-                path=self._storage.path(step_name, MANIFEST_NAME),
-                key="step",
-            )
-        return step_name, manifest
+        return self._reader.manifest(step)
 
 
 def _set_thread_nice(nice: int) -> None:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+
+from ckpt.limits import float64_value
 
 __all__ = ["RetentionPolicy", "steps_to_delete"]
 
@@ -52,13 +53,18 @@ class RetentionPolicy:
 
 
 def best_steps(
-    metrics: Mapping[int, Mapping[str, float | int]], metric: str, k: int, mode: str
+    metrics: Mapping[int, Mapping[str, object]], metric: str, k: int, mode: str
 ) -> set[int]:
-    """The ``k`` steps with the best finite ``metric``; ties go to the newer step."""
+    """The ``k`` steps with the best ``metric``; ties go to the newer step.
+
+    Only values that are finite float64 numbers rank: a step whose value is
+    missing, NaN, infinite, an int beyond float64's range or not a number (an old
+    or hand-edited manifest) is never among the best, and never raises.
+    """
     scored = [
         (value, step)
         for step, values in metrics.items()
-        if isinstance(value := values.get(metric), (int, float)) and math.isfinite(value)
+        if (value := float64_value(values.get(metric))) is not None
     ]
     if mode == "min":
         scored.sort(key=lambda vs: (vs[0], -vs[1]))
@@ -72,7 +78,7 @@ def steps_to_delete(
     *,
     just_saved: int,
     policy: RetentionPolicy,
-    metrics: Mapping[int, Mapping[str, float | int]] | None = None,
+    metrics: Mapping[int, Mapping[str, object]] | None = None,
 ) -> list[int]:
     """Return the committed steps that retention deletes, ascending.
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import ctypes
 import json
-import math
 import struct
 import sys
 from collections.abc import Iterable, Mapping
@@ -27,6 +26,7 @@ from typing import BinaryIO, Protocol
 import torch
 
 from ckpt.errors import CorruptCheckpointError
+from ckpt.limits import byte_count
 from ckpt.tree import loads_strict
 
 __all__ = [
@@ -238,11 +238,15 @@ def _parse_entry(name: str, info: object, source: str) -> TensorEntry:
         or offsets[0] > offsets[1]
     ):
         raise CorruptCheckpointError("malformed tensor entry", path=source, key=name)
-    itemsize = dtype.itemsize
-    if math.prod(shape) * itemsize != offsets[1] - offsets[0]:
+    nbytes = byte_count(shape, dtype.itemsize)  # stops early: a hostile shape costs no bignums
+    if nbytes is None:
+        raise CorruptCheckpointError(
+            f"shape of {len(shape)} dimensions overflows a byte count", path=source, key=name
+        )
+    if nbytes != offsets[1] - offsets[0]:
         raise CorruptCheckpointError(
             f"byte count {offsets[1] - offsets[0]} does not match dtype {info['dtype']} "
-            f"and shape {shape}",
+            f"and shape {shape if len(shape) <= 8 else [*shape[:8], '...']}",
             path=source,
             key=name,
         )

@@ -1,0 +1,127 @@
+"""The ranges every number ckpt stores must fall in. Pure functions, no I/O.
+
+A limit holds at both ends: what ``save`` accepts can always be listed and read
+back, and what a reader accepts never costs more than the limit allows.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import sys
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+
+__all__ = [
+    "MAX_BYTES",
+    "MAX_STEP",
+    "byte_count",
+    "check_metrics",
+    "float64_value",
+]
+
+MAX_STEP = 10**20 - 1
+"""The largest step: the most a step directory name holds (``step_`` and 20 digits)."""
+
+MAX_BYTES = 2**63 - 1
+"""The largest byte count or offset of a tensor (what an ``int64`` holds, as torch needs)."""
+
+_FLOAT_MAX = sys.float_info.max
+
+
+def byte_count(shape: Iterable[int], itemsize: int) -> int | None:
+    """Return the bytes a contiguous ``shape`` occupies; ``None`` past :data:`MAX_BYTES`.
+
+    The strides count too: every dimension counts as at least 1, so a shape such
+    as ``[0, 2**62, 2**62]`` (zero bytes, but strides torch cannot hold) is
+    refused as well. Stops multiplying as soon as the bound is passed, so a
+    hostile shape costs time in proportion to its length only.
+    """
+    total = itemsize
+    empty = False
+    for dim in shape:
+        if dim == 0:
+            empty = True
+        total *= max(dim, 1)
+        if total > MAX_BYTES:
+            return None
+    return 0 if empty else total
+
+
+def float64_value(value: object) -> float | None:
+    """Return ``value`` as a finite float64 when it is a number that has one, else ``None``.
+
+    ``bool`` is not a number here; an ``int`` beyond float64's range has none.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if isinstance(value, int) and abs(value) > _FLOAT_MAX:
+        return None
+    number = float(value)
+    return number if math.isfinite(number) else None
+
+
+def _plain_number(given: object) -> object:
+    """A Python number for a 1-element tensor or array, or a NumPy (or other ``numbers``) scalar."""
+    if isinstance(given, bool):
+        return given
+    if isinstance(given, int):  # a subclass (an IntEnum, say) is stored as a plain int
+        return int(given)
+    if isinstance(given, float):  # NumPy's float64 is a float subclass
+        return float(given)
+    if isinstance(given, torch.Tensor):
+        return given.item() if given.numel() == 1 and given.device.type != "meta" else given
+    if isinstance(given, numbers.Integral) and not _is_boolean(given):
+        return int(given)
+    if isinstance(given, numbers.Real):
+        return float(given)
+    item, size = getattr(given, "item", None), getattr(given, "size", None)
+    if callable(item) and size == 1:  # a 1-element NumPy array
+        return item()
+    return given
+
+
+def _is_boolean(value: object) -> bool:
+    return type(value).__name__ in ("bool", "bool_")
+
+
+def check_metrics(metrics: Mapping[str, Any] | None) -> dict[str, float | int]:
+    """Validate the metrics passed to ``save``: numbers that float64 can hold, by str key.
+
+    Python ``int`` and ``float``, NumPy scalars and 1-element tensors or arrays
+    are accepted; ints are kept as ints. NaN and the infinities are float64
+    values and are kept (a loss overflows now and then; the save must not fail
+    for it), but never rank in ``keep_best``. ``bool`` and ints beyond float64's
+    range are refused.
+
+    Raises:
+        TypeError: ``metrics`` is not a mapping, a key is not a ``str``, or a value is
+            not a number.
+        ValueError: A value is an int too large for float64.
+    """
+    if metrics is None:
+        return {}
+    if not isinstance(metrics, Mapping):
+        raise TypeError(f"metrics must be a dict of numbers, got {type(metrics).__name__}")
+    out: dict[str, float | int] = {}
+    for key, given in metrics.items():
+        value = _plain_number(given)
+        if (
+            not isinstance(key, str)
+            or isinstance(value, bool)
+            or not isinstance(value, (int, float))
+        ):
+            raise TypeError(f"metrics[{key!r}] must be a number with a str key, got {given!r}")
+        if isinstance(value, int) and float64_value(value) is None:
+            raise ValueError(
+                f"metrics[{key!r}] must be a number that float64 can hold, got "
+                f"{_short(value)}; store it in an item instead, or leave it out"
+            )
+        out[key] = value
+    return out
+
+
+def _short(value: int) -> str:
+    return f"an int of {value.bit_length()} bits"  # str() of a huge int may itself fail
