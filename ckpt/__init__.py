@@ -21,6 +21,7 @@ from ckpt.errors import (
     CheckpointWriteError,
     CorruptCheckpointError,
     IncompatibleCheckpointError,
+    PartialRestoreError,
 )
 from ckpt.items import Stateful
 from ckpt.locations import MapLocation
@@ -37,6 +38,7 @@ __all__ = [
     "CorruptCheckpointError",
     "IncompatibleCheckpointError",
     "MapLocation",
+    "PartialRestoreError",
     "ResumableSampler",
     "Stateful",
     "__version__",

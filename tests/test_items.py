@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from ckpt.items import capture, check_item_name, item_kind
+from ckpt.manager import RESERVED_NAMES
 from ckpt.optim import module_param_names
 
 
@@ -21,10 +22,28 @@ def test_kinds():
         item_kind("x", [1])
 
 
-@pytest.mark.parametrize("name", ["a/b", "../x", "", "1a", "a b", "é", "step", "strict", "epoch"])
+BAD_NAMES = ["a/b", "../x", "", "1a", "a b", "é", "step", "strict", "epoch", "overwrite"]
+BAD_NAMES += ["verify", "rng", "metrics", "map_location", "assign", "optimizer_by_position"]
+
+
+@pytest.mark.parametrize("name", BAD_NAMES)
 def test_bad_item_names(name):
     with pytest.raises(ValueError):
-        check_item_name(name)
+        check_item_name(name, RESERVED_NAMES)
+
+
+def test_reserved_names_are_the_options_of_save_and_restore():
+    assert {
+        "step",
+        "epoch",
+        "metrics",
+        "rng",
+        "overwrite",
+        "map_location",
+        "strict",
+    } <= RESERVED_NAMES
+    assert {"verify", "assign", "optimizer_class_change", "optimizer_by_position"} <= RESERVED_NAMES
+    assert "items" not in RESERVED_NAMES and "self" not in RESERVED_NAMES
 
 
 def test_optimizer_capture_records_names_and_shapes():

@@ -266,7 +266,7 @@ def test_wrong_param_shape_is_refused_and_nothing_changes(tmp_path):
     assert_same_state(other_opt.state_dict(), before)
 
 
-def test_renamed_parameters_are_refused_when_strict(tmp_path):
+def test_renamed_parameters_are_refused_unless_loaded_by_position(tmp_path):
     model = small_model(0)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     train_steps(model, opt, 1)
@@ -279,7 +279,10 @@ def test_renamed_parameters_are_refused_when_strict(tmp_path):
     fresh_opt = torch.optim.SGD(params, lr=0.1, momentum=0.9)
     with pytest.raises(ckpt.IncompatibleCheckpointError, match="parameter order changed"):
         mgr.restore(model=fresh, optimizer=fresh_opt)
-    mgr.restore(model=fresh, optimizer=fresh_opt, strict=False)
+    # strict=False is about module keys: it never loads an optimizer by position.
+    with pytest.raises(ckpt.IncompatibleCheckpointError, match=r"'model\.1\.weight' saved"):
+        mgr.restore(optimizer=fresh_opt, model=fresh, strict=False)
+    mgr.restore(model=fresh, optimizer=fresh_opt, optimizer_by_position=True)
 
 
 def test_group_count_mismatch_uses_torch_wording(tmp_path):
