@@ -137,7 +137,7 @@ def restore_matches_torch(
 
 
 def read_manifest_doc(path) -> dict:
-    """Parse a manifest file (plain or zlib-compressed JSON), to edit and reseal with write_manifest."""
+    """Parse a manifest (plain or zlib-compressed JSON), to edit and reseal with write_manifest."""
     import json
     import zlib
 

@@ -222,7 +222,7 @@ MALFORMED = [
     ("packed-complex32", _packed_dtype("complex32"), "packed/t3"),
     ("packed-bits16", _packed_dtype("bits16", 4), "packed/t3"),
     # optimizer: per-parameter state
-    ("opt-no-step", _delete(lambda d: _param_state(d), "step"), "optimizer.state[0]"),
+    ("opt-no-step", _delete(_param_state, "step"), "optimizer.state[0]"),
     ("opt-step-str", _param("step", "3"), "optimizer.state[0]['step']"),
     ("opt-step-list", _param("step", [1, 2]), "optimizer.state[0]['step']"),
     ("opt-step-none", _param("step", None), "optimizer.state[0]['step']"),
@@ -238,20 +238,20 @@ MALFORMED = [
         "opt-param-state-list",
         _set(lambda d: _state(d, "optimizer")["state"]["$dict"][0], 1, []),
         "optimizer.state[0]",
-    ),  # fmt: skip
+    ),
     # optimizer: groups and records
     ("opt-groups-dict", _set(lambda d: _state(d, "optimizer"), "param_groups", {}), "optimizer"),
     (
         "opt-group-list",
         _set(lambda d: _state(d, "optimizer")["param_groups"], 0, []),
         "optimizer.param_groups[0]",
-    ),  # fmt: skip
+    ),
     ("opt-params-str", _set(_group, "params", "0,1"), "optimizer.param_groups[0]"),
     (
         "opt-params-bool",
         _set(_group, "params", [True, 1, 2, 3, 4, 5, 6, 7]),
         "optimizer.param_groups[0]",
-    ),  # fmt: skip
+    ),
     ("opt-params-duplicate", _duplicate_index, "optimizer"),
     ("opt-lr-dict", _set(_group, "lr", {"a": 1}), "optimizer.param_groups[0]['lr']"),
     ("opt-extra-top-key", _set(lambda d: _state(d, "optimizer"), "junk", 1), "optimizer"),
@@ -288,7 +288,7 @@ MALFORMED = [
         "dict-unknown-tensor",
         _set(lambda d: _state(d, "extra"), "best", _tensor_ref("nope")),
         "best",
-    ),  # fmt: skip
+    ),
 ]
 
 
@@ -343,18 +343,18 @@ INCOMPATIBLE = [
         "opt-betas-three",
         _set(_group, "betas", {"$tuple": [0.9, 0.99, 0.9]}),
         "optimizer.param_groups[0]['betas']",
-    ),  # fmt: skip
+    ),
     ("opt-amsgrad-int", _set(_group, "amsgrad", 0), "optimizer.param_groups[0]['amsgrad']"),
     (
         "opt-class-sgd",
         _set(lambda d: _item(d, "optimizer"), "class", "torch.optim.sgd.SGD"),
         "optimizer",
-    ),  # fmt: skip
+    ),
     (
         "scheduler-last-epoch-str",
         _set(lambda d: _state(d, "scheduler"), "last_epoch", "3"),
         "scheduler['last_epoch']",
-    ),  # fmt: skip
+    ),
     ("scheduler-extra-key", _set(lambda d: _state(d, "scheduler"), "junk", 1), "scheduler"),
     ("sampler-other-size", _sampler("size", 12), "sampler"),
     ("kind-swapped", _set(lambda d: _item(d, "extra"), "kind", "module"), "extra"),
