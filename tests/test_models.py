@@ -57,7 +57,7 @@ def test_lazy_modules_are_materialized_as_torch_does(tmp_path):
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
 def test_a_quantization_aware_model_loads_its_per_channel_observers(tmp_path):
-    from torch.ao import quantization  # noqa: PLC0415 - deprecated module, warns on import
+    from torch.ao import quantization
 
     def build(seed):
         torch.manual_seed(seed)
@@ -157,7 +157,7 @@ def test_keys_that_differ_beyond_a_wrapper_prefix_name_it(tmp_path):
     mgr.save(0, model=nn.DataParallel(nn.Linear(3, 4)))
     other = nn.Sequential(nn.Linear(3, 4))
     before = other.state_dict()
-    with pytest.raises(ckpt.IncompatibleCheckpointError, match="'module.'") as e:
+    with pytest.raises(ckpt.IncompatibleCheckpointError, match=r"'module\.'") as e:
         mgr.restore(model=other)
     assert "Unexpected key(s)" in str(e.value)
     assert_same_state(other.state_dict(), before)
