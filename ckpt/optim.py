@@ -136,6 +136,20 @@ def _is_scalar(value: object) -> bool:
 
 
 def _check_state_value(where: str, key: str, value: Any, shape: tuple[int, ...] | None) -> None:
+    if isinstance(value, torch.Tensor):
+        if key in _SCALAR_KEYS and (value.numel() != 1 or value.dtype == torch.bool):
+            raise CorruptCheckpointError(
+                f"optimizer state {key!r} must be a one-element tensor, got shape "
+                f"{tuple(value.shape)} {value.dtype}",
+                key=where,
+            )
+        if key in PARAM_SHAPED_KEYS and shape is not None and tuple(value.shape) != shape:
+            raise CorruptCheckpointError(
+                f"optimizer state {key!r} has shape {tuple(value.shape)} but its parameter "
+                f"has shape {shape}",
+                key=where,
+            )
+        return
     if key in _SCALAR_KEYS and not _is_scalar(value):
         raise CorruptCheckpointError(
             f"optimizer state {key!r} must be a number or a one-element tensor, "
@@ -143,16 +157,9 @@ def _check_state_value(where: str, key: str, value: Any, shape: tuple[int, ...] 
             key=where,
         )
     if key in PARAM_SHAPED_KEYS:
-        if not isinstance(value, torch.Tensor):
-            raise CorruptCheckpointError(
-                f"optimizer state {key!r} must be a tensor, got {type(value).__name__}", key=where
-            )
-        if shape is not None and tuple(value.shape) != shape:
-            raise CorruptCheckpointError(
-                f"optimizer state {key!r} has shape {tuple(value.shape)} but its parameter "
-                f"has shape {shape}",
-                key=where,
-            )
+        raise CorruptCheckpointError(
+            f"optimizer state {key!r} must be a tensor, got {type(value).__name__}", key=where
+        )
     values = value if isinstance(value, (list, tuple)) else [value]
     for v in values:
         if not (v is None or isinstance(v, (torch.Tensor, int, float))):
@@ -351,7 +358,7 @@ def check_optimizer_state(
             key=item,
         )
     live_known = state_keys(live_class)
-    if live_known is not None:
+    if live_known is not None and recorded_class != live_class:  # else checked with the state
         for index, value in state_dict["state"].items():
             if value:
                 _check_keys_fit(
