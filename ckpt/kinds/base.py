@@ -15,7 +15,6 @@ runs it on every item, and ``validate`` runs it first.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, runtime_checkable
@@ -224,8 +223,8 @@ def _category(value: object) -> str:
 def check_like(saved: Any, live: Any, where: str, *, same_keys: bool = True) -> None:
     """Check that a saved value has the shape and types of the live one, recursively.
 
-    Numbers may be ints or floats (and one-element tensors where the live value
-    is a number); a live ``None`` accepts any plain value; sequences must have the
+    Numbers may be ints or floats (or one-element tensors); a live ``None``
+    accepts anything; sequences must have the
     live length; dicts the live keys (all of them when ``same_keys``).
 
     Raises:
@@ -233,13 +232,9 @@ def check_like(saved: Any, live: Any, where: str, *, same_keys: bool = True) -> 
     """
     if live is None:
         return
-    saved_kind, live_kind = _category(saved), _category(live)
-    if live_kind == "number" and is_number(saved):
-        if isinstance(saved, float) and not math.isfinite(saved) and isinstance(live, int):
-            raise IncompatibleCheckpointError(
-                f"saved value {saved!r} is not a finite int", key=where
-            )
+    if is_number(live) and is_number(saved):
         return
+    saved_kind, live_kind = _category(saved), _category(live)
     if saved_kind != live_kind:
         raise IncompatibleCheckpointError(
             f"saved value is a {saved_kind} ({_short(saved)}) but the live object holds "

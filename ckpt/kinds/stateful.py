@@ -21,11 +21,14 @@ from ckpt.errors import CorruptCheckpointError, IncompatibleCheckpointError
 from ckpt.format import ItemRecord
 from ckpt.kinds.base import ItemKind, ItemPlan, RestoreOptions, Stateful, check_like
 from ckpt.schedulers import align_lr_to_scheduler, scheduler_optimizer
-from ckpt.tree import Json, unflatten
+from ckpt.tree import Json, tensors_by_path, unflatten
 
 __all__ = ["SamplerKind", "ScalerKind", "SchedulerKind", "StatefulKind"]
 
 logger = logging.getLogger(__name__)
+
+DRY_RUN_MAX_BYTES = 64 * 1024 * 1024
+"""Objects whose state holds at most this many tensor bytes are first loaded into a copy."""
 
 
 def _class_name(obj: object) -> str:
@@ -78,11 +81,11 @@ class StatefulKind(ItemKind):
         self.check_saved(plan.name, plan.saved, plan.record)
         self.check_live(plan)
         plan.runs_user_code = True
+        live = self.state_of(plan.name, plan.obj)
+        live_tensors = tensors_by_path(live)
+        plan.extra["dry_run"] = sum(t.nbytes for t in live_tensors.values()) <= DRY_RUN_MAX_BYTES
         if not options.override:
-            live = self.state_of(plan.name, plan.obj)
-            from ckpt.tree import tensors_by_path  # noqa: PLC0415
-
-            live_devices = {p: t.device for p, t in tensors_by_path(live).items()}
+            live_devices = {p: t.device for p, t in live_tensors.items()}
             for path, t in tensors_by_path(plan.saved).items():
                 if id(t) in plan.placeholders:
                     plan.targets[plan.placeholders[id(t)]] = (live_devices.get(path), None)
@@ -93,6 +96,8 @@ class StatefulKind(ItemKind):
     def build(self, plan: ItemPlan, tensors: Mapping[str, torch.Tensor]) -> Any:
         """Assemble the state and load it into a copy of the live object, to see it accepted."""
         state = unflatten(plan.record.state, tensors)
+        if not plan.extra.get("dry_run"):
+            return state  # too big to copy: checked by its own load, in apply
         memo: dict[int, Any] = {}
         for value in vars(plan.obj).values() if hasattr(plan.obj, "__dict__") else ():
             if isinstance(value, (torch.optim.Optimizer, nn.Module)):
@@ -113,6 +118,11 @@ class StatefulKind(ItemKind):
         return state
 
 
+_SCHEDULER_COUNTERS = frozenset(
+    {"last_epoch", "_step_count", "num_bad_epochs", "cooldown_counter", "T_i", "T_0"}
+)
+
+
 class SchedulerKind(StatefulKind):
     """A learning-rate scheduler: restored after its optimizer, or its groups' lr aligned to it."""
 
@@ -123,8 +133,14 @@ class SchedulerKind(StatefulKind):
         return False
 
     def check_live(self, plan: ItemPlan) -> None:
-        """Every key and value type of the live scheduler's state."""
+        """Every key and value type of the live scheduler's state; counters are ints."""
         check_like(plan.saved, self.state_of(plan.name, plan.obj), plan.name)
+        for key in _SCHEDULER_COUNTERS & plan.saved.keys():
+            value = plan.saved[key]
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise IncompatibleCheckpointError(
+                    f"must be an int, got {value!r}", key=f"{plan.name}[{key!r}]"
+                )
 
     def after_restore(self, plan: ItemPlan, restored: set[int]) -> None:
         """Align the optimizer's lr to the scheduler when the optimizer was not restored with it."""
