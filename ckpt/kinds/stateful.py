@@ -65,11 +65,9 @@ class StatefulKind(ItemKind):
         return {"class": _class_name(obj)}
 
     def check_saved(self, name: str, state: Any, record: ItemRecord) -> None:
-        """A dict with str keys (and a str class, if recorded)."""
-        if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
-            raise CorruptCheckpointError(
-                "a stateful object's state must be a dict with str keys", key=name
-            )
+        """A dict (and a str class, if recorded)."""
+        if not isinstance(state, dict):
+            raise CorruptCheckpointError("a stateful object's state must be a dict", key=name)
         saved = record.extra.get("class")
         if saved is not None and not isinstance(saved, str):
             raise CorruptCheckpointError("the recorded class is not a str", key=name)
@@ -129,8 +127,19 @@ class SchedulerKind(StatefulKind):
     classes = (torch.optim.lr_scheduler.LRScheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
 
     def accepts_record(self, record: ItemRecord) -> bool:
-        """Never: without a live scheduler, the generic kind checks all there is."""
-        return False
+        """A record saved from one of torch's schedulers."""
+        saved = record.extra.get("class")
+        return (
+            record.kind == self.stored
+            and isinstance(saved, str)
+            and saved.startswith("torch.optim.lr_scheduler.")
+        )
+
+    def check_saved(self, name: str, state: Any, record: ItemRecord) -> None:
+        """A dict with str keys, as every torch scheduler's state is."""
+        super().check_saved(name, state, record)
+        if not all(isinstance(k, str) for k in state):
+            raise CorruptCheckpointError("a scheduler state must have str keys", key=name)
 
     def check_live(self, plan: ItemPlan) -> None:
         """Every key and value type of the live scheduler's state; counters are ints."""
