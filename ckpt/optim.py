@@ -199,7 +199,7 @@ def check_optimizer_saved(item: str, state_dict: Any, records: Any, recorded_cla
             _check_group_value(f"{where}[{key!r}]", value)
     if len(set(indices)) != len(indices):
         raise CorruptCheckpointError("a parameter index appears twice in param_groups", key=item)
-    if records is not None and (
+    if (
         not isinstance(records, list)
         or len(records) != len(indices)
         or not all(_valid_record(r) for r in records)
@@ -207,7 +207,7 @@ def check_optimizer_saved(item: str, state_dict: Any, records: Any, recorded_cla
         raise CorruptCheckpointError(
             "optimizer parameter records do not match its groups", key=item
         )
-    shapes = {i: tuple(r["shape"]) for i, r in zip(indices, records or [], strict=False)}
+    shapes = {i: tuple(r["shape"]) for i, r in zip(indices, records, strict=True)}
     index_set = set(indices)
     known = state_keys(recorded_class) if isinstance(recorded_class, str) else None
     for index, value in state_dict["state"].items():
@@ -332,31 +332,8 @@ def check_optimizer_state(
         _check_group_types(f"{item}.param_groups[{i}]", saved, group)
     saved_ids = list(chain.from_iterable(g["params"] for g in saved_groups))
     live = _live_params(optimizer)
+    _check_params(item, records, live, live_names, by_position=by_position)
     id_map = dict(zip(saved_ids, live, strict=True))
-    if records is None:
-        records = [{"name": None, "shape": list(p.shape)} for p in live]
-    renamed = []
-    for position, (record, param) in enumerate(zip(records, live, strict=True)):
-        name, live_name = record.get("name"), live_names.get(id(param))
-        label = f" ({name})" if name else ""
-        if tuple(record["shape"]) != tuple(param.shape):
-            raise IncompatibleCheckpointError(
-                f"optimizer parameter {position}{label} had shape {tuple(record['shape'])} in "
-                f"the checkpoint, but the live parameter has shape {tuple(param.shape)}",
-                key=f"{item}.param_groups params[{position}]",
-            )
-        if name and live_name and _bare_name(name) != _bare_name(live_name):
-            renamed.append(f"{position}: {name!r} saved, {live_name!r} now")
-    if renamed and not by_position:
-        shown = "; ".join(renamed[:10]) + (
-            f"; and {len(renamed) - 10} more" if len(renamed) > 10 else ""
-        )
-        raise IncompatibleCheckpointError(
-            f"{len(renamed)} optimizer parameter(s) have other names than when saved (the "
-            f"parameter order changed?): {shown}. Pass optimizer_by_position=True to load "
-            "them by position anyway",
-            key=item,
-        )
     live_known = state_keys(live_class)
     if live_known is not None and recorded_class != live_class:  # else checked with the state
         for index, value in state_dict["state"].items():
@@ -370,6 +347,37 @@ def check_optimizer_state(
                     live_class,
                 )
     return id_map
+
+
+def _check_params(
+    item: str,
+    records: Any,
+    live: list[torch.Tensor],
+    live_names: Mapping[int, str],
+    *,
+    by_position: bool,
+) -> None:
+    """Each saved parameter had the live one's shape and (unless ``by_position``) name."""
+    renamed = []
+    for position, (record, param) in enumerate(zip(records, live, strict=True)):
+        name, live_name = record.get("name"), live_names.get(id(param))
+        label = f" ({name})" if name else ""
+        if tuple(record["shape"]) != tuple(param.shape):
+            raise IncompatibleCheckpointError(
+                f"optimizer parameter {position}{label} had shape {tuple(record['shape'])} in "
+                f"the checkpoint, but the live parameter has shape {tuple(param.shape)}",
+                key=f"{item}.param_groups params[{position}]",
+            )
+        if name and live_name and _bare_name(name) != _bare_name(live_name):
+            renamed.append(f"{position}: {name!r} saved, {live_name!r} now")
+    if renamed and not by_position:
+        more = f"; and {len(renamed) - 10} more" if len(renamed) > 10 else ""
+        raise IncompatibleCheckpointError(
+            f"{len(renamed)} optimizer parameter(s) have other names than when saved (the "
+            f"parameter order changed?): {'; '.join(renamed[:10])}{more}. Pass "
+            "optimizer_by_position=True to load them by position anyway",
+            key=item,
+        )
 
 
 def _bare_name(name: str) -> str:
