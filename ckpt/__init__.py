@@ -22,6 +22,7 @@ from ckpt.errors import (
     CheckpointWriteError,
     CorruptCheckpointError,
     IncompatibleCheckpointError,
+    PartialRestoreError,
 )
 from ckpt.items import Stateful
 from ckpt.limits import MAX_STEP
@@ -41,6 +42,7 @@ __all__ = [
     "IncompatibleCheckpointError",
     "MAX_STEP",
     "MapLocation",
+    "PartialRestoreError",
     "ResumableSampler",
     "Stateful",
     "__version__",

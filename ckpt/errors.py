@@ -15,7 +15,9 @@ each subclass also derives from the builtin it resembles, so existing
     │                                                  I/O error); earlier ones are intact
     ├── CheckpointReadError (OSError)                  the OS refused to read a file
     │                                                  (permission, I/O error); not corrupt
-    └── CheckpointLockedError (BlockingIOError)        another process is writing here
+    ├── CheckpointLockedError (BlockingIOError)        another process is writing here
+    └── PartialRestoreError (RuntimeError)             an item's own code raised while being
+                                                       loaded, after every check had passed
 
 Errors carry ``path`` (the file or directory at fault) and ``key`` (the item or
 key path inside it) when they are known, and the message names both.
@@ -32,6 +34,7 @@ __all__ = [
     "CheckpointWriteError",
     "CorruptCheckpointError",
     "IncompatibleCheckpointError",
+    "PartialRestoreError",
 ]
 
 
@@ -117,3 +120,39 @@ class CheckpointReadError(CheckpointError, OSError):
 
 class CheckpointLockedError(CheckpointError, BlockingIOError):
     """Another process (or manager) holds the directory's writer lock."""
+
+
+class PartialRestoreError(CheckpointError, RuntimeError):
+    """An item's own code (a hook, a ``load_state_dict`` override) raised while restoring.
+
+    Every check had passed. The items in ``applied`` hold the checkpoint's state,
+    those in ``not_applied`` are untouched, and ``item`` may be partly loaded.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: str | None = None,
+        key: str | None = None,
+        item: str | None = None,
+        applied: list[str] | tuple[str, ...] = (),
+        not_applied: list[str] | tuple[str, ...] = (),
+    ):
+        super().__init__(message, path=path, key=key)
+        self.item = item
+        self.applied = tuple(applied)
+        self.not_applied = tuple(not_applied)
+
+    def located(self, path: str) -> CheckpointError:
+        """Return this error with ``path`` filled in when it names no file yet."""
+        if self.path is not None:
+            return self
+        return PartialRestoreError(
+            self.reason,
+            path=path,
+            key=self.key,
+            item=self.item,
+            applied=self.applied,
+            not_applied=self.not_applied,
+        )

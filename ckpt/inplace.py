@@ -35,6 +35,7 @@ from ckpt.optim import Target
 __all__ = [
     "Counterpart",
     "choose_destinations",
+    "loads_own_way",
     "module_loads_plainly",
     "optimizer_loads_plainly",
 ]
@@ -48,24 +49,41 @@ _CPU = torch.device("cpu")
 _WRITABLE_DEVICES = ("cpu", "cuda")
 
 
-def module_loads_plainly(module: nn.Module) -> bool:
-    """Whether every submodule loads its state with torch's own ``_load_from_state_dict``.
+def loads_own_way(module: nn.Module) -> bool:
+    """Whether a module's class loads its own tensors with code outside ``torch.nn.modules``.
 
-    torch's own overrides (batch norm's, for one) only read the given state, so
-    they qualify; a user-defined override might read a parameter's old value.
+    torch's own overrides there (batch norm's, for one) only read the given
+    state; others (quantization observers, user classes) may resize buffers or
+    read a parameter's old value.
+    """
+    owner = getattr(type(module)._load_from_state_dict, "__module__", "") or ""
+    return not owner.startswith("torch.nn.modules.")
+
+
+def module_loads_plainly(module: nn.Module) -> bool:
+    """Whether loading ``module`` runs only torch's own code that copies into its tensors.
+
+    That is: ``load_state_dict`` is torch's, no submodule loads its own way (see
+    :func:`loads_own_way`) or has load hooks (lazy modules, old-style spectral
+    norm and user hooks have them), and no tensor is swapped instead of copied into.
     """
     if torch.__future__.get_swap_module_params_on_conversion():
         return False  # load_state_dict would swap tensors instead of copying into them
+    if type(module).load_state_dict is not nn.Module.load_state_dict:
+        return False
     for sub in module.modules():
-        owner = getattr(type(sub)._load_from_state_dict, "__module__", "") or ""
-        if not owner.startswith("torch.nn.modules."):
+        if loads_own_way(sub) or sub._load_state_dict_pre_hooks or sub._load_state_dict_post_hooks:
             return False
     return True
 
 
 def optimizer_loads_plainly(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether the optimizer keeps torch's ``load_state_dict``."""
-    return type(optimizer).load_state_dict is torch.optim.Optimizer.load_state_dict
+    """Whether the optimizer keeps torch's ``load_state_dict`` and has no load hooks."""
+    return (
+        type(optimizer).load_state_dict is torch.optim.Optimizer.load_state_dict
+        and not getattr(optimizer, "_optimizer_load_state_dict_pre_hooks", None)
+        and not getattr(optimizer, "_optimizer_load_state_dict_post_hooks", None)
+    )
 
 
 def _writable(t: object) -> bool:

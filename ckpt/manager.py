@@ -40,31 +40,27 @@ from ckpt.format import (
     step_dir_name,
 )
 from ckpt.gc_pause import paused_gc
-from ckpt.inplace import choose_destinations
 from ckpt.io import (
-    PendingReads,
     load_tensors,
     read_manifest,
     verify_checkpoint_files,
 )
 from ckpt.items import (
-    RestorePlan,
     assemble_manifest,
     build_state,
     capture,
     check_item_name,
-    check_state_shape,
-    plan_restores,
-    skeleton,
+    reserved_names,
 )
+from ckpt.kinds import RestoreOptions
 from ckpt.limits import check_metrics
 from ckpt.locations import MapLocation, check_map_location
 from ckpt.optim import module_param_names
 from ckpt.preemption import DEFAULT_PREEMPTION_SIGNALS, PreemptionWatch
 from ckpt.reader import StepReader
+from ckpt.restoring import PreparedRestore, apply_restore, check_items, prepare_restore
 from ckpt.retention import RetentionPolicy, steps_to_delete
 from ckpt.rng import RNG_ITEM, RandomStreams
-from ckpt.schedulers import align_lr_to_scheduler, scheduler_optimizer
 from ckpt.staging import StagingBuffers
 from ckpt.storage import WriterLock, open_storage
 from ckpt.tree import tensor_refs
@@ -72,14 +68,7 @@ from ckpt.tree import tensor_refs
 __all__ = ["Checkpoint", "CheckpointManager"]
 
 _T = TypeVar("_T")
-_Prepared = tuple[
-    str,
-    Manifest,
-    list[RestorePlan],
-    list[tuple[RestorePlan, Any]],
-    dict[str, torch.Tensor],
-    PendingReads,
-]
+_Prepared = PreparedRestore
 
 logger = logging.getLogger(__name__)
 
@@ -115,11 +104,14 @@ class Checkpoint:
         return self.step + 1
 
 
-def _check_rng_flag(rng: object) -> None:
-    if not isinstance(rng, bool):
-        raise TypeError(
-            f"rng must be True or False, got {type(rng).__name__} ('rng' cannot name an item)"
-        )
+def _check_flags(**flags: object) -> None:
+    """Refuse a bool option given anything but a bool (an item passed under its name, say)."""
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise TypeError(
+                f"{name} must be True or False, got {type(value).__name__} "
+                f"({name!r} is an option and cannot name an item)"
+            )
 
 
 class CheckpointManager:
@@ -386,11 +378,11 @@ class CheckpointManager:
         if epoch is not None and (isinstance(epoch, bool) or not isinstance(epoch, int)):
             raise ValueError(f"epoch must be an int or None, got {epoch!r}")
         checked_metrics = check_metrics(metrics)
-        _check_rng_flag(rng)
+        _check_flags(rng=rng, overwrite=overwrite)
         if not items:
             raise ValueError("save() needs at least one item, e.g. save(step, model=model)")
         for name in items:
-            check_item_name(name)
+            check_item_name(name, RESERVED_NAMES)
         if rng:
             items[RNG_ITEM] = RandomStreams()
         modules = {n: o for n, o in items.items() if isinstance(o, torch.nn.Module)}
@@ -549,14 +541,20 @@ class CheckpointManager:
         strict: bool = True,
         rng: bool = True,
         verify: bool = True,
+        assign: bool = False,
+        optimizer_class_change: bool = False,
+        optimizer_by_position: bool = False,
         **items: Any,
     ) -> Checkpoint | None:
         """Load a checkpoint into live objects, in place.
 
-        Everything is checked and read before any item is touched, so a failed
-        restore leaves every item as it was. Modules are loaded first, then
-        optimizers, then other stateful objects (schedulers after their
-        optimizers), then dicts, and the random streams last. A scheduler
+        Every item is validated and every byte read and checked before any item
+        is touched, so a failed restore leaves every item as it was; the one
+        exception is an item's own code (a hook, a ``load_state_dict`` override)
+        raising while items are loaded: see :class:`~ckpt.PartialRestoreError`.
+        Modules are loaded first, then optimizers, then other stateful objects
+        (schedulers after their optimizers), then dicts, and the random streams
+        last; the order of the keyword arguments does not matter. A scheduler
         restored without its optimizer sets its groups' lr to its last lr.
 
         Args:
@@ -564,11 +562,18 @@ class CheckpointManager:
             map_location: Where to build tensors, as for ``torch.load``; by default
                 each tensor is built where its live counterpart lives (optimizer
                 state following ``Optimizer.load_state_dict``'s cast rules).
-            strict: Module keys must match exactly, and optimizer parameters must
-                have the names they had when saved.
+            strict: Module keys must match exactly (keys that differ only by the
+                wrapper prefixes ``_orig_mod.`` and ``module.`` are matched up).
             rng: Restore the random streams saved with the checkpoint, if it has
                 them; pass ``False`` for a warm start.
             verify: Check every file read against its checksum as it streams in.
+            assign: Modules take the loaded tensors as their parameters and buffers
+                (``load_state_dict(assign=True)``), e.g. for a model built on the
+                ``meta`` device.
+            optimizer_class_change: Load an optimizer state saved from another
+                optimizer class (its per-parameter state must still fit the live class).
+            optimizer_by_position: Load an optimizer whose parameters had other names
+                when saved, matching them by position.
             **items: The live objects to load into, by the names they were saved under.
 
         Returns:
@@ -581,34 +586,32 @@ class CheckpointManager:
             CorruptCheckpointError: A file is missing, malformed, fails its checksum
                 or disagrees with the manifest (for the latest step, unless
                 ``fallback_to_intact`` found an intact older one).
+            PartialRestoreError: An item's own code raised while it was loaded; the
+                error lists the items restored before it and those left untouched.
         """
         self.wait()
         start = time.perf_counter()
         check_map_location(map_location)
         for name in items:
-            check_item_name(name)
-        _check_rng_flag(rng)
+            check_item_name(name, RESERVED_NAMES)
+        _check_flags(
+            strict=strict,
+            rng=rng,
+            verify=verify,
+            assign=assign,
+            optimizer_class_change=optimizer_class_change,
+            optimizer_by_position=optimizer_by_position,
+        )
+        options = RestoreOptions(
+            map_location, strict, assign, optimizer_class_change, optimizer_by_position
+        )
         prepared = self._prepare_with_fallback(
-            step, lambda s: self._prepare(s, dict(items), map_location, strict, rng, verify)
+            step, lambda s: self._prepare(s, dict(items), options, rng, verify)
         )
         if prepared is None:
             return None
-        step_name, manifest, plans, states, loaded, pending = prepared
-        with pending:
-            pending.run()  # every check has passed: read straight into live tensors
-        missing: dict[str, list[str]] = {}
-        unexpected: dict[str, list[str]] = {}
-        for plan, state in sorted(states, key=lambda ps: ps[0].order):
-            miss, unexp = plan.apply(state)
-            if miss:
-                missing[plan.name] = miss
-            if unexp:
-                unexpected[plan.name] = unexp
-        restored_optimizers = {id(p.obj) for p in plans if p.kind == "optimizer"}
-        for plan in plans:
-            optimizer = scheduler_optimizer(plan.obj)
-            if optimizer is not None and id(optimizer) not in restored_optimizers:
-                align_lr_to_scheduler(plan.name, plan.obj)
+        manifest = prepared.manifest
+        missing, unexpected = apply_restore(prepared, self._url(prepared.step_name))
         for name in missing.keys() | unexpected.keys():
             logger.warning(
                 "restored %r non-strictly: missing keys %s, unexpected keys %s",
@@ -619,8 +622,8 @@ class CheckpointManager:
         logger.info(
             "restored step %d from %s (%d bytes in %.3f s)",
             manifest.step,
-            self._url(step_name),
-            sum(t.numel() * t.element_size() for t in loaded.values()),
+            self._url(prepared.step_name),
+            sum(t.numel() * t.element_size() for t in prepared.loaded.values()),
             time.perf_counter() - start,
         )
         info = self._info(manifest)
@@ -649,8 +652,7 @@ class CheckpointManager:
         self,
         step: int | None,
         items: dict[str, Any],
-        map_location: MapLocation,
-        strict: bool,
+        options: RestoreOptions,
         rng: bool,
         verify: bool,
     ) -> _Prepared | None:
@@ -679,30 +681,9 @@ class CheckpointManager:
                     key=name,
                 )
         with _located(manifest_path):
-            plans = plan_restores(manifest, items, strict=strict, override=map_location is not None)
-            names = [n for plan in plans for n in plan.tensor_names]
-            targets = {n: t for plan in plans for n, t in plan.targets.items()}
-            into = choose_destinations(
-                {n: c for plan in plans for n, c in plan.counterparts.items()},
-                [t for plan in plans for t in plan.written],
-                manifest.tensors,
-                map_location,
+            return prepare_restore(
+                self._storage, step_name, manifest, items, options, verify=verify, read=load_tensors
             )
-            loaded, pending = load_tensors(
-                self._storage,
-                step_name,
-                manifest,
-                names,
-                targets,
-                map_location,
-                verify=verify,
-                into=into,
-            )
-            with contextlib.ExitStack() as on_error:
-                on_error.push(pending)
-                states = [(plan, plan.build(loaded)) for plan in plans]
-                on_error.pop_all()
-        return step_name, manifest, plans, states, loaded, pending
 
     @paused_gc()
     def read(
@@ -776,14 +757,7 @@ class CheckpointManager:
         step_name, manifest = found
         manifest_path = self._storage.path(step_name, MANIFEST_NAME)
         with _located(manifest_path):
-            for name, record in manifest.items.items():
-                try:
-                    state, _ = skeleton(record.state, manifest.tensors)
-                except CorruptCheckpointError as e:
-                    raise CorruptCheckpointError(
-                        f"item {name!r} of step {manifest.step}: {e.reason}", key=e.key
-                    ) from e
-                check_state_shape(name, record.kind, state)
+            check_items(manifest)
             nbytes = verify_checkpoint_files(self._storage, step_name, manifest)
         unchecked = [n for n, r in manifest.files.items() if r.checksum is None]
         if unchecked:
@@ -817,6 +791,10 @@ class CheckpointManager:
 
     def _manifest(self, step: int | None) -> tuple[str, Manifest] | None:
         return self._reader.manifest(step)
+
+
+RESERVED_NAMES = reserved_names(CheckpointManager.save, CheckpointManager.restore)
+"""Option names of ``save`` and ``restore``, which no item may take."""
 
 
 def _set_thread_nice(nice: int) -> None:

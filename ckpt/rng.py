@@ -95,10 +95,12 @@ def _check_bytes(key: str, value: object) -> None:
         raise _fail(key, "must be a 1-d uint8 tensor")
 
 
-def check_rng_state(state: object) -> None:
+def check_rng_state(state: object, *, live: bool = True) -> None:
     """Check a saved random state completely, so that restoring it cannot fail half-way.
 
     Tensors may be placeholders on the ``meta`` device: only dtypes and shapes are checked.
+    With ``live`` false (``verify()``), only the structure is checked, not this
+    process's rank and torch.
 
     Raises:
         CorruptCheckpointError: The state is malformed (the key names the part).
@@ -110,6 +112,9 @@ def check_rng_state(state: object) -> None:
     for key in ("rank", "world_size"):
         if not _is_int(state.get(key)) or state[key] < 0:
             raise _fail(key, "must be a non-negative int")
+    if not live:
+        _check_streams(state)
+        return
     rank, world_size = _process_rank()
     if state["rank"] != rank:
         raise IncompatibleCheckpointError(
@@ -123,7 +128,23 @@ def check_rng_state(state: object) -> None:
             state["world_size"],
             world_size,
         )
+    _check_streams(state)
+    live_size = torch.get_rng_state().numel()
+    if state["torch"].numel() != live_size:
+        raise IncompatibleCheckpointError(
+            f"the torch CPU generator state has {state['torch'].numel()} bytes; "
+            f"this torch uses {live_size} (pass rng=False to skip the random state)",
+            key=f"{RNG_ITEM}.torch",
+        )
 
+
+def _check_streams(state: dict[str, Any]) -> None:
+    """Check each stream's saved state (types, sizes, ranges)."""
+    unknown = sorted(
+        map(str, set(state) - {"rank", "world_size", "python", "torch", "numpy", "cuda"})
+    )
+    if unknown:
+        raise _fail("", f"has unknown keys {unknown}")
     python = state.get("python")
     if not isinstance(python, dict) or not _is_int(python.get("version")):
         raise _fail("python", "must be a dict with an int version")
@@ -134,13 +155,6 @@ def check_rng_state(state: object) -> None:
         raise _fail("python.gauss_next", "must be a float or None")
 
     _check_bytes("torch", state.get("torch"))
-    live_size = torch.get_rng_state().numel()
-    if state["torch"].numel() != live_size:
-        raise IncompatibleCheckpointError(
-            f"the torch CPU generator state has {state['torch'].numel()} bytes; "
-            f"this torch uses {live_size} (pass rng=False to skip the random state)",
-            key=f"{RNG_ITEM}.torch",
-        )
 
     numpy = state.get("numpy")
     if numpy is not None:

@@ -134,3 +134,12 @@ def restore_matches_torch(
         train_steps(*ref, extra_steps, seed=7)
         assert_same_state(ours[1].state_dict(), ref[1].state_dict())
         assert_same_state(ours[0].state_dict(), ref[0].state_dict())
+
+
+def read_manifest_doc(path) -> dict:
+    """Parse a manifest (plain or zlib-compressed JSON), to edit and reseal with write_manifest."""
+    import json
+    import zlib
+
+    raw = path.read_bytes()
+    return json.loads(zlib.decompress(raw) if raw[:1] == b"x" else raw)

@@ -6,7 +6,9 @@ import pytest
 import torch
 from torch import nn
 
+import ckpt
 from ckpt.items import capture, check_item_name, item_kind
+from ckpt.manager import RESERVED_NAMES
 from ckpt.optim import module_param_names
 
 
@@ -21,10 +23,28 @@ def test_kinds():
         item_kind("x", [1])
 
 
-@pytest.mark.parametrize("name", ["a/b", "../x", "", "1a", "a b", "é", "step", "strict", "epoch"])
+BAD_NAMES = ["a/b", "../x", "", "1a", "a b", "é", "step", "strict", "epoch", "overwrite"]
+BAD_NAMES += ["verify", "rng", "metrics", "map_location", "assign", "optimizer_by_position"]
+
+
+@pytest.mark.parametrize("name", BAD_NAMES)
 def test_bad_item_names(name):
     with pytest.raises(ValueError):
-        check_item_name(name)
+        check_item_name(name, RESERVED_NAMES)
+
+
+def test_reserved_names_are_the_options_of_save_and_restore():
+    assert {
+        "step",
+        "epoch",
+        "metrics",
+        "rng",
+        "overwrite",
+        "map_location",
+        "strict",
+    } <= RESERVED_NAMES
+    assert {"verify", "assign", "optimizer_class_change", "optimizer_by_position"} <= RESERVED_NAMES
+    assert "items" not in RESERVED_NAMES and "self" not in RESERVED_NAMES
 
 
 def test_optimizer_capture_records_names_and_shapes():
@@ -60,3 +80,45 @@ def test_state_dict_that_is_not_a_dict_is_refused():
 
     with pytest.raises(TypeError, match="not a dict"):
         capture("odd", Odd(), {})
+
+
+def test_every_live_object_has_one_kind_registered_in_one_place():
+    from ckpt.kinds import KINDS, kind_of
+
+    opt = torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=1)
+    objects = {
+        "ModuleKind": nn.Linear(2, 2),
+        "OptimizerKind": opt,
+        "SchedulerKind": torch.optim.lr_scheduler.StepLR(opt, 1),
+        "ScalerKind": torch.amp.GradScaler("cpu"),
+        "SamplerKind": ckpt.ResumableSampler(3),
+        "StatefulKind": IntKeyed(),
+        "DictKind": {"a": 1},
+    }
+    for expected, obj in objects.items():
+        assert type(kind_of("x", obj)).__name__ == expected
+    assert len({type(k) for k in KINDS}) == len(KINDS)
+
+
+class IntKeyed:
+    """A user object whose state has int keys: saved and restored as before."""
+
+    def __init__(self):
+        self.values = {0: torch.zeros(2), 1: "one"}
+
+    def state_dict(self):
+        return dict(self.values)
+
+    def load_state_dict(self, state):
+        self.values = dict(state)
+
+
+def test_a_user_state_with_int_keys_round_trips(tmp_path):
+    saved = IntKeyed()
+    saved.values[0] += 1
+    mgr = ckpt.CheckpointManager(tmp_path)
+    mgr.save(0, obj=saved)
+    mgr.verify(0)
+    live = IntKeyed()
+    mgr.restore(obj=live)
+    assert torch.equal(live.values[0], torch.ones(2)) and live.values[1] == "one"

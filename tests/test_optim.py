@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
 from typing import Any
 
 import pytest
 import torch
 from conftest import assert_same_state, states_differ
-from helpers import restore_matches_torch, small_model, train_steps
+from helpers import (
+    read_manifest_doc,
+    restore_matches_torch,
+    small_model,
+    train_steps,
+    write_manifest,
+)
 from torch import nn
 
 import ckpt
+from ckpt.items import capture
 from ckpt.optim import cast_policy
 
 # Constructor arguments that exercise each optimizer's interesting state.
@@ -266,7 +274,7 @@ def test_wrong_param_shape_is_refused_and_nothing_changes(tmp_path):
     assert_same_state(other_opt.state_dict(), before)
 
 
-def test_renamed_parameters_are_refused_when_strict(tmp_path):
+def test_renamed_parameters_are_refused_unless_loaded_by_position(tmp_path):
     model = small_model(0)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     train_steps(model, opt, 1)
@@ -279,7 +287,10 @@ def test_renamed_parameters_are_refused_when_strict(tmp_path):
     fresh_opt = torch.optim.SGD(params, lr=0.1, momentum=0.9)
     with pytest.raises(ckpt.IncompatibleCheckpointError, match="parameter order changed"):
         mgr.restore(model=fresh, optimizer=fresh_opt)
-    mgr.restore(model=fresh, optimizer=fresh_opt, strict=False)
+    # strict=False is about module keys: it never loads an optimizer by position.
+    with pytest.raises(ckpt.IncompatibleCheckpointError, match=r"'model\.1\.weight' saved"):
+        mgr.restore(optimizer=fresh_opt, model=fresh, strict=False)
+    mgr.restore(model=fresh, optimizer=fresh_opt, optimizer_by_position=True)
 
 
 def test_group_count_mismatch_uses_torch_wording(tmp_path):
@@ -294,3 +305,69 @@ def test_group_count_mismatch_uses_torch_wording(tmp_path):
         ckpt.IncompatibleCheckpointError, match="different number of parameter groups"
     ):
         ckpt.CheckpointManager(tmp_path).restore(optimizer=two)
+
+
+# ------------------------------------------------------------ optimizer class swaps
+
+SWAPS = [("SGD", "AdamW"), ("AdamW", "SGD"), ("Adam", "Adagrad"), ("Adagrad", "Adam")]
+SWAPS += [("LBFGS", "SGD"), ("SGD", "LBFGS"), ("RMSprop", "Adadelta"), ("NAdam", "Adam")]
+
+
+def _trained(key: str, seed: int):
+    model, opt = build(key, OPTIMIZER_KWARGS[key], seed=seed)
+    train_steps(model, opt, 2, seed=seed)
+    return model, opt
+
+
+@pytest.mark.parametrize(("saved", "live"), SWAPS, ids=[f"{a}-to-{b}" for a, b in SWAPS])
+@pytest.mark.parametrize("recorded", [True, False], ids=["class-recorded", "older-checkpoint"])
+def test_an_optimizer_of_another_class_is_refused_and_nothing_changes(
+    tmp_path, saved, live, recorded
+):
+    model, opt = _trained(saved, 0)
+    mgr = ckpt.CheckpointManager(tmp_path)
+    mgr.save(0, model=model, optimizer=opt)
+    if not recorded:  # as written before the class was recorded
+        path = tmp_path / "step_000000000000" / "manifest.json"
+        doc = read_manifest_doc(path)
+        del doc["items"]["optimizer"]["class"]
+        write_manifest(path, doc)
+    live_model, live_opt = _trained(live, 1)
+    before = copy.deepcopy((live_model.state_dict(), live_opt.state_dict()))
+    with pytest.raises(ckpt.IncompatibleCheckpointError) as e:
+        mgr.restore(model=live_model, optimizer=live_opt)
+    assert e.value.key is not None and e.value.key.startswith("optimizer")
+    if recorded:
+        assert f".{getattr(torch.optim, saved).__name__} " in str(e.value)
+        assert f".{getattr(torch.optim, live).__name__};" in str(e.value)
+        assert "optimizer_class_change=True" in str(e.value)
+    assert_same_state(live_model.state_dict(), before[0])
+    assert_same_state(live_opt.state_dict(), before[1])
+
+
+def test_a_class_change_is_loaded_only_when_asked_and_when_the_state_fits(tmp_path):
+    model, opt = _trained("Adam", 0)
+    mgr = ckpt.CheckpointManager(tmp_path)
+    mgr.save(0, model=model, optimizer=opt)
+    ours, ours_opt = build("AdamW", {"lr": 0.01, "amsgrad": True}, seed=1)
+    with pytest.raises(
+        ckpt.IncompatibleCheckpointError, match=r"saved from torch\.optim\.adam\.Adam "
+    ):
+        mgr.restore(model=ours, optimizer=ours_opt)
+    mgr.restore(model=ours, optimizer=ours_opt, optimizer_class_change=True)
+    ref, ref_opt = build("AdamW", {"lr": 0.01, "amsgrad": True}, seed=1)
+    ref.load_state_dict(model.state_dict())
+    ref_opt.load_state_dict(opt.state_dict())
+    assert_same_state(ours_opt.state_dict(), ref_opt.state_dict())
+    # SGD's momentum never fits AdamW, opt-in or not.
+    sgd_model, sgd = _trained("SGD", 0)
+    mgr.save(1, model=sgd_model, optimizer=sgd)
+    before = copy.deepcopy(ours_opt.state_dict())
+    with pytest.raises(ckpt.IncompatibleCheckpointError, match="momentum_buffer"):
+        mgr.restore(1, model=ours, optimizer=ours_opt, optimizer_class_change=True)
+    assert_same_state(ours_opt.state_dict(), before)
+
+
+def test_the_optimizer_class_is_recorded():
+    cap = capture("opt", torch.optim.AdamW(nn.Linear(2, 2).parameters()), {})
+    assert cap.extra["class"] == "torch.optim.adamw.AdamW"

@@ -1,0 +1,67 @@
+"""Item kinds, registered in one place: one handler type per kind of item.
+
+The order of :data:`KINDS` is the order in which a live object is matched:
+the first kind that accepts it handles it. Saved records are matched the same
+way (:func:`kind_of_record`), so ``verify()`` checks each item with the
+handler that wrote it.
+"""
+
+from __future__ import annotations
+
+from ckpt.errors import CorruptCheckpointError
+from ckpt.format import ItemRecord
+from ckpt.kinds.base import Captured, ItemKind, ItemPlan, RestoreOptions, Stateful
+from ckpt.kinds.module import ModuleKind
+from ckpt.kinds.optimizer import OptimizerKind
+from ckpt.kinds.plain import DictKind, RandomStreamsKind
+from ckpt.kinds.stateful import SamplerKind, ScalerKind, SchedulerKind, StatefulKind
+
+__all__ = [
+    "KINDS",
+    "Captured",
+    "ItemKind",
+    "ItemPlan",
+    "RestoreOptions",
+    "Stateful",
+    "kind_of",
+    "kind_of_record",
+]
+
+KINDS: tuple[ItemKind, ...] = (
+    ModuleKind(),
+    OptimizerKind(),
+    RandomStreamsKind(),
+    SchedulerKind(),
+    ScalerKind(),
+    SamplerKind(),
+    StatefulKind(),
+    DictKind(),
+)
+"""Every item kind, in matching order (most specific first)."""
+
+
+def kind_of(name: str, obj: object) -> ItemKind:
+    """Return the kind that handles a live object.
+
+    Raises:
+        TypeError: No kind accepts it; the message names the item.
+    """
+    for kind in KINDS:
+        if kind.accepts(obj):
+            return kind
+    raise TypeError(
+        f"item {name!r} is a {type(obj).__qualname__}; expected an nn.Module, an Optimizer, "
+        "an object with state_dict()/load_state_dict(), or a dict"
+    )
+
+
+def kind_of_record(name: str, record: ItemRecord) -> ItemKind:
+    """Return the kind that wrote a saved item.
+
+    Raises:
+        CorruptCheckpointError: No kind has written such a record.
+    """
+    for kind in KINDS:
+        if kind.accepts_record(record):
+            return kind
+    raise CorruptCheckpointError(f"unknown item kind {record.kind!r}", key=name)

@@ -1,0 +1,211 @@
+"""The restore pipeline: plan every item, validate every item, read and check every byte, apply.
+
+1. **Plan and validate** (:func:`plan_items`): each live item gets its kind's
+   handler, which checks the saved state against the live object (structure,
+   keys, shapes, dtypes, every non-tensor value) and decides where each stored
+   tensor is built. Items are validated in apply order, then by name, so the
+   order of the keyword arguments never changes the outcome. Nothing is read
+   or changed.
+2. **Read and check** (:func:`prepare_restore`): every file is read and its
+   checksum compared; the states are assembled, and small stateful objects
+   (and modules' own-way loaders) are dry-run on copies. Still nothing changed.
+3. **Apply** (:func:`apply_restore`): bytes go straight into live tensors where
+   that is exact (see :mod:`ckpt.inplace`), then each item is loaded, in kind
+   order (modules, optimizers, other stateful objects, dicts, random streams).
+   If an item's own code raises now (a hook, a ``load_state_dict`` override),
+   a :class:`~ckpt.errors.PartialRestoreError` names it, the items already
+   loaded, and the items not yet loaded, which are untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ckpt.errors import CorruptCheckpointError, IncompatibleCheckpointError, PartialRestoreError
+from ckpt.format import Manifest
+from ckpt.inplace import choose_destinations
+from ckpt.io import PendingReads, load_tensors
+from ckpt.items import check_stored_dtype, skeleton
+from ckpt.kinds import ItemPlan, RestoreOptions, kind_of, kind_of_record
+from ckpt.optim import module_param_names
+from ckpt.storage import Storage
+
+__all__ = ["PreparedRestore", "apply_restore", "check_items", "plan_items", "prepare_restore"]
+
+
+@dataclass
+class PreparedRestore:
+    """A restore that has passed every check and read every byte; nothing is changed yet."""
+
+    step_name: str
+    manifest: Manifest
+    plans: list[ItemPlan]
+    """In apply order."""
+    states: list[Any]
+    """Each plan's assembled state."""
+    loaded: dict[str, torch.Tensor]
+    pending: PendingReads
+
+
+def _saved_state(name: str, manifest: Manifest) -> tuple[Any, dict[int, str]]:
+    record = manifest.items[name]
+    try:
+        return skeleton(record.state, manifest.tensors)
+    except CorruptCheckpointError as e:
+        raise CorruptCheckpointError(
+            f"item {name!r} of step {manifest.step}: {e.reason}", key=e.key or name
+        ) from e
+
+
+def check_items(manifest: Manifest) -> None:
+    """Check every item's saved state without live objects (what ``verify()`` runs).
+
+    Raises:
+        CorruptCheckpointError: An item's tree or a value in it is malformed, or a
+            tensor has a dtype ckpt never writes; the key names where.
+    """
+    for name, record in manifest.items.items():
+        kind = kind_of_record(name, record)
+        state, _ = _saved_state(name, manifest)
+        try:
+            kind.check_saved(name, state, record)
+        except IncompatibleCheckpointError as e:  # no live object: a value that cannot be
+            raise CorruptCheckpointError(e.reason, key=e.key) from e
+    for tensor_name, tensor in manifest.tensors.items():
+        check_stored_dtype(tensor_name, tensor)
+
+
+def plan_items(
+    manifest: Manifest, items: Mapping[str, Any], options: RestoreOptions
+) -> list[ItemPlan]:
+    """Validate every live item against the checkpoint; reads no tensor data, changes nothing.
+
+    Args:
+        manifest: The checkpoint's manifest; every item name must be in it.
+        items: The live objects by item name.
+        options: The restore's options.
+
+    Returns:
+        One plan per item, in apply order (kind order, then name).
+
+    Raises:
+        IncompatibleCheckpointError: An item does not fit its live object.
+        CorruptCheckpointError: An item's saved state is malformed.
+    """
+    kinds = {name: kind_of(name, obj) for name, obj in items.items()}
+    live_names = module_param_names({n: o for n, o in items.items() if isinstance(o, nn.Module)})
+    plans = []
+    for name in sorted(items, key=lambda n: (kinds[n].order, n)):
+        kind, record = kinds[name], manifest.items[name]
+        if record.kind != kind.stored:
+            raise IncompatibleCheckpointError(
+                f"item {name!r} was saved as a {record.kind} but a {kind.stored} was given",
+                key=name,
+            )
+        saved, placeholders = _saved_state(name, manifest)
+        plan = ItemPlan(name, kind, items[name], record, saved, placeholders)
+        kind.validate(plan, options, live_names)
+        plans.append(plan)
+    user_code = False
+    for plan in plans:
+        if user_code:
+            plan.counterparts.clear()  # code that may fail runs first: read these fresh
+        user_code = user_code or plan.runs_user_code
+    return plans
+
+
+def prepare_restore(
+    storage: Storage,
+    step_name: str,
+    manifest: Manifest,
+    items: Mapping[str, Any],
+    options: RestoreOptions,
+    *,
+    verify: bool,
+    read: Callable[..., tuple[dict[str, torch.Tensor], PendingReads]] = load_tensors,
+) -> PreparedRestore:
+    """Validate every item, read and check every byte, assemble and dry-run every state.
+
+    ``read`` is :func:`ckpt.io.load_tensors` (or a stand-in with its signature).
+
+    Raises:
+        CheckpointNotFoundError: A tensor file is missing.
+        IncompatibleCheckpointError: An item does not fit, or refused its state on a copy.
+        CorruptCheckpointError: Anything in the checkpoint is malformed.
+    """
+    plans = plan_items(manifest, items, options)
+    names = list(dict.fromkeys(n for plan in plans for n in plan.tensor_names))
+    targets = {n: t for plan in plans for n, t in plan.targets.items()}
+    into = choose_destinations(
+        {n: c for plan in plans for n, c in plan.counterparts.items()},
+        [t for plan in plans for t in plan.written],
+        manifest.tensors,
+        options.map_location,
+    )
+    loaded, pending = read(
+        storage,
+        step_name,
+        manifest,
+        names,
+        targets,
+        options.map_location,
+        verify=verify,
+        into=into,
+    )
+    with contextlib.ExitStack() as on_error:
+        on_error.push(pending)
+        states = [plan.kind.build(plan, loaded) for plan in plans]
+        on_error.pop_all()
+    return PreparedRestore(step_name, manifest, plans, states, loaded, pending)
+
+
+def apply_restore(
+    prepared: PreparedRestore, path: str
+) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """Read the held-back bytes into live tensors, then load every item in order.
+
+    Args:
+        prepared: From :func:`prepare_restore`.
+        path: The checkpoint directory, for errors.
+
+    Returns:
+        Missing and unexpected keys of non-strict module loads, by item.
+
+    Raises:
+        PartialRestoreError: An item's own code raised while it was loaded.
+    """
+    with prepared.pending:
+        prepared.pending.run()  # every check has passed: read straight into live tensors
+    missing: dict[str, list[str]] = {}
+    unexpected: dict[str, list[str]] = {}
+    applied: list[str] = []
+    for i, (plan, state) in enumerate(zip(prepared.plans, prepared.states, strict=True)):
+        try:
+            miss, unexp = plan.kind.apply(plan, state)
+        except Exception as e:
+            rest = [p.name for p in prepared.plans[i + 1 :]]
+            raise PartialRestoreError(
+                f"loading item {plan.name!r} raised {type(e).__name__}: {e}. Restored before it: "
+                f"{applied}; not restored, unchanged: {rest}; {plan.name!r} itself may be "
+                "partly loaded",
+                path=path,
+                key=plan.name,
+                item=plan.name,
+                applied=applied,
+                not_applied=rest,
+            ) from e
+        applied.append(plan.name)
+        if miss:
+            missing[plan.name] = miss
+        if unexp:
+            unexpected[plan.name] = unexp
+    restored = {id(plan.obj) for plan in prepared.plans}
+    for plan in prepared.plans:
+        plan.kind.after_restore(plan, restored)
+    return missing, unexpected
