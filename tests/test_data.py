@@ -230,7 +230,7 @@ def test_the_position_counts_batches_handed_out_while_workers_run_ahead():
     fresh = resumable_loader(dataset(40), batch_size=4, seed=1, num_workers=2)
     fresh.sampler.load_state_dict(state)
     assert [b.tolist() for (b,) in fresh] == rest
-    assert sorted(sum(first + rest, [])) == list(range(40))
+    assert sorted(i for b in first + rest for i in b) == list(range(40))
 
 
 def test_an_iterator_never_advanced_is_replaced_not_counted_as_an_epoch():
