@@ -258,3 +258,28 @@ def test_states_without_parameters_keep_their_tags():
         "t": {"$tensor": "d/t"},
         "p": {"$param": {"tensor": "d/p", "requires_grad": True}},
     }
+
+
+def as_leaf(t: torch.Tensor, kind: str) -> torch.Tensor:
+    floating = t.is_floating_point()
+    if kind == "param":
+        return nn.Parameter(t, requires_grad=floating)
+    if kind == "frozen":
+        return nn.Parameter(t, requires_grad=False)
+    return t.requires_grad_() if kind == "grad" and floating else t
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.dictionaries(
+        keys,
+        st.builds(as_leaf, tensors, st.sampled_from(["param", "frozen", "grad", "plain"])),
+        max_size=5,
+    )
+)
+def test_parameters_and_grads_round_trip_exactly(value):
+    tree, named = flatten(value, "item")
+    back = unflatten(through_json(tree), named)
+    assert_same_state(back, value)
+    for key, t in value.items():
+        assert type(back[key]) is type(t) and back[key].requires_grad == t.requires_grad, key
