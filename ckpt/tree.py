@@ -21,15 +21,21 @@ any other ``dict``          ``{"$dict": [[key, value], ...]}``
 ``torch.dtype``             ``{"$dtype": "float32"}``
 ``torch.device``            ``{"$device": "cuda:0"}``
 ``torch.Tensor``            ``{"$tensor": "<name>"}``
+a tensor that requires grad ``{"$requires_grad": "<name>"}``
+``nn.Parameter``            ``{"$param": {"tensor": "<name>", "requires_grad": bool}}``
 ==========================  ======================================
 
 Dict keys may be ``str`` or ``int``; insertion order is kept; dict subclasses
 are stored, and read back, as ``dict``. A tensor's name is
 its escaped key path (``/`` separated; ``%``, ``/``, ``#`` and NUL escaped;
 ``int`` dict keys written ``#N``), so names are unique and readable. A tensor
-that appears twice (tied weights: the same memory, dtype, shape and strides) is
-stored once and both places refer to the one name. Anything else cannot be
-stored without pickle and raises :class:`TypeError` naming its key path.
+that appears twice (tied weights: the same memory, dtype, shape, strides and
+conjugate/negative bits) is stored once and both places refer to the one name;
+``x.conj()``, ``x.imag`` or a negative view of ``x`` hold other values over the
+same memory, so they are stored apart. Parameters and tensors that require grad
+come back as such (new leaves over the stored tensor, one per name and kind).
+Anything else cannot be stored without pickle and raises :class:`TypeError`
+naming its key path.
 """
 
 from __future__ import annotations
@@ -62,7 +68,20 @@ Json: TypeAlias = Any
 KeyPath: TypeAlias = tuple[str | int, ...]
 """Where a value sits in a nested state: dict keys and list/tuple indices, outermost first."""
 
-_TAGS = frozenset({"$float", "$tuple", "$dict", "$bytes", "$dtype", "$device", "$tensor"})
+_TAGS = frozenset(
+    {
+        "$float",
+        "$tuple",
+        "$dict",
+        "$bytes",
+        "$dtype",
+        "$device",
+        "$tensor",
+        "$param",
+        "$requires_grad",
+    }
+)
+_PARAM_KEYS = frozenset({"tensor", "requires_grad"})
 _SPECIAL_FLOATS = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 _DTYPES = {
     str(dtype).removeprefix("torch."): dtype
@@ -106,7 +125,9 @@ def _tensor_identity(t: torch.Tensor) -> tuple[Any, ...] | None:
     ptr = t.data_ptr()
     if ptr == 0:
         return None
-    return (str(t.device), ptr, t.dtype, tuple(t.shape), t.stride())
+    # Everything that decides the values read through this memory: a conjugate or
+    # negative view, another dtype, offset (in the pointer), shape or strides.
+    return (str(t.device), ptr, t.dtype, tuple(t.shape), t.stride(), t.is_conj(), t.is_neg())
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -182,7 +203,10 @@ def flatten(value: Any, prefix: str) -> tuple[Json, dict[str, torch.Tensor]]:
                 return float(obj)
             return {"$float": "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")}
         if isinstance(obj, torch.Tensor):
-            return {"$tensor": add_tensor(obj, path, seq)}
+            name = add_tensor(obj, path, seq)
+            if isinstance(obj, torch.nn.Parameter):
+                return {"$param": {"tensor": name, "requires_grad": obj.requires_grad}}
+            return {"$requires_grad": name} if obj.requires_grad else {"$tensor": name}
         if type(obj) is list:
             return [visit(v, (*path, i), (*seq, True)) for i, v in enumerate(obj)]
         if type(obj) is tuple:
@@ -276,6 +300,22 @@ def tensor_refs(tree: Json) -> list[tuple[KeyPath, str]]:
 _PLACEHOLDER = torch.empty(0)
 
 
+def _is_param_arg(arg: Json) -> bool:
+    return (
+        isinstance(arg, dict)
+        and set(arg) == _PARAM_KEYS
+        and isinstance(arg["tensor"], str)
+        and isinstance(arg["requires_grad"], bool)
+    )
+
+
+def _leaf(t: torch.Tensor, parameter: bool, requires_grad: bool) -> torch.Tensor:
+    """A new leaf over ``t``'s memory: an ``nn.Parameter``, or a tensor that requires grad."""
+    if parameter:
+        return torch.nn.Parameter(t.detach(), requires_grad=requires_grad)
+    return t.detach().requires_grad_(requires_grad)
+
+
 def _decode(tree: Json, lookup: Callable[[str, KeyPath], torch.Tensor]) -> Any:
     def bad(path: KeyPath, why: str) -> CorruptCheckpointError:
         return CorruptCheckpointError(f"malformed state tree: {why}", key=format_key_path("", path))
@@ -323,11 +363,30 @@ def _decode(tree: Json, lookup: Callable[[str, KeyPath], torch.Tensor]) -> Any:
             except RuntimeError as e:
                 raise bad(path, f"invalid device {arg!r}") from e
         if tag == "$tensor" and isinstance(arg, str):
-            try:
-                return lookup(arg, path)
-            except KeyError as e:
-                raise bad(path, f"reference to unknown tensor {arg!r}") from e
+            return tensor(arg, path)
+        if tag == "$requires_grad" and isinstance(arg, str):
+            return leaf(arg, path, (False, True))
+        if tag == "$param" and _is_param_arg(arg):
+            return leaf(arg["tensor"], path, (True, arg["requires_grad"]))
         raise bad(path, f"invalid argument for {tag}")
+
+    def tensor(name: str, path: KeyPath) -> torch.Tensor:
+        try:
+            return lookup(name, path)
+        except KeyError as e:
+            raise bad(path, f"reference to unknown tensor {name!r}") from e
+
+    leaves: dict[tuple[str, bool, bool], torch.Tensor] = {}
+
+    def leaf(name: str, path: KeyPath, kind: tuple[bool, bool]) -> torch.Tensor:
+        # One new tensor object per stored tensor and kind; other places share the stored one.
+        t = tensor(name, path)
+        if (name, *kind) not in leaves:
+            try:
+                leaves[(name, *kind)] = _leaf(t, *kind)
+            except RuntimeError as e:  # an integer tensor cannot require grad
+                raise bad(path, f"a {t.dtype} tensor cannot require grad") from e
+        return leaves[(name, *kind)]
 
     try:
         return visit(tree, ())

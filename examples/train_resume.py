@@ -2,11 +2,12 @@
 
 Run it with no arguments. The training has everything that usually makes a
 resumed run drift: dropout, a DataLoader that shuffles every epoch, a OneCycle
-learning-rate schedule and a GradScaler. It starts three child processes:
+learning-rate schedule, a GradScaler, and two DataLoader workers that prefetch
+batches ahead of training. It starts three child processes:
 
 1. an uninterrupted run of all steps;
-2. the same run, SIGKILLed right after a random step (work since the last
-   checkpoint is lost, as in a real crash);
+2. the same run, SIGKILLed with its workers right after a random step (work
+   since the last checkpoint is lost, as in a real crash);
 3. a new process that restores the latest checkpoint and finishes the run.
 
 Then it prints a hash of the final weights and optimizer state of both runs.
@@ -43,7 +44,7 @@ def build() -> dict:
     x = torch.randn(SAMPLES, 16, generator=gen)
     y = x[:, :4].sin() + 0.1 * torch.randn(SAMPLES, 4, generator=gen)
     loader = ckpt.resumable_loader(
-        torch.utils.data.TensorDataset(x, y), batch_size=BATCH, shuffle=True, seed=0
+        torch.utils.data.TensorDataset(x, y), batch_size=BATCH, shuffle=True, seed=0, num_workers=2
     )
     model = nn.Sequential(
         nn.Linear(16, 64), nn.Dropout(0.2), nn.GELU(), nn.LayerNorm(64), nn.Linear(64, 4)
@@ -114,7 +115,7 @@ def train(directory: str, kill_after: int | None) -> None:
             if step == kill_after:
                 print(f"  SIGKILL after step {step} (last checkpoint: {mgr.latest_step()})",
                       file=sys.stderr)  # fmt: skip
-                os.kill(os.getpid(), signal.SIGKILL)
+                os.killpg(0, signal.SIGKILL)  # the whole job: the DataLoader workers too
             step += 1
     print(json.dumps({"hash": state_hash(model, optimizer), "loss": loss.item()}))
 
@@ -123,7 +124,10 @@ def child(directory: str, kill_after: int | None = None) -> dict | None:
     cmd = [sys.executable, __file__, "--child", directory]
     if kill_after is not None:
         cmd += ["--kill-after", str(kill_after)]
-    done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=False)
+    # A session of its own, so that the kill takes the run's DataLoader workers with it.
+    done = subprocess.run(
+        cmd, stdout=subprocess.PIPE, text=True, check=False, start_new_session=True
+    )
     if done.returncode == -signal.SIGKILL:
         return None
     done.check_returncode()

@@ -69,7 +69,7 @@ def build(config: str) -> dict[str, Any]:
     elif config == "plateau":
         opt = torch.optim.Adam(model.parameters(), lr=lr, amsgrad=True, fused=True)
         scheduler = sched.ReduceLROnPlateau(opt, patience=1, factor=0.5)
-    else:  # "stateful-loader[-workers]": torchdata's StatefulDataLoader and a LambdaLR
+    else:  # the loader configurations: "[persistent-]workers", "stateful-loader[-workers]"
         opt = torch.optim.AdamW(model.parameters(), lr=lr, foreach=True)
         scheduler = sched.LambdaLR(opt, lambda step: 0.97**step)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=3)
@@ -87,11 +87,11 @@ def build(config: str) -> dict[str, Any]:
                 batch_size=BATCH,
                 sampler=sampler,
                 generator=sampler.loader_generator,
-                num_workers=2 if config.endswith("workers") else 0,
+                **_workers(config),
             )
         data_item = loader
-    else:
-        loader = ckpt.resumable_loader(data, batch_size=BATCH, seed=7)
+    else:  # ckpt's loader, with 2 workers that prefetch in the worker configurations
+        loader = ckpt.resumable_loader(data, batch_size=BATCH, seed=7, **_workers(config))
         data_item = loader.sampler
     return {
         "model": model,
@@ -101,6 +101,21 @@ def build(config: str) -> dict[str, Any]:
         "data": data_item,
         "loader": loader,
     }
+
+
+def _workers(config: str) -> dict[str, Any]:
+    """DataLoader worker options: 2 prefetching workers in the worker configurations.
+
+    They are forked from the run, as in a training script: a run forked from the
+    test's fork server would otherwise start them from the fork server, outside
+    the run's process group, and slowly.
+    """
+    if not config.endswith("workers"):
+        return {}
+    options: dict[str, Any] = {"num_workers": 2, "multiprocessing_context": "fork"}
+    if config.startswith("persistent"):
+        options.update(persistent_workers=True, prefetch_factor=3)
+    return options
 
 
 def _hex(value: float) -> str:

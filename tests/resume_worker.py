@@ -2,6 +2,9 @@
 
 Usage: python resume_worker.py DIR OPTIMIZER UNTIL [--resume]
 
+An OPTIMIZER ending in ``-cuda`` trains on the GPU, with noise and dropout drawn
+from the CUDA random stream, which the checkpoint must bring back.
+
 Trains steps [start, UNTIL) where start is 0, or one past the restored step
 with --resume; saves a checkpoint after every step; prints the losses of the
 steps it ran as JSON (float.hex, so equality is bit equality).
@@ -13,18 +16,29 @@ import json
 import random
 import sys
 
-import numpy
 import torch
 from torch import nn
 
 import ckpt
 
+try:
+    import numpy
+except ImportError:  # bench/gpu_check.sh may run where NumPy is absent
+    numpy = None
+
 
 def build(optimizer: str) -> tuple[nn.Module, torch.optim.Optimizer]:
     random.seed(1234)
-    numpy.random.seed(1234)
-    torch.manual_seed(1234)
+    if numpy is not None:
+        numpy.random.seed(1234)
+    torch.manual_seed(1234)  # and every CUDA device's stream
     model = nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.GELU(), nn.Linear(16, 4))
+    if optimizer.endswith("-cuda"):
+        model.cuda()
+    if optimizer == "adamw-fused-cuda":
+        return model, torch.optim.AdamW(model.parameters(), lr=3e-3, fused=True)
+    if optimizer == "adam-capturable-cuda":
+        return model, torch.optim.Adam(model.parameters(), lr=3e-3, capturable=True)
     if optimizer == "adamw":
         opt: torch.optim.Optimizer = torch.optim.AdamW(
             model.parameters(), lr=3e-3, weight_decay=0.05
@@ -61,6 +75,9 @@ def main(argv: list[str]) -> None:
     losses = []
     for step in range(start, until):
         x, y = batch(step)
+        if optimizer.endswith("-cuda"):
+            x, y = x.cuda(), y.cuda()
+            x = nn.functional.dropout(x + 0.01 * torch.randn_like(x), 0.1)
         opt.zero_grad()
         loss = nn.functional.mse_loss(model(x), y)
         loss.backward()

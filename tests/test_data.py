@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import re
+
 import pytest
 import torch
 from conftest import assert_same_state
@@ -148,7 +151,7 @@ def test_a_malformed_generator_state_is_refused():
     sampler = ResumableSampler(10)
     state = sampler.state_dict()
     state["generator"] = torch.zeros(7, dtype=torch.uint8)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(ValueError, match="'generator'"):
         sampler.load_state_dict(state)
     assert sampler.position == 0
 
@@ -182,3 +185,134 @@ def test_any_object_with_state_dict_is_accepted_as_a_loader(tmp_path):
     fresh = make()
     mgr.restore(loader=fresh)
     assert [b.tolist() for (b,) in fresh] == rest
+
+
+WORKER_LAYOUTS = {
+    "1-worker": {"num_workers": 1},
+    "2-workers-prefetch-3": {"num_workers": 2, "prefetch_factor": 3},
+    "2-persistent": {"num_workers": 2, "persistent_workers": True},
+    "2-drop-last-prefetch-1": {"num_workers": 2, "drop_last": True, "prefetch_factor": 1},
+    "2-persistent-drop-last": {"num_workers": 2, "persistent_workers": True, "drop_last": True},
+    "2-unbatched": {"num_workers": 2, "batch_size": None},
+}
+
+
+@pytest.mark.parametrize("layout", WORKER_LAYOUTS.values(), ids=WORKER_LAYOUTS.keys())
+def test_with_workers_a_resume_continues_at_the_next_batch_training_received(layout):
+    """Workers prefetch up to num_workers * prefetch_factor batches; the position ignores them."""
+    options = {"batch_size": 3, **layout}
+
+    def make(**overrides):
+        return resumable_loader(dataset(11), seed=5, **{**options, **overrides})
+
+    reference = uninterrupted(make)
+    batches = [e for e in reference if e[0] != "seed"]
+    in_process = uninterrupted(
+        lambda: make(num_workers=0, persistent_workers=False, prefetch_factor=None)
+    )
+    assert batches == [e for e in in_process if e[0] != "seed"]
+    mid_epoch = reference.index(batches[1]) + 1
+    epoch_end = [i for i, e in enumerate(reference) if e[0] == "seed"][1]  # its last batch
+    for stop in (mid_epoch, epoch_end):
+        assert interrupted(make, stop) == reference, f"resumed after event {stop}"
+
+
+def test_the_position_counts_batches_handed_out_while_workers_run_ahead():
+    loader = resumable_loader(dataset(40), batch_size=4, seed=1, num_workers=2, prefetch_factor=4)
+    iterator = iter(loader)
+    first = [next(iterator)[0].tolist() for _ in range(3)]
+    assert loader.sampler.position == 12  # the workers have been handed far more indices
+    copied = copy.deepcopy(loader.sampler)  # while the workers run: i11core dry-runs a copy
+    assert_same_state(copied.state_dict(), loader.sampler.state_dict())
+    state = loader.sampler.state_dict()
+    rest = [b.tolist() for (b,) in iterator]
+
+    fresh = resumable_loader(dataset(40), batch_size=4, seed=1, num_workers=2)
+    fresh.sampler.load_state_dict(state)
+    assert [b.tolist() for (b,) in fresh] == rest
+    assert sorted(i for b in first + rest for i in b) == list(range(40))
+
+
+def test_an_iterator_never_advanced_is_replaced_not_counted_as_an_epoch():
+    sampler = ResumableSampler(6, seed=0)
+    iter(sampler)
+    iter(sampler)
+    assert sampler.epoch == 0 and len(list(sampler)) == 6
+    assert sampler.epoch == 0  # the iterator that ran was the epoch's
+    list(sampler)
+    assert sampler.epoch == 1
+
+
+def test_a_state_saved_before_the_batch_layout_existed_still_loads():
+    loader = resumable_loader(dataset(10), batch_size=2, seed=3)
+    iterator = iter(loader)
+    next(iterator)
+    legacy = {
+        k: v for k, v in loader.sampler.state_dict().items() if k not in ("batch_size", "drop_last")
+    }
+    fresh = resumable_loader(dataset(10), batch_size=2, seed=3)
+    fresh.sampler.load_state_dict(legacy)
+    assert [b.tolist() for (b,) in fresh] == [b.tolist() for (b,) in iterator]
+
+
+def _saved_state():
+    loader = resumable_loader(dataset(10), batch_size=2, seed=3)
+    iterator = iter(loader)
+    next(iterator)
+    return loader.sampler.state_dict()
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"size": True}, "'size'"),
+        ({"size": "10"}, "'size'"),
+        ({"shuffle": 1}, "'shuffle'"),
+        ({"seed": None}, "'seed'"),
+        ({"seed": -1}, "'seed'"),
+        ({"epoch": 2**63}, "'epoch'"),
+        ({"epoch": True}, "'epoch'"),
+        ({"position": -1}, "'position'"),
+        ({"position": 2.0}, "'position'"),
+        ({"batch_size": 0}, "'batch_size'"),
+        ({"batch_size": 2.0}, "'batch_size'"),
+        ({"batch_size": 3}, "batches of 3"),
+        ({"drop_last": True}, "drop_last=True"),
+        ({"drop_last": "no"}, "'drop_last'"),
+        ({"drop_last": 0}, "'drop_last'"),
+        ({"generator": torch.zeros(5056, dtype=torch.int16)}, "'generator'"),
+        ({"generator": torch.zeros(2, 2528, dtype=torch.uint8)}, "'generator'"),
+        ({"generator": [0] * 5056}, "'generator'"),
+    ],
+)
+def test_every_field_is_checked_before_the_sampler_changes(change, field):
+    loader = resumable_loader(dataset(10), batch_size=2, seed=3)
+    iterator = iter(loader)
+    next(iterator)
+    before = loader.sampler.state_dict()
+    with pytest.raises(ValueError, match=re.escape(field)):
+        loader.sampler.load_state_dict({**_saved_state(), **change})
+    assert_same_state(loader.sampler.state_dict(), before)
+    assert len(list(iterator)) == 4
+
+
+def test_a_state_that_is_not_a_dict_is_refused():
+    with pytest.raises(ValueError, match="exactly the keys"):
+        ResumableSampler(3).load_state_dict([1, 2])  # type: ignore[arg-type]
+
+
+def test_a_sampler_copy_is_independent():
+    sampler = ResumableSampler(8, seed=2)
+    iterator = iter(sampler)
+    next(iterator)
+    twin = copy.deepcopy(sampler)
+    rest = list(iterator)
+    assert (twin.position, sampler.position) == (1, 8)
+    fresh = ResumableSampler(8, seed=2)
+    fresh.load_state_dict(twin.state_dict())
+    assert list(fresh) == rest
+
+
+def test_out_of_order_batches_are_refused():
+    with pytest.raises(ValueError, match="in_order"):
+        resumable_loader(dataset(4), num_workers=1, in_order=False)

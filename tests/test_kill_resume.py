@@ -25,7 +25,15 @@ import kill_worker
 import pytest
 from kill_worker import PHASES, STEPS_PER_EPOCH, TOTAL_STEPS
 
-CONFIGS = ["onecycle", "sequential", "plateau", "stateful-loader", "stateful-loader-workers"]
+CONFIGS = [
+    "onecycle",
+    "sequential",
+    "plateau",
+    "workers",
+    "persistent-workers",
+    "stateful-loader",
+    "stateful-loader-workers",
+]
 KILLS_PER_TRAJECTORY = 8
 TIMED_KILLS = 10
 SEED = int(os.environ.get("CKPT_KILL_SEED", random.SystemRandom().randrange(2**32)))
@@ -99,7 +107,18 @@ def compare(reference: list[dict], trajectory: list[dict], context: str) -> None
 
 @pytest.mark.parametrize("config", CONFIGS)
 def test_killed_and_resumed_runs_match_an_uninterrupted_run(tmp_path, forkserver, config):
-    rng = random.Random(f"{SEED}-{config}")
+    check_killed_trajectory(tmp_path, forkserver, config, random.Random(f"{SEED}-{config}"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("trial", range(10))
+@pytest.mark.parametrize("config", ["workers", "persistent-workers", "stateful-loader-workers"])
+def test_many_killed_runs_with_dataloader_workers_match(tmp_path, forkserver, config, trial):
+    check_killed_trajectory(tmp_path, forkserver, config, random.Random(f"{SEED}-{config}-{trial}"))
+
+
+def check_killed_trajectory(tmp_path, forkserver, config: str, rng: random.Random) -> None:
+    """Kill one trajectory at random points; it must match an uninterrupted run."""
     kills = kill_points(rng, KILLS_PER_TRAJECTORY)
     assert (
         launch(forkserver, str(tmp_path / "straight"), config, None, str(tmp_path / "ref.log")) == 0

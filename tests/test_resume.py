@@ -27,7 +27,16 @@ def run(*args: str) -> dict:
     return json.loads(done.stdout)
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "adam-fused", "sgd"])
+@pytest.mark.parametrize(
+    "optimizer",
+    [
+        "adamw",
+        "adam-fused",
+        "sgd",
+        pytest.param("adamw-fused-cuda", marks=pytest.mark.cuda),
+        pytest.param("adam-capturable-cuda", marks=pytest.mark.cuda),
+    ],
+)
 def test_resumed_run_is_bitwise_identical(tmp_path, optimizer):
     straight = run(str(tmp_path / "straight"), optimizer, str(2 * N))
     first = run(str(tmp_path / "split"), optimizer, str(N))
