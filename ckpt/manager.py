@@ -32,7 +32,6 @@ from ckpt.errors import (
     CheckpointExistsError,
     CheckpointNotFoundError,
     CheckpointWriteError,
-    CorruptCheckpointError,
 )
 from ckpt.format import (
     MANIFEST_NAME,
