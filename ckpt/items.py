@@ -21,7 +21,7 @@ from ckpt.errors import CorruptCheckpointError
 from ckpt.format import PACK_SUFFIX, ItemRecord, Manifest, TensorRecord, item_file_name
 from ckpt.kinds import Captured, Stateful, kind_of
 from ckpt.tensorfile import dtype_name, pack_tensors
-from ckpt.tree import Json, unflatten
+from ckpt.tree import Json, KeyPath, tensors_by_path, unflatten, unflatten_at
 
 __all__ = [
     "PACK_MAX_BYTES",
@@ -128,23 +128,32 @@ def skeleton(tree: Json, records: Mapping[str, TensorRecord]) -> tuple[Any, dict
     """Decode a state tree with a meta tensor of the right dtype and shape for each stored tensor.
 
     Returns:
-        The state, and ``id(placeholder) -> tensor name`` in first-reference order.
+        The state, and ``id(leaf) -> tensor name`` for every tensor leaf in it, in
+        first-reference order.
 
     Raises:
         CorruptCheckpointError: The tree is malformed, names an unlisted tensor, or
             one of a dtype ckpt never writes.
     """
     cache: dict[str, torch.Tensor] = {}
+    names_at: dict[KeyPath, str] = {}
 
-    def placeholder(name: str) -> torch.Tensor:
+    def placeholder(name: str, path: KeyPath) -> torch.Tensor:
+        names_at[path] = name
         if name not in cache:
             record = records[name]  # KeyError: reported by unflatten with the key path
             check_stored_dtype(name, record)
             cache[name] = torch.empty(record.shape, dtype=record.dtype, device="meta")
         return cache[name]
 
-    state = unflatten(tree, placeholder)
-    return state, {id(t): name for name, t in cache.items()}
+    state = unflatten_at(tree, placeholder)
+    # Keyed by the decoded leaves, not the placeholders: a Parameter or requires_grad
+    # tag decodes to a new leaf over its placeholder.
+    names: dict[int, str] = {}
+    for path, leaf in tensors_by_path(state).items():
+        if path in names_at:
+            names.setdefault(id(leaf), names_at[path])
+    return state, names
 
 
 def assemble_manifest(

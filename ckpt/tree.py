@@ -278,6 +278,18 @@ def unflatten(
     return _decode(tree, lambda name, _path: get(name))
 
 
+def unflatten_at(tree: Json, lookup: Callable[[str, KeyPath], torch.Tensor]) -> Any:
+    """Decode a tree like :func:`unflatten`, asking ``lookup(name, key path)`` for each tensor.
+
+    The key path is where the tensor lands in the decoded state (inside an
+    ``nn.Parameter`` or ``requires_grad`` tag, the path of that leaf).
+
+    Raises:
+        CorruptCheckpointError: The tree is malformed; the message names the key path.
+    """
+    return _decode(tree, lookup)
+
+
 def tensor_refs(tree: Json) -> list[tuple[KeyPath, str]]:
     """List ``(key path, tensor name)`` for every tensor reference in a tree, in order.
 

@@ -7,9 +7,11 @@ import torch
 from torch import nn
 
 import ckpt
-from ckpt.items import capture, check_item_name, item_kind
+from ckpt.format import TensorRecord
+from ckpt.items import capture, check_item_name, item_kind, skeleton
 from ckpt.manager import RESERVED_NAMES
 from ckpt.optim import module_param_names
+from ckpt.tree import flatten
 
 
 def test_kinds():
@@ -122,3 +124,22 @@ def test_a_user_state_with_int_keys_round_trips(tmp_path):
     live = IntKeyed()
     mgr.restore(obj=live)
     assert torch.equal(live.values[0], torch.ones(2)) and live.values[1] == "one"
+
+
+def test_skeleton_names_every_decoded_leaf_including_parameters_and_requires_grad():
+    """Restore decides each tensor's device by the leaf it decodes to; a Parameter or
+    requires_grad tag decodes to a new leaf over its placeholder, and must be named too."""
+    state = {
+        "w": torch.nn.Parameter(torch.ones(2)),
+        "g": torch.zeros(3, requires_grad=True),
+        "plain": torch.arange(4),
+    }
+    tree, tensors = flatten(state, "extra")
+    records = {
+        n: TensorRecord("extra.safetensors", t.dtype, tuple(t.shape), "cpu")
+        for n, t in tensors.items()
+    }
+    decoded, names = skeleton(tree, records)
+    assert isinstance(decoded["w"], torch.nn.Parameter)
+    assert decoded["g"].requires_grad
+    assert {names[id(decoded[k])] for k in state} == set(tensors)

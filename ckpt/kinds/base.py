@@ -116,7 +116,7 @@ class ItemPlan:
     @property
     def tensor_names(self) -> list[str]:
         """The stored tensors this item's state refers to, in first-reference order."""
-        return list(self.placeholders.values())
+        return list(dict.fromkeys(self.placeholders.values()))
 
     @property
     def order(self) -> int:
