@@ -179,3 +179,20 @@ def test_errors_raised_by_the_writer_callback_pass_through_unchanged(tmp_path):
     with pytest.raises(ckpt.CheckpointWriteError, match="mine"):
         s.write_file(("f",), refuse)
     assert not s.exists("f")
+
+
+@pytest.mark.s3
+def test_object_store_metadata_is_never_served_from_a_stale_listing_cache(s3_bucket):
+    """Another process's commit or deletion must be seen at once: the reader lists again
+    to resolve races, which is useless if the listing comes from fsspec's cache."""
+    bucket, options = s3_bucket
+    reader = Storage(f"s3://{bucket}/root", options)
+    writer = Storage(f"s3://{bucket}/root", options)  # skip_instance_cache: its own cache
+    assert reader.fs is not writer.fs
+    write(writer, ("a", "f"), b"1")
+    assert reader.list_dir() == ["a"] and reader.exists("a", "f")  # now cached by the reader
+    write(writer, ("b", "f"), b"22")
+    assert reader.list_dir() == ["a", "b"]
+    assert reader.exists("b", "f") and reader.size("b", "f") == 2
+    writer.remove_tree("a")
+    assert reader.list_dir() == ["b"] and not reader.exists("a", "f")

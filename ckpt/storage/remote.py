@@ -113,11 +113,21 @@ class RemoteStorage(Storage):
 
     # ---------------------------------------------------------------- reading
 
+    def _fresh(self, full: str) -> str:
+        """Forget what the filesystem cached about ``full`` (and its parents); return it.
+
+        s3fs and others cache listings; another process's commit or retention would
+        then go unseen, and a reader that lists again to resolve a race would see the
+        same stale listing.
+        """
+        self.fs.invalidate_cache(full)
+        return full
+
     def list_dir(self, *parts: str) -> list[str]:
         """Return the names below a prefix (empty if none)."""
         full = self.path(*parts)
         try:
-            entries = self._retrying(f"listing {full}", lambda: self.fs.ls(full, detail=False))
+            entries = self._retrying(f"listing {full}", lambda: self.fs.ls(self._fresh(full), detail=False))
         except (FileNotFoundError, NotADirectoryError):
             return []
         except OSError as e:
@@ -127,13 +137,13 @@ class RemoteStorage(Storage):
     def exists(self, *parts: str) -> bool:
         """Tell whether an object (or prefix) exists."""
         full = self.path(*parts)
-        return bool(self._retrying(f"checking {full}", lambda: self.fs.exists(full)))
+        return bool(self._retrying(f"checking {full}", lambda: self.fs.exists(self._fresh(full))))
 
     def size(self, *parts: str) -> int:
         """Return an object's size in bytes."""
         full = self.path(*parts)
         try:
-            size = self._retrying(f"sizing {full}", lambda: self.fs.size(full))
+            size = self._retrying(f"sizing {full}", lambda: self.fs.size(self._fresh(full)))
         except (FileNotFoundError, IsADirectoryError) as e:
             raise self._missing(full) from e
         except OSError as e:
@@ -145,7 +155,7 @@ class RemoteStorage(Storage):
     def _missing(self, full: str) -> CheckpointError:
         """The error for an object that cannot be opened: missing, or a prefix in its place."""
         try:
-            prefix = bool(self.fs.isdir(full))
+            prefix = bool(self.fs.isdir(self._fresh(full)))
         except Exception:
             prefix = False
         if prefix:
@@ -155,7 +165,7 @@ class RemoteStorage(Storage):
     def age_seconds(self, *parts: str) -> float | None:
         """Seconds since the object was last modified, or ``None`` if unknown."""
         try:
-            modified = self.fs.modified(self.path(*parts))
+            modified = self.fs.modified(self._fresh(self.path(*parts)))
         except (OSError, NotImplementedError, ValueError):
             return None
         return time.time() - float(modified.timestamp())
