@@ -127,7 +127,9 @@ class RemoteStorage(Storage):
         """Return the names below a prefix (empty if none)."""
         full = self.path(*parts)
         try:
-            entries = self._retrying(f"listing {full}", lambda: self.fs.ls(self._fresh(full), detail=False))
+            entries = self._retrying(
+                f"listing {full}", lambda: self.fs.ls(self._fresh(full), detail=False)
+            )
         except (FileNotFoundError, NotADirectoryError):
             return []
         except OSError as e:
