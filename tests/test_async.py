@@ -15,7 +15,7 @@ from helpers import small_model
 
 import ckpt
 import ckpt.commit
-import ckpt.io
+import ckpt.io.write
 
 
 @pytest.fixture
@@ -102,7 +102,7 @@ def test_a_background_failure_surfaces_on_the_next_call_and_on_wait(tmp_path, mo
     def broken(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(ckpt.io, "write_tensors", broken)
+    monkeypatch.setattr(ckpt.io.write, "write_tensors", broken)
     mgr.save(2, data={"t": torch.ones(2)})  # returns: the failure happens in the background
     with pytest.raises(ckpt.CheckpointWriteError, match="No space left"):
         mgr.wait()

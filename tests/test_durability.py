@@ -12,7 +12,8 @@ import torch
 from conftest import assert_same_state
 
 import ckpt
-import ckpt.io
+import ckpt.io.read
+import ckpt.io.write
 import ckpt.storage
 from ckpt.format import MANIFEST_NAME, step_dir_name
 from ckpt.manager import LOCK_NAME
@@ -77,17 +78,17 @@ def test_a_failed_write_is_a_clear_error_and_loses_nothing(
 def test_disk_full_in_the_middle_of_a_tensor_file(tmp_path, monkeypatch):
     mgr = ckpt.CheckpointManager(tmp_path)
     mgr.save(1, data=big_state(1))
-    original = ckpt.io.write_tensors
+    original = ckpt.io.write.write_tensors
 
     def fill_disk(f, tensors, metadata=None):
         f.write(b"\0" * 100)
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(ckpt.io, "write_tensors", fill_disk)
+    monkeypatch.setattr(ckpt.io.write, "write_tensors", fill_disk)
     with pytest.raises(ckpt.CheckpointWriteError, match="No space left") as info:
         mgr.save(2, data=big_state(2))
     assert info.value.errno == errno.ENOSPC
-    monkeypatch.setattr(ckpt.io, "write_tensors", original)
+    monkeypatch.setattr(ckpt.io.write, "write_tensors", original)
     assert mgr.all_steps() == [1] and entries(tmp_path) == [step_dir_name(1)]
 
 
@@ -155,7 +156,7 @@ def test_a_restore_racing_retention_gets_a_retryable_error_or_the_newer_step(tmp
     mgr = ckpt.CheckpointManager(tmp_path)
     mgr.save(1, data=big_state(1))
     mgr.save(2, data=big_state(2))
-    original = ckpt.io.load_tensors
+    original = ckpt.io.read.load_tensors
     deleted = []
 
     def delete_first(storage, directory, *args, **kwargs):
@@ -165,7 +166,7 @@ def test_a_restore_racing_retention_gets_a_retryable_error_or_the_newer_step(tmp
             storage.remove_tree(directory)
         return original(storage, directory, *args, **kwargs)
 
-    monkeypatch.setattr(ckpt.io, "load_tensors", delete_first)
+    monkeypatch.setattr(ckpt.io.read, "load_tensors", delete_first)
     monkeypatch.setattr("ckpt.manager.load_tensors", delete_first)
     live: dict = {}
     with pytest.raises(ckpt.CheckpointNotFoundError, match="deleted while being restored"):

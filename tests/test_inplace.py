@@ -15,7 +15,8 @@ from helpers import small_model, snapshot, train_steps, trained_live_objects
 from torch import nn
 
 import ckpt
-import ckpt.io
+import ckpt.io.live_reads
+import ckpt.io.spill
 from ckpt.format import TensorRecord, step_dir_name
 from ckpt.inplace import choose_destinations, module_loads_plainly, optimizer_loads_plainly
 
@@ -168,8 +169,8 @@ def pointers(model, optimizer):
 def test_restore_reads_into_the_live_tensors_memory(saved, verify, threads, monkeypatch):
     root, model, optimizer = saved
     if threads == "threads":  # slices of 64 bytes over a thread pool, as for a large state
-        monkeypatch.setattr(ckpt.io, "PARALLEL_READ_BYTES", 0)
-        monkeypatch.setattr(ckpt.io, "READ_SLICE_BYTES", 64)
+        monkeypatch.setattr(ckpt.io.live_reads, "PARALLEL_READ_BYTES", 0)
+        monkeypatch.setattr(ckpt.io.live_reads, "READ_SLICE_BYTES", 64)
     live_model, live_opt = trained_live_objects(2)
     before = pointers(live_model, live_opt)
     ckpt.CheckpointManager(root).restore(model=live_model, optimizer=live_opt, verify=verify)
@@ -338,13 +339,13 @@ def assert_cast_in_place_like_torch(saved, build) -> None:
 
 @pytest.mark.parametrize("live_dtype", [torch.float64, torch.bfloat16, torch.float16])
 def test_a_dtype_change_is_cast_into_the_live_tensors_like_torch(saved, live_dtype, monkeypatch):
-    monkeypatch.setattr(ckpt.io, "CAST_CHUNK_BYTES", 24)  # several chunks per tensor
+    monkeypatch.setattr(ckpt.io.live_reads, "CAST_CHUNK_BYTES", 24)  # several chunks per tensor
     assert_cast_in_place_like_torch(saved, lambda: small_model(2, live_dtype))
 
 
 @pytest.mark.cuda
 def test_parameters_on_a_gpu_are_filled_in_place_a_chunk_at_a_time(saved, monkeypatch):
-    monkeypatch.setattr(ckpt.io, "CAST_CHUNK_BYTES", 24)
+    monkeypatch.setattr(ckpt.io.live_reads, "CAST_CHUNK_BYTES", 24)
     assert_cast_in_place_like_torch(saved, lambda: small_model(2).cuda())
 
 
@@ -378,7 +379,7 @@ def optimizer_pointers(optimizer) -> list[int]:
 
 def test_without_room_to_spill_an_object_store_restore_goes_through_memory(monkeypatch):
     url, model, optimizer = saved_in_memory()
-    monkeypatch.setattr(ckpt.io, "SPILL_MARGIN_BYTES", 2**62)
+    monkeypatch.setattr(ckpt.io.spill, "SPILL_MARGIN_BYTES", 2**62)
     live_model, live_opt = trained_live_objects(2)
     before = optimizer_pointers(live_opt)
     ckpt.CheckpointManager(url).restore(model=live_model, optimizer=live_opt)

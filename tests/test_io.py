@@ -9,7 +9,7 @@ import torch
 from conftest import assert_same_state
 
 import ckpt
-import ckpt.io
+import ckpt.io.pending
 from ckpt.format import step_dir_name
 
 ITEMS = 6
@@ -26,7 +26,7 @@ def states(items: dict[str, torch.nn.Module]) -> dict:
 
 @pytest.fixture
 def saved(tmp_path, monkeypatch):
-    monkeypatch.setattr(ckpt.io, "MAX_HELD_FILES", 2)  # the rest are closed and reopened
+    monkeypatch.setattr(ckpt.io.pending, "MAX_HELD_FILES", 2)  # the rest are closed and reopened
     mgr = ckpt.CheckpointManager(tmp_path)
     items = modules(0)
     mgr.save(1, rng=False, **items)
@@ -48,7 +48,7 @@ def test_a_file_changed_between_the_checks_and_the_reads_fails_before_touching_a
     mgr, _ = saved
     step_dir = mgr._storage.path(step_dir_name(1))
     last = os.path.join(step_dir, f"m{ITEMS - 1}.safetensors")
-    original = ckpt.io.PendingReads.run
+    original = ckpt.io.pending.PendingReads.run
 
     def change_then_run(self):
         with open(last, "r+b") as f:  # same size, other bytes: only its identity tells
@@ -58,7 +58,7 @@ def test_a_file_changed_between_the_checks_and_the_reads_fails_before_touching_a
             f.write(bytes([byte ^ 1]))
         return original(self)
 
-    monkeypatch.setattr(ckpt.io.PendingReads, "run", change_then_run)
+    monkeypatch.setattr(ckpt.io.pending.PendingReads, "run", change_then_run)
     live = modules(1)
     before = states(live)
     with pytest.raises(ckpt.CorruptCheckpointError, match="changed after it was checked"):
@@ -70,8 +70,20 @@ def test_the_held_file_limit_follows_the_descriptor_limit(monkeypatch):
     import resource
 
     monkeypatch.setattr(resource, "getrlimit", lambda which: (64, 1024))
-    assert ckpt.io.held_files_limit() == 8
+    assert ckpt.io.pending.held_files_limit() == 8
     monkeypatch.setattr(resource, "getrlimit", lambda which: (4, 1024))
-    assert ckpt.io.held_files_limit() == 1
+    assert ckpt.io.pending.held_files_limit() == 1
     monkeypatch.setattr(resource, "getrlimit", lambda which: (10**6, 10**6))
-    assert ckpt.io.held_files_limit() == ckpt.io.MAX_HELD_FILES
+    assert ckpt.io.pending.held_files_limit() == ckpt.io.pending.MAX_HELD_FILES
+
+
+def test_tunables_are_patched_where_they_live_not_on_the_package():
+    """``ckpt.io`` re-exports only its API, so a patch of a tunable on it fails loudly."""
+    import ckpt.io.live_reads
+    import ckpt.io.spill
+
+    for name in ("READ_SLICE_BYTES", "PARALLEL_READ_BYTES", "CAST_CHUNK_BYTES", "MAX_HELD_FILES"):
+        assert not hasattr(ckpt.io, name)
+    assert ckpt.io.live_reads.READ_SLICE_BYTES and ckpt.io.spill.SPILL_MARGIN_BYTES
+    assert sorted(ckpt.io.__all__) == ckpt.io.__all__
+    assert all(hasattr(ckpt.io, name) for name in ckpt.io.__all__)

@@ -138,12 +138,12 @@ def test_cuda_checkpoint_reads_on_cpu_and_fused_step_moves(tmp_path):
 
 def test_meta_module_restores_without_reading_tensor_data(saved, monkeypatch):
     mgr, _, _ = saved
-    import ckpt.io
+    import ckpt.io.read
 
     calls = []
-    original = ckpt.io.read_tensor
+    original = ckpt.io.read.read_tensor
     monkeypatch.setattr(
-        ckpt.io, "read_tensor", lambda *a, **k: calls.append(1) or original(*a, **k)
+        ckpt.io.read, "read_tensor", lambda *a, **k: calls.append(1) or original(*a, **k)
     )
     with torch.device("meta"):
         meta_model = small_model(0)

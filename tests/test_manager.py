@@ -238,20 +238,20 @@ def test_failed_save_keeps_earlier_checkpoints_and_leaves_no_temp(tmp_path):
         def load_state_dict(self, state):
             pass
 
-    import ckpt.io as ckpt_io
+    import ckpt.io.write as ckpt_io_write
 
-    original = ckpt_io.write_tensors
+    original = ckpt_io_write.write_tensors
 
     def failing(f, tensors, metadata=None):
         original(f, tensors, metadata)
         raise OSError(28, "No space left on device")
 
-    ckpt_io.write_tensors = failing
+    ckpt_io_write.write_tensors = failing
     try:
         with pytest.raises(OSError, match="No space"):
             mgr.save(2, thing=Exploding())
     finally:
-        ckpt_io.write_tensors = original
+        ckpt_io_write.write_tensors = original
     assert mgr.all_steps() == [1]
     assert sorted(os.listdir(tmp_path)) == [LOCK_NAME, step_dir_name(1)]
     mgr.save(2, data={"v": 2})
@@ -414,11 +414,11 @@ def test_any_storable_dict_round_trips_through_the_manager(tmp_path, value):
 
 
 def test_oversized_manifest_is_refused_before_reading(tmp_path, monkeypatch):
-    import ckpt.io
+    import ckpt.io.manifest
 
     mgr = ckpt.CheckpointManager(tmp_path)
     mgr.save(1, data={"v": 1})
-    monkeypatch.setattr(ckpt.io, "MAX_MANIFEST_BYTES", 10)
+    monkeypatch.setattr(ckpt.io.manifest, "MAX_MANIFEST_BYTES", 10)
     with pytest.raises(ckpt.CorruptCheckpointError, match="more than the 10 allowed"):
         mgr.read(1)
 

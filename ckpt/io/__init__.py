@@ -1,0 +1,35 @@
+"""Reading and writing one checkpoint directory through a :class:`~ckpt.storage.Storage`.
+
+The edge between the pure format modules and the filesystem, one concern per module:
+
+- :mod:`ckpt.io.write`: the tensor files, then the manifest last.
+- :mod:`ckpt.io.manifest`: reading a manifest back (or only its digest).
+- :mod:`ckpt.io.checks`: one file's size, header and checksum against the manifest.
+- :mod:`ckpt.io.read`: the checked read of tensors.
+- :mod:`ckpt.io.pending`: the in-place second pass, run once every check has passed.
+- :mod:`ckpt.io.live_reads`: reading checked bytes straight into live tensors.
+- :mod:`ckpt.io.spill`: where checked object-store bytes wait locally.
+- :mod:`ckpt.io.verify`: checking every file of a checkpoint without loading it.
+
+Tunables (``READ_SLICE_BYTES``, ``MAX_HELD_FILES``, ...) live in, and are
+read from, their own module; they are deliberately not re-exported here.
+"""
+
+from __future__ import annotations
+
+from ckpt.format import MAX_MANIFEST_BYTES
+from ckpt.io.manifest import manifest_digest, read_manifest
+from ckpt.io.pending import PendingReads
+from ckpt.io.read import load_tensors
+from ckpt.io.verify import verify_checkpoint_files
+from ckpt.io.write import write_checkpoint_files
+
+__all__ = [
+    "MAX_MANIFEST_BYTES",
+    "PendingReads",
+    "load_tensors",
+    "manifest_digest",
+    "read_manifest",
+    "verify_checkpoint_files",
+    "write_checkpoint_files",
+]

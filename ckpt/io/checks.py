@@ -1,0 +1,72 @@
+"""Checks of one tensor file against its manifest: size, header entries and checksum."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import BinaryIO
+
+from ckpt.errors import CheckpointNotFoundError, CorruptCheckpointError
+from ckpt.format import FileRecord, Manifest, TensorRecord
+from ckpt.integrity import Hasher
+from ckpt.storage import Storage
+from ckpt.tensorfile import MAX_HEADER_BYTES, TensorEntry, parse_header
+
+__all__ = ["check_digest", "check_size", "matching_entry", "read_header"]
+
+
+def read_header(
+    f: BinaryIO, path: str, size: int, hasher: Hasher | None
+) -> tuple[dict[str, TensorEntry], int]:
+    """Parse the header at the start of ``f``, hashing it; return its entries and data start."""
+    head = f.read(8)
+    n = int.from_bytes(head, "little") if len(head) == 8 else 0
+    prefix = head + f.read(max(0, min(n, size - 8, MAX_HEADER_BYTES)))
+    entries, _, data_start = parse_header(prefix, size, path)
+    if hasher is not None:
+        hasher.update(prefix)
+    return entries, data_start
+
+
+def check_digest(record: FileRecord, hasher: Hasher, path: str, step: int) -> None:
+    """Raise unless the bytes hashed match the manifest's checksum."""
+    actual = hasher.digest()
+    if actual != record.checksum:
+        raise CorruptCheckpointError(
+            f"checksum mismatch in step {step}: expected {record.checksum}, actual {actual}",
+            path=path,
+        )
+
+
+def check_size(storage: Storage, directory: str, file_name: str, manifest: Manifest) -> str:
+    """Raise unless the file exists with the manifest's size; return its path."""
+    path = storage.path(directory, file_name)
+    expected = manifest.files[file_name].size
+    try:
+        actual = storage.size(directory, file_name)
+    except CheckpointNotFoundError as e:
+        raise CorruptCheckpointError(
+            f"a file of step {manifest.step} listed in its manifest is missing", path=path
+        ) from e
+    if actual != expected:
+        raise CorruptCheckpointError(
+            f"file size in step {manifest.step} is {actual} bytes, the manifest says {expected}",
+            path=path,
+        )
+    return path
+
+
+def matching_entry(
+    entries: Mapping[str, TensorEntry], name: str, record: TensorRecord, path: str
+) -> TensorEntry:
+    """The header entry of ``name``; raise unless it has the manifest's dtype and shape."""
+    entry = entries.get(name)
+    if entry is None:
+        raise CorruptCheckpointError("tensor is missing from its file", path=path, key=name)
+    if entry.dtype != record.dtype or entry.shape != record.shape:
+        raise CorruptCheckpointError(
+            f"file holds {entry.dtype} {list(entry.shape)} but the manifest says "
+            f"{record.dtype} {list(record.shape)}",
+            path=path,
+            key=name,
+        )
+    return entry

@@ -1,0 +1,144 @@
+"""The in-place second pass: reads into live tensors, held back until every check has passed."""
+
+from __future__ import annotations
+
+import dataclasses
+import resource
+import tempfile
+from contextlib import ExitStack
+from typing import BinaryIO
+
+import torch
+
+from ckpt.io.live_reads import DeferredRead, run_reads
+from ckpt.io.spill import spill_room
+from ckpt.storage import Storage
+from ckpt.tensorfile import TensorEntry
+
+__all__ = ["MAX_HELD_FILES", "PendingReads", "Reopen", "Source", "held_files_limit"]
+
+MAX_HELD_FILES = 16
+"""Checked files kept open from the checks to the reads into live tensors, at most (fewer
+under a low ``RLIMIT_NOFILE``); beyond, files are reopened and their identity compared."""
+
+
+def held_files_limit() -> int:
+    """How many checked files a restore keeps open.
+
+    :data:`MAX_HELD_FILES`, or an eighth of the soft descriptor limit if that is
+    lower (at least 1).
+    """
+    try:
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (OSError, ValueError):
+        return MAX_HELD_FILES
+    if soft == resource.RLIM_INFINITY:
+        return MAX_HELD_FILES
+    return max(1, min(MAX_HELD_FILES, soft // 8))
+
+
+@dataclasses.dataclass(frozen=True)
+class Reopen:
+    """A checked file closed to bound open descriptors: reopened only if still identical."""
+
+    storage: Storage
+    identity: object
+    parts: tuple[str, ...]
+
+
+Source = BinaryIO | Reopen
+
+
+class PendingReads:
+    """Reads straight into live tensors, held back until every check of a restore has passed.
+
+    The bytes read are those checked, even if the checkpoint is replaced or
+    deleted meanwhile: up to :func:`held_files_limit` checked files stay open
+    until the reads; beyond that, local files are closed and reopened one at a
+    time, and must still be the same file (device, inode, size, modification
+    and change times), else the restore fails; object-store bytes wait in one
+    unnamed local spill file. Open descriptors stay bounded however many files
+    a checkpoint has. Use as a context manager, or call :meth:`close`.
+    """
+
+    def __init__(self) -> None:
+        self._files = ExitStack()
+        self._held = 0
+        self._limit = held_files_limit()
+        self._spill: BinaryIO | None = None
+        self._reads: dict[int, tuple[Source, list[DeferredRead]]] = {}
+        self._copies: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def __enter__(self) -> PendingReads:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def can_hold(self) -> bool:
+        """Whether one more checked file may stay open until the reads."""
+        return self._held < self._limit
+
+    def hold(self, scope: ExitStack) -> None:
+        """Keep what ``scope`` holds (one checked file) open until :meth:`close`."""
+        self._held += 1
+        self._files.push(scope)
+
+    def spill(self, nbytes: int) -> BinaryIO | None:
+        """The one unnamed local file where checked remote bytes wait, if ``nbytes`` more fit.
+
+        It lives in ``tempfile.gettempdir()`` (``TMPDIR``) and disappears when
+        closed or when the process dies.
+        """
+        if not spill_room(nbytes):
+            return None
+        if self._spill is None:
+            spill = tempfile.TemporaryFile(dir=tempfile.gettempdir())  # noqa: SIM115 - held
+            self._spill = self._files.enter_context(spill)
+        return self._spill
+
+    def add(
+        self, source: Source, entry: TensorEntry, data_start: int, path: str, out: torch.Tensor
+    ) -> None:
+        """Schedule reading ``entry`` of ``source`` into ``out`` (cast to its dtype)."""
+        self._reads.setdefault(id(source), (source, []))[1].append((entry, data_start, path, out))
+
+    def copy(self, source: torch.Tensor, out: torch.Tensor) -> None:
+        """Schedule copying ``source`` (checked bytes already in memory) into ``out``."""
+        self._copies.append((source, out))
+
+    def run(self) -> None:
+        """Do the reads; large ones in slices on several threads.
+
+        Files that were closed are first reopened one at a time and compared
+        with what was checked, before any live tensor is touched.
+
+        Raises:
+            CorruptCheckpointError: A file was replaced since it was checked
+                (nothing is touched), or a read failed (the file changed or the
+                disk failed since the checks; the message says that live
+                tensors may be partly overwritten).
+        """
+        groups, self._reads = list(self._reads.values()), {}
+        for source, _ in groups:
+            if isinstance(source, Reopen):
+                with source.storage.reopen(source.identity, *source.parts):
+                    pass
+        copies, self._copies = self._copies, []
+        for tensor, out in copies:
+            out.copy_(tensor)
+        if self._spill is not None:
+            self._spill.flush()
+        run_reads([(s, reads) for s, reads in groups if not isinstance(s, Reopen)])
+        for source, reads in groups:
+            if isinstance(source, Reopen):
+                with source.storage.reopen(source.identity, *source.parts) as f:
+                    run_reads([(f, reads)])
+
+    def close(self) -> None:
+        """Close the files; reads not run are dropped."""
+        self._reads = {}
+        self._copies = []
+        self._spill = None
+        self._held = 0
+        self._files.close()
