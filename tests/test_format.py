@@ -15,7 +15,7 @@ from conftest import assert_same_state
 from torch import nn
 
 import ckpt
-import ckpt.format
+import ckpt.format.bounds
 from ckpt.format import (
     MANIFEST_NAME,
     Manifest,
@@ -236,7 +236,7 @@ def test_golden_bytes_pin_the_format(tmp_path, monkeypatch, version):
     """
     golden, items = (GOLDEN, golden_items()) if version == 1 else (GOLDEN_V2, golden_items_v2())
     if version == 2:
-        monkeypatch.setattr(ckpt.format, "COMPRESS_MANIFEST_ABOVE", 0)
+        monkeypatch.setattr(ckpt.format.bounds, "COMPRESS_MANIFEST_ABOVE", 0)
     mgr = ckpt.CheckpointManager(tmp_path)
     mgr.save(7, epoch=1, metrics={"loss": 0.125}, rng=False, **items)
     written = tmp_path / step_dir_name(7)

@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import ckpt
-import ckpt.format
+import ckpt.format.bounds
 from ckpt.format import MANIFEST_NAME, step_dir_name
 from ckpt.integrity import hash_bytes
 
@@ -49,7 +49,7 @@ def pristine_packed(tmp_path_factory):
     """Files holding packs of small tensors (format version 2), with a plain JSON manifest
     so that resealed mutations reach the pack checks."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(ckpt.format, "COMPRESS_MANIFEST_ABOVE", 2**30)
+        patch.setattr(ckpt.format.bounds, "COMPRESS_MANIFEST_ABOVE", 2**30)
         step_dir = _pristine(tmp_path_factory.mktemp("pristine-packed"), ManySmall)
     assert b'"pack":' in (step_dir / MANIFEST_NAME).read_bytes()
     return step_dir

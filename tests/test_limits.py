@@ -17,7 +17,7 @@ from conftest import assert_same_state
 from helpers import write_manifest
 
 import ckpt
-import ckpt.format
+import ckpt.format.bounds
 import ckpt.manager
 from ckpt.errors import CorruptCheckpointError
 from ckpt.format import (
@@ -405,7 +405,7 @@ def test_a_manifest_with_too_many_values_is_refused_before_parsing():
 
 
 def test_the_value_limit_is_exact(monkeypatch):
-    monkeypatch.setattr(ckpt.format, "MAX_MANIFEST_VALUES", 1000)
+    monkeypatch.setattr(ckpt.format.bounds, "MAX_MANIFEST_VALUES", 1000)
     fixed = sum(bomb("", 0).count(c) for c in b",[{")
     assert len(decode_manifest(bomb("0,", 1000 - fixed), "m").items["d"].state) == 1001 - fixed
     refused(bomb("0,", 1001 - fixed), "1001 JSON values")
@@ -424,7 +424,7 @@ def test_a_bomb_in_a_checkpoint_is_corrupt_and_fallback_skips_it(tmp_path):
 
 
 def test_a_manifest_that_compresses_too_well_is_stored_plain_and_reads_back(tmp_path, monkeypatch):
-    monkeypatch.setattr(ckpt.format, "INFLATE_FREELY", 0)
+    monkeypatch.setattr(ckpt.format.bounds, "INFLATE_FREELY", 0)
     mgr = ckpt.CheckpointManager(tmp_path)
     mgr.save(1, data={"zeros": [0] * 100_000}, rng=False)  # 200 KB of JSON, ~1000:1
     raw = (tmp_path / step_dir_name(1) / MANIFEST_NAME).read_bytes()
@@ -435,13 +435,13 @@ def test_a_manifest_that_compresses_too_well_is_stored_plain_and_reads_back(tmp_
 
 
 def test_a_state_too_large_for_a_manifest_is_refused_at_save(tmp_path, monkeypatch):
-    monkeypatch.setattr(ckpt.format, "MAX_MANIFEST_VALUES", 1000)
+    monkeypatch.setattr(ckpt.format.bounds, "MAX_MANIFEST_VALUES", 1000)
     mgr = ckpt.CheckpointManager(tmp_path)
     mgr.save(1, data={"x": list(range(10))}, rng=False)
     with pytest.raises(ValueError, match="JSON values"):
         mgr.save(2, data={"x": list(range(2000))}, rng=False)
-    monkeypatch.setattr(ckpt.format, "MAX_MANIFEST_VALUES", 10**9)
-    monkeypatch.setattr(ckpt.format, "MAX_MANIFEST_BYTES", 5000)
+    monkeypatch.setattr(ckpt.format.bounds, "MAX_MANIFEST_VALUES", 10**9)
+    monkeypatch.setattr(ckpt.format.bounds, "MAX_MANIFEST_BYTES", 5000)
     with pytest.raises(ValueError, match="bytes"):
         mgr.save(2, data={"x": "y" * 10_000}, rng=False)
     assert mgr.all_steps() == [1] and entries(tmp_path) == [".ckpt-writer.lock", step_dir_name(1)]

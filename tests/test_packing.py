@@ -12,7 +12,8 @@ from helpers import ManySmall, restore_matches_torch, train_steps
 from safetensors import safe_open
 
 import ckpt
-import ckpt.format
+import ckpt.format.bounds
+import ckpt.format.manifest
 import ckpt.items
 from ckpt.format import MANIFEST_NAME, decode_manifest, step_dir_name
 from ckpt.integrity import hash_bytes
@@ -303,12 +304,12 @@ def test_damaged_compressed_manifests_are_refused(packed_doc, damage, message):
 def test_a_compressed_manifest_cannot_inflate_past_the_limit(monkeypatch):
     bomb = zlib.compress(b"{" + b" " * 10_000_000 + b"}", 9)
     assert len(bomb) < 20_000
-    monkeypatch.setattr(ckpt.format, "MAX_MANIFEST_BYTES", 1_000_000)
+    monkeypatch.setattr(ckpt.format.bounds, "MAX_MANIFEST_BYTES", 1_000_000)
     with pytest.raises(ckpt.CorruptCheckpointError, match="inflates past"):
         decode_manifest(bomb, "manifest.json")
 
 
 def test_format_v1_readers_are_told_v2_is_newer(packed_doc, monkeypatch):
-    monkeypatch.setattr(ckpt.format, "FORMAT_VERSION", 1)
+    monkeypatch.setattr(ckpt.format.manifest, "FORMAT_VERSION", 1)
     with pytest.raises(ckpt.IncompatibleCheckpointError, match="newer"):
         decode_manifest(sealed(packed_doc, compress=False), "manifest.json")

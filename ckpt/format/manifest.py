@@ -1,0 +1,167 @@
+"""The manifest (format versions 1 and 2): a :class:`Manifest` encoded to bytes and decoded back.
+
+Pure functions over bytes; no I/O. See ``docs/format.md`` for the specification.
+Encoding picks the oldest version that can express the manifest, seals it with its
+own checksum and compresses a large one; decoding undoes that within
+:mod:`ckpt.format.bounds` and validates every field.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import zlib
+from typing import Any
+
+from ckpt.errors import CorruptCheckpointError, IncompatibleCheckpointError
+from ckpt.format import bounds
+from ckpt.format.records import Manifest, TensorRecord
+from ckpt.format.sealing import check_manifest_checksum, sealed
+from ckpt.format.sections import decode_files, decode_items, decode_tensors
+from ckpt.limits import MAX_STEP
+from ckpt.tree import Json, loads_strict
+
+FORMAT_NAME = "ckpt"
+FORMAT_VERSION = 2
+"""The newest version this ckpt reads and writes. A checkpoint is written in the
+oldest version that can express it: 1 unless it packs small tensors or
+compresses its manifest (version 2)."""
+
+
+def encode_manifest(manifest: Manifest) -> bytes:
+    """Serialize a manifest to UTF-8 JSON bytes (deterministic; no NaN literals).
+
+    The JSON ends with ``"checksum"``: the digest of the bytes before it with the
+    object closed right there, so any change to the manifest is detected.
+    """
+    packed = any(r.pack is not None for r in manifest.tensors.values())
+    doc = {
+        "format": FORMAT_NAME,
+        "format_version": 2 if packed else 1,
+        "step": manifest.step,
+        "epoch": manifest.epoch,
+        "metrics": {k: _encode_number(v) for k, v in manifest.metrics.items()},
+        "created_at": manifest.created_at,
+        "versions": manifest.versions,
+        "files": {
+            name: {"size": r.size, **({"checksum": r.checksum} if r.checksum else {})}
+            for name, r in manifest.files.items()
+        },
+        "tensors": {name: _encode_tensor(r) for name, r in manifest.tensors.items()},
+        "items": {
+            name: {"kind": r.kind, **r.extra, "state": r.state}
+            for name, r in manifest.items.items()
+        },
+    }
+    body = json.dumps(doc, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    values = sum(body.count(c) for c in ",[{")
+    if values > bounds.MAX_MANIFEST_VALUES:
+        raise ValueError(
+            f"the manifest of step {manifest.step} would hold {values} JSON values, more than "
+            f"the {bounds.MAX_MANIFEST_VALUES} a reader accepts; store long lists as tensors"
+        )
+    if len(body) <= bounds.COMPRESS_MANIFEST_ABOVE:
+        return bounds.checked_size(sealed(body), manifest.step)
+    # Compressed needs version 2; "format_version" is the second key, so this edits only it.
+    compressed_body = body.replace('"format_version":1,', '"format_version":2,', 1)
+    inflated = sealed(compressed_body)
+    raw = zlib.compress(inflated, 6)
+    if len(inflated) > bounds.inflate_limit(len(raw)):  # a reader would refuse it: store it plain
+        return bounds.checked_size(sealed(body), manifest.step)
+    return bounds.checked_size(raw, manifest.step, inflated=len(inflated))
+
+
+def _encode_tensor(r: TensorRecord) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "file": r.file,
+        "dtype": str(r.dtype).removeprefix("torch."),
+        "shape": list(r.shape),
+        "device": r.device,
+    }
+    if r.pack is not None:
+        out["pack"] = r.pack
+        out["offset"] = r.offset
+    return out
+
+
+def _encode_number(v: float | int) -> Json:
+    if isinstance(v, float) and not math.isfinite(v):
+        return {"$float": "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf")}
+    return v
+
+
+def _decode_number(v: Json) -> float | int | None:
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, (int, float)):
+        return v
+    if isinstance(v, dict) and set(v) == {"$float"}:
+        return {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}.get(v["$float"])
+    return None
+
+
+def decode_manifest(raw: bytes, source: str) -> Manifest:
+    """Parse and validate ``manifest.json`` bytes.
+
+    Args:
+        raw: The file's bytes.
+        source: The file's path, for error messages.
+
+    Raises:
+        CorruptCheckpointError: Not UTF-8 JSON, or a field is missing or of the wrong type.
+        IncompatibleCheckpointError: Written by a newer, unknown format version.
+    """
+    raw = bounds.decompressed(raw, source)
+    check_manifest_checksum(raw, source)
+    values = sum(raw.count(c) for c in (b",", b"[", b"{"))
+    if values > bounds.MAX_MANIFEST_VALUES:  # counted before parsing: parsing costs per value
+        raise CorruptCheckpointError(
+            f"manifest holds {values} JSON values, "
+            f"more than the {bounds.MAX_MANIFEST_VALUES} allowed",
+            path=source,
+        )
+    try:
+        doc = loads_strict(raw)
+    except (ValueError, RecursionError) as e:
+        raise CorruptCheckpointError(f"manifest is not valid JSON: {e}", path=source) from e
+
+    def bad(key: str, why: str) -> CorruptCheckpointError:
+        return CorruptCheckpointError(f"invalid manifest: {why}", path=source, key=key)
+
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME:
+        raise bad("format", f"not a {FORMAT_NAME} manifest")
+    version = doc.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise bad("format_version", "missing or not an int")
+    if version > FORMAT_VERSION:
+        raise IncompatibleCheckpointError(
+            f"format version {version} is newer than this ckpt understands ({FORMAT_VERSION}); "
+            "upgrade ckpt",
+            path=source,
+            key="format_version",
+        )
+    step = doc.get("step")
+    if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= MAX_STEP:
+        raise bad("step", "must be an int from 0 to 10**20 - 1")
+    epoch = doc.get("epoch")
+    if epoch is not None and (isinstance(epoch, bool) or not isinstance(epoch, int)):
+        raise bad("epoch", "must be an int or null")
+    metrics_doc = doc.get("metrics", {})
+    if not isinstance(metrics_doc, dict):
+        raise bad("metrics", "must be an object")
+    metrics: dict[str, float | int] = {}
+    for k, v in metrics_doc.items():
+        number = _decode_number(v)
+        if number is None:
+            raise bad(f"metrics.{k}", "must be a number")
+        metrics[k] = number
+    files = decode_files(doc.get("files"), bad)
+    tensors = decode_tensors(doc.get("tensors"), files, bad)
+    items = decode_items(doc.get("items"), bad)
+    created_at = doc.get("created_at", "")
+    versions = doc.get("versions", {})
+    if not isinstance(created_at, str):
+        raise bad("created_at", "must be a string")
+    if not isinstance(versions, dict) or not all(isinstance(v, str) for v in versions.values()):
+        raise bad("versions", "must map names to strings")
+    return Manifest(step, epoch, metrics, files, tensors, items, created_at, versions)

@@ -1,0 +1,118 @@
+"""Validating a parsed manifest's sections: files, tensors and items, each into its records."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from ckpt.format.names import is_tensor_file_name
+from ckpt.format.packs import check_packs
+from ckpt.format.records import ITEM_KINDS, FileRecord, ItemRecord, TensorRecord
+from ckpt.integrity import ALGORITHM
+from ckpt.limits import MAX_BYTES, byte_count
+from ckpt.tree import Json
+
+_DIGEST = re.compile(r"xxh3_64:[0-9a-f]{16}")
+_DTYPES = {
+    str(d).removeprefix("torch."): d for d in vars(torch).values() if isinstance(d, torch.dtype)
+}
+
+
+def decode_files(doc: Json, bad: Any) -> dict[str, FileRecord]:
+    """The ``files`` section: each a tensor file name with its size and checksum."""
+    if not isinstance(doc, dict):
+        raise bad("files", "must be an object")
+    files: dict[str, FileRecord] = {}
+    for name, info in doc.items():
+        if not is_tensor_file_name(name):
+            raise bad(f"files.{name}", "file name is not a plain .safetensors name")
+        if not isinstance(info, dict):
+            raise bad(f"files.{name}", "must be an object")
+        size = info.get("size")
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise bad(f"files.{name}", "size must be a non-negative int")
+        checksum = info.get("checksum")
+        if checksum is not None and not (isinstance(checksum, str) and _DIGEST.fullmatch(checksum)):
+            raise bad(f"files.{name}.checksum", f"must be '{ALGORITHM}:' and 16 hex digits")
+        unknown = sorted(set(info) - {"size", "checksum"})
+        if unknown:
+            raise bad(f"files.{name}", f"unknown fields {unknown}")
+        files[name] = FileRecord(size, checksum)
+    return files
+
+
+def decode_tensors(doc: Json, files: Mapping[str, FileRecord], bad: Any) -> dict[str, TensorRecord]:
+    """The ``tensors`` section: each in a listed file, fitting in it, packs tiled exactly."""
+    if not isinstance(doc, dict):
+        raise bad("tensors", "must be an object")
+    tensors: dict[str, TensorRecord] = {}
+    valid_devices: set[str] = set()
+    for name, info in doc.items():
+        where = f"tensors.{name}"
+        if not isinstance(info, dict):
+            raise bad(where, "must be an object")
+        file, dtype, shape, device = (info.get(k) for k in ("file", "dtype", "shape", "device"))
+        if not isinstance(file, str) or file not in files:
+            raise bad(where, f"names file {file!r}, which is not in 'files'")
+        if not isinstance(dtype, str) or dtype not in _DTYPES:
+            raise bad(where, f"unknown dtype {dtype!r}")
+        if not isinstance(shape, list) or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+        ):
+            raise bad(where, "shape must be a list of non-negative ints")
+        nbytes = byte_count(shape, _DTYPES[dtype].itemsize)
+        if nbytes is None:
+            raise bad(where, f"shape {_shown(shape)} overflows: more than {MAX_BYTES} bytes")
+        if not isinstance(device, str):
+            raise bad(where, "device must be a string")
+        if device not in valid_devices:  # a few distinct strings: parse each once
+            try:
+                torch.device(device)
+            except RuntimeError as e:
+                raise bad(where, f"invalid device {device!r}") from e
+            valid_devices.add(device)
+        pack, offset = info.get("pack"), info.get("offset", 0)
+        unknown = sorted(set(info) - {"file", "dtype", "shape", "device", "pack", "offset"})
+        if unknown:
+            raise bad(where, f"unknown fields {unknown}")
+        if pack is not None and not isinstance(pack, str):
+            raise bad(where, "pack must be a tensor name")
+        if (
+            isinstance(offset, bool)
+            or not isinstance(offset, int)
+            or not 0 <= offset <= files[file].size
+        ):
+            raise bad(where, "offset must be a non-negative int within its file")
+        if pack is None and "offset" in info:
+            raise bad(where, "offset without a pack")
+        tensors[name] = TensorRecord(file, _DTYPES[dtype], tuple(shape), device, pack, offset)
+    check_packs(tensors, bad)
+    for name, r in tensors.items():
+        if r.nbytes > files[r.file].size:
+            shape = _shown(list(r.shape))
+            raise bad(
+                f"tensors.{name}", f"shape {shape} needs {r.nbytes} bytes; {r.file!r} is smaller"
+            )
+    return tensors
+
+
+def decode_items(doc: Json, bad: Any) -> dict[str, ItemRecord]:
+    """The ``items`` section: each with a known kind and a state."""
+    if not isinstance(doc, dict):
+        raise bad("items", "must be an object")
+    items: dict[str, ItemRecord] = {}
+    for name, info in doc.items():
+        if not isinstance(info, dict) or info.get("kind") not in ITEM_KINDS or "state" not in info:
+            raise bad(f"items.{name}", f"must have a kind in {ITEM_KINDS} and a state")
+        extra = {k: v for k, v in info.items() if k not in ("kind", "state")}
+        items[name] = ItemRecord(info["kind"], info["state"], extra)
+    return items
+
+
+def _shown(shape: list[int]) -> str:
+    """A shape for a message: long ones and huge numbers cut short."""
+    dims = [str(d) if d < 10**20 else f"<{d.bit_length()} bits>" for d in shape[:8]]
+    return "[" + ", ".join(dims) + (", ...]" if len(shape) > 8 else "]")
