@@ -155,7 +155,7 @@ def async_child(args) -> None:
         mgr.save(step, model=model, optimizer=optimizer, rng=False)
         blocked.append(time.perf_counter() - begin)
         steps = []
-        while mgr._pending is not None and mgr._pending.is_alive():
+        while mgr._saver.pending is not None and mgr._saver.pending.is_alive():
             steps.append(train_step())
         per_save.append(time.perf_counter() - begin)
         during.extend(steps[:-1])  # the last step may end long after the save did

@@ -31,6 +31,7 @@ __all__ = [
     "assemble_manifest",
     "build_state",
     "capture",
+    "check_flags",
     "check_item_name",
     "check_stored_dtype",
     "item_kind",
@@ -72,6 +73,20 @@ def check_item_name(name: str, reserved: Iterable[str] = ()) -> None:
             f"item name {name!r} is reserved (an option of save() or restore()); "
             "choose another name"
         )
+
+
+def check_flags(**flags: object) -> None:
+    """Refuse a bool option given anything but a bool (an item passed under its name, say).
+
+    Raises:
+        TypeError: Naming the option and the type it got.
+    """
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise TypeError(
+                f"{name} must be True or False, got {type(value).__name__} "
+                f"({name!r} is an option and cannot name an item)"
+            )
 
 
 def item_kind(name: str, obj: object) -> str:

@@ -5,10 +5,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import platform
 import secrets
 import socket
-import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -18,48 +16,27 @@ from typing import Any, TypeVar
 
 import torch
 
-from ckpt import _version
 from ckpt.cadence import SaveCadence
-from ckpt.commit import (
-    commit_checkpoint,
-    delete_checkpoint,
-    file_token,
-    remove_leftovers,
-    writer_is_gone,
-)
+from ckpt.commit import writer_is_gone
 from ckpt.errors import (
     CheckpointError,
     CheckpointExistsError,
     CheckpointNotFoundError,
     CheckpointWriteError,
 )
-from ckpt.format import (
-    MANIFEST_NAME,
-    Manifest,
-    step_dir_name,
-)
+from ckpt.format import MANIFEST_NAME, Manifest, step_dir_name
 from ckpt.gc_pause import paused_gc
-from ckpt.io import (
-    load_tensors,
-    read_manifest,
-    verify_checkpoint_files,
-)
-from ckpt.items import (
-    assemble_manifest,
-    build_state,
-    capture,
-    check_item_name,
-    reserved_names,
-)
+from ckpt.io import load_tensors, verify_checkpoint_files
+from ckpt.items import build_state, check_flags, check_item_name, reserved_names
 from ckpt.kinds import RestoreOptions
-from ckpt.limits import check_metrics
 from ckpt.locations import MapLocation, check_map_location
-from ckpt.optim import module_param_names
 from ckpt.preemption import DEFAULT_PREEMPTION_SIGNALS, PreemptionWatch
 from ckpt.reader import StepReader
 from ckpt.restoring import PreparedRestore, apply_restore, check_items, prepare_restore
-from ckpt.retention import RetentionPolicy, steps_to_delete
+from ckpt.retaining import Retainer
+from ckpt.retention import RetentionPolicy
 from ckpt.rng import RNG_ITEM, RandomStreams
+from ckpt.saving import Saver, capture_save, check_save_args
 from ckpt.staging import StagingBuffers
 from ckpt.storage import WriterLock, open_storage
 from ckpt.tree import tensor_refs
@@ -101,16 +78,6 @@ class Checkpoint:
     def next_step(self) -> int:
         """The step to run next when resuming from this checkpoint: ``step + 1``."""
         return self.step + 1
-
-
-def _check_flags(**flags: object) -> None:
-    """Refuse a bool option given anything but a bool (an item passed under its name, say)."""
-    for name, value in flags.items():
-        if not isinstance(value, bool):
-            raise TypeError(
-                f"{name} must be True or False, got {type(value).__name__} "
-                f"({name!r} is an option and cannot name an item)"
-            )
 
 
 class CheckpointManager:
@@ -203,7 +170,6 @@ class CheckpointManager:
             ) from e
         self._reader = StepReader(self._storage)
         self._lock: WriterLock | None = None
-        self._uploads_checked = False
         self.async_save = bool(async_save)
         if background_nice is not None and (
             isinstance(background_nice, bool)
@@ -213,10 +179,9 @@ class CheckpointManager:
             raise ValueError(f"background_nice must be None or 0..19, got {background_nice!r}")
         self.background_nice = background_nice
         self._staging = StagingBuffers()
-        self._pending: threading.Thread | None = None
-        self._error: BaseException | None = None
+        self._saver = Saver()
+        self._retainer = Retainer()
         self._save_requested_after_signal = False
-        self._metrics_cache: dict[int, Mapping[str, float | int]] = {}
         self._last_save_time = time.monotonic()
         self._last_saved_step: int | None = None
         self._saved_since_signal = False
@@ -373,36 +338,12 @@ class CheckpointManager:
         """
         self.wait()  # at most one save in flight; an earlier failure surfaces here
         start = time.perf_counter()
-        step_name = step_dir_name(step)
-        if epoch is not None and (isinstance(epoch, bool) or not isinstance(epoch, int)):
-            raise ValueError(f"epoch must be an int or None, got {epoch!r}")
-        checked_metrics = check_metrics(metrics)
-        _check_flags(rng=rng, overwrite=overwrite)
-        if not items:
-            raise ValueError("save() needs at least one item, e.g. save(step, model=model)")
-        for name in items:
-            check_item_name(name, RESERVED_NAMES)
-        if rng:
-            items[RNG_ITEM] = RandomStreams()
-        modules = {n: o for n, o in items.items() if isinstance(o, torch.nn.Module)}
-        param_names = module_param_names(modules)
-        captured = {name: capture(name, obj, param_names) for name, obj in items.items()}
-        token = secrets.token_hex(4)
-
-        files, manifest = assemble_manifest(
-            step,
-            epoch,
-            checked_metrics,
-            captured,
-            created_at=datetime.now(timezone.utc).isoformat(timespec="microseconds"),
-            versions={
-                "ckpt": _version.__version__,
-                "torch": torch.__version__,
-                "python": platform.python_version(),
-            },
-            file_token=file_token(self._storage, token, overwrite=overwrite),
+        step_name, checked_metrics = check_save_args(
+            step, epoch, metrics, rng, overwrite, items, RESERVED_NAMES
         )
-
+        files, manifest, token = capture_save(
+            self._storage, step, epoch, checked_metrics, rng, overwrite, items
+        )
         self._take_lock()
         if not overwrite and self._storage.exists(step_name, MANIFEST_NAME):
             raise CheckpointExistsError(
@@ -416,12 +357,12 @@ class CheckpointManager:
         self._last_saved_step = step
         self._last_save_time = time.monotonic()
         self._save_requested_after_signal |= signalled
-        self._pending = threading.Thread(
-            target=self._finish_in_background,
-            args=(step, staged, manifest, token, overwrite, signalled, start),
-            name=f"ckpt-save-{step}",
+        self._saver.start(
+            step,
+            self._finish,
+            (step, staged, manifest, token, overwrite, signalled, start),
+            self.background_nice,
         )
-        self._pending.start()
         logger.debug("step %d staged in %.3f s", step, time.perf_counter() - start)
         return self._info(manifest)
 
@@ -436,30 +377,20 @@ class CheckpointManager:
         start: float,
     ) -> Checkpoint:
         """Write, commit, log and apply retention (on the caller's thread or in the background)."""
-        if not self._uploads_checked:
-            self._uploads_checked = True  # once per manager: crashed writers' leftovers
-            remove_leftovers(self._storage)
         lock = self._lock
         try:
-            manifest = commit_checkpoint(
+            manifest = self._saver.commit(
                 self._storage,
                 step,
                 files,
                 manifest,
-                token=token,
-                overwrite=overwrite,
-                guard=None if lock is None else lock.check,
+                token,
+                overwrite,
+                None if lock is None else lock.check,
+                start,
             )
         finally:
-            self._metrics_cache.pop(step, None)
-        nbytes = sum(r.size for r in manifest.files.values())
-        logger.info(
-            "saved step %d to %s (%d bytes in %.3f s)",
-            step,
-            self._url(step_dir_name(step)),
-            nbytes,
-            time.perf_counter() - start,
-        )
+            self._retainer.forget(step)
         self._last_saved_step = step
         self._last_save_time = time.monotonic()
         if signalled and self._watch is not None and self._watch.received is not None:
@@ -470,17 +401,8 @@ class CheckpointManager:
                     step,
                 )
             self._saved_since_signal = True
-        self._apply_retention(step)
+        self._retainer.apply(self._storage, self.retention, self.all_steps, step)
         return self._info(manifest)
-
-    def _finish_in_background(self, *args: Any) -> None:
-        if self.background_nice is not None:
-            _set_thread_nice(self.background_nice)
-        try:
-            self._finish(*args)
-        except BaseException as e:
-            logger.error("background save of step %d failed: %s", args[0], e)
-            self._error = e
 
     def wait(self) -> None:
         """Block until the save in flight (``async_save=True``) has committed.
@@ -488,46 +410,7 @@ class CheckpointManager:
         Raises:
             Exception: What the background save raised, if it failed (raised once).
         """
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            pending.join()
-        error, self._error = self._error, None
-        if error is not None:
-            raise error
-
-    def _committed_metrics(self, steps: list[int]) -> dict[int, Mapping[str, float | int]]:
-        """Each step's metrics, from its manifest (cached: manifests do not change)."""
-        for step in steps:
-            if step not in self._metrics_cache:
-                try:
-                    manifest = read_manifest(self._storage, step_dir_name(step))
-                except CheckpointError as e:
-                    logger.warning("cannot rank step %d for keep_best: %s", step, e)
-                    manifest = None
-                self._metrics_cache[step] = {} if manifest is None else manifest.metrics
-        return {step: self._metrics_cache[step] for step in steps}
-
-    def _apply_retention(self, just_saved: int) -> None:
-        """Delete what the retention rules drop; a failure is a warning, never a failed save."""
-        if self.retention.keeps_all:
-            return
-        try:
-            self._delete_dropped(just_saved)
-        except Exception as e:  # an unreadable root, a hostile manifest: the save stands
-            logger.warning(
-                "retention after step %d failed (the save stands; the next one retries): %s",
-                just_saved,
-                e,
-            )
-
-    def _delete_dropped(self, just_saved: int) -> None:
-        committed = self.all_steps()
-        metrics = self._committed_metrics(committed) if self.retention.keep_best else {}
-        for old in steps_to_delete(
-            committed, just_saved=just_saved, policy=self.retention, metrics=metrics
-        ):
-            self._metrics_cache.pop(old, None)
-            delete_checkpoint(self._storage, old, str(self.retention))
+        self._saver.wait()
 
     # ----------------------------------------------------------------- restore
 
@@ -593,7 +476,7 @@ class CheckpointManager:
         check_map_location(map_location)
         for name in items:
             check_item_name(name, RESERVED_NAMES)
-        _check_flags(
+        check_flags(
             strict=strict,
             rng=rng,
             verify=verify,
@@ -794,14 +677,6 @@ class CheckpointManager:
 
 RESERVED_NAMES = reserved_names(CheckpointManager.save, CheckpointManager.restore)
 """Option names of ``save`` and ``restore``, which no item may take."""
-
-
-def _set_thread_nice(nice: int) -> None:
-    """Set the calling thread's CPU niceness (Linux applies it per thread)."""
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
-    except (AttributeError, OSError) as e:  # not Linux, or lowering it is not permitted
-        logger.debug("the background writer keeps its CPU priority: %s", e)
 
 
 def _release_quietly(lock: WriterLock) -> None:

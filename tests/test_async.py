@@ -16,6 +16,7 @@ from helpers import small_model
 import ckpt
 import ckpt.commit
 import ckpt.io.write
+import ckpt.saving
 
 
 @pytest.fixture
@@ -155,13 +156,13 @@ def test_should_stop_waits_for_the_save_requested_after_a_signal(tmp_path):
 
 def _writer_niceness(tmp_path, monkeypatch, **kwargs) -> int:
     seen: list[int] = []
-    original = ckpt.manager.commit_checkpoint
+    original = ckpt.saving.commit_checkpoint
 
     def record(*args, **kw):
         seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
         return original(*args, **kw)
 
-    monkeypatch.setattr(ckpt.manager, "commit_checkpoint", record)
+    monkeypatch.setattr(ckpt.saving, "commit_checkpoint", record)
     with ckpt.CheckpointManager(tmp_path, async_save=True, **kwargs) as mgr:
         mgr.save(1, model=small_model())
     return seen[0]

@@ -18,7 +18,7 @@ from helpers import write_manifest
 
 import ckpt
 import ckpt.format.bounds
-import ckpt.manager
+import ckpt.retaining
 from ckpt.errors import CorruptCheckpointError
 from ckpt.format import (
     MANIFEST_NAME,
@@ -182,7 +182,7 @@ def test_a_retention_failure_is_a_warning_and_later_saves_work(tmp_path, monkeyp
     def broken(*args, **kwargs):
         raise OverflowError("int too large to convert to float")
 
-    monkeypatch.setattr(ckpt.manager, "steps_to_delete", broken)
+    monkeypatch.setattr(ckpt.retaining, "steps_to_delete", broken)
     with caplog.at_level(logging.WARNING, logger="ckpt"):
         info = mgr.save(2, data={"v": 2}, rng=False)
         mgr.save(3, data={"v": 3}, rng=False)

@@ -1,0 +1,172 @@
+"""The save pipeline: validate -> capture -> layout -> commit, and the background saver."""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import secrets
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from datetime import datetime, timezone
+from typing import Any
+
+import torch
+
+from ckpt import _version
+from ckpt.commit import commit_checkpoint, file_token, remove_leftovers
+from ckpt.format import Manifest, step_dir_name
+from ckpt.items import assemble_manifest, capture, check_flags, check_item_name
+from ckpt.limits import check_metrics
+from ckpt.optim import module_param_names
+from ckpt.rng import RNG_ITEM, RandomStreams
+from ckpt.storage import Storage
+
+__all__ = ["Saver", "capture_save", "check_save_args"]
+
+logger = logging.getLogger(__name__)
+
+Files = dict[str, dict[str, torch.Tensor]]
+"""Tensors to write: ``{file name: {tensor name: tensor}}``."""
+
+
+def check_save_args(
+    step: int,
+    epoch: int | None,
+    metrics: Mapping[str, float | int] | None,
+    rng: bool,
+    overwrite: bool,
+    items: Mapping[str, Any],
+    reserved: Iterable[str],
+) -> tuple[str, dict[str, float | int]]:
+    """Validate ``save``'s arguments; return the step's directory name and the checked metrics.
+
+    Raises:
+        TypeError: A flag is not a bool, or an item name is not a string.
+        ValueError: A bad step, epoch, metric or item name, or no item at all.
+    """
+    step_name = step_dir_name(step)
+    if epoch is not None and (isinstance(epoch, bool) or not isinstance(epoch, int)):
+        raise ValueError(f"epoch must be an int or None, got {epoch!r}")
+    checked_metrics = check_metrics(metrics)
+    check_flags(rng=rng, overwrite=overwrite)
+    if not items:
+        raise ValueError("save() needs at least one item, e.g. save(step, model=model)")
+    for name in items:
+        check_item_name(name, reserved)
+    return step_name, checked_metrics
+
+
+def capture_save(
+    storage: Storage,
+    step: int,
+    epoch: int | None,
+    metrics: dict[str, float | int],
+    rng: bool,
+    overwrite: bool,
+    items: dict[str, Any],
+) -> tuple[Files, Manifest, str]:
+    """Capture every item (and the random streams when ``rng``) and lay out its files.
+
+    Returns:
+        The files to write, the manifest describing them, and the save's token.
+    """
+    if rng:
+        items[RNG_ITEM] = RandomStreams()
+    modules = {n: o for n, o in items.items() if isinstance(o, torch.nn.Module)}
+    param_names = module_param_names(modules)
+    captured = {name: capture(name, obj, param_names) for name, obj in items.items()}
+    token = secrets.token_hex(4)
+    files, manifest = assemble_manifest(
+        step,
+        epoch,
+        metrics,
+        captured,
+        created_at=datetime.now(timezone.utc).isoformat(timespec="microseconds"),
+        versions={
+            "ckpt": _version.__version__,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+        },
+        file_token=file_token(storage, token, overwrite=overwrite),
+    )
+    return files, manifest, token
+
+
+class Saver:
+    """Writes and commits checkpoints; runs at most one save in a background thread.
+
+    A failure in the background is kept and raised by the next ``wait()``.
+    Not thread-safe: one caller drives it, one save in flight at a time.
+    """
+
+    def __init__(self) -> None:
+        self.pending: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._leftovers_checked = False
+
+    def commit(
+        self,
+        storage: Storage,
+        step: int,
+        files: Files,
+        manifest: Manifest,
+        token: str,
+        overwrite: bool,
+        guard: Callable[[], None] | None,
+        start: float,
+    ) -> Manifest:
+        """Write and commit one checkpoint, and log it; return the committed manifest."""
+        if not self._leftovers_checked:
+            self._leftovers_checked = True  # once per manager: crashed writers' leftovers
+            remove_leftovers(storage)
+        manifest = commit_checkpoint(
+            storage, step, files, manifest, token=token, overwrite=overwrite, guard=guard
+        )
+        nbytes = sum(r.size for r in manifest.files.values())
+        logger.info(
+            "saved step %d to %s (%d bytes in %.3f s)",
+            step,
+            storage.url_of(step_dir_name(step)),
+            nbytes,
+            time.perf_counter() - start,
+        )
+        return manifest
+
+    def start(
+        self, step: int, finish: Callable[..., object], args: tuple[Any, ...], nice: int | None
+    ) -> None:
+        """Run ``finish(*args)`` (the save of ``step``) in a background thread at ``nice``."""
+        self.pending = threading.Thread(
+            target=self._run, args=(step, finish, args, nice), name=f"ckpt-save-{step}"
+        )
+        self.pending.start()
+
+    def _run(
+        self, step: int, finish: Callable[..., object], args: tuple[Any, ...], nice: int | None
+    ) -> None:
+        if nice is not None:
+            _set_thread_nice(nice)
+        try:
+            finish(*args)
+        except BaseException as e:
+            logger.error("background save of step %d failed: %s", step, e)
+            self._error = e
+
+    def wait(self) -> None:
+        """Block until the save in flight has finished; raise what it raised (once)."""
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            pending.join()
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
+
+
+def _set_thread_nice(nice: int) -> None:
+    """Set the calling thread's CPU niceness (Linux applies it per thread)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+    except (AttributeError, OSError) as e:  # not Linux, or lowering it is not permitted
+        logger.debug("the background writer keeps its CPU priority: %s", e)
