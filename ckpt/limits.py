@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from ckpt.tree import check_text
+
 __all__ = [
     "MAX_BYTES",
     "MAX_STEP",
@@ -78,9 +80,21 @@ def _plain_number(given: object) -> object:
     if isinstance(given, numbers.Real):
         return float(given)
     item, size = getattr(given, "item", None), getattr(given, "size", None)
-    if callable(item) and size == 1:  # a 1-element NumPy array
-        return item()
+    if callable(item) and size == 1:  # a 1-element NumPy array (its item may be a NumPy scalar)
+        scalar = item()
+        return scalar if scalar is given else _plain_number(scalar)
     return given
+
+
+def _finite_in_own_type(given: Any) -> bool:
+    """Whether ``given`` is finite compared in its own type (a ``longdouble``, an array).
+
+    NaN compares false, so only a finite value is below infinity.
+    """
+    try:
+        return bool(abs(given) < math.inf)
+    except (TypeError, ValueError, ArithmeticError):
+        return False
 
 
 def _is_boolean(value: object) -> bool:
@@ -93,13 +107,15 @@ def check_metrics(metrics: Mapping[str, Any] | None) -> dict[str, float | int]:
     Python ``int`` and ``float``, NumPy scalars and 1-element tensors or arrays
     are accepted; ints are kept as ints. NaN and the infinities are float64
     values and are kept (a loss overflows now and then; the save must not fail
-    for it), but never rank in ``keep_best``. ``bool`` and ints beyond float64's
-    range are refused.
+    for it), but never rank in ``keep_best``. ``bool``, ints beyond float64's
+    range and values finite in their own type (a NumPy ``longdouble``, a
+    ``Decimal``) that float64 cannot hold are refused, and so are names that are
+    not valid Unicode text (a lone surrogate cannot be encoded as UTF-8).
 
     Raises:
-        TypeError: ``metrics`` is not a mapping, a key is not a ``str``, or a value is
-            not a number.
-        ValueError: A value is an int too large for float64.
+        TypeError: ``metrics`` is not a mapping, a key is not a ``str`` (or not valid
+            Unicode text), or a value is not a number.
+        ValueError: A value is finite but too large for float64.
     """
     if metrics is None:
         return {}
@@ -107,7 +123,12 @@ def check_metrics(metrics: Mapping[str, Any] | None) -> dict[str, float | int]:
         raise TypeError(f"metrics must be a dict of numbers, got {type(metrics).__name__}")
     out: dict[str, float | int] = {}
     for key, given in metrics.items():
-        value = _plain_number(given)
+        if isinstance(key, str):
+            check_text(key, f"the metric name {key!r}")
+        try:
+            value = _plain_number(given)
+        except OverflowError:  # a Fraction, say, beyond float64's range
+            raise _out_of_range(key, f"a {type(given).__name__} beyond float64's range") from None
         if (
             not isinstance(key, str)
             or isinstance(value, bool)
@@ -115,12 +136,19 @@ def check_metrics(metrics: Mapping[str, Any] | None) -> dict[str, float | int]:
         ):
             raise TypeError(f"metrics[{key!r}] must be a number with a str key, got {given!r}")
         if isinstance(value, int) and float64_value(value) is None:
-            raise ValueError(
-                f"metrics[{key!r}] must be a number that float64 can hold, got "
-                f"{_short(value)}; store it in an item instead, or leave it out"
-            )
+            raise _out_of_range(key, _short(value))
+        # finite as given (a longdouble, say), infinite only once made a float64:
+        if isinstance(value, float) and not math.isfinite(value) and _finite_in_own_type(given):
+            raise _out_of_range(key, f"a finite {type(given).__name__} beyond float64's range")
         out[key] = value
     return out
+
+
+def _out_of_range(key: str, what: str) -> ValueError:
+    return ValueError(
+        f"metrics[{key!r}] must be a number that float64 can hold, got {what}; "
+        "store it in an item instead, or leave it out"
+    )
 
 
 def _short(value: int) -> str:

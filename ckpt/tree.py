@@ -53,6 +53,7 @@ from ckpt.errors import CorruptCheckpointError
 __all__ = [
     "Json",
     "KeyPath",
+    "check_text",
     "flatten",
     "format_key_path",
     "loads_strict",
@@ -112,6 +113,23 @@ def tensor_name(prefix: str, path: KeyPath, *, in_sequence: tuple[bool, ...] | N
         else:
             parts.append(f"#{key}")
     return "/".join(parts)
+
+
+def check_text(text: str, what: str) -> None:
+    """Raise ``TypeError`` unless ``text`` can be encoded as UTF-8 (no lone surrogates).
+
+    ``what`` names the string in the message. ASCII text is accepted without an
+    encode attempt.
+    """
+    if text.isascii():
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise TypeError(
+            f"cannot store {what}: it is not valid Unicode text (it holds the lone surrogate "
+            f"{text[e.start]!r} at index {e.start}, which cannot be encoded as UTF-8)"
+        ) from None
 
 
 def format_key_path(prefix: str, path: KeyPath) -> str:
@@ -194,7 +212,10 @@ def flatten(value: Any, prefix: str) -> tuple[Json, dict[str, torch.Tensor]]:
     seen: dict[tuple[Any, ...], str] = {}
 
     def visit(obj: Any, path: KeyPath, seq: tuple[bool, ...]) -> Json:
-        if obj is None or isinstance(obj, (bool, str)):
+        if isinstance(obj, str):
+            check_text(obj, f"the string at {format_key_path(prefix, path)}")
+            return obj
+        if obj is None or isinstance(obj, bool):
             return obj
         if isinstance(obj, int):
             return int(obj)
@@ -232,6 +253,8 @@ def flatten(value: Any, prefix: str) -> tuple[Json, dict[str, torch.Tensor]]:
                     f"cannot store dict key {key!r} of type {type(key).__qualname__} at "
                     f"{format_key_path(prefix, path)}; only str and int keys are supported"
                 )
+            if isinstance(key, str):
+                check_text(key, f"the dict key {key!r} at {format_key_path(prefix, path)}")
         items = [(key, visit(v, (*path, key), (*seq, False))) for key, v in obj.items()]
         if all(isinstance(key, str) and not key.startswith("$") for key in obj):
             return dict(items)

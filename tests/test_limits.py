@@ -445,3 +445,51 @@ def test_a_state_too_large_for_a_manifest_is_refused_at_save(tmp_path, monkeypat
     with pytest.raises(ValueError, match="bytes"):
         mgr.save(2, data={"x": "y" * 10_000}, rng=False)
     assert mgr.all_steps() == [1] and entries(tmp_path) == [".ckpt-writer.lock", step_dir_name(1)]
+
+
+_LONGDOUBLE_WIDER = np.finfo(np.longdouble).max > np.finfo(np.float64).max
+_HUGE_LONGDOUBLE = np.longdouble(1e300) * np.longdouble(1e300) if _LONGDOUBLE_WIDER else None
+
+
+@pytest.mark.skipif(not _LONGDOUBLE_WIDER, reason="longdouble is float64 on this platform")
+@pytest.mark.parametrize(
+    "given",
+    [
+        pytest.param(_HUGE_LONGDOUBLE, id="longdouble"),
+        pytest.param(-_HUGE_LONGDOUBLE if _LONGDOUBLE_WIDER else None, id="-longdouble"),
+        pytest.param(np.array([_HUGE_LONGDOUBLE]), id="longdouble-array"),
+    ],
+)
+def test_a_finite_metric_that_float64_cannot_hold_is_refused_not_stored_as_inf(tmp_path, given):
+    mgr = ckpt.CheckpointManager(tmp_path)
+    with pytest.raises(ValueError, match=r"metrics\['m'\].*finite.*beyond float64's range"):
+        mgr.save(1, metrics={"m": given}, data={"v": 1})
+    assert entries(tmp_path) == [] and mgr.all_steps() == []
+
+
+def test_a_metric_past_float64_in_any_real_type_is_refused():
+    from fractions import Fraction
+
+    with pytest.raises(ValueError, match=r"metrics\['m'\].*Fraction beyond float64's range"):
+        check_metrics({"m": Fraction(10**400, 3)})
+
+
+@pytest.mark.parametrize(
+    "given",
+    [np.longdouble("inf"), -np.longdouble("inf"), np.longdouble("nan"), np.float16("inf")],
+)
+def test_a_metric_already_inf_or_nan_in_its_own_type_is_kept(given):
+    """A GradScaler overflow step logs an inf loss: that must still save."""
+    stored = check_metrics({"m": given})["m"]
+    assert type(stored) is float and not math.isfinite(stored)
+    assert math.isnan(stored) == bool(np.isnan(given))
+
+
+@pytest.mark.parametrize("async_save", [False, True])
+def test_a_metric_name_that_is_not_valid_unicode_is_refused_at_save(tmp_path, async_save):
+    mgr = ckpt.CheckpointManager(tmp_path, async_save=async_save)
+    with pytest.raises(TypeError, match=r"metric name 'loss\\ud800'.*not valid Unicode"):
+        mgr.save(1, metrics={"loss\ud800": 1.0}, data={"v": 1})
+    mgr.close()
+    assert entries(tmp_path) == [] and mgr.all_steps() == []
+    assert check_metrics({"lössé": 1.0}) == {"lössé": 1.0}  # non-ASCII text is fine

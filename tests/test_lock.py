@@ -98,3 +98,38 @@ def test_a_forked_child_refuses_to_save_and_closes_nothing_it_does_not_own(tmp_p
     with pytest.raises(ckpt.CheckpointLockedError):
         ckpt.CheckpointManager(tmp_path).save(3, data=state(3))
     mgr.close()
+
+
+def test_a_lock_file_hard_linked_to_a_file_outside_the_root_is_left_untouched(tmp_path):
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    victim = outside / "victim"
+    victim.write_bytes(b"IMPORTANT DATA, must not change\n" * 3)
+    before = victim.read_bytes()
+    os.link(victim, root / LOCK_NAME)
+    manager = ckpt.CheckpointManager(root)
+    with pytest.raises(ckpt.CheckpointWriteError, match="2 hard links") as info:
+        manager.save(0, data=state(0))
+    assert info.value.path is not None and LOCK_NAME in str(info.value.path)
+    assert "nothing was written" in str(info.value)
+    assert victim.read_bytes() == before
+    assert manager.all_steps() == []
+    manager.close()
+
+
+def test_the_lock_file_is_never_opened_with_o_trunc(tmp_path, monkeypatch):
+    from ckpt.storage.syscalls import SYSCALLS
+
+    flags: list[int] = []
+    real_open = SYSCALLS.open
+
+    def spy(path, flag, *args, **kwargs):
+        if os.fsdecode(path) == LOCK_NAME:
+            flags.append(flag)
+        return real_open(path, flag, *args, **kwargs)
+
+    monkeypatch.setattr(SYSCALLS, "open", spy)
+    with ckpt.CheckpointManager(tmp_path) as manager:
+        manager.save(0, data=state(0))
+    assert flags and all(not flag & os.O_TRUNC for flag in flags)

@@ -283,3 +283,30 @@ def test_parameters_and_grads_round_trip_exactly(value):
     assert_same_state(back, value)
     for key, t in value.items():
         assert type(back[key]) is type(t) and back[key].requires_grad == t.requires_grad, key
+
+
+@pytest.mark.parametrize(
+    ("state", "where"),
+    [
+        ({"a": "\ud800"}, r"string at data\['a'\]"),
+        ({"a": ["ok", "x\udfffy"]}, r"string at data\['a'\]\[1\]"),
+        ({"a": {"k\ud800": 1}}, r"dict key 'k\\ud800' at data\['a'\]"),
+        ({"a": {0: 1, "\ud83d": 2}}, r"dict key '\\ud83d' at data\['a'\]"),
+        ({"a": ("é", "\udc80")}, r"string at data\['a'\]\[1\]"),
+    ],
+)
+def test_a_string_that_is_not_valid_unicode_is_refused_when_flattened(state, where):
+    with pytest.raises(TypeError, match=where + r".*not valid Unicode text.*UTF-8"):
+        flatten(state, "data")
+
+
+@pytest.mark.parametrize("async_save", [False, True])
+def test_a_lone_surrogate_is_refused_at_save_before_anything_is_written(tmp_path, async_save):
+    mgr = ckpt.CheckpointManager(tmp_path, async_save=async_save)
+    with pytest.raises(TypeError, match=r"data\['k'\].*not valid Unicode"):
+        mgr.save(1, data={"k": "\ud800"}, rng=False)
+    mgr.save(2, data={"k": "fine: ünïcode ✓ \U0001f600"}, rng=False)
+    mgr.wait()
+    assert mgr.all_steps() == [2]
+    assert mgr.read(2)["data"]["k"] == "fine: ünïcode ✓ \U0001f600"
+    mgr.close()

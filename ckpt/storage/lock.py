@@ -67,6 +67,15 @@ def _not_regular(full: str) -> CheckpointWriteError:
     )
 
 
+def _shared(full: str, links: int) -> CheckpointWriteError:
+    return CheckpointWriteError(
+        f"cannot take the writer lock: the lock file has {links} hard links, so writing the "
+        "holder into it would change a file elsewhere (possibly outside the root); ckpt "
+        "refuses to write through a shared file (remove it); nothing was written",
+        path=full,
+    )
+
+
 def take_flock(storage: LocalStorage, name: str, owner: str) -> WriterLock:
     """Take the exclusive writer lock ``name`` in ``storage``'s root, failing at once if held.
 
@@ -90,6 +99,8 @@ def take_flock(storage: LocalStorage, name: str, owner: str) -> WriterLock:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise _not_regular(full)
+        if info.st_nlink > 1:  # opened without O_TRUNC: nothing is written before this
+            raise _shared(full, info.st_nlink)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as e:
