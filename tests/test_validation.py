@@ -232,6 +232,13 @@ MALFORMED = [
     ("opt-exp-avg-shape", _exp_avg_of_another_param, "optimizer.state[0]['exp_avg']"),
     ("opt-value-dict", _param("exp_avg_sq", {"a": 1}), "optimizer.state[0]['exp_avg_sq']"),
     ("opt-foreign-key", _momentum_in_adamw, "optimizer.state[0]"),
+    ("opt-step-beyond-float64", _param("step", 10**400), "optimizer.state[0]['step']"),
+    ("opt-lr-beyond-float64", _set(_group, "lr", 10**400), "optimizer.param_groups[0]['lr']"),
+    (
+        "opt-betas-beyond-float64",
+        _set(_group, "betas", {"$tuple": [0.9, -(10**400)]}),
+        "optimizer.param_groups[0]['betas'][1]",
+    ),
     ("opt-index-unknown", _state_keyed_by(99), "optimizer.state[99]"),
     ("opt-index-str", _state_keyed_by("0"), "optimizer.state['0']"),
     (

@@ -182,6 +182,13 @@ def _as_float(value: float) -> float | None:
     return number if math.isfinite(number) else None
 
 
+def _short_number(value: float) -> str:
+    """A number for a message: huge ints by their size (their digits could be thousands)."""
+    if isinstance(value, int) and value.bit_length() > 64:
+        return f"an int of {value.bit_length()} bits"
+    return repr(value)
+
+
 def _scaler_range_problems(state: Mapping[str, Any]) -> dict[str, str]:
     """Each scaler field outside what torch can store (checked after the types).
 
@@ -235,7 +242,8 @@ class ScalerKind(StatefulKind):
                 )
         for key, problem in _scaler_range_problems(state).items():
             raise CorruptCheckpointError(
-                f"GradScaler {key} {problem}, got {state[key]!r}", key=f"{name}.{key}"
+                f"GradScaler {key} {problem}, got {_short_number(state[key])}",
+                key=f"{name}.{key}",
             )
 
     def check_live(self, plan: ItemPlan) -> None:
