@@ -306,6 +306,12 @@ MALFORMED = [
     # dicts: the saved tree itself
     ("dict-unknown-tag", _set(lambda d: _state(d, "extra"), "best", {"$pickle": "x"}), "best"),
     (
+        "dict-refers-to-its-pack",
+        _set(lambda d: _state(d, "packed"), "t5", _tensor_ref("packed/#pack")),
+        "['t5']",
+    ),
+    ("module-refers-to-a-pack", _module("0.weight", _tensor_ref("packed/#pack")), "['0.weight']"),
+    (
         "dict-unknown-tensor",
         _set(lambda d: _state(d, "extra"), "best", _tensor_ref("nope")),
         "best",
@@ -398,3 +404,38 @@ def test_a_state_that_does_not_fit_is_refused_before_anything_changes(saved, tmp
         _restore_all(ckpt.CheckpointManager(root), live)
     assert key in str(restored.value.key), restored.value
     assert_same_state(everything(live), before)
+
+
+def test_a_reference_to_a_pack_is_corruption_for_read_too(saved, tmp_path):
+    root = tmp_path / "root"
+    shutil.copytree(saved, root)
+    manifest = root / step_dir_name(STEP) / MANIFEST_NAME
+    doc = read_manifest_doc(manifest)
+    _state(doc, "packed")["t5"] = _tensor_ref("packed/#pack")
+    write_manifest(manifest, doc)
+    with pytest.raises(ckpt.CorruptCheckpointError, match="refers to the pack") as info:
+        ckpt.CheckpointManager(root).read(STEP)
+    assert info.value.key == "packed['t5']"
+
+
+def test_asgd_eta_beyond_float64_is_refused_before_anything_changes(tmp_path):
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.ASGD(model.parameters(), t0=1)
+    model(torch.ones(1, 2)).sum().backward()
+    optimizer.step()
+    with ckpt.CheckpointManager(tmp_path) as mgr:
+        mgr.save(0, model=model, optimizer=optimizer, rng=False)
+    manifest = tmp_path / step_dir_name(0) / MANIFEST_NAME
+    doc = read_manifest_doc(manifest)
+    _param_state(doc)["eta"] = 10**400
+    write_manifest(manifest, doc)
+    live_model = torch.nn.Linear(2, 2)
+    live_opt = torch.optim.ASGD(live_model.parameters(), t0=1)
+    before = copy.deepcopy((live_model.state_dict(), live_opt.state_dict()))
+    mgr = ckpt.CheckpointManager(tmp_path)
+    with pytest.raises(ckpt.CorruptCheckpointError) as info:
+        mgr.restore(model=live_model, optimizer=live_opt, rng=False)
+    assert "optimizer.state[0]['eta']" in str(info.value.key)
+    assert_same_state((live_model.state_dict(), live_opt.state_dict()), before)
+    with pytest.raises(ckpt.CorruptCheckpointError, match="float64"):
+        mgr.verify(0)
