@@ -21,7 +21,7 @@ from ckpt.errors import CorruptCheckpointError
 from ckpt.format import PACK_SUFFIX, ItemRecord, Manifest, TensorRecord, item_file_name
 from ckpt.kinds import Captured, Stateful, kind_of
 from ckpt.tensorfile import dtype_name, pack_tensors
-from ckpt.tree import Json, KeyPath, tensors_by_path, unflatten, unflatten_at
+from ckpt.tree import Json, KeyPath, format_key_path, tensors_by_path, unflatten, unflatten_at
 
 __all__ = [
     "PACK_MAX_BYTES",
@@ -113,8 +113,18 @@ def capture(name: str, obj: Any, param_names: Mapping[int, str]) -> Captured:
 
 
 def build_state(record: ItemRecord, tensors: Mapping[str, torch.Tensor], name: str) -> Any:
-    """Decode an item's saved tree with ``tensors`` (modules: ``OrderedDict`` with metadata)."""
-    state = unflatten(record.state, tensors)
+    """Decode an item's saved tree with ``tensors`` (modules: ``OrderedDict`` with metadata).
+
+    ``tensors`` holds the state tensors, never packs: a reference to a name it lacks
+    that is a pack's is reported as such, naming the item and key path.
+    """
+
+    def lookup(tensor_name: str, path: KeyPath) -> torch.Tensor:
+        if tensor_name not in tensors and tensor_name.endswith(PACK_SUFFIX):
+            raise _pack_reference(tensor_name, name, path)
+        return tensors[tensor_name]  # KeyError: reported with the key path
+
+    state = unflatten_at(record.state, lookup)
     if record.kind == "module":
         if not isinstance(state, dict):
             raise CorruptCheckpointError("module state is not a dict", key=name)
@@ -139,7 +149,19 @@ def check_stored_dtype(name: str, record: TensorRecord) -> None:
         ) from e
 
 
-def skeleton(tree: Json, records: Mapping[str, TensorRecord]) -> tuple[Any, dict[int, str]]:
+def _pack_reference(name: str, item: str, path: KeyPath) -> CorruptCheckpointError:
+    """A state tree refers to a pack: an internal container of small tensors, never a value."""
+    where = f"item {item!r} " if item else ""
+    return CorruptCheckpointError(
+        f"malformed state tree: {where}refers to the pack {name!r}, which holds other "
+        "tensors and is no value of any state",
+        key=format_key_path(item, path),
+    )
+
+
+def skeleton(
+    tree: Json, records: Mapping[str, TensorRecord], item: str = ""
+) -> tuple[Any, dict[int, str]]:
     """Decode a state tree with a meta tensor of the right dtype and shape for each stored tensor.
 
     Returns:
@@ -147,14 +169,18 @@ def skeleton(tree: Json, records: Mapping[str, TensorRecord]) -> tuple[Any, dict
         first-reference order.
 
     Raises:
-        CorruptCheckpointError: The tree is malformed, names an unlisted tensor, or
-            one of a dtype ckpt never writes.
+        CorruptCheckpointError: The tree is malformed, names an unlisted tensor, a
+            pack (format v2's container of small tensors) or a tensor of a dtype ckpt
+            never writes; the key names the path (after ``item``, when given).
     """
     cache: dict[str, torch.Tensor] = {}
     names_at: dict[KeyPath, str] = {}
+    packs = {r.pack for r in records.values() if r.pack is not None}
 
     def placeholder(name: str, path: KeyPath) -> torch.Tensor:
         names_at[path] = name
+        if name in packs or (name.endswith(PACK_SUFFIX) and name not in records):
+            raise _pack_reference(name, item, path)
         if name not in cache:
             record = records[name]  # KeyError: reported by unflatten with the key path
             check_stored_dtype(name, record)

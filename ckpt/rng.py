@@ -109,11 +109,13 @@ def check_rng_state(state: object, *, live: bool = True) -> None:
     """
     if not isinstance(state, dict):
         raise _fail("", "must be a dict")
-    for key in ("rank", "world_size"):
-        if not _is_int(state.get(key)) or state[key] < 0:
-            raise _fail(key, "must be a non-negative int")
+    if not _is_int(state.get("world_size")) or state["world_size"] < 1:
+        raise _fail("world_size", "must be a positive int")
+    if not _is_int(state.get("rank")) or not 0 <= state["rank"] < state["world_size"]:
+        raise _fail("rank", f"must be an int in [0, world_size={state['world_size']})")
     if not live:
         _check_streams(state)
+        _check_plain_values(state)
         return
     rank, world_size = _process_rank()
     if state["rank"] != rank:
@@ -129,6 +131,7 @@ def check_rng_state(state: object, *, live: bool = True) -> None:
             world_size,
         )
     _check_streams(state)
+    _check_plain_values(state)
     live_size = torch.get_rng_state().numel()
     if state["torch"].numel() != live_size:
         raise IncompatibleCheckpointError(
@@ -172,6 +175,39 @@ def _check_streams(state: dict[str, Any]) -> None:
             raise _fail("cuda", "must be a list of per-device states")
         for index, device_state in enumerate(cuda):
             _check_bytes(f"cuda.#{index}", device_state)
+
+
+def _check_plain_values(state: Mapping[str, Any]) -> None:
+    """Dry-run the states that need no tensor data (Python's and NumPy's) on scratch generators.
+
+    Run by :func:`check_rng_state`, so ``verify()`` refuses what restore would refuse.
+    """
+    python = state["python"]
+    try:
+        random.Random().setstate(
+            (python["version"], tuple(python["internal"]), python["gauss_next"])
+        )
+    except (ValueError, TypeError, OverflowError) as e:
+        raise _fail("python", f"is refused by Python: {e}") from e
+    numpy_state = state.get("numpy")
+    if numpy_state is None:
+        return
+    try:
+        import numpy  # noqa: PLC0415 - optional, imported only when a state needs it
+    except ImportError:
+        return
+    try:
+        numpy.random.RandomState().set_state(
+            (
+                numpy_state["bit_generator"],
+                numpy.array(numpy_state["key"], dtype=numpy.uint32),
+                numpy_state["pos"],
+                numpy_state["has_gauss"],
+                numpy_state["gauss"],
+            )
+        )
+    except (ValueError, TypeError, OverflowError) as e:
+        raise _fail("numpy", f"is refused by NumPy: {e}") from e
 
 
 def check_rng_values(state: Mapping[str, Any]) -> None:

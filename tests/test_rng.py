@@ -163,7 +163,12 @@ def corrupt(state: dict, path: str, value) -> dict:
             "rng.cuda.#0",
         ),
         ("rank", -1, ckpt.CorruptCheckpointError, "rng.rank"),
-        ("rank", 1, ckpt.IncompatibleCheckpointError, "rng.rank"),
+        # saved with world size 1, so rank 1 does not exist (another rank's streams:
+        # test_a_rank_restores_only_its_own_streams)
+        ("rank", 1, ckpt.CorruptCheckpointError, "rng.rank"),
+        ("world_size", 0, ckpt.CorruptCheckpointError, "rng.world_size"),
+        ("world_size", -2, ckpt.CorruptCheckpointError, "rng.world_size"),
+        ("python.version", 4, ckpt.CorruptCheckpointError, "rng.python"),
     ],
 )
 def test_bad_states_are_refused_naming_the_part(path, value, error, key):

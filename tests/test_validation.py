@@ -232,6 +232,13 @@ MALFORMED = [
     ("opt-exp-avg-shape", _exp_avg_of_another_param, "optimizer.state[0]['exp_avg']"),
     ("opt-value-dict", _param("exp_avg_sq", {"a": 1}), "optimizer.state[0]['exp_avg_sq']"),
     ("opt-foreign-key", _momentum_in_adamw, "optimizer.state[0]"),
+    ("opt-step-beyond-float64", _param("step", 10**400), "optimizer.state[0]['step']"),
+    ("opt-lr-beyond-float64", _set(_group, "lr", 10**400), "optimizer.param_groups[0]['lr']"),
+    (
+        "opt-betas-beyond-float64",
+        _set(_group, "betas", {"$tuple": [0.9, -(10**400)]}),
+        "optimizer.param_groups[0]['betas'][1]",
+    ),
     ("opt-index-unknown", _state_keyed_by(99), "optimizer.state[99]"),
     ("opt-index-str", _state_keyed_by("0"), "optimizer.state['0']"),
     (
@@ -267,12 +274,26 @@ MALFORMED = [
     ("rng-numpy-pos", _rng(["numpy", "pos"], 10**6), "rng.numpy.pos"),
     ("rng-unknown-key", _rng(["junk"], 1), "rng."),
     ("rng-rank-negative", _rng(["rank"], -1), "rng.rank"),
+    ("rng-world-size-zero", _rng(["world_size"], 0), "rng.world_size"),
+    ("rng-rank-past-world", _rng(["rank"], 1), "rng.rank"),
+    ("rng-python-version-4", _rng(["python", "version"], 4), "rng.python"),
+    ("rng-numpy-has-gauss-huge", _rng(["numpy", "has_gauss"], 10**30), "rng.numpy"),
     # gradient scaler
     ("scaler-scale-str", _scaler("scale", "big"), "scaler.scale"),
     ("scaler-interval-float", _scaler("growth_interval", 2.5), "scaler.growth_interval"),
     ("scaler-tracker-bool", _scaler("_growth_tracker", False), "scaler._growth_tracker"),
     ("scaler-missing-key", _delete(lambda d: _state(d, "scaler"), "_growth_tracker"), "scaler"),
     ("scaler-extra-key", _scaler("junk", 1.0), "scaler"),
+    ("scaler-scale-1e300", _scaler("scale", 1e300), "scaler.scale"),
+    ("scaler-scale-int-10e40", _scaler("scale", 10**40), "scaler.scale"),
+    ("scaler-scale-int-10e400", _scaler("scale", 10**400), "scaler.scale"),
+    ("scaler-scale-zero", _scaler("scale", 0.0), "scaler.scale"),
+    ("scaler-growth-factor-one", _scaler("growth_factor", 1.0), "scaler.growth_factor"),
+    ("scaler-backoff-two", _scaler("backoff_factor", 2.0), "scaler.backoff_factor"),
+    ("scaler-tracker-int32", _scaler("_growth_tracker", 2**31), "scaler._growth_tracker"),
+    ("scaler-tracker-negative", _scaler("_growth_tracker", -1), "scaler._growth_tracker"),
+    ("scaler-interval-huge", _scaler("growth_interval", 10**400), "scaler.growth_interval"),
+    ("scaler-interval-zero", _scaler("growth_interval", 0), "scaler.growth_interval"),
     # sampler
     ("sampler-position-past-end", _sampler("position", 11), "sampler.position"),
     ("sampler-epoch-negative", _sampler("epoch", -1), "sampler.epoch"),
@@ -284,6 +305,12 @@ MALFORMED = [
     ("scheduler-int-key", _replace("scheduler", {"$dict": [[0, 1]]}), "scheduler"),
     # dicts: the saved tree itself
     ("dict-unknown-tag", _set(lambda d: _state(d, "extra"), "best", {"$pickle": "x"}), "best"),
+    (
+        "dict-refers-to-its-pack",
+        _set(lambda d: _state(d, "packed"), "t5", _tensor_ref("packed/#pack")),
+        "['t5']",
+    ),
+    ("module-refers-to-a-pack", _module("0.weight", _tensor_ref("packed/#pack")), "['0.weight']"),
     (
         "dict-unknown-tensor",
         _set(lambda d: _state(d, "extra"), "best", _tensor_ref("nope")),
@@ -377,3 +404,38 @@ def test_a_state_that_does_not_fit_is_refused_before_anything_changes(saved, tmp
         _restore_all(ckpt.CheckpointManager(root), live)
     assert key in str(restored.value.key), restored.value
     assert_same_state(everything(live), before)
+
+
+def test_a_reference_to_a_pack_is_corruption_for_read_too(saved, tmp_path):
+    root = tmp_path / "root"
+    shutil.copytree(saved, root)
+    manifest = root / step_dir_name(STEP) / MANIFEST_NAME
+    doc = read_manifest_doc(manifest)
+    _state(doc, "packed")["t5"] = _tensor_ref("packed/#pack")
+    write_manifest(manifest, doc)
+    with pytest.raises(ckpt.CorruptCheckpointError, match="refers to the pack") as info:
+        ckpt.CheckpointManager(root).read(STEP)
+    assert info.value.key == "packed['t5']"
+
+
+def test_asgd_eta_beyond_float64_is_refused_before_anything_changes(tmp_path):
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.ASGD(model.parameters(), t0=1)
+    model(torch.ones(1, 2)).sum().backward()
+    optimizer.step()
+    with ckpt.CheckpointManager(tmp_path) as mgr:
+        mgr.save(0, model=model, optimizer=optimizer, rng=False)
+    manifest = tmp_path / step_dir_name(0) / MANIFEST_NAME
+    doc = read_manifest_doc(manifest)
+    _param_state(doc)["eta"] = 10**400
+    write_manifest(manifest, doc)
+    live_model = torch.nn.Linear(2, 2)
+    live_opt = torch.optim.ASGD(live_model.parameters(), t0=1)
+    before = copy.deepcopy((live_model.state_dict(), live_opt.state_dict()))
+    mgr = ckpt.CheckpointManager(tmp_path)
+    with pytest.raises(ckpt.CorruptCheckpointError) as info:
+        mgr.restore(model=live_model, optimizer=live_opt, rng=False)
+    assert "optimizer.state[0]['eta']" in str(info.value.key)
+    assert_same_state((live_model.state_dict(), live_opt.state_dict()), before)
+    with pytest.raises(ckpt.CorruptCheckpointError, match="float64"):
+        mgr.verify(0)

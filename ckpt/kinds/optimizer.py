@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from ckpt.errors import CorruptCheckpointError
 from ckpt.format import ItemRecord
 from ckpt.inplace import optimizer_loads_plainly
 from ckpt.kinds.base import ItemKind, ItemPlan, RestoreOptions
@@ -20,6 +21,40 @@ from ckpt.optim import (
 from ckpt.tree import Json, tensors_by_path
 
 __all__ = ["OptimizerKind"]
+
+
+def _check_float64(where: str, value: Any) -> None:
+    """Refuse an int (within lists and tuples too) that no float64 can hold."""
+    if isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_float64(f"{where}[{i}]", v)
+    elif isinstance(value, int) and not isinstance(value, bool):
+        try:
+            float(value)
+        except OverflowError as e:
+            raise CorruptCheckpointError(
+                f"optimizer value (an int of {value.bit_length()} bits) is too big for "
+                "a float64, as torch would need it",
+                key=where,
+            ) from e
+
+
+def check_optimizer_numbers(item: str, state_dict: Mapping[str, Any]) -> None:
+    """Every number in per-parameter state and param groups fits a float64.
+
+    Optimizers turn these into floats or tensors when loading (``step``, ASGD's
+    ``eta``, ``lr``, ...): an int beyond float64 fails there, after earlier items
+    were loaded. Run after the structure checks.
+
+    Raises:
+        CorruptCheckpointError: Naming the key path.
+    """
+    for index, value in state_dict["state"].items():
+        for key, v in value.items():
+            _check_float64(f"{item}.state[{index!r}][{key!r}]", v)
+    for g, group in enumerate(state_dict["param_groups"]):
+        for key, v in group.items():
+            _check_float64(f"{item}.param_groups[{g}][{key!r}]", v)
 
 
 class OptimizerKind(ItemKind):
@@ -39,6 +74,7 @@ class OptimizerKind(ItemKind):
     def check_saved(self, name: str, state: Any, record: ItemRecord) -> None:
         """Groups, indices, parameter records and every per-parameter value."""
         check_optimizer_saved(name, state, record.extra.get("params"), record.extra.get("class"))
+        check_optimizer_numbers(name, state)
 
     def validate(
         self, plan: ItemPlan, options: RestoreOptions, live_names: Mapping[int, str]
@@ -55,6 +91,7 @@ class OptimizerKind(ItemKind):
             class_change=options.optimizer_class_change,
             by_position=options.optimizer_by_position,
         )
+        check_optimizer_numbers(plan.name, saved)
         natural = optimizer_targets(saved, id_map)
         if not options.override:
             plan.targets = {

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -167,6 +168,52 @@ _SCALER_FIELDS = {
 }
 
 
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+_INT32_MAX = 2**31 - 1
+_INT64_MAX = 2**63 - 1
+
+
+def _as_float(value: float) -> float | None:
+    """``value`` as a finite float64, or None (an int too big for float64, inf, nan)."""
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _short_number(value: float) -> str:
+    """A number for a message: huge ints by their size (their digits could be thousands)."""
+    if isinstance(value, int) and value.bit_length() > 64:
+        return f"an int of {value.bit_length()} bits"
+    return repr(value)
+
+
+def _scaler_range_problems(state: Mapping[str, Any]) -> dict[str, str]:
+    """Each scaler field outside what torch can store (checked after the types).
+
+    ``load_state_dict`` fills ``scale`` into a float32 tensor and ``_growth_tracker``
+    into an int32 one; ``growth_interval`` goes to ``_amp_update_scale_`` as an
+    int64, the factors as doubles; the constructor requires ``growth_factor > 1``
+    and ``backoff_factor < 1``.
+    """
+    problems: dict[str, str] = {}
+    scale = _as_float(state["scale"])
+    if scale is None or not 0.0 < scale <= _FLOAT32_MAX:
+        problems["scale"] = "must be a finite positive number representable in float32"
+    growth = _as_float(state["growth_factor"])
+    if growth is None or not growth > 1.0:
+        problems["growth_factor"] = "must be a finite number above 1"
+    backoff = _as_float(state["backoff_factor"])
+    if backoff is None or not 0.0 < backoff < 1.0:
+        problems["backoff_factor"] = "must be a number in (0, 1)"
+    if not 0 < state["growth_interval"] <= _INT64_MAX:
+        problems["growth_interval"] = "must be a positive int that fits in int64"
+    if not 0 <= state["_growth_tracker"] <= _INT32_MAX:
+        problems["_growth_tracker"] = "must be a non-negative int that fits in int32"
+    return problems
+
+
 class ScalerKind(StatefulKind):
     """``torch.amp.GradScaler``: the enabled flag must match; every field is type-checked."""
 
@@ -193,6 +240,11 @@ class ScalerKind(StatefulKind):
                     f"got {value!r}",
                     key=f"{name}.{key}",
                 )
+        for key, problem in _scaler_range_problems(state).items():
+            raise CorruptCheckpointError(
+                f"GradScaler {key} {problem}, got {_short_number(state[key])}",
+                key=f"{name}.{key}",
+            )
 
     def check_live(self, plan: ItemPlan) -> None:
         """A scaler saved enabled restores only into an enabled one, and the reverse."""
