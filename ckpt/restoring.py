@@ -56,7 +56,7 @@ class PreparedRestore:
 def _saved_state(name: str, manifest: Manifest) -> tuple[Any, dict[int, str]]:
     record = manifest.items[name]
     try:
-        return skeleton(record.state, manifest.tensors)
+        return skeleton(record.state, manifest.tensors, name)
     except CorruptCheckpointError as e:
         raise CorruptCheckpointError(
             f"item {name!r} of step {manifest.step}: {e.reason}", key=e.key or name
