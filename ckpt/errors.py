@@ -82,40 +82,39 @@ class IncompatibleCheckpointError(CheckpointError, ValueError):
     """A well-formed checkpoint does not fit the live objects it is restored into."""
 
 
-class CheckpointWriteError(CheckpointError, OSError):
+class _OSCheckpointError(CheckpointError, OSError):
+    """A checkpoint error that the operating system caused; ``errno`` is its errno."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: str | None = None,
+        key: str | None = None,
+        errno: int | None = None,
+    ):
+        super().__init__(message, path=path, key=key)
+        self.errno = errno
+
+    def located(self, path: str) -> CheckpointError:
+        """Return this error with ``path`` filled in when it names no file yet (errno kept)."""
+        if self.path is not None:
+            return self
+        return type(self)(self.reason, path=path, key=self.key, errno=self.errno)
+
+
+class CheckpointWriteError(_OSCheckpointError):
     """A save failed while writing; its temporary files are gone and earlier checkpoints intact.
 
     ``errno`` is that of the underlying ``OSError`` (``ENOSPC``, ``EIO``, ...).
     """
 
-    def __init__(
-        self,
-        message: str,
-        *,
-        path: str | None = None,
-        key: str | None = None,
-        errno: int | None = None,
-    ):
-        super().__init__(message, path=path, key=key)
-        self.errno = errno
 
-
-class CheckpointReadError(CheckpointError, OSError):
+class CheckpointReadError(_OSCheckpointError):
     """The operating system refused or failed to read a checkpoint file (not corruption).
 
     ``errno`` is that of the underlying ``OSError`` (``EACCES``, ``EIO``, ...).
     """
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        path: str | None = None,
-        key: str | None = None,
-        errno: int | None = None,
-    ):
-        super().__init__(message, path=path, key=key)
-        self.errno = errno
 
 
 class CheckpointLockedError(CheckpointError, BlockingIOError):

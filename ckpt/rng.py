@@ -219,32 +219,11 @@ def check_rng_values(state: Mapping[str, Any]) -> None:
     Raises:
         CorruptCheckpointError: A state the generator refuses (the key names which).
     """
-    python = state["python"]
-    try:
-        random.Random().setstate(
-            (python["version"], tuple(python["internal"]), python["gauss_next"])
-        )
-    except (ValueError, TypeError, OverflowError) as e:
-        raise _fail("python", f"is refused by Python: {e}") from e
+    _check_plain_values(state)
     try:
         torch.Generator().set_state(state["torch"].cpu())
     except RuntimeError as e:
         raise _fail("torch", f"is refused by torch: {e}") from e
-    numpy_state = state.get("numpy")
-    numpy = sys.modules.get("numpy")
-    if numpy_state is not None and numpy is not None:
-        try:
-            numpy.random.RandomState().set_state(
-                (
-                    numpy_state["bit_generator"],
-                    numpy.array(numpy_state["key"], dtype=numpy.uint32),
-                    numpy_state["pos"],
-                    numpy_state["has_gauss"],
-                    numpy_state["gauss"],
-                )
-            )
-        except (ValueError, TypeError) as e:
-            raise _fail("numpy", f"is refused by NumPy: {e}") from e
 
 
 def set_rng_state(state: Mapping[str, Any]) -> None:

@@ -75,3 +75,12 @@ def test_stateful_protocol_matches_torch_objects():
     for obj in (model, opt, sched, torch.amp.GradScaler("cpu")):
         assert isinstance(obj, ckpt.Stateful)
     assert not isinstance({}, ckpt.Stateful)
+
+
+def test_os_errors_keep_their_errno_when_located():
+    import errno
+
+    for cls in (ckpt.CheckpointWriteError, ckpt.CheckpointReadError):
+        located = cls("no space", key="model", errno=errno.ENOSPC).located("/r/step-1")
+        assert type(located) is cls and isinstance(located, OSError)
+        assert (located.errno, located.path, located.key) == (errno.ENOSPC, "/r/step-1", "model")
