@@ -1,0 +1,1 @@
+"""Multi-rank checkpoints: ckpt inside a torch.distributed process group."""
