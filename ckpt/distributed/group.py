@@ -71,8 +71,9 @@ class RankGroup:
             timeout: Seconds each collective (and the subgroup's creation) may take.
 
         Raises:
-            ValueError: No process group is initialized, this process is not in
-                ``process_group``, or ``timeout`` is not a positive number.
+            ValueError: No process group is initialized, ``timeout`` is not a positive
+                number, or this process is not in ``process_group`` (raised after
+                taking part in the subgroup's creation, so the other ranks go on).
             CollectiveError: A rank did not join the subgroup within the timeout.
         """
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
@@ -84,11 +85,14 @@ class RankGroup:
                 "RankGroup needs an initialized torch.distributed process group "
                 "(call torch.distributed.init_process_group first)"
             )
-        ranks = dist.get_process_group_ranks(process_group or dist.group.WORLD)
-        if dist.get_rank() not in ranks:
-            raise ValueError(f"rank {dist.get_rank()} is not in the process group (ranks {ranks})")
+        if process_group is None:
+            process_group = dist.group.WORLD
+        outsider: object = dist.GroupMember.NON_GROUP_MEMBER
+        if process_group is None or process_group is outsider:
+            raise ValueError(f"rank {dist.get_rank()} is not a member of that process group")
+        ranks = dist.get_process_group_ranks(process_group)
         self.timeout = float(timeout)
-        self.rank = ranks.index(dist.get_rank())  # until the subgroup says
+        self.rank = ranks.index(dist.get_rank()) if dist.get_rank() in ranks else -1
         self.world_size = len(ranks)
         self._broken: str | None = None
         self._closed = False
@@ -100,7 +104,8 @@ class RankGroup:
             hint = "; a rank did not join within the timeout"
             raise self._error("creating the gloo group", e, hint) from e
         if group is None or group == dist.GroupMember.NON_GROUP_MEMBER:
-            raise ValueError(f"rank {dist.get_rank()} did not get a gloo group over ranks {ranks}")
+            # Raised only after taking part in new_group, which every rank must call.
+            raise ValueError(f"rank {dist.get_rank()} is not in the process group (ranks {ranks})")
         self._group: dist.ProcessGroup = group
         self.rank = dist.get_rank(group)
         # Global rank of each group rank (torch < 2.6 broadcasts take a global src).
