@@ -42,6 +42,8 @@ _T = TypeVar("_T")
 # (its value is not JSON, or it is the source and gave no bytes), so that every rank
 # leaves the collective together and raises, rather than the others hanging.
 _NOTHING = -1
+# The longest timeout, in seconds (about 31 years; gloo counts milliseconds in 64 bits).
+MAX_TIMEOUT = 1e9
 # A failure's message is cut to this many characters before it is gathered.
 MAX_FAILURE_CHARS = 4096
 
@@ -49,10 +51,14 @@ MAX_FAILURE_CHARS = 4096
 class RankGroup:
     """ckpt's collectives among a process group's ranks: own gloo group, pickle-free, timeout.
 
-    Construct it on every rank of the default group at once (creating the subgroup is
-    collective over the whole default group), then call each collective on every rank
-    of the group in the same order. Values are JSON as :func:`json.loads` gives them
-    back (tuples become lists, dictionary keys strings); nothing is ever pickled.
+    Construct it on every rank of the default group at once, in the same order as
+    any other ``new_group`` call: creating the subgroup is collective over the whole
+    default group. A rank outside ``process_group`` cannot take part (it only gets
+    ``NON_GROUP_MEMBER`` from torch) and gets a ``ValueError``, which leaves later
+    ``new_group`` calls out of step across ranks; so pass a group that holds every rank.
+    Then call each collective on every rank of the group in the same order. Values are
+    JSON as :func:`json.loads` gives them back (tuples become lists, dictionary keys
+    strings); nothing is ever pickled.
 
     Not thread-safe: one thread at a time per instance. Use one instance per thread
     that runs collectives (a background saver gets its own).
@@ -71,24 +77,31 @@ class RankGroup:
             timeout: Seconds each collective (and the subgroup's creation) may take.
 
         Raises:
-            ValueError: No process group is initialized, this process is not in
-                ``process_group``, or ``timeout`` is not a positive number.
+            ValueError: No process group is initialized, ``timeout`` is not a number of
+                seconds in ``(0, MAX_TIMEOUT]``, or this process is not a member of
+                ``process_group``.
             CollectiveError: A rank did not join the subgroup within the timeout.
         """
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
             raise ValueError(f"timeout must be a number of seconds, got {timeout!r}")
-        if not math.isfinite(timeout) or timeout <= 0:
-            raise ValueError(f"timeout must be a positive, finite number of seconds: {timeout!r}")
+        if not math.isfinite(timeout) or not 0 < timeout <= MAX_TIMEOUT:
+            raise ValueError(f"timeout must be between 0 and {MAX_TIMEOUT:g} seconds: {timeout!r}")
         if not (dist.is_available() and dist.is_initialized()):
             raise ValueError(
                 "RankGroup needs an initialized torch.distributed process group "
                 "(call torch.distributed.init_process_group first)"
             )
-        ranks = dist.get_process_group_ranks(process_group or dist.group.WORLD)
-        if dist.get_rank() not in ranks:
-            raise ValueError(f"rank {dist.get_rank()} is not in the process group (ranks {ranks})")
+        if process_group is None:
+            process_group = dist.group.WORLD
+        outsider: object = dist.GroupMember.NON_GROUP_MEMBER
+        if process_group is None or process_group is outsider:
+            raise ValueError(f"rank {dist.get_rank()} is not a member of that process group")
+        try:
+            ranks = dist.get_process_group_ranks(process_group)
+        except (KeyError, ValueError, RuntimeError) as e:
+            raise ValueError(f"process_group is not a live process group: {e}") from e
         self.timeout = float(timeout)
-        self.rank = ranks.index(dist.get_rank())  # until the subgroup says
+        self.rank = ranks.index(dist.get_rank()) if dist.get_rank() in ranks else -1
         self.world_size = len(ranks)
         self._broken: str | None = None
         self._closed = False
@@ -100,7 +113,7 @@ class RankGroup:
             hint = "; a rank did not join within the timeout"
             raise self._error("creating the gloo group", e, hint) from e
         if group is None or group == dist.GroupMember.NON_GROUP_MEMBER:
-            raise ValueError(f"rank {dist.get_rank()} did not get a gloo group over ranks {ranks}")
+            raise ValueError(f"rank {dist.get_rank()} is not in the process group (ranks {ranks})")
         self._group: dist.ProcessGroup = group
         self.rank = dist.get_rank(group)
         # Global rank of each group rank (torch < 2.6 broadcasts take a global src).
