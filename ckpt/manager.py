@@ -431,10 +431,14 @@ class CheckpointManager:
         """Write, agree, commit (coordinator) and apply retention (coordinator)."""
         assert self._collective is not None and self._group is not None
         lock = self._lock
-        manifest = self._collective.finish(pending, None if lock is None else lock.check)
+        manifest = self._collective.finish(
+            pending,
+            None if lock is None else lock.check,
+            lambda: self._retainer.apply(
+                self._storage, self.retention, self.all_steps, pending.step
+            ),
+        )
         self._after_commit(pending.step, signalled)
-        if self._group.is_coordinator:
-            self._retainer.apply(self._storage, self.retention, self.all_steps, pending.step)
         logger.debug(
             "collective save of step %d took %.3f s", pending.step, time.perf_counter() - start
         )

@@ -138,12 +138,19 @@ class CollectiveSave:
             raise
         return PendingSave(step, overwrite, plan, template, captured)
 
-    def finish(self, pending: PendingSave, guard: Callable[[], None] | None) -> Manifest:
+    def finish(
+        self,
+        pending: PendingSave,
+        guard: Callable[[], None] | None,
+        retain: Callable[[], None] | None = None,
+    ) -> Manifest:
         """Write this rank's files, agree, and commit on the coordinator (collective).
 
         Args:
             pending: What :meth:`begin` returned.
             guard: Run on the coordinator just before the commit point.
+            retain: Run on the coordinator after the commit, before any rank returns
+                (retention: deleting what the policies drop).
 
         Returns:
             The manifest (on ranks other than the coordinator, without file records).
@@ -168,6 +175,8 @@ class CollectiveSave:
                 pending.overwrite,
                 guard,
             )
+            if retain is not None and not outcome.get("error"):
+                retain()  # never raises: retention logs what it cannot delete
         outcome = group.broadcast_json(outcome)
         assert isinstance(outcome, dict)
         if outcome.get("error"):
@@ -238,6 +247,7 @@ class CollectiveSave:
             return [d["report"] for d in docs]
         if self.group.is_coordinator:
             self._abandon(plan)
+        self.group.barrier()  # every rank raises once the attempt is gone
         where = "; ".join(f"rank {r}: {message}" for r, message in failed)
         failure = CheckpointWriteError(
             f"could not save step {step}: {where}; nothing was committed and earlier "
