@@ -23,7 +23,7 @@ def build_model(seed: int = 0) -> nn.Module:
 
 
 def wrap(model: nn.Module, how: str) -> nn.Module:
-    """``"fsdp"``: FSDP2 per layer and at the root; ``"ddp"``: DistributedDataParallel; else as is."""
+    """``"fsdp"``: FSDP2 per layer and at the root; ``"ddp"``: DDP; anything else: as is."""
     if how == "fsdp":
         from torch.distributed.fsdp import fully_shard
 

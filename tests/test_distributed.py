@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-from dist_training import full_model_state, full_optimizer_state, make, train_step
 from conftest import assert_same_state
+from dist_training import full_model_state, full_optimizer_state, make, train_step
 
 import ckpt
 
@@ -25,8 +25,8 @@ pytestmark = pytest.mark.distributed
 
 def _exact(a: dict[str, Any], b: dict[str, Any]) -> None:
     assert set(a) == set(b)
-    for key in a:
-        assert_same_state(a[key], b[key], key)
+    for key, value in a.items():
+        assert_same_state(value, b[key], key)
 
 
 # ------------------------------------------------------------------ on the ranks
@@ -141,7 +141,7 @@ def test_a_checkpoint_saved_on_one_rank_restores_on_two(fresh_ranks, rank_pool, 
 
 
 def on_ranks_fail_on(rank: int, world: int, root: str, failing: int, where: str) -> str:
-    import ckpt.distributed.saving as saving
+    from ckpt.distributed import saving
 
     original = saving.write_rank_files
     try:
@@ -160,7 +160,7 @@ def _fail_on(rank: int, root: str, failing: int, where: str) -> str:
         else:
             data = {"x": 1}
             if rank == failing:
-                import ckpt.distributed.saving as saving
+                from ckpt.distributed import saving
 
                 def broken(*args: Any, **kwargs: Any) -> Any:
                     raise OSError(28, "No space left on device")
@@ -193,7 +193,7 @@ def on_ranks_die_mid_save(rank: int, world: int, root: str) -> str:
     mgr = ckpt.CheckpointManager(root, collective_timeout=20)
     mgr.save(0, model=model, optimizer=optimizer)
     if rank == 1:
-        import ckpt.distributed.saving as saving
+        from ckpt.distributed import saving
 
         def die(*args: Any, **kwargs: Any) -> Any:
             os.kill(os.getpid(), signal.SIGKILL)
@@ -309,7 +309,7 @@ def test_random_streams_are_restored_per_rank(rank_pool, tmp_path):
 def test_without_a_group_nothing_changes(tmp_path):
     assert not dist.is_initialized()
     mgr = ckpt.CheckpointManager(tmp_path)
-    model, optimizer, scheduler = make("none")
+    model, optimizer, _ = make("none")
     mgr.save(0, model=model, optimizer=optimizer)
     text = (tmp_path / "step_000000000000" / "manifest.json").read_text()
     assert '"format_version":1' in text and '"ranks"' not in text

@@ -17,9 +17,9 @@ from torch.distributed.tensor import DTensor
 from ckpt.distributed.planning import Shard, plan_writes
 from ckpt.distributed.states import pair_optimizers, parameter_names, sharded_state
 from ckpt.format import ItemRecord, Manifest, item_file_name
+from ckpt.integrity import hash_bytes
 from ckpt.items import assemble_manifest, capture
 from ckpt.optim import class_name, module_param_names
-from ckpt.integrity import hash_bytes
 from ckpt.tensorfile import tensor_bytes
 from ckpt.tree import Json, flatten, tensor_refs
 
@@ -144,7 +144,7 @@ def lay_out(
     """Decide this rank's shards with DCP's planner and lay out its files (collective)."""
     digests = {n: _digest(local.flat[n]) for n in sorted(local.buffers)}
     gathered = all_gather(digests)
-    divergent = [n for n in digests if len({d[n] for d in gathered}) > 1]  # type: ignore[index,call-overload]
+    divergent = [n for n in digests if len({d[n] for d in gathered}) > 1]
     flat = {n: t for n, t in local.flat.items() if rank == 0 or n not in divergent}
     flat.update({variant_name(n, rank): local.flat[n] for n in divergent if rank > 0})
     shards = plan_writes(flat, rank, all_gather)
