@@ -653,3 +653,12 @@ def test_a_rank_loader_with_workers_counts_the_batches_received():
     other = make(rank=1)
     other.sampler.load_state_dict(state)
     assert [b.tolist() for (b,) in other] == [b.tolist() for (b,) in make(rank=1)][2:]
+
+
+def test_a_change_of_drop_last_re_splits_the_rest_like_a_change_of_world():
+    padded = ranks(13, 2)
+    first = flat(take([iter(s) for s in padded], 2))
+    dropped = resumed([s.state_dict() for s in padded], 13, 2, drop_last=True)
+    rest = flat([list(s) for s in dropped])
+    order = list(ResumableSampler(13, seed=3))
+    assert sorted(first + rest) == sorted(order[:12])  # 9 left: 8 taken, the last dropped
