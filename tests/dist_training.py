@@ -86,3 +86,60 @@ def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> 
         }
         for name, per in state["state"].items()
     }
+
+
+class Numbers(torch.utils.data.Dataset):  # type: ignore[type-arg]
+    """Sample ``i`` is (its index, inputs and target drawn from ``i``): batch ids can be logged."""
+
+    def __init__(self, size: int = 48):
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor, torch.Tensor]:
+        gen = torch.Generator().manual_seed(i)
+        return i, torch.randn(5, generator=gen), torch.randn(3, generator=gen)
+
+
+def run_training(
+    root: str, how: str, total: int, kill_at: int | None, log: str, every: int = 2
+) -> dict[str, Any]:
+    """Train to step ``total`` from the latest checkpoint, saving every ``every`` steps.
+
+    Appends one JSON line per step to ``log`` (step, loss, lr, batch ids) and, at
+    step ``kill_at``, SIGKILLs this process before the step's save. Returns the
+    full final state.
+    """
+    import json
+    import os
+    import signal
+
+    import ckpt
+
+    model, optimizer, scheduler = make(how)
+    loader = ckpt.resumable_loader(Numbers(), batch_size=4, seed=3, num_workers=0)
+    items = dict(model=model, optimizer=optimizer, scheduler=scheduler, sampler=loader.sampler)
+    with ckpt.CheckpointManager(root, every_steps=every, keep_last=2) as mgr:
+        info = mgr.restore(**items)
+        if info is None:
+            torch.manual_seed(100 + dist.get_rank())  # dropout differs per rank
+        step = 0 if info is None else info.next_step
+        while step < total:
+            for ids, x, y in loader:
+                optimizer.zero_grad()
+                loss = ((model(x) - y) ** 2).mean()
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                lr = optimizer.param_groups[0]["lr"]
+                with open(log, "a") as f:
+                    f.write(json.dumps([step, loss.item(), lr, ids.tolist()]) + "\n")
+                if step == kill_at:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                if mgr.should_save(step):
+                    mgr.save(step, epoch=loader.sampler.epoch, **items)
+                step += 1
+                if step >= total:
+                    break
+    return {"model": full_model_state(model), "optimizer": full_optimizer_state(model, optimizer)}

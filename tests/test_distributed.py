@@ -6,8 +6,10 @@ the tests compare what they return, bit for bit.
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
+import random
 import signal
 from pathlib import Path
 from typing import Any
@@ -16,7 +18,13 @@ import pytest
 import torch
 import torch.distributed as dist
 from conftest import assert_same_state
-from dist_training import full_model_state, full_optimizer_state, make, train_step
+from dist_training import (
+    full_model_state,
+    full_optimizer_state,
+    make,
+    run_training,
+    train_step,
+)
 
 import ckpt
 
@@ -313,3 +321,67 @@ def test_without_a_group_nothing_changes(tmp_path):
     mgr.save(0, model=model, optimizer=optimizer)
     text = (tmp_path / "step_000000000000" / "manifest.json").read_text()
     assert '"format_version":1' in text and '"ranks"' not in text
+
+
+def on_ranks_train(
+    rank: int, world: int, root: str, how: str, total: int, kill_at: int | None
+) -> dict[str, Any]:
+    return run_training(root, how, total, kill_at, f"{root}/log{rank}.jsonl")
+
+
+def _trajectory(log: Path) -> dict[int, list[Any]]:
+    """Each step's last record: what the run that went on from there saw."""
+    out: dict[int, list[Any]] = {}
+    for line in log.read_text().splitlines():
+        record = json.loads(line)
+        out[record[0]] = record[1:]
+    return out
+
+
+@pytest.mark.parametrize("how", ["fsdp", "ddp"])
+def test_both_ranks_killed_at_random_steps_resume_bit_exactly(fresh_ranks, tmp_path, how):
+    total = 14  # 12 batches per epoch per rank: the run crosses an epoch boundary
+    reference = fresh_ranks(on_ranks_train, 2, 120, args=(str(tmp_path / "ref"), how, total, None))
+    assert all(o.returned for o in reference), [o.error for o in reference]
+    rng = random.Random(f"kill-{how}")
+    run = tmp_path / "run"
+    kills = sorted(rng.sample(range(1, total - 1), 2))
+    for kill_at in [*kills, None]:
+        outcomes = fresh_ranks(on_ranks_train, 2, 120, args=(str(run), how, total, kill_at))
+        if kill_at is not None:
+            assert [o.exitcode for o in outcomes] == [-signal.SIGKILL] * 2, outcomes
+    assert all(o.returned for o in outcomes), [o.error for o in outcomes]
+    for rank in range(2):
+        _exact(reference[rank].result["model"], outcomes[rank].result["model"])
+        _exact(reference[rank].result["optimizer"], outcomes[rank].result["optimizer"])
+        expected = _trajectory(tmp_path / "ref" / f"log{rank}.jsonl")
+        assert _trajectory(run / f"log{rank}.jsonl") == expected  # losses, lr, batch ids
+
+
+def on_ranks_epoch_part(rank: int, world: int, root: str, batches: int | None) -> list[int]:
+    """Restore (if saved), take ``batches`` batches of the epoch (None: the rest), save; ids seen."""
+    from dist_training import Numbers
+
+    model, optimizer, _ = make("fsdp")
+    loader = ckpt.resumable_loader(Numbers(), batch_size=4, seed=3)
+    seen: list[int] = []
+    with ckpt.CheckpointManager(root) as mgr:
+        info = mgr.restore(model=model, optimizer=optimizer, sampler=loader.sampler)
+        for ids, _, _ in loader:
+            seen += ids.tolist()
+            if batches is not None and len(seen) == 4 * batches:
+                break
+        step = 0 if info is None else info.next_step
+        mgr.save(step, model=model, optimizer=optimizer, sampler=loader.sampler)
+    return seen
+
+
+@pytest.mark.parametrize("new_world", [1, 4])
+def test_a_world_size_change_mid_epoch_sees_every_remaining_sample_once(
+    rank_pool, fresh_ranks, tmp_path, caplog, new_world
+):
+    before = rank_pool.run(on_ranks_epoch_part, str(tmp_path), 2)  # 2 ranks x 2 batches of 4
+    after = fresh_ranks(on_ranks_epoch_part, new_world, 120, args=(str(tmp_path), None))
+    assert all(o.returned for o in after), [o.error for o in after]
+    seen = [i for ids in before for i in ids] + [i for o in after for i in o.result]
+    assert sorted(seen) == list(range(48))  # 16 before, 32 after: each exactly once
