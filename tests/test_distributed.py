@@ -359,7 +359,7 @@ def test_both_ranks_killed_at_random_steps_resume_bit_exactly(fresh_ranks, tmp_p
 
 
 def on_ranks_epoch_part(rank: int, world: int, root: str, batches: int | None) -> list[int]:
-    """Restore (if saved), take ``batches`` batches (None: the rest of the epoch), save; ids seen."""
+    """Restore (if saved), take ``batches`` batches (None: the epoch's rest), save; ids seen."""
     from dist_training import Numbers
 
     model, optimizer, _ = make("fsdp")
