@@ -385,3 +385,41 @@ def test_a_world_size_change_mid_epoch_sees_every_remaining_sample_once(
     assert all(o.returned for o in after), [o.error for o in after]
     seen = [i for ids in before for i in ids] + [i for o in after for i in o.result]
     assert sorted(seen) == list(range(48))  # 16 before, 32 after: each exactly once
+
+
+def on_ranks_tensor_parallel(rank: int, world: int, root: str) -> dict[str, Any]:
+    """An MLP split column- then row-wise (DTensors sharded on dim 0 and dim 1), saved."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        RowwiseParallel,
+        parallelize_module,
+    )
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+    mesh = init_device_mesh("cpu", (world,))
+    parallelize_module(model, mesh, {"0": ColwiseParallel(), "2": RowwiseParallel()})
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
+    x = torch.randn(3, 5, generator=torch.Generator().manual_seed(1))
+    model(x).sum().backward()
+    optimizer.step()
+    with ckpt.CheckpointManager(root) as mgr:
+        mgr.save(0, model=model, optimizer=optimizer)
+        fresh = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+        parallelize_module(fresh, mesh, {"0": ColwiseParallel(), "2": RowwiseParallel()})
+        fresh_optimizer = torch.optim.Adam(fresh.parameters(), lr=0.5)
+        mgr.restore(model=fresh, optimizer=fresh_optimizer)
+    _exact(full_model_state(model), full_model_state(fresh))
+    _exact(full_optimizer_state(model, optimizer), full_optimizer_state(fresh, fresh_optimizer))
+    return {"model": full_model_state(model), "optimizer": full_optimizer_state(model, optimizer)}
+
+
+def test_tensor_parallel_dtensors_save_restore_and_consolidate(rank_pool, tmp_path):
+    saved = rank_pool.run(on_ranks_tensor_parallel, str(tmp_path))[0]
+    model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+    optimizer = torch.optim.Adam(model.parameters())
+    ckpt.CheckpointManager(tmp_path).restore(model=model, optimizer=optimizer)
+    _exact(saved["model"], dict(model.state_dict()))
+    names = [n for n, _ in model.named_parameters()]
+    _exact(saved["optimizer"], {names[i]: s for i, s in optimizer.state_dict()["state"].items()})
