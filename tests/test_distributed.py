@@ -423,3 +423,23 @@ def test_tensor_parallel_dtensors_save_restore_and_consolidate(rank_pool, tmp_pa
     _exact(saved["model"], dict(model.state_dict()))
     names = [n for n, _ in model.named_parameters()]
     _exact(saved["optimizer"], {names[i]: s for i, s in optimizer.state_dict()["state"].items()})
+
+
+def on_ranks_disagree(rank: int, world: int, root: str, what: str) -> str:
+    model, optimizer, _ = make("fsdp")
+    with ckpt.CheckpointManager(root) as mgr:
+        mgr.save(0, model=model, optimizer=optimizer)
+        step = 1 + (rank if what == "step" else 0)
+        extra = {"extra": {"x": 1}} if what == "items" and rank == 1 else {}
+        with pytest.raises(ValueError, match="same step, epoch and item names") as info:
+            mgr.save(step, model=model, optimizer=optimizer, **extra)
+        assert mgr.all_steps() == [0]
+        assert not [n for n in os.listdir(root) if n.startswith(".ckpt-tmp")]
+        mgr.save(5, model=model, optimizer=optimizer)  # the group still works
+    return str(info.value)
+
+
+@pytest.mark.parametrize("what", ["step", "items"])
+def test_ranks_saving_different_steps_or_items_are_refused_together(rank_pool, tmp_path, what):
+    messages = rank_pool.run(on_ranks_disagree, str(tmp_path), what)
+    assert all("rank 1 saves" in m for m in messages)
