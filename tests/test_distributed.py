@@ -443,3 +443,24 @@ def on_ranks_disagree(rank: int, world: int, root: str, what: str) -> str:
 def test_ranks_saving_different_steps_or_items_are_refused_together(rank_pool, tmp_path, what):
     messages = rank_pool.run(on_ranks_disagree, str(tmp_path), what)
     assert all("rank 1 saves" in m for m in messages)
+
+
+def on_ranks_object_store(rank: int, world: int, url: str, options: dict[str, Any]) -> Any:
+    model, optimizer, scheduler = make("fsdp")
+    train_step(model, optimizer, scheduler, 0)
+    expected = full_model_state(model)
+    with ckpt.CheckpointManager(url, storage_options=options, keep_last=1) as mgr:
+        mgr.save(0, model=model, optimizer=optimizer)
+        mgr.save(1, model=model, optimizer=optimizer)
+        fresh, fresh_optimizer, _ = make("fsdp", seed=9)
+        mgr.restore(model=fresh, optimizer=fresh_optimizer)
+        steps = mgr.all_steps()
+        mgr.verify()
+    _exact(expected, full_model_state(fresh))
+    return steps
+
+
+@pytest.mark.s3
+def test_ranks_save_to_an_object_store_with_the_manifest_as_commit(rank_pool, s3_bucket):
+    bucket, options = s3_bucket
+    assert rank_pool.run(on_ranks_object_store, f"s3://{bucket}/run", options) == [[1], [1]]
