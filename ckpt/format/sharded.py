@@ -313,7 +313,7 @@ def _check_sharded_item(
     try:
         refs = tensor_refs(item.state)
     except CorruptCheckpointError as e:
-        raise bad(f"{where}.{e.key}" if e.key else where, e.reason) from e
+        raise bad(f"{where}{e.key}" if e.key else where, e.reason) from e
     for _, ref in refs:
         if ref not in tensors:
             raise bad(where, f"state refers to tensor {ref!r}, which is not in 'tensors'")
