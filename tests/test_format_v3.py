@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import json
+import math
 import random
 import zlib
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import ckpt
 import ckpt.format.manifest
@@ -474,3 +478,65 @@ def test_an_irregular_layout_beyond_the_check_budget_is_refused(monkeypatch):
     monkeypatch.setattr(ckpt.format.sharded, "MAX_OVERLAP_CHECKS", 10)
     with pytest.raises(ckpt.CorruptCheckpointError, match="too irregular"):
         decode_manifest(raw, "m")
+
+
+# ------------------------------------------------------------------ the cover check, differentially
+
+
+@st.composite
+def layouts(draw):
+    """A shape and chunks inside it: a random grid, then perhaps one chunk moved, grown,
+    shrunk, dropped or duplicated (so some layouts overlap or leave gaps)."""
+    shape = draw(st.lists(st.integers(1, 5), min_size=1, max_size=3))
+    cuts = [
+        sorted({0, n, *draw(st.lists(st.integers(1, max(1, n - 1)), max_size=3))}) for n in shape
+    ]
+    boxes = [
+        (
+            [c[i] for c, i in zip(cuts, idx, strict=True)],
+            [c[i + 1] - c[i] for c, i in zip(cuts, idx, strict=True)],
+        )
+        for idx in itertools.product(*(range(len(c) - 1) for c in cuts))
+    ]
+    change = draw(st.sampled_from(["none", "move", "grow", "shrink", "drop", "duplicate"]))
+    k = draw(st.integers(0, len(boxes) - 1))
+    d = draw(st.integers(0, len(shape) - 1))
+    offsets, sizes = boxes[k]
+    if change == "move" and offsets[d] > 0:
+        offsets[d] -= 1
+    elif change == "grow" and offsets[d] + sizes[d] < shape[d]:
+        sizes[d] += 1
+    elif change == "shrink" and sizes[d] > 1:
+        sizes[d] -= 1
+    elif change == "drop" and len(boxes) > 1:
+        boxes.pop(k)
+    elif change == "duplicate":
+        boxes.append(([*offsets], [*sizes]))
+    return shape, boxes
+
+
+def exact_cover(shape, boxes) -> bool:
+    count = torch.zeros(shape, dtype=torch.int32)
+    for offsets, sizes in boxes:
+        count[tuple(slice(o, o + s) for o, s in zip(offsets, sizes, strict=True))] += 1
+    return bool((count == 1).all())
+
+
+@settings(max_examples=300, deadline=None)
+@given(layouts())
+def test_the_cover_check_agrees_with_counting_every_element(layout):
+    shape, boxes = layout
+    chunks, at = [], 0
+    for offsets, sizes in boxes:
+        chunks.append(ChunkRecord(tuple(offsets), tuple(sizes), "rank0.safetensors", at, SUM))
+        at += 4 * math.prod(sizes)
+    tensors = {"m/w": GlobalTensorRecord(torch.float32, tuple(shape), tuple(chunks))}
+    item = ItemRecord("module", {"w": {"$tensor": "m/w"}})
+    section = ShardedSection(1, tensors, {"m": item}, (RankSection({}, {}),))
+    files = {"rank0.safetensors": FileRecord(at, SUM)}
+    raw = encode_manifest(Manifest(0, None, {}, files, {}, {}, sharded=section))
+    if exact_cover(shape, boxes):
+        assert decode_manifest(raw, "m").sharded == section
+    else:
+        with pytest.raises(ckpt.CorruptCheckpointError, match=r"overlaps|gap"):
+            decode_manifest(raw, "m")
