@@ -464,3 +464,29 @@ def on_ranks_object_store(rank: int, world: int, url: str, options: dict[str, An
 def test_ranks_save_to_an_object_store_with_the_manifest_as_commit(rank_pool, s3_bucket):
     bucket, options = s3_bucket
     assert rank_pool.run(on_ranks_object_store, f"s3://{bucket}/run", options) == [[1], [1]]
+
+
+def on_ranks_tampered_group(rank: int, world: int, root: str) -> str:
+    model, optimizer, _ = make("fsdp", seed=4)
+    before = full_model_state(model)
+    with ckpt.CheckpointManager(root) as mgr:
+        with pytest.raises(ckpt.IncompatibleCheckpointError) as info:
+            mgr.restore(model=model, optimizer=optimizer)
+    _exact(before, full_model_state(model))
+    assert optimizer.param_groups[0]["lr"] == 0.05 and not optimizer.state
+    return str(info.value)
+
+
+def test_a_tampered_hyperparameter_is_refused_before_anything_changes(rank_pool, tmp_path):
+    rank_pool.run(on_ranks_save, str(tmp_path), "fsdp")
+    manifest = tmp_path / "step_000000000002" / "manifest.json"
+    raw = manifest.read_bytes()
+    from ckpt.format import decode_manifest, encode_manifest
+
+    decoded = decode_manifest(raw, str(manifest))
+    assert decoded.sharded is not None
+    record = decoded.sharded.items["optimizer"]
+    record.state["param_groups"][0]["lr"] = "fast"  # type: ignore[index,call-overload]
+    manifest.write_bytes(encode_manifest(decoded))
+    messages = rank_pool.run(on_ranks_tampered_group, str(tmp_path))
+    assert all("lr" in m for m in messages), messages

@@ -34,8 +34,9 @@ from ckpt.format import GlobalTensorRecord, ItemRecord, Manifest, ShardedSection
 from ckpt.io import load_tensors, read_chunk
 from ckpt.items import build_state
 from ckpt.kinds import RestoreOptions
+from ckpt.kinds.optimizer import check_optimizer_numbers
 from ckpt.locations import MapLocation, mapped_device, place
-from ckpt.optim import class_name
+from ckpt.optim import check_group_types, class_name
 from ckpt.restoring import PreparedRestore, apply_restore, check_items, prepare_restore
 from ckpt.rng import RNG_ITEM, RandomStreams
 from ckpt.storage import Storage
@@ -270,6 +271,17 @@ def _optimizer_destinations(
                 f"than live ({_short(saved_group)} vs {live_names[:10]})",
                 key=f"{name}.param_groups[{g}]",
             )
+    decoded = unflatten(
+        state,
+        lambda n: torch.empty(
+            section.tensors[n].shape, dtype=section.tensors[n].dtype, device="meta"
+        ),
+    )
+    for g, (saved_group, live_group) in enumerate(
+        zip(decoded["param_groups"], optimizer.param_groups, strict=True)
+    ):
+        check_group_types(f"{name}.param_groups[{g}]", saved_group, live_group)
+    check_optimizer_numbers(name, decoded)
     dest: dict[str, torch.Tensor] = {}
     for path, tensor_name in tensor_refs(state):
         saved = section.tensors[tensor_name]
