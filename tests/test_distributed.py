@@ -469,9 +469,11 @@ def test_ranks_save_to_an_object_store_with_the_manifest_as_commit(rank_pool, s3
 def on_ranks_tampered_group(rank: int, world: int, root: str) -> str:
     model, optimizer, _ = make("fsdp", seed=4)
     before = full_model_state(model)
-    with ckpt.CheckpointManager(root) as mgr:
-        with pytest.raises(ckpt.IncompatibleCheckpointError) as info:
-            mgr.restore(model=model, optimizer=optimizer)
+    with (
+        ckpt.CheckpointManager(root) as mgr,
+        pytest.raises(ckpt.IncompatibleCheckpointError) as info,
+    ):
+        mgr.restore(model=model, optimizer=optimizer)
     _exact(before, full_model_state(model))
     assert optimizer.param_groups[0]["lr"] == 0.05 and not optimizer.state
     return str(info.value)
