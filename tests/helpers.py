@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import json
 import math
 from collections.abc import Callable
 from typing import Any
@@ -266,3 +267,26 @@ def write_sharded_checkpoint(
     return write_checkpoint_files(
         storage, directory, dict(zip(names, files, strict=True)), manifest
     )
+
+
+def minimal_manifest_bytes(version: int = 1, file_size: int = 10, **changes: object) -> bytes:
+    """The JSON of a one-tensor dict-item manifest (no checksum), with top-level ``changes``."""
+    doc = {
+        "format": "ckpt",
+        "format_version": version,
+        "step": 1,
+        "epoch": None,
+        "metrics": {},
+        "files": {"data.safetensors": {"size": file_size}},
+        "tensors": {
+            "data/x": {
+                "file": "data.safetensors",
+                "dtype": "float32",
+                "shape": [1],
+                "device": "cpu",
+            }
+        },
+        "items": {"data": {"kind": "dict", "state": {"x": {"$tensor": "data/x"}}}},
+    }
+    doc.update(changes)
+    return json.dumps(doc).encode()
