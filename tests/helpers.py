@@ -290,3 +290,16 @@ def minimal_manifest_bytes(version: int = 1, file_size: int = 10, **changes: obj
     }
     doc.update(changes)
     return json.dumps(doc).encode()
+
+
+def call_outcome(call: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[Any, ...]:
+    """``("ok", result)`` or ``(TypeName, message, fields)`` of one call; never raises.
+
+    For functions run on ranks (rank_pool.py): report an expected error to the test
+    instead of raising it. ``fields`` holds a CollectiveError's operation, rank, timeout.
+    """
+    try:
+        return ("ok", call(*args, **kwargs))
+    except Exception as e:
+        fields = {k: getattr(e, k, None) for k in ("operation", "rank", "timeout")}
+        return (type(e).__name__, str(e), fields)
