@@ -327,8 +327,14 @@ def _item_info(manifest: Manifest, item: str, record: ItemRecord) -> ItemInfo:
     )
 
 
+_DTYPE_NAMES: dict[torch.dtype, str] = {}
+
+
 def _dtype(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
+    name = _DTYPE_NAMES.get(dtype)
+    if name is None:  # str(dtype) costs microseconds: once per dtype, not per tensor
+        name = _DTYPE_NAMES[dtype] = str(dtype).removeprefix("torch.")
+    return name
 
 
 def describe_manifest(manifest: Manifest, *, format_version: int | None = None) -> Description:
