@@ -303,3 +303,11 @@ def call_outcome(call: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[A
     except Exception as e:
         fields = {k: getattr(e, k, None) for k in ("operation", "rank", "timeout")}
         return (type(e).__name__, str(e), fields)
+
+
+def flat_tensors(state: Any) -> dict[str, torch.Tensor]:
+    """``{key: tensor}`` of a state as ``read()`` returns it, keyed as ``iter_tensors`` keys it."""
+    from ckpt.describe import key_of
+    from ckpt.tree import tensors_by_path
+
+    return {key_of(path): t for path, t in tensors_by_path(state).items()}
