@@ -492,3 +492,19 @@ def test_a_tampered_hyperparameter_is_refused_before_anything_changes(rank_pool,
     manifest.write_bytes(encode_manifest(decoded))
     messages = rank_pool.run(on_ranks_tampered_group, str(tmp_path))
     assert all("lr" in m for m in messages), messages
+
+
+def on_ranks_restore_different_steps(rank: int, world: int, root: str) -> str:
+    model, optimizer, _ = make("fsdp")
+    with ckpt.CheckpointManager(root) as mgr:
+        mgr.save(0, model=model, optimizer=optimizer)
+        mgr.save(1, model=model, optimizer=optimizer)
+        with pytest.raises(ValueError, match="same step") as info:
+            mgr.restore(step=rank, model=model, optimizer=optimizer)
+        assert mgr.restore(model=model, optimizer=optimizer).step == 1  # type: ignore[union-attr]
+    return str(info.value)
+
+
+def test_ranks_restoring_different_steps_are_refused_together(rank_pool, tmp_path):
+    messages = rank_pool.run(on_ranks_restore_different_steps, str(tmp_path))
+    assert all("rank 0: 0, rank 1: 1" in m for m in messages)
