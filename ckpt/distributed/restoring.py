@@ -103,11 +103,16 @@ def _read_into(
     nbytes = 0
     for (name, index), boxes in by_chunk.items():
         record = records[name]
-        chunk = read_chunk(
-            storage, directory, record, record.chunks[index], verify=verify, name=name, index=index
-        )
-        nbytes += chunk.numel() * chunk.element_size()
+        saved = record.chunks[index]
         target = local_shards(dest[name])
+        nbytes += record.chunk_nbytes(saved)
+        direct = _whole_chunk_view(target, boxes, saved.sizes, record.dtype)
+        if direct is not None:  # the usual case (same sharding): no second copy
+            read_chunk(
+                storage, directory, record, saved, verify=verify, out=direct, name=name, index=index
+            )
+            continue
+        chunk = read_chunk(storage, directory, record, saved, verify=verify, name=name, index=index)
         for box in boxes:
             source = chunk
             local = target
@@ -118,6 +123,21 @@ def _read_into(
                 local = local.narrow(dim, dst, length)
             local.copy_(source)
     return nbytes
+
+
+def _whole_chunk_view(
+    target: torch.Tensor, boxes: list[ChunkRead], sizes: tuple[int, ...], dtype: torch.dtype
+) -> torch.Tensor | None:
+    """The part of ``target`` one whole chunk fills, when it can be read into directly."""
+    if len(boxes) != 1 or target.device.type != "cpu" or target.dtype != dtype:
+        return None
+    box = boxes[0]
+    if any(box.source_offsets) or box.lengths != tuple(sizes):
+        return None
+    view = target
+    for dim, (start, length) in enumerate(zip(box.dest_offsets, box.lengths, strict=True)):
+        view = view.narrow(dim, start, length)
+    return view if view.is_contiguous() else None
 
 
 def _check_names(item: str, saved: set[str], live: set[str], strict: bool) -> None:
