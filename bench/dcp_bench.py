@@ -262,7 +262,7 @@ def _ckpt_shards(manifest: Path) -> int:
     """Chunks of global tensors plus per-rank tensors in a v3 manifest (tensors in v1/v2)."""
     from ckpt.format.manifest import decode_manifest
 
-    decoded = decode_manifest(manifest.read_bytes())
+    decoded = decode_manifest(manifest.read_bytes(), str(manifest))
     sharded = getattr(decoded, "sharded", None)
     if sharded is None:
         return len(decoded.tensors)
