@@ -16,6 +16,8 @@ each subclass also derives from the builtin it resembles, so existing
     ├── CheckpointReadError (OSError)                  the OS refused to read a file
     │                                                  (permission, I/O error); not corrupt
     ├── CheckpointLockedError (BlockingIOError)        another process is writing here
+    ├── CollectiveError (RuntimeError)                 a collective among the ranks failed
+    │                                                  (a rank died, or the timeout passed)
     └── PartialRestoreError (RuntimeError)             an item's own code raised while being
                                                        loaded, after every check had passed
 
@@ -32,6 +34,7 @@ __all__ = [
     "CheckpointNotFoundError",
     "CheckpointReadError",
     "CheckpointWriteError",
+    "CollectiveError",
     "CorruptCheckpointError",
     "IncompatibleCheckpointError",
     "PartialRestoreError",
@@ -154,4 +157,41 @@ class PartialRestoreError(CheckpointError, RuntimeError):
             item=self.item,
             applied=self.applied,
             not_applied=self.not_applied,
+        )
+
+
+class CollectiveError(CheckpointError, RuntimeError):
+    """A collective among the ranks failed: a rank died or left, or the timeout passed.
+
+    The message names the operation, this rank, the timeout and the cause. Attributes:
+    ``operation`` (``"all_gather_json"``, ``"barrier"``, ...), ``rank`` (this rank in
+    the group) and ``timeout`` (seconds), each ``None`` when unknown.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: str | None = None,
+        key: str | None = None,
+        operation: str | None = None,
+        rank: int | None = None,
+        timeout: float | None = None,
+    ):
+        super().__init__(message, path=path, key=key)
+        self.operation = operation
+        self.rank = rank
+        self.timeout = timeout
+
+    def located(self, path: str) -> CheckpointError:
+        """Return this error with ``path`` filled in when it names no file yet."""
+        if self.path is not None:
+            return self
+        return CollectiveError(
+            self.reason,
+            path=path,
+            key=self.key,
+            operation=self.operation,
+            rank=self.rank,
+            timeout=self.timeout,
         )

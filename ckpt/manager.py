@@ -12,12 +12,21 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, TypeVar
+from typing import Any, TypeAlias, TypeVar, cast
 
 import torch
 
 from ckpt.cadence import SaveCadence
 from ckpt.commit import writer_is_gone
+from ckpt.distributed import (
+    PreparedCollective,
+    apply_sharded_restore,
+    collective_save,
+    open_rank_group,
+    prepare_collective,
+    read_consolidated,
+    verify_sharded,
+)
 from ckpt.errors import (
     CheckpointError,
     CheckpointExistsError,
@@ -44,7 +53,7 @@ from ckpt.tree import tensor_refs
 __all__ = ["Checkpoint", "CheckpointManager"]
 
 _T = TypeVar("_T")
-_Prepared = PreparedRestore
+_Prepared: TypeAlias = "PreparedRestore | PreparedCollective"
 
 logger = logging.getLogger(__name__)
 
@@ -126,6 +135,14 @@ class CheckpointManager:
             steps keep their speed; on a machine whose cores training keeps busy, the
             save then takes longer to commit. ``0`` shares the CPU evenly; ``None``
             leaves the priority alone.
+        process_group: Inside an initialized process group the manager is
+            collective: every rank constructs it and calls ``save``, ``restore``,
+            ``read``, ``verify``, ``wait`` and ``close`` together (see
+            ``docs/distributed.md``). ``None`` uses the default group when one is
+            initialized; pass a ``ProcessGroup`` for a subgroup, or ``False`` for a
+            manager private to this process.
+        collective_timeout: Seconds a collective of ckpt's waits for the other
+            ranks before raising :class:`~ckpt.CollectiveError` (a rank died).
 
     Example:
         >>> mgr = ckpt.CheckpointManager("runs/exp1", keep_last=3, every_steps=500)
@@ -153,6 +170,8 @@ class CheckpointManager:
         preemption_signals: bool | Iterable[int] = False,
         async_save: bool = False,
         background_nice: int | None = 19,
+        process_group: Any = None,
+        collective_timeout: float = 600.0,
     ):
         self.retention = RetentionPolicy(keep_last, keep_every, keep_best, best_metric, best_mode)
         self.fallback_to_intact = bool(fallback_to_intact)
@@ -169,6 +188,10 @@ class CheckpointManager:
                 errno=e.errno,
             ) from e
         self._reader = StepReader(self._storage)
+        self._group = open_rank_group(process_group, float(collective_timeout))
+        self._collective = (
+            None if self._group is None else collective_save(self._storage, self._group)
+        )
         self._lock: WriterLock | None = None
         self.async_save = bool(async_save)
         if background_nice is not None and (
@@ -341,6 +364,8 @@ class CheckpointManager:
         step_name, checked_metrics = check_save_args(
             step, epoch, metrics, rng, overwrite, items, RESERVED_NAMES
         )
+        if self._collective is not None:
+            return self._save_collective(step, epoch, checked_metrics, rng, overwrite, items)
         files, manifest, token = capture_save(
             self._storage, step, epoch, checked_metrics, rng, overwrite, items
         )
@@ -365,6 +390,68 @@ class CheckpointManager:
         )
         logger.debug("step %d staged in %.3f s", step, time.perf_counter() - start)
         return self._info(manifest)
+
+    def _save_collective(
+        self,
+        step: int,
+        epoch: int | None,
+        metrics: dict[str, float | int],
+        rng: bool,
+        overwrite: bool,
+        items: dict[str, Any],
+    ) -> Checkpoint:
+        """``save`` inside a process group: every rank together (see :mod:`ckpt.distributed`)."""
+        assert self._collective is not None and self._group is not None
+        start = time.perf_counter()
+        if rng:
+            items[RNG_ITEM] = RandomStreams()
+
+        def prepare() -> None:  # on the coordinator only
+            self._take_lock()
+            if not overwrite and self._storage.exists(step_dir_name(step), MANIFEST_NAME):
+                raise CheckpointExistsError(
+                    f"step {step} is already saved; choose a new step or pass overwrite=True",
+                    path=self._url(step_dir_name(step)),
+                )
+
+        pending = self._collective.begin(step, epoch, metrics, overwrite, items, prepare)
+        signalled = self._watch is not None and self._watch.received is not None
+        if not self.async_save:
+            return self._finish_collective(pending, signalled, start)
+        pending.captured.files = self._staging.stage(pending.captured.files)
+        self._last_saved_step = step
+        self._last_save_time = time.monotonic()
+        self._save_requested_after_signal |= signalled
+        self._saver.start(
+            step, self._finish_collective, (pending, signalled, start), self.background_nice
+        )
+        return self._info(pending.template)
+
+    def _finish_collective(self, pending: Any, signalled: bool, start: float) -> Checkpoint:
+        """Write, agree, commit (coordinator) and apply retention (coordinator)."""
+        assert self._collective is not None and self._group is not None
+        lock = self._lock
+        manifest = self._collective.finish(pending, None if lock is None else lock.check)
+        self._after_commit(pending.step, signalled)
+        if self._group.is_coordinator:
+            self._retainer.apply(self._storage, self.retention, self.all_steps, pending.step)
+        logger.debug(
+            "collective save of step %d took %.3f s", pending.step, time.perf_counter() - start
+        )
+        return self._info(manifest)
+
+    def _after_commit(self, step: int, signalled: bool) -> None:
+        """Bookkeeping once ``step`` has committed: cadence, and a stop after a signal."""
+        self._last_saved_step = step
+        self._last_save_time = time.monotonic()
+        if signalled and self._watch is not None and self._watch.received is not None:
+            if not self._saved_since_signal:
+                logger.warning(
+                    "%s received: step %d is saved; the run should stop now",
+                    self._watch.received.name,
+                    step,
+                )
+            self._saved_since_signal = True
 
     def _finish(
         self,
@@ -391,16 +478,7 @@ class CheckpointManager:
             )
         finally:
             self._retainer.forget(step)
-        self._last_saved_step = step
-        self._last_save_time = time.monotonic()
-        if signalled and self._watch is not None and self._watch.received is not None:
-            if not self._saved_since_signal:
-                logger.warning(
-                    "%s received: step %d is saved; the run should stop now",
-                    self._watch.received.name,
-                    step,
-                )
-            self._saved_since_signal = True
+        self._after_commit(step, signalled)
         self._retainer.apply(self._storage, self.retention, self.all_steps, step)
         return self._info(manifest)
 
@@ -487,13 +565,21 @@ class CheckpointManager:
         options = RestoreOptions(
             map_location, strict, assign, optimizer_class_change, optimizer_by_position
         )
+        if self._group is not None:
+            step = self._agreed_step(step)
+            if step is None:
+                return None
         prepared = self._prepare_with_fallback(
             step, lambda s: self._prepare(s, dict(items), options, rng, verify)
         )
         if prepared is None:
             return None
         manifest = prepared.manifest
-        missing, unexpected = apply_restore(prepared, self._url(prepared.step_name))
+        where = self._url(prepared.step_name)
+        if isinstance(prepared, PreparedRestore):
+            missing, unexpected = apply_restore(prepared, where)
+        else:
+            missing, unexpected = apply_sharded_restore(prepared.restore, items, strict, where)
         for name in missing.keys() | unexpected.keys():
             logger.warning(
                 "restored %r non-strictly: missing keys %s, unexpected keys %s",
@@ -505,7 +591,7 @@ class CheckpointManager:
             "restored step %d from %s (%d bytes in %.3f s)",
             manifest.step,
             self._url(prepared.step_name),
-            sum(t.numel() * t.element_size() for t in prepared.loaded.values()),
+            prepared.nbytes,
             time.perf_counter() - start,
         )
         info = self._info(manifest)
@@ -513,13 +599,21 @@ class CheckpointManager:
             info.step, info.epoch, info.metrics, info.path, info.items, missing, unexpected
         )
 
+    def _agreed_step(self, step: int | None) -> int | None:
+        """The step every rank restores: ``step``, or the latest as the coordinator sees it."""
+        assert self._group is not None
+        latest = self.latest_step() if step is None and self._group.is_coordinator else step
+        agreed = self._group.broadcast_json(latest)
+        assert agreed is None or isinstance(agreed, int)
+        return agreed
+
     def _prepare_with_fallback(
         self, step: int | None, prepare: Callable[[int | None], _Prepared | None]
     ) -> _Prepared | None:
         """Run ``prepare`` on ``step`` (the latest intact one, if so configured)."""
         if step is not None or not self.fallback_to_intact:
             return self._retrying(step, prepare, "restored")
-        return self._reader.newest_intact(prepare, "restored")
+        return cast("_Prepared | None", self._reader.newest_intact(prepare, "restored"))
 
     def _retrying(
         self, step: int | None, attempt: Callable[[int | None], _T], doing: str = "read"
@@ -547,6 +641,11 @@ class CheckpointManager:
             return None
         step_name, manifest = found
         manifest_path = self._storage.path(step_name, MANIFEST_NAME)
+        if manifest.sharded is not None or self._group is not None:
+            with _located(manifest_path):
+                return prepare_collective(
+                    self._storage, step_name, manifest, items, options, rng, verify, self._group
+                )
         if rng and RNG_ITEM in manifest.items:
             items[RNG_ITEM] = RandomStreams()
         elif rng:
@@ -600,6 +699,9 @@ class CheckpointManager:
         if found is None:
             raise CheckpointNotFoundError("no checkpoint has been saved", path=self.directory)
         step_name, manifest = found
+        if manifest.sharded is not None:
+            with _located(self._storage.path(step_name, MANIFEST_NAME)):
+                return read_consolidated(self._storage, step_name, manifest, map_location, verify)
         names = list(
             dict.fromkeys(n for r in manifest.items.values() for _, n in tensor_refs(r.state))
         )
@@ -639,8 +741,11 @@ class CheckpointManager:
         step_name, manifest = found
         manifest_path = self._storage.path(step_name, MANIFEST_NAME)
         with _located(manifest_path):
-            check_items(manifest)
-            nbytes = verify_checkpoint_files(self._storage, step_name, manifest)
+            if manifest.sharded is not None:
+                nbytes = verify_sharded(self._storage, step_name, manifest)
+            else:
+                check_items(manifest)
+                nbytes = verify_checkpoint_files(self._storage, step_name, manifest)
         unchecked = [n for n, r in manifest.files.items() if r.checksum is None]
         if unchecked:
             logger.warning(

@@ -52,6 +52,11 @@ class PreparedRestore:
     loaded: dict[str, torch.Tensor]
     pending: PendingReads
 
+    @property
+    def nbytes(self) -> int:
+        """The bytes of tensor data read."""
+        return sum(t.numel() * t.element_size() for t in self.loaded.values())
+
 
 def _saved_state(name: str, manifest: Manifest) -> tuple[Any, dict[int, str]]:
     record = manifest.items[name]

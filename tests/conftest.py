@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import multiprocessing
 import time
@@ -9,6 +10,7 @@ from typing import Any
 
 import pytest
 import torch
+from rank_pool import RankPool, run_fresh_ranks
 
 
 def assert_same_state(a: Any, b: Any, path: str = "") -> None:
@@ -76,12 +78,28 @@ def forkserver():
             "ckpt",
             "kill_worker",
             "crash_worker",
+            "torch.distributed",
+            "rank_pool",
         ]
     )
     warm_up = context.Process(target=time.sleep, args=(0,))  # starts the server once
     warm_up.start()
     warm_up.join()
     return context
+
+
+@pytest.fixture(scope="session")
+def rank_pool(forkserver):
+    """Two gloo ranks for the whole session (see rank_pool.py): ``rank_pool.run(fn, *args)``."""
+    pool = RankPool(2, context=forkserver)
+    yield pool
+    pool.close()
+
+
+@pytest.fixture
+def fresh_ranks(forkserver):
+    """``run_fresh_ranks`` forking from the session's fork server: new ranks for one function."""
+    return functools.partial(run_fresh_ranks, context=forkserver)
 
 
 @pytest.fixture(scope="session")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -150,3 +151,118 @@ def read_manifest_doc(path) -> dict:
 
     raw = path.read_bytes()
     return json.loads(zlib.decompress(raw) if raw[:1] == b"x" else raw)
+
+
+# Checkpoints saved by several ranks (format version 3), written by hand.
+
+ChunkSpec = list[tuple[tuple[int, ...], tuple[int, ...]]]
+"""``[(offsets, sizes), ...]``: the chunks of one global tensor."""
+
+
+def split_chunks(shape: tuple[int, ...], dim: int = 0, pieces: int = 3) -> ChunkSpec:
+    """Uneven chunks of ``shape`` along ``dim`` (``torch.tensor_split``'s cuts); one if empty."""
+    if not shape or math.prod(shape) == 0:
+        return [((0,) * len(shape), tuple(shape))]
+    chunks: ChunkSpec = []
+    at = 0
+    for part in torch.arange(shape[dim]).tensor_split(pieces):
+        if len(part):
+            offsets = tuple(at if d == dim else 0 for d in range(len(shape)))
+            chunks.append(
+                (offsets, tuple(len(part) if d == dim else n for d, n in enumerate(shape)))
+            )
+            at += len(part)
+    return chunks
+
+
+def write_sharded_checkpoint(
+    storage: Any,
+    directory: str,
+    state: dict[str, Any],
+    *,
+    world_size: int = 2,
+    chunks: dict[str, ChunkSpec] | None = None,
+    rank_items: list[dict[str, Any]] | None = None,
+    step: int = 0,
+) -> Any:
+    """Write a version 3 checkpoint as ``world_size`` ranks would, with no process group.
+
+    Args:
+        storage: A :class:`ckpt.storage.Storage`.
+        directory: The checkpoint directory below its root (created).
+        state: The sharded item ``"model"`` (kind ``module``): its full state, whose
+            tensors are cut into chunks.
+        world_size: Chunk ``i`` of every tensor goes to rank ``i % world_size``.
+        chunks: ``{global tensor name ("model/w"): [(offsets, sizes), ...]}``; by
+            default :func:`split_chunks` along dimension 0.
+        rank_items: For each rank, ``{item name: plain dict}`` (kind ``dict``) it saves
+            for itself; default ``{"own": {"rank": r, "t": torch.full((2,), r)}}``.
+        step: The step in the manifest.
+
+    Returns:
+        The :class:`ckpt.format.Manifest` as written (``manifest.json`` last).
+    """
+    from ckpt.format import (
+        ChunkRecord,
+        GlobalTensorRecord,
+        ItemRecord,
+        Manifest,
+        RankSection,
+        ShardedSection,
+        TensorRecord,
+    )
+    from ckpt.io import chunk_checksum, data_offsets, write_checkpoint_files
+    from ckpt.tensorfile import tensor_bytes
+    from ckpt.tree import flatten
+
+    if rank_items is None:
+        rank_items = [{"own": {"rank": r, "t": torch.full((2,), r)}} for r in range(world_size)]
+    files: list[dict[str, torch.Tensor]] = [{} for _ in range(world_size)]
+    names = [f"rank{r}.safetensors" for r in range(world_size)]
+    tree, full = flatten(state, "model")
+    placed: dict[str, list[tuple[tuple[int, ...], tuple[int, ...], int, str]]] = {}
+    for name, tensor in full.items():
+        spec = (chunks or {}).get(name) or split_chunks(tuple(tensor.shape))
+        for i, (offsets, sizes) in enumerate(spec):
+            rank = i % world_size
+            key = f"{name}#{i}"
+            region = tuple(slice(o, o + s) for o, s in zip(offsets, sizes, strict=True))
+            files[rank][key] = tensor[region].contiguous()
+            placed.setdefault(name, []).append((offsets, sizes, rank, key))
+    ranks = []
+    for r, items in enumerate(rank_items):
+        records, item_records = {}, {}
+        for item, value in items.items():
+            item_tree, tensors = flatten(value, item)
+            item_records[item] = ItemRecord("dict", item_tree)
+            for tname, t in tensors.items():
+                files[r][tname] = t
+                records[tname] = TensorRecord(names[r], t.dtype, tuple(t.shape), "cpu")
+        ranks.append(RankSection(records, item_records))
+    begins = [data_offsets(f) for f in files]
+    globals_ = {
+        name: GlobalTensorRecord(
+            full[name].dtype,
+            tuple(full[name].shape),
+            tuple(
+                ChunkRecord(
+                    offsets,
+                    sizes,
+                    names[r],
+                    begins[r][key],
+                    chunk_checksum(tensor_bytes(files[r][key])),
+                )
+                for offsets, sizes, r, key in spec
+            ),
+        )
+        for name, spec in placed.items()
+    }
+    sharded_items = {"model": ItemRecord("module", tree)}
+    section = ShardedSection(world_size, globals_, sharded_items, tuple(ranks))
+    manifest = Manifest(
+        step, None, {}, {}, {}, {**sharded_items, **ranks[0].items}, sharded=section
+    )
+    storage.makedirs(directory)
+    return write_checkpoint_files(
+        storage, directory, dict(zip(names, files, strict=True)), manifest
+    )

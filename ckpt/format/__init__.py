@@ -1,4 +1,4 @@
-"""On-disk format (versions 1 and 2): step directory names and the JSON manifest.
+"""On-disk format (versions 1 to 3): step directory names and the JSON manifest.
 
 Pure functions over names and bytes; no I/O. See ``docs/format.md`` for the
 specification. A checkpoint is one directory named :func:`step_dir_name`,
@@ -8,7 +8,8 @@ which is written last and is the commit marker.
 One concern per module: :mod:`~ckpt.format.names` (step, temporary and file
 names), :mod:`~ckpt.format.records` (the typed records a manifest holds),
 :mod:`~ckpt.format.manifest` (encoding and decoding), :mod:`~ckpt.format.sections`
-(validating files, tensors and items), :mod:`~ckpt.format.packs` (packs of small
+(validating files, tensors and items), :mod:`~ckpt.format.sharded` (version 3:
+checkpoints saved by several ranks), :mod:`~ckpt.format.packs` (packs of small
 tensors), :mod:`~ckpt.format.sealing` (the manifest's own checksum) and
 :mod:`~ckpt.format.bounds` (size and compression limits). The limits are
 re-exported here as values (``COMPRESS_MANIFEST_ABOVE`` and ``INFLATE_FREELY``
@@ -33,7 +34,18 @@ from ckpt.format.names import (
     temp_dir_name,
 )
 from ckpt.format.packs import PACK_SUFFIX
-from ckpt.format.records import ITEM_KINDS, FileRecord, ItemRecord, Manifest, TensorRecord
+from ckpt.format.records import (
+    ITEM_KINDS,
+    ChunkRecord,
+    FileRecord,
+    GlobalTensorRecord,
+    ItemRecord,
+    Manifest,
+    RankSection,
+    ShardedSection,
+    TensorRecord,
+)
+from ckpt.format.sharded import MAX_WORLD_SIZE, SHARDED_KINDS, rank_manifest
 from ckpt.limits import MAX_STEP
 
 __all__ = [
@@ -46,9 +58,15 @@ __all__ = [
     "MAX_MANIFEST_BYTES",
     "MAX_MANIFEST_VALUES",
     "MAX_STEP",
+    "MAX_WORLD_SIZE",
     "PACK_SUFFIX",
+    "SHARDED_KINDS",
+    "ChunkRecord",
+    "GlobalTensorRecord",
     "ItemRecord",
     "Manifest",
+    "RankSection",
+    "ShardedSection",
     "TempDirName",
     "TensorRecord",
     "decode_manifest",
@@ -57,6 +75,7 @@ __all__ = [
     "item_file_name",
     "parse_step_dir_name",
     "parse_temp_dir_name",
+    "rank_manifest",
     "safe_host_name",
     "step_dir_name",
     "temp_dir_name",

@@ -1,4 +1,4 @@
-"""The manifest (format versions 1 and 2): a :class:`Manifest` encoded to bytes and decoded back.
+"""The manifest (format versions 1 to 3): a :class:`Manifest` encoded to bytes and decoded back.
 
 Pure functions over bytes; no I/O. See ``docs/format.md`` for the specification.
 Encoding picks the oldest version that can express the manifest, seals it with its
@@ -17,27 +17,40 @@ from ckpt.errors import CorruptCheckpointError, IncompatibleCheckpointError
 from ckpt.format import bounds
 from ckpt.format.records import Manifest, TensorRecord
 from ckpt.format.sealing import check_manifest_checksum, sealed
-from ckpt.format.sections import decode_files, decode_items, decode_tensors
+from ckpt.format.sections import (
+    decode_files,
+    decode_items,
+    decode_tensors,
+    encode_item,
+    encode_tensor,
+)
+from ckpt.format.sharded import decode_sharded, encode_sharded
 from ckpt.limits import MAX_STEP
 from ckpt.tree import Json, loads_strict
 
 FORMAT_NAME = "ckpt"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 """The newest version this ckpt reads and writes. A checkpoint is written in the
 oldest version that can express it: 1 unless it packs small tensors or
-compresses its manifest (version 2)."""
+compresses its manifest (version 2); 3 when several ranks saved it."""
 
 
 def encode_manifest(manifest: Manifest) -> bytes:
     """Serialize a manifest to UTF-8 JSON bytes (deterministic; no NaN literals).
 
+    A manifest with ``sharded`` set is written as version 3 from that section
+    alone (its ``items`` are derived from it, and its ``tensors`` must be empty).
+
     The JSON ends with ``"checksum"``: the digest of the bytes before it with the
     object closed right there, so any change to the manifest is detected.
     """
+    sharded = manifest.sharded
+    if sharded is not None and manifest.tensors:
+        raise ValueError("a sharded manifest holds its tensors in 'sharded', not in 'tensors'")
     packed = any(r.pack is not None for r in manifest.tensors.values())
-    doc = {
+    doc: dict[str, Any] = {
         "format": FORMAT_NAME,
-        "format_version": 2 if packed else 1,
+        "format_version": 3 if sharded is not None else 2 if packed else 1,
         "step": manifest.step,
         "epoch": manifest.epoch,
         "metrics": {k: _encode_number(v) for k, v in manifest.metrics.items()},
@@ -47,12 +60,12 @@ def encode_manifest(manifest: Manifest) -> bytes:
             name: {"size": r.size, **({"checksum": r.checksum} if r.checksum else {})}
             for name, r in manifest.files.items()
         },
-        "tensors": {name: _encode_tensor(r) for name, r in manifest.tensors.items()},
-        "items": {
-            name: {"kind": r.kind, **r.extra, "state": r.state}
-            for name, r in manifest.items.items()
-        },
     }
+    if sharded is None:
+        doc["tensors"] = {name: encode_tensor(r) for name, r in manifest.tensors.items()}
+        doc["items"] = {name: encode_item(r) for name, r in manifest.items.items()}
+    else:
+        doc.update(encode_sharded(sharded))
     body = json.dumps(doc, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
     values = sum(body.count(c) for c in ",[{")
     if values > bounds.MAX_MANIFEST_VALUES:
@@ -69,19 +82,6 @@ def encode_manifest(manifest: Manifest) -> bytes:
     if len(inflated) > bounds.inflate_limit(len(raw)):  # a reader would refuse it: store it plain
         return bounds.checked_size(sealed(body), manifest.step)
     return bounds.checked_size(raw, manifest.step, inflated=len(inflated))
-
-
-def _encode_tensor(r: TensorRecord) -> dict[str, Any]:
-    out: dict[str, Any] = {
-        "file": r.file,
-        "dtype": str(r.dtype).removeprefix("torch."),
-        "shape": list(r.shape),
-        "device": r.device,
-    }
-    if r.pack is not None:
-        out["pack"] = r.pack
-        out["offset"] = r.offset
-    return out
 
 
 def _encode_number(v: float | int) -> Json:
@@ -156,12 +156,18 @@ def decode_manifest(raw: bytes, source: str) -> Manifest:
             raise bad(f"metrics.{k}", "must be a number")
         metrics[k] = number
     files = decode_files(doc.get("files"), bad)
-    tensors = decode_tensors(doc.get("tensors"), files, bad)
-    items = decode_items(doc.get("items"), bad)
+    sharded = None
+    if version >= 3:
+        sharded = decode_sharded(doc, files, bad)
+        tensors: dict[str, TensorRecord] = {}
+        items = {**sharded.items, **sharded.ranks[0].items}
+    else:
+        tensors = decode_tensors(doc.get("tensors"), files, bad)
+        items = decode_items(doc.get("items"), bad)
     created_at = doc.get("created_at", "")
     versions = doc.get("versions", {})
     if not isinstance(created_at, str):
         raise bad("created_at", "must be a string")
     if not isinstance(versions, dict) or not all(isinstance(v, str) for v in versions.values()):
         raise bad("versions", "must map names to strings")
-    return Manifest(step, epoch, metrics, files, tensors, items, created_at, versions)
+    return Manifest(step, epoch, metrics, files, tensors, items, created_at, versions, sharded)

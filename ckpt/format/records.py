@@ -1,4 +1,10 @@
-"""What a manifest holds, as typed records: tensors, items, files and the manifest itself."""
+"""What a manifest holds, as typed records: tensors, items, files and the manifest itself.
+
+Format version 3 adds the records of a checkpoint saved by several ranks: the
+chunks of each global tensor (:class:`ChunkRecord`, :class:`GlobalTensorRecord`),
+what each rank saved for itself (:class:`RankSection`), and the section that
+holds them (:class:`ShardedSection`, ``Manifest.sharded``).
+"""
 
 from __future__ import annotations
 
@@ -51,8 +57,80 @@ class FileRecord:
 
 
 @dataclass(frozen=True)
+class ChunkRecord:
+    """One saved chunk (shard) of a global tensor (format version 3).
+
+    The chunk is the block ``offsets[d] : offsets[d] + sizes[d]`` of the global
+    tensor, stored as one tensor of the safetensors file ``file`` whose data
+    starts at the absolute byte offset ``begin`` of that file.
+    """
+
+    offsets: tuple[int, ...]
+    sizes: tuple[int, ...]
+    file: str
+    begin: int
+    checksum: str
+    """``"xxh3_64:<16 hex>"`` of the chunk's bytes."""
+
+    @property
+    def numel(self) -> int:
+        """The number of elements the chunk holds."""
+        return math.prod(self.sizes)
+
+
+@dataclass(frozen=True)
+class GlobalTensorRecord:
+    """A tensor saved in chunks by several ranks (format version 3).
+
+    The chunks are disjoint, lie inside ``shape`` and cover it exactly; a tensor
+    with no elements has one chunk, of its whole (empty) shape.
+    """
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    chunks: tuple[ChunkRecord, ...]
+
+    def chunk_nbytes(self, chunk: ChunkRecord) -> int:
+        """The number of bytes ``chunk`` (one of this tensor's) occupies in its file."""
+        return chunk.numel * self.dtype.itemsize
+
+
+@dataclass(frozen=True)
+class RankSection:
+    """What one rank saved for itself: version 2 tensor and item records, in its own files."""
+
+    tensors: dict[str, TensorRecord]
+    items: dict[str, ItemRecord]
+
+
+@dataclass(frozen=True)
+class ShardedSection:
+    """A checkpoint saved by several ranks (format version 3).
+
+    Attributes:
+        world_size: How many ranks saved it (``len(ranks)``).
+        tensors: The global tensors of the sharded items, by name.
+        items: The sharded items (kind ``module`` or ``optimizer``); their state
+            trees refer to global tensor names.
+        ranks: What each rank saved for itself, by rank; every rank has the same
+            item names and kinds.
+    """
+
+    world_size: int
+    tensors: dict[str, GlobalTensorRecord]
+    items: dict[str, ItemRecord]
+    ranks: tuple[RankSection, ...]
+
+
+@dataclass(frozen=True)
 class Manifest:
-    """The parsed, validated contents of ``manifest.json``."""
+    """The parsed, validated contents of ``manifest.json``.
+
+    A checkpoint saved by several ranks (version 3) has ``sharded`` set; then
+    ``files`` lists every rank's files, ``tensors`` is empty and ``items`` lists
+    the sharded items followed by rank 0's own items (for listing only: read
+    each rank's from ``sharded.ranks``).
+    """
 
     step: int
     epoch: int | None
@@ -62,3 +140,4 @@ class Manifest:
     items: dict[str, ItemRecord]
     created_at: str = ""
     versions: dict[str, str] = field(default_factory=dict)
+    sharded: ShardedSection | None = None

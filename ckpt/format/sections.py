@@ -1,4 +1,4 @@
-"""Validating a parsed manifest's sections: files, tensors and items, each into its records."""
+"""A manifest's sections: files, tensors and items, encoded from and validated into records."""
 
 from __future__ import annotations
 
@@ -15,10 +15,29 @@ from ckpt.integrity import ALGORITHM
 from ckpt.limits import MAX_BYTES, byte_count
 from ckpt.tree import Json
 
-_DIGEST = re.compile(r"xxh3_64:[0-9a-f]{16}")
+DIGEST = re.compile(r"xxh3_64:[0-9a-f]{16}")
 _DTYPES = {
     str(d).removeprefix("torch."): d for d in vars(torch).values() if isinstance(d, torch.dtype)
 }
+
+
+def encode_tensor(r: TensorRecord) -> dict[str, Any]:
+    """The JSON of one tensor record."""
+    out: dict[str, Any] = {
+        "file": r.file,
+        "dtype": str(r.dtype).removeprefix("torch."),
+        "shape": list(r.shape),
+        "device": r.device,
+    }
+    if r.pack is not None:
+        out["pack"] = r.pack
+        out["offset"] = r.offset
+    return out
+
+
+def encode_item(r: ItemRecord) -> dict[str, Json]:
+    """The JSON of one item record: its kind, its extras, then its state."""
+    return {"kind": r.kind, **r.extra, "state": r.state}
 
 
 def decode_files(doc: Json, bad: Any) -> dict[str, FileRecord]:
@@ -35,7 +54,7 @@ def decode_files(doc: Json, bad: Any) -> dict[str, FileRecord]:
         if isinstance(size, bool) or not isinstance(size, int) or size < 0:
             raise bad(f"files.{name}", "size must be a non-negative int")
         checksum = info.get("checksum")
-        if checksum is not None and not (isinstance(checksum, str) and _DIGEST.fullmatch(checksum)):
+        if checksum is not None and not (isinstance(checksum, str) and DIGEST.fullmatch(checksum)):
             raise bad(f"files.{name}.checksum", f"must be '{ALGORITHM}:' and 16 hex digits")
         unknown = sorted(set(info) - {"size", "checksum"})
         if unknown:
@@ -65,7 +84,7 @@ def decode_tensors(doc: Json, files: Mapping[str, FileRecord], bad: Any) -> dict
             raise bad(where, "shape must be a list of non-negative ints")
         nbytes = byte_count(shape, _DTYPES[dtype].itemsize)
         if nbytes is None:
-            raise bad(where, f"shape {_shown(shape)} overflows: more than {MAX_BYTES} bytes")
+            raise bad(where, f"shape {shown_shape(shape)} overflows: more than {MAX_BYTES} bytes")
         if not isinstance(device, str):
             raise bad(where, "device must be a string")
         if device not in valid_devices:  # a few distinct strings: parse each once
@@ -92,7 +111,7 @@ def decode_tensors(doc: Json, files: Mapping[str, FileRecord], bad: Any) -> dict
     check_packs(tensors, bad)
     for name, r in tensors.items():
         if r.nbytes > files[r.file].size:
-            shape = _shown(list(r.shape))
+            shape = shown_shape(list(r.shape))
             raise bad(
                 f"tensors.{name}", f"shape {shape} needs {r.nbytes} bytes; {r.file!r} is smaller"
             )
@@ -112,7 +131,7 @@ def decode_items(doc: Json, bad: Any) -> dict[str, ItemRecord]:
     return items
 
 
-def _shown(shape: list[int]) -> str:
+def shown_shape(shape: list[int]) -> str:
     """A shape for a message: long ones and huge numbers cut short."""
     dims = [str(d) if d < 10**20 else f"<{d.bit_length()} bits>" for d in shape[:8]]
     return "[" + ", ".join(dims) + (", ...]" if len(shape) > 8 else "]")

@@ -10,6 +10,7 @@ The edge between the pure format modules and the filesystem, one concern per mod
 - :mod:`ckpt.io.live_reads`: reading checked bytes straight into live tensors.
 - :mod:`ckpt.io.spill`: where checked object-store bytes wait locally.
 - :mod:`ckpt.io.verify`: checking every file of a checkpoint without loading it.
+- :mod:`ckpt.io.chunks`: chunks of global tensors (version 3): read, assembled, verified.
 
 Tunables (``READ_SLICE_BYTES``, ``MAX_HELD_FILES``, ...) live in, and are
 read from, their own module; they are deliberately not re-exported here.
@@ -18,6 +19,14 @@ read from, their own module; they are deliberately not re-exported here.
 from __future__ import annotations
 
 from ckpt.format import MAX_MANIFEST_BYTES
+from ckpt.io.chunks import (
+    assemble_tensor,
+    chunk_checksum,
+    data_offsets,
+    read_chunk,
+    read_chunk_slice,
+    verify_sharded_files,
+)
 from ckpt.io.manifest import manifest_digest, read_manifest
 from ckpt.io.pending import PendingReads
 from ckpt.io.read import load_tensors
@@ -27,9 +36,15 @@ from ckpt.io.write import write_checkpoint_files
 __all__ = [
     "MAX_MANIFEST_BYTES",
     "PendingReads",
+    "assemble_tensor",
+    "chunk_checksum",
+    "data_offsets",
     "load_tensors",
     "manifest_digest",
+    "read_chunk",
+    "read_chunk_slice",
     "read_manifest",
     "verify_checkpoint_files",
+    "verify_sharded_files",
     "write_checkpoint_files",
 ]

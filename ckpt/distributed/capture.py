@@ -1,0 +1,152 @@
+"""What one rank saves: its shards of the sharded items, and its own items as a v2 section.
+
+Pure transformations of live state into tensors to write and records to
+gather; the writing is :mod:`ckpt.distributed.writing`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ckpt.distributed.planning import Shard, plan_writes
+from ckpt.distributed.states import pair_optimizers, sharded_state
+from ckpt.format import ItemRecord, Manifest, item_file_name
+from ckpt.items import assemble_manifest, capture
+from ckpt.optim import class_name, module_param_names
+from ckpt.tree import Json, flatten
+
+__all__ = [
+    "LocalCapture",
+    "RankCapture",
+    "capture_local",
+    "capture_own",
+    "chunk_key",
+    "lay_out",
+    "rank_file_name",
+    "shard_file_name",
+]
+
+
+def shard_file_name(rank: int, token: str | None) -> str:
+    """The file holding the shards rank ``rank`` writes."""
+    return item_file_name(f"rank{rank}_shards", token)
+
+
+def rank_file_name(file_name: str, rank: int) -> str:
+    """The name rank ``rank`` gives its file of an item: ``<item>_r<rank>[.token].safetensors``."""
+    stem, dot, rest = file_name.partition(".")
+    return f"{stem}_r{rank}{dot}{rest}"
+
+
+def chunk_key(name: str, offsets: tuple[int, ...]) -> str:
+    """The tensor name of a shard inside its safetensors file: ``<global name>@<offsets>``."""
+    return f"{name}@{','.join(str(o) for o in offsets)}"
+
+
+@dataclass
+class RankCapture:
+    """One rank's part of a save, captured and laid out, not yet written."""
+
+    files: dict[str, dict[str, torch.Tensor]]
+    """``{file name: {tensor name: tensor}}``: this rank's shard file and its own item files."""
+    shards: list[Shard]
+    shard_file: str
+    sharded_items: dict[str, ItemRecord]
+    """The sharded items' records (trees referring to global tensor names)."""
+    own: Manifest
+    """This rank's own items, as a v2 manifest (file records still empty)."""
+
+
+@dataclass
+class LocalCapture:
+    """One rank's state, captured without talking to other ranks."""
+
+    sharded_items: dict[str, ItemRecord]
+    flat: dict[str, torch.Tensor]
+    """``{global name: tensor or DTensor}`` of the sharded items."""
+    own_files: dict[str, dict[str, torch.Tensor]]
+    own: Manifest
+
+
+def capture_local(
+    items: Mapping[str, Any],
+    rank: int,
+    own_manifest: Callable[[dict[str, Any]], tuple[dict[str, dict[str, torch.Tensor]], Manifest]],
+) -> LocalCapture:
+    """Capture this rank's state: sharded items through DCP's state-dict API, the rest itself.
+
+    Args:
+        items: Every item, as given to ``save`` (plus the random streams).
+        rank: This rank.
+        own_manifest: Captures the items each rank saves for itself and lays them
+            out as a v2 manifest (what a single-process save does).
+
+    Raises:
+        TypeError: A value cannot be stored without pickle.
+        ValueError: An optimizer is saved without the module holding its parameters.
+    """
+    pairs = pair_optimizers(items)
+    records: dict[str, ItemRecord] = {}
+    flat: dict[str, torch.Tensor] = {}
+    for name, obj in items.items():
+        if not isinstance(obj, (torch.nn.Module, torch.optim.Optimizer)):
+            continue
+        tree, tensors = flatten(sharded_state(name, items, pairs), name)
+        if isinstance(obj, torch.nn.Module):
+            records[name] = ItemRecord("module", tree)
+        else:
+            extra: dict[str, Json] = {"class": class_name(obj), "model": pairs[name]}
+            records[name] = ItemRecord("optimizer", tree, extra)
+        flat.update(tensors)
+    own_files, own = own_manifest({n: o for n, o in items.items() if n not in records})
+    renamed = {f: rank_file_name(f, rank) for f in own_files}
+    own = dataclasses.replace(
+        own,
+        tensors={n: dataclasses.replace(r, file=renamed[r.file]) for n, r in own.tensors.items()},
+    )
+    own_files = {renamed[f]: tensors for f, tensors in own_files.items()}
+    return LocalCapture(records, flat, own_files, own)
+
+
+def lay_out(
+    local: LocalCapture, rank: int, token: str | None, all_gather: Callable[[Json], list[Json]]
+) -> RankCapture:
+    """Decide this rank's shards with DCP's planner and lay out its files (collective)."""
+    shards = plan_writes(local.flat, rank, all_gather)
+    shard_file = shard_file_name(rank, token)
+    files: dict[str, dict[str, torch.Tensor]] = {}
+    if shards:
+        files[shard_file] = {chunk_key(s.name, s.offsets): s.data for s in shards}
+    files.update(local.own_files)
+    return RankCapture(files, shards, shard_file, local.sharded_items, local.own)
+
+
+def capture_own(
+    step: int,
+    epoch: int | None,
+    metrics: dict[str, float | int],
+    created_at: str,
+    versions: dict[str, str],
+    token: str | None,
+) -> Callable[[dict[str, Any]], tuple[dict[str, dict[str, torch.Tensor]], Manifest]]:
+    """What :func:`capture_rank` calls for the items a rank saves for itself."""
+
+    def own(items: dict[str, Any]) -> tuple[dict[str, dict[str, torch.Tensor]], Manifest]:
+        param_names = module_param_names({})
+        captured = {name: capture(name, obj, param_names) for name, obj in items.items()}
+        return assemble_manifest(
+            step,
+            epoch,
+            metrics,
+            captured,
+            created_at=created_at,
+            versions=versions,
+            file_token=token,
+        )
+
+    return own

@@ -1,0 +1,370 @@
+"""ckpt's own collectives among the ranks of a process group: pickle-free, with a timeout.
+
+torch's object collectives (``all_gather_object``, ``broadcast_object_list``) pickle
+their values, and a collective on the training's group can interleave with the
+training's own. :class:`RankGroup` instead runs on a dedicated gloo subgroup of the
+same ranks (CPU tensors, whatever the default backend: gloo or nccl) and moves only
+JSON, as UTF-8 bytes in ``uint8`` tensors, or raw bytes. Every collective is bounded
+by the group's timeout: a rank that dies (gloo notices the closed connection at
+once) or stalls makes every other rank raise :class:`~ckpt.errors.CollectiveError`
+instead of hanging.
+
+Example:
+    >>> group = RankGroup(timeout=60)
+    >>> outcomes = group.failures(error)        # same list on every rank
+    >>> sizes = group.all_gather_json(my_size)  # one value per rank, by rank
+    >>> group.close()
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import math
+from collections.abc import Callable
+from datetime import timedelta
+from typing import TypeVar
+
+import torch
+import torch.distributed as dist
+
+from ckpt.errors import CollectiveError
+from ckpt.tree import Json
+
+__all__ = ["RankGroup"]
+
+logger = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+
+# A length a rank sends instead of its payload's when it has nothing valid to send
+# (its value is not JSON, or it is the source and gave no bytes), so that every rank
+# leaves the collective together and raises, rather than the others hanging.
+_NOTHING = -1
+# The longest timeout, in seconds (about 31 years; gloo counts milliseconds in 64 bits).
+MAX_TIMEOUT = 1e9
+# A failure's message is cut to this many characters before it is gathered.
+MAX_FAILURE_CHARS = 4096
+
+
+class RankGroup:
+    """ckpt's collectives among a process group's ranks: own gloo group, pickle-free, timeout.
+
+    Construct it on every rank of the default group at once, in the same order as
+    any other ``new_group`` call: creating the subgroup is collective over the whole
+    default group. A rank outside ``process_group`` cannot take part (it only gets
+    ``NON_GROUP_MEMBER`` from torch) and gets a ``ValueError``, which leaves later
+    ``new_group`` calls out of step across ranks; so pass a group that holds every rank.
+    Then call each collective on every rank of the group in the same order. Values are
+    JSON as :func:`json.loads` gives them back (tuples become lists, dictionary keys
+    strings); nothing is ever pickled.
+
+    Not thread-safe: one thread at a time per instance. Use one instance per thread
+    that runs collectives (a background saver gets its own).
+
+    Attributes:
+        rank: This process's rank within the group.
+        world_size: The number of ranks in the group.
+        timeout: Seconds each collective may take before it raises.
+    """
+
+    def __init__(self, process_group: dist.ProcessGroup | None = None, *, timeout: float = 600.0):
+        """Create the gloo subgroup over the ranks of ``process_group``.
+
+        Args:
+            process_group: The group whose ranks take part; the default group when None.
+            timeout: Seconds each collective (and the subgroup's creation) may take.
+
+        Raises:
+            ValueError: No process group is initialized, ``timeout`` is not a number of
+                seconds in ``(0, MAX_TIMEOUT]``, or this process is not a member of
+                ``process_group``.
+            CollectiveError: A rank did not join the subgroup within the timeout.
+        """
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+            raise ValueError(f"timeout must be a number of seconds, got {timeout!r}")
+        if not math.isfinite(timeout) or not 0 < timeout <= MAX_TIMEOUT:
+            raise ValueError(f"timeout must be between 0 and {MAX_TIMEOUT:g} seconds: {timeout!r}")
+        if not (dist.is_available() and dist.is_initialized()):
+            raise ValueError(
+                "RankGroup needs an initialized torch.distributed process group "
+                "(call torch.distributed.init_process_group first)"
+            )
+        if process_group is None:
+            process_group = dist.group.WORLD
+        outsider: object = dist.GroupMember.NON_GROUP_MEMBER
+        if process_group is None or process_group is outsider:
+            raise ValueError(f"rank {dist.get_rank()} is not a member of that process group")
+        try:
+            ranks = dist.get_process_group_ranks(process_group)
+        except (KeyError, ValueError, RuntimeError) as e:
+            raise ValueError(f"process_group is not a live process group: {e}") from e
+        self.timeout = float(timeout)
+        self.rank = ranks.index(dist.get_rank()) if dist.get_rank() in ranks else -1
+        self.world_size = len(ranks)
+        self._broken: str | None = None
+        self._closed = False
+        try:
+            group = dist.new_group(
+                ranks=ranks, backend="gloo", timeout=timedelta(seconds=self.timeout)
+            )
+        except Exception as e:
+            hint = "; a rank did not join within the timeout"
+            raise self._error("creating the gloo group", e, hint) from e
+        if group is None or group == dist.GroupMember.NON_GROUP_MEMBER:
+            raise ValueError(f"rank {dist.get_rank()} is not in the process group (ranks {ranks})")
+        self._group: dist.ProcessGroup = group
+        self.rank = dist.get_rank(group)
+        # Global rank of each group rank (torch < 2.6 broadcasts take a global src).
+        self._global = dist.get_process_group_ranks(group)
+        logger.debug("ckpt gloo group over ranks %s (timeout %g s)", ranks, self.timeout)
+
+    @property
+    def is_coordinator(self) -> bool:
+        """Whether this is rank 0 of the group, the one that commits."""
+        return self.rank == 0
+
+    def all_gather_json(self, value: Json) -> list[Json]:
+        """Gather one JSON value from every rank.
+
+        Args:
+            value: This rank's value (anything :func:`json.dumps` accepts).
+
+        Returns:
+            Every rank's value, indexed by rank; the same list on every rank.
+
+        Raises:
+            TypeError: This rank's value is not JSON (the other ranks raise CollectiveError).
+            CollectiveError: A rank failed, died or did not answer within the timeout.
+        """
+        payload, encode_error = _encode(value)
+        lengths = self._run("all_gather_json", lambda: self._gather_lengths(payload))
+        _check_lengths("all_gather_json", lengths, encode_error, self)
+        payload = payload or b""  # not None here: _check_lengths raised otherwise
+        longest = max(lengths)
+        buffer = torch.zeros(longest, dtype=torch.uint8)
+        buffer[: len(payload)] = _as_tensor(payload)
+        parts = [torch.empty(longest, dtype=torch.uint8) for _ in range(self.world_size)]
+        self._run("all_gather_json", lambda: dist.all_gather(parts, buffer, group=self._group))
+        return [
+            _decode(_as_bytes(part[:length]), "all_gather_json", rank, self)
+            for rank, (part, length) in enumerate(zip(parts, lengths, strict=True))
+        ]
+
+    def broadcast_json(self, value: Json | None, src: int = 0) -> Json:
+        """Send one JSON value from rank ``src`` to every rank.
+
+        Args:
+            value: The value, on ``src`` (ignored on the other ranks).
+            src: The sending rank, within the group.
+
+        Returns:
+            ``src``'s value, on every rank.
+
+        Raises:
+            ValueError: ``src`` is not a rank of the group.
+            TypeError: On ``src``, the value is not JSON (the others raise CollectiveError).
+            CollectiveError: A rank failed, died or did not answer within the timeout.
+        """
+        self._check_src(src)
+        payload, encode_error = _encode(value) if self.rank == src else (b"", None)
+        data = self._broadcast("broadcast_json", payload, src, encode_error)
+        return _decode(data, "broadcast_json", src, self)
+
+    def broadcast_bytes(self, data: bytes | None, src: int = 0) -> bytes:
+        """Send bytes from rank ``src`` to every rank.
+
+        Args:
+            data: The bytes (any bytes-like object), on ``src`` (ignored on the others).
+            src: The sending rank, within the group.
+
+        Returns:
+            ``src``'s bytes, on every rank.
+
+        Raises:
+            ValueError: ``src`` is not a rank of the group.
+            TypeError: On ``src``, ``data`` is not bytes-like (the others raise CollectiveError).
+            CollectiveError: A rank failed, died or did not answer within the timeout.
+        """
+        self._check_src(src)
+        payload: bytes | None = b""
+        error: TypeError | None = None
+        if self.rank == src:
+            try:
+                payload = bytes(memoryview(data))  # type: ignore[arg-type]
+            except TypeError as e:
+                payload = None
+                kind = type(data).__name__
+                error = TypeError(f"broadcast_bytes needs bytes on rank {src}, got {kind}")
+                error.__cause__ = e
+        return self._broadcast("broadcast_bytes", payload, src, error)
+
+    def barrier(self) -> None:
+        """Wait until every rank of the group has reached this call.
+
+        Raises:
+            CollectiveError: A rank died or did not arrive within the timeout.
+        """
+        flag = torch.zeros(1, dtype=torch.int64)
+        self._run("barrier", lambda: dist.all_reduce(flag, group=self._group))
+
+    def failures(self, error: BaseException | None) -> list[tuple[int, str]]:
+        """Gather each rank's outcome: the ranks that failed, and how.
+
+        Args:
+            error: This rank's error, or None if it succeeded.
+
+        Returns:
+            ``[(rank, "TypeName: message"), ...]`` for the ranks that passed an error,
+            by rank; the same list on every rank (empty when all succeeded).
+
+        Raises:
+            CollectiveError: A rank died or did not answer within the timeout.
+        """
+        outcomes = self.all_gather_json(None if error is None else _describe(error))
+        failed: list[tuple[int, str]] = []
+        for rank, outcome in enumerate(outcomes):
+            if outcome is None:
+                continue
+            if not isinstance(outcome, str):
+                raise self._error("failures", TypeError(f"rank {rank} sent {outcome!r}"))
+            failed.append((rank, outcome))
+        return failed
+
+    def close(self) -> None:
+        """Destroy the gloo subgroup; later collectives raise. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            dist.destroy_process_group(self._group)
+        except (ValueError, RuntimeError) as e:  # the default group was destroyed first
+            logger.debug("ckpt gloo group already gone: %s", e)
+
+    def __enter__(self) -> RankGroup:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        size, timeout = self.world_size, self.timeout
+        return f"RankGroup(rank={self.rank}, world_size={size}, timeout={timeout:g})"
+
+    # -- internals -------------------------------------------------------------------
+
+    def _check_src(self, src: int) -> None:
+        if isinstance(src, bool) or not isinstance(src, int) or not 0 <= src < self.world_size:
+            last = self.world_size - 1
+            raise ValueError(f"src must be a rank of the group (0 to {last}), got {src!r}")
+
+    def _gather_lengths(self, payload: bytes | None) -> list[int]:
+        mine = torch.tensor([_NOTHING if payload is None else len(payload)], dtype=torch.int64)
+        lengths = [torch.empty(1, dtype=torch.int64) for _ in range(self.world_size)]
+        dist.all_gather(lengths, mine, group=self._group)
+        return [int(length.item()) for length in lengths]
+
+    def _broadcast(
+        self, operation: str, payload: bytes | None, src: int, error: TypeError | None
+    ) -> bytes:
+        """Broadcast ``payload`` (None: src has nothing valid) from ``src``: length, then bytes."""
+        length = torch.tensor([_NOTHING if payload is None else len(payload)], dtype=torch.int64)
+        root = self._global[src]
+        self._run(operation, lambda: dist.broadcast(length, src=root, group=self._group))
+        size = int(length.item())
+        if size == _NOTHING:
+            if error is not None:
+                raise error
+            raise self._error(operation, ValueError(f"rank {src} had nothing valid to send"))
+        if size == 0:
+            return b""
+        if self.rank == src:
+            buffer = _as_tensor(payload or b"")
+        else:
+            buffer = torch.empty(size, dtype=torch.uint8)
+        self._run(operation, lambda: dist.broadcast(buffer, src=root, group=self._group))
+        return _as_bytes(buffer)
+
+    def _run(self, operation: str, collective: Callable[[], _T]) -> _T:
+        """Run one collective; any failure breaks the group and raises CollectiveError."""
+        if self._closed:
+            raise self._error(operation, RuntimeError("the group is closed"))
+        if self._broken is not None:
+            earlier = RuntimeError(f"an earlier collective failed: {self._broken}")
+            raise self._error(operation, earlier)
+        try:
+            return collective()
+        except Exception as e:
+            self._broken = f"{operation}: {type(e).__name__}: {e}"
+            hint = "; a rank died, left or did not answer within the timeout"
+            raise self._error(operation, e, hint) from e
+
+    def _error(self, operation: str, cause: BaseException, hint: str = "") -> CollectiveError:
+        return CollectiveError(
+            f"{operation} failed on rank {getattr(self, 'rank', '?')} of "
+            f"{getattr(self, 'world_size', '?')} (timeout {self.timeout:g} s): "
+            f"{_describe(cause)}{hint}",
+            operation=operation,
+            rank=getattr(self, "rank", None),
+            timeout=self.timeout,
+        )
+
+
+def _check_lengths(
+    operation: str,
+    lengths: list[int],
+    encode_error: TypeError | None,
+    group: RankGroup,
+) -> None:
+    """Raise on every rank when any rank had nothing valid to send."""
+    bad = [r for r, length in enumerate(lengths) if length < 0]
+    if not bad:
+        return
+    if encode_error is not None:
+        raise encode_error
+    raise group._error(operation, ValueError(f"rank(s) {bad} could not encode their value as JSON"))
+
+
+def _encode(value: Json) -> tuple[bytes | None, TypeError | None]:
+    """JSON-encode ``value`` as UTF-8 (lone surrogates kept), or say why not."""
+    try:
+        text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    except (TypeError, ValueError, RecursionError) as e:
+        error = TypeError(f"cannot send {type(value).__name__} as JSON: {e}")
+        error.__cause__ = e
+        return None, error
+    return text.encode("utf-8", "surrogatepass"), None
+
+
+def _decode(data: bytes, operation: str, rank: int, group: RankGroup) -> Json:
+    try:
+        return json.loads(data.decode("utf-8", "surrogatepass"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        bad = ValueError(f"rank {rank} sent bytes that are not JSON: {e}")
+        raise group._error(operation, bad) from e
+
+
+def _as_tensor(data: bytes) -> torch.Tensor:
+    """A writable uint8 CPU tensor holding a copy of ``data``."""
+    if not data:
+        return torch.empty(0, dtype=torch.uint8)
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+
+def _as_bytes(tensor: torch.Tensor) -> bytes:
+    """A copy of a uint8 CPU tensor's bytes (without numpy, an optional torch dependency)."""
+    tensor = tensor.contiguous()
+    return ctypes.string_at(tensor.data_ptr(), tensor.numel()) if tensor.numel() else b""
+
+
+def _describe(error: BaseException) -> str:
+    """``"TypeName: message"``, cut to MAX_FAILURE_CHARS; never raises."""
+    try:
+        message = str(error)
+    except Exception:
+        message = "<unprintable message>"
+    text = f"{type(error).__name__}: {message}" if message else type(error).__name__
+    if len(text) > MAX_FAILURE_CHARS:
+        text = text[: MAX_FAILURE_CHARS - 3] + "..."
+    return text

@@ -1,0 +1,193 @@
+"""Who writes what, and who reads what: DCP's planners, with plans exchanged as JSON.
+
+Saving: every rank builds its local plan with DCP's ``DefaultSavePlanner`` (one
+write item per local shard of a DTensor, one per whole plain tensor); the plans
+are exchanged as JSON (never pickle) and every rank runs the same deterministic
+global step, which deduplicates replicated tensors over the ranks so they share
+the writing. Loading: DCP's local load planner maps the saved chunks onto the
+live (possibly differently sharded) tensors; here its read items are grouped
+by saved chunk. Pure functions over plans and records; no I/O.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint.default_planner import (
+    DefaultSavePlanner,
+    create_default_local_load_plan,
+)
+from torch.distributed.checkpoint.metadata import (
+    ChunkStorageMetadata,
+    Metadata,
+    MetadataIndex,
+    TensorProperties,
+    TensorStorageMetadata,
+)
+from torch.distributed.checkpoint.planner import (
+    ReadItem,
+    SavePlan,
+    TensorWriteData,
+    WriteItem,
+    WriteItemType,
+)
+from torch.distributed.tensor import DTensor
+
+from ckpt.errors import IncompatibleCheckpointError
+from ckpt.format import GlobalTensorRecord
+from ckpt.tensorfile import dtype_from_name, dtype_name
+from ckpt.tree import Json
+
+__all__ = ["ChunkRead", "Shard", "local_shards", "plan_reads", "plan_writes"]
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One piece of a global tensor this rank writes."""
+
+    name: str
+    offsets: tuple[int, ...]
+    global_shape: tuple[int, ...]
+    data: torch.Tensor
+    """The shard's values (a local tensor, possibly on a GPU)."""
+
+
+def _item_to_json(item: WriteItem) -> Json:
+    data = item.tensor_data
+    assert data is not None
+    return [
+        item.index.fqn,
+        list(data.chunk.offsets),
+        list(data.chunk.sizes),
+        list(data.size),
+        dtype_name(data.properties.dtype),
+        item.type.value,
+    ]
+
+
+def _item_from_json(doc: Any) -> WriteItem:
+    fqn, offsets, sizes, size, dtype, kind = doc
+    resolved = dtype_from_name(dtype)
+    assert resolved is not None
+    return WriteItem(
+        index=MetadataIndex(fqn, torch.Size(offsets)),
+        type=WriteItemType(kind),
+        tensor_data=TensorWriteData(
+            chunk=ChunkStorageMetadata(torch.Size(offsets), torch.Size(sizes)),
+            properties=TensorProperties(dtype=resolved),
+            size=torch.Size(size),
+        ),
+    )
+
+
+def plan_writes(
+    tensors: Mapping[str, torch.Tensor],
+    rank: int,
+    all_gather: Callable[[Json], list[Json]],
+) -> list[Shard]:
+    """Decide which shards this rank writes (collective: every rank calls it).
+
+    Args:
+        tensors: ``{global name: tensor or DTensor}`` of this rank's sharded items.
+        rank: This rank.
+        all_gather: Gathers one JSON value from every rank (ckpt's pickle-free collective).
+
+    Returns:
+        This rank's shards: those of its DTensor shards it owns after DCP's
+        deduplication, and its share of the replicated tensors.
+    """
+    planner = DefaultSavePlanner(flatten_state_dict=False)
+    planner.set_up_planner(dict(tensors), is_coordinator=rank == 0)
+    local = planner.create_local_plan()
+    gathered = all_gather([_item_to_json(item) for item in local.items])
+    plans = [SavePlan([_item_from_json(d) for d in doc]) for doc in gathered]
+    global_plans, _ = planner.create_global_plan(plans)
+    final = planner.finish_plan(global_plans[rank])
+    shards = []
+    for item in final.items:
+        data = planner.resolve_data(item)
+        assert isinstance(data, torch.Tensor) and item.tensor_data is not None
+        shards.append(
+            Shard(
+                item.index.fqn,
+                tuple(item.tensor_data.chunk.offsets),
+                tuple(item.tensor_data.size),
+                data.detach(),
+            )
+        )
+    return shards
+
+
+def local_shards(t: torch.Tensor) -> torch.Tensor:
+    """The part of ``t`` this rank holds (a DTensor's local tensor, else ``t``)."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+@dataclass(frozen=True)
+class ChunkRead:
+    """Copy the saved chunk's box ``source`` (offsets, lengths) into ``dest`` of a live tensor."""
+
+    name: str
+    chunk: int
+    """Index of the saved chunk in its record."""
+    source_offsets: tuple[int, ...]
+    dest_offsets: tuple[int, ...]
+    lengths: tuple[int, ...]
+
+
+def _metadata(records: Mapping[str, GlobalTensorRecord]) -> Metadata:
+    return Metadata(
+        state_dict_metadata={
+            name: TensorStorageMetadata(
+                TensorProperties(dtype=r.dtype),
+                torch.Size(r.shape),
+                [
+                    ChunkStorageMetadata(torch.Size(c.offsets), torch.Size(c.sizes))
+                    for c in r.chunks
+                ],
+            )
+            for name, r in records.items()
+        }
+    )
+
+
+def plan_reads(
+    records: Mapping[str, GlobalTensorRecord], live: Mapping[str, torch.Tensor]
+) -> list[ChunkRead]:
+    """Map the saved chunks onto this rank's part of each live tensor (DCP's load planning).
+
+    Args:
+        records: The saved global tensors that ``live`` names.
+        live: ``{global name: tensor or DTensor}``, each of the saved global shape.
+
+    Raises:
+        IncompatibleCheckpointError: A live tensor's global shape differs from the saved one.
+    """
+    for name, t in live.items():
+        if tuple(t.shape) != records[name].shape:
+            raise IncompatibleCheckpointError(
+                f"tensor {name!r} has shape {tuple(records[name].shape)} in the checkpoint "
+                f"but {tuple(t.shape)} in the live object",
+                key=name,
+            )
+    plan = create_default_local_load_plan(dict(live), _metadata(records), strict=True)
+    index = {
+        name: {tuple(c.offsets): i for i, c in enumerate(r.chunks)} for name, r in records.items()
+    }
+    reads = []
+    for item in plan.items:
+        assert isinstance(item, ReadItem)
+        name = item.storage_index.fqn
+        reads.append(
+            ChunkRead(
+                name,
+                index[name][tuple(item.storage_index.offset or ())],
+                tuple(item.storage_offsets),
+                tuple(item.dest_offsets),
+                tuple(item.lengths),
+            )
+        )
+    return reads

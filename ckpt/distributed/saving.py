@@ -1,0 +1,292 @@
+"""The collective save: every rank writes its part, the ranks agree, one rank commits.
+
+1. The coordinator (rank 0) takes the root's writer lock, checks the step, removes
+   leftovers of crashed saves and opens the uncommitted checkpoint (a temporary
+   directory on local disk, attempt-unique file names on object stores); the
+   ranks learn its name and token.
+2. Every rank captures its state; the ranks agree that all succeeded.
+3. DCP's planner decides who writes which shard (replicated tensors spread over
+   the ranks); every rank writes its files; the ranks agree again, each
+   reporting its files, shards and own items.
+4. The coordinator writes the v3 manifest and commits (rename, or the manifest
+   itself on object stores), then tells every rank the outcome.
+
+Any failure before the commit: nothing is committed, the coordinator removes
+the attempt, and every rank raises :class:`~ckpt.CheckpointWriteError` naming
+the failed ranks. A rank that dies makes the others' collectives fail within
+the group's timeout (:class:`~ckpt.CollectiveError`), never hang.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import platform
+import secrets
+import socket
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from typing import Any, BinaryIO
+
+import torch
+
+from ckpt import _version
+from ckpt.commit import remove_abandoned_temps, remove_leftovers
+from ckpt.distributed.capture import RankCapture, capture_local, capture_own, lay_out
+from ckpt.distributed.group import RankGroup
+from ckpt.distributed.writing import assemble_v3, write_rank_files
+from ckpt.errors import (
+    CheckpointError,
+    CheckpointExistsError,
+    CheckpointLockedError,
+    CheckpointWriteError,
+)
+from ckpt.format import (
+    MANIFEST_NAME,
+    ItemRecord,
+    Manifest,
+    encode_manifest,
+    step_dir_name,
+    temp_dir_name,
+)
+from ckpt.storage import CommitStrategy, Storage
+
+__all__ = ["CollectiveSave", "PendingSave"]
+
+logger = logging.getLogger(__name__)
+
+_RAISED_AS = {
+    "CheckpointExistsError": CheckpointExistsError,
+    "CheckpointLockedError": CheckpointLockedError,
+}
+
+
+def _describe(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}"
+
+
+@dataclasses.dataclass
+class PendingSave:
+    """A collective save opened and planned on this rank, its files not yet written."""
+
+    step: int
+    overwrite: bool
+    plan: dict[str, Any]
+    template: Manifest
+    captured: RankCapture
+
+
+@dataclasses.dataclass
+class CollectiveSave:
+    """Runs collective saves for one manager (see the module doc)."""
+
+    storage: Storage
+    group: RankGroup
+    leftovers_checked: bool = False
+
+    def begin(
+        self,
+        step: int,
+        epoch: int | None,
+        metrics: dict[str, float | int],
+        overwrite: bool,
+        items: dict[str, Any],
+        prepare: Callable[[], None],
+    ) -> PendingSave:
+        """Open the save on every rank, capture this rank's state and plan its files (collective).
+
+        Args:
+            step: The step.
+            epoch: The epoch, or ``None``.
+            metrics: Checked metrics.
+            overwrite: Replace a committed ``step``.
+            items: Every item, the random streams included.
+            prepare: Run on the coordinator before anything is written (takes the
+                writer lock, refuses an existing step); what it raises is raised
+                on every rank.
+
+        Returns:
+            The save, ready for :meth:`finish` (its tensors may still be live ones:
+            stage them first to finish in the background).
+        """
+        group = self.group
+        opened = self._open(step, overwrite, prepare) if group.is_coordinator else None
+        plan = group.broadcast_json(opened)
+        assert isinstance(plan, dict)
+        if "error" in plan:
+            kind, message = plan["error"]
+            raise _RAISED_AS.get(kind, CheckpointWriteError)(
+                message, path=self.storage.url_of(step_dir_name(step))
+            )
+        file_token, created_at, versions = plan["file_token"], plan["created_at"], plan["versions"]
+        template = Manifest(step, epoch, metrics, {}, {}, {}, created_at, versions)
+        error: BaseException | None = None
+        local = None
+        try:
+            own = capture_own(step, epoch, metrics, created_at, versions, file_token)
+            local = capture_local(items, group.rank, own)
+        except Exception as e:
+            error = e
+        self._agree(step, plan, error)
+        assert local is not None
+        try:
+            captured = lay_out(local, group.rank, file_token, group.all_gather_json)
+        except Exception as e:  # DCP's planning is the same on every rank: all raise alike
+            self._agree(step, plan, e)
+            raise
+        return PendingSave(step, overwrite, plan, template, captured)
+
+    def finish(self, pending: PendingSave, guard: Callable[[], None] | None) -> Manifest:
+        """Write this rank's files, agree, and commit on the coordinator (collective).
+
+        Args:
+            pending: What :meth:`begin` returned.
+            guard: Run on the coordinator just before the commit point.
+
+        Returns:
+            The manifest (on ranks other than the coordinator, without file records).
+        """
+        start = time.perf_counter()
+        step, plan, group = pending.step, pending.plan, self.group
+        report: Any = None
+        error: BaseException | None = None
+        try:
+            report = write_rank_files(self.storage, plan["directory"], pending.captured)
+        except Exception as e:
+            error = e
+        reports = self._agree(step, plan, error, report)
+        outcome: Any = None
+        if group.is_coordinator:
+            outcome = self._commit(
+                step,
+                plan,
+                pending.template,
+                pending.captured.sharded_items,
+                reports,
+                pending.overwrite,
+                guard,
+            )
+        outcome = group.broadcast_json(outcome)
+        assert isinstance(outcome, dict)
+        if outcome.get("error"):
+            raise CheckpointWriteError(
+                f"could not commit step {step}: {outcome['error']}; nothing was committed "
+                "and earlier checkpoints are intact",
+                path=self.storage.url_of(step_dir_name(step)),
+            )
+        logger.info(
+            "saved step %d from %d ranks to %s in %.3f s",
+            step,
+            group.world_size,
+            self.storage.url_of(step_dir_name(step)),
+            time.perf_counter() - start,
+        )
+        names = {n: ItemRecord("", None) for n in outcome["items"]}
+        return dataclasses.replace(pending.template, items=names)
+
+    def _open(self, step: int, overwrite: bool, prepare: Callable[[], None]) -> dict[str, Any]:
+        """On the coordinator: lock, check, clean up, and open the uncommitted checkpoint."""
+        step_name = step_dir_name(step)
+        try:
+            prepare()
+            if not self.leftovers_checked:
+                self.leftovers_checked = True
+                remove_leftovers(self.storage)
+            token = secrets.token_hex(4)
+            strategy = self.storage.commit_strategy(step_name, overwrite)
+            if strategy is CommitStrategy.RENAME_DIR:
+                remove_abandoned_temps(self.storage)
+                directory = temp_dir_name(step, socket.gethostname(), os.getpid(), token)
+                file_token = token if self.storage.unique_file_names(overwrite) else None
+            elif overwrite:
+                raise CheckpointWriteError(
+                    "overwrite=True is not supported for saves from several ranks on this "
+                    "storage; save a new step",
+                    path=self.storage.url_of(step_name),
+                )
+            else:
+                directory, file_token = step_name, token
+            self.storage.makedirs(directory)
+        except CheckpointError as e:
+            return {"error": [type(e).__name__, str(e)]}
+        except OSError as e:
+            return {"error": ["CheckpointWriteError", f"cannot start the save: {e}"]}
+        return {
+            "directory": directory,
+            "token": token,
+            "file_token": file_token,
+            "rename": strategy is CommitStrategy.RENAME_DIR,
+            "created_at": datetime.now(timezone.utc).isoformat(timespec="microseconds"),
+            "versions": {
+                "ckpt": _version.__version__,
+                "torch": torch.__version__,
+                "python": platform.python_version(),
+            },
+        }
+
+    def _agree(
+        self, step: int, plan: dict[str, Any], error: BaseException | None, report: Any = None
+    ) -> list[Any]:
+        """Gather every rank's outcome (and report); on any failure abandon the save and raise."""
+        docs = self.group.all_gather_json(
+            {"error": None if error is None else _describe(error), "report": report}
+        )
+        failed = [(r, d["error"]) for r, d in enumerate(docs) if d["error"] is not None]
+        if not failed:
+            return [d["report"] for d in docs]
+        if self.group.is_coordinator:
+            self._abandon(plan)
+        where = "; ".join(f"rank {r}: {message}" for r, message in failed)
+        failure = CheckpointWriteError(
+            f"could not save step {step}: {where}; nothing was committed and earlier "
+            "checkpoints are intact",
+            path=self.storage.url_of(step_dir_name(step)),
+        )
+        if error is not None:
+            raise failure from error
+        raise failure
+
+    def _abandon(self, plan: dict[str, Any]) -> None:
+        """Remove what an attempt wrote (the coordinator, once every rank has stopped writing)."""
+        try:
+            if plan["rename"]:
+                self.storage.remove_tree(plan["directory"])
+            else:
+                for name in self.storage.list_dir(plan["directory"]):
+                    if plan["token"] in name:
+                        self.storage.remove_file(plan["directory"], name)
+        except Exception as e:  # leftovers are removed by a later save
+            logger.warning("could not remove the abandoned save %s: %s", plan["directory"], e)
+
+    def _commit(
+        self,
+        step: int,
+        plan: dict[str, Any],
+        template: Manifest,
+        sharded_items: dict[str, Any],
+        reports: list[Any],
+        overwrite: bool,
+        guard: Callable[[], None] | None,
+    ) -> dict[str, Any]:
+        """On the coordinator: write the manifest and commit; the outcome for every rank."""
+        directory = plan["directory"]
+        try:
+            manifest = assemble_v3(template, sharded_items, reports)
+            raw = encode_manifest(manifest)
+            if guard is not None:
+                guard()
+
+            def write(f: BinaryIO) -> int:
+                f.write(raw)
+                return len(raw)
+
+            self.storage.write_file((directory, MANIFEST_NAME), write)
+            if plan["rename"]:
+                self.storage.commit_dir(directory, step_dir_name(step), replace=overwrite)
+        except Exception as e:
+            logger.error("could not commit step %d: %s", step, e)
+            self._abandon(plan)
+            return {"error": _describe(e)}
+        return {"error": None, "items": list(manifest.items)}
