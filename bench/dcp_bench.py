@@ -1,6 +1,6 @@
 """Benchmark: ckpt against torch.distributed.checkpoint (DCP) on the same 2-rank FSDP2 state.
 
-Usage: python bench/dcp_bench.py [--mib 300] [--width 2048] [--ranks 2] [--repeat 3]
+Usage: python bench/dcp_bench.py [--mib 300] [--width 2048] [--ranks 2] [--repeat 1]
                                   [--dir DIR] [--json]
 
 Each rank builds the same model of ``Linear(width, width)`` layers, shards it
@@ -350,7 +350,7 @@ def main() -> int:
     parser.add_argument("--mib", type=float, default=300.0, help="tensor MiB over all ranks")
     parser.add_argument("--width", type=int, default=2048)
     parser.add_argument("--ranks", type=int, default=2)
-    parser.add_argument("--repeat", type=int, default=3, help="runs per figure (median)")
+    parser.add_argument("--repeat", type=int, default=1, help="runs per figure (median)")
     parser.add_argument("--dir", default=None)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--rank", type=int, help=argparse.SUPPRESS)
