@@ -254,8 +254,16 @@ def metadata(root: Path) -> dict:
         "dcp_bytes": dcp_meta.stat().st_size,
         "dcp_shards": dcp_shards,
         "ckpt_bytes": manifest.stat().st_size,
+        "ckpt_json_bytes": len(_inflated(manifest.read_bytes())),
         "ckpt_shards": ckpt_shards,
     }
+
+
+def _inflated(raw: bytes) -> bytes:
+    """A manifest's JSON: stored compressed (zlib, first byte ``x``) when over 64 KiB."""
+    import zlib
+
+    return zlib.decompress(raw) if raw[:1] == b"x" else raw
 
 
 def _ckpt_shards(manifest: Path) -> int:
@@ -341,6 +349,7 @@ def report(r: dict) -> None:
     m = r["metadata"]
     print(f"metadata: DCP .metadata {m['dcp_bytes']} B for {m['dcp_shards']} shards "
           f"({m['dcp_bytes_per_shard']:.1f} B/shard); ckpt manifest.json {m['ckpt_bytes']} B "
+          f"({m['ckpt_json_bytes']} B of JSON) "
           f"for {m['ckpt_shards']} shards ({m['ckpt_bytes_per_shard']:.1f} B/shard)")  # fmt: skip
     print("ckpt / DCP: " + ", ".join(f"{k} {v:.2f}x" for k, v in r["ratios"].items()))
 
