@@ -13,21 +13,21 @@ datasets' positions).
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Iterator, Mapping, Sized
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ckpt.sampler_state import LIMIT, check_for, share
+
 __all__ = ["ResumableDataLoader", "ResumableSampler", "resumable_loader"]
 
 logger = logging.getLogger(__name__)
 
 _MIX = 0x9E3779B97F4A7C15  # an odd 64-bit constant that spreads consecutive epochs apart
-_LIMIT = 2**63
-_KEYS = frozenset({"size", "shuffle", "seed", "epoch", "position", "generator"})
-_LAYOUT_KEYS = frozenset({"batch_size", "drop_last"})
-_GENERATOR_BYTES = torch.Generator().get_state().numel()
+_RANK_MIX = 0xD1B54A32D192ED03  # another, for the ranks' loader generators
 
 
 class ResumableSampler(Sampler[int]):
@@ -39,7 +39,16 @@ class ResumableSampler(Sampler[int]):
     ``iter()`` whose iterator was never advanced is replaced by the next one, not
     counted as an epoch. The order never depends on the global random streams.
 
-    ``position`` counts the indices the training loop has received: under a
+    Across ranks it splits each epoch as ``torch.utils.data.DistributedSampler``
+    does: every rank draws the same order from the same seed, pads it by
+    wrapping around to a multiple of ``num_replicas`` (or, with ``drop_last``,
+    drops the uneven tail) and takes ``order[rank::num_replicas]``. A state
+    saved on any rank loads on any rank; loaded into another ``num_replicas``
+    mid-epoch, the rest of that epoch is split over the new ranks, so each of its
+    remaining indices is yielded once across them (plus padding as above).
+
+    ``position`` counts the indices of the epoch's order the training loop has
+    received, across all ranks (which run in step): under a
     :class:`ResumableDataLoader` (what :func:`resumable_loader` builds), the
     batches the loader has handed out, whatever its workers prefetched; under
     any other loader, the indices yielded, which is the same thing only with
@@ -49,7 +58,8 @@ class ResumableSampler(Sampler[int]):
     draws one number from it at every ``iter(loader)`` to seed workers. With
     it, that draw no longer advances the global torch stream, and it is the
     same for an epoch whether or not the run was resumed (with persistent
-    workers, drawn once per process, it is the same in every process).
+    workers, drawn once per process, it is the same in every process). It also
+    depends on the rank, so ranks' workers do not share random streams.
 
     Not thread-safe; one live iterator at a time (a new ``iter()`` ends the
     previous one). ``copy.deepcopy`` gives an independent sampler, also while a
@@ -59,26 +69,47 @@ class ResumableSampler(Sampler[int]):
         data_source: The dataset (anything with ``len``) or its length.
         shuffle: Shuffle every epoch; ``False`` yields indices in order.
         seed: Seeds the shuffle; runs with the same seed see the same orders.
+        num_replicas: The number of ranks sharing each epoch; by default the
+            world size of the initialized default process group, else 1.
+        rank: This rank, in ``[0, num_replicas)``; by default the default
+            process group's rank, else 0.
+        drop_last: Drop the tail of an epoch that does not split evenly over the
+            ranks, instead of padding it with indices from its start.
+
+    Raises:
+        ValueError: An argument is out of range.
 
     Example:
         >>> loader = ckpt.resumable_loader(dataset, batch_size=32, seed=0, num_workers=4)
         >>> mgr.restore(model=model, optimizer=opt, sampler=loader.sampler)
     """
 
-    def __init__(self, data_source: Sized | int, *, shuffle: bool = True, seed: int = 0):
+    def __init__(
+        self,
+        data_source: Sized | int,
+        *,
+        shuffle: bool = True,
+        seed: int = 0,
+        num_replicas: int | None = None,
+        rank: int | None = None,
+        drop_last: bool = False,
+    ):
         size = data_source if isinstance(data_source, int) else len(data_source)
         if isinstance(size, bool) or size < 0:
             raise ValueError(f"data_source must have a non-negative length, got {size!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < _LIMIT:
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < LIMIT:
             raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
         self._size = size
         self.shuffle = bool(shuffle)
         self.seed = seed
+        self._num_replicas, self._rank = _replicas_and_rank(num_replicas, rank)
+        self._drop_last = bool(drop_last)
         self._generator = torch.Generator().manual_seed(seed)
         self.loader_generator = torch.Generator()
         self._epoch = 0
-        self._position = 0  # indices of the epoch yielded
-        self._consumed = 0  # indices of the epoch the training loop received (when counted)
+        self._split_start = 0  # where in the epoch's order the current split over the ranks starts
+        self._position = 0  # indices of the split this rank yielded
+        self._consumed = 0  # indices of the split this rank's training loop received (when counted)
         self._order: list[int] | None = None  # the epoch's order, once drawn
         self._epoch_start_state = self._generator.get_state()
         self._resume = False
@@ -86,18 +117,40 @@ class ResumableSampler(Sampler[int]):
         self._started = True  # whether the latest iterator has been advanced
         self._counted = False  # a ResumableDataLoader reports consumed batches
         self._batch_size: int | None = None
-        self._drop_last: bool | None = None
+        self._loader_drop_last: bool | None = None
         self._persistent = False
         self._seed_loader_generator()
 
     def __len__(self) -> int:
-        return self._size
+        """This rank's share of an epoch (of the dataset size, with one rank)."""
+        return share(self._size, self._num_replicas, self._drop_last)
 
     def __repr__(self) -> str:
         return (
             f"ResumableSampler(size={self._size}, shuffle={self.shuffle}, seed={self.seed}, "
-            f"epoch={self.epoch}, position={self.position})"
+            f"num_replicas={self._num_replicas}, rank={self._rank}, epoch={self.epoch}, "
+            f"position={self.position})"
         )
+
+    @property
+    def size(self) -> int:
+        """The dataset's length: the number of indices in an epoch, across all ranks."""
+        return self._size
+
+    @property
+    def num_replicas(self) -> int:
+        """The number of ranks that share each epoch."""
+        return self._num_replicas
+
+    @property
+    def rank(self) -> int:
+        """This sampler's rank."""
+        return self._rank
+
+    @property
+    def drop_last(self) -> bool:
+        """Whether an epoch's tail that does not split evenly over the ranks is dropped."""
+        return self._drop_last
 
     @property
     def epoch(self) -> int:
@@ -110,8 +163,12 @@ class ResumableSampler(Sampler[int]):
 
     @property
     def position(self) -> int:
-        """How many indices of ``epoch`` the training loop has received (see the class doc)."""
-        return self._consumed if self._counted else self._position
+        """How many indices of ``epoch`` the training loop has received, on all ranks together.
+
+        The dataset size once this rank's share of the epoch is exhausted
+        (padding or dropped tail included); see the class doc.
+        """
+        return self._global(self._consumed if self._counted else self._position)
 
     def attach(
         self, *, batch_size: int | None, drop_last: bool, persistent_workers: bool = False
@@ -125,16 +182,26 @@ class ResumableSampler(Sampler[int]):
             raise ValueError(f"batch_size must be None or a positive int, got {batch_size!r}")
         self._counted = True
         self._batch_size = batch_size
-        self._drop_last = bool(drop_last)
+        self._loader_drop_last = bool(drop_last)
         self._persistent = bool(persistent_workers)
         self._seed_loader_generator()
 
     def consumed(self, indices: int) -> None:
         """Record that the training loop received a batch of ``indices`` indices of this epoch."""
-        self._consumed = min(self._consumed + indices, self._size)
+        self._consumed = min(self._consumed + indices, self._split_length())
+
+    def _split_length(self) -> int:
+        """This rank's share of the current split (the epoch's order from ``split_start``)."""
+        return share(self._size - self._split_start, self._num_replicas, self._drop_last)
+
+    def _global(self, taken: int) -> int:
+        """The epoch's entries consumed on all ranks once each has taken ``taken`` of the split."""
+        if taken >= self._split_length():
+            return self._size
+        return self._split_start + taken * self._num_replicas
 
     def _epoch_done(self) -> bool:
-        return self._order is not None and self._position >= self._size
+        return self._order is not None and self._position >= self._split_length()
 
     def _seed_loader_generator(self) -> None:
         # The next iter(loader) draws from it: seed it for the epoch that iter() will yield.
@@ -142,7 +209,8 @@ class ResumableSampler(Sampler[int]):
         upcoming = self._epoch + 1 if self._epoch_done() and not self._resume else self._epoch
         if self._persistent:
             upcoming = 0
-        self.loader_generator.manual_seed((self.seed ^ (upcoming * _MIX)) % 2**64)
+        mixed = self.seed ^ (upcoming * _MIX) ^ (self._rank * _RANK_MIX)  # rank 0: as one process
+        self.loader_generator.manual_seed(mixed % 2**64)
 
     def _draw_order(self) -> list[int]:
         if self.shuffle:
@@ -159,7 +227,7 @@ class ResumableSampler(Sampler[int]):
             if order is not None:
                 abandoned = not self._epoch_done()
                 self._epoch += 1
-                self._position = self._consumed = 0
+                self._split_start = self._position = self._consumed = 0
                 if abandoned:
                     self._seed_loader_generator()
             self._epoch_start_state = self._generator.get_state()
@@ -171,15 +239,18 @@ class ResumableSampler(Sampler[int]):
     def _indices(self, token: int, order: list[int]) -> Iterator[int]:
         if token == self._live_iterator:
             self._started = True
+        start, replicas, rank = self._split_start, self._num_replicas, self._rank
+        remaining, length = self._size - start, self._split_length()
         while True:
             if token != self._live_iterator:
                 raise RuntimeError("this sampler iterator was superseded by a newer iter()")
-            if self._position >= self._size:  # a resumed epoch that had nothing left
+            if self._position >= length:  # a resumed epoch that had nothing left
                 self._seed_loader_generator()
                 return
-            index = order[self._position]
+            # DistributedSampler pads by wrapping around: entry i of the split is remaining[i % n]
+            index = order[start + (self._position * replicas + rank) % remaining]
             self._position += 1
-            if self._position == self._size:
+            if self._position == length:
                 self._seed_loader_generator()
             yield index
 
@@ -189,10 +260,13 @@ class ResumableSampler(Sampler[int]):
         The generator state is the one the epoch's order was drawn from, so that
         ``load_state_dict`` can draw the same order again. ``batch_size`` and
         ``drop_last`` are the loader's batch layout (``None`` when no
-        :class:`ResumableDataLoader` reports to this sampler).
+        :class:`ResumableDataLoader` reports to this sampler). With more than one
+        rank, or after a change of ``num_replicas`` mid-epoch, the state also
+        records ``num_replicas``, ``rank``, ``split_start`` (where in the epoch's
+        order the current split over the ranks starts) and ``sampler_drop_last``.
         """
         start = self._generator.get_state() if self._order is None else self._epoch_start_state
-        return {
+        state: dict[str, Any] = {
             "size": self._size,
             "shuffle": self.shuffle,
             "seed": self.seed,
@@ -200,31 +274,42 @@ class ResumableSampler(Sampler[int]):
             "position": self.position,
             "generator": start.clone(),
             "batch_size": self._batch_size,
-            "drop_last": self._drop_last,
+            "drop_last": self._loader_drop_last,
         }
+        if self._num_replicas != 1 or self._split_start != 0:
+            state["num_replicas"] = self._num_replicas
+            state["rank"] = self._rank
+            state["split_start"] = self._split_start
+            state["sampler_drop_last"] = self._drop_last
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Continue from a saved position: the next ``iter()`` yields the rest of that epoch.
 
         The rest may be empty (a state saved after the epoch's last index); the
-        ``iter()`` after it starts the next epoch. Every field is checked before
-        anything changes. States saved before the batch layout was recorded load too.
+        ``iter()`` after it starts the next epoch. A state saved by any rank
+        will do. Saved with this ``num_replicas`` and ``drop_last``, the ranks
+        continue exactly where they were; otherwise the rest of the epoch is
+        split over this sampler's ranks afresh. Every field is checked before
+        anything changes. States saved before the batch layout or the ranks were
+        recorded load too.
 
         Raises:
             ValueError: The state is malformed, or was saved for another dataset
                 size, shuffle setting or batch layout; the message names the field
                 and the sampler is unchanged.
         """
-        state = _checked_state(state_dict, self._size, self.shuffle)
+        state = check_for(state_dict, self._size, self.shuffle)
         layout = (state["batch_size"], state["drop_last"])
         if (
             self._counted
             and layout[1] is not None
-            and layout != (self._batch_size, self._drop_last)
+            and layout != (self._batch_size, self._loader_drop_last)
         ):
             raise ValueError(
                 f"the sampler state is for batches of {layout[0]} with drop_last={layout[1]}, "
-                f"but this loader has batch_size={self._batch_size}, drop_last={self._drop_last}"
+                f"but this loader has batch_size={self._batch_size}, "
+                f"drop_last={self._loader_drop_last}"
             )
         candidate = torch.Generator()
         try:
@@ -237,73 +322,49 @@ class ResumableSampler(Sampler[int]):
         self._epoch = state["epoch"]
         self._epoch_start_state = self._generator.get_state()
         self._order = self._draw_order()
-        self._position = self._consumed = state["position"]
+        self._continue_split(state)
         self._resume = True
         self._started = True
         self._live_iterator += 1  # iterators from before the load stop
         self._seed_loader_generator()
         logger.debug(
-            "sampler resumes epoch %d at index %d of %d", self._epoch, self._position, self._size
+            "sampler resumes epoch %d at index %d of %d (rank %d of %d, split from %d)",
+            self._epoch,
+            state["position"],
+            self._size,
+            self._rank,
+            self._num_replicas,
+            self._split_start,
         )
 
+    def _continue_split(self, state: Mapping[str, Any]) -> None:
+        """Take up the saved split, or split the rest of the epoch over this sampler's ranks."""
+        position = state["position"]
+        same = state["num_replicas"] == self._num_replicas and (
+            self._num_replicas == 1 or state["sampler_drop_last"] == self._drop_last
+        )
+        self._split_start = state["split_start"] if same else position
+        if position == self._size:
+            taken = self._split_length()
+        else:
+            taken = (position - self._split_start) // self._num_replicas
+        self._position = self._consumed = taken
 
-def _checked_state(state: object, size: int, shuffle: bool) -> dict[str, Any]:
-    """Check every field of a sampler state; return it with the batch layout filled in.
 
-    Raises:
-        ValueError: Naming the first field that is wrong.
-    """
-    if not isinstance(state, Mapping) or set(state) not in (_KEYS, _KEYS | _LAYOUT_KEYS):
-        keys = sorted(state) if isinstance(state, Mapping) else type(state).__name__
-        raise ValueError(
-            f"a ResumableSampler state must have exactly the keys {sorted(_KEYS | _LAYOUT_KEYS)}"
-            f", got {keys}"
-        )
-    out = {"batch_size": None, "drop_last": None, **state}
-    for key in ("size", "seed", "epoch", "position"):
-        value = out[key]
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(
-                f"the sampler state's size, seed, epoch and position must be ints; {key!r} is "
-                f"{value!r}"
-            )
-        if not 0 <= value < _LIMIT:
-            raise ValueError(f"the sampler state's {key!r} is out of range: {key} {value}")
-    if not isinstance(out["shuffle"], bool):
-        raise ValueError(f"the sampler state's 'shuffle' must be a bool, got {out['shuffle']!r}")
-    if out["size"] != size or out["shuffle"] != shuffle:
-        raise ValueError(
-            f"the sampler state ('size', 'shuffle') is for {out['size']} indices with shuffle="
-            f"{out['shuffle']}, but this sampler has {size} with shuffle={shuffle}"
-        )
-    if out["position"] > size:
-        raise ValueError(
-            f"the sampler state's 'position' is out of range: position {out['position']} > "
-            f"size {size}"
-        )
-    batch_size, drop_last = out["batch_size"], out["drop_last"]
-    if batch_size is not None and (
-        isinstance(batch_size, bool)
-        or not isinstance(batch_size, int)
-        or not 1 <= batch_size < _LIMIT
-    ):
-        raise ValueError(
-            f"the sampler state's 'batch_size' must be a positive int, got {batch_size!r}"
-        )
-    if not (drop_last is None or isinstance(drop_last, bool)):
-        raise ValueError(f"the sampler state's 'drop_last' must be a bool, got {drop_last!r}")
-    generator = out["generator"]
-    if not (
-        isinstance(generator, torch.Tensor)
-        and generator.dtype == torch.uint8
-        and generator.device.type == "cpu"
-        and generator.shape == (_GENERATOR_BYTES,)
-    ):
-        raise ValueError(
-            f"the sampler state's 'generator' must be a CPU uint8 tensor of {_GENERATOR_BYTES} "
-            "bytes (a torch.Generator state)"
-        )
-    return out
+def _replicas_and_rank(num_replicas: int | None, rank: int | None) -> tuple[int, int]:
+    """The arguments, or the default process group's world size and rank, else 1 and 0."""
+    if num_replicas is None or rank is None:
+        dist = sys.modules.get("torch.distributed")  # loaded by whoever initialized a group
+        grouped = dist is not None and dist.is_available() and dist.is_initialized()
+        if num_replicas is None:
+            num_replicas = int(dist.get_world_size()) if grouped and dist else 1
+        if rank is None:
+            rank = int(dist.get_rank()) if grouped and dist else 0
+    if isinstance(num_replicas, bool) or not isinstance(num_replicas, int) or num_replicas < 1:
+        raise ValueError(f"num_replicas must be a positive int, got {num_replicas!r}")
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < num_replicas:
+        raise ValueError(f"rank must be an int in [0, num_replicas={num_replicas}), got {rank!r}")
+    return num_replicas, rank
 
 
 class ResumableDataLoader(DataLoader[Any]):
@@ -352,6 +413,9 @@ def resumable_loader(
     batch_size: int | None = 1,
     shuffle: bool = True,
     seed: int = 0,
+    num_replicas: int | None = None,
+    rank: int | None = None,
+    sampler_drop_last: bool = False,
     **kwargs: Any,
 ) -> ResumableDataLoader:
     """A ``DataLoader`` wired to a :class:`ResumableSampler` (save ``loader.sampler``).
@@ -364,6 +428,12 @@ def resumable_loader(
         batch_size: As for ``DataLoader``.
         shuffle: Shuffle every epoch, from the sampler's own generator.
         seed: The sampler's seed.
+        num_replicas: The number of ranks sharing each epoch (default: the
+            default process group's world size, else 1).
+        rank: This rank (default: the default process group's rank, else 0).
+        sampler_drop_last: The sampler's ``drop_last``: drop an epoch's tail that
+            does not split evenly over the ranks instead of padding it
+            (``drop_last`` is the DataLoader's, for the last batch).
         **kwargs: Other ``DataLoader`` arguments (``num_workers``,
             ``persistent_workers``, ``prefetch_factor``, ``drop_last``, ...; not
             ``sampler``, ``batch_sampler`` or ``generator``, which this sets, nor
@@ -380,7 +450,14 @@ def resumable_loader(
         raise ValueError("resumable_loader() needs in_order=True: a position must be a prefix")
     if not isinstance(dataset, Sized):
         raise TypeError("resumable_loader() needs a map-style dataset with a length")
-    sampler = ResumableSampler(dataset, shuffle=shuffle, seed=seed)
+    sampler = ResumableSampler(
+        dataset,
+        shuffle=shuffle,
+        seed=seed,
+        num_replicas=num_replicas,
+        rank=rank,
+        drop_last=sampler_drop_last,
+    )
     loader = ResumableDataLoader(
         dataset,
         batch_size=batch_size,

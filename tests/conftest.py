@@ -79,7 +79,11 @@ def forkserver():
             "kill_worker",
             "crash_worker",
             "torch.distributed",
+            "torch.distributed.fsdp",
+            "ckpt.distributed.saving",
+            "ckpt.distributed.restoring",
             "rank_pool",
+            "dist_training",
         ]
     )
     warm_up = context.Process(target=time.sleep, args=(0,))  # starts the server once

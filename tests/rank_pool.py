@@ -32,6 +32,7 @@ import importlib
 import multiprocessing
 import multiprocessing.connection
 import os
+import pickle
 import threading
 import time
 import traceback
@@ -427,7 +428,9 @@ def _worker_main(
         _, (module, qualname), args, kwargs = message
         reply = _call(rank, world_size, module, qualname, args, kwargs)
         try:
-            conn.send(reply)
+            # Plain pickle, not multiprocessing's: tensors travel by value, not as shared
+            # memory a worker that exits right after (fresh ranks) would take with it.
+            conn.send_bytes(pickle.dumps(reply))
         except Exception as e:  # an unpicklable result or exception
             conn.send(("error", f"its reply could not be sent back: {_describe(e)}", None))
         if not serve:

@@ -316,3 +316,349 @@ def test_a_sampler_copy_is_independent():
 def test_out_of_order_batches_are_refused():
     with pytest.raises(ValueError, match="in_order"):
         resumable_loader(dataset(4), num_workers=1, in_order=False)
+
+
+# Ranks: each rank's share of an epoch, as DistributedSampler splits it; world-size changes.
+
+
+def ranks(n: int, replicas: int, *, seed: int = 3, **options) -> list[ResumableSampler]:
+    """One sampler per rank of a simulated world (no process group needed)."""
+    return [
+        ResumableSampler(n, seed=seed, num_replicas=replicas, rank=r, **options)
+        for r in range(replicas)
+    ]
+
+
+def take(iterators: list, steps: int) -> list[list[int]]:
+    """Every rank takes ``steps`` more indices, in step."""
+    return [[next(it) for _ in range(steps)] for it in iterators]
+
+
+def resumed(states: list[dict], n: int, replicas: int, *, seed: int = 3, **options) -> list:
+    """A new world of ``replicas`` ranks, rank r loading the state of old rank r % len(states)."""
+    samplers = ranks(n, replicas, seed=seed, **options)
+    for r, sampler in enumerate(samplers):
+        sampler.load_state_dict(states[r % len(states)])
+    return samplers
+
+
+def flat(per_rank: list[list[int]]) -> list[int]:
+    return [i for indices in per_rank for i in indices]
+
+
+def padding(remaining: int, replicas: int) -> int:
+    return -(-remaining // replicas) * replicas - remaining
+
+
+@pytest.mark.parametrize("drop_last", [False, True], ids=["pad", "drop"])
+@pytest.mark.parametrize("size", [1, 2, 7, 10, 12])
+@pytest.mark.parametrize("replicas", [1, 2, 3, 4, 5])
+def test_each_rank_takes_what_distributed_sampler_gives_it(replicas, size, drop_last):
+    from torch.utils.data import DistributedSampler
+
+    samplers = ranks(size, replicas, shuffle=False, drop_last=drop_last)
+    expected = [
+        list(DistributedSampler(dataset(size), replicas, r, shuffle=False, drop_last=drop_last))
+        for r in range(replicas)
+    ]
+    assert [list(s) for s in samplers] == expected
+    assert [len(s) for s in samplers] == [len(e) for e in expected]
+    assert [list(s) for s in samplers] == expected  # the next epoch, again
+
+
+@pytest.mark.parametrize(("size", "replicas"), [(12, 3), (13, 3), (5, 8)])
+def test_ranks_partition_the_same_shuffled_order(size, replicas):
+    alone = list(ResumableSampler(size, seed=3))
+    shares = [list(s) for s in ranks(size, replicas)]
+    total = len(shares[0]) * replicas
+    interleaved = [shares[i % replicas][i // replicas] for i in range(total)]
+    assert interleaved == [alone[i % size] for i in range(total)]  # padded by wrapping around
+    assert [list(s) for s in ranks(size, replicas, drop_last=True)] == [
+        alone[r : size // replicas * replicas : replicas] for r in range(replicas)
+    ]
+
+
+def test_ranks_default_to_the_process_group_else_one(monkeypatch):
+    assert (ResumableSampler(4).num_replicas, ResumableSampler(4).rank) == (1, 0)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 4)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda group=None: 3)
+    sampler = ResumableSampler(10)
+    assert (sampler.num_replicas, sampler.rank, len(sampler), sampler.size) == (4, 3, 3, 10)
+    assert ResumableSampler(10, rank=1).rank == 1
+    loader = resumable_loader(dataset(10), sampler_drop_last=True, num_replicas=5)
+    assert (loader.sampler.num_replicas, loader.sampler.rank, len(loader.sampler)) == (5, 3, 2)
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"num_replicas": 0}, "num_replicas"),
+        ({"num_replicas": True}, "num_replicas"),
+        ({"num_replicas": 2, "rank": 2}, "rank"),
+        ({"num_replicas": 2, "rank": -1}, "rank"),
+        ({"rank": 1}, "rank"),
+        ({"num_replicas": 2, "rank": 1.0}, "rank"),
+    ],
+)
+def test_constructor_checks_the_ranks(options, match):
+    with pytest.raises(ValueError, match=match):
+        ResumableSampler(5, **options)
+
+
+def test_the_rank_seeds_its_loader_generator_and_rank_zero_seeds_it_as_one_process():
+    seeds = [s.loader_generator.initial_seed() for s in ranks(8, 3)]
+    assert len(set(seeds)) == 3
+    assert seeds[0] == ResumableSampler(8, seed=3).loader_generator.initial_seed()
+
+
+SPLITS = {
+    "even": (24, 2, False, 3),
+    "padded": (25, 2, False, 3),
+    "dropped": (25, 2, True, 3),
+    "last-step": (25, 2, False, 12),
+    "first-step": (10, 2, False, 0),
+}
+
+
+@pytest.mark.parametrize(("size", "old", "drop_last", "steps"), SPLITS.values(), ids=SPLITS.keys())
+@pytest.mark.parametrize("new", [1, 2, 3, 4])
+def test_mid_epoch_on_two_ranks_the_rest_is_split_over_any_number(size, old, drop_last, steps, new):
+    before = ranks(size, old, drop_last=drop_last)
+    iterators = [iter(s) for s in before]
+    consumed = flat(take(iterators, steps))
+    states = [s.state_dict() for s in before]
+    assert len({s["position"] for s in states}) == 1  # every rank saves the same position
+    after = resumed(states[::-1], size, new, drop_last=drop_last)  # from the other rank's state
+    remaining = flat([list(s) for s in after])
+    order = list(ResumableSampler(size, seed=3))
+    seen = consumed + remaining
+    position = states[0]["position"]
+    assert sorted(consumed) == sorted(order[i % size] for i in range(steps * old))
+    if drop_last:  # each rank's tail dropped: nothing twice
+        assert len(seen) == len(set(seen))
+        rest = size - min(position, size)
+        assert sorted(remaining) == sorted(order[position : position + rest // new * new])
+    else:  # everything once; more only where a split was padded
+        assert set(seen) == set(range(size))
+        assert set(order[position:]) <= set(remaining)
+        assert len(seen) - size == padding(size - position, new) + (
+            padding(size, old) if position == size else 0
+        )
+        if size % old == 0 and (size - position) % new == 0:
+            assert sorted(seen) == list(range(size))
+    assert all(s.epoch == 0 for s in after)
+
+
+@pytest.mark.parametrize(("size", "drop_last"), [(25, False), (24, False), (25, True)])
+@pytest.mark.parametrize("steps", [0, 2, 5])
+def test_the_same_world_continues_exactly_from_any_rank_state(size, drop_last, steps):
+    reference = [list(s) for s in ranks(size, 3, drop_last=drop_last)]
+    before = ranks(size, 3, drop_last=drop_last)
+    iterators = [iter(s) for s in before]
+    first = take(iterators, steps)
+    states = [s.state_dict() for s in before]
+    for shift in range(3):  # rank r loads the state old rank r + shift saved
+        after = resumed(states[shift:] + states[:shift], size, 3, drop_last=drop_last)
+        assert_same_state(after[0].state_dict(), states[0])
+        assert [f + list(s) for f, s in zip(first, after, strict=True)] == reference
+
+
+def test_repeated_world_changes_in_one_epoch_see_each_index_once():
+    size, replicas = 37, [2, 3, 1, 4, 5]
+    samplers, seen, states = ranks(size, 2), [], None
+    for world in replicas:
+        if states is not None:
+            samplers = resumed(states, size, world)
+        iterators = [iter(s) for s in samplers]
+        seen += flat(take(iterators, 2))
+        states = [s.state_dict() for s in samplers]
+        assert states[0]["position"] == len(seen)
+    final = resumed(states, size, 3)
+    seen += flat([list(s) for s in final])
+    assert set(seen) == set(range(size))
+    assert len(seen) == size + padding(size - states[0]["position"], 3)
+    alone = list(ResumableSampler(size, seed=3))
+    assert seen[: states[0]["position"]] != alone[: states[0]["position"]]  # ranks interleave
+    assert sorted(seen[: states[0]["position"]]) == sorted(alone[: states[0]["position"]])
+
+
+def test_a_state_saved_after_a_change_resumes_exactly_and_changes_again():
+    size = 29
+    old = ranks(size, 2)
+    take([iter(s) for s in old], 3)
+    changed = resumed([s.state_dict() for s in old], size, 3)
+    iterators = [iter(s) for s in changed]
+    take(iterators, 2)
+    states = [s.state_dict() for s in changed]
+    assert (states[0]["split_start"], states[0]["position"]) == (6, 12)
+    rest = [list(it) for it in iterators]
+    again = resumed(states, size, 3)
+    assert [list(s) for s in again] == rest  # exact, padding included
+    assert [s.state_dict()["position"] for s in again] == [size] * 3
+    four = flat([list(s) for s in resumed(states, size, 4)])
+    order = list(ResumableSampler(size, seed=3))
+    assert sorted(set(four)) == sorted(order[12:]) and len(four) == 20  # 17 left, padded
+
+
+def test_after_a_change_the_next_epochs_use_the_new_world():
+    size = 17
+    old = ranks(size, 2)
+    take([iter(s) for s in old], 4)
+    changed = resumed([s.state_dict() for s in old], size, 3)
+    [list(s) for s in changed]  # the rest of epoch 0
+    later = [[list(s) for s in changed] for _ in range(2)]
+    fresh = ranks(size, 3)
+    [list(s) for s in fresh]
+    assert later == [[list(s) for s in fresh] for _ in range(2)]
+    assert [s.epoch for s in changed] == [2, 2, 2]
+
+
+def test_a_state_saved_at_the_end_of_a_split_resumes_into_the_next_epoch():
+    for drop_last in (False, True):
+        old = ranks(11, 2, drop_last=drop_last)
+        [list(s) for s in old]
+        states = [s.state_dict() for s in old]
+        assert states[0]["position"] == 11
+        for world in (1, 2, 3):
+            after = resumed(states, 11, world, drop_last=drop_last)
+            assert [list(s) for s in after] == [[]] * world
+            assert [len(list(s)) for s in after] == [len(s) for s in after]
+            assert [s.epoch for s in after] == [1] * world
+
+
+def test_a_single_rank_state_has_the_old_fields_and_loads_into_ranks():
+    sampler = ResumableSampler(10, seed=3)
+    iterator = iter(sampler)
+    first = [next(iterator) for _ in range(4)]
+    state = sampler.state_dict()
+    assert set(state) == {
+        "size", "shuffle", "seed", "epoch", "position", "generator", "batch_size", "drop_last"
+    }  # fmt: skip
+    after = resumed([state], 10, 2)
+    assert sorted(first + flat([list(s) for s in after])) == list(range(10))
+    assert {"num_replicas", "split_start"} <= set(after[0].state_dict())
+
+
+def test_rank_states_round_trip_through_the_manager(tmp_path):
+    samplers = ranks(11, 2, seed=4)
+    iterators = [iter(s) for s in samplers]
+    take(iterators, 2)
+    state = samplers[1].state_dict()
+    mgr = ckpt.CheckpointManager(tmp_path)
+    mgr.save(0, sampler=samplers[1])
+    rest = [list(it) for it in iterators]
+
+    same = ResumableSampler(11, seed=4, num_replicas=2, rank=0)
+    mgr.restore(sampler=same)
+    assert_same_state(same.state_dict(), {**state, "rank": 0})
+    assert list(same) == rest[0]
+    others = ranks(11, 3, seed=4)
+    for sampler in others:
+        mgr.restore(sampler=sampler)
+    remaining = flat([list(s) for s in others])
+    order = list(ResumableSampler(11, seed=4))
+    assert sorted(set(remaining)) == sorted(order[4:]) and len(remaining) == 9  # 7, padded
+    mgr.verify(0)
+
+
+HOSTILE_SPLITS = [
+    ({"num_replicas": 0}, "'num_replicas'"),
+    ({"num_replicas": True}, "'num_replicas'"),
+    ({"num_replicas": 2**63}, "'num_replicas'"),
+    ({"num_replicas": "2"}, "'num_replicas'"),
+    ({"rank": 2}, "'rank'"),
+    ({"rank": -1}, "'rank'"),
+    ({"rank": False}, "'rank'"),
+    ({"position": -1}, "'position'"),
+    ({"position": 11}, "'position'"),
+    ({"position": True}, "'position'"),
+    ({"position": 5}, "'position'"),  # not where two ranks in step can be
+    ({"num_replicas": 3, "rank": 0}, "'position'"),
+    ({"sampler_drop_last": True, "position": 9, "split_start": 1}, "'position'"),
+    ({"split_start": 5}, "'split_start'"),
+    ({"split_start": -2}, "'split_start'"),
+    ({"split_start": True}, "'split_start'"),
+    ({"sampler_drop_last": 1}, "'sampler_drop_last'"),
+    ({"sampler_drop_last": None}, "'sampler_drop_last'"),
+]
+
+
+def _two_rank_state() -> dict:
+    samplers = ranks(10, 2)
+    take([iter(s) for s in samplers], 2)
+    return samplers[1].state_dict()
+
+
+@pytest.mark.parametrize(("change", "field"), HOSTILE_SPLITS)
+def test_a_hostile_split_is_refused_and_the_sampler_is_untouched(change, field):
+    sampler = ResumableSampler(10, seed=3, num_replicas=2, rank=0)
+    iterator = iter(sampler)
+    next(iterator)
+    before = sampler.state_dict()
+    with pytest.raises(ValueError, match=re.escape(field)):
+        sampler.load_state_dict({**_two_rank_state(), **change})
+    assert_same_state(sampler.state_dict(), before)
+    assert len(list(iterator)) == 4
+
+
+@pytest.mark.parametrize("missing", ["num_replicas", "rank", "split_start", "sampler_drop_last"])
+def test_a_split_with_a_field_missing_is_refused(missing):
+    sampler = ResumableSampler(10, seed=3, num_replicas=2, rank=0)
+    state = {k: v for k, v in _two_rank_state().items() if k != missing}
+    with pytest.raises(ValueError, match="exactly the keys"):
+        sampler.load_state_dict(state)
+    assert sampler.position == 0
+
+
+@pytest.mark.parametrize(
+    ("change", "field"), HOSTILE_SPLITS[::3], ids=[f for _, f in HOSTILE_SPLITS[::3]]
+)
+def test_a_hostile_split_in_a_checkpoint_is_refused(tmp_path, monkeypatch, change, field):
+    saved = ResumableSampler(10, seed=3, num_replicas=2, rank=1)
+    monkeypatch.setattr(saved, "state_dict", lambda: {**_two_rank_state(), **change})
+    mgr = ckpt.CheckpointManager(tmp_path)
+    mgr.save(0, sampler=saved)
+    live = ResumableSampler(10, seed=3, num_replicas=2, rank=0)
+    iterator = iter(live)
+    next(iterator)
+    before = live.state_dict()
+    with pytest.raises(ckpt.CheckpointError, match=re.escape(field.strip("'"))):
+        mgr.restore(sampler=live)
+    assert_same_state(live.state_dict(), before)
+    with pytest.raises(ckpt.CorruptCheckpointError, match=re.escape(field.strip("'"))):
+        mgr.verify(0)
+    assert len(list(iterator)) == 4
+
+
+def test_a_rank_loader_with_workers_counts_the_batches_received():
+    def make(rank: int = 0, **options):
+        return resumable_loader(
+            dataset(21), batch_size=3, seed=1, num_replicas=2, rank=rank, **options
+        )
+
+    reference = [b.tolist() for (b,) in make()]
+    loader = make(num_workers=2, prefetch_factor=4)
+    iterator = iter(loader)
+    first = [next(iterator)[0].tolist() for _ in range(2)]
+    assert loader.sampler.position == 12  # 2 batches of 3 on each of 2 ranks, not the prefetched
+    state = loader.sampler.state_dict()
+    rest = [b.tolist() for (b,) in iterator]
+    assert first + rest == reference
+    assert loader.sampler.position == 21
+
+    fresh = make(num_workers=2)
+    fresh.sampler.load_state_dict(state)
+    assert [b.tolist() for (b,) in fresh] == rest
+    other = make(rank=1)
+    other.sampler.load_state_dict(state)
+    assert [b.tolist() for (b,) in other] == [b.tolist() for (b,) in make(rank=1)][2:]
+
+
+def test_a_change_of_drop_last_re_splits_the_rest_like_a_change_of_world():
+    padded = ranks(13, 2)
+    first = flat(take([iter(s) for s in padded], 2))
+    dropped = resumed([s.state_dict() for s in padded], 13, 2, drop_last=True)
+    rest = flat([list(s) for s in dropped])
+    order = list(ResumableSampler(13, seed=3))
+    assert sorted(first + rest) == sorted(order[:12])  # 9 left: 8 taken, the last dropped

@@ -12,13 +12,16 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from ckpt.distributed.planning import Shard, plan_writes
-from ckpt.distributed.states import pair_optimizers, sharded_state
+from ckpt.distributed.states import pair_optimizers, parameter_names, sharded_state
 from ckpt.format import ItemRecord, Manifest, item_file_name
+from ckpt.integrity import hash_bytes
 from ckpt.items import assemble_manifest, capture
 from ckpt.optim import class_name, module_param_names
-from ckpt.tree import Json, flatten
+from ckpt.tensorfile import tensor_bytes
+from ckpt.tree import Json, flatten, tensor_refs
 
 __all__ = [
     "LocalCapture",
@@ -71,6 +74,8 @@ class LocalCapture:
     """``{global name: tensor or DTensor}`` of the sharded items."""
     own_files: dict[str, dict[str, torch.Tensor]]
     own: Manifest
+    buffers: set[str]
+    """Names of module tensors that are no parameters: ranks may hold different values."""
 
 
 def capture_local(
@@ -93,12 +98,15 @@ def capture_local(
     pairs = pair_optimizers(items)
     records: dict[str, ItemRecord] = {}
     flat: dict[str, torch.Tensor] = {}
+    buffers: set[str] = set()
     for name, obj in items.items():
         if not isinstance(obj, (torch.nn.Module, torch.optim.Optimizer)):
             continue
         tree, tensors = flatten(sharded_state(name, items, pairs), name)
         if isinstance(obj, torch.nn.Module):
             records[name] = ItemRecord("module", tree)
+            params = parameter_names(obj)
+            buffers.update(n for path, n in tensor_refs(tree) if path[0] not in params)
         else:
             extra: dict[str, Json] = {"class": class_name(obj), "model": pairs[name]}
             records[name] = ItemRecord("optimizer", tree, extra)
@@ -110,14 +118,36 @@ def capture_local(
         tensors={n: dataclasses.replace(r, file=renamed[r.file]) for n, r in own.tensors.items()},
     )
     own_files = {renamed[f]: tensors for f, tensors in own_files.items()}
-    return LocalCapture(records, flat, own_files, own)
+    return LocalCapture(records, flat, own_files, own, buffers)
+
+
+def variant_name(name: str, rank: int) -> str:
+    """The global tensor holding rank ``rank``'s own value of a module buffer the ranks disagree on.
+
+    Rank 0's value is the tensor ``name`` itself. ``#`` never occurs in a tensor
+    name made from a string key (it is escaped), so no state key can produce this.
+    """
+    return f"{name}#rank{rank}"
+
+
+def _digest(t: torch.Tensor) -> str:
+    t = t.detach()
+    if isinstance(t, DTensor):
+        t = t.to_local()
+    t = t.to("cpu").contiguous()
+    return f"{t.dtype}{tuple(t.shape)}{hash_bytes(tensor_bytes(t))}"
 
 
 def lay_out(
     local: LocalCapture, rank: int, token: str | None, all_gather: Callable[[Json], list[Json]]
 ) -> RankCapture:
     """Decide this rank's shards with DCP's planner and lay out its files (collective)."""
-    shards = plan_writes(local.flat, rank, all_gather)
+    digests = {n: _digest(local.flat[n]) for n in sorted(local.buffers)}
+    gathered = all_gather(digests)
+    divergent = [n for n in digests if len({d[n] for d in gathered}) > 1]
+    flat = {n: t for n, t in local.flat.items() if rank == 0 or n not in divergent}
+    flat.update({variant_name(n, rank): local.flat[n] for n in divergent if rank > 0})
+    shards = plan_writes(flat, rank, all_gather)
     shard_file = shard_file_name(rank, token)
     files: dict[str, dict[str, torch.Tensor]] = {}
     if shards:

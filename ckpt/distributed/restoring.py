@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from ckpt.distributed.capture import variant_name
 from ckpt.distributed.group import RankGroup
 from ckpt.distributed.planning import ChunkRead, local_shards, plan_reads
 from ckpt.distributed.states import (
@@ -33,8 +34,9 @@ from ckpt.format import GlobalTensorRecord, ItemRecord, Manifest, ShardedSection
 from ckpt.io import load_tensors, read_chunk
 from ckpt.items import build_state
 from ckpt.kinds import RestoreOptions
+from ckpt.kinds.optimizer import check_optimizer_numbers
 from ckpt.locations import MapLocation, mapped_device, place
-from ckpt.optim import class_name
+from ckpt.optim import check_group_types, class_name
 from ckpt.restoring import PreparedRestore, apply_restore, check_items, prepare_restore
 from ckpt.rng import RNG_ITEM, RandomStreams
 from ckpt.storage import Storage
@@ -155,7 +157,7 @@ def prepare_sharded_restore(
     restore = ShardedRestore({}, pairs, None)
     for name in sorted(sharded_live, key=lambda n: section.items[n].kind != "module"):
         restore.sharded[name], nbytes = _read_item(
-            storage, step_name, section, name, items, pairs, options, verify
+            storage, step_name, section, name, items, pairs, options, verify, rank
         )
         restore.nbytes += nbytes
     own_index = rank if rank < section.world_size else 0
@@ -198,6 +200,7 @@ def _read_item(
     pairs: Mapping[str, str],
     options: RestoreOptions,
     verify: bool,
+    rank: int,
 ) -> tuple[Any, int]:
     """Read a module or optimizer item's saved state into fresh tensors placed like the live."""
     record = section.items[name]
@@ -214,13 +217,16 @@ def _read_item(
         _check_names(name, saved, set(live), options.strict)
         dest = {n: torch.empty_like(t) for n, t in live.items() if n in saved}
         tree = record.state
+        own = {n: variant_name(n, rank) for n in dest if variant_name(n, rank) in section.tensors}
         if not options.strict and isinstance(tree, dict):
             kept = {n for _, n in refs if n in dest}
             tree = {k: v for k, v in tree.items() if all(n in kept for _, n in tensor_refs(v))}
     else:
         dest = _optimizer_destinations(name, obj, items[pairs[name]], record, section, options)
         tree = record.state
-    nbytes = _read_into(storage, step_name, {n: section.tensors[n] for n in dest}, dest, verify)
+        own = {}
+    records = {n: section.tensors[own.get(n, n)] for n in dest}
+    nbytes = _read_into(storage, step_name, records, dest, verify)
     return unflatten(tree, dest), nbytes
 
 
@@ -265,6 +271,17 @@ def _optimizer_destinations(
                 f"than live ({_short(saved_group)} vs {live_names[:10]})",
                 key=f"{name}.param_groups[{g}]",
             )
+    decoded = unflatten(
+        state,
+        lambda n: torch.empty(
+            section.tensors[n].shape, dtype=section.tensors[n].dtype, device="meta"
+        ),
+    )
+    for g, (saved_group, live_group) in enumerate(
+        zip(decoded["param_groups"], optimizer.param_groups, strict=True)
+    ):
+        check_group_types(f"{name}.param_groups[{g}]", saved_group, live_group)
+    check_optimizer_numbers(name, decoded)
     dest: dict[str, torch.Tensor] = {}
     for path, tensor_name in tensor_refs(state):
         saved = section.tensors[tensor_name]

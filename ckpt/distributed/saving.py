@@ -47,6 +47,7 @@ from ckpt.format import (
     MANIFEST_NAME,
     ItemRecord,
     Manifest,
+    decode_manifest,
     encode_manifest,
     step_dir_name,
     temp_dir_name,
@@ -65,6 +66,22 @@ _RAISED_AS = {
 
 def _describe(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"
+
+
+def _different_calls(step: int, calls: list[Any]) -> str | None:
+    """Why the ranks' ``save`` calls differ (step, epoch or item names), or ``None``.
+
+    The same on every rank, since every rank sees every call.
+    """
+    differing = [r for r, call in enumerate(calls) if call != calls[0]]
+    if not differing:
+        return None
+    return (
+        f"every rank must call save() with the same step, epoch and item names: rank 0 "
+        f"saves {calls[0]}, but "
+        + "; ".join(f"rank {r} saves {calls[r]}" for r in differing)
+        + f"; nothing of step {step} was written"
+    )
 
 
 @dataclasses.dataclass
@@ -129,7 +146,13 @@ class CollectiveSave:
             local = capture_local(items, group.rank, own)
         except Exception as e:
             error = e
-        self._agree(step, plan, error)
+        call = {"step": step, "epoch": epoch, "items": sorted(items)}
+        mismatch = _different_calls(step, self._agree(step, plan, error, call))
+        if mismatch is not None:
+            if group.is_coordinator:
+                self._abandon(plan)
+            group.barrier()
+            raise ValueError(mismatch)
         assert local is not None
         try:
             captured = lay_out(local, group.rank, file_token, group.all_gather_json)
@@ -138,12 +161,19 @@ class CollectiveSave:
             raise
         return PendingSave(step, overwrite, plan, template, captured)
 
-    def finish(self, pending: PendingSave, guard: Callable[[], None] | None) -> Manifest:
+    def finish(
+        self,
+        pending: PendingSave,
+        guard: Callable[[], None] | None,
+        retain: Callable[[], None] | None = None,
+    ) -> Manifest:
         """Write this rank's files, agree, and commit on the coordinator (collective).
 
         Args:
             pending: What :meth:`begin` returned.
             guard: Run on the coordinator just before the commit point.
+            retain: Run on the coordinator after the commit, before any rank returns
+                (retention: deleting what the policies drop).
 
         Returns:
             The manifest (on ranks other than the coordinator, without file records).
@@ -168,6 +198,8 @@ class CollectiveSave:
                 pending.overwrite,
                 guard,
             )
+            if retain is not None and not outcome.get("error"):
+                retain()  # never raises: retention logs what it cannot delete
         outcome = group.broadcast_json(outcome)
         assert isinstance(outcome, dict)
         if outcome.get("error"):
@@ -238,6 +270,7 @@ class CollectiveSave:
             return [d["report"] for d in docs]
         if self.group.is_coordinator:
             self._abandon(plan)
+        self.group.barrier()  # every rank raises once the attempt is gone
         where = "; ".join(f"rank {r}: {message}" for r, message in failed)
         failure = CheckpointWriteError(
             f"could not save step {step}: {where}; nothing was committed and earlier "
@@ -275,6 +308,7 @@ class CollectiveSave:
         try:
             manifest = assemble_v3(template, sharded_items, reports)
             raw = encode_manifest(manifest)
+            decode_manifest(raw, self.storage.url_of(directory, MANIFEST_NAME))  # as readers will
             if guard is not None:
                 guard()
 

@@ -30,6 +30,7 @@ __all__ = [
     "apply_sharded",
     "optimizer_param_names",
     "pair_optimizers",
+    "parameter_names",
     "sharded_state",
 ]
 
@@ -55,6 +56,14 @@ def pair_optimizers(items: Mapping[str, Any]) -> dict[str, str]:
             )
         pairs[name] = owner
     return pairs
+
+
+def parameter_names(model: nn.Module) -> set[str]:
+    """The names of a model's parameters as ``get_model_state_dict`` keys them."""
+    names: set[str] = set()
+    for qualified, _ in model.named_parameters(remove_duplicate=False):
+        names.update(_get_fqns(model, qualified))
+    return names
 
 
 def optimizer_param_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:

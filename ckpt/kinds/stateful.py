@@ -21,6 +21,7 @@ from ckpt.data import ResumableSampler
 from ckpt.errors import CorruptCheckpointError, IncompatibleCheckpointError
 from ckpt.format import ItemRecord
 from ckpt.kinds.base import ItemKind, ItemPlan, RestoreOptions, Stateful, check_like
+from ckpt.sampler_state import check_fields
 from ckpt.schedulers import align_lr_to_scheduler, scheduler_optimizer
 from ckpt.tree import Json, tensors_by_path, unflatten
 
@@ -289,14 +290,18 @@ class SamplerKind(StatefulKind):
             or generator.dim() != 1
         ):
             raise CorruptCheckpointError("must be a 1-d uint8 tensor", key=f"{name}.generator")
+        try:  # the rest (the split over ranks, the batch layout), as load_state_dict checks it
+            check_fields(state, generator=False)
+        except ValueError as e:
+            raise CorruptCheckpointError(str(e), key=name) from e
 
     def check_live(self, plan: ItemPlan) -> None:
         """The dataset size and shuffle setting of the live sampler."""
         sampler, state = plan.obj, plan.saved
-        if state["size"] != len(sampler) or state["shuffle"] != sampler.shuffle:
+        if state["size"] != sampler.size or state["shuffle"] != sampler.shuffle:
             raise IncompatibleCheckpointError(
                 f"the sampler was saved for {state['size']} indices with shuffle="
-                f"{state['shuffle']}, but the live one has {len(sampler)} with "
+                f"{state['shuffle']}, but the live one has {sampler.size} with "
                 f"shuffle={sampler.shuffle}",
                 key=plan.name,
             )
