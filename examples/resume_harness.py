@@ -88,8 +88,9 @@ class Run:
             return
         print(f"  SIGKILL of the whole job after step {step}", file=sys.stderr, flush=True)
         os.kill(os.getppid(), signal.SIGKILL)  # the agent first: it must not restart anyone
-        for pid in self._pids[1:]:
-            _kill_group_of(pid)
+        for pid in self._pids:
+            if pid != os.getpid():
+                _kill_group_of(pid)
         _kill_group_of(os.getpid())  # this rank and its DataLoader workers
 
 
