@@ -11,10 +11,17 @@ import fsspec
 import pytest
 import torch
 from conftest import assert_same_state
-from helpers import ManySmall, flat_tensors, trained_live_objects, write_sharded_checkpoint
+from helpers import (
+    ManySmall,
+    flat_tensors,
+    read_manifest_doc,
+    trained_live_objects,
+    write_manifest,
+    write_sharded_checkpoint,
+)
 
 import ckpt
-from ckpt.format import step_dir_name
+from ckpt.format import MANIFEST_NAME, step_dir_name
 from ckpt.manager import LOCK_NAME
 from ckpt.storage import open_storage
 
@@ -286,3 +293,19 @@ def test_two_readers_and_a_writer_at_once(tmp_path):
     assert not errors, errors
     assert all(seen), seen
     assert ckpt.CheckpointReader(tmp_path).all_steps() == [23, 24]
+
+
+def test_a_state_referring_to_a_pack_is_refused(tmp_path):
+    model, _ = trained_live_objects(2, build=ManySmall)
+    with ckpt.CheckpointManager(tmp_path) as mgr:
+        mgr.save(1, model=model, rng=False)
+    path = tmp_path / step_dir_name(1) / MANIFEST_NAME
+    doc = read_manifest_doc(path)
+    state = doc["items"]["model"]["state"]
+    state[next(iter(state))] = {"$tensor": "model/#pack"}
+    write_manifest(path, doc)
+    reader = ckpt.CheckpointReader(tmp_path)
+    for call in (reader.describe, lambda: reader.iter_tensors(item="model"), reader.read):
+        with pytest.raises(ckpt.CorruptCheckpointError, match="pack") as e:
+            call()
+        assert e.value.path == str(path)
