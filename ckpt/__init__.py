@@ -12,6 +12,7 @@ Example:
 """
 
 from ckpt._version import __version__
+from ckpt.convert import ImportReport, export, import_checkpoint
 from ckpt.data import ResumableSampler, resumable_loader
 from ckpt.errors import (
     CheckpointError,
@@ -41,6 +42,7 @@ __all__ = [
     "CheckpointWriteError",
     "CollectiveError",
     "CorruptCheckpointError",
+    "ImportReport",
     "IncompatibleCheckpointError",
     "MAX_STEP",
     "MapLocation",
@@ -48,5 +50,7 @@ __all__ = [
     "ResumableSampler",
     "Stateful",
     "__version__",
+    "export",
+    "import_checkpoint",
     "resumable_loader",
 ]
