@@ -80,7 +80,7 @@ def _run_export(args: argparse.Namespace) -> int:
         directory, step = split_step(args.source)
         parse_size(args.max_shard_size)
     except ValueError as e:
-        print(f"ckpt export: error: {e}", file=sys.stderr)
+        sys.stderr.write(f"ckpt export: error: {e}\n")
         return 2
     try:
         written = export(
@@ -94,13 +94,12 @@ def _run_export(args: argparse.Namespace) -> int:
             progress=_progress(args),
         )
     except CheckpointError as e:
-        print(f"ckpt export: {e}", file=sys.stderr)
+        sys.stderr.write(f"ckpt export: {e}\n")
         return 1
     if args.json:
-        print(json.dumps({"files": written}))
+        sys.stdout.write(json.dumps({"files": written}) + "\n")
     else:
-        for path in written:
-            print(path)
+        sys.stdout.write("".join(path + "\n" for path in written))
     return 0
 
 
@@ -108,13 +107,13 @@ def _run_import(args: argparse.Namespace) -> int:
     try:
         report = import_checkpoint(args.src, args.directory, step=args.step, format=args.format)
     except CheckpointError as e:
-        print(f"ckpt import: {e}", file=sys.stderr)
+        sys.stderr.write(f"ckpt import: {e}\n")
         return 1
     except ValueError as e:
-        print(f"ckpt import: error: {e}", file=sys.stderr)
+        sys.stderr.write(f"ckpt import: error: {e}\n")
         return 2
     if args.json:
-        print(
+        sys.stdout.write(
             json.dumps(
                 {
                     "source": report.source,
@@ -129,7 +128,8 @@ def _run_import(args: argparse.Namespace) -> int:
                     "notes": list(report.notes),
                 }
             )
+            + "\n"
         )
     else:
-        print(report.summary())
+        sys.stdout.write(report.summary() + "\n")
     return 0

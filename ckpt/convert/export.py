@@ -26,6 +26,7 @@ from typing import Any, BinaryIO
 
 import torch
 
+from ckpt.convert.loading import save_torch
 from ckpt.convert.source import ItemLayout, LayoutEntry, open_item
 from ckpt.errors import CheckpointWriteError, IncompatibleCheckpointError
 from ckpt.tensorfile import TensorEntry, encode_header, tensor_bytes
@@ -296,7 +297,7 @@ def _export_pt(source: Any, out_dir: str, dtype: torch.dtype | None, bar: Any) -
     path = os.path.join(out_dir, PT_NAME)
     temp = path + ".ckpt-export.tmp"
     try:
-        torch.save(state, temp)
+        save_torch(state, temp)
         os.replace(temp, path)
     except OSError as e:
         _remove_quietly(temp)

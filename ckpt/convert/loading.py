@@ -1,10 +1,12 @@
-"""Load foreign checkpoint files without running their code.
+"""Load foreign checkpoint files without running their code; the one module that touches pickle.
 
 ``torch.save`` files go through ``torch.load(weights_only=True)`` only (memory
 mapped when the file allows it); safetensors files are memory mapped; a DCP
 directory's ``.metadata`` goes through an unpickler that admits DCP's own
 metadata classes and a short list of torch and standard types, and refuses
-anything else before it is constructed.
+anything else before it is constructed. :func:`save_torch` writes the plain
+``torch.save`` state dict of ``ckpt export --format pt``. ``tests/test_api.py``
+allows pickle here only, and checks every ``torch.load`` passes ``weights_only=True``.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch
 from ckpt.errors import CheckpointNotFoundError, CorruptCheckpointError
 from ckpt.tensorfile import parse_header
 
-__all__ = ["load_dcp", "load_json", "load_safetensors", "load_torch"]
+__all__ = ["load_dcp", "load_json", "load_safetensors", "load_torch", "save_torch"]
 
 
 def load_torch(path: str) -> Any:
@@ -48,6 +50,11 @@ def load_torch(path: str) -> Any:
         raise _refused(path, e) from e
     except Exception as e:
         raise CorruptCheckpointError(f"not a loadable torch.save file: {e}", path=path) from e
+
+
+def save_torch(state: dict[str, torch.Tensor], path: str) -> None:
+    """``torch.save(state, path)``: a plain state dict of tensors, for tools that need one."""
+    torch.save(state, path)
 
 
 def _refused(path: str, e: BaseException) -> CorruptCheckpointError:
