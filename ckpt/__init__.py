@@ -12,8 +12,10 @@ Example:
 """
 
 from ckpt._version import __version__
+from ckpt.checkpoint_reader import CheckpointReader
 from ckpt.convert import ImportReport, export, import_checkpoint
 from ckpt.data import ResumableSampler, resumable_loader
+from ckpt.describe import Description, ItemInfo, TensorInfo
 from ckpt.errors import (
     CheckpointError,
     CheckpointExistsError,
@@ -39,16 +41,20 @@ __all__ = [
     "CheckpointManager",
     "CheckpointNotFoundError",
     "CheckpointReadError",
+    "CheckpointReader",
     "CheckpointWriteError",
     "CollectiveError",
     "CorruptCheckpointError",
+    "Description",
     "ImportReport",
     "IncompatibleCheckpointError",
+    "ItemInfo",
     "MAX_STEP",
     "MapLocation",
     "PartialRestoreError",
     "ResumableSampler",
     "Stateful",
+    "TensorInfo",
     "__version__",
     "export",
     "import_checkpoint",
