@@ -1,9 +1,9 @@
 """Read one item of a ckpt checkpoint for export: its layout, then its tensors one at a time.
 
-This is the one place export reads checkpoints; it streams with bounded memory
-(one tensor, or one pack of small tensors, plus a read buffer) and checks each
-file's checksum as the bytes go by. Format version 3 tensors come back whole,
-consolidated from their chunks.
+The layout (keys, dtypes, shapes, ties) comes from the manifest; the tensors
+stream through :meth:`ckpt.CheckpointReader.iter_tensors`, with bounded memory
+(one tensor plus read buffers), each file's checksum checked as the bytes go by.
+Format version 3 tensors come back whole, consolidated from their chunks.
 """
 
 from __future__ import annotations
@@ -14,14 +14,9 @@ from typing import Any
 
 import torch
 
-from ckpt.distributed.restoring import _read_into
+from ckpt.checkpoint_reader import CheckpointReader
+from ckpt.describe import key_of
 from ckpt.errors import CheckpointNotFoundError, IncompatibleCheckpointError
-from ckpt.format import Manifest, TensorRecord
-from ckpt.integrity import CHUNK_BYTES, Hasher
-from ckpt.io.checks import check_digest, check_size, matching_entry, read_header
-from ckpt.reader import StepReader
-from ckpt.storage import Storage, open_storage
-from ckpt.tensorfile import read_tensor, tensor_bytes
 from ckpt.tree import tensor_refs
 
 __all__ = ["ItemLayout", "LayoutEntry", "open_item"]
@@ -71,90 +66,22 @@ class ItemLayout:
 class ItemSource:
     """One item of one committed checkpoint, opened for streaming reads."""
 
-    def __init__(self, storage: Storage, step_name: str, manifest: Manifest, layout: ItemLayout):
-        self.storage, self.step_name, self.manifest, self.layout = (
-            storage,
-            step_name,
-            manifest,
-            layout,
-        )
+    def __init__(self, reader: CheckpointReader, layout: ItemLayout, stream_keys: dict[str, str]):
+        self.reader, self.layout, self._stream_keys = reader, layout, stream_keys
 
     def tensors(self, *, verify: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield ``(key, CPU tensor)`` for every layout entry, one at a time, in file order.
+        """Yield ``(key, CPU tensor)`` once per layout entry, one at a time, in file order.
 
-        A checksum mismatch raises after the file's last tensor was yielded: a
-        consumer must treat its output as valid only once the iterator is exhausted.
+        Reads through :meth:`ckpt.CheckpointReader.iter_tensors`. A checksum
+        mismatch raises after the file's last tensor was yielded: a consumer must
+        treat its output as valid only once the iterator is exhausted.
         """
-        keys = {e.name: e.key for e in self.layout.entries}
-        sharded = self.manifest.sharded
-        if sharded is not None and self.layout.item in sharded.items:
-            for name, key in keys.items():
-                r = sharded.tensors[name]
-                t = torch.empty(r.shape, dtype=r.dtype)
-                _read_into(self.storage, self.step_name, {name: r}, {name: t}, verify)
+        for stream_key, t in self.reader.iter_tensors(
+            self.layout.step, item=self.layout.item, verify=verify
+        ):
+            key = self._stream_keys.get(stream_key)
+            if key is not None:  # else a tied alias, written once under its first key
                 yield key, t
-            return
-        manifest = self.manifest
-        if sharded is not None:  # an item each rank saved for itself: rank 0's
-            rank0 = sharded.ranks[0]
-            manifest = Manifest(
-                manifest.step, manifest.epoch, {}, manifest.files, rank0.tensors, rank0.items
-            )
-        by_file: dict[str, list[str]] = {}
-        for name in keys:
-            by_file.setdefault(manifest.tensors[name].file, []).append(name)
-        for file_name, names in by_file.items():
-            for name, t in _stream_file(
-                self.storage, self.step_name, manifest, file_name, names, verify
-            ):
-                yield keys[name], t
-
-
-def _stream_file(
-    storage: Storage,
-    step_name: str,
-    manifest: Manifest,
-    file_name: str,
-    names: list[str],
-    verify: bool,
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield the named tensors of one file in file order, hashing the whole file as it goes."""
-    path = check_size(storage, step_name, file_name, manifest)
-    record = manifest.files[file_name]
-    hasher = Hasher() if verify and record.checksum else None
-    records = manifest.tensors
-    direct = {n for n in names if records[n].pack is None}
-    packed: dict[str, list[str]] = {}
-    for n in names:
-        pack = records[n].pack
-        if pack is not None:
-            packed.setdefault(pack, []).append(n)
-    scratch = bytearray(CHUNK_BYTES)
-    with storage.open_read(step_name, file_name) as f:
-        entries, data_start = read_header(f, path, record.size, hasher)
-        for name in [*direct, *packed]:
-            matching_entry(entries, name, records[name], path)
-        for entry in sorted(entries.values(), key=lambda e: e.begin):
-            if entry.name in direct or entry.name in packed:
-                t = read_tensor(f, entry, data_start, path)
-                if hasher is not None:
-                    hasher.update(tensor_bytes(t))
-                if entry.name in direct:
-                    yield entry.name, t
-                else:
-                    for n in packed[entry.name]:
-                        yield n, _cut(t, records[n])
-                del t
-            else:
-                f.seek(data_start + entry.begin)
-                if hasher is not None:
-                    hasher.skip(f, entry.nbytes, scratch)
-    if hasher is not None:
-        check_digest(record, hasher, path, manifest.step)
-
-
-def _cut(pack: torch.Tensor, r: TensorRecord) -> torch.Tensor:
-    return pack[r.offset : r.offset + r.nbytes].view(r.dtype).reshape(r.shape).clone()
 
 
 def open_item(
@@ -176,8 +103,8 @@ def open_item(
         IncompatibleCheckpointError: The item is not a flat mapping of names to tensors.
         CorruptCheckpointError: The manifest is malformed.
     """
-    storage = open_storage(directory, storage_options)
-    found = StepReader(storage).manifest(step)
+    reader = CheckpointReader(directory, storage_options=storage_options)
+    found = reader.manifest(step)
     if found is None:
         raise CheckpointNotFoundError("no checkpoint here (or no such directory)", path=directory)
     step_name, manifest = found
@@ -191,11 +118,11 @@ def open_item(
         if item not in items:
             raise CheckpointNotFoundError(
                 f"step {manifest.step} has no item {item!r} (items: {sorted(manifest.items)})",
-                path=storage.url_of(step_name),
+                path=f"{reader.directory.rstrip('/')}/{step_name}",
             )
         record = items[item]
         shapes = {n: (r.dtype, r.shape) for n, r in tensors.items()}
-    where = storage.url_of(step_name)
+    where = f"{reader.directory.rstrip('/')}/{step_name}"
     if not isinstance(record.state, dict) or record.kind not in ("module", "dict", "stateful"):
         raise IncompatibleCheckpointError(
             f"item {item!r} is a {record.kind}; export writes a mapping of names to tensors "
@@ -204,6 +131,7 @@ def open_item(
             key=item,
         )
     entries: list[LayoutEntry] = []
+    stream_keys: dict[str, str] = {}
     aliases: dict[str, str] = {}
     first: dict[str, str] = {}
     for path, name in tensor_refs(record.state):
@@ -222,9 +150,10 @@ def open_item(
                 "state refers to a tensor the manifest does not list", path=where, key=name
             )
         first[name] = key
+        stream_keys[key_of(path)] = key
         dtype, shape = shapes[name]
         entries.append(LayoutEntry(key, name, dtype, tuple(shape)))
     tensor_keys = {e.key for e in entries} | aliases.keys()
     skipped = tuple(k for k in record.state if k not in tensor_keys)
     layout = ItemLayout(manifest.step, item, record.kind, tuple(entries), aliases, skipped)
-    return ItemSource(storage, step_name, manifest, layout)
+    return ItemSource(reader, layout, stream_keys)
