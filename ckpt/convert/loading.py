@@ -16,6 +16,7 @@ import json
 import mmap
 import os
 import pickle
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -58,7 +59,10 @@ def save_torch(state: dict[str, torch.Tensor], path: str) -> None:
 
 
 def _refused(path: str, e: BaseException) -> CorruptCheckpointError:
-    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(e).splitlines()]
+    lines = [line for line in lines if line]
+    why = [line for line in lines if "Unsupported" in line or "WeightsUnpickler" in line]
+    first = (why or lines or [type(e).__name__])[0]
     return CorruptCheckpointError(
         "torch.load(weights_only=True) refused this file: it holds objects other than "
         f"tensors and plain data ({first}). ckpt never unpickles anything else; if you "
