@@ -154,6 +154,26 @@ def test_export_of_a_sharded_v3_checkpoint_consolidates_full_tensors(tmp_path):
     assert_same_state(dict(load_file(path)), state)
 
 
+def on_ranks_save_fsdp(rank: int, world: int, root: str) -> dict[str, torch.Tensor]:
+    """Train an FSDP2 model two steps on the ranks, save it (format v3), return its full state."""
+    from dist_training import full_model_state, make, train_step
+
+    model, optimizer, scheduler = make("fsdp")
+    for step in range(2):
+        train_step(model, optimizer, scheduler, step)
+    with ckpt.CheckpointManager(root) as mgr:
+        mgr.save(1, model=model, optimizer=optimizer)
+    return full_model_state(model)
+
+
+@pytest.mark.distributed
+def test_export_of_an_fsdp_checkpoint_saved_by_two_ranks(rank_pool, tmp_path):
+    full = rank_pool.run(on_ranks_save_fsdp, str(tmp_path / "run"))[0]
+    (path,) = ckpt.export(tmp_path / "run", tmp_path / "hf")
+    assert _header_keys(path) == list(full)
+    assert_same_state(dict(load_file(path)), full)
+
+
 def test_export_pt_format_is_a_plain_state_dict(tmp_path):
     model = small_model()
     with ckpt.CheckpointManager(tmp_path / "run") as mgr:
