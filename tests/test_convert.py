@@ -358,6 +358,30 @@ def test_import_dcp_directory(tmp_path):
     _restore_matches(tmp_path / "run", source)
 
 
+def test_import_dcp_with_optimizer_state_keyed_by_parameter_name(tmp_path):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model = small_model()
+    optimizer = torch.optim.Adam(model.parameters())
+    train_steps(model, optimizer, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no process group: "assuming ... a single process"
+        model_state, optimizer_state = get_state_dict(model, optimizer)
+        assert next(iter(optimizer_state["state"])) == "0.weight"
+        dcp.save(
+            {"model": model_state, "optim": optimizer_state}, checkpoint_id=str(tmp_path / "d")
+        )
+    report = ckpt.import_checkpoint(tmp_path / "d", tmp_path / "run")
+    assert report.items == {"model": "module", "optimizer": "optimizer"}
+    live_model = small_model(seed=5)
+    live_optimizer = torch.optim.Adam(live_model.parameters())
+    with ckpt.CheckpointManager(tmp_path / "run") as mgr:
+        mgr.restore(model=live_model, optimizer=live_optimizer)
+    assert_same_state(live_model.state_dict(), model.state_dict())
+    assert_same_state(live_optimizer.state_dict(), optimizer.state_dict())
+
+
 class _Payload:
     def __init__(self, marker: str) -> None:
         self.marker = marker

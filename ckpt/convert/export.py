@@ -238,27 +238,7 @@ def _export_safetensors(
             )
             f.write(header)
             data_starts.append(len(header))
-        done = set()
-        for key, t in source.tensors():
-            p = placed[key]
-            data = t if t.dtype == p.dtype else t.to(p.dtype)
-            out = files[p.shard]
-            if out.tell() != data_starts[p.shard] + p.begin:
-                out.seek(data_starts[p.shard] + p.begin)
-            data = data.contiguous()
-            view = tensor_bytes(data)
-            for at in range(0, len(view), _WRITE_SLICE):
-                out.write(view[at : at + _WRITE_SLICE])
-            done.add(key)
-            if bar is not None:
-                bar.update(p.entry.nbytes)
-            del t, data, view
-        missing = [k for k in placed if k not in done]
-        if missing:
-            raise IncompatibleCheckpointError(
-                f"the checkpoint did not yield {len(missing)} tensor(s) of its item",
-                key=missing[0],
-            )
+        _stream_into(source, files, data_starts, placed, bar)
         for done_file in files:
             done_file.flush()
             os.fsync(done_file.fileno())
@@ -284,6 +264,35 @@ def _export_safetensors(
     else:
         _remove_quietly(os.path.join(out_dir, INDEX_NAME))  # a stale index would win on load
     return written
+
+
+def _stream_into(
+    source: Any,
+    files: list[BinaryIO],
+    data_starts: list[int],
+    placed: dict[str, _Placed],
+    bar: Any,
+) -> None:
+    """Write each tensor, as the source yields it, at its place in its shard."""
+    done = set()
+    for key, t in source.tensors():
+        p = placed[key]
+        data = (t if t.dtype == p.dtype else t.to(p.dtype)).contiguous()
+        out = files[p.shard]
+        if out.tell() != data_starts[p.shard] + p.begin:
+            out.seek(data_starts[p.shard] + p.begin)
+        view = tensor_bytes(data)
+        for at in range(0, len(view), _WRITE_SLICE):
+            out.write(view[at : at + _WRITE_SLICE])
+        done.add(key)
+        if bar is not None:
+            bar.update(p.entry.nbytes)
+        del t, data, view
+    missing = [k for k in placed if k not in done]
+    if missing:
+        raise IncompatibleCheckpointError(
+            f"the checkpoint did not yield {len(missing)} tensor(s) of its item", key=missing[0]
+        )
 
 
 def _export_pt(source: Any, out_dir: str, dtype: torch.dtype | None, bar: Any) -> list[str]:
