@@ -27,7 +27,7 @@ from ckpt.gc_pause import paused_gc
 from ckpt.io import load_tensors, verify_checkpoint_files
 from ckpt.items import build_state
 from ckpt.locations import MapLocation, check_map_location
-from ckpt.reader import StepReader
+from ckpt.reader import LIST_ATTEMPTS, StepReader
 from ckpt.restoring import check_items
 from ckpt.storage import Storage, open_storage
 from ckpt.streaming import stream_item
@@ -101,7 +101,7 @@ class CheckpointReader:
         self.fallback_to_intact = bool(fallback_to_intact)
 
     @classmethod
-    def over(cls, steps: StepReader) -> CheckpointReader:
+    def _over(cls, steps: StepReader) -> CheckpointReader:
         """A reader sharing ``steps`` (and so its storage) with its owner, the manager."""
         reader = cls.__new__(cls)
         reader._steps = steps
@@ -134,6 +134,7 @@ class CheckpointReader:
         """Return the newest committed step, or ``None`` if there is none."""
         return self._steps.latest_step()
 
+    @paused_gc()
     def checkpoint(self, step: int | None = None) -> Checkpoint | None:
         """Describe a committed checkpoint (the latest when ``step`` is ``None``) without loading.
 
@@ -147,6 +148,7 @@ class CheckpointReader:
         found = self._steps.retrying(step, self.manifest, "described")
         return None if found is None else self.info(found[1])
 
+    @paused_gc()
     def describe(self, step: int | None = None) -> Description:
         """Describe a checkpoint (the latest when ``step`` is ``None``) from its manifest alone.
 
@@ -157,7 +159,22 @@ class CheckpointReader:
             CheckpointNotFoundError: No checkpoint (or no directory), or ``step`` is not committed.
             CorruptCheckpointError: Its manifest is malformed.
         """
-        return self._steps.retrying(step, self._describe, "described")
+        for _ in range(LIST_ATTEMPTS):
+            target = step if step is not None else self.latest_step()
+            if target is None:
+                raise self._nothing_saved()
+            try:
+                return self._describe(target)
+            except CheckpointNotFoundError:
+                # Only the manifest is read, so no digest is taken first (it would read it
+                # twice): the latest step deleted meanwhile means listing again.
+                if step is not None or self._steps.is_committed(target):
+                    raise
+        raise CheckpointError(
+            f"checkpoints kept changing while being described ({LIST_ATTEMPTS} attempts each "
+            "found the latest step deleted); retry, or keep more checkpoints",
+            path=self.directory,
+        )
 
     def _describe(self, step: int | None) -> Description:
         step_name, manifest = self._found(step)
@@ -319,8 +336,9 @@ class CheckpointReader:
                 _only(manifest, (item,), self._storage.path(step_name, MANIFEST_NAME))
                 return step_name, manifest, item_tensor_keys(manifest, item)
 
-        step_name, manifest, keys = self._steps.retrying(step, lookup)
-        before = self._steps.identity(manifest.step)
+        with paused_gc():  # not while iterating: the caller's code runs then
+            step_name, manifest, keys = self._steps.retrying(step, lookup)
+            before = self._steps.identity(manifest.step)
         sharded = manifest.sharded is not None and item in manifest.sharded.items
         stream = stream_item(
             self._storage, step_name, manifest, keys, sharded=sharded, verify=verify

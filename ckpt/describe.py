@@ -25,7 +25,8 @@ from typing import Any
 import torch
 
 from ckpt.errors import CorruptCheckpointError
-from ckpt.format import ItemRecord, Manifest
+from ckpt.format import GlobalTensorRecord, ItemRecord, Manifest, TensorRecord
+from ckpt.tensorfile import dtype_name
 from ckpt.tree import Json, KeyPath, unflatten_at
 
 __all__ = [
@@ -163,9 +164,13 @@ def _finite(v: float | int) -> Json:
 
 def key_of(path: KeyPath) -> str:
     """Join a key path into a tensor key: ``("state", 0, "exp_avg")`` -> ``"state/0/exp_avg"``."""
-    return "/".join(
-        k.replace("%", "%25").replace("/", "%2F") if isinstance(k, str) else str(k) for k in path
-    )
+    return "/".join([_part(k) for k in path])
+
+
+def _part(k: str | int) -> str:
+    if isinstance(k, str):
+        return k.replace("%", "%25").replace("/", "%2F") if "%" in k or "/" in k else k
+    return str(k)
 
 
 def format_version_of(manifest: Manifest, *, compressed: bool = False) -> int:
@@ -182,6 +187,9 @@ _PLACEHOLDER = torch.empty(0)
 
 def _decoded(record: ItemRecord, item: str) -> tuple[Any, list[tuple[KeyPath, str]]]:
     """An item's state with placeholder tensors, and ``(key path, stored name)`` per reference."""
+    flat = _flat_refs(record.state)
+    if flat is not None:
+        return None, flat
     refs: list[tuple[KeyPath, str]] = []
 
     def lookup(name: str, path: KeyPath) -> torch.Tensor:
@@ -195,6 +203,25 @@ def _decoded(record: ItemRecord, item: str) -> tuple[Any, list[tuple[KeyPath, st
             f"item {item!r}: {e.reason}", key=f"{item}{e.key or ''}"
         ) from e
     return state, refs
+
+
+def _flat_refs(tree: Json) -> list[tuple[KeyPath, str]] | None:
+    """The references of a flat ``{key: {"$tensor": name}}`` tree (a module's, mostly), fast.
+
+    ``None`` for any other tree, which is decoded in full. Such a tree decodes
+    to a dict of plain tensors at those keys (no key starts with ``$``).
+    """
+    if not isinstance(tree, dict) or not tree:
+        return None
+    refs: list[tuple[KeyPath, str]] = []
+    for key, value in tree.items():
+        if key.startswith("$") or not isinstance(value, dict) or len(value) != 1:
+            return None
+        name = value.get("$tensor")
+        if not isinstance(name, str):
+            return None
+        refs.append(((key,), name))
+    return refs
 
 
 def _is_sharded(manifest: Manifest, item: str) -> bool:
@@ -240,7 +267,42 @@ def item_tensor_keys(manifest: Manifest, item: str) -> list[tuple[str, str]]:
         CorruptCheckpointError: The item's state tree is malformed.
     """
     state, refs = _decoded(manifest.items[item], item)
-    return _keyed(manifest, item, state, refs)
+    keys = _keyed(manifest, item, state, refs)
+    packs = _pack_names(manifest, item)
+    for _, name in keys:
+        _stored(manifest, item, name, packs)
+    return keys
+
+
+def _stored(
+    manifest: Manifest, item: str, name: str, packs: set[str]
+) -> TensorRecord | GlobalTensorRecord:
+    """The record of a tensor ``item``'s state refers to; raise unless it is one of its values."""
+    section = manifest.sharded
+    if section is not None and item in section.items:
+        found: TensorRecord | GlobalTensorRecord | None = section.tensors.get(name)
+    else:
+        own = manifest.tensors if section is None else section.ranks[0].tensors
+        found = own.get(name)
+    if found is None or name in packs:
+        why = "a pack of small tensors, no value" if found else "which the manifest does not list"
+        raise CorruptCheckpointError(f"item {item!r} refers to tensor {name!r}, {why}", key=name)
+    try:
+        dtype_name(found.dtype)
+    except TypeError as e:
+        raise CorruptCheckpointError(
+            f"tensor has dtype {found.dtype}, which ckpt never writes", key=name
+        ) from e
+    return found
+
+
+def _pack_names(manifest: Manifest, item: str) -> set[str]:
+    """The packs among the tensors ``item``'s state may refer to (none for a sharded item)."""
+    section = manifest.sharded
+    if section is not None and item in section.items:
+        return set()
+    own = manifest.tensors if section is None else section.ranks[0].tensors
+    return {r.pack for r in own.values() if r.pack is not None}
 
 
 def _jsonable(value: Any) -> Json:
@@ -273,6 +335,15 @@ def _param_groups(state: Any) -> tuple[dict[str, Json], ...]:
     return tuple(out)
 
 
+def _groups_of(item: str, state: Any) -> tuple[dict[str, Json], ...]:
+    try:
+        return _param_groups(state)
+    except RecursionError as e:
+        raise CorruptCheckpointError(
+            f"item {item!r}: param_groups are nested too deeply", key=f"{item}/param_groups"
+        ) from e
+
+
 def _param_names(manifest: Manifest, item: str, state: Any) -> tuple[str | None, ...] | None:
     if _is_sharded(manifest, item):
         return tuple(_param_index(state))
@@ -288,30 +359,17 @@ def _param_names(manifest: Manifest, item: str, state: Any) -> tuple[str | None,
 
 def _item_info(manifest: Manifest, item: str, record: ItemRecord) -> ItemInfo:
     state, refs = _decoded(record, item)
-    section = manifest.sharded
-    own = manifest.tensors if section is None else section.ranks[0].tensors
+    packs = _pack_names(manifest, item)
     tensors, sizes = [], {}
     for key, name in _keyed(manifest, item, state, refs):
-        if section is not None and name in section.tensors and _is_sharded(manifest, item):
-            g = section.tensors[name]
-            files = {c.file for c in g.chunks}
-            nbytes = math.prod(g.shape) * g.dtype.itemsize
-            info = TensorInfo(
-                key,
-                _dtype(g.dtype),
-                g.shape,
-                nbytes,
-                next(iter(files)) if len(files) == 1 else None,
-                len(g.chunks),
-            )
-        elif name in own:
-            r = own[name]
-            info = TensorInfo(key, _dtype(r.dtype), r.shape, r.nbytes, r.file)
+        r = _stored(manifest, item, name, packs)
+        if isinstance(r, GlobalTensorRecord):
+            files = {c.file for c in r.chunks}
+            only = next(iter(files)) if len(files) == 1 else None
+            nbytes = math.prod(r.shape) * r.dtype.itemsize
+            info = TensorInfo(key, _dtype(r.dtype), r.shape, nbytes, only, len(r.chunks))
         else:
-            raise CorruptCheckpointError(
-                f"item {item!r} refers to tensor {name!r}, which the manifest does not list",
-                key=name,
-            )
+            info = TensorInfo(key, _dtype(r.dtype), r.shape, r.nbytes, r.file)
         sizes[name] = info.nbytes
         tensors.append(info)
     optimizer = record.kind == "optimizer"
@@ -322,13 +380,19 @@ def _item_info(manifest: Manifest, item: str, record: ItemRecord) -> ItemInfo:
         tensors=tuple(tensors),
         nbytes=sum(sizes.values()),
         optimizer_class=recorded_class if optimizer and isinstance(recorded_class, str) else None,
-        param_groups=_param_groups(state) if optimizer else (),
+        param_groups=_groups_of(item, state) if optimizer else (),
         param_names=_param_names(manifest, item, state) if optimizer else None,
     )
 
 
+_DTYPE_NAMES: dict[torch.dtype, str] = {}
+
+
 def _dtype(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
+    name = _DTYPE_NAMES.get(dtype)
+    if name is None:  # str(dtype) costs microseconds: once per dtype, not per tensor
+        name = _DTYPE_NAMES[dtype] = str(dtype).removeprefix("torch.")
+    return name
 
 
 def describe_manifest(manifest: Manifest, *, format_version: int | None = None) -> Description:

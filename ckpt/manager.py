@@ -4,31 +4,16 @@ from __future__ import annotations
 
 import logging
 import os
-import secrets
-import socket
 import time
-import weakref
 from collections.abc import Callable, Iterable, Mapping
-from datetime import datetime, timezone
-from typing import Any, TypeAlias, TypeVar, cast
+from typing import Any, cast
 
 import torch
 
 from ckpt.cadence import SaveCadence
-from ckpt.checkpoint_reader import Checkpoint, CheckpointReader, located
-from ckpt.commit import writer_is_gone
-from ckpt.distributed import (
-    PreparedCollective,
-    apply_sharded_restore,
-    collective_save,
-    open_rank_group,
-    prepare_collective,
-)
-from ckpt.errors import (
-    CheckpointExistsError,
-    CheckpointNotFoundError,
-    CheckpointWriteError,
-)
+from ckpt.checkpoint_reader import Checkpoint, CheckpointReader
+from ckpt.distributed import collective_save, open_rank_group
+from ckpt.errors import CheckpointExistsError, CheckpointWriteError
 from ckpt.format import MANIFEST_NAME, Manifest, step_dir_name
 from ckpt.gc_pause import paused_gc
 from ckpt.io import load_tensors
@@ -36,24 +21,20 @@ from ckpt.items import check_flags, check_item_name, reserved_names
 from ckpt.kinds import RestoreOptions
 from ckpt.locations import MapLocation, check_map_location
 from ckpt.preemption import DEFAULT_PREEMPTION_SIGNALS, PreemptionWatch
+from ckpt.preparing import Prepared, apply_prepared, prepare_step
 from ckpt.reader import StepReader
-from ckpt.restoring import PreparedRestore, apply_restore, prepare_restore
 from ckpt.retaining import Retainer
 from ckpt.retention import RetentionPolicy
 from ckpt.rng import RNG_ITEM, RandomStreams
 from ckpt.saving import Saver, capture_save, check_save_args
 from ckpt.staging import StagingBuffers
 from ckpt.storage import WriterLock, open_storage
+from ckpt.writer_lock import LOCK_NAME, hold_writer_lock  # noqa: F401 (LOCK_NAME: re-exported)
+from ckpt.writer_lock import release_quietly as _release_quietly  # noqa: F401
 
 __all__ = ["Checkpoint", "CheckpointManager"]
 
-_T = TypeVar("_T")
-_Prepared: TypeAlias = "PreparedRestore | PreparedCollective"
-
 logger = logging.getLogger(__name__)
-
-LOCK_NAME = ".ckpt-writer.lock"
-"""The writer lock file in the root directory."""
 
 
 class CheckpointManager:
@@ -155,7 +136,7 @@ class CheckpointManager:
                 errno=e.errno,
             ) from e
         self._reader = StepReader(self._storage)
-        self._checkpoints = CheckpointReader.over(self._reader)
+        self._checkpoints = CheckpointReader._over(self._reader)
         self._group = open_rank_group(process_group, float(collective_timeout))
         self._collective = (
             None if self._group is None else collective_save(self._storage, self._group)
@@ -211,20 +192,7 @@ class CheckpointManager:
             self._lock = None
 
     def _take_lock(self) -> None:
-        if self._lock is None:
-            owner = (
-                f"host {socket.gethostname()} pid {os.getpid()} since "
-                f"{datetime.now(timezone.utc).isoformat(timespec='seconds')} "
-                f"id {secrets.token_hex(4)}"
-            )
-            self._lock = self._storage.lock(LOCK_NAME, owner, abandoned=writer_is_gone)
-            weakref.finalize(self, _release_quietly, self._lock)
-        else:
-            self._lock.check()  # deleted, replaced or taken over, or a forked child: refuse
-            try:
-                self._lock.refresh()
-            except OSError as e:  # the save itself will tell whether storage works
-                logger.warning("could not refresh the writer lock: %s", e)
+        self._lock = hold_writer_lock(self._storage, self._lock, self)
 
     # ------------------------------------------------------------------ cadence
 
@@ -537,18 +505,7 @@ class CheckpointManager:
         if prepared is None:
             return None
         manifest = prepared.manifest
-        where = self._url(prepared.step_name)
-        if isinstance(prepared, PreparedRestore):
-            missing, unexpected = apply_restore(prepared, where)
-        else:
-            missing, unexpected = apply_sharded_restore(prepared.restore, items, strict, where)
-        for name in missing.keys() | unexpected.keys():
-            logger.warning(
-                "restored %r non-strictly: missing keys %s, unexpected keys %s",
-                name,
-                missing.get(name, []),
-                unexpected.get(name, []),
-            )
+        missing, unexpected = apply_prepared(prepared, items, strict, self._url(prepared.step_name))
         logger.info(
             "restored step %d from %s (%d bytes in %.3f s)",
             manifest.step,
@@ -570,21 +527,12 @@ class CheckpointManager:
         return agreed
 
     def _prepare_with_fallback(
-        self, step: int | None, prepare: Callable[[int | None], _Prepared | None]
-    ) -> _Prepared | None:
+        self, step: int | None, prepare: Callable[[int | None], Prepared | None]
+    ) -> Prepared | None:
         """Run ``prepare`` on ``step`` (the latest intact one, if so configured)."""
         if step is not None or not self.fallback_to_intact:
-            return self._retrying(step, prepare, "restored")
-        return cast("_Prepared | None", self._reader.newest_intact(prepare, "restored"))
-
-    def _retrying(
-        self, step: int | None, attempt: Callable[[int | None], _T], doing: str = "read"
-    ) -> _T:
-        """Run ``attempt`` on a step again if another process replaced or deleted it meanwhile.
-
-        With ``step`` ``None`` it works on the latest step, listing again after a deletion.
-        """
-        return self._reader.retrying(step, attempt, doing)
+            return self._reader.retrying(step, prepare, "restored")
+        return cast("Prepared | None", self._reader.newest_intact(prepare, "restored"))
 
     def _prepare(
         self,
@@ -593,40 +541,21 @@ class CheckpointManager:
         options: RestoreOptions,
         rng: bool,
         verify: bool,
-    ) -> _Prepared | None:
-        """Check a checkpoint against the live items and read its tensors; mutate nothing.
-
-        ``step`` ``None`` means the latest; the result is ``None`` when there is none.
-        """
-        found = self._manifest(step)
+    ) -> Prepared | None:
+        """Check ``step`` (the latest when ``None``; ``None`` if none) against the live items."""
+        found = self._reader.manifest(step)
         if found is None:
             return None
-        step_name, manifest = found
-        manifest_path = self._storage.path(step_name, MANIFEST_NAME)
-        if manifest.sharded is not None or self._group is not None:
-            with located(manifest_path):
-                return prepare_collective(
-                    self._storage, step_name, manifest, items, options, rng, verify, self._group
-                )
-        if rng and RNG_ITEM in manifest.items:
-            items[RNG_ITEM] = RandomStreams()
-        elif rng:
-            logger.warning(
-                "checkpoint step %d holds no random state; the random streams are not restored",
-                manifest.step,
-            )
-        for name in items:
-            if name not in manifest.items:
-                raise CheckpointNotFoundError(
-                    f"item {name!r} is not in checkpoint step {manifest.step} "
-                    f"(it holds {sorted(manifest.items)})",
-                    path=manifest_path,
-                    key=name,
-                )
-        with located(manifest_path):
-            return prepare_restore(
-                self._storage, step_name, manifest, items, options, verify=verify, read=load_tensors
-            )
+        return prepare_step(
+            self._storage,
+            *found,
+            items,
+            options,
+            rng=rng,
+            verify=verify,
+            group=self._group,
+            read=load_tensors,
+        )
 
     def read(
         self, step: int | None = None, *, map_location: MapLocation = "cpu", verify: bool = True
@@ -660,22 +589,6 @@ class CheckpointManager:
     def _info(self, manifest: Manifest) -> Checkpoint:
         return self._checkpoints.info(manifest)
 
-    def _manifest(self, step: int | None) -> tuple[str, Manifest] | None:
-        return self._reader.manifest(step)
-
 
 RESERVED_NAMES = reserved_names(CheckpointManager.save, CheckpointManager.restore)
 """Option names of ``save`` and ``restore``, which no item may take."""
-
-
-def _release_quietly(lock: WriterLock) -> None:
-    """Release a lock left held by a manager never closed (at garbage collection or exit)."""
-    try:
-        lock.release()
-    except Exception as e:  # the storage may be gone by now; never raise from a finalizer
-        logger.warning(
-            "could not release the writer lock of an unclosed manager (%s); the next writer "
-            "takes it over once it is stale. Call close() or use the manager as a context "
-            "manager to release it promptly",
-            e,
-        )

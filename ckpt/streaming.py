@@ -118,7 +118,7 @@ def _stream_file(
                     yield key, tensor
                 del tensor
             elif entry.name in wanted_packs:
-                yield from _stream_pack(f, entry, data_start, path, members, keys, hasher, scratch)
+                yield from _stream_pack(f, entry, data_start, path, members, keys, hasher)
             elif hasher is not None:
                 f.seek(data_start + entry.begin)
                 hasher.skip(f, entry.nbytes, scratch)
@@ -134,20 +134,50 @@ def _stream_pack(
     members: Mapping[str, list[tuple[str, TensorRecord]]],
     keys: Mapping[str, list[str]],
     hasher: Hasher | None,
-    scratch: bytearray,
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield a pack's wanted members, read in place from the file (the members tile the pack)."""
-    for name, r in sorted(members.get(pack.name, []), key=lambda m: m[1].offset):
-        begin = pack.begin + r.offset
-        entry = TensorEntry(name, r.dtype, r.shape, begin, begin + r.nbytes)
-        if name not in keys:
-            if hasher is not None:
-                f.seek(data_start + begin)
-                hasher.skip(f, r.nbytes, scratch)
-            continue
-        tensor = read_tensor(f, entry, data_start, path)
+    """Yield a pack's wanted members, reading the pack in spans of at most ``CHUNK_BYTES``.
+
+    The members tile the pack exactly (the manifest was checked), so the spans
+    cover it and are hashed whole; each member is copied out of its span.
+    """
+    ordered = sorted(members.get(pack.name, []), key=lambda m: m[1].offset)
+    first = 0
+    while first < len(ordered):
+        begin = ordered[first][1].offset
+        last = first + 1
+        while last < len(ordered) and _end(ordered[last][1]) - begin <= CHUNK_BYTES:
+            last += 1
+        span = _read_span(f, data_start + pack.begin + begin, _end(ordered[last - 1][1]) - begin)
+        if span is None:
+            raise CorruptCheckpointError(
+                "file ends inside a pack of small tensors", path=path, key=pack.name
+            )
         if hasher is not None:
-            hasher.update(tensor_bytes(tensor))
-        for key in keys[name]:
-            yield key, tensor
-        del tensor
+            hasher.update(span)
+        for name, r in ordered[first:last]:
+            if name in keys:
+                tensor = torch.empty(r.shape, dtype=r.dtype)
+                if r.nbytes:
+                    at = r.offset - begin
+                    tensor_bytes(tensor)[:] = span[at : at + r.nbytes]
+                for key in keys[name]:
+                    yield key, tensor
+                del tensor
+        first = last
+
+
+def _end(r: TensorRecord) -> int:
+    return r.offset + r.nbytes
+
+
+def _read_span(f: BinaryIO, at: int, count: int) -> memoryview | None:
+    """``count`` bytes of ``f`` from ``at``; ``None`` if the file ends first."""
+    buffer = memoryview(bytearray(count))
+    f.seek(at)
+    filled = 0
+    while filled < count:
+        n = f.readinto(buffer[filled:])  # type: ignore[attr-defined]
+        if not n:
+            return None
+        filled += n
+    return buffer

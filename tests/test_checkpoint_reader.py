@@ -11,10 +11,17 @@ import fsspec
 import pytest
 import torch
 from conftest import assert_same_state
-from helpers import ManySmall, flat_tensors, trained_live_objects, write_sharded_checkpoint
+from helpers import (
+    ManySmall,
+    flat_tensors,
+    read_manifest_doc,
+    trained_live_objects,
+    write_manifest,
+    write_sharded_checkpoint,
+)
 
 import ckpt
-from ckpt.format import step_dir_name
+from ckpt.format import MANIFEST_NAME, step_dir_name
 from ckpt.manager import LOCK_NAME
 from ckpt.storage import open_storage
 
@@ -244,12 +251,20 @@ def test_readers_never_take_the_lock_or_write(saved):
     assert after == {p: t for p, t in before.items() if p != LOCK_NAME}
 
 
-def test_two_readers_and_a_writer_at_once(tmp_path):
+def test_two_readers_and_a_writer_at_once(tmp_path, monkeypatch):
     """The writer holds the lock and deletes old steps; readers read, verify, stream meanwhile."""
 
     def state(step: int) -> dict[str, torch.Tensor]:
         return {"w": torch.full((256,), float(step)), "n": torch.tensor(step)}
 
+    lockers: list[str] = []
+    original_lock = type(open_storage(str(tmp_path))).lock
+
+    def spy_lock(self: Any, *args: Any, **kwargs: Any) -> Any:
+        lockers.append(threading.current_thread().name)
+        return original_lock(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(open_storage(str(tmp_path))), "lock", spy_lock)
     mgr = ckpt.CheckpointManager(tmp_path, keep_last=2)
     mgr.save(0, data=state(0))
     stop = threading.Event()
@@ -285,4 +300,21 @@ def test_two_readers_and_a_writer_at_once(tmp_path):
         mgr.close()
     assert not errors, errors
     assert all(seen), seen
+    assert lockers == [threading.main_thread().name]  # the writer's one lock, no reader's
     assert ckpt.CheckpointReader(tmp_path).all_steps() == [23, 24]
+
+
+def test_a_state_referring_to_a_pack_is_refused(tmp_path):
+    model, _ = trained_live_objects(2, build=ManySmall)
+    with ckpt.CheckpointManager(tmp_path) as mgr:
+        mgr.save(1, model=model, rng=False)
+    path = tmp_path / step_dir_name(1) / MANIFEST_NAME
+    doc = read_manifest_doc(path)
+    state = doc["items"]["model"]["state"]
+    state[next(iter(state))] = {"$tensor": "model/#pack"}
+    write_manifest(path, doc)
+    reader = ckpt.CheckpointReader(tmp_path)
+    for call in (reader.describe, lambda: reader.iter_tensors(item="model"), reader.read):
+        with pytest.raises(ckpt.CorruptCheckpointError, match="pack") as e:
+            call()
+        assert e.value.path == str(path)
