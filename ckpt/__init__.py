@@ -13,6 +13,7 @@ Example:
 
 from ckpt._version import __version__
 from ckpt.checkpoint_reader import CheckpointReader
+from ckpt.convert import ImportReport, export, import_checkpoint
 from ckpt.data import ResumableSampler, resumable_loader
 from ckpt.describe import Description, ItemInfo, TensorInfo
 from ckpt.errors import (
@@ -45,6 +46,7 @@ __all__ = [
     "CollectiveError",
     "CorruptCheckpointError",
     "Description",
+    "ImportReport",
     "IncompatibleCheckpointError",
     "ItemInfo",
     "MAX_STEP",
@@ -54,5 +56,7 @@ __all__ = [
     "Stateful",
     "TensorInfo",
     "__version__",
+    "export",
+    "import_checkpoint",
     "resumable_loader",
 ]

@@ -40,9 +40,15 @@ def test_every_public_name_has_a_docstring():
         assert inspect.getdoc(getattr(ckpt.CheckpointManager, method)), method
 
 
+UNPICKLING_MODULE = PACKAGE / "convert" / "loading.py"
+"""The one module that reads other tools' pickles (``ckpt import``), checked below."""
+
+
 def test_package_source_never_uses_pickle_torch_load_or_eval():
     offenders = []
     for path in PACKAGE.rglob("*.py"):
+        if path == UNPICKLING_MODULE:
+            continue  # checked by test_the_importer_only_unpickles_restricted
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
             if isinstance(node, (ast.Import, ast.ImportFrom)):
@@ -57,6 +63,41 @@ def test_package_source_never_uses_pickle_torch_load_or_eval():
                 if isinstance(base, ast.Name) and base.id == "torch":
                     offenders.append(f"{path.name}:{node.lineno} torch.{node.attr}")
     assert not offenders, offenders
+
+
+def test_the_importer_only_unpickles_restricted():
+    """Every torch.load passes weights_only=True; pickle only as an Unpickler with find_class."""
+    tree = ast.parse(UNPICKLING_MODULE.read_text())
+    loads, offenders = 0, []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) in {"eval", "exec"}:
+            offenders.append(f"{node.lineno} {node.func.id}()")  # type: ignore[attr-defined]
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+            base, attr = node.value.id, node.attr
+            if base == "pickle" and attr not in {"Unpickler", "UnpicklingError"}:
+                offenders.append(f"{node.lineno} pickle.{attr}")
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and getattr(node.func.value, "id", None) == "torch"
+            and node.func.attr == "load"
+        ):
+            loads += 1
+            flags = {k.arg: k.value for k in node.keywords}
+            weights_only = flags.get("weights_only")
+            if not (isinstance(weights_only, ast.Constant) and weights_only.value is True):
+                offenders.append(f"{node.lineno} torch.load without weights_only=True")
+        if isinstance(node, ast.ClassDef) and any(
+            getattr(b, "attr", None) == "Unpickler" for b in node.bases
+        ):
+            methods = {f.name for f in node.body if isinstance(f, ast.FunctionDef)}
+            if "find_class" not in methods:
+                offenders.append(f"{node.lineno} an Unpickler without find_class")
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            names = [a.name for a in node.names] + [getattr(node, "module", None) or ""]
+            if any(n.split(".")[0] in {"cPickle", "dill", "cloudpickle", "marshal"} for n in names):
+                offenders.append(f"{node.lineno} imports {names}")
+    assert loads > 0 and not offenders, offenders
 
 
 def test_no_print_in_the_library():
