@@ -63,11 +63,15 @@ def decode_files(doc: Json, bad: Any) -> dict[str, FileRecord]:
     return files
 
 
+_TENSOR_FIELDS = frozenset({"file", "dtype", "shape", "device", "pack", "offset"})
+
+
 def decode_tensors(doc: Json, files: Mapping[str, FileRecord], bad: Any) -> dict[str, TensorRecord]:
     """The ``tensors`` section: each in a listed file, fitting in it, packs tiled exactly."""
     if not isinstance(doc, dict):
         raise bad("tensors", "must be an object")
     tensors: dict[str, TensorRecord] = {}
+    too_big: list[tuple[str, int]] = []
     valid_devices: set[str] = set()
     for name, info in doc.items():
         where = f"tensors.{name}"
@@ -94,9 +98,8 @@ def decode_tensors(doc: Json, files: Mapping[str, FileRecord], bad: Any) -> dict
                 raise bad(where, f"invalid device {device!r}") from e
             valid_devices.add(device)
         pack, offset = info.get("pack"), info.get("offset", 0)
-        unknown = sorted(set(info) - {"file", "dtype", "shape", "device", "pack", "offset"})
-        if unknown:
-            raise bad(where, f"unknown fields {unknown}")
+        if not _TENSOR_FIELDS.issuperset(info):
+            raise bad(where, f"unknown fields {sorted(set(info) - _TENSOR_FIELDS)}")
         if pack is not None and not isinstance(pack, str):
             raise bad(where, "pack must be a tensor name")
         if (
@@ -108,13 +111,13 @@ def decode_tensors(doc: Json, files: Mapping[str, FileRecord], bad: Any) -> dict
         if pack is None and "offset" in info:
             raise bad(where, "offset without a pack")
         tensors[name] = TensorRecord(file, _DTYPES[dtype], tuple(shape), device, pack, offset)
+        if nbytes > files[file].size:
+            too_big.append((name, nbytes))
     check_packs(tensors, bad)
-    for name, r in tensors.items():
-        if r.nbytes > files[r.file].size:
-            shape = shown_shape(list(r.shape))
-            raise bad(
-                f"tensors.{name}", f"shape {shape} needs {r.nbytes} bytes; {r.file!r} is smaller"
-            )
+    for name, nbytes in too_big:  # after the packs' own checks, as before
+        r = tensors[name]
+        shape = shown_shape(list(r.shape))
+        raise bad(f"tensors.{name}", f"shape {shape} needs {nbytes} bytes; {r.file!r} is smaller")
     return tensors
 
 
