@@ -508,3 +508,76 @@ def on_ranks_restore_different_steps(rank: int, world: int, root: str) -> str:
 def test_ranks_restoring_different_steps_are_refused_together(rank_pool, tmp_path):
     messages = rank_pool.run(on_ranks_restore_different_steps, str(tmp_path))
     assert all("rank 0: 0, rank 1: 1" in m for m in messages)
+
+
+class TiedLM(torch.nn.Module):
+    """An embedding and an output layer sharing one weight, around a middle layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = torch.nn.Embedding(10, 4)
+        self.mid = torch.nn.Linear(4, 4)
+        self.head = torch.nn.Linear(4, 10, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.mid(self.emb(x)))
+
+
+def on_ranks_tied(rank: int, world: int, root: str) -> dict[str, Any]:
+    from torch.distributed.fsdp import fully_shard
+
+    model = TiedLM()
+    fully_shard(model.mid)
+    fully_shard(model)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
+    model(torch.tensor([[1, 2, 3]])).sum().backward()
+    optimizer.step()
+    with ckpt.CheckpointManager(root) as mgr:
+        mgr.save(0, model=model, optimizer=optimizer)
+    return full_model_state(model)
+
+
+def test_tied_weights_saved_under_fsdp2_consolidate_into_a_plain_tied_model(rank_pool, tmp_path):
+    saved = rank_pool.run(on_ranks_tied, str(tmp_path))[0]
+    model = TiedLM()
+    optimizer = torch.optim.Adam(model.parameters())
+    info = ckpt.CheckpointManager(tmp_path).restore(model=model, optimizer=optimizer)
+    assert info is not None and not info.unexpected_keys and not info.missing_keys
+    assert model.head.weight is model.emb.weight
+    _exact(saved, dict(model.state_dict()))
+
+
+def on_ranks_restore_different_items(rank: int, world: int, root: str) -> str:
+    model, optimizer, _ = make("fsdp", seed=2)
+    before = full_model_state(model)
+    items: dict[str, Any] = (
+        {"model": model} if rank == 0 else {"model": model, "optimizer": optimizer}
+    )
+    with ckpt.CheckpointManager(root) as mgr, pytest.raises(ValueError, match="same items") as info:
+        mgr.restore(**items)
+    _exact(before, full_model_state(model))
+    return str(info.value)
+
+
+def test_ranks_restoring_different_items_are_refused_together(rank_pool, tmp_path):
+    rank_pool.run(on_ranks_save, str(tmp_path), "fsdp")
+    messages = rank_pool.run(on_ranks_restore_different_items, str(tmp_path))
+    assert all("rank 1 restores" in m for m in messages)
+
+
+def test_a_non_strict_consolidation_reports_the_keys_it_could_not_load(rank_pool, tmp_path):
+    rank_pool.run(on_ranks_save, str(tmp_path), "fsdp")
+    smaller = torch.nn.Sequential(torch.nn.Linear(5, 6))
+    info = ckpt.CheckpointManager(tmp_path).restore(model=smaller, strict=False, data={})
+    assert info is not None
+    assert info.unexpected_keys["model"] == [
+        "1.bias",
+        "1.num_batches_tracked",
+        "1.running_mean",
+        "1.running_var",
+        "1.weight",
+        "4.bias",
+        "4.weight",
+    ]

@@ -540,3 +540,11 @@ def test_the_cover_check_agrees_with_counting_every_element(layout):
     else:
         with pytest.raises(ckpt.CorruptCheckpointError, match=r"overlaps|gap"):
             decode_manifest(raw, "m")
+
+
+def test_a_v3_manifest_without_its_checksum_is_corrupt():
+    doc = {k: v for k, v in doc_of(sharded_manifest()).items() if k != "checksum"}
+    unsealed = json.dumps(doc, separators=(",", ":")).encode()  # no "checksum" field at all
+    with pytest.raises(ckpt.CorruptCheckpointError, match="checksum") as info:
+        decode_manifest(unsealed, "m.json")
+    assert info.value.key == "checksum"

@@ -40,7 +40,7 @@ from ckpt.optim import check_group_types, class_name
 from ckpt.restoring import PreparedRestore, apply_restore, check_items, prepare_restore
 from ckpt.rng import RNG_ITEM, RandomStreams
 from ckpt.storage import Storage
-from ckpt.tree import flatten, tensor_refs, unflatten
+from ckpt.tree import Json, tensor_refs, unflatten
 
 __all__ = [
     "ShardedRestore",
@@ -59,7 +59,8 @@ class ShardedRestore:
     """A v3 restore on one rank that has read and checked everything; nothing changed yet."""
 
     sharded: dict[str, Any]
-    """``{item: state}`` for modules and optimizers, holding fresh tensors."""
+    """``{item: (state, saved keys the live module lacks)}`` for modules and optimizers,
+    the states holding fresh tensors."""
     pairs: dict[str, str]
     own: PreparedRestore | None
     reseed: int | None = None
@@ -230,24 +231,48 @@ def _read_item(
         raise IncompatibleCheckpointError(
             f"item {name!r} was saved as a {record.kind}, not a {live_kind}", key=name
         )
-    refs = tensor_refs(record.state)
     if isinstance(obj, torch.nn.Module):
-        _, live = flatten(sharded_state(name, items, pairs), name)
-        saved = {n for _, n in refs}
-        _check_names(name, saved, set(live), options.strict)
-        dest = {n: torch.empty_like(t) for n, t in live.items() if n in saved}
-        tree = record.state
+        tree, dest, unexpected = _module_destinations(name, record, items, pairs, options)
         own = {n: variant_name(n, rank) for n in dest if variant_name(n, rank) in section.tensors}
-        if not options.strict and isinstance(tree, dict):
-            kept = {n for _, n in refs if n in dest}
-            tree = {k: v for k, v in tree.items() if all(n in kept for _, n in tensor_refs(v))}
     else:
         dest = _optimizer_destinations(name, obj, items[pairs[name]], record, section, options)
-        tree = record.state
-        own = {}
+        tree, own, unexpected = record.state, {}, []
     records = {n: section.tensors[own.get(n, n)] for n in dest}
     nbytes = _read_into(storage, step_name, records, dest, verify)
-    return unflatten(tree, dest), nbytes
+    return (unflatten(tree, dest), unexpected), nbytes
+
+
+def _module_destinations(
+    name: str,
+    record: ItemRecord,
+    items: Mapping[str, Any],
+    pairs: Mapping[str, str],
+    options: RestoreOptions,
+) -> tuple[Json, dict[str, torch.Tensor], list[str]]:
+    """Match a module's saved keys to its live ones; a fresh tensor for each saved tensor read.
+
+    Keys are matched, not stored tensor names: weights tied when saved (one stored
+    tensor) load into untied live ones and the other way round.
+
+    Returns:
+        The saved tree restricted to the live keys, the destinations by stored
+        name, and the saved keys the live module lacks.
+    """
+    live = sharded_state(name, items, pairs)
+    tree = record.state
+    if not isinstance(tree, dict) or any(k.startswith("$") for k in tree):
+        raise IncompatibleCheckpointError(
+            f"item {name!r}: the saved module state is not keyed by parameter name", key=name
+        )
+    _check_names(name, set(tree), set(live), options.strict)
+    kept = {k: v for k, v in tree.items() if k in live}
+    dest: dict[str, torch.Tensor] = {}
+    for key, value in kept.items():
+        for _, stored in tensor_refs(value):
+            target = live[key]
+            if stored not in dest and isinstance(target, torch.Tensor):
+                dest[stored] = torch.empty_like(target)
+    return kept, dest, sorted(set(tree) - set(live))
 
 
 def _optimizer_destinations(
@@ -328,8 +353,9 @@ def apply_sharded_restore(
     """Load everything read: modules, optimizers, then this rank's own items."""
     missing: dict[str, list[str]] = {}
     unexpected: dict[str, list[str]] = {}
-    for name, state in restore.sharded.items():
+    for name, (state, saved_only) in restore.sharded.items():
         m, u = apply_sharded(name, items, restore.pairs, state, strict)
+        u = sorted({*u, *saved_only})
         if m:
             missing[name] = m
         if u:
@@ -437,6 +463,13 @@ def prepare_everywhere(
 ) -> ShardedRestore:
     """Prepare a v3 restore on this rank; raise on every rank unless every rank succeeded."""
     rank, world_size = (0, 1) if group is None else (group.rank, group.world_size)
+    if group is not None:
+        asked = group.all_gather_json(sorted(items))
+        if any(a != asked[0] for a in asked):
+            raise ValueError(
+                "every rank must restore the same items: "
+                + "; ".join(f"rank {r} restores {a}" for r, a in enumerate(asked))
+            )
     prepared: ShardedRestore | None = None
     error: BaseException | None = None
     try:

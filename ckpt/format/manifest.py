@@ -112,7 +112,7 @@ def decode_manifest(raw: bytes, source: str) -> Manifest:
         IncompatibleCheckpointError: Written by a newer, unknown format version.
     """
     raw = bounds.decompressed(raw, source)
-    check_manifest_checksum(raw, source)
+    sealed_manifest = check_manifest_checksum(raw, source)
     values = sum(raw.count(c) for c in (b",", b"[", b"{"))
     if values > bounds.MAX_MANIFEST_VALUES:  # counted before parsing: parsing costs per value
         raise CorruptCheckpointError(
@@ -140,6 +140,8 @@ def decode_manifest(raw: bytes, source: str) -> Manifest:
             path=source,
             key="format_version",
         )
+    if version >= 3 and not sealed_manifest:  # only ckpt 0.1.0 (version 1) wrote none
+        raise bad("checksum", "missing: every manifest of version 3 carries its checksum")
     step = doc.get("step")
     if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= MAX_STEP:
         raise bad("step", "must be an int from 0 to 10**20 - 1")

@@ -17,13 +17,17 @@ def sealed(body: str) -> bytes:
 _CHECKSUM_TAIL = re.compile(rb',"checksum":"(xxh3_64:[0-9a-f]{16})"\}\n?\Z')
 
 
-def check_manifest_checksum(raw: bytes, source: str) -> None:
-    """Verify the manifest's own checksum, when it has one (manifests of ckpt 0.1.0 do not)."""
+def check_manifest_checksum(raw: bytes, source: str) -> bool:
+    """Verify the manifest's own checksum, when it has one (manifests of ckpt 0.1.0 do not).
+
+    Returns:
+        Whether it has one.
+    """
     tail = _CHECKSUM_TAIL.search(raw, max(0, len(raw) - 64))  # it can only be at the end
     if tail is None:
         if b'"checksum"' in raw[-64:]:
             raise CorruptCheckpointError("manifest checksum is malformed", path=source)
-        return
+        return False
     hasher = Hasher()  # the bytes before the checksum, closed: hashed in place, not copied
     hasher.update(memoryview(raw)[: tail.start()])
     hasher.update(b"}")
@@ -35,3 +39,4 @@ def check_manifest_checksum(raw: bytes, source: str) -> None:
             path=source,
             key="checksum",
         )
+    return True
