@@ -31,10 +31,10 @@ def _chunk_difference(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
     same = (a == b) | (torch.isnan(a) & torch.isnan(b))
     diff = (a - b).abs()
     diff = torch.where(same, torch.zeros_like(diff), diff)
-    diff = torch.nan_to_num(diff, nan=math.inf)
+    diff = torch.nan_to_num(diff, nan=math.inf, posinf=math.inf)
     scale = a.abs()
     rel = torch.where(same, torch.zeros_like(diff), diff / scale)
-    rel = torch.nan_to_num(rel, nan=math.inf)
+    rel = torch.nan_to_num(rel, nan=math.inf, posinf=math.inf)
     if diff.numel() == 0:
         return 0.0, 0.0
     return float(diff.max()), float(rel.max())

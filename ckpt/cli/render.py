@@ -46,8 +46,11 @@ def table(header: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[
 
 
 def dump_json(doc: Any) -> str:
-    """The JSON text printed by ``--json`` (indented; non-finite numbers as strings)."""
-    return json.dumps(_finite(doc), indent=2, sort_keys=False)
+    """The JSON text printed by ``--json``: one line; NaN and infinities as strings."""
+    try:
+        return json.dumps(doc, allow_nan=False)
+    except ValueError:  # a non-finite number: strict JSON has none
+        return json.dumps(_finite(doc), allow_nan=False)
 
 
 def _finite(value: Any) -> Any:
