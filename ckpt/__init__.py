@@ -12,7 +12,9 @@ Example:
 """
 
 from ckpt._version import __version__
+from ckpt.checkpoint_reader import CheckpointReader
 from ckpt.data import ResumableSampler, resumable_loader
+from ckpt.describe import Description, ItemInfo, TensorInfo
 from ckpt.errors import (
     CheckpointError,
     CheckpointExistsError,
@@ -38,15 +40,19 @@ __all__ = [
     "CheckpointManager",
     "CheckpointNotFoundError",
     "CheckpointReadError",
+    "CheckpointReader",
     "CheckpointWriteError",
     "CollectiveError",
     "CorruptCheckpointError",
+    "Description",
     "IncompatibleCheckpointError",
+    "ItemInfo",
     "MAX_STEP",
     "MapLocation",
     "PartialRestoreError",
     "ResumableSampler",
     "Stateful",
+    "TensorInfo",
     "__version__",
     "resumable_loader",
 ]

@@ -2,91 +2,39 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import secrets
-import socket
 import time
-import weakref
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from typing import Any, TypeAlias, TypeVar, cast
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, cast
 
 import torch
 
 from ckpt.cadence import SaveCadence
-from ckpt.commit import writer_is_gone
-from ckpt.distributed import (
-    PreparedCollective,
-    apply_sharded_restore,
-    collective_save,
-    open_rank_group,
-    prepare_collective,
-    read_consolidated,
-    verify_sharded,
-)
-from ckpt.errors import (
-    CheckpointError,
-    CheckpointExistsError,
-    CheckpointNotFoundError,
-    CheckpointWriteError,
-)
+from ckpt.checkpoint_reader import Checkpoint, CheckpointReader
+from ckpt.distributed import collective_save, open_rank_group
+from ckpt.errors import CheckpointExistsError, CheckpointWriteError
 from ckpt.format import MANIFEST_NAME, Manifest, step_dir_name
 from ckpt.gc_pause import paused_gc
-from ckpt.io import load_tensors, verify_checkpoint_files
-from ckpt.items import build_state, check_flags, check_item_name, reserved_names
+from ckpt.io import load_tensors
+from ckpt.items import check_flags, check_item_name, reserved_names
 from ckpt.kinds import RestoreOptions
 from ckpt.locations import MapLocation, check_map_location
 from ckpt.preemption import DEFAULT_PREEMPTION_SIGNALS, PreemptionWatch
+from ckpt.preparing import Prepared, apply_prepared, prepare_step
 from ckpt.reader import StepReader
-from ckpt.restoring import PreparedRestore, apply_restore, check_items, prepare_restore
 from ckpt.retaining import Retainer
 from ckpt.retention import RetentionPolicy
 from ckpt.rng import RNG_ITEM, RandomStreams
 from ckpt.saving import Saver, capture_save, check_save_args
 from ckpt.staging import StagingBuffers
 from ckpt.storage import WriterLock, open_storage
-from ckpt.tree import tensor_refs
+from ckpt.writer_lock import LOCK_NAME, hold_writer_lock  # noqa: F401 (LOCK_NAME: re-exported)
+from ckpt.writer_lock import release_quietly as _release_quietly  # noqa: F401
 
 __all__ = ["Checkpoint", "CheckpointManager"]
 
-_T = TypeVar("_T")
-_Prepared: TypeAlias = "PreparedRestore | PreparedCollective"
-
 logger = logging.getLogger(__name__)
-
-LOCK_NAME = ".ckpt-writer.lock"
-"""The writer lock file in the root directory."""
-
-
-@dataclass(frozen=True)
-class Checkpoint:
-    """A committed checkpoint, as returned by ``save`` and ``restore``.
-
-    Attributes:
-        step: The step it was saved at (the last completed step).
-        epoch: The epoch passed to ``save``, or ``None``.
-        metrics: The metrics passed to ``save``.
-        path: The checkpoint directory (a local path or a URL).
-        items: The names of the items it holds.
-        missing_keys: For a non-strict restore, module keys the checkpoint lacked, by item.
-        unexpected_keys: For a non-strict restore, checkpoint keys the module lacked, by item.
-    """
-
-    step: int
-    epoch: int | None
-    metrics: Mapping[str, float | int]
-    path: str
-    items: tuple[str, ...]
-    missing_keys: Mapping[str, list[str]] = field(default_factory=dict)
-    unexpected_keys: Mapping[str, list[str]] = field(default_factory=dict)
-
-    @property
-    def next_step(self) -> int:
-        """The step to run next when resuming from this checkpoint: ``step + 1``."""
-        return self.step + 1
 
 
 class CheckpointManager:
@@ -188,6 +136,7 @@ class CheckpointManager:
                 errno=e.errno,
             ) from e
         self._reader = StepReader(self._storage)
+        self._checkpoints = CheckpointReader.over(self._reader)
         self._group = open_rank_group(process_group, float(collective_timeout))
         self._collective = (
             None if self._group is None else collective_save(self._storage, self._group)
@@ -243,20 +192,7 @@ class CheckpointManager:
             self._lock = None
 
     def _take_lock(self) -> None:
-        if self._lock is None:
-            owner = (
-                f"host {socket.gethostname()} pid {os.getpid()} since "
-                f"{datetime.now(timezone.utc).isoformat(timespec='seconds')} "
-                f"id {secrets.token_hex(4)}"
-            )
-            self._lock = self._storage.lock(LOCK_NAME, owner, abandoned=writer_is_gone)
-            weakref.finalize(self, _release_quietly, self._lock)
-        else:
-            self._lock.check()  # deleted, replaced or taken over, or a forked child: refuse
-            try:
-                self._lock.refresh()
-            except OSError as e:  # the save itself will tell whether storage works
-                logger.warning("could not refresh the writer lock: %s", e)
+        self._lock = hold_writer_lock(self._storage, self._lock, self)
 
     # ------------------------------------------------------------------ cadence
 
@@ -298,29 +234,19 @@ class CheckpointManager:
     # ----------------------------------------------------------------- listing
 
     def all_steps(self) -> list[int]:
-        """Return the steps of all committed checkpoints, ascending.
-
-        Safe against another process committing and deleting meanwhile: a step
-        deleted while being listed is never taken for the last committed one.
-        """
-        return self._reader.all_steps()
+        """Return the steps of all committed checkpoints, ascending (as the reader lists them)."""
+        return self._checkpoints.all_steps()
 
     def latest_step(self) -> int | None:
         """Return the newest committed step, or ``None`` if there is none."""
-        return self._reader.latest_step()
+        return self._checkpoints.latest_step()
 
     def checkpoint(self, step: int | None = None) -> Checkpoint | None:
         """Describe a committed checkpoint (the latest when ``step`` is ``None``) without loading.
 
         Returns ``None`` when ``step`` is ``None`` and nothing is committed.
-
-        Raises:
-            CheckpointNotFoundError: ``step`` is not committed.
-            CorruptCheckpointError: Its manifest is malformed.
-            CheckpointError: Checkpoints kept changing under every attempt for a minute.
         """
-        found = self._retrying(step, self._manifest, "described")
-        return None if found is None else self._info(found[1])
+        return self._checkpoints.checkpoint(step)
 
     # -------------------------------------------------------------------- save
 
@@ -579,18 +505,7 @@ class CheckpointManager:
         if prepared is None:
             return None
         manifest = prepared.manifest
-        where = self._url(prepared.step_name)
-        if isinstance(prepared, PreparedRestore):
-            missing, unexpected = apply_restore(prepared, where)
-        else:
-            missing, unexpected = apply_sharded_restore(prepared.restore, items, strict, where)
-        for name in missing.keys() | unexpected.keys():
-            logger.warning(
-                "restored %r non-strictly: missing keys %s, unexpected keys %s",
-                name,
-                missing.get(name, []),
-                unexpected.get(name, []),
-            )
+        missing, unexpected = apply_prepared(prepared, items, strict, self._url(prepared.step_name))
         logger.info(
             "restored step %d from %s (%d bytes in %.3f s)",
             manifest.step,
@@ -612,21 +527,12 @@ class CheckpointManager:
         return agreed
 
     def _prepare_with_fallback(
-        self, step: int | None, prepare: Callable[[int | None], _Prepared | None]
-    ) -> _Prepared | None:
+        self, step: int | None, prepare: Callable[[int | None], Prepared | None]
+    ) -> Prepared | None:
         """Run ``prepare`` on ``step`` (the latest intact one, if so configured)."""
         if step is not None or not self.fallback_to_intact:
-            return self._retrying(step, prepare, "restored")
-        return cast("_Prepared | None", self._reader.newest_intact(prepare, "restored"))
-
-    def _retrying(
-        self, step: int | None, attempt: Callable[[int | None], _T], doing: str = "read"
-    ) -> _T:
-        """Run ``attempt`` on a step again if another process replaced or deleted it meanwhile.
-
-        With ``step`` ``None`` it works on the latest step, listing again after a deletion.
-        """
-        return self._reader.retrying(step, attempt, doing)
+            return self._reader.retrying(step, prepare, "restored")
+        return cast("Prepared | None", self._reader.newest_intact(prepare, "restored"))
 
     def _prepare(
         self,
@@ -635,136 +541,45 @@ class CheckpointManager:
         options: RestoreOptions,
         rng: bool,
         verify: bool,
-    ) -> _Prepared | None:
-        """Check a checkpoint against the live items and read its tensors; mutate nothing.
-
-        ``step`` ``None`` means the latest; the result is ``None`` when there is none.
-        """
-        found = self._manifest(step)
+    ) -> Prepared | None:
+        """Check ``step`` (the latest when ``None``; ``None`` if none) against the live items."""
+        found = self._reader.manifest(step)
         if found is None:
             return None
-        step_name, manifest = found
-        manifest_path = self._storage.path(step_name, MANIFEST_NAME)
-        if manifest.sharded is not None or self._group is not None:
-            with _located(manifest_path):
-                return prepare_collective(
-                    self._storage, step_name, manifest, items, options, rng, verify, self._group
-                )
-        if rng and RNG_ITEM in manifest.items:
-            items[RNG_ITEM] = RandomStreams()
-        elif rng:
-            logger.warning(
-                "checkpoint step %d holds no random state; the random streams are not restored",
-                manifest.step,
-            )
-        for name in items:
-            if name not in manifest.items:
-                raise CheckpointNotFoundError(
-                    f"item {name!r} is not in checkpoint step {manifest.step} "
-                    f"(it holds {sorted(manifest.items)})",
-                    path=manifest_path,
-                    key=name,
-                )
-        with _located(manifest_path):
-            return prepare_restore(
-                self._storage, step_name, manifest, items, options, verify=verify, read=load_tensors
-            )
+        return prepare_step(
+            self._storage,
+            *found,
+            items,
+            options,
+            rng=rng,
+            verify=verify,
+            group=self._group,
+            read=load_tensors,
+        )
 
-    @paused_gc()
     def read(
         self, step: int | None = None, *, map_location: MapLocation = "cpu", verify: bool = True
     ) -> dict[str, Any]:
         """Load a checkpoint's items as plain state dicts, without live objects.
 
-        Module states come back as ``OrderedDict`` (with torch's ``_metadata``);
-        optimizer states in torch's index-packed form; the random streams (if
-        saved) under ``"rng"``.
-
-        Args:
-            step: The step to read; the latest committed one when ``None``.
-            map_location: Where to build tensors, as for ``torch.load``
-                (``None`` keeps the devices they were saved from).
-            verify: Check every file read against its checksum.
-
-        Returns:
-            ``{item name: state}``.
+        As :meth:`CheckpointReader.read` (a save in flight is waited for first).
 
         Raises:
             CheckpointNotFoundError: No checkpoint, or ``step`` is not committed.
             CorruptCheckpointError: A file is malformed or disagrees with the manifest.
-            CheckpointError: Checkpoints kept changing under every attempt for a minute.
         """
         self.wait()
-        check_map_location(map_location)
-        return self._retrying(step, lambda s: self._read(s, map_location, verify))
+        return self._checkpoints.read(step, map_location=map_location, verify=verify)
 
-    def _read(self, step: int | None, map_location: MapLocation, verify: bool) -> dict[str, Any]:
-        found = self._manifest(step)
-        if found is None:
-            raise CheckpointNotFoundError("no checkpoint has been saved", path=self.directory)
-        step_name, manifest = found
-        if manifest.sharded is not None:
-            with _located(self._storage.path(step_name, MANIFEST_NAME)):
-                return read_consolidated(self._storage, step_name, manifest, map_location, verify)
-        names = list(
-            dict.fromkeys(n for r in manifest.items.values() for _, n in tensor_refs(r.state))
-        )
-        with _located(self._storage.path(step_name, MANIFEST_NAME)):
-            loaded, _ = load_tensors(
-                self._storage, step_name, manifest, names, {}, map_location, verify=verify
-            )
-            return {name: build_state(r, loaded, name) for name, r in manifest.items.items()}
-
-    @paused_gc()
     def verify(self, step: int | None = None) -> Checkpoint:
-        """Check a checkpoint completely without loading it anywhere.
-
-        Reads the manifest and every file whole: sizes, headers (each tensor the
-        manifest lists, with its dtype and shape, and nothing more), checksums,
-        and every item's state tree.
-
-        Args:
-            step: The step to check; the latest committed one when ``None``.
-
-        Returns:
-            The checkpoint, when it is intact.
+        """Check a checkpoint completely without loading it (see :meth:`CheckpointReader.verify`).
 
         Raises:
             CheckpointNotFoundError: No checkpoint, or ``step`` is not committed.
-            CorruptCheckpointError: Anything is wrong; the message names the step,
-                the file and, for checksums, the expected and actual digests.
+            CorruptCheckpointError: Anything is wrong; the message names the step and file.
         """
         self.wait()
-        return self._retrying(step, self._verify)
-
-    def _verify(self, step: int | None) -> Checkpoint:
-        start = time.perf_counter()
-        found = self._manifest(step)
-        if found is None:
-            raise CheckpointNotFoundError("no checkpoint has been saved", path=self.directory)
-        step_name, manifest = found
-        manifest_path = self._storage.path(step_name, MANIFEST_NAME)
-        with _located(manifest_path):
-            if manifest.sharded is not None:
-                nbytes = verify_sharded(self._storage, step_name, manifest)
-            else:
-                check_items(manifest)
-                nbytes = verify_checkpoint_files(self._storage, step_name, manifest)
-        unchecked = [n for n, r in manifest.files.items() if r.checksum is None]
-        if unchecked:
-            logger.warning(
-                "step %d predates checksums: %s checked for size and structure only",
-                manifest.step,
-                unchecked,
-            )
-        logger.info(
-            "verified step %d at %s (%d bytes in %.3f s)",
-            manifest.step,
-            self._url(step_name),
-            nbytes,
-            time.perf_counter() - start,
-        )
-        return self._info(manifest)
+        return self._checkpoints.verify(step)
 
     # ---------------------------------------------------------------- helpers
 
@@ -772,42 +587,8 @@ class CheckpointManager:
         return self._storage.url_of(*parts)
 
     def _info(self, manifest: Manifest) -> Checkpoint:
-        return Checkpoint(
-            step=manifest.step,
-            epoch=manifest.epoch,
-            metrics=dict(manifest.metrics),
-            path=self._url(step_dir_name(manifest.step)),
-            items=tuple(manifest.items),
-        )
-
-    def _manifest(self, step: int | None) -> tuple[str, Manifest] | None:
-        return self._reader.manifest(step)
+        return self._checkpoints.info(manifest)
 
 
 RESERVED_NAMES = reserved_names(CheckpointManager.save, CheckpointManager.restore)
 """Option names of ``save`` and ``restore``, which no item may take."""
-
-
-def _release_quietly(lock: WriterLock) -> None:
-    """Release a lock left held by a manager never closed (at garbage collection or exit)."""
-    try:
-        lock.release()
-    except Exception as e:  # the storage may be gone by now; never raise from a finalizer
-        logger.warning(
-            "could not release the writer lock of an unclosed manager (%s); the next writer "
-            "takes it over once it is stale. Call close() or use the manager as a context "
-            "manager to release it promptly",
-            e,
-        )
-
-
-@contextlib.contextmanager
-def _located(path: str) -> Iterator[None]:
-    """Fill in ``path`` on checkpoint errors raised inside that name no file."""
-    try:
-        yield
-    except CheckpointError as e:
-        located = e.located(path)
-        if located is e:
-            raise
-        raise located from e

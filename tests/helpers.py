@@ -266,3 +266,11 @@ def write_sharded_checkpoint(
     return write_checkpoint_files(
         storage, directory, dict(zip(names, files, strict=True)), manifest
     )
+
+
+def flat_tensors(state: Any) -> dict[str, torch.Tensor]:
+    """``{key: tensor}`` of a state as ``read()`` returns it, keyed as ``iter_tensors`` keys it."""
+    from ckpt.describe import key_of
+    from ckpt.tree import tensors_by_path
+
+    return {key_of(path): t for path, t in tensors_by_path(state).items()}
