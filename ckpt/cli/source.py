@@ -9,8 +9,7 @@ from typing import Any
 
 import fsspec
 
-import ckpt
-from ckpt.cli._fallback import FallbackReader
+from ckpt.checkpoint_reader import CheckpointReader
 from ckpt.errors import CheckpointNotFoundError
 
 __all__ = ["Target", "open_reader", "parse_target", "require_root"]
@@ -68,14 +67,11 @@ def require_root(root: str, storage_options: dict[str, Any] | None) -> None:
         raise CheckpointNotFoundError("no such checkpoint directory", path=root)
 
 
-def open_reader(root: str, storage_options: dict[str, Any] | None) -> Any:
+def open_reader(root: str, storage_options: dict[str, Any] | None) -> CheckpointReader:
     """Open ``root`` read-only with :class:`ckpt.CheckpointReader`; it must exist.
 
     Raises:
         CheckpointNotFoundError: ``root`` does not exist (nothing is created).
     """
     require_root(root, storage_options)
-    reader_class = getattr(ckpt, "CheckpointReader", None)
-    if reader_class is None:  # until the reader lands on main
-        reader_class = FallbackReader
-    return reader_class(root, storage_options=storage_options)
+    return CheckpointReader(root, storage_options=storage_options)
