@@ -22,6 +22,7 @@ from typing import Any
 
 from ckpt._version import __version__
 from ckpt.cli import diffing, listing, pruning, verifying
+from ckpt.cli.render import note
 from ckpt.errors import CheckpointError
 
 __all__ = ["EXIT_OK", "EXIT_PROBLEM", "EXIT_USAGE", "build_parser", "main"]
@@ -154,16 +155,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         status: int = args.func(args)
         return status
     except CheckpointError as e:
-        print(f"ckpt: error: {e}", file=sys.stderr)
+        note(f"ckpt: error: {e}")
         return EXIT_PROBLEM
     except (ValueError, ImportError) as e:  # a bad URL, option or missing fsspec driver
-        print(f"ckpt: error: {e}", file=sys.stderr)
+        note(f"ckpt: error: {e}")
         return EXIT_USAGE
     except OSError as e:
-        print(f"ckpt: error: {e}", file=sys.stderr)
+        note(f"ckpt: error: {e}")
         return EXIT_PROBLEM
     except KeyboardInterrupt:
-        print("ckpt: interrupted", file=sys.stderr)
+        note("ckpt: interrupted")
         return 130
     finally:
         logging.getLogger("ckpt").removeHandler(handler)

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from ckpt.cli.compare import tensor_difference, value_changes
-from ckpt.cli.render import dump_json, short_value, table
+from ckpt.cli.render import dump_json, out, short_value, table
 from ckpt.cli.source import open_reader, parse_target
 from ckpt.errors import CheckpointNotFoundError
 from ckpt.progress import ProgressBar, progress_bar
@@ -296,5 +296,5 @@ def run_diff(args: argparse.Namespace) -> int:
         progress=args.progress,
         storage_options=args.storage_options,
     )
-    print(dump_json(doc) if args.json else render_diff(doc))
+    out(dump_json(doc) if args.json else render_diff(doc))
     return 0 if doc["equal"] else 1

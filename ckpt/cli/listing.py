@@ -7,10 +7,9 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
-import sys
 from typing import Any
 
-from ckpt.cli.render import dump_json, human_bytes, short_value, table
+from ckpt.cli.render import dump_json, human_bytes, note, out, short_value, table
 from ckpt.cli.source import open_reader, parse_target
 from ckpt.errors import CheckpointNotFoundError
 
@@ -75,10 +74,10 @@ def run_ls(args: argparse.Namespace) -> int:
     reader = open_reader(args.directory, args.storage_options)
     doc = ls_doc(reader)
     if args.json:
-        print(dump_json(doc))
+        out(dump_json(doc))
         return 0
     if not doc["checkpoints"]:
-        print(f"ckpt: no committed checkpoints in {doc['directory']}", file=sys.stderr)
+        note(f"ckpt: no committed checkpoints in {doc['directory']}")
         return 0
     rows = [
         [
@@ -91,7 +90,7 @@ def run_ls(args: argparse.Namespace) -> int:
         ]
         for c in doc["checkpoints"]
     ]
-    print(table(["STEP", "CREATED", "SIZE", "EPOCH", "METRICS", "ITEMS"], rows, right=(0, 2, 3)))
+    out(table(["STEP", "CREATED", "SIZE", "EPOCH", "METRICS", "ITEMS"], rows, right=(0, 2, 3)))
     return 0
 
 
@@ -176,11 +175,11 @@ def run_info(args: argparse.Namespace) -> int:
     reader = open_reader(target.root, args.storage_options)
     doc = info_doc(reader, target.step, args.tensors)
     if args.json:
-        print(dump_json(doc))
+        out(dump_json(doc))
         return 0
     lines = _header(doc)
     for item in doc["items"]:
         lines.append("")
         lines.extend(_item_lines(item))
-    print("\n".join(lines))
+    out("\n".join(lines))
     return 0

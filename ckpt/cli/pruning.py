@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any
 
-from ckpt.cli.render import dump_json
+from ckpt.cli.render import dump_json, note, out
 from ckpt.cli.source import open_reader
 from ckpt.commit import delete_checkpoint
 from ckpt.manager import CheckpointManager
@@ -89,10 +88,10 @@ def run_prune(args: argparse.Namespace) -> int:
     policy = RetentionPolicy(keep_last=args.keep_last, keep_every=args.keep_every)
     doc = prune(args.directory, policy, dry_run=args.dry_run, storage_options=args.storage_options)
     if args.json:
-        print(dump_json(doc))
+        out(dump_json(doc))
         return 0
     verb = "would delete" if args.dry_run else "deleted"
     for step in doc["deleted"]:
-        print(f"{verb} step {step}")
-    print(f"kept: {' '.join(map(str, doc['kept'])) or '-'}", file=sys.stderr)
+        out(f"{verb} step {step}")
+    note(f"kept: {' '.join(map(str, doc['kept'])) or '-'}")
     return 0

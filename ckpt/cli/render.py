@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["dump_json", "human_bytes", "short_value", "table"]
+__all__ = ["dump_json", "human_bytes", "note", "out", "short_value", "table"]
 
 
 def human_bytes(n: int) -> str:
@@ -61,3 +62,13 @@ def _finite(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_finite(v) for v in value]
     return value
+
+
+def out(text: str) -> None:
+    """Write a command's data, and a newline, to stdout."""
+    sys.stdout.write(text + "\n")
+
+
+def note(text: str) -> None:
+    """Write a diagnostic line to stderr."""
+    sys.stderr.write(text + "\n")

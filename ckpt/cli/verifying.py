@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ckpt.cli.render import dump_json, table
+from ckpt.cli.render import dump_json, out, table
 from ckpt.cli.source import open_reader
 from ckpt.errors import CheckpointError, CheckpointNotFoundError
 from ckpt.progress import progress_bar
@@ -78,8 +78,8 @@ def run_verify(args: argparse.Namespace) -> int:
     reader = open_reader(args.directory, args.storage_options)
     doc = verify_doc(reader, args.step, args.all, args.progress)
     if args.json:
-        print(dump_json(doc))
+        out(dump_json(doc))
     else:
         rows = [[str(r["step"]), r["status"], r["error"] or ""] for r in doc["steps"]]
-        print(table(["STEP", "STATUS", "REASON"], rows, right=(0,)))
+        out(table(["STEP", "STATUS", "REASON"], rows, right=(0,)))
     return 0 if doc["ok"] else 1
