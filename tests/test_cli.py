@@ -134,6 +134,14 @@ def test_ls_json_schema(capsys: pytest.CaptureFixture[str], saved: Path) -> None
     assert first["world_size"] == 1
 
 
+def test_ls_through_a_linked_root(
+    capsys: pytest.CaptureFixture[str], saved: Path, tmp_path: Path
+) -> None:
+    (tmp_path / "link").symlink_to(saved)
+    code, doc = run_json(capsys, "ls", tmp_path / "link")
+    assert code == 0 and [c["step"] for c in doc["checkpoints"]] == [0, 1, 2]
+
+
 def test_ls_empty_directory(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     code, doc = run_json(capsys, "ls", tmp_path)
     assert code == 0 and doc["checkpoints"] == []

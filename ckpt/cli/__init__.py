@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -134,6 +135,15 @@ def _configure_logging(verbose: int, quiet: bool) -> logging.Handler:
     return handler
 
 
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush does not fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # not a real file (captured in tests)
+        pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``ckpt`` command line.
 
@@ -160,6 +170,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, ImportError) as e:  # a bad URL, option or missing fsspec driver
         note(f"ckpt: error: {e}")
         return EXIT_USAGE
+    except BrokenPipeError:  # stdout closed early (`ckpt info DIR | head`): not an error
+        _silence_stdout()
+        return EXIT_OK
     except OSError as e:
         note(f"ckpt: error: {e}")
         return EXIT_PROBLEM

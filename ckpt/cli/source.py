@@ -52,7 +52,7 @@ def root_exists(root: str, storage_options: dict[str, Any] | None) -> bool:
     """Whether the directory ``root`` exists (local path or fsspec URL); creates nothing."""
     if _URL.match(root) is None or root.startswith("file://"):
         path = root.removeprefix("file://")
-        return os.path.isdir(path) and not os.path.islink(path)
+        return os.path.isdir(path)  # a linked root is the reader's to accept or refuse
     fs, path = fsspec.core.url_to_fs(root, **(storage_options or {}))
     return bool(fs.isdir(path))
 

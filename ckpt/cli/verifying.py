@@ -33,9 +33,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
 def _check(reader: Any, step: int) -> dict[str, Any]:
     try:
         info = reader.verify(step)
-    except CheckpointNotFoundError as e:  # deleted meanwhile, or a file it names is gone
-        return {"step": step, "status": "CORRUPT", "error": str(e), "path": e.path}
-    except CheckpointError as e:
+    except CheckpointError as e:  # also a file it names gone, or the step deleted meanwhile
         return {"step": step, "status": "CORRUPT", "error": str(e), "path": e.path}
     return {"step": step, "status": "OK", "error": None, "path": info.path}
 
