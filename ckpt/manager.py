@@ -12,7 +12,7 @@ import torch
 
 from ckpt.cadence import SaveCadence
 from ckpt.checkpoint_reader import Checkpoint, CheckpointReader
-from ckpt.distributed import collective_save, open_rank_group
+from ckpt.distributed import agree_on_step, collective_save, open_rank_group
 from ckpt.errors import CheckpointExistsError, CheckpointWriteError
 from ckpt.format import MANIFEST_NAME, Manifest, step_dir_name
 from ckpt.gc_pause import paused_gc
@@ -190,6 +190,8 @@ class CheckpointManager:
         if self._lock is not None:
             self._lock.release()
             self._lock = None
+        if self._group is not None:
+            self._group.close()  # ckpt's gloo group; a closed manager runs no collective
 
     def _take_lock(self) -> None:
         self._lock = hold_writer_lock(self._storage, self._lock, self)
@@ -520,11 +522,7 @@ class CheckpointManager:
 
     def _agreed_step(self, step: int | None) -> int | None:
         """The step every rank restores: ``step``, or the latest as the coordinator sees it."""
-        assert self._group is not None
-        latest = self.latest_step() if step is None and self._group.is_coordinator else step
-        agreed = self._group.broadcast_json(latest)
-        assert agreed is None or isinstance(agreed, int)
-        return agreed
+        return agree_on_step(self._group, step, self.latest_step)
 
     def _prepare_with_fallback(
         self, step: int | None, prepare: Callable[[int | None], Prepared | None]

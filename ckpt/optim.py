@@ -24,6 +24,7 @@ __all__ = [
     "PARAM_SHAPED_KEYS",
     "Target",
     "cast_policy",
+    "check_group_types",
     "check_optimizer_saved",
     "check_optimizer_state",
     "class_name",
@@ -329,7 +330,7 @@ def check_optimizer_state(
                 f"optimizer {len(group['params'])})",
                 key=item,
             )
-        _check_group_types(f"{item}.param_groups[{i}]", saved, group)
+        check_group_types(f"{item}.param_groups[{i}]", saved, group)
     saved_ids = list(chain.from_iterable(g["params"] for g in saved_groups))
     live = _live_params(optimizer)
     _check_params(item, records, live, live_names, by_position=by_position)
@@ -390,7 +391,7 @@ def _bare_name(name: str) -> str:
     return item + "." + ".".join(parts[i:])
 
 
-def _check_group_types(where: str, saved: Mapping[str, Any], live: Mapping[str, Any]) -> None:
+def check_group_types(where: str, saved: Mapping[str, Any], live: Mapping[str, Any]) -> None:
     """Each saved group value must have the live group's type (keys both have; not params)."""
     for key in saved.keys() & live.keys():
         if key in ("params", "param_names"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import json
 import math
 from collections.abc import Callable
 from typing import Any
@@ -266,6 +267,42 @@ def write_sharded_checkpoint(
     return write_checkpoint_files(
         storage, directory, dict(zip(names, files, strict=True)), manifest
     )
+
+
+def minimal_manifest_bytes(version: int = 1, file_size: int = 10, **changes: object) -> bytes:
+    """The JSON of a one-tensor dict-item manifest (no checksum), with top-level ``changes``."""
+    doc = {
+        "format": "ckpt",
+        "format_version": version,
+        "step": 1,
+        "epoch": None,
+        "metrics": {},
+        "files": {"data.safetensors": {"size": file_size}},
+        "tensors": {
+            "data/x": {
+                "file": "data.safetensors",
+                "dtype": "float32",
+                "shape": [1],
+                "device": "cpu",
+            }
+        },
+        "items": {"data": {"kind": "dict", "state": {"x": {"$tensor": "data/x"}}}},
+    }
+    doc.update(changes)
+    return json.dumps(doc).encode()
+
+
+def call_outcome(call: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[Any, ...]:
+    """``("ok", result)`` or ``(TypeName, message, fields)`` of one call; never raises.
+
+    For functions run on ranks (rank_pool.py): report an expected error to the test
+    instead of raising it. ``fields`` holds a CollectiveError's operation, rank, timeout.
+    """
+    try:
+        return ("ok", call(*args, **kwargs))
+    except Exception as e:
+        fields = {k: getattr(e, k, None) for k in ("operation", "rank", "timeout")}
+        return (type(e).__name__, str(e), fields)
 
 
 def flat_tensors(state: Any) -> dict[str, torch.Tensor]:

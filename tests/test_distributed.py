@@ -385,3 +385,126 @@ def test_a_world_size_change_mid_epoch_sees_every_remaining_sample_once(
     assert all(o.returned for o in after), [o.error for o in after]
     seen = [i for ids in before for i in ids] + [i for o in after for i in o.result]
     assert sorted(seen) == list(range(48))  # 16 before, 32 after: each exactly once
+
+
+def on_ranks_tensor_parallel(rank: int, world: int, root: str) -> dict[str, Any]:
+    """An MLP split column- then row-wise (DTensors sharded on dim 0 and dim 1), saved."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        RowwiseParallel,
+        parallelize_module,
+    )
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+    mesh = init_device_mesh("cpu", (world,))
+    parallelize_module(model, mesh, {"0": ColwiseParallel(), "2": RowwiseParallel()})
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
+    x = torch.randn(3, 5, generator=torch.Generator().manual_seed(1))
+    model(x).sum().backward()
+    optimizer.step()
+    with ckpt.CheckpointManager(root) as mgr:
+        mgr.save(0, model=model, optimizer=optimizer)
+        fresh = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+        parallelize_module(fresh, mesh, {"0": ColwiseParallel(), "2": RowwiseParallel()})
+        fresh_optimizer = torch.optim.Adam(fresh.parameters(), lr=0.5)
+        mgr.restore(model=fresh, optimizer=fresh_optimizer)
+    _exact(full_model_state(model), full_model_state(fresh))
+    _exact(full_optimizer_state(model, optimizer), full_optimizer_state(fresh, fresh_optimizer))
+    return {"model": full_model_state(model), "optimizer": full_optimizer_state(model, optimizer)}
+
+
+def test_tensor_parallel_dtensors_save_restore_and_consolidate(rank_pool, tmp_path):
+    saved = rank_pool.run(on_ranks_tensor_parallel, str(tmp_path))[0]
+    model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+    optimizer = torch.optim.Adam(model.parameters())
+    ckpt.CheckpointManager(tmp_path).restore(model=model, optimizer=optimizer)
+    _exact(saved["model"], dict(model.state_dict()))
+    names = [n for n, _ in model.named_parameters()]
+    _exact(saved["optimizer"], {names[i]: s for i, s in optimizer.state_dict()["state"].items()})
+
+
+def on_ranks_disagree(rank: int, world: int, root: str, what: str) -> str:
+    model, optimizer, _ = make("fsdp")
+    with ckpt.CheckpointManager(root) as mgr:
+        mgr.save(0, model=model, optimizer=optimizer)
+        step = 1 + (rank if what == "step" else 0)
+        extra = {"extra": {"x": 1}} if what == "items" and rank == 1 else {}
+        with pytest.raises(ValueError, match="same step, epoch and item names") as info:
+            mgr.save(step, model=model, optimizer=optimizer, **extra)
+        assert mgr.all_steps() == [0]
+        assert not [n for n in os.listdir(root) if n.startswith(".ckpt-tmp")]
+        mgr.save(5, model=model, optimizer=optimizer)  # the group still works
+    return str(info.value)
+
+
+@pytest.mark.parametrize("what", ["step", "items"])
+def test_ranks_saving_different_steps_or_items_are_refused_together(rank_pool, tmp_path, what):
+    messages = rank_pool.run(on_ranks_disagree, str(tmp_path), what)
+    assert all("rank 1 saves" in m for m in messages)
+
+
+def on_ranks_object_store(rank: int, world: int, url: str, options: dict[str, Any]) -> Any:
+    model, optimizer, scheduler = make("fsdp")
+    train_step(model, optimizer, scheduler, 0)
+    expected = full_model_state(model)
+    with ckpt.CheckpointManager(url, storage_options=options, keep_last=1) as mgr:
+        mgr.save(0, model=model, optimizer=optimizer)
+        mgr.save(1, model=model, optimizer=optimizer)
+        fresh, fresh_optimizer, _ = make("fsdp", seed=9)
+        mgr.restore(model=fresh, optimizer=fresh_optimizer)
+        steps = mgr.all_steps()
+        mgr.verify()
+    _exact(expected, full_model_state(fresh))
+    return steps
+
+
+@pytest.mark.s3
+def test_ranks_save_to_an_object_store_with_the_manifest_as_commit(rank_pool, s3_bucket):
+    bucket, options = s3_bucket
+    assert rank_pool.run(on_ranks_object_store, f"s3://{bucket}/run", options) == [[1], [1]]
+
+
+def on_ranks_tampered_group(rank: int, world: int, root: str) -> str:
+    model, optimizer, _ = make("fsdp", seed=4)
+    before = full_model_state(model)
+    with (
+        ckpt.CheckpointManager(root) as mgr,
+        pytest.raises(ckpt.IncompatibleCheckpointError) as info,
+    ):
+        mgr.restore(model=model, optimizer=optimizer)
+    _exact(before, full_model_state(model))
+    assert optimizer.param_groups[0]["lr"] == 0.05 and not optimizer.state
+    return str(info.value)
+
+
+def test_a_tampered_hyperparameter_is_refused_before_anything_changes(rank_pool, tmp_path):
+    rank_pool.run(on_ranks_save, str(tmp_path), "fsdp")
+    manifest = tmp_path / "step_000000000002" / "manifest.json"
+    raw = manifest.read_bytes()
+    from ckpt.format import decode_manifest, encode_manifest
+
+    decoded = decode_manifest(raw, str(manifest))
+    assert decoded.sharded is not None
+    record = decoded.sharded.items["optimizer"]
+    record.state["param_groups"][0]["lr"] = "fast"  # type: ignore[index,call-overload]
+    manifest.write_bytes(encode_manifest(decoded))
+    messages = rank_pool.run(on_ranks_tampered_group, str(tmp_path))
+    assert all("lr" in m for m in messages), messages
+
+
+def on_ranks_restore_different_steps(rank: int, world: int, root: str) -> str:
+    model, optimizer, _ = make("fsdp")
+    with ckpt.CheckpointManager(root) as mgr:
+        mgr.save(0, model=model, optimizer=optimizer)
+        mgr.save(1, model=model, optimizer=optimizer)
+        with pytest.raises(ValueError, match="same step") as info:
+            mgr.restore(step=rank, model=model, optimizer=optimizer)
+        assert mgr.restore(model=model, optimizer=optimizer).step == 1  # type: ignore[union-attr]
+    return str(info.value)
+
+
+def test_ranks_restoring_different_steps_are_refused_together(rank_pool, tmp_path):
+    messages = rank_pool.run(on_ranks_restore_different_steps, str(tmp_path))
+    assert all("rank 0: 0, rank 1: 1" in m for m in messages)

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import assert_same_state
+from helpers import minimal_manifest_bytes
 from torch import nn
 
 import ckpt
@@ -69,25 +70,7 @@ def test_temp_names_never_parse_as_steps_and_name_their_writer():
 
 
 def minimal_manifest(**changes: object) -> bytes:
-    doc = {
-        "format": "ckpt",
-        "format_version": 1,
-        "step": 1,
-        "epoch": None,
-        "metrics": {},
-        "files": {"data.safetensors": {"size": 10}},
-        "tensors": {
-            "data/x": {
-                "file": "data.safetensors",
-                "dtype": "float32",
-                "shape": [1],
-                "device": "cpu",
-            }
-        },
-        "items": {"data": {"kind": "dict", "state": {"x": {"$tensor": "data/x"}}}},
-    }
-    doc.update(changes)
-    return json.dumps(doc).encode()
+    return minimal_manifest_bytes(1, 10, **changes)
 
 
 def test_minimal_manifest_parses():

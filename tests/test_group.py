@@ -17,6 +17,7 @@ from unittest import mock
 
 import pytest
 import torch.distributed as dist
+from helpers import call_outcome
 from rank_pool import RankError
 
 import ckpt
@@ -25,15 +26,6 @@ from ckpt.distributed.group import MAX_FAILURE_CHARS, RankGroup
 pytestmark = pytest.mark.distributed
 
 HOSTILE = {"a/b": [1, 2.5, None, True], "../x": {"": "é\u0000\ud800😀"}, "0": [], "n": -(2**62)}
-
-
-def _outcome(call, *args, **kwargs):
-    """``("ok", value)`` or ``(TypeName, message, extra)`` of one call, never raising."""
-    try:
-        return ("ok", call(*args, **kwargs))
-    except Exception as e:
-        extra = {k: getattr(e, k, None) for k in ("operation", "rank", "timeout")}
-        return (type(e).__name__, str(e), extra)
 
 
 # -- functions the ranks run -----------------------------------------------------------
@@ -58,15 +50,15 @@ def on_every_operation(rank, world_size):
             "no_failures": group.failures(None),
             "repr": repr(group),
         }
-    seen["after_close"] = _outcome(group.barrier)
+    seen["after_close"] = call_outcome(group.barrier)
     group.close()  # idempotent
     return seen
 
 
 def on_large_payloads(rank, world_size, seed):
     rng = random.Random(seed + rank)
-    text = "".join(chr(rng.choice([0x41, 0xE9, 0x4E2D, 0x1F600, 0xD800])) for _ in range(200_000))
-    value = {"text": text * (rank + 1), "numbers": [rng.random() for _ in range(100_000)]}
+    text = "".join(chr(rng.choice([0x41, 0xE9, 0x4E2D, 0x1F600, 0xD800])) for _ in range(100_000))
+    value = {"text": text * (rank + 1), "numbers": [rng.random() for _ in range(50_000)]}
     blob = random.Random(seed).randbytes(4_000_000 + 17)
     with RankGroup(timeout=60) as group:
         gathered = group.all_gather_json(value)
@@ -102,12 +94,12 @@ def on_failures(rank, world_size):
 def on_bad_values(rank, world_size):
     with RankGroup(timeout=30) as group:
         seen = {
-            "not_json": _outcome(group.all_gather_json, object() if rank == 1 else 1),
-            "nan": _outcome(group.all_gather_json, math.nan),
-            "broadcast_not_json": _outcome(group.broadcast_json, {1j} if rank == 0 else None),
-            "bytes_missing": _outcome(group.broadcast_bytes, None, src=1),
-            "bad_src": _outcome(group.broadcast_json, 1, src=2),
-            "bool_src": _outcome(group.broadcast_bytes, b"", src=True),
+            "not_json": call_outcome(group.all_gather_json, object() if rank == 1 else 1),
+            "nan": call_outcome(group.all_gather_json, math.nan),
+            "broadcast_not_json": call_outcome(group.broadcast_json, {1j} if rank == 0 else None),
+            "bytes_missing": call_outcome(group.broadcast_bytes, None, src=1),
+            "bad_src": call_outcome(group.broadcast_json, 1, src=2),
+            "bool_src": call_outcome(group.broadcast_bytes, b"", src=True),
             "still_works": group.all_gather_json(rank),
         }
     return seen
@@ -150,7 +142,7 @@ def on_pickle_refused(rank, world_size):
     for patch in patches:
         patch.start()
     try:
-        sanity = _outcome(dist.all_gather_object, [None] * world_size, rank)
+        sanity = call_outcome(dist.all_gather_object, [None] * world_size, rank)
         with RankGroup(timeout=30) as group:
             seen = {
                 "gathered": group.all_gather_json({"r": rank, "h": HOSTILE}),
@@ -172,8 +164,8 @@ def on_kill(rank, world_size, when):
         if when == "mid_gather":  # rank 0 has the lengths and waits for the payloads
             group._gather_lengths(b"{}")
         os.kill(os.getpid(), signal.SIGKILL)
-    first = _outcome(group.all_gather_json, {"rank": rank})
-    second = _outcome(group.barrier)
+    first = call_outcome(group.all_gather_json, {"rank": rank})
+    second = call_outcome(group.barrier)
     return {"first": first, "second": second}
 
 
@@ -184,7 +176,7 @@ def on_stall(rank, world_size, done_path):
         while not os.path.exists(done_path):
             time.sleep(0.05)
         return None
-    outcome = _outcome(group.all_gather_json, "late")
+    outcome = call_outcome(group.all_gather_json, "late")
     open(done_path, "w").close()
     return outcome
 

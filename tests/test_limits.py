@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import assert_same_state
-from helpers import write_manifest
+from helpers import minimal_manifest_bytes, write_manifest
 
 import ckpt
 import ckpt.format.bounds
@@ -208,25 +208,7 @@ def test_ranking_handles_huge_ints_and_junk_without_raising():
 
 
 def minimal(**changes: object) -> bytes:
-    doc = {
-        "format": "ckpt",
-        "format_version": 2,
-        "step": 1,
-        "epoch": None,
-        "metrics": {},
-        "files": {"data.safetensors": {"size": 1000}},
-        "tensors": {
-            "data/x": {
-                "file": "data.safetensors",
-                "dtype": "float32",
-                "shape": [1],
-                "device": "cpu",
-            }
-        },
-        "items": {"data": {"kind": "dict", "state": {"x": {"$tensor": "data/x"}}}},
-    }
-    doc.update(changes)
-    return json.dumps(doc).encode()
+    return minimal_manifest_bytes(2, 1000, **changes)
 
 
 def with_tensor(**record: object) -> bytes:

@@ -7,11 +7,13 @@ See ``docs/distributed.md``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ckpt.errors import IncompatibleCheckpointError
+from ckpt.errors import CheckpointError, IncompatibleCheckpointError
 from ckpt.format import Manifest
+from ckpt.tree import Json
 
 if TYPE_CHECKING:
     from ckpt.kinds import RestoreOptions
@@ -19,6 +21,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "PreparedCollective",
+    "agree_on_step",
     "apply_sharded_restore",
     "collective_save",
     "open_rank_group",
@@ -126,3 +129,34 @@ def verify_sharded(storage: Storage, step_name: str, manifest: Manifest) -> int:
 
     check_own_items(manifest)
     return verify_sharded_files(storage, step_name, manifest)
+
+
+def agree_on_step(group: Any, step: int | None, latest: Callable[[], int | None]) -> int | None:
+    """The step every rank restores: ``step`` if every rank asks for the same one, else refused.
+
+    With ``step`` ``None`` on every rank, rank 0's ``latest()`` (its newest committed step).
+
+    Raises:
+        ValueError: The ranks asked for different steps (on every rank).
+    """
+    asked = group.all_gather_json(step)
+    if any(a != asked[0] for a in asked):
+        raise ValueError(
+            "every rank must restore the same step: they asked for "
+            + ", ".join(f"rank {r}: {a}" for r, a in enumerate(asked))
+        )
+    if step is not None:
+        return step
+    found: Json = None
+    if group.is_coordinator:
+        try:
+            found = {"step": latest()}
+        except CheckpointError as e:  # every rank raises it, none waits for a step
+            found = {"error": f"{type(e).__name__}: {e}"}
+    decided = group.broadcast_json(found)
+    assert isinstance(decided, dict)
+    if "error" in decided:
+        raise CheckpointError(f"rank 0 could not find the latest step: {decided['error']}")
+    agreed = decided["step"]
+    assert agreed is None or isinstance(agreed, int)
+    return agreed

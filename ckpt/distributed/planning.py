@@ -11,6 +11,7 @@ by saved chunk. Pure functions over plans and records; no I/O.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -110,6 +111,8 @@ def plan_writes(
     for item in final.items:
         data = planner.resolve_data(item)
         assert isinstance(data, torch.Tensor) and item.tensor_data is not None
+        if data.numel() == 0 and math.prod(item.tensor_data.size) > 0:
+            continue  # an empty local shard (uneven sharding): nothing to store
         shards.append(
             Shard(
                 item.index.fqn,

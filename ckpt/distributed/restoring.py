@@ -34,8 +34,9 @@ from ckpt.format import GlobalTensorRecord, ItemRecord, Manifest, ShardedSection
 from ckpt.io import load_tensors, read_chunk
 from ckpt.items import build_state
 from ckpt.kinds import RestoreOptions
+from ckpt.kinds.optimizer import check_optimizer_numbers
 from ckpt.locations import MapLocation, mapped_device, place
-from ckpt.optim import class_name
+from ckpt.optim import check_group_types, class_name
 from ckpt.restoring import PreparedRestore, apply_restore, check_items, prepare_restore
 from ckpt.rng import RNG_ITEM, RandomStreams
 from ckpt.storage import Storage
@@ -102,11 +103,16 @@ def _read_into(
     nbytes = 0
     for (name, index), boxes in by_chunk.items():
         record = records[name]
-        chunk = read_chunk(
-            storage, directory, record, record.chunks[index], verify=verify, name=name, index=index
-        )
-        nbytes += chunk.numel() * chunk.element_size()
+        saved = record.chunks[index]
         target = local_shards(dest[name])
+        nbytes += record.chunk_nbytes(saved)
+        direct = _whole_chunk_view(target, boxes, saved.sizes, record.dtype)
+        if direct is not None:  # the usual case (same sharding): no second copy
+            read_chunk(
+                storage, directory, record, saved, verify=verify, out=direct, name=name, index=index
+            )
+            continue
+        chunk = read_chunk(storage, directory, record, saved, verify=verify, name=name, index=index)
         for box in boxes:
             source = chunk
             local = target
@@ -117,6 +123,21 @@ def _read_into(
                 local = local.narrow(dim, dst, length)
             local.copy_(source)
     return nbytes
+
+
+def _whole_chunk_view(
+    target: torch.Tensor, boxes: list[ChunkRead], sizes: tuple[int, ...], dtype: torch.dtype
+) -> torch.Tensor | None:
+    """The part of ``target`` one whole chunk fills, when it can be read into directly."""
+    if len(boxes) != 1 or target.device.type != "cpu" or target.dtype != dtype:
+        return None
+    box = boxes[0]
+    if any(box.source_offsets) or box.lengths != tuple(sizes):
+        return None
+    view = target
+    for dim, (start, length) in enumerate(zip(box.dest_offsets, box.lengths, strict=True)):
+        view = view.narrow(dim, start, length)
+    return view if view.is_contiguous() else None
 
 
 def _check_names(item: str, saved: set[str], live: set[str], strict: bool) -> None:
@@ -270,6 +291,17 @@ def _optimizer_destinations(
                 f"than live ({_short(saved_group)} vs {live_names[:10]})",
                 key=f"{name}.param_groups[{g}]",
             )
+    decoded = unflatten(
+        state,
+        lambda n: torch.empty(
+            section.tensors[n].shape, dtype=section.tensors[n].dtype, device="meta"
+        ),
+    )
+    for g, (saved_group, live_group) in enumerate(
+        zip(decoded["param_groups"], optimizer.param_groups, strict=True)
+    ):
+        check_group_types(f"{name}.param_groups[{g}]", saved_group, live_group)
+    check_optimizer_numbers(name, decoded)
     dest: dict[str, torch.Tensor] = {}
     for path, tensor_name in tensor_refs(state):
         saved = section.tensors[tensor_name]

@@ -47,6 +47,7 @@ from ckpt.format import (
     MANIFEST_NAME,
     ItemRecord,
     Manifest,
+    decode_manifest,
     encode_manifest,
     step_dir_name,
     temp_dir_name,
@@ -65,6 +66,22 @@ _RAISED_AS = {
 
 def _describe(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"
+
+
+def _different_calls(step: int, calls: list[Any]) -> str | None:
+    """Why the ranks' ``save`` calls differ (step, epoch or item names), or ``None``.
+
+    The same on every rank, since every rank sees every call.
+    """
+    differing = [r for r, call in enumerate(calls) if call != calls[0]]
+    if not differing:
+        return None
+    return (
+        f"every rank must call save() with the same step, epoch and item names: rank 0 "
+        f"saves {calls[0]}, but "
+        + "; ".join(f"rank {r} saves {calls[r]}" for r in differing)
+        + f"; nothing of step {step} was written"
+    )
 
 
 @dataclasses.dataclass
@@ -129,7 +146,13 @@ class CollectiveSave:
             local = capture_local(items, group.rank, own)
         except Exception as e:
             error = e
-        self._agree(step, plan, error)
+        call = {"step": step, "epoch": epoch, "items": sorted(items)}
+        mismatch = _different_calls(step, self._agree(step, plan, error, call))
+        if mismatch is not None:
+            if group.is_coordinator:
+                self._abandon(plan)
+            group.barrier()
+            raise ValueError(mismatch)
         assert local is not None
         try:
             captured = lay_out(local, group.rank, file_token, group.all_gather_json)
@@ -285,6 +308,7 @@ class CollectiveSave:
         try:
             manifest = assemble_v3(template, sharded_items, reports)
             raw = encode_manifest(manifest)
+            decode_manifest(raw, self.storage.url_of(directory, MANIFEST_NAME))  # as readers will
             if guard is not None:
                 guard()
 

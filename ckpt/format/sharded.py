@@ -56,10 +56,10 @@ MAX_WORLD_SIZE = 2**20
 """The most ranks a checkpoint may have been saved by."""
 SHARDED_KINDS = ("module", "optimizer")
 """The kinds of item whose tensors may be saved in chunks."""
-MAX_OVERLAP_CHECKS = 2**21
-"""Most pairs of chunks one manifest may need compared to prove them disjoint.
-Grids (any world size, any sharding along one or several dimensions) need few;
-a layout needing more is refused rather than checked for minutes."""
+MAX_OVERLAP_CHECKS = 2**23
+"""Most comparisons (pairs of chunks times dimensions) one manifest may need to
+prove its chunks disjoint. Grids (any world size, sharding along one or several
+dimensions) need few; a layout needing more is refused rather than checked for minutes."""
 
 _CHUNK_FIELDS = ("offsets", "sizes", "file", "begin", "checksum")
 _STORABLE: dict[str, torch.dtype] = {}
@@ -269,12 +269,12 @@ def _check_disjoint(
         start = chunk.offsets[axis]
         while active and active[0][0] <= start:
             heapq.heappop(active)
-        budget[0] -= len(active)
+        budget[0] -= len(active) * ndim
         if budget[0] < 0:
             raise bad(
                 f"{where}.chunks",
-                f"the chunks overlap along every dimension in more than {MAX_OVERLAP_CHECKS} "
-                "pairs: too irregular a layout to check",
+                f"proving the chunks disjoint takes more than {MAX_OVERLAP_CHECKS} "
+                "comparisons: too irregular a layout to check",
             )
         for _, j in active:
             if _overlap(chunk, chunks[j]):
@@ -313,7 +313,7 @@ def _check_sharded_item(
     try:
         refs = tensor_refs(item.state)
     except CorruptCheckpointError as e:
-        raise bad(f"{where}.{e.key}" if e.key else where, e.reason) from e
+        raise bad(f"{where}{e.key}" if e.key else where, e.reason) from e
     for _, ref in refs:
         if ref not in tensors:
             raise bad(where, f"state refers to tensor {ref!r}, which is not in 'tensors'")

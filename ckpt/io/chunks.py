@@ -336,10 +336,12 @@ def _verify_file(
                 f"file holds tensors the manifest does not list: {extra[:5]}", path=path
             )
         at = data_start
-        for c in sorted(chunks, key=lambda c: c.chunk.begin):
-            hasher.skip(f, c.chunk.begin - at, scratch)
+        for c in sorted(chunks, key=lambda c: (c.chunk.begin, c.nbytes)):  # empty ones first
+            if c.nbytes and c.chunk.begin < at:
+                raise c.error("its bytes overlap another chunk's", path)
+            hasher.skip(f, max(0, c.chunk.begin - at), scratch)
             _check_chunk_bytes(f, c, hasher, scratch, path)
-            at = c.chunk.begin + c.nbytes
+            at = max(at, c.chunk.begin + c.nbytes)
         hasher.skip(f, record.size - at, scratch)
     check_digest(record, hasher, path, manifest.step)
     return record.size
