@@ -101,7 +101,7 @@ class CheckpointReader:
         self.fallback_to_intact = bool(fallback_to_intact)
 
     @classmethod
-    def over(cls, steps: StepReader) -> CheckpointReader:
+    def _over(cls, steps: StepReader) -> CheckpointReader:
         """A reader sharing ``steps`` (and so its storage) with its owner, the manager."""
         reader = cls.__new__(cls)
         reader._steps = steps

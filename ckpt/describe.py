@@ -309,6 +309,15 @@ def _param_groups(state: Any) -> tuple[dict[str, Json], ...]:
     return tuple(out)
 
 
+def _groups_of(item: str, state: Any) -> tuple[dict[str, Json], ...]:
+    try:
+        return _param_groups(state)
+    except RecursionError as e:
+        raise CorruptCheckpointError(
+            f"item {item!r}: param_groups are nested too deeply", key=f"{item}/param_groups"
+        ) from e
+
+
 def _param_names(manifest: Manifest, item: str, state: Any) -> tuple[str | None, ...] | None:
     if _is_sharded(manifest, item):
         return tuple(_param_index(state))
@@ -345,7 +354,7 @@ def _item_info(manifest: Manifest, item: str, record: ItemRecord) -> ItemInfo:
         tensors=tuple(tensors),
         nbytes=sum(sizes.values()),
         optimizer_class=recorded_class if optimizer and isinstance(recorded_class, str) else None,
-        param_groups=_param_groups(state) if optimizer else (),
+        param_groups=_groups_of(item, state) if optimizer else (),
         param_names=_param_names(manifest, item, state) if optimizer else None,
     )
 

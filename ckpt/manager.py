@@ -136,7 +136,7 @@ class CheckpointManager:
                 errno=e.errno,
             ) from e
         self._reader = StepReader(self._storage)
-        self._checkpoints = CheckpointReader.over(self._reader)
+        self._checkpoints = CheckpointReader._over(self._reader)
         self._group = open_rank_group(process_group, float(collective_timeout))
         self._collective = (
             None if self._group is None else collective_save(self._storage, self._group)

@@ -251,12 +251,20 @@ def test_readers_never_take_the_lock_or_write(saved):
     assert after == {p: t for p, t in before.items() if p != LOCK_NAME}
 
 
-def test_two_readers_and_a_writer_at_once(tmp_path):
+def test_two_readers_and_a_writer_at_once(tmp_path, monkeypatch):
     """The writer holds the lock and deletes old steps; readers read, verify, stream meanwhile."""
 
     def state(step: int) -> dict[str, torch.Tensor]:
         return {"w": torch.full((256,), float(step)), "n": torch.tensor(step)}
 
+    lockers: list[str] = []
+    original_lock = type(open_storage(str(tmp_path))).lock
+
+    def spy_lock(self: Any, *args: Any, **kwargs: Any) -> Any:
+        lockers.append(threading.current_thread().name)
+        return original_lock(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(open_storage(str(tmp_path))), "lock", spy_lock)
     mgr = ckpt.CheckpointManager(tmp_path, keep_last=2)
     mgr.save(0, data=state(0))
     stop = threading.Event()
@@ -292,6 +300,7 @@ def test_two_readers_and_a_writer_at_once(tmp_path):
         mgr.close()
     assert not errors, errors
     assert all(seen), seen
+    assert lockers == [threading.main_thread().name]  # the writer's one lock, no reader's
     assert ckpt.CheckpointReader(tmp_path).all_steps() == [23, 24]
 
 
