@@ -1,0 +1,185 @@
+"""``ckpt ls`` (the committed steps of a root) and ``ckpt info`` (one checkpoint's contents).
+
+Both read manifests only, never tensor data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+from typing import Any
+
+from ckpt.cli.render import dump_json, human_bytes, note, out, short_value, table
+from ckpt.cli.source import open_reader, parse_target
+from ckpt.errors import CheckpointNotFoundError
+
+__all__ = ["add_info_parser", "add_ls_parser", "info_doc", "ls_doc"]
+
+
+def add_ls_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Add ``ckpt ls DIR [--json]``."""
+    p = subparsers.add_parser(
+        "ls",
+        help="list the committed checkpoints of a directory",
+        description="List the committed steps of DIR with time, size, epoch, metrics and items.",
+    )
+    p.add_argument("directory", metavar="DIR", help="checkpoint root: a path or fsspec URL")
+    p.add_argument("--json", action="store_true", help="print JSON (schema in docs/cli.md)")
+    p.set_defaults(func=run_ls)
+
+
+def add_info_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Add ``ckpt info DIR[:STEP] [--tensors PATTERN] [--json]``."""
+    p = subparsers.add_parser(
+        "info",
+        help="describe one checkpoint (items, tensors, optimizer, metrics)",
+        description="Describe the checkpoint at DIR[:STEP] (the latest without STEP) "
+        "from its manifest, without reading tensor data.",
+    )
+    p.add_argument("target", metavar="DIR[:STEP]", help="checkpoint root, optionally :STEP")
+    p.add_argument(
+        "--tensors",
+        metavar="PATTERN",
+        help="only tensors whose 'item/key' or key matches this glob (e.g. 'model/*.weight')",
+    )
+    p.add_argument("--json", action="store_true", help="print JSON (schema in docs/cli.md)")
+    p.set_defaults(func=run_info)
+
+
+# --------------------------------------------------------------------------- ls
+
+
+def ls_doc(reader: Any) -> dict[str, Any]:
+    """The ``ckpt ls --json`` document of an open reader."""
+    rows = []
+    for step in reader.all_steps():
+        d = reader.describe(step).to_json()
+        rows.append(
+            {
+                "step": d["step"],
+                "created_at": d["created_at"],
+                "nbytes": d["nbytes"],
+                "epoch": d["epoch"],
+                "metrics": d["metrics"],
+                "items": [item["name"] for item in d["items"]],
+                "format_version": d["format_version"],
+                "world_size": d["world_size"],
+            }
+        )
+    return {"directory": reader.directory, "checkpoints": rows}
+
+
+def run_ls(args: argparse.Namespace) -> int:
+    """``ckpt ls``."""
+    reader = open_reader(args.directory, args.storage_options)
+    doc = ls_doc(reader)
+    if args.json:
+        out(dump_json(doc))
+        return 0
+    if not doc["checkpoints"]:
+        note(f"ckpt: no committed checkpoints in {doc['directory']}")
+        return 0
+    rows = [
+        [
+            str(c["step"]),
+            c["created_at"],
+            human_bytes(c["nbytes"]),
+            "-" if c["epoch"] is None else str(c["epoch"]),
+            " ".join(f"{k}={short_value(v)}" for k, v in c["metrics"].items()) or "-",
+            ",".join(c["items"]),
+        ]
+        for c in doc["checkpoints"]
+    ]
+    out(table(["STEP", "CREATED", "SIZE", "EPOCH", "METRICS", "ITEMS"], rows, right=(0, 2, 3)))
+    return 0
+
+
+# ------------------------------------------------------------------------- info
+
+
+def _matches(pattern: str | None, item: str, key: str) -> bool:
+    if pattern is None:
+        return True
+    return fnmatch.fnmatchcase(f"{item}/{key}", pattern) or fnmatch.fnmatchcase(key, pattern)
+
+
+def info_doc(reader: Any, step: int | None, pattern: str | None) -> dict[str, Any]:
+    """The ``ckpt info --json`` document: the description, tensors filtered by ``pattern``."""
+    if step is None and reader.latest_step() is None:
+        raise CheckpointNotFoundError("no committed checkpoint", path=reader.directory)
+    doc = dict(reader.describe(step).to_json())
+    doc["directory"] = reader.directory
+    if pattern is not None:
+        doc["items"] = [
+            {
+                **item,
+                "tensors": [
+                    t for t in item["tensors"] if _matches(pattern, item["name"], t["key"])
+                ],
+            }
+            for item in doc["items"]
+        ]
+    return doc
+
+
+def _header(doc: dict[str, Any]) -> list[str]:
+    files = doc["files"]
+    lines = [
+        f"directory:  {doc['directory']}",
+        f"step:       {doc['step']}",
+        f"epoch:      {'-' if doc['epoch'] is None else doc['epoch']}",
+        f"created:    {doc['created_at']}",
+        f"format:     {doc['format_version']} (world size {doc['world_size']})",
+        f"size:       {human_bytes(doc['nbytes'])} in {len(files)} file(s)",
+    ]
+    if doc["metrics"]:
+        lines.append(
+            "metrics:    " + " ".join(f"{k}={short_value(v)}" for k, v in doc["metrics"].items())
+        )
+    if doc["versions"]:
+        lines.append("versions:   " + " ".join(f"{k}={v}" for k, v in doc["versions"].items()))
+    return lines
+
+
+def _item_lines(item: dict[str, Any]) -> list[str]:
+    count = len(item["tensors"])
+    lines = [f"item {item['name']!r} ({item['kind']}, {human_bytes(item['nbytes'])})"]
+    if item.get("optimizer_class"):
+        lines.append(f"  optimizer: {item['optimizer_class']}")
+    for i, group in enumerate(item.get("param_groups") or ()):
+        lines.append(f"  group {i}: " + " ".join(f"{k}={short_value(v)}" for k, v in group.items()))
+    names = item.get("param_names")
+    if names:
+        shown = ", ".join("?" if n is None else str(n) for n in names[:8])
+        more = f", ... ({len(names)} in all)" if len(names) > 8 else ""
+        lines.append(f"  parameters: {shown}{more}")
+    if count:
+        rows = [
+            [
+                t["key"],
+                t["dtype"],
+                "(" + ", ".join(str(n) for n in t["shape"]) + ")",
+                human_bytes(t["nbytes"]),
+                str(t.get("shards", 1)),
+            ]
+            for t in item["tensors"]
+        ]
+        body = table(["KEY", "DTYPE", "SHAPE", "SIZE", "SHARDS"], rows, right=(3, 4))
+        lines.extend("  " + line for line in body.splitlines())
+    return lines
+
+
+def run_info(args: argparse.Namespace) -> int:
+    """``ckpt info``."""
+    target = parse_target(args.target)
+    reader = open_reader(target.root, args.storage_options)
+    doc = info_doc(reader, target.step, args.tensors)
+    if args.json:
+        out(dump_json(doc))
+        return 0
+    lines = _header(doc)
+    for item in doc["items"]:
+        lines.append("")
+        lines.extend(_item_lines(item))
+    out("\n".join(lines))
+    return 0

@@ -1,0 +1,77 @@
+"""Where a command reads from: ``DIR[:STEP]`` arguments, and opening a read-only reader."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+
+from ckpt.checkpoint_reader import CheckpointReader
+from ckpt.errors import CheckpointNotFoundError
+
+__all__ = ["Target", "open_reader", "parse_target", "require_root"]
+
+_STEP_SUFFIX = re.compile(r"(?P<root>.+):(?P<step>[0-9]+)")
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://")
+
+
+@dataclass(frozen=True)
+class Target:
+    """A checkpoint root and, optionally, one step in it."""
+
+    root: str
+    step: int | None
+
+
+def parse_target(text: str) -> Target:
+    """Split ``DIR[:STEP]``: a trailing ``:`` and digits name a step, anything else is the root.
+
+    URLs keep their scheme (``s3://b/run:12`` is step 12 of ``s3://b/run``;
+    ``memory://x`` has no step). A local directory whose own name ends in
+    ``:digits`` and exists is taken whole; append ``/`` to force that reading
+    (``runs/a:12/``).
+
+    Raises:
+        ValueError: ``text`` is empty.
+    """
+    if not text:
+        raise ValueError("the checkpoint directory is empty")
+    found = _STEP_SUFFIX.fullmatch(text)
+    if found is None:
+        return Target(text, None)
+    root = found["root"]
+    if root.endswith("://") or (_URL.match(text) is None and os.path.isdir(text)):
+        return Target(text, None)
+    return Target(root, int(found["step"]))
+
+
+def root_exists(root: str, storage_options: dict[str, Any] | None) -> bool:
+    """Whether the directory ``root`` exists (local path or fsspec URL); creates nothing."""
+    if _URL.match(root) is None or root.startswith("file://"):
+        path = root.removeprefix("file://")
+        return os.path.isdir(path)  # a linked root is the reader's to accept or refuse
+    fs, path = fsspec.core.url_to_fs(root, **(storage_options or {}))
+    return bool(fs.isdir(path))
+
+
+def require_root(root: str, storage_options: dict[str, Any] | None) -> None:
+    """Raise unless the checkpoint root exists.
+
+    Raises:
+        CheckpointNotFoundError: It does not (nothing is created).
+    """
+    if not root_exists(root, storage_options):
+        raise CheckpointNotFoundError("no such checkpoint directory", path=root)
+
+
+def open_reader(root: str, storage_options: dict[str, Any] | None) -> CheckpointReader:
+    """Open ``root`` read-only with :class:`ckpt.CheckpointReader`; it must exist.
+
+    Raises:
+        CheckpointNotFoundError: ``root`` does not exist (nothing is created).
+    """
+    require_root(root, storage_options)
+    return CheckpointReader(root, storage_options=storage_options)
