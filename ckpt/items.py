@@ -109,7 +109,16 @@ def capture(name: str, obj: Any, param_names: Mapping[int, str]) -> Captured:
     Raises:
         TypeError: The item, or a value in its state, cannot be stored without pickle.
     """
-    return kind_of(name, obj).capture(name, obj, param_names)
+    captured = kind_of(name, obj).capture(name, obj, param_names)
+    for tensor_name, t in captured.tensors.items():
+        if type(t).__name__ == "DTensor":  # torch.distributed.tensor.DTensor, not imported here
+            raise TypeError(
+                f"item {name!r} holds a DTensor ({tensor_name}): a sharded tensor is saved by "
+                "every rank of its process group together, with a CheckpointManager made "
+                "inside that group (not with process_group=False), and only in a module or "
+                "optimizer item"
+            )
+    return captured
 
 
 def build_state(record: ItemRecord, tensors: Mapping[str, torch.Tensor], name: str) -> Any:

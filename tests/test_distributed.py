@@ -581,3 +581,19 @@ def test_a_non_strict_consolidation_reports_the_keys_it_could_not_load(rank_pool
         "4.bias",
         "4.weight",
     ]
+
+
+def on_ranks_private_manager_with_dtensors(rank: int, world: int, root: str) -> str:
+    model, optimizer, _ = make("fsdp")
+    mgr = ckpt.CheckpointManager(f"{root}/r{rank}", process_group=False)
+    with pytest.raises(TypeError, match="DTensor") as info:
+        mgr.save(0, model=model)
+    assert mgr.all_steps() == []
+    return str(info.value)
+
+
+def test_a_private_manager_refuses_dtensors_with_a_clear_error(rank_pool, tmp_path):
+    assert all(
+        "process group" in m
+        for m in rank_pool.run(on_ranks_private_manager_with_dtensors, str(tmp_path))
+    )
