@@ -86,9 +86,9 @@ class CheckpointManager:
         process_group: Inside an initialized process group the manager is
             collective: every rank constructs it and calls ``save``, ``restore``,
             ``wait`` and ``close`` together (``read``, ``verify`` and the listing
-            run no collective; see ``docs/distributed.md``). ``None`` uses the default group when one is
-            initialized; pass a ``ProcessGroup`` for a subgroup, or ``False`` for a
-            manager private to this process.
+            run no collective; see ``docs/distributed.md``). ``None`` uses the
+            default group when one is initialized; pass a ``ProcessGroup`` for a
+            subgroup, or ``False`` for a manager private to this process.
         collective_timeout: Seconds a collective of ckpt's waits for the other
             ranks before raising :class:`~ckpt.CollectiveError` (a rank died).
 

@@ -584,7 +584,7 @@ def test_a_non_strict_consolidation_reports_the_keys_it_could_not_load(rank_pool
 
 
 def on_ranks_private_manager_with_dtensors(rank: int, world: int, root: str) -> str:
-    model, optimizer, _ = make("fsdp")
+    model, _, _ = make("fsdp")
     mgr = ckpt.CheckpointManager(f"{root}/r{rank}", process_group=False)
     with pytest.raises(TypeError, match="DTensor") as info:
         mgr.save(0, model=model)
