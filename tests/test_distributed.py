@@ -435,6 +435,7 @@ def on_ranks_disagree(rank: int, world: int, root: str, what: str) -> str:
             mgr.save(step, model=model, optimizer=optimizer, **extra)
         assert mgr.all_steps() == [0]
         assert not [n for n in os.listdir(root) if n.startswith(".ckpt-tmp")]
+        dist.barrier()  # both ranks have looked before the next save opens its attempt
         mgr.save(5, model=model, optimizer=optimizer)  # the group still works
     return str(info.value)
 
