@@ -26,6 +26,7 @@ from typing import BinaryIO, Protocol
 import torch
 
 from ckpt.errors import CorruptCheckpointError
+from ckpt.integrity import hash_bytes
 from ckpt.limits import byte_count
 from ckpt.tree import loads_strict
 
@@ -293,12 +294,23 @@ WRITE_CHUNK_BYTES = 16 * 1024 * 1024
 
 
 def write_tensors(
-    f: Writer, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
+    f: Writer,
+    tensors: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, str] | None = None,
+    *,
+    digests: dict[str, tuple[int, str]] | None = None,
 ) -> int:
     """Write ``tensors`` to ``f`` as a safetensors file; return the bytes written.
 
     Tensors on other devices are copied to CPU one at a time, so the extra
     memory is bounded by the largest tensor.
+
+    Args:
+        f: Where to write.
+        tensors: The tensors by name.
+        metadata: The header's ``__metadata__``.
+        digests: Filled with each tensor's first byte in the file and the
+            checksum of its bytes (the chunks of a multi-rank save).
     """
     entries = layout(tensors)
     header = encode_header(entries, metadata)
@@ -307,6 +319,8 @@ def write_tensors(
     for e in entries:
         t = _cpu_contiguous(tensors[e.name])
         view = tensor_bytes(t)
+        if digests is not None:
+            digests[e.name] = (len(header) + e.begin, hash_bytes(view))
         for at in range(0, e.nbytes, WRITE_CHUNK_BYTES):  # bounds a buffering writer's copy
             f.write(view[at : at + WRITE_CHUNK_BYTES])
         written += e.nbytes

@@ -30,7 +30,7 @@ from ckpt.distributed.states import (
     sharded_state,
 )
 from ckpt.errors import CheckpointError, CheckpointNotFoundError, IncompatibleCheckpointError
-from ckpt.format import GlobalTensorRecord, ItemRecord, Manifest, ShardedSection
+from ckpt.format import GlobalTensorRecord, ItemRecord, Manifest, ShardedSection, rank_manifest
 from ckpt.io import load_tensors, read_chunk
 from ckpt.items import build_state
 from ckpt.kinds import RestoreOptions
@@ -67,22 +67,6 @@ class ShardedRestore:
     """Seed for this rank's random streams when the checkpoint has none for it."""
     nbytes: int = 0
     """Bytes of tensor data read."""
-
-
-def _rank_view(manifest: Manifest, rank: int) -> Manifest:
-    section = manifest.sharded
-    assert section is not None
-    own = section.ranks[rank]
-    return Manifest(
-        manifest.step,
-        manifest.epoch,
-        manifest.metrics,
-        manifest.files,
-        own.tensors,
-        own.items,
-        manifest.created_at,
-        manifest.versions,
-    )
 
 
 def _read_into(
@@ -182,7 +166,7 @@ def prepare_sharded_restore(
         )
         restore.nbytes += nbytes
     own_index = rank if rank < section.world_size else 0
-    view = _rank_view(manifest, own_index)
+    view = rank_manifest(manifest, own_index)
     own_items = {n: o for n, o in items.items() if n not in section.items}
     for name in own_items:
         if name not in view.items:
@@ -406,7 +390,7 @@ def read_full(
             full[tensor_name] = place(t, device, None, map_location=map_location, key=tensor_name)
         state = unflatten(record.state, full)
         out[name] = _index_packed(state) if record.kind == "optimizer" else state
-    view = _rank_view(manifest, 0)
+    view = rank_manifest(manifest, 0)
     names = list(dict.fromkeys(n for r in view.items.values() for _, n in tensor_refs(r.state)))
     loaded, _ = load_tensors(storage, step_name, view, names, {}, map_location, verify=verify)
     for name, own in view.items.items():
@@ -419,7 +403,7 @@ def check_own_items(manifest: Manifest) -> None:
     section = manifest.sharded
     assert section is not None
     for rank in range(section.world_size):
-        check_items(_rank_view(manifest, rank))
+        check_items(rank_manifest(manifest, rank))
 
 
 def _index_packed(state: dict[str, Any]) -> dict[str, Any]:

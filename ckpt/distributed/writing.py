@@ -26,37 +26,21 @@ from ckpt.format import (
     decode_manifest,
     encode_manifest,
 )
-from ckpt.integrity import Hasher, HashingWriter, hash_bytes
+from ckpt.integrity import Hasher, HashingWriter
 from ckpt.storage import BackgroundSyncs, Storage
-from ckpt.tensorfile import dtype_from_name, dtype_name, encode_header, layout, tensor_bytes
+from ckpt.tensorfile import dtype_from_name, dtype_name, write_tensors
 from ckpt.tree import Json
 
 __all__ = ["assemble_v3", "write_rank_files"]
 
 _METADATA = {"format": "pt"}
-_WRITE_SLICE = 16 * 1024 * 1024
 
 
 def _write_file(
     f: BinaryIO, tensors: Mapping[str, torch.Tensor], hasher: Hasher, digests: dict[str, Any]
 ) -> int:
     """Write a safetensors file; record each tensor's first byte and checksum in ``digests``."""
-    entries = layout(tensors)
-    header = encode_header(entries, _METADATA)
-    out = HashingWriter(f, hasher)
-    out.write(header)
-    for e in entries:
-        t = tensors[e.name].detach()
-        if t.is_conj():
-            t = t.resolve_conj()
-        if t.is_neg():
-            t = t.resolve_neg()
-        t = t.to("cpu").contiguous()
-        view = tensor_bytes(t)
-        digests[e.name] = (len(header) + e.begin, hash_bytes(view))
-        for at in range(0, e.nbytes, _WRITE_SLICE):
-            out.write(view[at : at + _WRITE_SLICE])
-    return len(header) + sum(e.nbytes for e in entries)
+    return write_tensors(HashingWriter(f, hasher), tensors, _METADATA, digests=digests)
 
 
 def write_rank_files(storage: Storage, directory: str, captured: RankCapture) -> Json:
