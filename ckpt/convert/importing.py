@@ -25,15 +25,23 @@ import torch
 
 from ckpt import _version
 from ckpt.commit import file_token
+from ckpt.convert.dcp import load_dcp
+from ckpt.convert.guard import hub_blobs, source_entries
 from ckpt.convert.layouts import (
     EXTRA_ITEM,
     Mapped,
     is_lightning,
     map_classic,
     map_lightning,
+    optimizer_param_records,
 )
-from ckpt.convert.loading import load_dcp, load_json, load_safetensors, load_torch
-from ckpt.errors import CheckpointError, CheckpointExistsError, CheckpointNotFoundError
+from ckpt.convert.loading import load_json, load_safetensors, load_torch
+from ckpt.errors import (
+    CheckpointError,
+    CheckpointExistsError,
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+)
 from ckpt.format import MANIFEST_NAME, step_dir_name
 from ckpt.items import assemble_manifest
 from ckpt.kinds import Captured
@@ -41,12 +49,23 @@ from ckpt.limits import MAX_STEP
 from ckpt.manager import CheckpointManager
 from ckpt.tree import flatten
 
-__all__ = ["FORMATS", "ImportReport", "import_checkpoint"]
+__all__ = [
+    "AMPLIFICATION_SLACK",
+    "FORMATS",
+    "MAX_AMPLIFICATION",
+    "ImportReport",
+    "import_checkpoint",
+]
 
 logger = logging.getLogger(__name__)
 
 FORMATS = ("auto", "torch", "lightning", "hf-trainer", "dcp", "safetensors")
 """Values of ``format=``: what the source is (``auto``: tell from the source)."""
+
+MAX_AMPLIFICATION = 2
+"""An import writes at most this many times the source's bytes on disk (plus the slack)."""
+AMPLIFICATION_SLACK = 2**20
+"""Bytes an import may write beyond :data:`MAX_AMPLIFICATION` times the source's size."""
 
 _HF_MODEL_FILES = (
     "model.safetensors",
@@ -155,6 +174,7 @@ def import_checkpoint(
     if chosen > MAX_STEP:
         raise ValueError(f"the source's step {chosen} exceeds ckpt.MAX_STEP; pass step=")
     root = os.fspath(directory)
+    _check_materialised(source, mapped)
     _commit(root, chosen, mapped, storage_options)
     report = ImportReport(
         source=source,
@@ -174,22 +194,36 @@ def import_checkpoint(
 
 
 def _load_and_map(source: str, format: str) -> Mapped:
+    """Load ``source`` and map it; any failure is a ``CheckpointError`` naming the source."""
+    try:
+        return _load_and_map_unchecked(source, format)
+    except CheckpointError:
+        raise
+    except RecursionError as e:
+        raise CorruptCheckpointError("nested too deeply to import", path=source) from e
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError) as e:
+        raise CorruptCheckpointError(f"malformed: {type(e).__name__}: {e}", path=source) from e
+    except (MemoryError, RuntimeError) as e:
+        raise CorruptCheckpointError(f"cannot be imported: {e}", path=source) from e
+
+
+def _load_and_map_unchecked(source: str, format: str) -> Mapped:
     if os.path.isdir(source):
-        if format in ("dcp", "auto") and os.path.exists(os.path.join(source, ".metadata")):
+        names = dict(source_entries(source))
+        if format in ("dcp", "auto") and ".metadata" in names:
             return _map_dcp(source)
         if format in ("hf-trainer", "auto") and (
-            any(os.path.exists(os.path.join(source, n)) for n in _HF_MODEL_FILES)
-            or os.path.exists(os.path.join(source, "trainer_state.json"))
+            any(n in names for n in _HF_MODEL_FILES) or "trainer_state.json" in names
         ):
-            return _map_hf_trainer(source)
+            return _map_hf_trainer(source, names)
         raise CheckpointNotFoundError(
             "not a checkpoint directory ckpt can import: no DCP .metadata and no Hugging Face "
             f"files ({', '.join(_HF_MODEL_FILES)}, trainer_state.json)",
             path=source,
         )
     if format == "safetensors" or (format == "auto" and source.endswith(".safetensors")):
-        return map_classic(load_safetensors(source), "safetensors")
-    loaded = load_torch(source)
+        return map_classic(load_safetensors(source, follow=True), "safetensors")
+    loaded = load_torch(source, follow=True)
     if format == "lightning" or (format == "auto" and is_lightning(loaded)):
         if not isinstance(loaded, Mapping):
             raise CheckpointError("not a Lightning checkpoint (not a dict)", path=source)
@@ -197,20 +231,23 @@ def _load_and_map(source: str, format: str) -> Mapped:
     return map_classic(loaded)
 
 
-def _map_hf_trainer(source: str) -> Mapped:
+_HF_STATE_FILES = (
+    ("optimizer.pt", "optimizer"),
+    ("scheduler.pt", "scheduler"),
+    ("scaler.pt", "scaler"),
+)
+
+
+def _map_hf_trainer(source: str, names: dict[str, str]) -> Mapped:
     out = Mapped("hf-trainer")
-    model = _hf_model(source, out)
+    blobs = hub_blobs(source)
+    model = _hf_model(source, names, blobs, out)
     if model is not None:
         out.items["model"] = ("module", model, {})
-    for file_name, base in (
-        ("optimizer.pt", "optimizer"),
-        ("scheduler.pt", "scheduler"),
-        ("scaler.pt", "scaler"),
-    ):
-        path = os.path.join(source, file_name)
-        if not os.path.exists(path):
+    for file_name, base in _HF_STATE_FILES:
+        if file_name not in names:
             continue
-        sub = map_classic({base: load_torch(path)}, "hf-trainer")
+        sub = map_classic({base: load_torch(os.path.join(source, file_name), blobs=blobs)})
         for name, value in sub.items.items():
             out.items[name] = value
             out.mapped[file_name] = name
@@ -219,65 +256,90 @@ def _map_hf_trainer(source: str) -> Mapped:
             out.dropped[f"{file_name}[{key}]"] = f"not a {base} state: {type(value).__name__}"
         if base == "optimizer" and "optimizer" in out.items and model is not None:
             kind, state, _ = out.items["optimizer"]
-            from ckpt.convert.layouts import optimizer_param_records  # noqa: PLC0415
-
             records, notes = optimizer_param_records(state, model)
             out.items["optimizer"] = (kind, state, {"params": records})
             out.notes.extend(n for n in notes if n not in out.notes)
-    for name in sorted(os.listdir(source)):
-        path = os.path.join(source, name)
-        if name in _HF_MODEL_FILES or name in ("optimizer.pt", "scheduler.pt", "scaler.pt"):
-            continue
-        if name.startswith(("model-", "pytorch_model-")):
-            continue  # shards, read through their index
-        if name == "trainer_state.json":
-            _hf_trainer_state(load_json(path), out)
-        elif name.startswith("rng_state") and name.endswith(".pth"):
-            try:
-                out.keep(name, load_torch(path))
-            except CheckpointError as e:
-                out.dropped[name] = f"not loadable with weights_only: {e}"
-            if name in out.extra:
-                out.notes.append(
-                    f"{name} is kept under 'extra' as data: ckpt restores random streams only "
-                    "from its own saves"
-                )
-        elif name.endswith(".json") and os.path.isfile(path):
-            out.keep(name, load_json(path))
-        elif name == "training_args.bin":
-            out.dropped[name] = "a pickled TrainingArguments object: never unpickled"
-        else:
-            out.dropped[name] = "not a training state ckpt knows (copy it yourself if needed)"
+    for name, kind in names.items():
+        _hf_other_file(source, name, kind, blobs, out)
     return out
 
 
-def _hf_model(source: str, out: Mapped) -> dict[str, torch.Tensor] | None:
+def _hf_other_file(source: str, name: str, kind: str, blobs: str | None, out: Mapped) -> None:
+    """Map one more file of a Trainer directory: state JSON, random state, or reported."""
+    path = os.path.join(source, name)
+    if name in _HF_MODEL_FILES or name in {n for n, _ in _HF_STATE_FILES}:
+        return
+    if name.startswith(("model-", "pytorch_model-")):
+        return  # shards, read through their index
+    if name == "trainer_state.json":
+        _hf_trainer_state(load_json(path, blobs=blobs), out)
+    elif name.startswith("rng_state") and name.endswith(".pth"):
+        try:
+            out.keep(name, load_torch(path, blobs=blobs))
+        except CheckpointError as e:
+            out.dropped[name] = f"not loadable with weights_only: {e}"
+        if name in out.extra:
+            out.notes.append(
+                f"{name} is kept under 'extra' as data: ckpt restores random streams only "
+                "from its own saves"
+            )
+    elif name.endswith(".json"):
+        out.keep(name, load_json(path, blobs=blobs))
+    elif name == "training_args.bin":
+        out.dropped[name] = "a pickled TrainingArguments object: never unpickled"
+    elif kind != "file":
+        out.dropped[name] = f"{kind}: not read"
+    else:
+        out.dropped[name] = "not a training state ckpt knows (copy it yourself if needed)"
+
+
+def _hf_model(
+    source: str, names: dict[str, str], blobs: str | None, out: Mapped
+) -> dict[str, torch.Tensor] | None:
+    loaders = {"safetensors": load_safetensors, "bin": load_torch}
     for index_name, load in (
-        ("model.safetensors.index.json", load_safetensors),
-        ("pytorch_model.bin.index.json", load_torch),
+        ("model.safetensors.index.json", loaders["safetensors"]),
+        ("pytorch_model.bin.index.json", loaders["bin"]),
     ):
-        index_path = os.path.join(source, index_name)
-        if os.path.exists(index_path):
-            weight_map = load_json(index_path).get("weight_map", {})
+        if index_name in names:
+            index_path = os.path.join(source, index_name)
+            weight_map = _weight_map(load_json(index_path, blobs=blobs), index_path)
             model: dict[str, torch.Tensor] = {}
             for shard in dict.fromkeys(weight_map.values()):
-                if not isinstance(shard, str) or os.path.basename(shard) != shard:
-                    out.dropped[index_name] = f"bad shard name {shard!r}"
-                    return None
-                model.update(load(os.path.join(source, shard)))
+                model.update(load(os.path.join(source, shard), blobs=blobs))
+            missing = [k for k in weight_map if k not in model]
+            if missing:
+                raise CorruptCheckpointError(
+                    f"{len(missing)} tensor(s) of the weight map are in no shard",
+                    path=index_path,
+                    key=missing[0],
+                )
             out.mapped[index_name] = "model"
-            return {k: model[k] for k in weight_map if k in model}
+            return {k: model[k] for k in weight_map}
     for file_name, load in (
-        ("model.safetensors", load_safetensors),
-        ("pytorch_model.bin", load_torch),
+        ("model.safetensors", loaders["safetensors"]),
+        ("pytorch_model.bin", loaders["bin"]),
     ):
-        path = os.path.join(source, file_name)
-        if os.path.exists(path):
+        if file_name in names:
             out.mapped[file_name] = "model"
-            loaded = load(path)
-            return dict(loaded)
+            return dict(load(os.path.join(source, file_name), blobs=blobs))
     out.notes.append("no model weights found in the directory")
     return None
+
+
+def _weight_map(index: Any, path: str) -> dict[str, str]:
+    """An index's ``weight_map``: tensor names to shard file names in the same directory."""
+    weight_map = index.get("weight_map") if isinstance(index, Mapping) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CorruptCheckpointError("no weight_map (a dict of names to files)", path=path)
+    for key, shard in weight_map.items():
+        if (
+            not isinstance(shard, str)
+            or os.path.basename(shard) != shard
+            or shard in ("", ".", "..")
+        ):
+            raise CorruptCheckpointError(f"bad shard name {shard!r:.80}", path=path, key=key)
+    return weight_map
 
 
 def _hf_trainer_state(state: Any, out: Mapped) -> None:
@@ -299,13 +361,48 @@ def _hf_trainer_state(state: Any, out: Mapped) -> None:
             )
 
 
+def _bytes_on_disk(source: str) -> int:
+    """The bytes of the source file, or of the regular files in the source directory."""
+    if not os.path.isdir(source):
+        return os.stat(source).st_size
+    total = 0
+    for name, kind in source_entries(source):
+        if kind == "file":
+            total += os.stat(os.path.join(source, name)).st_size
+    return total
+
+
+def _check_materialised(source: str, mapped: Mapped) -> None:
+    """Refuse, before writing, tensors that would take far more bytes than the source holds.
+
+    Views of one storage, expanded and strided tensors are written whole (ckpt
+    stores each tensor contiguous; identical views are stored once). The bytes
+    written may be at most :data:`MAX_AMPLIFICATION` times the source's bytes on
+    disk plus :data:`AMPLIFICATION_SLACK`.
+    """
+    written = 0
+    for name, (_, state, _) in mapped.items.items():
+        try:
+            _, tensors = flatten(state, name)
+        except (TypeError, ValueError):
+            continue  # refused with its key path when committed
+        written += sum(t.numel() * t.element_size() for t in tensors.values())
+    on_disk = _bytes_on_disk(source)
+    allowed = MAX_AMPLIFICATION * on_disk + AMPLIFICATION_SLACK
+    if written > allowed:
+        raise CorruptCheckpointError(
+            f"its tensors would take {written} bytes written out, more than "
+            f"{MAX_AMPLIFICATION} x its {on_disk} bytes on disk + {AMPLIFICATION_SLACK}: views "
+            "of one storage or expanded tensors; save them with .clone() if they are meant",
+            path=source,
+        )
+
+
 def _map_dcp(source: str) -> Mapped:
-    state, failed = load_dcp(source)
+    state = load_dcp(source)
     state = {k: _packed_optimizer(v) for k, v in state.items()}
     out = map_classic(state, "dcp")
     out.layout = "dcp"
-    for key, why in failed.items():
-        out.dropped[key] = why
     return out
 
 

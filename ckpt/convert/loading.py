@@ -12,7 +12,6 @@ allows pickle here only, and checks every ``torch.load`` passes ``weights_only=T
 from __future__ import annotations
 
 import io
-import json
 import mmap
 import os
 import pickle
@@ -22,35 +21,85 @@ from typing import Any
 
 import torch
 
-from ckpt.errors import CheckpointNotFoundError, CorruptCheckpointError
+from ckpt.convert.guard import (
+    MAX_JSON_BYTES,
+    MAX_METADATA_BYTES,
+    check_tree,
+    open_source,
+    read_bounded,
+)
+from ckpt.errors import CorruptCheckpointError
 from ckpt.tensorfile import parse_header
+from ckpt.tree import loads_strict
 
-__all__ = ["load_dcp", "load_json", "load_safetensors", "load_torch", "save_torch"]
+__all__ = [
+    "load_bytes",
+    "load_dcp_metadata",
+    "load_json",
+    "load_safetensors",
+    "load_torch",
+    "save_torch",
+]
 
 
-def load_torch(path: str) -> Any:
-    """``torch.load(path, weights_only=True)`` on CPU, memory mapped when the file allows it.
+def load_torch(path: str, *, follow: bool = False, blobs: str | None = None) -> Any:
+    """``torch.load(weights_only=True)`` of a regular file, on CPU, memory mapped when it allows.
+
+    The file is opened once (:func:`ckpt.convert.guard.open_source`: no FIFO, no
+    link out of the source) and loaded through that descriptor, so what is
+    loaded is the file that was checked.
+
+    Args:
+        path: The file.
+        follow: Follow ``path`` if it is a link (the path the user named).
+        blobs: A hub-cache ``blobs`` directory links may point into.
 
     Raises:
         CheckpointNotFoundError: No such file.
         CorruptCheckpointError: ``weights_only`` refuses the file (it would need to
-            run code, or build an unknown class) or it is not a ``torch.save`` file.
+            run code, or build an unknown class; the message names the global), it
+            is not a ``torch.save`` file, or not a regular file.
     """
-    if not os.path.isfile(path):
-        raise CheckpointNotFoundError("no such file", path=path)
+    with open_source(path, follow=follow, blobs=blobs) as f:
+        by_fd = f"/proc/self/fd/{f.fileno()}"
+        target: Any = by_fd if os.path.exists(by_fd) else f
+        try:
+            value = _torch_load(target, path, mapped=isinstance(target, str))
+        except _NotMappable:
+            f.seek(0)
+            value = _torch_load(f, path, mapped=False)
+    check_tree(value, path)
+    return value
+
+
+class _NotMappable(Exception):
+    """An old (non-zip) ``torch.save`` file: load it without ``mmap``."""
+
+
+def _torch_load(target: Any, path: str, *, mapped: bool) -> Any:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return torch.load(target, map_location="cpu", weights_only=True, mmap=mapped)
     except pickle.UnpicklingError as e:
         raise _refused(path, e) from e
     except RuntimeError as e:
-        if "mmap" not in str(e) and "zip" not in str(e):
-            raise CorruptCheckpointError(f"not a loadable torch.save file: {e}", path=path) from e
-    try:  # an old (non-zip) torch.save file cannot be mapped
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise _refused(path, e) from e
+        if mapped and ("mmap" in str(e) or "zip" in str(e)):
+            raise _NotMappable from e
+        raise CorruptCheckpointError(
+            f"not a loadable torch.save file: {_short(e)}", path=path
+        ) from e
+    except RecursionError as e:
+        raise CorruptCheckpointError("nested too deeply to load", path=path) from e
+    except MemoryError as e:
+        raise CorruptCheckpointError("declares more data than memory holds", path=path) from e
     except Exception as e:
-        raise CorruptCheckpointError(f"not a loadable torch.save file: {e}", path=path) from e
+        raise CorruptCheckpointError(
+            f"not a loadable torch.save file: {_short(e)}", path=path
+        ) from e
+
+
+def _short(e: BaseException) -> str:
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip().splitlines()
+    return (text[0] if text else type(e).__name__)[:300]
 
 
 def save_torch(state: dict[str, torch.Tensor], path: str) -> None:
@@ -58,40 +107,57 @@ def save_torch(state: dict[str, torch.Tensor], path: str) -> None:
     torch.save(state, path)
 
 
+_GLOBAL = re.compile(r"(?:GLOBAL|global)\s+([A-Za-z_][\w.]*)")
+
+
 def _refused(path: str, e: BaseException) -> CorruptCheckpointError:
-    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(e).splitlines()]
-    lines = [line for line in lines if line]
-    why = [line for line in lines if "Unsupported" in line or "WeightsUnpickler" in line]
-    first = (why or lines or [type(e).__name__])[0]
+    """Name the global ``weights_only`` refused; torch's advice to turn it off is not repeated."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+    found = _GLOBAL.search(text)
+    what = f"the global {found.group(1)}" if found else "an object that is not plain data"
     return CorruptCheckpointError(
-        "torch.load(weights_only=True) refused this file: it holds objects other than "
-        f"tensors and plain data ({first}). ckpt never unpickles anything else; if you "
-        "trust the file, load it yourself and save its state dicts with ckpt",
+        f"refused by torch.load(weights_only=True): the file needs {what}, which is not "
+        "a tensor or plain data; ckpt never unpickles anything else (nothing was run). If "
+        "you trust the file, load it yourself and save its state dicts with ckpt",
         path=path,
     )
 
 
-def load_json(path: str) -> Any:
-    """A JSON file, or ``CorruptCheckpointError`` naming it."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, ValueError) as e:
-        raise CorruptCheckpointError(f"cannot read JSON: {e}", path=path) from e
-
-
-def load_safetensors(path: str) -> dict[str, torch.Tensor]:
-    """A safetensors file's tensors, memory mapped copy-on-write (read lazily, never copied).
+def load_json(path: str, *, blobs: str | None = None) -> Any:
+    """A JSON file (at most :data:`~ckpt.convert.guard.MAX_JSON_BYTES`, nesting bounded).
 
     Raises:
-        CorruptCheckpointError: A malformed file.
+        CorruptCheckpointError: Unreadable, too large, too deep, or not strict JSON.
     """
+    with open_source(path, blobs=blobs) as f:
+        raw = read_bounded(f, MAX_JSON_BYTES, path)
     try:
-        with open(path, "rb") as f:
+        value = loads_strict(raw)
+    except RecursionError as e:
+        raise CorruptCheckpointError("JSON nested too deeply", path=path) from e
+    except ValueError as e:
+        raise CorruptCheckpointError(f"not valid JSON: {_short(e)}", path=path) from e
+    check_tree(value, path)
+    return value
+
+
+def load_safetensors(
+    path: str, *, follow: bool = False, blobs: str | None = None
+) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors, memory mapped copy-on-write (read lazily, never copied).
+
+    The header is checked as ckpt checks its own files: offsets in order, no
+    gaps or overlaps, sizes that agree with shapes and with the file's size.
+
+    Raises:
+        CorruptCheckpointError: A malformed file, or not a regular file.
+    """
+    with open_source(path, follow=follow, blobs=blobs) as f:
+        try:
             size = os.fstat(f.fileno()).st_size
-            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size else b""
-    except OSError as e:
-        raise CorruptCheckpointError(f"cannot read: {e}", path=path) from e
+            mapped: Any = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size else b""
+        except (OSError, ValueError) as e:
+            raise CorruptCheckpointError(f"cannot read: {e}", path=path) from e
     n = int.from_bytes(mapped[:8], "little") if size >= 8 else 0
     entries, _, data_start = parse_header(bytes(mapped[: 8 + min(n, size)]), size, path)
     out = {}
@@ -156,139 +222,41 @@ class _DcpUnpickler(pickle.Unpickler):
 
 
 def load_dcp_metadata(directory: str) -> Any:
-    """Unpickle a DCP directory's ``.metadata`` with the restricted unpickler."""
+    """Unpickle a DCP directory's ``.metadata`` with the restricted unpickler.
+
+    Raises:
+        CheckpointNotFoundError: No ``.metadata``.
+        CorruptCheckpointError: Not a regular file, larger than
+            :data:`~ckpt.convert.guard.MAX_METADATA_BYTES`, malformed, or naming
+            a class other than DCP's metadata classes (nothing is constructed).
+    """
     path = os.path.join(directory, ".metadata")
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except FileNotFoundError as e:
-        raise CheckpointNotFoundError("not a DCP checkpoint: no .metadata", path=path) from e
-    except OSError as e:
-        raise CorruptCheckpointError(f"cannot read: {e}", path=path) from e
+    with open_source(path) as f:
+        raw = read_bounded(f, MAX_METADATA_BYTES, path)
     try:
         return _DcpUnpickler(io.BytesIO(raw), path).load()
     except CorruptCheckpointError:
         raise
+    except RecursionError as e:
+        raise CorruptCheckpointError("DCP metadata nested too deeply", path=path) from e
     except Exception as e:
-        raise CorruptCheckpointError(f"malformed DCP metadata: {e}", path=path) from e
+        raise CorruptCheckpointError(f"malformed DCP metadata: {_short(e)}", path=path) from e
 
 
-def _read_slice(directory: str, info: Any, fqn: str) -> bytes:
-    rel = getattr(info, "relative_path", None)
-    offset, length = getattr(info, "offset", None), getattr(info, "length", None)
-    if getattr(info, "transform_descriptors", None):
-        raise CorruptCheckpointError(
-            f"{fqn!r} is stored with transforms {info.transform_descriptors}, not supported",
-            path=directory,
-        )
-    if (
-        not isinstance(rel, str)
-        or os.path.basename(rel) != rel
-        or rel in ("", ".", "..")
-        or not isinstance(offset, int)
-        or not isinstance(length, int)
-        or offset < 0
-        or length < 0
-    ):
-        raise CorruptCheckpointError(f"bad storage record for {fqn!r}: {info!r}", path=directory)
-    path = os.path.join(directory, rel)
-    try:
-        with open(path, "rb") as f:
-            f.seek(offset)
-            data = f.read(length)
-    except OSError as e:
-        raise CorruptCheckpointError(f"cannot read {fqn!r}: {e}", path=path) from e
-    if len(data) != length:
-        raise CorruptCheckpointError(f"file ends inside {fqn!r}", path=path)
-    return data
+def load_bytes(data: bytes, path: str, key: str) -> Any:
+    """``torch.load(weights_only=True)`` of one stored value's bytes (a DCP chunk).
 
-
-def _load_bytes(data: bytes, path: str, fqn: str) -> Any:
+    Raises:
+        CorruptCheckpointError: Refused or malformed; names ``path`` and ``key``.
+    """
     try:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise _refused(f"{path} [{fqn}]", e) from e
+        raise _refused(path, e) from e
     except Exception as e:
-        raise CorruptCheckpointError(f"cannot load {fqn!r}: {e}", path=path) from e
-
-
-def load_dcp(directory: str) -> tuple[dict[str, Any], dict[str, str]]:
-    """Every value of a DCP checkpoint, as the nested state that was saved.
-
-    Each tensor is assembled whole from its chunks (read by the metadata's
-    storage offsets); other values are loaded with ``weights_only=True``.
-
-    Returns:
-        The nested state (keys as DCP's planner recorded them; DCP writes the int
-        keys of optimizer states as strings) and ``{key: why}`` for values that
-        could not be loaded.
-    """
-    metadata = load_dcp_metadata(directory)
-    by_fqn: dict[str, list[tuple[Any, Any]]] = {}
-    for index, info in getattr(metadata, "storage_data", {}).items():
-        by_fqn.setdefault(getattr(index, "fqn", ""), []).append((index, info))
-    planner = getattr(metadata, "planner_data", None) or {}
-    state: dict[str, Any] = {}
-    failed: dict[str, str] = {}
-    for fqn, meta in getattr(metadata, "state_dict_metadata", {}).items():
-        stored = by_fqn.get(fqn, [])
-        try:
-            if hasattr(meta, "chunks"):
-                value: Any = _assemble(directory, fqn, meta, stored)
-            else:
-                if len(stored) != 1:
-                    raise CorruptCheckpointError(f"{fqn!r} has no stored bytes", path=directory)
-                value = _load_bytes(_read_slice(directory, stored[0][1], fqn), directory, fqn)
-        except CorruptCheckpointError as e:
-            failed[fqn] = str(e)
-            continue
-        path = planner.get(fqn, (fqn,))
-        _put(state, tuple(path), value)
-    return state, failed
-
-
-def _assemble(directory: str, fqn: str, meta: Any, stored: list[tuple[Any, Any]]) -> torch.Tensor:
-    dtype = meta.properties.dtype
-    full = torch.empty(tuple(meta.size), dtype=dtype)
-    by_offset = {tuple(getattr(i, "offset", None) or ()): info for i, info in stored}
-    for chunk in meta.chunks:
-        offsets, sizes = tuple(chunk.offsets), tuple(chunk.sizes)
-        info = by_offset.get(offsets)
-        if info is None and len(stored) == 1 and len(meta.chunks) == 1:
-            info = stored[0][1]
-        if info is None:
-            raise CorruptCheckpointError(f"a chunk of {fqn!r} has no stored bytes", path=directory)
-        part = _load_bytes(_read_slice(directory, info, fqn), directory, fqn)
-        if not isinstance(part, torch.Tensor) or tuple(part.shape) != sizes:
-            raise CorruptCheckpointError(
-                f"a chunk of {fqn!r} is not its recorded tensor", path=directory
-            )
-        target = full
-        for dim, (o, s) in enumerate(zip(offsets, sizes, strict=True)):
-            target = target.narrow(dim, o, s)
-        target.copy_(part)
-    return full
-
-
-def _put(state: dict[str, Any], path: tuple[Any, ...], value: Any) -> None:
-    node: Any = state
-    for i, key in enumerate(path[:-1]):
-        nxt = path[i + 1]
-        if isinstance(node, list):
-            while len(node) <= key:
-                node.append(None)
-            if node[key] is None:
-                node[key] = [] if isinstance(nxt, int) else {}
-            node = node[key]
-        else:
-            node = node.setdefault(key, [] if isinstance(nxt, int) else {})
-    last = path[-1]
-    if isinstance(node, list):
-        while len(node) <= last:
-            node.append(None)
-        node[last] = value
-    else:
-        node[last] = value
+        raise CorruptCheckpointError(
+            f"cannot load a stored value: {_short(e)}", path=path, key=key
+        ) from e
 
 
 def is_mapping_of_tensors(value: object) -> bool:
