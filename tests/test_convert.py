@@ -184,6 +184,73 @@ def test_export_pt_format_is_a_plain_state_dict(tmp_path):
     assert_same_state(torch.load(path, weights_only=True), dict(model.state_dict()))
 
 
+@pytest.mark.parametrize("wrap", ["compile", "dataparallel", "both"])
+def test_export_of_a_wrapped_model_loads_into_the_bare_model_bit_for_bit(tmp_path, wrap):
+    model = small_model()
+    wrapped: nn.Module = model
+    if wrap in ("dataparallel", "both"):
+        wrapped = nn.DataParallel(wrapped)  # no GPUs: a plain wrapper, keys "module."
+    if wrap in ("compile", "both"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit, imported by dynamo
+            wrapped = torch.compile(wrapped)  # keys "_orig_mod."; nothing compiled until called
+    assert all(k != k.split(".", 1)[1] for k in wrapped.state_dict())
+    with ckpt.CheckpointManager(tmp_path / "run") as mgr:
+        mgr.save(1, model=wrapped)
+    for fmt in ("safetensors", "pt"):
+        (path,) = ckpt.export(tmp_path / "run", tmp_path / fmt, format=fmt)
+        loaded = load_file(path) if fmt == "safetensors" else torch.load(path, weights_only=True)
+        assert list(loaded) == list(model.state_dict())
+        bare = small_model(seed=4)
+        bare.load_state_dict(loaded, strict=True)
+        assert_same_state(bare.state_dict(), model.state_dict())
+    (kept,) = ckpt.export(tmp_path / "run", tmp_path / "kept", strip_prefixes=False)
+    assert _header_keys(kept) == list(wrapped.state_dict())
+
+
+def test_export_pt_keeps_tied_names_in_state_dict_order(tmp_path):
+    model = Tied()
+    with ckpt.CheckpointManager(tmp_path / "run") as mgr:
+        mgr.save(1, model=model)
+    (path,) = ckpt.export(tmp_path / "run", tmp_path / "pt", format="pt")
+    loaded = torch.load(path, weights_only=True)
+    assert list(loaded) == list(model.state_dict())
+    assert loaded["head.weight"].data_ptr() == loaded["embed.weight"].data_ptr()
+    fresh = Tied(seed=5)
+    fresh.load_state_dict(loaded)
+    assert_same_state(fresh.state_dict(), model.state_dict())
+
+
+@pytest.mark.parametrize("where", ["the step", "the root", "another root", "a step of another"])
+def test_export_refuses_a_destination_inside_a_checkpoint(tmp_path, where):
+    from test_hostile_fs import bounded, fingerprint
+
+    with ckpt.CheckpointManager(tmp_path / "run") as mgr:
+        info = mgr.save(1, model=small_model())
+    with ckpt.CheckpointManager(tmp_path / "other") as mgr:
+        other = mgr.save(3, model=small_model())
+    out = {
+        "the step": pathlib.Path(info.path),
+        "the root": tmp_path / "run" / "hf",
+        "another root": tmp_path / "other",
+        "a step of another": pathlib.Path(other.path) / "x",
+    }[where]
+    before = fingerprint(tmp_path)
+    with bounded(20), pytest.raises(ckpt.CheckpointWriteError, match="inside"):
+        ckpt.export(tmp_path / "run", out)
+    assert fingerprint(tmp_path) == before
+    assert _main(["export", str(tmp_path / "run"), str(out)]) == 1
+    assert fingerprint(tmp_path) == before
+
+
+def test_export_refuses_keys_that_collide_without_prefixes(tmp_path):
+    state = {"module.w": torch.ones(2), "module._orig_mod.w": torch.zeros(2)}
+    with ckpt.CheckpointManager(tmp_path / "run") as mgr:
+        mgr.save(1, model=state)
+    with pytest.raises(ckpt.IncompatibleCheckpointError, match="keep-prefixes"):
+        ckpt.export(tmp_path / "run", tmp_path / "hf")
+
+
 def test_export_of_a_corrupt_checkpoint_leaves_nothing(tmp_path):
     with ckpt.CheckpointManager(tmp_path / "run") as mgr:
         info = mgr.save(1, model=small_model(), rng=False)

@@ -11,10 +11,12 @@ import logging
 import sys
 from typing import Any
 
+from ckpt.cli.source import parse_target
 from ckpt.convert.export import DTYPES, FORMATS, export, parse_size
 from ckpt.convert.importing import FORMATS as IMPORT_FORMATS
 from ckpt.convert.importing import import_checkpoint
 from ckpt.errors import CheckpointError
+from ckpt.limits import MAX_STEP
 
 __all__ = ["add_export_parser", "add_import_parser", "split_step"]
 
@@ -22,14 +24,9 @@ logger = logging.getLogger(__name__)
 
 
 def split_step(spec: str) -> tuple[str, int | None]:
-    """``DIR[:STEP]`` -> (DIR, STEP); a URL's ``scheme://`` colon is not a step.
-
-    A last ``:`` segment that is not all digits is part of the path.
-    """
-    head, sep, tail = spec.rpartition(":")
-    if sep and head and tail.isdigit():
-        return head, int(tail)
-    return spec, None
+    """``DIR[:STEP]`` -> (DIR, STEP), read as every command reads it (``parse_target``)."""
+    target = parse_target(spec)
+    return target.root, target.step
 
 
 def add_export_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -40,12 +37,32 @@ def add_export_parser(subparsers: Any) -> argparse.ArgumentParser:
         description="Write a module item's weights as Hugging Face safetensors: "
         "model.safetensors, or shards plus model.safetensors.index.json.",
     )
-    p.add_argument("source", metavar="DIR[:STEP]", help="checkpoint root, optionally :STEP")
-    p.add_argument("out", metavar="OUT", help="output directory (local)")
+    p.add_argument(
+        "source", metavar="DIR[:STEP]", help="checkpoint root, optionally :STEP (default: latest)"
+    )
+    p.add_argument(
+        "out",
+        metavar="OUT",
+        help="output directory (local; not inside DIR nor any checkpoint root)",
+    )
     p.add_argument("--item", default="model", help="the module item (default: model)")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="cast floating-point tensors")
-    p.add_argument("--max-shard-size", default="5GB", help="data bytes per file (default 5GB)")
-    p.add_argument("--format", choices=FORMATS, default="safetensors")
+    p.add_argument(
+        "--max-shard-size",
+        default="5GB",
+        help="data bytes per safetensors file, like 5GB or 500MiB (default 5GB)",
+    )
+    p.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="safetensors",
+        help="safetensors (Hub layout, streamed) or pt (pytorch_model.bin); default safetensors",
+    )
+    p.add_argument(
+        "--keep-prefixes",
+        action="store_true",
+        help="keep _orig_mod. (torch.compile) and module. (DataParallel) in the names",
+    )
     p.add_argument("--json", action="store_true", help="print the files written as JSON")
     p.set_defaults(func=_run_export)
     return p
@@ -62,7 +79,12 @@ def add_import_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("src", metavar="SRC", help="a .pt/.ckpt/.safetensors file or a directory")
     p.add_argument("directory", metavar="DIR", help="the ckpt root to write")
     p.add_argument("--step", type=int, help="the step to write (default: the source's)")
-    p.add_argument("--format", choices=IMPORT_FORMATS, default="auto")
+    p.add_argument(
+        "--format",
+        choices=IMPORT_FORMATS,
+        default="auto",
+        help="what SRC is (default auto: told from its name and contents)",
+    )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=_run_import)
     return p
@@ -77,21 +99,26 @@ def _progress(args: argparse.Namespace) -> bool:
 
 def _run_export(args: argparse.Namespace) -> int:
     try:
-        directory, step = split_step(args.source)
+        target = parse_target(args.source)
         parse_size(args.max_shard_size)
-    except ValueError as e:
-        sys.stderr.write(f"ckpt export: error: {e}\n")
+    except ValueError:
+        sys.stderr.write(
+            f"ckpt export: error: --max-shard-size {args.max_shard_size!r} is not a size "
+            "like 5GB or 500MiB\n"
+        )
         return 2
     try:
         written = export(
-            directory,
+            target.root,
             args.out,
-            step=step,
+            step=target.step,
             item=args.item,
             dtype=args.dtype,
             max_shard_size=args.max_shard_size,
             format=args.format,
             progress=_progress(args),
+            storage_options=getattr(args, "storage_options", None),
+            strip_prefixes=not args.keep_prefixes,
         )
     except CheckpointError as e:
         sys.stderr.write(f"ckpt export: {e}\n")
@@ -104,8 +131,17 @@ def _run_export(args: argparse.Namespace) -> int:
 
 
 def _run_import(args: argparse.Namespace) -> int:
+    if args.step is not None and not 0 <= args.step <= MAX_STEP:
+        sys.stderr.write(f"ckpt import: error: --step must be in [0, {MAX_STEP}]\n")
+        return 2
     try:
-        report = import_checkpoint(args.src, args.directory, step=args.step, format=args.format)
+        report = import_checkpoint(
+            args.src,
+            args.directory,
+            step=args.step,
+            format=args.format,
+            storage_options=getattr(args, "storage_options", None),
+        )
     except CheckpointError as e:
         sys.stderr.write(f"ckpt import: {e}\n")
         return 1

@@ -9,7 +9,13 @@ so memory stays at one tensor plus read buffers.
 
 Tied weights (one tensor under several names, stored once by ckpt) are written
 once, under the first name, as ``save_pretrained`` does; transformers re-ties the
-alias when it loads the model.
+alias when it loads the model. ``format="pt"`` keeps every name, in state-dict
+order, the aliases sharing their tensor's storage (as ``torch.save`` of the
+module's state dict does).
+
+Keys lose the ``_orig_mod.`` and ``module.`` wrapper prefixes of compiled and
+data-parallel models (:mod:`ckpt.convert.naming`), and the destination may not
+lie inside the checkpoint read or any checkpoint root.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from typing import Any, BinaryIO
 import torch
 
 from ckpt.convert.loading import save_torch
+from ckpt.convert.naming import RenamedSource, bare_names, check_destination
 from ckpt.convert.source import ItemLayout, LayoutEntry, open_item
 from ckpt.errors import CheckpointWriteError, IncompatibleCheckpointError
 from ckpt.tensorfile import TensorEntry, encode_header, tensor_bytes
@@ -122,6 +129,7 @@ def export(
     format: str = "safetensors",
     progress: bool = False,
     storage_options: dict[str, Any] | None = None,
+    strip_prefixes: bool = True,
 ) -> list[str]:
     """Write one module item's weights for inference tools.
 
@@ -139,6 +147,9 @@ def export(
             plain ``torch.save`` state dict, built whole in memory).
         progress: Show a tqdm bar (needs the ``progress`` extra).
         storage_options: Passed to fsspec for ``directory``.
+        strip_prefixes: Remove ``_orig_mod.`` (``torch.compile``) components and a
+            ``module.`` prefix on every key (``DataParallel``/DDP), so the bare
+            model loads the weights.
 
     Returns:
         The paths of the files written, the index last.
@@ -147,7 +158,8 @@ def export(
         CheckpointNotFoundError: No such checkpoint, step or item.
         IncompatibleCheckpointError: The item is not a flat mapping of names to tensors.
         CorruptCheckpointError: A file read fails its checks; nothing is left in ``out``.
-        CheckpointWriteError: Writing ``out`` failed.
+        CheckpointWriteError: Writing ``out`` failed, or ``out`` lies inside the
+            checkpoint read or inside any checkpoint root (refused before writing).
         ValueError: A bad ``dtype``, ``max_shard_size`` or ``format``.
 
     Example:
@@ -159,13 +171,19 @@ def export(
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
     max_bytes = parse_size(max_shard_size)
     start = time.perf_counter()
-    source = open_item(os.fspath(directory), step, item, storage_options)
+    out_dir = os.fspath(out)
+    check_destination(os.fspath(directory), out_dir)
+    source: Any = open_item(os.fspath(directory), step, item, storage_options)
+    if strip_prefixes:
+        names = bare_names(source.layout.order)
+        if any(k != v for k, v in names.items()):
+            logger.info("exported without wrapper prefixes (_orig_mod., module.)")
+            source = RenamedSource(source, names)
     layout = source.layout
     for key, first in layout.aliases.items():
         logger.info("%r is tied to %r: written once, as %r", key, first, first)
     for key in layout.skipped:
         logger.warning("%r of item %r is not a tensor: not exported", key, item)
-    out_dir = os.fspath(out)
     try:
         os.makedirs(out_dir, exist_ok=True)
     except OSError as e:
@@ -302,7 +320,8 @@ def _export_pt(source: Any, out_dir: str, dtype: torch.dtype | None, bar: Any) -
         loaded[key] = t.to(dtype) if dtype is not None and t.dtype.is_floating_point else t
         if bar is not None:
             bar.update(t.nbytes)
-    state = {e.key: loaded[e.key] for e in layout.entries}
+    order = layout.order or tuple(e.key for e in layout.entries)
+    state = {k: loaded[layout.aliases.get(k, k)] for k in order}  # ties share storage
     path = os.path.join(out_dir, PT_NAME)
     temp = path + ".ckpt-export.tmp"
     try:

@@ -172,7 +172,9 @@ def import_checkpoint(
         mapped.items[EXTRA_ITEM] = ("dict", mapped.extra, {})
     chosen = step if step is not None else (mapped.step if mapped.step is not None else 0)
     if chosen > MAX_STEP:
-        raise ValueError(f"the source's step {chosen} exceeds ckpt.MAX_STEP; pass step=")
+        raise ValueError(
+            f"the source's step {chosen} exceeds ckpt.MAX_STEP; choose one (step=, --step)"
+        )
     root = os.fspath(directory)
     _check_materialised(source, mapped)
     _commit(root, chosen, mapped, storage_options)

@@ -53,6 +53,7 @@ class ItemLayout:
         aliases: ``{alias key: first key}``: keys that refer to a tensor stored
             once under an earlier key (tied weights).
         skipped: Keys of the item's state that are not tensors (``_extra_state``).
+        order: Every tensor key, aliases included, in the state's order.
     """
 
     step: int
@@ -61,6 +62,7 @@ class ItemLayout:
     entries: tuple[LayoutEntry, ...]
     aliases: dict[str, str]
     skipped: tuple[str, ...]
+    order: tuple[str, ...] = ()
 
 
 class ItemSource:
@@ -155,5 +157,6 @@ def open_item(
         entries.append(LayoutEntry(key, name, dtype, tuple(shape)))
     tensor_keys = {e.key for e in entries} | aliases.keys()
     skipped = tuple(k for k in record.state if k not in tensor_keys)
-    layout = ItemLayout(manifest.step, item, record.kind, tuple(entries), aliases, skipped)
+    order = tuple(k for k in record.state if k in tensor_keys)
+    layout = ItemLayout(manifest.step, item, record.kind, tuple(entries), aliases, skipped, order)
     return ItemSource(reader, layout, stream_keys)
