@@ -125,7 +125,9 @@ def test_ls_json_schema(capsys: pytest.CaptureFixture[str], saved: Path) -> None
         "items",
         "format_version",
         "world_size",
+        "damaged",
     }
+    assert first["damaged"] is None
     assert first["epoch"] == 0 and first["metrics"] == {"loss": 1.0}
     assert first["items"] == ["model", "optimizer", "scheduler", "rng"]
     assert first["nbytes"] == sum(
@@ -259,6 +261,79 @@ def test_info_empty_directory(capsys: pytest.CaptureFixture[str], tmp_path: Path
 
 
 # -------------------------------------------------------------------- verify
+
+
+def test_ls_lists_every_step_and_marks_a_damaged_one(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    save_run(tmp_path / "run")
+    (tmp_path / "run" / step_dir_name(1) / "manifest.json").write_text("{garbage")
+    code, out, err = run(capsys, "ls", tmp_path / "run")
+    assert code == 1
+    assert [line.split()[0] for line in out.splitlines()[1:]] == ["0", "1", "2"]
+    assert "DAMAGED" in out.splitlines()[2] and "step 1 is damaged" in err
+    code, doc = run_json(capsys, "ls", tmp_path / "run")
+    assert code == 1 and [c["step"] for c in doc["checkpoints"]] == [0, 1, 2]
+    assert [bool(c["damaged"]) for c in doc["checkpoints"]] == [False, True, False]
+    assert "manifest.json" in doc["checkpoints"][1]["damaged"]
+
+
+def test_every_command_reads_dir_step_one_way(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    save_run(tmp_path / "run")
+    victim = corrupt_one_tensor_file(tmp_path / "run", 1)
+    code, out, _ = run(capsys, "verify", f"{tmp_path / 'run'}:1")
+    assert code == 1 and victim.name in out
+    assert run(capsys, "verify", f"{tmp_path / 'run'}:2")[0] == 0
+    assert run(capsys, "verify", f"{tmp_path / 'run'}:2", "--step", "1")[0] == 2
+    code, doc = run_json(capsys, "info", f"{tmp_path / 'run'}:0")
+    assert code == 0 and doc["step"] == 0
+    for command in (["ls"], ["prune", "--keep-last", "1"]):
+        code, _, err = run(capsys, *command, f"{tmp_path / 'run'}:2")
+        assert code == 2 and "DIR:STEP" in err
+    assert sorted(os.listdir(tmp_path / "run")) == sorted(
+        [step_dir_name(s) for s in range(3)] + [".ckpt-writer.lock"]
+    )
+
+
+def test_every_option_has_help() -> None:
+    from ckpt.cli import build_parser
+
+    parser = build_parser()
+    missing = [a.dest for a in parser._actions if not a.help]
+    for name, sub in parser._subparsers._group_actions[0].choices.items():  # type: ignore[union-attr]
+        missing += [f"{name} {a.option_strings or a.dest}" for a in sub._actions if not a.help]
+    assert not missing
+
+
+def test_errors_name_the_flags_users_type(capsys: pytest.CaptureFixture[str], saved: Path) -> None:
+    code, _, err = run(capsys, "export", saved, str(saved.parent / "hf"), "--max-shard-size", "x")
+    assert code == 2 and "--max-shard-size" in err
+    code, _, err = run(capsys, "import", str(saved / "x.pt"), str(saved), "--step", "-1")
+    assert code == 2 and "--step" in err
+
+
+def test_storage_options_reach_import_and_export(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import ckpt.convert.cli as convert_cli
+
+    seen: dict[str, object] = {}
+
+    def spy(name: str):
+        def call(*args: object, **kwargs: object) -> object:
+            seen[name] = kwargs.get("storage_options")
+            raise ckpt.CheckpointNotFoundError("spied", path="x")
+
+        return call
+
+    monkeypatch.setattr(convert_cli, "export", spy("export"))
+    monkeypatch.setattr(convert_cli, "import_checkpoint", spy("import"))
+    option = ["--storage-option", "anon=true"]
+    assert run(capsys, "export", "memory://r", str(tmp_path / "hf"), *option)[0] == 1
+    assert run(capsys, "import", str(tmp_path / "a.pt"), "memory://r", *option)[0] == 1
+    assert seen == {"export": {"anon": True}, "import": {"anon": True}}
 
 
 def corrupt_one_tensor_file(directory: Path, step: int) -> Path:

@@ -96,7 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"ckpt {__version__}")
     _common_options(parser, top=True)
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    subparsers = parser.add_subparsers(
+        dest="command",
+        metavar="COMMAND",
+        required=True,
+        help="what to do (COMMAND --help for more)",
+    )
     listing.add_ls_parser(subparsers)
     listing.add_info_parser(subparsers)
     verifying.add_parser(subparsers)

@@ -10,8 +10,8 @@ import fnmatch
 from typing import Any
 
 from ckpt.cli.render import dump_json, human_bytes, note, out, short_value, table
-from ckpt.cli.source import open_reader, parse_target
-from ckpt.errors import CheckpointNotFoundError
+from ckpt.cli.source import open_reader, parse_root, parse_target
+from ckpt.errors import CheckpointError, CheckpointNotFoundError
 
 __all__ = ["add_info_parser", "add_ls_parser", "info_doc", "ls_doc"]
 
@@ -23,7 +23,11 @@ def add_ls_parser(subparsers: argparse._SubParsersAction) -> None:  # type: igno
         help="list the committed checkpoints of a directory",
         description="List the committed steps of DIR with time, size, epoch, metrics and items.",
     )
-    p.add_argument("directory", metavar="DIR", help="checkpoint root: a path or fsspec URL")
+    p.add_argument(
+        "directory",
+        metavar="DIR",
+        help="checkpoint root: a path or fsspec URL",
+    )
     p.add_argument("--json", action="store_true", help="print JSON (schema in docs/cli.md)")
     p.set_defaults(func=run_ls)
 
@@ -49,49 +53,66 @@ def add_info_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ig
 # --------------------------------------------------------------------------- ls
 
 
-def ls_doc(reader: Any) -> dict[str, Any]:
-    """The ``ckpt ls --json`` document of an open reader."""
-    rows = []
-    for step in reader.all_steps():
+def _ls_row(reader: Any, step: int) -> dict[str, Any]:
+    """One ``ls`` row; a step whose manifest cannot be read is a row with ``damaged`` set."""
+    try:
         d = reader.describe(step).to_json()
-        rows.append(
-            {
-                "step": d["step"],
-                "created_at": d["created_at"],
-                "nbytes": d["nbytes"],
-                "epoch": d["epoch"],
-                "metrics": d["metrics"],
-                "items": [item["name"] for item in d["items"]],
-                "format_version": d["format_version"],
-                "world_size": d["world_size"],
-            }
-        )
+    except CheckpointError as e:
+        return {
+            "step": step,
+            "created_at": None,
+            "nbytes": None,
+            "epoch": None,
+            "metrics": {},
+            "items": [],
+            "format_version": None,
+            "world_size": None,
+            "damaged": str(e),
+        }
+    return {
+        "step": d["step"],
+        "created_at": d["created_at"],
+        "nbytes": d["nbytes"],
+        "epoch": d["epoch"],
+        "metrics": d["metrics"],
+        "items": [item["name"] for item in d["items"]],
+        "format_version": d["format_version"],
+        "world_size": d["world_size"],
+        "damaged": None,
+    }
+
+
+def ls_doc(reader: Any) -> dict[str, Any]:
+    """The ``ckpt ls --json`` document of an open reader: every step, damaged ones marked."""
+    rows = [_ls_row(reader, step) for step in reader.all_steps()]
     return {"directory": reader.directory, "checkpoints": rows}
 
 
 def run_ls(args: argparse.Namespace) -> int:
-    """``ckpt ls``."""
-    reader = open_reader(args.directory, args.storage_options)
+    """``ckpt ls``: exit 1 (after listing every step) when a step is damaged."""
+    reader = open_reader(parse_root(args.directory, "ls"), args.storage_options)
     doc = ls_doc(reader)
+    damaged = [c for c in doc["checkpoints"] if c["damaged"]]
     if args.json:
         out(dump_json(doc))
-        return 0
-    if not doc["checkpoints"]:
+    elif not doc["checkpoints"]:
         note(f"ckpt: no committed checkpoints in {doc['directory']}")
-        return 0
-    rows = [
-        [
-            str(c["step"]),
-            c["created_at"],
-            human_bytes(c["nbytes"]),
-            "-" if c["epoch"] is None else str(c["epoch"]),
-            " ".join(f"{k}={short_value(v)}" for k, v in c["metrics"].items()) or "-",
-            ",".join(c["items"]),
+    else:
+        rows = [
+            [
+                str(c["step"]),
+                c["created_at"] or "DAMAGED",
+                "-" if c["nbytes"] is None else human_bytes(c["nbytes"]),
+                "-" if c["epoch"] is None else str(c["epoch"]),
+                " ".join(f"{k}={short_value(v)}" for k, v in c["metrics"].items()) or "-",
+                ",".join(c["items"]) or "-",
+            ]
+            for c in doc["checkpoints"]
         ]
-        for c in doc["checkpoints"]
-    ]
-    out(table(["STEP", "CREATED", "SIZE", "EPOCH", "METRICS", "ITEMS"], rows, right=(0, 2, 3)))
-    return 0
+        out(table(["STEP", "CREATED", "SIZE", "EPOCH", "METRICS", "ITEMS"], rows, right=(0, 2, 3)))
+    for c in damaged:
+        note(f"ckpt: step {c['step']} is damaged: {c['damaged']}")
+    return 1 if damaged else 0
 
 
 # ------------------------------------------------------------------------- info

@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 from ckpt.cli.render import dump_json, note, out
-from ckpt.cli.source import open_reader
+from ckpt.cli.source import open_reader, parse_root
 from ckpt.commit import delete_checkpoint
 from ckpt.manager import CheckpointManager
 from ckpt.retention import RetentionPolicy, steps_to_delete
@@ -86,7 +86,8 @@ def _delete_locked(
 def run_prune(args: argparse.Namespace) -> int:
     """``ckpt prune``."""
     policy = RetentionPolicy(keep_last=args.keep_last, keep_every=args.keep_every)
-    doc = prune(args.directory, policy, dry_run=args.dry_run, storage_options=args.storage_options)
+    root = parse_root(args.directory, "prune")
+    doc = prune(root, policy, dry_run=args.dry_run, storage_options=args.storage_options)
     if args.json:
         out(dump_json(doc))
         return 0

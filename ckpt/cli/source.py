@@ -12,7 +12,7 @@ import fsspec
 from ckpt.checkpoint_reader import CheckpointReader
 from ckpt.errors import CheckpointNotFoundError
 
-__all__ = ["Target", "open_reader", "parse_target", "require_root"]
+__all__ = ["Target", "open_reader", "parse_root", "parse_target", "require_root"]
 
 _STEP_SUFFIX = re.compile(r"(?P<root>.+):(?P<step>[0-9]+)")
 _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://")
@@ -46,6 +46,21 @@ def parse_target(text: str) -> Target:
     if root.endswith("://") or (_URL.match(text) is None and os.path.isdir(text)):
         return Target(text, None)
     return Target(root, int(found["step"]))
+
+
+def parse_root(text: str, command: str) -> str:
+    """A ``DIR`` argument, read by :func:`parse_target`; a ``:STEP`` there is a usage error.
+
+    Raises:
+        ValueError: ``text`` is empty or names a step (``command`` takes a root only).
+    """
+    target = parse_target(text)
+    if target.step is not None:
+        raise ValueError(
+            f"ckpt {command} takes a checkpoint root, not DIR:STEP ({text!r}); "
+            f"append '/' if the directory's own name ends in ':{target.step}'"
+        )
+    return target.root
 
 
 def root_exists(root: str, storage_options: dict[str, Any] | None) -> bool:

@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 from ckpt.cli.render import dump_json, out, table
-from ckpt.cli.source import open_reader
+from ckpt.cli.source import open_reader, parse_target
 from ckpt.errors import CheckpointError, CheckpointNotFoundError
 from ckpt.progress import progress_bar
 
@@ -14,7 +14,7 @@ __all__ = ["add_parser", "verify_doc"]
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    """Add ``ckpt verify DIR [--step N | --all] [--json]``."""
+    """Add ``ckpt verify DIR[:STEP] [--step N | --all] [--json]``."""
     p = subparsers.add_parser(
         "verify",
         help="check checkpoints byte for byte against their checksums",
@@ -22,7 +22,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
         "against its size and checksum, every tensor header and item tree against the "
         "manifest. Exit status 1 when any step checked is corrupt.",
     )
-    p.add_argument("directory", metavar="DIR", help="checkpoint root: a path or fsspec URL")
+    p.add_argument(
+        "directory",
+        metavar="DIR[:STEP]",
+        help="checkpoint root (a path or fsspec URL), optionally :STEP (as --step)",
+    )
     which = p.add_mutually_exclusive_group()
     which.add_argument("--step", type=int, metavar="N", help="check step N")
     which.add_argument("--all", action="store_true", help="check every committed step")
@@ -73,8 +77,14 @@ def verify_doc(reader: Any, step: int | None, every: bool, progress: bool) -> di
 
 def run_verify(args: argparse.Namespace) -> int:
     """``ckpt verify``."""
-    reader = open_reader(args.directory, args.storage_options)
-    doc = verify_doc(reader, args.step, args.all, args.progress)
+    target = parse_target(args.directory)
+    step = args.step
+    if target.step is not None:
+        if args.all or (step is not None and step != target.step):
+            raise ValueError(f"give the step once: {args.directory!r} names step {target.step}")
+        step = target.step
+    reader = open_reader(target.root, args.storage_options)
+    doc = verify_doc(reader, step, args.all, args.progress)
     if args.json:
         out(dump_json(doc))
     else:
