@@ -404,6 +404,45 @@ def test_import_hf_trainer_directory(tmp_path):
     assert_same_state(live_scheduler.state_dict(), scheduler.state_dict())
 
 
+def test_hf_trainer_migration_with_tied_weights_restores_bit_for_bit(tmp_path):
+    """docs/migrating.md's Trainer path, on a model whose head is tied to its embedding."""
+    model = Tied()
+    decay = [p for n, p in model.named_parameters() if n.endswith("weight")]
+    no_decay = [p for n, p in model.named_parameters() if not n.endswith("weight")]
+    groups = [{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 / (1 + s))
+    for _ in range(2):
+        loss = model.head(model.body(model.embed(torch.tensor([1, 2])))).square().sum()
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+    src = tmp_path / "checkpoint-2"
+    src.mkdir()
+    state = {k: v for k, v in model.state_dict().items() if k != "head.weight"}
+    save_file(state, src / "model.safetensors", metadata={"format": "pt"})  # as save_pretrained
+    torch.save(optimizer.state_dict(), src / "optimizer.pt")
+    torch.save(scheduler.state_dict(), src / "scheduler.pt")
+    (src / "trainer_state.json").write_text(json.dumps({"global_step": 2, "epoch": 1.0}))
+    assert ckpt.import_checkpoint(src, tmp_path / "run").step == 2
+    # the documented restore: build the model (it ties itself), the same groups, strict=False
+    live = Tied(seed=5)
+    decay = [p for n, p in live.named_parameters() if n.endswith("weight")]
+    no_decay = [p for n, p in live.named_parameters() if not n.endswith("weight")]
+    live_opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=0.1,
+    )
+    live_sched = torch.optim.lr_scheduler.LambdaLR(live_opt, lambda s: 1.0 / (1 + s))
+    with ckpt.CheckpointManager(tmp_path / "run") as mgr:
+        mgr.restore(model=live, optimizer=live_opt, scheduler=live_sched, strict=False)
+    assert live.head.weight is live.embed.weight
+    assert_same_state(live.state_dict(), model.state_dict())
+    assert_same_state(live_opt.state_dict(), optimizer.state_dict())
+    assert_same_state(live_sched.state_dict(), scheduler.state_dict())
+
+
 def test_import_dcp_directory(tmp_path):
     import torch.distributed.checkpoint as dcp
 
