@@ -443,6 +443,43 @@ def test_hf_trainer_migration_with_tied_weights_restores_bit_for_bit(tmp_path):
     assert_same_state(live_sched.state_dict(), scheduler.state_dict())
 
 
+def test_import_accelerate_save_state_directory(tmp_path):
+    """The files Accelerate's save_state writes (accelerate is not installed: written alike)."""
+    import random
+
+    source = _trained()
+    model, optimizer, scheduler = source
+    second = small_model(seed=3)
+    second_opt = torch.optim.SGD(second.parameters(), lr=0.1, momentum=0.9)
+    train_steps(second, second_opt, 1)
+    src = tmp_path / "checkpoint_4"
+    src.mkdir()
+    save_file(dict(model.state_dict()), src / "model.safetensors", metadata={"format": "pt"})
+    save_file(dict(second.state_dict()), src / "model_1.safetensors", metadata={"format": "pt"})
+    torch.save(optimizer.state_dict(), src / "optimizer.bin")
+    torch.save(second_opt.state_dict(), src / "optimizer_1.bin")
+    torch.save(scheduler.state_dict(), src / "scheduler.bin")
+    torch.save({"step": 4, "random_state": random.getstate()}, src / "random_states_0.pkl")
+    report = ckpt.import_checkpoint(src, tmp_path / "run", step=4)
+    assert report.layout == "accelerate" and report.step == 4
+    assert report.items == {
+        "model": "module",
+        "model_1": "module",
+        "optimizer": "optimizer",
+        "optimizer_1": "optimizer",
+        "scheduler": "stateful",
+        "extra": "dict",
+    }
+    assert "random_states_0.pkl" in report.extra
+    _restore_matches(tmp_path / "run", source)
+    live = small_model(seed=8)
+    live_opt = torch.optim.SGD(live.parameters(), lr=0.1, momentum=0.9)
+    with ckpt.CheckpointManager(tmp_path / "run") as mgr:
+        mgr.restore(model_1=live, optimizer_1=live_opt)
+    assert_same_state(live.state_dict(), second.state_dict())
+    assert_same_state(live_opt.state_dict(), second_opt.state_dict())
+
+
 def test_import_dcp_directory(tmp_path):
     import torch.distributed.checkpoint as dcp
 

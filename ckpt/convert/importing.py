@@ -1,10 +1,12 @@
 """Import training checkpoints from other tools as ckpt checkpoints.
 
 Sources: a ``torch.save`` file (classic layouts or a bare state dict), a
-Lightning ``.ckpt`` file, a Hugging Face Trainer checkpoint directory, a DCP
-directory, or a safetensors file. Nothing is unpickled except through
-``torch.load(weights_only=True)`` and, for DCP's ``.metadata``, an unpickler
-that admits DCP's metadata classes only (:mod:`ckpt.convert.loading`). The
+Lightning ``.ckpt`` file, a Hugging Face Trainer checkpoint directory, an
+Accelerate ``save_state`` directory, a DCP directory, or a safetensors file.
+Nothing is unpickled except through ``torch.load(weights_only=True)`` and,
+for DCP's ``.metadata``, an unpickler that admits DCP's metadata classes only
+(:mod:`ckpt.convert.loading`). Sources are read strictly (:mod:`ckpt.convert.guard`,
+:mod:`ckpt.convert.dcp`): any failure raises before anything is written. The
 result restores with ``CheckpointManager.restore(model=..., optimizer=...,
 scheduler=...)``; what could not be mapped is in the :class:`ImportReport`.
 """
@@ -26,16 +28,16 @@ import torch
 from ckpt import _version
 from ckpt.commit import file_token
 from ckpt.convert.dcp import load_dcp
-from ckpt.convert.guard import hub_blobs, source_entries
-from ckpt.convert.layouts import (
-    EXTRA_ITEM,
-    Mapped,
-    is_lightning,
-    map_classic,
-    map_lightning,
-    optimizer_param_records,
+from ckpt.convert.directories import (
+    HF_MODEL_FILES,
+    is_accelerate,
+    is_hf_trainer,
+    map_accelerate,
+    map_hf_trainer,
 )
-from ckpt.convert.loading import load_json, load_safetensors, load_torch
+from ckpt.convert.guard import source_entries
+from ckpt.convert.layouts import EXTRA_ITEM, Mapped, is_lightning, map_classic, map_lightning
+from ckpt.convert.loading import load_safetensors, load_torch
 from ckpt.errors import (
     CheckpointError,
     CheckpointExistsError,
@@ -59,20 +61,13 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-FORMATS = ("auto", "torch", "lightning", "hf-trainer", "dcp", "safetensors")
+FORMATS = ("auto", "torch", "lightning", "hf-trainer", "accelerate", "dcp", "safetensors")
 """Values of ``format=``: what the source is (``auto``: tell from the source)."""
 
 MAX_AMPLIFICATION = 2
 """An import writes at most this many times the source's bytes on disk (plus the slack)."""
 AMPLIFICATION_SLACK = 2**20
 """Bytes an import may write beyond :data:`MAX_AMPLIFICATION` times the source's size."""
-
-_HF_MODEL_FILES = (
-    "model.safetensors",
-    "model.safetensors.index.json",
-    "pytorch_model.bin",
-    "pytorch_model.bin.index.json",
-)
 
 
 @dataclass(frozen=True)
@@ -82,7 +77,7 @@ class ImportReport:
     Attributes:
         source: The source path.
         layout: The layout recognised (``torch.save``, ``state dict``, ``lightning``,
-            ``hf-trainer``, ``dcp``, ``safetensors``).
+            ``hf-trainer``, ``accelerate``, ``dcp``, ``safetensors``).
         directory: The ckpt root written to.
         step: The step written.
         epoch: The epoch recorded, if any.
@@ -130,7 +125,7 @@ def import_checkpoint(
 
     Args:
         src: A ``torch.save``/Lightning file, a safetensors file, or a Hugging Face
-            Trainer or DCP checkpoint directory (local).
+            Trainer, Accelerate ``save_state`` or DCP checkpoint directory (local).
         directory: The ckpt root to write (path or fsspec URL).
         step: The step to write; else the source's ``global_step``/``step``, else
             its epoch, else 0.
@@ -214,13 +209,14 @@ def _load_and_map_unchecked(source: str, format: str) -> Mapped:
         names = dict(source_entries(source))
         if format in ("dcp", "auto") and ".metadata" in names:
             return _map_dcp(source)
-        if format in ("hf-trainer", "auto") and (
-            any(n in names for n in _HF_MODEL_FILES) or "trainer_state.json" in names
-        ):
-            return _map_hf_trainer(source, names)
+        if format == "accelerate" or (format == "auto" and is_accelerate(names)):
+            return map_accelerate(source, names)
+        if format in ("hf-trainer", "auto") and is_hf_trainer(names):
+            return map_hf_trainer(source, names)
         raise CheckpointNotFoundError(
-            "not a checkpoint directory ckpt can import: no DCP .metadata and no Hugging Face "
-            f"files ({', '.join(_HF_MODEL_FILES)}, trainer_state.json)",
+            "not a checkpoint directory ckpt can import: no DCP .metadata, no Hugging Face "
+            f"files ({', '.join(HF_MODEL_FILES)}, trainer_state.json) and no Accelerate "
+            "files (optimizer.bin, random_states_0.pkl)",
             path=source,
         )
     if format == "safetensors" or (format == "auto" and source.endswith(".safetensors")):
@@ -231,136 +227,6 @@ def _load_and_map_unchecked(source: str, format: str) -> Mapped:
             raise CheckpointError("not a Lightning checkpoint (not a dict)", path=source)
         return map_lightning(loaded)
     return map_classic(loaded)
-
-
-_HF_STATE_FILES = (
-    ("optimizer.pt", "optimizer"),
-    ("scheduler.pt", "scheduler"),
-    ("scaler.pt", "scaler"),
-)
-
-
-def _map_hf_trainer(source: str, names: dict[str, str]) -> Mapped:
-    out = Mapped("hf-trainer")
-    blobs = hub_blobs(source)
-    model = _hf_model(source, names, blobs, out)
-    if model is not None:
-        out.items["model"] = ("module", model, {})
-    for file_name, base in _HF_STATE_FILES:
-        if file_name not in names:
-            continue
-        sub = map_classic({base: load_torch(os.path.join(source, file_name), blobs=blobs)})
-        for name, value in sub.items.items():
-            out.items[name] = value
-            out.mapped[file_name] = name
-        out.notes.extend(sub.notes)
-        for key, value in sub.extra.items():
-            out.dropped[f"{file_name}[{key}]"] = f"not a {base} state: {type(value).__name__}"
-        if base == "optimizer" and "optimizer" in out.items and model is not None:
-            kind, state, _ = out.items["optimizer"]
-            records, notes = optimizer_param_records(state, model)
-            out.items["optimizer"] = (kind, state, {"params": records})
-            out.notes.extend(n for n in notes if n not in out.notes)
-    for name, kind in names.items():
-        _hf_other_file(source, name, kind, blobs, out)
-    return out
-
-
-def _hf_other_file(source: str, name: str, kind: str, blobs: str | None, out: Mapped) -> None:
-    """Map one more file of a Trainer directory: state JSON, random state, or reported."""
-    path = os.path.join(source, name)
-    if name in _HF_MODEL_FILES or name in {n for n, _ in _HF_STATE_FILES}:
-        return
-    if name.startswith(("model-", "pytorch_model-")):
-        return  # shards, read through their index
-    if name == "trainer_state.json":
-        _hf_trainer_state(load_json(path, blobs=blobs), out)
-    elif name.startswith("rng_state") and name.endswith(".pth"):
-        try:
-            out.keep(name, load_torch(path, blobs=blobs))
-        except CheckpointError as e:
-            out.dropped[name] = f"not loadable with weights_only: {e}"
-        if name in out.extra:
-            out.notes.append(
-                f"{name} is kept under 'extra' as data: ckpt restores random streams only "
-                "from its own saves"
-            )
-    elif name.endswith(".json"):
-        out.keep(name, load_json(path, blobs=blobs))
-    elif name == "training_args.bin":
-        out.dropped[name] = "a pickled TrainingArguments object: never unpickled"
-    elif kind != "file":
-        out.dropped[name] = f"{kind}: not read"
-    else:
-        out.dropped[name] = "not a training state ckpt knows (copy it yourself if needed)"
-
-
-def _hf_model(
-    source: str, names: dict[str, str], blobs: str | None, out: Mapped
-) -> dict[str, torch.Tensor] | None:
-    loaders = {"safetensors": load_safetensors, "bin": load_torch}
-    for index_name, load in (
-        ("model.safetensors.index.json", loaders["safetensors"]),
-        ("pytorch_model.bin.index.json", loaders["bin"]),
-    ):
-        if index_name in names:
-            index_path = os.path.join(source, index_name)
-            weight_map = _weight_map(load_json(index_path, blobs=blobs), index_path)
-            model: dict[str, torch.Tensor] = {}
-            for shard in dict.fromkeys(weight_map.values()):
-                model.update(load(os.path.join(source, shard), blobs=blobs))
-            missing = [k for k in weight_map if k not in model]
-            if missing:
-                raise CorruptCheckpointError(
-                    f"{len(missing)} tensor(s) of the weight map are in no shard",
-                    path=index_path,
-                    key=missing[0],
-                )
-            out.mapped[index_name] = "model"
-            return {k: model[k] for k in weight_map}
-    for file_name, load in (
-        ("model.safetensors", loaders["safetensors"]),
-        ("pytorch_model.bin", loaders["bin"]),
-    ):
-        if file_name in names:
-            out.mapped[file_name] = "model"
-            return dict(load(os.path.join(source, file_name), blobs=blobs))
-    out.notes.append("no model weights found in the directory")
-    return None
-
-
-def _weight_map(index: Any, path: str) -> dict[str, str]:
-    """An index's ``weight_map``: tensor names to shard file names in the same directory."""
-    weight_map = index.get("weight_map") if isinstance(index, Mapping) else None
-    if not isinstance(weight_map, dict) or not weight_map:
-        raise CorruptCheckpointError("no weight_map (a dict of names to files)", path=path)
-    for key, shard in weight_map.items():
-        if (
-            not isinstance(shard, str)
-            or os.path.basename(shard) != shard
-            or shard in ("", ".", "..")
-        ):
-            raise CorruptCheckpointError(f"bad shard name {shard!r:.80}", path=path, key=key)
-    return weight_map
-
-
-def _hf_trainer_state(state: Any, out: Mapped) -> None:
-    out.keep("trainer_state.json", state)
-    if not isinstance(state, Mapping):
-        return
-    step = state.get("global_step")
-    if isinstance(step, int) and not isinstance(step, bool) and step >= 0:
-        out.step = step
-        out.mapped["trainer_state.json[global_step]"] = "step"
-    epoch = state.get("epoch")
-    if isinstance(epoch, (int, float)) and not isinstance(epoch, bool):
-        if float(epoch).is_integer():
-            out.epoch = int(epoch)
-            out.mapped["trainer_state.json[epoch]"] = "epoch"
-        else:
-            out.notes.append(
-                f"trainer_state.json has a fractional epoch {epoch}: kept under 'extra' only"
-            )
 
 
 def _bytes_on_disk(source: str) -> int:
