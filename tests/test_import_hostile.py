@@ -239,9 +239,10 @@ def test_json_larger_than_the_bound_is_refused_before_reading(tmp_path, monkeypa
     refused(tmp_path, src, match="more than an import reads")
 
 
-def _with_pickle(path: Path, data_pkl: bytes) -> None:
-    """A torch.save file whose ``data.pkl`` is replaced by ``data_pkl``."""
-    torch.save({}, path)
+def _with_pickle(path: Path, data_pkl: bytes, keep_storages: bool = False) -> None:
+    """A torch.save file (``path``'s, or an empty one's) whose ``data.pkl`` is ``data_pkl``."""
+    if not keep_storages:
+        torch.save({}, path)
     with zipfile.ZipFile(path) as z:
         entries = {i.filename: z.read(i) for i in z.infolist()}
     name = next(n for n in entries if n.endswith("/data.pkl"))
@@ -249,6 +250,16 @@ def _with_pickle(path: Path, data_pkl: bytes) -> None:
     with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
         for n, data in entries.items():
             z.writestr(n, data)
+
+
+def test_a_tensor_declaring_more_elements_than_its_storage_is_refused(tmp_path):
+    torch.save({"model": {"w": torch.ones(4)}}, tmp_path / "big.pt")
+    with zipfile.ZipFile(tmp_path / "big.pt") as z:
+        data_pkl = z.read(next(n for n in z.namelist() if n.endswith("/data.pkl")))
+    assert data_pkl.count(b"K\x04\x85") == 1  # BININT1 4, TUPLE1: the shape (4,)
+    inflated = data_pkl.replace(b"K\x04\x85", b"J" + (2**30).to_bytes(4, "little") + b"\x85")
+    _with_pickle(tmp_path / "big.pt", inflated, keep_storages=True)
+    refused(tmp_path, tmp_path / "big.pt", match="loadable")
 
 
 @pytest.mark.parametrize("depth", [guard.MAX_DEPTH + 5, 100_000])
