@@ -85,7 +85,11 @@ def _delete_locked(
 
 def run_prune(args: argparse.Namespace) -> int:
     """``ckpt prune``."""
-    policy = RetentionPolicy(keep_last=args.keep_last, keep_every=args.keep_every)
+    try:
+        policy = RetentionPolicy(keep_last=args.keep_last, keep_every=args.keep_every)
+    except ValueError as e:  # named as the user typed them
+        text = str(e).replace("keep_last", "--keep-last").replace("keep_every", "--keep-every")
+        raise ValueError(text) from e
     root = parse_root(args.directory, "prune")
     doc = prune(root, policy, dry_run=args.dry_run, storage_options=args.storage_options)
     if args.json:

@@ -72,7 +72,7 @@ def add_import_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``import SRC DIR`` to ``subparsers`` (its ``func`` returns the exit code)."""
     p: argparse.ArgumentParser = subparsers.add_parser(
         "import",
-        help="convert a torch.save / Lightning / HF Trainer / DCP checkpoint",
+        help="convert a torch.save / Lightning / HF Trainer / Accelerate / DCP checkpoint",
         description="Convert another tool's checkpoint into a ckpt checkpoint; torch.save "
         "files are loaded with weights_only=True only.",
     )
