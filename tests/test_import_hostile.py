@@ -165,6 +165,19 @@ def test_a_link_out_of_a_trainer_directory_is_not_followed(tmp_path):
     refused(tmp_path, src, match="symbolic link")
 
 
+def test_the_path_the_user_names_is_followed_but_never_into_a_fifo(tmp_path):
+    model = small_model()
+    torch.save({"model": model.state_dict(), "epoch": 3}, tmp_path / "epoch=3.ckpt")
+    (tmp_path / "last.ckpt").symlink_to("epoch=3.ckpt")  # as Lightning's save_last="link"
+    with bounded(SECONDS):
+        assert ckpt.import_checkpoint(tmp_path / "last.ckpt", tmp_path / "run").step == 3
+    other = tmp_path / "other"
+    other.mkdir()
+    os.mkfifo(other / "pipe")
+    (other / "pipe.pt").symlink_to("pipe")
+    refused(other, other / "pipe.pt", match="FIFO")
+
+
 def test_a_dcp_storage_record_naming_another_directory_is_refused(tmp_path):
     src = tmp_path / "dcp"
     dcp_save({"model": small_model().state_dict()}, src)
@@ -382,6 +395,17 @@ def test_views_of_one_storage_are_refused_past_the_bound(tmp_path):
     views = {f"v{i}": base[i:] for i in range(8)}  # 8 MiB written from 1 MiB
     torch.save({"model": views}, tmp_path / "views.pt")
     refused(tmp_path, tmp_path / "views.pt", match="bytes on disk")
+
+
+def test_strided_and_sliced_views_restore_exactly(tmp_path):
+    w = torch.randn(32, 16)
+    state = {"w": w, "t": w.t(), "every_other": w[:, ::2], "row": w[3]}
+    torch.save({"model": state}, tmp_path / "views.pt")
+    with bounded(SECONDS):
+        ckpt.import_checkpoint(tmp_path / "views.pt", tmp_path / "run")
+    with ckpt.CheckpointManager(tmp_path / "run") as mgr:
+        got = mgr.read()["model"]
+    assert_same_state(got, {k: v.contiguous() for k, v in state.items()})
 
 
 def test_identical_views_are_stored_once_and_restore(tmp_path):
