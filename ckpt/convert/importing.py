@@ -138,7 +138,12 @@ def import_checkpoint(
     Raises:
         CheckpointNotFoundError: ``src`` does not exist.
         CorruptCheckpointError: ``src`` cannot be loaded without running code
-            (``weights_only`` refused it), or is malformed.
+            (``weights_only`` refused it; the message names the global), is
+            malformed, passes a bound of :mod:`ckpt.convert.guard` or
+            :mod:`ckpt.convert.dcp`, is a link out of the source or a special file,
+            or its tensors would be written larger than :data:`MAX_AMPLIFICATION`
+            times its bytes on disk plus :data:`AMPLIFICATION_SLACK`. Nothing is
+            written then: no step, no temp directory, no root.
         CheckpointExistsError: ``directory`` already has the step.
         CheckpointError: Nothing in ``src`` could be imported.
         ValueError: A bad ``format`` or ``step``.
