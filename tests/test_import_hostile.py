@@ -365,6 +365,42 @@ def test_a_lying_dcp_directory_commits_nothing(tmp_path, two_chunk_dcp, lie):
     refused(tmp_path, src, match=match)
 
 
+@pytest.mark.parametrize(
+    ("size", "boxes", "ok"),
+    [
+        ((6, 4), [((0, 0), (3, 4)), ((3, 0), (3, 4))], True),
+        ((2, 4), [((0, 0), (2, 2)), ((0, 1), (2, 2))], False),  # overlap + gap, sums agree
+        ((2, 2), [((0, 0), (1, 2)), ((0, 0), (1, 2))], False),  # the same chunk twice
+        ((), [((), ())], True),
+        ((0, 3), [((0, 0), (0, 3))], True),
+    ],
+)
+def test_chunk_cover(size, boxes, ok):
+    from ckpt.convert.dcp import _check_cover
+
+    if ok:
+        _check_cover(boxes, size, "m", "k")
+    else:
+        with pytest.raises(ckpt.CorruptCheckpointError, match="overlap"):
+            _check_cover(boxes, size, "m", "k")
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_many_column_chunks_are_checked_in_linear_time(overlap):
+    from ckpt.convert.dcp import _check_cover
+
+    n = 16384  # pairwise checks would take minutes; the grid check takes a fraction of a second
+    boxes = [((0, i), (1, 1)) for i in range(n)]
+    if overlap:
+        boxes[-1] = ((0, 0), (1, 1))
+    with bounded(SECONDS):
+        if overlap:
+            with pytest.raises(ckpt.CorruptCheckpointError):
+                _check_cover(boxes, (1, n), "m", "k")
+        else:
+            _check_cover(boxes, (1, n), "m", "k")
+
+
 def test_a_truncated_dcp_data_file_commits_nothing(tmp_path, two_chunk_dcp):
     src, _ = two_chunk_dcp
     data = next(p for p in src.iterdir() if p.suffix == ".distcp")

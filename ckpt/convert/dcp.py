@@ -12,6 +12,7 @@ the file and the key; nothing is dropped and imported without it.
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import os
 from typing import Any, cast
@@ -23,10 +24,13 @@ from ckpt.convert.loading import load_bytes, load_dcp_metadata
 from ckpt.errors import CorruptCheckpointError
 from ckpt.limits import byte_count
 
-__all__ = ["MAX_CHUNKS", "load_dcp"]
+__all__ = ["MAX_CHUNKS", "MAX_GRID_CELLS", "load_dcp"]
 
 MAX_CHUNKS = 65536
 """The most chunks one tensor of a DCP checkpoint may be stored in."""
+
+MAX_GRID_CELLS = 2**24
+"""The most pieces the chunk boundaries of one tensor may cut it into (checked exactly)."""
 
 _Box = tuple[tuple[int, ...], tuple[int, ...]]
 
@@ -170,7 +174,13 @@ def _volume(sizes: tuple[int, ...]) -> int:
 
 
 def _check_cover(boxes: list[_Box], size: tuple[int, ...], where: str, fqn: str) -> None:
-    """The chunks cover the tensor exactly: no two overlap and their volumes add up."""
+    """The chunks cover the tensor exactly: no gap, no overlap.
+
+    On the grid cut by every chunk boundary (at most :data:`MAX_GRID_CELLS`
+    cells), the chunks' cell counts must add up to the grid's and every cell
+    must be marked: then each cell is covered exactly once. The work is one
+    mark per cell, whatever the chunks claim.
+    """
     total = sum(_volume(s) for _, s in boxes)
     if total != _volume(size):
         raise CorruptCheckpointError(
@@ -179,21 +189,32 @@ def _check_cover(boxes: list[_Box], size: tuple[int, ...], where: str, fqn: str)
             path=where,
             key=fqn,
         )
-    if not size:
-        return  # a 0-d tensor: one chunk of volume 1 (the sum says so)
-    solid = sorted((b for b in boxes if _volume(b[1])), key=lambda b: b[0])
-    active: list[_Box] = []
-    for offsets, sizes in solid:
-        active = [a for a in active if a[0][0] + a[1][0] > offsets[0]]
-        for a_off, a_size in active:
-            if all(
-                ao < o + s and o < ao + asz
-                for ao, asz, o, s in zip(a_off, a_size, offsets, sizes, strict=True)
-            ):
-                raise CorruptCheckpointError(
-                    f"chunks at {list(a_off)} and {list(offsets)} overlap", path=where, key=fqn
-                )
-        active.append((offsets, sizes))
+    solid = [b for b in boxes if _volume(b[1])]
+    if not size or not solid:
+        return  # a 0-d tensor (one chunk of volume 1, the sum says so), or no elements
+    cuts = [
+        sorted({0, d} | {o[i] for o, _ in solid} | {o[i] + s[i] for o, s in solid})
+        for i, d in enumerate(size)
+    ]
+    cells = _volume(tuple(len(c) - 1 for c in cuts))
+    if cells > MAX_GRID_CELLS:
+        raise CorruptCheckpointError(
+            f"the chunks cut the tensor into more than {MAX_GRID_CELLS} pieces", path=where, key=fqn
+        )
+    spans = [
+        [
+            (bisect.bisect_left(cut, o[i]), bisect.bisect_left(cut, o[i] + s[i]))
+            for i, cut in enumerate(cuts)
+        ]
+        for o, s in solid
+    ]
+    if sum(_volume(tuple(b - a for a, b in span)) for span in spans) != cells:
+        raise CorruptCheckpointError("the chunks overlap or leave a gap", path=where, key=fqn)
+    grid = torch.zeros(tuple(len(c) - 1 for c in cuts), dtype=torch.bool)
+    for span in spans:
+        grid[tuple(slice(a, b) for a, b in span)] = True
+    if not bool(grid.all()):
+        raise CorruptCheckpointError("the chunks overlap and leave a gap", path=where, key=fqn)
 
 
 def _assemble(files: _DataFiles, fqn: str, meta: Any, stored: list[tuple[Any, Any]]) -> Any:
