@@ -291,6 +291,18 @@ def test_shared_references_cannot_multiply_the_work(tmp_path):
     refused(tmp_path, tmp_path / "bomb.pt", match="more than")
 
 
+def test_an_old_format_torch_save_file_is_refused_before_torch_allocates(tmp_path):
+    # the pre-1.6 format: torch allocates each storage at its declared size, then reads it
+    torch.save(
+        {"model": {"w": torch.ones(4)}}, tmp_path / "old.pt", _use_new_zipfile_serialization=False
+    )
+    raw = bytearray((tmp_path / "old.pt").read_bytes())
+    at = raw.index(b"K\x04N", raw.index(b"cpu"))  # the storage's element count, 4
+    raw[at : at + 3] = b"J" + (2**31 - 1).to_bytes(4, "little") + b"N"
+    (tmp_path / "old.pt").write_bytes(bytes(raw))
+    refused(tmp_path, tmp_path / "old.pt", match="zip format")
+
+
 def test_a_safetensors_header_declaring_more_than_the_file_is_refused(tmp_path):
     save_file({"w": torch.ones(4)}, tmp_path / "w.safetensors")
     raw = bytearray((tmp_path / "w.safetensors").read_bytes())

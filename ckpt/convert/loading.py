@@ -1,7 +1,7 @@
 """Load foreign checkpoint files without running their code; the one module that touches pickle.
 
-``torch.save`` files go through ``torch.load(weights_only=True)`` only (memory
-mapped when the file allows it); safetensors files are memory mapped; a DCP
+``torch.save`` files (the zip format of torch >= 1.6) go through
+``torch.load(weights_only=True)`` only, memory mapped; safetensors files are memory mapped; a DCP
 directory's ``.metadata`` goes through an unpickler that admits DCP's own
 metadata classes and a short list of torch and standard types, and refuses
 anything else before it is constructed. :func:`save_torch` writes the plain
@@ -58,22 +58,26 @@ def load_torch(path: str, *, follow: bool = False, blobs: str | None = None) -> 
         CheckpointNotFoundError: No such file.
         CorruptCheckpointError: ``weights_only`` refuses the file (it would need to
             run code, or build an unknown class; the message names the global), it
-            is not a ``torch.save`` file, or not a regular file.
+            is not a zip-format ``torch.save`` file (torch >= 1.6), or not a regular
+            file.
     """
     with open_source(path, follow=follow, blobs=blobs) as f:
+        if f.read(4) != _ZIP_MAGIC:
+            raise CorruptCheckpointError(
+                "not a torch.save file in the zip format torch has written since 1.6: an "
+                "older file declares storage sizes torch allocates before they can be "
+                "checked, so ckpt does not read it (re-save it with a current torch)",
+                path=path,
+            )
+        f.seek(0)
         by_fd = f"/proc/self/fd/{f.fileno()}"
-        target: Any = by_fd if os.path.exists(by_fd) else f
-        try:
-            value = _torch_load(target, path, mapped=isinstance(target, str))
-        except _NotMappable:
-            f.seek(0)
-            value = _torch_load(f, path, mapped=False)
+        mapped = os.path.exists(by_fd)  # the descriptor checked, reopened by path for mmap
+        value = _torch_load(by_fd if mapped else f, path, mapped=mapped)
     check_tree(value, path)
     return value
 
 
-class _NotMappable(Exception):
-    """An old (non-zip) ``torch.save`` file: load it without ``mmap``."""
+_ZIP_MAGIC = b"PK\x03\x04"
 
 
 def _torch_load(target: Any, path: str, *, mapped: bool) -> Any:
@@ -81,12 +85,6 @@ def _torch_load(target: Any, path: str, *, mapped: bool) -> Any:
         return torch.load(target, map_location="cpu", weights_only=True, mmap=mapped)
     except pickle.UnpicklingError as e:
         raise _refused(path, e) from e
-    except RuntimeError as e:
-        if mapped and ("mmap" in str(e) or "zip" in str(e)):
-            raise _NotMappable from e
-        raise CorruptCheckpointError(
-            f"not a loadable torch.save file: {_short(e)}", path=path
-        ) from e
     except RecursionError as e:
         raise CorruptCheckpointError("nested too deeply to load", path=path) from e
     except MemoryError as e:
@@ -249,6 +247,10 @@ def load_bytes(data: bytes, path: str, key: str) -> Any:
     Raises:
         CorruptCheckpointError: Refused or malformed; names ``path`` and ``key``.
     """
+    if data[:4] != _ZIP_MAGIC:
+        raise CorruptCheckpointError(
+            "a stored value is not in torch.save's zip format", path=path, key=key
+        )
     try:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
