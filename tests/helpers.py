@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import hashlib
 import itertools
 import json
 import math
+import os
+import signal
+import stat
 from collections.abc import Callable
 from typing import Any
 
@@ -311,3 +316,41 @@ def flat_tensors(state: Any) -> dict[str, torch.Tensor]:
     from ckpt.tree import tensors_by_path
 
     return {key_of(path): t for path, t in tensors_by_path(state).items()}
+
+
+SECONDS = 20
+"""Any case taking longer is a hang (no case comes near it)."""
+
+
+@contextlib.contextmanager
+def bounded(seconds: int = SECONDS):
+    """Fail with TimeoutError instead of hanging (a blocked open() is interrupted)."""
+
+    def hang(signum, frame):
+        raise TimeoutError(f"hung for {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, hang)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def fingerprint(directory) -> dict[str, str]:
+    """Type, mode and content hash of every entry below ``directory`` (links not followed)."""
+    out = {}
+    for base, dirs, files in os.walk(directory):
+        for name in dirs + files:
+            path = os.path.join(base, name)
+            info = os.lstat(path)
+            if stat.S_ISREG(info.st_mode):
+                with open(path, "rb") as f:
+                    digest = hashlib.sha256(f.read()).hexdigest()
+            elif stat.S_ISLNK(info.st_mode):
+                digest = "link:" + os.readlink(path)
+            else:
+                digest = stat.filemode(info.st_mode)
+            out[os.path.relpath(path, directory)] = digest
+    return out

@@ -223,7 +223,7 @@ def test_export_pt_keeps_tied_names_in_state_dict_order(tmp_path):
 
 @pytest.mark.parametrize("where", ["the step", "the root", "another root", "a step of another"])
 def test_export_refuses_a_destination_inside_a_checkpoint(tmp_path, where):
-    from test_hostile_fs import bounded, fingerprint
+    from helpers import bounded, fingerprint
 
     with ckpt.CheckpointManager(tmp_path / "run") as mgr:
         info = mgr.save(1, model=small_model())

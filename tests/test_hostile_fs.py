@@ -9,10 +9,7 @@ step, never written or deleted through, and reading it is a
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import os
-import signal
 import socket
 import stat
 import uuid
@@ -20,51 +17,15 @@ import uuid
 import pytest
 import torch
 from conftest import assert_same_state
+from helpers import bounded, fingerprint
 
 import ckpt
 from ckpt.format import MANIFEST_NAME, step_dir_name, temp_dir_name
 from ckpt.manager import LOCK_NAME
 
-SECONDS = 20
-"""Any case taking longer is a hang (no case comes near it)."""
-
 
 def state(step: int) -> dict:
     return {"w": torch.full((16, 8), float(step)), "n": torch.arange(5) * step}
-
-
-@contextlib.contextmanager
-def bounded(seconds: int = SECONDS):
-    """Fail with TimeoutError instead of hanging (a blocked open() is interrupted)."""
-
-    def hang(signum, frame):
-        raise TimeoutError(f"hung for {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, hang)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
-
-
-def fingerprint(directory) -> dict[str, str]:
-    """Type, mode and content hash of every entry below ``directory`` (links not followed)."""
-    out = {}
-    for base, dirs, files in os.walk(directory):
-        for name in dirs + files:
-            path = os.path.join(base, name)
-            info = os.lstat(path)
-            if stat.S_ISREG(info.st_mode):
-                with open(path, "rb") as f:
-                    digest = hashlib.sha256(f.read()).hexdigest()
-            elif stat.S_ISLNK(info.st_mode):
-                digest = "link:" + os.readlink(path)
-            else:
-                digest = stat.filemode(info.st_mode)
-            out[os.path.relpath(path, directory)] = digest
-    return out
 
 
 @pytest.fixture

@@ -25,11 +25,10 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import small_model, train_steps
+from helpers import bounded, fingerprint, small_model, train_steps
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
-from test_hostile_fs import bounded, fingerprint
 
 import ckpt
 

@@ -23,9 +23,8 @@ from typing import Any
 import pytest
 import torch
 from conftest import assert_same_state
-from helpers import small_model
+from helpers import bounded, fingerprint, small_model
 from safetensors.torch import save_file
-from test_hostile_fs import bounded, fingerprint
 
 import ckpt
 from ckpt.cli import main
