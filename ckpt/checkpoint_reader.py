@@ -117,6 +117,11 @@ class CheckpointReader:
         return self._steps.storage
 
     @property
+    def steps(self) -> StepReader:
+        """The listing and manifest access under this reader (its owner may share it)."""
+        return self._steps
+
+    @property
     def directory(self) -> str:
         """The root directory, as given."""
         return self._storage.url

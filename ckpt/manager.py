@@ -22,7 +22,6 @@ from ckpt.kinds import RestoreOptions
 from ckpt.locations import MapLocation, check_map_location
 from ckpt.preemption import DEFAULT_PREEMPTION_SIGNALS, PreemptionWatch
 from ckpt.preparing import Prepared, apply_prepared, prepare_step
-from ckpt.reader import StepReader
 from ckpt.retention import RetentionPolicy
 from ckpt.rng import RNG_ITEM, RandomStreams
 from ckpt.saving import Saver, capture_save, check_save_args
@@ -127,8 +126,8 @@ class CheckpointManager:
         self._cadence = SaveCadence(every_steps, every_seconds)
         self._writer = CheckpointWriter(directory, storage_options=storage_options)
         self._storage = self._writer.storage
-        self._reader = StepReader(self._storage)
         self._checkpoints = CheckpointReader(storage=self._storage)
+        self._reader = self._checkpoints.steps
         self._group = open_rank_group(process_group, float(collective_timeout))
         self._collective = (
             None if self._group is None else collective_save(self._storage, self._group)
