@@ -30,6 +30,7 @@ from ckpt.convert.loading import load_dcp, load_json, load_safetensors, load_tor
 from ckpt.errors import CheckpointError, CheckpointExistsError, CheckpointNotFoundError
 from ckpt.kinds import Captured
 from ckpt.limits import MAX_STEP
+from ckpt.torch_compat import module_metadata
 from ckpt.tree import flatten
 from ckpt.writer import CheckpointWriter
 
@@ -332,7 +333,7 @@ def _commit(root: str, step: int, mapped: Mapped, storage_options: dict[str, Any
         except TypeError as e:
             raise CheckpointError(f"item {name!r} cannot be stored: {e}", path=root) from e
         extra = dict(recorded)
-        metadata = getattr(state, "_metadata", None)
+        metadata = module_metadata(state)
         if kind == "module" and isinstance(metadata, Mapping):
             try:
                 extra["module_metadata"], _ = flatten(dict(metadata), name)
