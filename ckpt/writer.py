@@ -13,8 +13,6 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-import torch
-
 from ckpt.commit import delete_checkpoint, file_token, remove_leftovers
 from ckpt.errors import CheckpointWriteError
 from ckpt.format import MANIFEST_NAME, Manifest, step_dir_name
@@ -24,17 +22,13 @@ from ckpt.kinds import Captured
 from ckpt.reader import StepReader
 from ckpt.retaining import Retainer
 from ckpt.retention import RetentionPolicy
-from ckpt.saving import commit_and_log
+from ckpt.saving import Files, commit_and_log
 from ckpt.storage import Storage, WriterLock, open_storage
 from ckpt.writer_lock import hold_writer_lock
 
 __all__ = ["CheckpointWriter"]
 
 logger = logging.getLogger(__name__)
-
-Files = dict[str, dict[str, torch.Tensor]]
-"""Tensors to write: ``{file name: {tensor name: tensor}}``."""
-
 
 class CheckpointWriter:
     """Writes the checkpoints of one root: holds its writer lock, commits, deletes, retains.
@@ -57,6 +51,7 @@ class CheckpointWriter:
         CheckpointWriteError: The root directory cannot be created.
 
     Example:
+        >>> from ckpt.retention import RetentionPolicy
         >>> with ckpt.CheckpointWriter("runs/exp1") as writer:
         ...     writer.prune(RetentionPolicy(keep_last=3))
     """
