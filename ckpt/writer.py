@@ -30,6 +30,7 @@ __all__ = ["CheckpointWriter"]
 
 logger = logging.getLogger(__name__)
 
+
 class CheckpointWriter:
     """Writes the checkpoints of one root: holds its writer lock, commits, deletes, retains.
 
