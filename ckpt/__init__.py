@@ -32,6 +32,7 @@ from ckpt.items import Stateful
 from ckpt.limits import MAX_STEP
 from ckpt.locations import MapLocation
 from ckpt.manager import Checkpoint, CheckpointManager
+from ckpt.writer import CheckpointWriter
 
 __all__ = [
     "Checkpoint",
@@ -43,6 +44,7 @@ __all__ = [
     "CheckpointReadError",
     "CheckpointReader",
     "CheckpointWriteError",
+    "CheckpointWriter",
     "CollectiveError",
     "CorruptCheckpointError",
     "Description",

@@ -80,6 +80,8 @@ class CheckpointReader:
         storage_options: Passed to the fsspec filesystem (credentials, endpoint, ...).
         fallback_to_intact: When the latest checkpoint is corrupt, ``read()`` (with
             no step) reads the newest intact one instead, with a warning.
+        storage: An opened root to share with its owner (a
+            :class:`~ckpt.CheckpointWriter`'s ``storage``), instead of ``directory``.
 
     Example:
         >>> reader = ckpt.CheckpointReader("runs/exp1")
@@ -90,23 +92,22 @@ class CheckpointReader:
 
     def __init__(
         self,
-        directory: str | os.PathLike[str],
+        directory: str | os.PathLike[str] | None = None,
         *,
         storage_options: dict[str, Any] | None = None,
         fallback_to_intact: bool = False,
+        storage: Storage | None = None,
     ) -> None:
         if storage_options is not None and not isinstance(storage_options, dict):
             raise TypeError("storage_options must be a dict")
-        self._steps = StepReader(open_storage(os.fspath(directory), storage_options))
+        if storage is None:
+            if directory is None:
+                raise ValueError("pass the directory (or an opened storage)")
+            storage = open_storage(os.fspath(directory), storage_options)
+        elif directory is not None:
+            raise ValueError("pass the directory or an opened storage, not both")
+        self._steps = StepReader(storage)
         self.fallback_to_intact = bool(fallback_to_intact)
-
-    @classmethod
-    def _over(cls, steps: StepReader) -> CheckpointReader:
-        """A reader sharing ``steps`` (and so its storage) with its owner, the manager."""
-        reader = cls.__new__(cls)
-        reader._steps = steps
-        reader.fallback_to_intact = False
-        return reader
 
     def __repr__(self) -> str:
         return f"CheckpointReader({self.directory!r})"
@@ -114,6 +115,11 @@ class CheckpointReader:
     @property
     def _storage(self) -> Storage:
         return self._steps.storage
+
+    @property
+    def steps(self) -> StepReader:
+        """The listing and manifest access under this reader (its owner may share it)."""
+        return self._steps
 
     @property
     def directory(self) -> str:

@@ -1,10 +1,12 @@
 """Committing a checkpoint and cleaning up after crashed or superseded ones.
 
-The I/O side of a save, given a :class:`~ckpt.storage.Storage`: write the files
-and commit them the way the backend says (:class:`~ckpt.storage.CommitStrategy`:
-an atomic rename on local disk, a manifest created only if absent on object
-stores), delete checkpoints retention dropped, and remove what crashed writers
-left behind. Nothing here decides *what* to save or keep.
+The I/O side of a save, given a :class:`~ckpt.storage.Storage`: open an attempt
+(:func:`open_attempt`, for one process or a coordinator of many ranks) and commit
+a one-process save through it (:func:`commit_checkpoint`) the way the backend
+says (:mod:`ckpt.commit_protocol`, where the crash-safety argument is written
+down: an atomic rename on local disk, a manifest created only if absent on
+object stores), delete checkpoints retention dropped, and remove what crashed
+writers left behind. Nothing here decides *what* to save or keep.
 """
 
 from __future__ import annotations
@@ -17,19 +19,27 @@ from collections.abc import Callable
 
 import torch
 
+from ckpt.commit_protocol import (
+    REPLACING,
+    Attempt,
+    CommitProtocol,
+    RenameDir,
+    protocol_for,
+    remove_quietly,
+    remove_unreferenced,
+)
 from ckpt.errors import CheckpointError, CheckpointExistsError, CheckpointWriteError
 from ckpt.format import (
     MANIFEST_NAME,
     Manifest,
-    is_tensor_file_name,
     parse_step_dir_name,
     parse_temp_dir_name,
     safe_host_name,
     step_dir_name,
-    temp_dir_name,
 )
+from ckpt.header import ManifestHeader
 from ckpt.io import read_manifest, write_checkpoint_files
-from ckpt.storage import CommitStrategy, Storage
+from ckpt.storage import Storage
 from ckpt.storage.local import NEW_FILE_PREFIX
 
 __all__ = [
@@ -38,6 +48,7 @@ __all__ = [
     "commit_checkpoint",
     "delete_checkpoint",
     "file_token",
+    "open_attempt",
     "pid_alive",
     "remove_abandoned_temps",
     "remove_abandoned_uploads",
@@ -49,10 +60,6 @@ logger = logging.getLogger(__name__)
 
 STALE_TEMP_SECONDS = 3600.0
 """Leftovers untouched for this long are abandoned and may be removed."""
-
-REPLACING = ".ckpt-replacing"
-"""Marker in a step directory whose files an overwrite is replacing (local disk without
-``RENAME_EXCHANGE``); the next writer removes the files its manifest does not list."""
 
 
 def pid_alive(pid: int) -> bool:
@@ -79,6 +86,35 @@ def file_token(storage: Storage, token: str, *, overwrite: bool) -> str | None:
     return token if storage.unique_file_names(overwrite) else None
 
 
+def open_attempt(
+    storage: Storage,
+    step: int,
+    *,
+    overwrite: bool,
+    token: str,
+    header: ManifestHeader,
+    collective: bool = False,
+    protocol: CommitProtocol | None = None,
+) -> Attempt:
+    """Open a save of ``step``: the one entry of the commit protocol for 1..N ranks.
+
+    Removes the temporary directories crashed writers left (on backends that
+    commit by rename), then opens the attempt the way the backend commits (see
+    :mod:`ckpt.commit_protocol`). Run by the only process, or by the coordinator.
+
+    Raises:
+        CheckpointWriteError: ``overwrite`` of a collective save where not supported.
+        OSError: Storage failed; nothing of the attempt is left.
+    """
+    if protocol is None:
+        protocol = protocol_for(storage, step, overwrite)
+    if isinstance(protocol, RenameDir):
+        remove_abandoned_temps(storage)
+    return protocol.open(
+        storage, step, overwrite=overwrite, token=token, header=header, collective=collective
+    )
+
+
 def commit_checkpoint(
     storage: Storage,
     step: int,
@@ -99,8 +135,8 @@ def commit_checkpoint(
         manifest: The manifest to complete and write last.
         token: 8 hex digits unique to this attempt.
         overwrite: Replace an existing checkpoint of ``step``.
-        guard: Called just before the commit point; raising refuses the commit
-            (the writer lock's check).
+        guard: Called just before the manifest is written; raising refuses the
+            commit (the writer lock's check).
 
     Returns:
         The manifest as written.
@@ -109,81 +145,32 @@ def commit_checkpoint(
         CheckpointExistsError: Another writer committed ``step`` first.
         CheckpointWriteError: Writing failed; this attempt's files are removed.
     """
-    step_name = step_dir_name(step)
-    strategy = storage.commit_strategy(step_name, overwrite)
-    if strategy is CommitStrategy.RENAME_DIR:
-        return _commit_by_rename(storage, step, files, manifest, token, overwrite, guard)
-    if strategy is CommitStrategy.MANIFEST_LAST:
-        return _commit_by_manifest(storage, step, files, manifest, token, overwrite, guard)
-    raise NotImplementedError(f"no commit for {strategy}")
-
-
-def _commit_by_rename(
-    storage: Storage,
-    step: int,
-    files: dict[str, dict[str, torch.Tensor]],
-    manifest: Manifest,
-    token: str,
-    overwrite: bool,
-    guard: Callable[[], None] | None,
-) -> Manifest:
-    """Write into a temporary directory, then rename (or swap) it to the step's name."""
-    remove_abandoned_temps(storage)
-    temp = temp_dir_name(step, socket.gethostname(), os.getpid(), token)
-    try:
-        storage.makedirs(temp)
-        manifest = write_checkpoint_files(storage, temp, files, manifest)
-        if guard is not None:
-            guard()
-        storage.commit_dir(temp, step_dir_name(step), replace=overwrite)
-    except BaseException as e:
-        _remove_quietly(storage, temp, tree=True)
-        raise _write_error(storage, step, e, temp) from e
-    return manifest
-
-
-def _commit_by_manifest(
-    storage: Storage,
-    step: int,
-    files: dict[str, dict[str, torch.Tensor]],
-    manifest: Manifest,
-    token: str,
-    overwrite: bool,
-    guard: Callable[[], None] | None,
-) -> Manifest:
-    """Write attempt-unique files into the step directory; the manifest commits them.
-
-    On object stores the manifest is created only if absent (or replaced in one
-    PUT); on local disk (an overwrite where directories cannot be swapped) it is
-    renamed over the old one, after a marker that lets the next writer finish
-    the cleanup if this one dies: the step is never unlisted and no old file is
-    stranded.
-    """
-    step_name = step_dir_name(step)
-    if any(token not in name for name in files):
+    protocol = protocol_for(storage, step, overwrite)
+    if not isinstance(protocol, RenameDir) and any(token not in name for name in files):
         raise ValueError("files committed by their manifest need names unique to the attempt")
-    replaced = overwrite and storage.exists(step_name, MANIFEST_NAME)
-    marked = replaced and storage.atomic_rename
+    attempt: Attempt | None = None
     try:
-        storage.makedirs(step_name)
-        if marked:
-            # Replaced into place, so the marker is durable before any new file exists.
-            storage.write_file(
-                (step_name, REPLACING), lambda f: f.write(token.encode()), replace=True
-            )
-        manifest = write_checkpoint_files(
-            storage, step_name, files, manifest, replace_manifest=overwrite, before_manifest=guard
+        header = ManifestHeader(manifest.created_at, manifest.versions)
+        attempt = open_attempt(
+            storage, step, overwrite=overwrite, token=token, header=header, protocol=protocol
         )
+        manifest = write_checkpoint_files(
+            storage,
+            attempt.directory,
+            files,
+            manifest,
+            replace_manifest=attempt.replaces_manifest,
+            before_manifest=guard,
+        )
+        if attempt.renames:
+            attempt.protocol.finalize(storage, attempt, manifest)  # the commit point
     except BaseException as e:
-        for file_name in files:
-            _remove_quietly(storage, step_name, file_name)
-        if marked:
-            _remove_quietly(storage, step_name, REPLACING)
-        raise _write_error(storage, step, e, step_name) from e
-    if replaced:
-        _remove_unreferenced(storage, step_name, manifest, grace=0.0)
-    if marked:
-        _remove_quietly(storage, step_name, REPLACING)
+        if attempt is not None:
+            attempt.protocol.abandon(storage, attempt, files)
+        where = step_dir_name(step) if attempt is None else attempt.directory
+        raise _write_error(storage, step, e, where) from e
+    if not attempt.renames:
+        attempt.protocol.finalize(storage, attempt, manifest)  # cleanup after the commit
     return manifest
 
 
@@ -225,8 +212,8 @@ def remove_leftovers(storage: Storage) -> None:
             logger.warning("cannot finish an interrupted overwrite of %s: %s", name, e)
             continue
         logger.info("finishing an interrupted overwrite of %s", storage.url_of(name))
-        _remove_unreferenced(storage, name, manifest, grace=0.0)
-        _remove_quietly(storage, name, REPLACING)
+        remove_unreferenced(storage, name, manifest, grace=0.0)
+        remove_quietly(storage, name, REPLACING)
 
 
 def delete_checkpoint(storage: Storage, step: int, reason: str) -> None:
@@ -252,7 +239,7 @@ def remove_abandoned_temps(storage: Storage) -> None:
         age = storage.age_seconds(name)
         if dead or (age is not None and age > STALE_TEMP_SECONDS):
             logger.info("removing abandoned temporary checkpoint %s", storage.url_of(name))
-            _remove_quietly(storage, name, tree=True)
+            remove_quietly(storage, name, tree=True)
 
 
 def remove_abandoned_uploads(storage: Storage) -> None:
@@ -273,29 +260,4 @@ def remove_abandoned_uploads(storage: Storage) -> None:
             manifest = read_manifest(storage, name)
         except CheckpointError:
             manifest = None
-        _remove_unreferenced(storage, name, manifest, grace=STALE_TEMP_SECONDS)
-
-
-def _remove_unreferenced(
-    storage: Storage, step_name: str, manifest: Manifest | None, *, grace: float
-) -> None:
-    """Remove ckpt tensor files in ``step_name`` that ``manifest`` does not list."""
-    keep = set() if manifest is None else set(manifest.files)
-    for file_name in storage.list_dir(step_name):
-        ours = is_tensor_file_name(file_name) or file_name.startswith(NEW_FILE_PREFIX)
-        if file_name in keep or not ours:
-            continue
-        age = storage.age_seconds(step_name, file_name)
-        if age is not None and age >= grace:
-            logger.info("removing abandoned upload %s", storage.url_of(step_name, file_name))
-            _remove_quietly(storage, step_name, file_name)
-
-
-def _remove_quietly(storage: Storage, *parts: str, tree: bool = False) -> None:
-    try:
-        if tree:
-            storage.remove_tree(*parts)
-        else:
-            storage.remove_file(*parts)
-    except Exception as e:
-        logger.warning("could not remove %s: %s", storage.url_of(*parts), e)
+        remove_unreferenced(storage, name, manifest, grace=STALE_TEMP_SECONDS)

@@ -26,7 +26,7 @@ import torch
 
 from ckpt.errors import CorruptCheckpointError
 from ckpt.format import GlobalTensorRecord, ItemRecord, Manifest, TensorRecord
-from ckpt.tensorfile import dtype_name
+from ckpt.tensorfile import check_stored_dtype
 from ckpt.tree import Json, KeyPath, unflatten_at
 
 __all__ = [
@@ -287,12 +287,7 @@ def _stored(
     if found is None or name in packs:
         why = "a pack of small tensors, no value" if found else "which the manifest does not list"
         raise CorruptCheckpointError(f"item {item!r} refers to tensor {name!r}, {why}", key=name)
-    try:
-        dtype_name(found.dtype)
-    except TypeError as e:
-        raise CorruptCheckpointError(
-            f"tensor has dtype {found.dtype}, which ckpt never writes", key=name
-        ) from e
+    check_stored_dtype(name, found)
     return found
 
 

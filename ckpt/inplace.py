@@ -31,6 +31,11 @@ from torch import nn
 from ckpt.format import TensorRecord
 from ckpt.locations import MapLocation, mapped_device
 from ckpt.optim import Target
+from ckpt.torch_compat import (
+    has_module_load_hooks,
+    has_optimizer_load_hooks,
+    load_from_state_dict_owner,
+)
 
 __all__ = [
     "Counterpart",
@@ -56,7 +61,7 @@ def loads_own_way(module: nn.Module) -> bool:
     state; others (quantization observers, user classes) may resize buffers or
     read a parameter's old value.
     """
-    owner = getattr(type(module)._load_from_state_dict, "__module__", "") or ""
+    owner = load_from_state_dict_owner(module)
     return not owner.startswith("torch.nn.modules.")
 
 
@@ -71,18 +76,15 @@ def module_loads_plainly(module: nn.Module) -> bool:
         return False  # load_state_dict would swap tensors instead of copying into them
     if type(module).load_state_dict is not nn.Module.load_state_dict:
         return False
-    for sub in module.modules():
-        if loads_own_way(sub) or sub._load_state_dict_pre_hooks or sub._load_state_dict_post_hooks:
-            return False
-    return True
+    return not any(loads_own_way(sub) or has_module_load_hooks(sub) for sub in module.modules())
 
 
 def optimizer_loads_plainly(optimizer: torch.optim.Optimizer) -> bool:
     """Whether the optimizer keeps torch's ``load_state_dict`` and has no load hooks."""
-    return (
-        type(optimizer).load_state_dict is torch.optim.Optimizer.load_state_dict
-        and not getattr(optimizer, "_optimizer_load_state_dict_pre_hooks", None)
-        and not getattr(optimizer, "_optimizer_load_state_dict_post_hooks", None)
+    return type(
+        optimizer
+    ).load_state_dict is torch.optim.Optimizer.load_state_dict and not has_optimizer_load_hooks(
+        optimizer
     )
 
 

@@ -20,7 +20,8 @@ import torch
 from ckpt.errors import CorruptCheckpointError
 from ckpt.format import PACK_SUFFIX, ItemRecord, Manifest, TensorRecord, item_file_name
 from ckpt.kinds import Captured, Stateful, kind_of
-from ckpt.tensorfile import dtype_name, pack_tensors
+from ckpt.tensorfile import check_stored_dtype, dtype_name, pack_tensors
+from ckpt.torch_compat import with_module_metadata
 from ckpt.tree import Json, KeyPath, format_key_path, tensors_by_path, unflatten, unflatten_at
 
 __all__ = [
@@ -140,22 +141,8 @@ def build_state(record: ItemRecord, tensors: Mapping[str, torch.Tensor], name: s
         state = OrderedDict(state)
         metadata = record.extra.get("module_metadata")
         if metadata is not None:
-            state._metadata = unflatten(metadata, {})  # type: ignore[attr-defined]
+            with_module_metadata(state, unflatten(metadata, {}))
     return state
-
-
-def check_stored_dtype(name: str, record: TensorRecord) -> None:
-    """Refuse a tensor record whose dtype ckpt never writes (``qint32``, say): corruption.
-
-    Raises:
-        CorruptCheckpointError: Naming the tensor.
-    """
-    try:
-        dtype_name(record.dtype)
-    except TypeError as e:
-        raise CorruptCheckpointError(
-            f"tensor has dtype {record.dtype}, which ckpt never writes", key=name
-        ) from e
 
 
 def _pack_reference(name: str, item: str, path: KeyPath) -> CorruptCheckpointError:

@@ -13,8 +13,8 @@ import torch
 from ckpt.cadence import SaveCadence
 from ckpt.checkpoint_reader import Checkpoint, CheckpointReader
 from ckpt.distributed import agree_on_step, collective_save, open_rank_group
-from ckpt.errors import CheckpointExistsError, CheckpointWriteError
-from ckpt.format import MANIFEST_NAME, Manifest, step_dir_name
+from ckpt.errors import CheckpointExistsError
+from ckpt.format import Manifest, step_dir_name
 from ckpt.gc_pause import paused_gc
 from ckpt.io import load_tensors
 from ckpt.items import check_flags, check_item_name, reserved_names
@@ -22,14 +22,12 @@ from ckpt.kinds import RestoreOptions
 from ckpt.locations import MapLocation, check_map_location
 from ckpt.preemption import DEFAULT_PREEMPTION_SIGNALS, PreemptionWatch
 from ckpt.preparing import Prepared, apply_prepared, prepare_step
-from ckpt.reader import StepReader
-from ckpt.retaining import Retainer
 from ckpt.retention import RetentionPolicy
 from ckpt.rng import RNG_ITEM, RandomStreams
 from ckpt.saving import Saver, capture_save, check_save_args
 from ckpt.staging import StagingBuffers
-from ckpt.storage import WriterLock, open_storage
-from ckpt.writer_lock import LOCK_NAME, hold_writer_lock  # noqa: F401 (LOCK_NAME: re-exported)
+from ckpt.writer import CheckpointWriter
+from ckpt.writer_lock import LOCK_NAME  # noqa: F401 (re-exported)
 from ckpt.writer_lock import release_quietly as _release_quietly  # noqa: F401
 
 __all__ = ["Checkpoint", "CheckpointManager"]
@@ -126,22 +124,14 @@ class CheckpointManager:
         if storage_options is not None and not isinstance(storage_options, dict):
             raise TypeError("storage_options must be a dict")
         self._cadence = SaveCadence(every_steps, every_seconds)
-        self._storage = open_storage(os.fspath(directory), storage_options)
-        try:
-            self._storage.makedirs()
-        except OSError as e:
-            raise CheckpointWriteError(
-                f"cannot create the checkpoint directory: {e.strerror or e}",
-                path=self._storage.url,
-                errno=e.errno,
-            ) from e
-        self._reader = StepReader(self._storage)
-        self._checkpoints = CheckpointReader._over(self._reader)
+        self._writer = CheckpointWriter(directory, storage_options=storage_options)
+        self._storage = self._writer.storage
+        self._checkpoints = CheckpointReader(storage=self._storage)
+        self._reader = self._checkpoints.steps
         self._group = open_rank_group(process_group, float(collective_timeout))
         self._collective = (
             None if self._group is None else collective_save(self._storage, self._group)
         )
-        self._lock: WriterLock | None = None
         self.async_save = bool(async_save)
         if background_nice is not None and (
             isinstance(background_nice, bool)
@@ -152,7 +142,6 @@ class CheckpointManager:
         self.background_nice = background_nice
         self._staging = StagingBuffers()
         self._saver = Saver()
-        self._retainer = Retainer()
         self._save_requested_after_signal = False
         self._last_save_time = time.monotonic()
         self._last_saved_step: int | None = None
@@ -187,14 +176,12 @@ class CheckpointManager:
         if self._watch is not None:
             self._watch.close()
             self._watch = None
-        if self._lock is not None:
-            self._lock.release()
-            self._lock = None
+        self._writer.close()
         if self._group is not None:
             self._group.close()  # ckpt's gloo group; a closed manager runs no collective
 
     def _take_lock(self) -> None:
-        self._lock = hold_writer_lock(self._storage, self._lock, self)
+        self._writer.lock()
 
     # ------------------------------------------------------------------ cadence
 
@@ -298,7 +285,7 @@ class CheckpointManager:
             self._storage, step, epoch, checked_metrics, rng, overwrite, items
         )
         self._take_lock()
-        if not overwrite and self._storage.exists(step_name, MANIFEST_NAME):
+        if not overwrite and self._writer.is_committed(step):
             raise CheckpointExistsError(
                 f"step {step} is already saved; choose a new step or pass overwrite=True",
                 path=self._url(step_name),
@@ -336,7 +323,7 @@ class CheckpointManager:
 
         def prepare() -> None:  # on the coordinator only
             self._take_lock()
-            if not overwrite and self._storage.exists(step_dir_name(step), MANIFEST_NAME):
+            if not overwrite and self._writer.is_committed(step):
                 raise CheckpointExistsError(
                     f"step {step} is already saved; choose a new step or pass overwrite=True",
                     path=self._url(step_dir_name(step)),
@@ -358,13 +345,10 @@ class CheckpointManager:
     def _finish_collective(self, pending: Any, signalled: bool, start: float) -> Checkpoint:
         """Write, agree, commit (coordinator) and apply retention (coordinator)."""
         assert self._collective is not None and self._group is not None
-        lock = self._lock
         manifest = self._collective.finish(
             pending,
-            None if lock is None else lock.check,
-            lambda: self._retainer.apply(
-                self._storage, self.retention, self.all_steps, pending.step
-            ),
+            self._writer.check_lock,
+            lambda: self._writer.retain(self.retention, pending.step),
         )
         self._after_commit(pending.step, signalled)
         logger.debug(
@@ -396,22 +380,11 @@ class CheckpointManager:
         start: float,
     ) -> Checkpoint:
         """Write, commit, log and apply retention (on the caller's thread or in the background)."""
-        lock = self._lock
-        try:
-            manifest = self._saver.commit(
-                self._storage,
-                step,
-                files,
-                manifest,
-                token,
-                overwrite,
-                None if lock is None else lock.check,
-                start,
-            )
-        finally:
-            self._retainer.forget(step)
+        manifest = self._writer.commit(
+            step, files, manifest, token=token, overwrite=overwrite, start=start
+        )
         self._after_commit(step, signalled)
-        self._retainer.apply(self._storage, self.retention, self.all_steps, step)
+        self._writer.retain(self.retention, step)
         return self._info(manifest)
 
     def wait(self) -> None:

@@ -49,13 +49,17 @@ class Retainer:
                 e,
             )
 
+    def dropped(
+        self, storage: Storage, policy: RetentionPolicy, committed: list[int], just_saved: int
+    ) -> list[int]:
+        """The steps of ``committed`` that ``policy`` drops once ``just_saved`` has committed."""
+        metrics = self._committed_metrics(storage, committed) if policy.keep_best else {}
+        return steps_to_delete(committed, just_saved=just_saved, policy=policy, metrics=metrics)
+
     def _delete_dropped(
         self, storage: Storage, policy: RetentionPolicy, committed: list[int], just_saved: int
     ) -> None:
-        metrics = self._committed_metrics(storage, committed) if policy.keep_best else {}
-        for old in steps_to_delete(
-            committed, just_saved=just_saved, policy=policy, metrics=metrics
-        ):
+        for old in self.dropped(storage, policy, committed, just_saved):
             self.forget(old)
             delete_checkpoint(storage, old, str(policy))
 

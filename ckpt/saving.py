@@ -4,26 +4,24 @@ from __future__ import annotations
 
 import logging
 import os
-import platform
 import secrets
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from datetime import datetime, timezone
 from typing import Any
 
 import torch
 
-from ckpt import _version
-from ckpt.commit import commit_checkpoint, file_token, remove_leftovers
+from ckpt.commit import commit_checkpoint, file_token
 from ckpt.format import Manifest, step_dir_name
+from ckpt.header import ManifestHeader
 from ckpt.items import assemble_manifest, capture, check_flags, check_item_name
 from ckpt.limits import check_metrics
 from ckpt.optim import module_param_names
 from ckpt.rng import RNG_ITEM, RandomStreams
 from ckpt.storage import Storage
 
-__all__ = ["Saver", "capture_save", "check_save_args"]
+__all__ = ["Saver", "capture_save", "check_save_args", "commit_and_log"]
 
 logger = logging.getLogger(__name__)
 
@@ -78,24 +76,46 @@ def capture_save(
     param_names = module_param_names(modules)
     captured = {name: capture(name, obj, param_names) for name, obj in items.items()}
     token = secrets.token_hex(4)
+    header = ManifestHeader.now()
     files, manifest = assemble_manifest(
         step,
         epoch,
         metrics,
         captured,
-        created_at=datetime.now(timezone.utc).isoformat(timespec="microseconds"),
-        versions={
-            "ckpt": _version.__version__,
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-        },
+        created_at=header.created_at,
+        versions=header.versions,
         file_token=file_token(storage, token, overwrite=overwrite),
     )
     return files, manifest, token
 
 
+def commit_and_log(
+    storage: Storage,
+    step: int,
+    files: Files,
+    manifest: Manifest,
+    token: str,
+    overwrite: bool,
+    guard: Callable[[], None] | None,
+    start: float,
+) -> Manifest:
+    """Write and commit one checkpoint (:func:`~ckpt.commit.commit_checkpoint`), and log it."""
+    manifest = commit_checkpoint(
+        storage, step, files, manifest, token=token, overwrite=overwrite, guard=guard
+    )
+    nbytes = sum(r.size for r in manifest.files.values())
+    logger.info(
+        "saved step %d to %s (%d bytes in %.3f s)",
+        step,
+        storage.url_of(step_dir_name(step)),
+        nbytes,
+        time.perf_counter() - start,
+    )
+    return manifest
+
+
 class Saver:
-    """Writes and commits checkpoints; runs at most one save in a background thread.
+    """Runs at most one save in a background thread.
 
     A failure in the background is kept and raised by the next ``wait()``.
     Not thread-safe: one caller drives it, one save in flight at a time.
@@ -104,35 +124,6 @@ class Saver:
     def __init__(self) -> None:
         self.pending: threading.Thread | None = None
         self._error: BaseException | None = None
-        self._leftovers_checked = False
-
-    def commit(
-        self,
-        storage: Storage,
-        step: int,
-        files: Files,
-        manifest: Manifest,
-        token: str,
-        overwrite: bool,
-        guard: Callable[[], None] | None,
-        start: float,
-    ) -> Manifest:
-        """Write and commit one checkpoint, and log it; return the committed manifest."""
-        if not self._leftovers_checked:
-            self._leftovers_checked = True  # once per manager: crashed writers' leftovers
-            remove_leftovers(storage)
-        manifest = commit_checkpoint(
-            storage, step, files, manifest, token=token, overwrite=overwrite, guard=guard
-        )
-        nbytes = sum(r.size for r in manifest.files.values())
-        logger.info(
-            "saved step %d to %s (%d bytes in %.3f s)",
-            step,
-            storage.url_of(step_dir_name(step)),
-            nbytes,
-            time.perf_counter() - start,
-        )
-        return manifest
 
     def start(
         self, step: int, finish: Callable[..., object], args: tuple[Any, ...], nice: int | None

@@ -6,6 +6,8 @@ import logging
 
 import torch
 
+from ckpt.torch_compat import scheduler_last_lr
+
 __all__ = ["align_lr_to_scheduler", "scheduler_optimizer"]
 
 logger = logging.getLogger(__name__)
@@ -27,7 +29,7 @@ def align_lr_to_scheduler(name: str, scheduler: torch.optim.lr_scheduler.LRSched
     compute the next lr from the group's current one.
     """
     optimizer = scheduler_optimizer(scheduler)
-    last = getattr(scheduler, "_last_lr", None)
+    last = scheduler_last_lr(scheduler)
     if optimizer is None or not isinstance(last, list) or len(last) != len(optimizer.param_groups):
         return 0
     changed = 0

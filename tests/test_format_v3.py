@@ -6,11 +6,15 @@ import copy
 import itertools
 import json
 import math
+import os
 import random
+import shutil
 import zlib
+from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_same_state
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -548,3 +552,85 @@ def test_a_v3_manifest_without_its_checksum_is_corrupt():
     with pytest.raises(ckpt.CorruptCheckpointError, match="checksum") as info:
         decode_manifest(unsealed, "m.json")
     assert info.value.key == "checksum"
+
+
+# ------------------------------------------------------------------ golden bytes
+
+GOLDEN_V3 = Path(__file__).parent / "golden" / "v3"
+"""Saved by 2 gloo ranks: an FSDP2 model (uneven shards, replicated buffers) and a
+per-rank dict item. Regenerate deliberately with ``CKPT_REGENERATE_GOLDEN=1``."""
+
+
+def golden_v3_model() -> torch.nn.Module:
+    """A model whose every tensor is fixed: an odd width (uneven shards) and a BatchNorm."""
+    model = torch.nn.Sequential(
+        torch.nn.Linear(3, 5), torch.nn.BatchNorm1d(5), torch.nn.Linear(5, 2)
+    )
+    with torch.no_grad():
+        for i, tensor in enumerate(model.state_dict().values()):
+            if tensor.is_floating_point():
+                tensor.copy_(torch.arange(tensor.numel()).reshape(tensor.shape) / 8 - i)
+            else:
+                tensor.fill_(i)
+    return model
+
+
+def golden_v3_data(rank: int) -> dict[str, object]:
+    return {"rank": rank, "seen": torch.arange(4, dtype=torch.int16) * (rank + 1), "f": 0.25}
+
+
+def on_ranks_save_golden_v3(rank: int, world: int, root: str) -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    model = golden_v3_model()
+    for layer in (model[0], model[2]):
+        fully_shard(layer)
+    fully_shard(model)
+    with ckpt.CheckpointManager(root) as mgr:
+        mgr.save(7, epoch=1, metrics={"loss": 0.125}, rng=False, model=model,
+                 data=golden_v3_data(rank))  # fmt: skip
+
+
+def normalized_v3_manifest(path: Path) -> dict[str, object]:
+    raw = path.read_bytes()
+    doc = json.loads(zlib.decompress(raw) if raw.startswith(b"x") else raw)
+    assert isinstance(doc.pop("created_at"), str)
+    assert set(doc.pop("versions")) == {"ckpt", "torch", "python"}
+    doc.pop("checksum")  # covers created_at and versions, so it changes on every save
+    return doc
+
+
+@pytest.mark.distributed
+def test_golden_v3_bytes_pin_the_format(rank_pool, tmp_path):
+    """Fails when the bytes 2 ranks write change: that is a format change (bump the version)."""
+    rank_pool.run(on_ranks_save_golden_v3, str(tmp_path))
+    written = tmp_path / "step_000000000007"
+    if os.environ.get("CKPT_REGENERATE_GOLDEN"):
+        shutil.rmtree(GOLDEN_V3, ignore_errors=True)
+        shutil.copytree(written, GOLDEN_V3)
+    assert normalized_v3_manifest(written / "manifest.json")["format_version"] == 3
+    assert sorted(os.listdir(written)) == sorted(os.listdir(GOLDEN_V3))
+    for name in os.listdir(GOLDEN_V3):
+        if name == "manifest.json":
+            assert normalized_v3_manifest(written / name) == normalized_v3_manifest(
+                GOLDEN_V3 / name
+            )
+        else:
+            assert (written / name).read_bytes() == (GOLDEN_V3 / name).read_bytes(), name
+
+
+def test_golden_v3_still_loads_bit_for_bit(tmp_path):
+    shutil.copytree(GOLDEN_V3, tmp_path / "step_000000000007")
+    mgr = ckpt.CheckpointManager(tmp_path)
+    assert mgr.verify(7).step == 7
+    model = golden_v3_model()
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        for tensor in model.state_dict().values():
+            tensor.zero_()
+    data: dict[str, object] = {}
+    info = mgr.restore(model=model, data=data)
+    assert info is not None and info.step == 7 and info.epoch == 1
+    assert_same_state(dict(model.state_dict()), expected)
+    assert_same_state(data, golden_v3_data(0))  # one process restores rank 0's own items
+    assert_same_state(dict(mgr.read(7)["model"]), expected)

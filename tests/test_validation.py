@@ -439,3 +439,18 @@ def test_asgd_eta_beyond_float64_is_refused_before_anything_changes(tmp_path):
     assert_same_state((live_model.state_dict(), live_opt.state_dict()), before)
     with pytest.raises(ckpt.CorruptCheckpointError, match="float64"):
         mgr.verify(0)
+
+
+@pytest.mark.parametrize("dtype", ["qint32", "complex32", "bits16"])
+def test_a_dtype_ckpt_never_writes_is_corruption_for_read_too(saved, tmp_path, dtype):
+    root = tmp_path / "root"
+    shutil.copytree(saved, root)
+    manifest = root / step_dir_name(STEP) / MANIFEST_NAME
+    doc = read_manifest_doc(manifest)
+    _packed_dtype(dtype, 4 if dtype == "bits16" else 2)(doc)
+    write_manifest(manifest, doc)
+    with pytest.raises(ckpt.CorruptCheckpointError, match="never writes") as info:
+        ckpt.CheckpointManager(root).read(STEP)
+    assert info.value.key == "packed/t3"
+    with pytest.raises(ckpt.CorruptCheckpointError, match="never writes"):
+        ckpt.CheckpointReader(root).read(STEP, verify=False)

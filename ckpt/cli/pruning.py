@@ -7,9 +7,8 @@ from typing import Any
 
 from ckpt.cli.render import dump_json, note, out
 from ckpt.cli.source import open_reader, parse_root
-from ckpt.commit import delete_checkpoint
-from ckpt.manager import CheckpointManager
 from ckpt.retention import RetentionPolicy, steps_to_delete
+from ckpt.writer import CheckpointWriter
 
 __all__ = ["add_parser", "prune"]
 
@@ -44,7 +43,7 @@ def prune(
     """Delete what ``policy`` drops; the ``ckpt prune --json`` document.
 
     With ``dry_run`` nothing is written (no lock either). Otherwise the writer
-    lock is taken through :class:`ckpt.CheckpointManager` and the steps listed
+    lock is taken through :class:`ckpt.CheckpointWriter` and the steps listed
     again under it before anything is deleted.
 
     Raises:
@@ -71,16 +70,9 @@ def _doomed(steps: list[int], policy: RetentionPolicy) -> list[int]:
 def _delete_locked(
     directory: str, policy: RetentionPolicy, storage_options: dict[str, Any] | None
 ) -> tuple[list[int], list[int]]:
-    # The root exists (open_reader checked), so constructing the manager creates nothing.
-    with CheckpointManager(
-        directory, storage_options=storage_options, process_group=False
-    ) as manager:
-        manager._take_lock()
-        steps = manager.all_steps()
-        doomed = _doomed(steps, policy)
-        for step in doomed:
-            delete_checkpoint(manager._storage, step, f"ckpt prune {policy}")
-        return steps, doomed
+    # The root exists (open_reader checked), so constructing the writer creates nothing.
+    with CheckpointWriter(directory, storage_options=storage_options) as writer:
+        return writer.prune(policy)
 
 
 def run_prune(args: argparse.Namespace) -> int:

@@ -15,18 +15,10 @@ from __future__ import annotations
 
 import logging
 import os
-import platform
-import secrets
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from typing import Any
 
-import torch
-
-from ckpt import _version
-from ckpt.commit import file_token
 from ckpt.convert.dcp import load_dcp
 from ckpt.convert.directories import (
     HF_MODEL_FILES,
@@ -44,12 +36,11 @@ from ckpt.errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
 )
-from ckpt.format import MANIFEST_NAME, step_dir_name
-from ckpt.items import assemble_manifest
 from ckpt.kinds import Captured
 from ckpt.limits import MAX_STEP
-from ckpt.manager import CheckpointManager
+from ckpt.torch_compat import module_metadata
 from ckpt.tree import flatten
+from ckpt.writer import CheckpointWriter
 
 __all__ = [
     "AMPLIFICATION_SLACK",
@@ -310,35 +301,19 @@ def _commit(root: str, step: int, mapped: Mapped, storage_options: dict[str, Any
         except TypeError as e:
             raise CheckpointError(f"item {name!r} cannot be stored: {e}", path=root) from e
         extra = dict(recorded)
-        metadata = getattr(state, "_metadata", None)
+        metadata = module_metadata(state)
         if kind == "module" and isinstance(metadata, Mapping):
             try:
                 extra["module_metadata"], _ = flatten(dict(metadata), name)
             except TypeError:
                 mapped.notes.append("the model's _metadata (module versions) was not kept")
         captured[name] = Captured(kind, tree, tensors, extra)
-    start = time.perf_counter()
-    # The manager owns the lock and the commit protocol; an import is one save
-    # of pre-captured items through them.
-    with CheckpointManager(root, storage_options=storage_options) as mgr:
-        storage = mgr._storage
-        mgr._take_lock()
-        if storage.exists(step_dir_name(step), MANIFEST_NAME):
+    # The writer owns the lock and the commit protocol; an import is one commit
+    # of pre-captured items through it.
+    with CheckpointWriter(root, storage_options=storage_options) as writer:
+        writer.lock()
+        if writer.is_committed(step):
             raise CheckpointExistsError(
                 f"step {step} is already saved; choose another step", path=root
             )
-        token = secrets.token_hex(4)
-        files, manifest = assemble_manifest(
-            step,
-            mapped.epoch,
-            {},
-            captured,
-            created_at=datetime.now(timezone.utc).isoformat(timespec="microseconds"),
-            versions={
-                "ckpt": _version.__version__,
-                "torch": torch.__version__,
-                "python": platform.python_version(),
-            },
-            file_token=file_token(storage, token, overwrite=False),
-        )
-        mgr._finish(step, files, manifest, token, False, False, start)
+        writer.commit_captured(step, captured, epoch=mapped.epoch)

@@ -21,19 +21,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
-import platform
 import secrets
-import socket
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone
-from typing import Any, BinaryIO
+from typing import Any
 
-import torch
-
-from ckpt import _version
-from ckpt.commit import remove_abandoned_temps, remove_leftovers
+from ckpt.commit import open_attempt, remove_leftovers
+from ckpt.commit_protocol import Attempt, write_manifest
 from ckpt.distributed.capture import RankCapture, capture_local, capture_own, lay_out
 from ckpt.distributed.group import RankGroup
 from ckpt.distributed.writing import assemble_v3, write_rank_files
@@ -50,9 +44,9 @@ from ckpt.format import (
     decode_manifest,
     encode_manifest,
     step_dir_name,
-    temp_dir_name,
 )
-from ckpt.storage import CommitStrategy, Storage
+from ckpt.header import ManifestHeader
+from ckpt.storage import Storage
 
 __all__ = ["CollectiveSave", "PendingSave"]
 
@@ -90,7 +84,7 @@ class PendingSave:
 
     step: int
     overwrite: bool
-    plan: dict[str, Any]
+    attempt: Attempt
     template: Manifest
     captured: RankCapture
 
@@ -137,7 +131,9 @@ class CollectiveSave:
             raise _RAISED_AS.get(kind, CheckpointWriteError)(
                 message, path=self.storage.url_of(step_dir_name(step))
             )
-        file_token, created_at, versions = plan["file_token"], plan["created_at"], plan["versions"]
+        attempt = Attempt.from_json(plan)
+        file_token, header = attempt.file_token, attempt.header
+        created_at, versions = header.created_at, header.versions
         template = Manifest(step, epoch, metrics, {}, {}, {}, created_at, versions)
         error: BaseException | None = None
         local = None
@@ -147,19 +143,19 @@ class CollectiveSave:
         except Exception as e:
             error = e
         call = {"step": step, "epoch": epoch, "items": sorted(items)}
-        mismatch = _different_calls(step, self._agree(step, plan, error, call))
+        mismatch = _different_calls(step, self._agree(step, attempt, error, call))
         if mismatch is not None:
             if group.is_coordinator:
-                self._abandon(plan)
+                self._abandon(attempt)
             group.barrier()
             raise ValueError(mismatch)
         assert local is not None
         try:
             captured = lay_out(local, group.rank, file_token, group.all_gather_json)
         except Exception as e:  # DCP's planning is the same on every rank: all raise alike
-            self._agree(step, plan, e)
+            self._agree(step, attempt, e)
             raise
-        return PendingSave(step, overwrite, plan, template, captured)
+        return PendingSave(step, overwrite, attempt, template, captured)
 
     def finish(
         self,
@@ -179,19 +175,19 @@ class CollectiveSave:
             The manifest (on ranks other than the coordinator, without file records).
         """
         start = time.perf_counter()
-        step, plan, group = pending.step, pending.plan, self.group
+        step, attempt, group = pending.step, pending.attempt, self.group
         report: Any = None
         error: BaseException | None = None
         try:
-            report = write_rank_files(self.storage, plan["directory"], pending.captured)
+            report = write_rank_files(self.storage, attempt.directory, pending.captured)
         except Exception as e:
             error = e
-        reports = self._agree(step, plan, error, report)
+        reports = self._agree(step, attempt, error, report)
         outcome: Any = None
         if group.is_coordinator:
             outcome = self._commit(
                 step,
-                plan,
+                attempt,
                 pending.template,
                 pending.captured.sharded_items,
                 reports,
@@ -219,47 +215,28 @@ class CollectiveSave:
         return dataclasses.replace(pending.template, items=names)
 
     def _open(self, step: int, overwrite: bool, prepare: Callable[[], None]) -> dict[str, Any]:
-        """On the coordinator: lock, check, clean up, and open the uncommitted checkpoint."""
-        step_name = step_dir_name(step)
+        """On the coordinator: lock, check, clean up, and open the attempt (as JSON)."""
         try:
             prepare()
             if not self.leftovers_checked:
                 self.leftovers_checked = True
                 remove_leftovers(self.storage)
-            token = secrets.token_hex(4)
-            strategy = self.storage.commit_strategy(step_name, overwrite)
-            if strategy is CommitStrategy.RENAME_DIR:
-                remove_abandoned_temps(self.storage)
-                directory = temp_dir_name(step, socket.gethostname(), os.getpid(), token)
-                file_token = token if self.storage.unique_file_names(overwrite) else None
-            elif overwrite:
-                raise CheckpointWriteError(
-                    "overwrite=True is not supported for saves from several ranks on this "
-                    "storage; save a new step",
-                    path=self.storage.url_of(step_name),
-                )
-            else:
-                directory, file_token = step_name, token
-            self.storage.makedirs(directory)
+            attempt = open_attempt(
+                self.storage,
+                step,
+                overwrite=overwrite,
+                token=secrets.token_hex(4),
+                header=ManifestHeader.now(),
+                collective=True,
+            )
         except CheckpointError as e:
             return {"error": [type(e).__name__, str(e)]}
         except OSError as e:
             return {"error": ["CheckpointWriteError", f"cannot start the save: {e}"]}
-        return {
-            "directory": directory,
-            "token": token,
-            "file_token": file_token,
-            "rename": strategy is CommitStrategy.RENAME_DIR,
-            "created_at": datetime.now(timezone.utc).isoformat(timespec="microseconds"),
-            "versions": {
-                "ckpt": _version.__version__,
-                "torch": torch.__version__,
-                "python": platform.python_version(),
-            },
-        }
+        return attempt.to_json()
 
     def _agree(
-        self, step: int, plan: dict[str, Any], error: BaseException | None, report: Any = None
+        self, step: int, attempt: Attempt, error: BaseException | None, report: Any = None
     ) -> list[Any]:
         """Gather every rank's outcome (and report); on any failure abandon the save and raise."""
         docs = self.group.all_gather_json(
@@ -269,7 +246,7 @@ class CollectiveSave:
         if not failed:
             return [d["report"] for d in docs]
         if self.group.is_coordinator:
-            self._abandon(plan)
+            self._abandon(attempt)
         self.group.barrier()  # every rank raises once the attempt is gone
         where = "; ".join(f"rank {r}: {message}" for r, message in failed)
         failure = CheckpointWriteError(
@@ -281,22 +258,14 @@ class CollectiveSave:
             raise failure from error
         raise failure
 
-    def _abandon(self, plan: dict[str, Any]) -> None:
+    def _abandon(self, attempt: Attempt) -> None:
         """Remove what an attempt wrote (the coordinator, once every rank has stopped writing)."""
-        try:
-            if plan["rename"]:
-                self.storage.remove_tree(plan["directory"])
-            else:
-                for name in self.storage.list_dir(plan["directory"]):
-                    if plan["token"] in name:
-                        self.storage.remove_file(plan["directory"], name)
-        except Exception as e:  # leftovers are removed by a later save
-            logger.warning("could not remove the abandoned save %s: %s", plan["directory"], e)
+        attempt.protocol.abandon(self.storage, attempt)  # leftovers are removed by a later save
 
     def _commit(
         self,
         step: int,
-        plan: dict[str, Any],
+        attempt: Attempt,
         template: Manifest,
         sharded_items: dict[str, Any],
         reports: list[Any],
@@ -304,23 +273,17 @@ class CollectiveSave:
         guard: Callable[[], None] | None,
     ) -> dict[str, Any]:
         """On the coordinator: write the manifest and commit; the outcome for every rank."""
-        directory = plan["directory"]
         try:
             manifest = assemble_v3(template, sharded_items, reports)
             raw = encode_manifest(manifest)
-            decode_manifest(raw, self.storage.url_of(directory, MANIFEST_NAME))  # as readers will
+            where = self.storage.url_of(attempt.directory, MANIFEST_NAME)
+            decode_manifest(raw, where)  # as readers will
             if guard is not None:
                 guard()
-
-            def write(f: BinaryIO) -> int:
-                f.write(raw)
-                return len(raw)
-
-            self.storage.write_file((directory, MANIFEST_NAME), write)
-            if plan["rename"]:
-                self.storage.commit_dir(directory, step_dir_name(step), replace=overwrite)
+            write_manifest(self.storage, attempt, raw)
+            attempt.protocol.finalize(self.storage, attempt, manifest)
         except Exception as e:
             logger.error("could not commit step %d: %s", step, e)
-            self._abandon(plan)
+            self._abandon(attempt)
             return {"error": _describe(e)}
         return {"error": None, "items": list(manifest.items)}

@@ -21,10 +21,11 @@ import torch
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
-    _get_fqns,
     get_model_state_dict,
     set_model_state_dict,
 )
+
+from ckpt.torch_compat import fully_qualified_names
 
 __all__ = [
     "apply_sharded",
@@ -62,7 +63,7 @@ def parameter_names(model: nn.Module) -> set[str]:
     """The names of a model's parameters as ``get_model_state_dict`` keys them."""
     names: set[str] = set()
     for qualified, _ in model.named_parameters(remove_duplicate=False):
-        names.update(_get_fqns(model, qualified))
+        names.update(fully_qualified_names(model, qualified))
     return names
 
 
@@ -73,7 +74,7 @@ def optimizer_param_names(model: nn.Module, optimizer: torch.optim.Optimizer) ->
     """
     names: dict[int, str] = {}
     for qualified, param in model.named_parameters(remove_duplicate=False):
-        fqns = _get_fqns(model, qualified)
+        fqns = fully_qualified_names(model, qualified)
         if len(fqns) == 1:
             names.setdefault(id(param), next(iter(fqns)))
     out = []

@@ -18,7 +18,7 @@ from ckpt.io.spill import copy_bytes
 from ckpt.locations import MapLocation, mapped_device, place
 from ckpt.optim import Target
 from ckpt.storage import Storage
-from ckpt.tensorfile import TensorEntry, read_tensor, tensor_bytes
+from ckpt.tensorfile import TensorEntry, check_stored_dtype, read_tensor, tensor_bytes
 
 __all__ = ["load_tensors"]
 
@@ -75,6 +75,10 @@ def load_tensors(
                 path=storage.path(directory, MANIFEST_NAME),
                 key=name,
             )
+        try:
+            check_stored_dtype(name, record)
+        except CorruptCheckpointError as e:
+            raise e.located(storage.path(directory, MANIFEST_NAME)) from e
         by_file.setdefault(record.file, []).append(name)
     out: dict[str, torch.Tensor] = {}
     reader = _FileReader(storage, directory, manifest, map_location, verify, into)

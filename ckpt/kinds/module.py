@@ -22,6 +22,7 @@ from ckpt.errors import CorruptCheckpointError, IncompatibleCheckpointError
 from ckpt.format import ItemRecord
 from ckpt.inplace import loads_own_way, module_loads_plainly
 from ckpt.kinds.base import Captured, ItemKind, ItemPlan, RestoreOptions
+from ckpt.torch_compat import module_metadata, with_module_metadata
 from ckpt.tree import Json, flatten, tensors_by_path, unflatten
 
 __all__ = ["ModuleKind", "bare_key"]
@@ -62,7 +63,7 @@ class ModuleKind(ItemKind):
         """Capture the state dict and torch's ``_metadata`` (module versions)."""
         state = self.state_of(name, obj)
         extra: dict[str, Json] = {}
-        metadata = getattr(state, "_metadata", None)
+        metadata = module_metadata(state)
         if metadata is not None:
             extra["module_metadata"], _ = flatten(dict(metadata), name)
         tree, tensors = flatten(state, name)
@@ -97,7 +98,7 @@ class ModuleKind(ItemKind):
         _check_values(name, saved, live, own_way)
         plan.extra.update(
             key_map=key_map,
-            live_metadata=getattr(live, "_metadata", None),
+            live_metadata=module_metadata(live),
             strict=options.strict,
             assign=options.assign,
         )
@@ -130,7 +131,7 @@ class ModuleKind(ItemKind):
                 metadata = _renamed_metadata(metadata, plan.extra.get("live_metadata"))
         state = OrderedDict(state)
         if metadata is not None:
-            state._metadata = OrderedDict(metadata)  # type: ignore[attr-defined]
+            with_module_metadata(state, OrderedDict(metadata))
         for prefix in plan.extra.get("own_way", []):
             _dry_run(plan, prefix, state, strict=plan.extra.get("strict", True))
         return state
@@ -317,12 +318,15 @@ def _dry_run(plan: ItemPlan, prefix: str, state: Mapping[str, Any], *, strict: b
     part: OrderedDict[str, Any] = OrderedDict(
         (k[len(head) :], v) for k, v in state.items() if k.startswith(head)
     )
-    metadata = getattr(state, "_metadata", None)
+    metadata = module_metadata(state)
     if metadata is not None:
-        part._metadata = OrderedDict(  # type: ignore[attr-defined]
-            (k[len(head) :] if k.startswith(head) else "", v)
-            for k, v in metadata.items()
-            if k == prefix or k.startswith(head)
+        with_module_metadata(
+            part,
+            OrderedDict(
+                (k[len(head) :] if k.startswith(head) else "", v)
+                for k, v in metadata.items()
+                if k == prefix or k.startswith(head)
+            ),
         )
     try:
         scratch = copy.deepcopy(module)

@@ -28,8 +28,8 @@ __all__ = ["CommitStrategy", "Storage", "WriterLock", "check_url", "open_storage
 class CommitStrategy(enum.Enum):
     """How a backend makes a finished checkpoint visible, all at once.
 
-    A third strategy (several ranks writing one checkpoint, a coordinator
-    committing) is added here and in :mod:`ckpt.commit`.
+    Each has its :class:`~ckpt.commit_protocol.CommitProtocol` (open, abandon,
+    finalize), the same for saves from one process and from several ranks.
     """
 
     RENAME_DIR = "rename"

@@ -206,6 +206,18 @@ class LocalStorage(Storage):
         with self._parent(parts) as (fd, name):
             return os.stat(name, dir_fd=fd, follow_symlinks=False)
 
+    def root_fd(self) -> contextlib.AbstractContextManager[int]:
+        """The root directory, opened without following links: its descriptor, closed after."""
+        return self._dir([])
+
+    def lstat(self, *parts: str) -> os.stat_result:
+        """The status of an entry below the root, never following a link.
+
+        Raises:
+            FileNotFoundError: It does not exist.
+        """
+        return self._lstat(parts)
+
     # ---------------------------------------------------------------- reading
 
     def list_dir(self, *parts: str) -> list[str]:

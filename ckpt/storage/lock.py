@@ -86,7 +86,7 @@ def take_flock(storage: LocalStorage, name: str, owner: str) -> WriterLock:
     """
     full = storage.path(name)
     try:
-        with storage._dir([]) as root:
+        with storage.root_fd() as root:
             with contextlib.suppress(FileNotFoundError):  # never open a device or FIFO there
                 if not stat.S_ISREG(os.stat(name, dir_fd=root, follow_symlinks=False).st_mode):
                     raise _not_regular(full)
@@ -139,7 +139,7 @@ class _FlockHeld:
                 path=full,
             )
         try:
-            info = self.storage._lstat((self.name,))
+            info = self.storage.lstat(self.name)
         except FileNotFoundError:
             now = None
         else:

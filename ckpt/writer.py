@@ -1,0 +1,267 @@
+"""The one way to write a checkpoint root: its writer lock, commits, deletes and retention.
+
+:class:`~ckpt.CheckpointManager`, ``ckpt prune`` and :func:`ckpt.import_checkpoint`
+all write through a :class:`CheckpointWriter`; nothing else writes into a root.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from ckpt.commit import delete_checkpoint, file_token, remove_leftovers
+from ckpt.errors import CheckpointWriteError
+from ckpt.format import MANIFEST_NAME, Manifest, step_dir_name
+from ckpt.header import ManifestHeader
+from ckpt.items import assemble_manifest
+from ckpt.kinds import Captured
+from ckpt.reader import StepReader
+from ckpt.retaining import Retainer
+from ckpt.retention import RetentionPolicy
+from ckpt.saving import Files, commit_and_log
+from ckpt.storage import Storage, WriterLock, open_storage
+from ckpt.writer_lock import hold_writer_lock
+
+__all__ = ["CheckpointWriter"]
+
+logger = logging.getLogger(__name__)
+
+
+class CheckpointWriter:
+    """Writes the checkpoints of one root: holds its writer lock, commits, deletes, retains.
+
+    The writer lock is taken by :meth:`lock` (and by the methods that take it
+    themselves: :meth:`commit_captured`, :meth:`delete`, :meth:`prune`) and held
+    until :meth:`close`, or until the writer is garbage collected. While it is
+    held, a writer of the same root in any other process or instance fails at
+    once with :class:`~ckpt.CheckpointLockedError`; readers are never blocked.
+    An instance is not thread-safe: one thread uses it at a time (a background
+    save counts as that thread while it runs).
+
+    Args:
+        directory: A local path or fsspec URL; ``None`` when ``storage`` is given.
+        storage_options: Passed to the fsspec filesystem (credentials, endpoint, ...).
+        storage: An opened root to share (e.g. with a
+            :class:`~ckpt.CheckpointReader` built over the same ``storage``).
+
+    Raises:
+        CheckpointWriteError: The root directory cannot be created.
+
+    Example:
+        >>> from ckpt.retention import RetentionPolicy
+        >>> with ckpt.CheckpointWriter("runs/exp1") as writer:
+        ...     writer.prune(RetentionPolicy(keep_last=3))
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str] | None = None,
+        *,
+        storage_options: dict[str, Any] | None = None,
+        storage: Storage | None = None,
+    ) -> None:
+        if storage_options is not None and not isinstance(storage_options, dict):
+            raise TypeError("storage_options must be a dict")
+        if storage is None:
+            if directory is None:
+                raise ValueError("pass the directory (or an opened storage)")
+            storage = open_storage(os.fspath(directory), storage_options)
+        elif directory is not None:
+            raise ValueError("pass the directory or an opened storage, not both")
+        self._storage = storage
+        try:
+            storage.makedirs()
+        except OSError as e:
+            raise CheckpointWriteError(
+                f"cannot create the checkpoint directory: {e.strerror or e}",
+                path=storage.url,
+                errno=e.errno,
+            ) from e
+        self._steps = StepReader(storage)
+        self._lock: WriterLock | None = None
+        self._retainer = Retainer()
+        self._leftovers_checked = False
+
+    def __repr__(self) -> str:
+        return f"CheckpointWriter({self.directory!r})"
+
+    def __enter__(self) -> CheckpointWriter:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    @property
+    def storage(self) -> Storage:
+        """The root this writer writes."""
+        return self._storage
+
+    @property
+    def directory(self) -> str:
+        """The root directory, as given."""
+        return self._storage.url
+
+    # -------------------------------------------------------------------- lock
+
+    def lock(self) -> None:
+        """Take the root's writer lock, or check and refresh it if this writer holds it.
+
+        Raises:
+            CheckpointLockedError: Another writer holds the root, or the lock held
+                here was deleted, replaced or taken over (or this is a forked child).
+        """
+        self._lock = hold_writer_lock(self._storage, self._lock, self)
+
+    def check_lock(self) -> None:
+        """Raise if the lock this writer took is no longer its own; nothing when none was taken.
+
+        Raises:
+            CheckpointLockedError: The lock was deleted, replaced or taken over.
+        """
+        if self._lock is not None:
+            self._lock.check()
+
+    def close(self) -> None:
+        """Release the writer lock, if held; idempotent."""
+        lock, self._lock = self._lock, None
+        if lock is not None:
+            lock.release()
+
+    # ------------------------------------------------------------------ commit
+
+    def is_committed(self, step: int) -> bool:
+        """Whether ``step`` has a committed checkpoint now."""
+        return self._storage.exists(step_dir_name(step), MANIFEST_NAME)
+
+    def commit(
+        self,
+        step: int,
+        files: Files,
+        manifest: Manifest,
+        *,
+        token: str,
+        overwrite: bool = False,
+        start: float | None = None,
+    ) -> Manifest:
+        """Write ``files`` and commit them with ``manifest`` as the checkpoint of ``step``.
+
+        Call :meth:`lock` first: the commit checks, just before its commit point,
+        that the lock taken is still this writer's. The first commit of a writer
+        also removes what crashed writers left behind.
+
+        Args:
+            step: The step.
+            files: ``{file name: {tensor name: tensor}}``, named as
+                :meth:`file_token` says.
+            manifest: The manifest to complete with the files' records.
+            token: 8 hex digits unique to this attempt.
+            overwrite: Replace a committed ``step``.
+            start: ``time.perf_counter()`` when the save began, for the log line.
+
+        Returns:
+            The manifest as committed.
+
+        Raises:
+            CheckpointExistsError: Another writer committed ``step`` first.
+            CheckpointLockedError: The lock was lost.
+            CheckpointWriteError: Writing failed; earlier checkpoints are intact.
+        """
+        if not self._leftovers_checked:
+            self._leftovers_checked = True  # once per writer: crashed writers' leftovers
+            remove_leftovers(self._storage)
+        lock = self._lock
+        try:
+            return commit_and_log(
+                self._storage,
+                step,
+                files,
+                manifest,
+                token,
+                overwrite,
+                None if lock is None else lock.check,
+                time.perf_counter() if start is None else start,
+            )
+        finally:
+            self._retainer.forget(step)
+
+    def file_token(self, token: str, *, overwrite: bool) -> str | None:
+        """The token a save's file names carry here (``None``: plain names)."""
+        return file_token(self._storage, token, overwrite=overwrite)
+
+    def commit_captured(
+        self,
+        step: int,
+        captured: Mapping[str, Captured],
+        *,
+        epoch: int | None = None,
+        metrics: dict[str, float | int] | None = None,
+        overwrite: bool = False,
+    ) -> Manifest:
+        """Lay captured items out and commit them as the checkpoint of ``step`` (takes the lock).
+
+        Returns:
+            The manifest as committed.
+
+        Raises:
+            CheckpointExistsError: ``step`` is committed (and not ``overwrite``).
+            CheckpointLockedError: Another writer holds the root.
+            CheckpointWriteError: Writing failed; earlier checkpoints are intact.
+        """
+        start = time.perf_counter()
+        self.lock()
+        token = secrets.token_hex(4)
+        header = ManifestHeader.now()
+        files, manifest = assemble_manifest(
+            step,
+            epoch,
+            {} if metrics is None else metrics,
+            captured,
+            created_at=header.created_at,
+            versions=header.versions,
+            file_token=self.file_token(token, overwrite=overwrite),
+        )
+        return self.commit(step, files, manifest, token=token, overwrite=overwrite, start=start)
+
+    # --------------------------------------------------------------- retention
+
+    def delete(self, step: int, reason: str) -> None:
+        """Delete the checkpoint of ``step``, manifest first (takes the lock).
+
+        A failed delete is logged as a warning, never raised.
+
+        Raises:
+            CheckpointLockedError: Another writer holds the root.
+        """
+        self.lock()
+        self._delete(step, reason)
+
+    def _delete(self, step: int, reason: str) -> None:
+        self._retainer.forget(step)
+        delete_checkpoint(self._storage, step, reason)
+
+    def retain(self, policy: RetentionPolicy, just_saved: int) -> None:
+        """After ``just_saved`` committed: delete what ``policy`` drops; never raises.
+
+        Runs under the lock the save took (it takes none itself).
+        """
+        self._retainer.apply(self._storage, policy, self._steps.all_steps, just_saved)
+
+    def prune(self, policy: RetentionPolicy) -> tuple[list[int], list[int]]:
+        """Delete the committed steps ``policy`` drops, judged from the newest (takes the lock).
+
+        Returns:
+            The steps committed before, and those deleted.
+
+        Raises:
+            CheckpointLockedError: Another writer holds the root.
+        """
+        self.lock()
+        steps = self._steps.all_steps()
+        doomed = self._retainer.dropped(self._storage, policy, steps, steps[-1]) if steps else []
+        for step in doomed:
+            self._delete(step, f"ckpt prune {policy}")
+        return steps, doomed
