@@ -21,17 +21,17 @@ from typing import Any
 import torch
 
 from ckpt.distributed.capture import variant_name
-from ckpt.distributed.group import RankGroup
-from ckpt.distributed.planning import ChunkRead, local_shards, plan_reads
+from ckpt.distributed.one_process import group_of_one
+from ckpt.distributed.reading import ChunkSource, SavedChunks, WholeTensors, read_into
 from ckpt.distributed.states import (
     apply_sharded,
     optimizer_param_names,
     pair_optimizers,
     sharded_state,
 )
-from ckpt.errors import CheckpointError, CheckpointNotFoundError, IncompatibleCheckpointError
-from ckpt.format import GlobalTensorRecord, ItemRecord, Manifest, ShardedSection, rank_manifest
-from ckpt.io import load_tensors, read_chunk
+from ckpt.errors import CheckpointNotFoundError, IncompatibleCheckpointError, PartialRestoreError
+from ckpt.format import ItemRecord, Manifest, ShardedSection, rank_manifest
+from ckpt.io import load_tensors
 from ckpt.items import build_state
 from ckpt.kinds import RestoreOptions
 from ckpt.kinds.optimizer import check_optimizer_numbers
@@ -45,7 +45,7 @@ from ckpt.tree import Json, tensor_refs, unflatten
 __all__ = [
     "ShardedRestore",
     "apply_sharded_restore",
-    "prepare_everywhere",
+    "prepare_on_rank",
     "prepare_sharded_restore",
     "check_own_items",
     "read_full",
@@ -67,62 +67,6 @@ class ShardedRestore:
     """Seed for this rank's random streams when the checkpoint has none for it."""
     nbytes: int = 0
     """Bytes of tensor data read."""
-
-
-def _read_into(
-    storage: Storage,
-    directory: str,
-    records: Mapping[str, GlobalTensorRecord],
-    dest: Mapping[str, torch.Tensor],
-    verify: bool,
-) -> int:
-    """Read the saved chunks overlapping this rank's part of each ``dest`` tensor into it.
-
-    Returns:
-        The bytes read.
-    """
-    reads = plan_reads(records, dest)
-    by_chunk: dict[tuple[str, int], list[ChunkRead]] = {}
-    for r in reads:
-        by_chunk.setdefault((r.name, r.chunk), []).append(r)
-    nbytes = 0
-    for (name, index), boxes in by_chunk.items():
-        record = records[name]
-        saved = record.chunks[index]
-        target = local_shards(dest[name])
-        nbytes += record.chunk_nbytes(saved)
-        direct = _whole_chunk_view(target, boxes, saved.sizes, record.dtype)
-        if direct is not None:  # the usual case (same sharding): no second copy
-            read_chunk(
-                storage, directory, record, saved, verify=verify, out=direct, name=name, index=index
-            )
-            continue
-        chunk = read_chunk(storage, directory, record, saved, verify=verify, name=name, index=index)
-        for box in boxes:
-            source = chunk
-            local = target
-            for dim, (src, dst, length) in enumerate(
-                zip(box.source_offsets, box.dest_offsets, box.lengths, strict=True)
-            ):
-                source = source.narrow(dim, src, length)
-                local = local.narrow(dim, dst, length)
-            local.copy_(source)
-    return nbytes
-
-
-def _whole_chunk_view(
-    target: torch.Tensor, boxes: list[ChunkRead], sizes: tuple[int, ...], dtype: torch.dtype
-) -> torch.Tensor | None:
-    """The part of ``target`` one whole chunk fills, when it can be read into directly."""
-    if len(boxes) != 1 or target.device.type != "cpu" or target.dtype != dtype:
-        return None
-    box = boxes[0]
-    if any(box.source_offsets) or box.lengths != tuple(sizes):
-        return None
-    view = target
-    for dim, (start, length) in enumerate(zip(box.dest_offsets, box.lengths, strict=True)):
-        view = view.narrow(dim, start, length)
-    return view if view.is_contiguous() else None
 
 
 def _check_names(item: str, saved: set[str], live: set[str], strict: bool) -> None:
@@ -147,6 +91,7 @@ def prepare_sharded_restore(
     verify: bool,
     rank: int,
     world_size: int,
+    source: ChunkSource | None = None,
 ) -> ShardedRestore:
     """Read and check everything this rank restores from a v3 checkpoint; change nothing.
 
@@ -157,13 +102,13 @@ def prepare_sharded_restore(
     """
     section = manifest.sharded
     assert section is not None
+    chunks = source or SavedChunks(storage, step_name, verify=verify)
     sharded_live = {n: o for n, o in items.items() if n in section.items}
     pairs = pair_optimizers(sharded_live)
     restore = ShardedRestore({}, pairs, None)
     for name in sorted(sharded_live, key=lambda n: section.items[n].kind != "module"):
-        restore.sharded[name], nbytes = _read_item(
-            storage, step_name, section, name, items, pairs, options, verify, rank
-        )
+        state, nbytes = _read_item(chunks, section, name, items, pairs, options, rank)
+        restore.sharded[name] = state
         restore.nbytes += nbytes
     own_index = rank if rank < section.world_size else 0
     view = rank_manifest(manifest, own_index)
@@ -197,14 +142,12 @@ def prepare_sharded_restore(
 
 
 def _read_item(
-    storage: Storage,
-    step_name: str,
+    source: ChunkSource,
     section: ShardedSection,
     name: str,
     items: Mapping[str, Any],
     pairs: Mapping[str, str],
     options: RestoreOptions,
-    verify: bool,
     rank: int,
 ) -> tuple[Any, int]:
     """Read a module or optimizer item's saved state into fresh tensors placed like the live."""
@@ -222,7 +165,7 @@ def _read_item(
         dest = _optimizer_destinations(name, obj, items[pairs[name]], record, section, options)
         tree, own, unexpected = record.state, {}, []
     records = {n: section.tensors[own.get(n, n)] for n in dest}
-    nbytes = _read_into(storage, step_name, records, dest, verify)
+    nbytes = read_into(source, records, dest)
     return (unflatten(tree, dest), unexpected), nbytes
 
 
@@ -334,23 +277,55 @@ def _short(value: object) -> str:
 def apply_sharded_restore(
     restore: ShardedRestore, items: Mapping[str, Any], strict: bool, where: str
 ) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
-    """Load everything read: modules, optimizers, then this rank's own items."""
+    """Load everything read: modules, optimizers, then this rank's own items.
+
+    Raises:
+        PartialRestoreError: An item's own code raised while it was loaded.
+    """
     missing: dict[str, list[str]] = {}
     unexpected: dict[str, list[str]] = {}
-    for name, (state, saved_only) in restore.sharded.items():
-        m, u = apply_sharded(name, items, restore.pairs, state, strict)
+    order = list(restore.sharded)
+    for i, (name, (state, saved_only)) in enumerate(restore.sharded.items()):
+        try:
+            m, u = apply_sharded(name, items, restore.pairs, state, strict)
+        except Exception as e:
+            rest = order[i + 1 :] + _own_names(restore)
+            raise PartialRestoreError(
+                f"loading item {name!r} raised {type(e).__name__}: {e}. Restored before it: "
+                f"{order[:i]}; not restored, unchanged: {rest}; {name!r} itself may be "
+                "partly loaded",
+                path=where,
+                key=name,
+                item=name,
+                applied=order[:i],
+                not_applied=rest,
+            ) from e
         u = sorted({*u, *saved_only})
         if m:
             missing[name] = m
         if u:
             unexpected[name] = u
     if restore.own is not None:
-        own_missing, own_unexpected = apply_restore(restore.own, where)
+        try:
+            own_missing, own_unexpected = apply_restore(restore.own, where)
+        except PartialRestoreError as e:
+            raise PartialRestoreError(
+                e.reason,
+                path=e.path,
+                key=e.key,
+                item=e.item,
+                applied=[*order, *e.applied],
+                not_applied=e.not_applied,
+            ) from e.__cause__
         missing.update(own_missing)
         unexpected.update(own_unexpected)
     if restore.reseed is not None:
         _seed_all(restore.reseed)
     return missing, unexpected
+
+
+def _own_names(restore: ShardedRestore) -> list[str]:
+    return [] if restore.own is None else [p.name for p in restore.own.plans]
 
 
 def _seed_for(step: int, rank: int) -> int:
@@ -380,12 +355,13 @@ def read_full(
     section = manifest.sharded
     assert section is not None
     out: dict[str, Any] = {}
+    source = SavedChunks(storage, step_name, verify=verify)
     for name, record in section.items.items():
         full = {}
         for tensor_name in dict.fromkeys(n for _, n in tensor_refs(record.state)):
             r = section.tensors[tensor_name]
             t = torch.empty(r.shape, dtype=r.dtype)
-            _read_into(storage, step_name, {tensor_name: r}, {tensor_name: t}, verify)
+            read_into(source, {tensor_name: r}, {tensor_name: t})
             device = mapped_device(map_location, "cpu")
             full[tensor_name] = place(t, device, None, map_location=map_location, key=tensor_name)
         state = unflatten(record.state, full)
@@ -420,21 +396,7 @@ def _index_packed(state: dict[str, Any]) -> dict[str, Any]:
     return {"state": per_param, "param_groups": groups}
 
 
-def agree_or_raise(group: RankGroup | None, error: BaseException | None, doing: str) -> None:
-    """Raise on every rank when any rank failed (its own error where it failed)."""
-    if group is None:
-        if error is not None:
-            raise error
-        return
-    failed = group.failures(error)
-    if error is not None:
-        raise error
-    if failed:
-        where = "; ".join(f"rank {r}: {m}" for r, m in failed)
-        raise CheckpointError(f"{doing} failed on another rank ({where}); nothing was changed")
-
-
-def prepare_everywhere(
+def prepare_on_rank(
     storage: Storage,
     step_name: str,
     manifest: Manifest,
@@ -443,33 +405,28 @@ def prepare_everywhere(
     *,
     rng: bool,
     verify: bool,
-    group: RankGroup | None,
+    rank: int,
+    world_size: int,
 ) -> ShardedRestore:
-    """Prepare a v3 restore on this rank; raise on every rank unless every rank succeeded."""
-    rank, world_size = (0, 1) if group is None else (group.rank, group.world_size)
-    if group is not None:
-        asked = group.all_gather_json(sorted(items))
-        if any(a != asked[0] for a in asked):
-            raise ValueError(
-                "every rank must restore the same items: "
-                + "; ".join(f"rank {r} restores {a}" for r, a in enumerate(asked))
-            )
-    prepared: ShardedRestore | None = None
-    error: BaseException | None = None
-    try:
-        prepared = prepare_sharded_restore(
-            storage,
-            step_name,
-            manifest,
-            items,
-            options,
-            rng=rng,
-            verify=verify,
-            rank=rank,
-            world_size=world_size,
-        )
-    except Exception as e:
-        error = e
-    agree_or_raise(group, error, f"restoring step {manifest.step}")
-    assert prepared is not None
-    return prepared
+    """Prepare a restore on this rank, from a checkpoint saved by any number of processes.
+
+    A single-process checkpoint (format 1 or 2) is read as one saved by a group
+    of one (:mod:`ckpt.distributed.one_process`). Runs no collective: the caller
+    agrees on the outcome with the other ranks.
+    """
+    view, source = manifest, None
+    if manifest.sharded is None:
+        view = group_of_one(manifest, items)
+        source = WholeTensors(storage, step_name, manifest, verify=verify)
+    return prepare_sharded_restore(
+        storage,
+        step_name,
+        view,
+        items,
+        options,
+        rng=rng,
+        verify=verify,
+        rank=rank,
+        world_size=world_size,
+        source=source,
+    )

@@ -1,0 +1,174 @@
+"""Which saved bytes a rank reads for its part of each global tensor, and from where.
+
+One place decides, whatever saved the checkpoint: DCP's load planner maps the
+saved chunks of each global tensor onto this rank's part of the live tensor
+(:func:`read_into`), and a :class:`ChunkSource` fetches the chunks it needs.
+
+- :class:`SavedChunks`: a checkpoint saved by several ranks (format version 3);
+  each chunk is read alone, its bytes checked against its own checksum.
+- :class:`WholeTensors`: a checkpoint saved by one process (versions 1 and 2),
+  seen as a group of one (:mod:`ckpt.distributed.one_process`): each tensor is
+  one chunk covering it. Its file's checksum covers the whole file, so the
+  tensors of one item are loaded together, their file read whole and checked
+  (:func:`ckpt.io.load_tensors`), and dropped once copied.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping
+from typing import Protocol
+
+import torch
+
+from ckpt.distributed.planning import ChunkRead, local_shards, plan_reads
+from ckpt.format import GlobalTensorRecord, Manifest
+from ckpt.io import load_tensors, read_chunk
+from ckpt.storage import Storage
+
+__all__ = ["ChunkSource", "SavedChunks", "WholeTensors", "read_into"]
+
+
+class ChunkSource(Protocol):
+    """Fetches checked chunks of a checkpoint's global tensors."""
+
+    def reading(self, names: list[str]) -> contextlib.AbstractContextManager[None]:
+        """A scope in which the chunks of the global tensors ``names`` are read."""
+
+    def read(
+        self, name: str, record: GlobalTensorRecord, index: int, out: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Chunk ``index`` of ``name``, checked (into ``out``, a contiguous CPU tensor, if any)."""
+
+
+class SavedChunks:
+    """The chunks of a version 3 checkpoint, each read alone and checked against its checksum."""
+
+    def __init__(self, storage: Storage, directory: str, *, verify: bool) -> None:
+        self.storage, self.directory, self.verify = storage, directory, verify
+
+    @contextlib.contextmanager
+    def reading(self, names: list[str]) -> Iterator[None]:
+        """Nothing to do ahead: each chunk is read when asked for."""
+        yield
+
+    def read(
+        self, name: str, record: GlobalTensorRecord, index: int, out: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Read only the chunk's bytes and check them."""
+        return read_chunk(
+            self.storage,
+            self.directory,
+            record,
+            record.chunks[index],
+            verify=self.verify,
+            out=out,
+            name=name,
+            index=index,
+        )
+
+
+class WholeTensors:
+    """The tensors of a checkpoint saved by one process, each the one chunk of its global tensor.
+
+    Args:
+        storage: Where the checkpoint is.
+        directory: The checkpoint directory below the storage root.
+        manifest: The checkpoint's own (version 1 or 2) manifest.
+        verify: Check each file read against its checksum.
+    """
+
+    def __init__(
+        self, storage: Storage, directory: str, manifest: Manifest, *, verify: bool
+    ) -> None:
+        self.storage, self.directory, self.manifest = storage, directory, manifest
+        self.verify = verify
+        self._loaded: dict[str, torch.Tensor] = {}
+
+    @contextlib.contextmanager
+    def reading(self, names: list[str]) -> Iterator[None]:
+        """Load ``names`` (their files read whole and checked) for the scope, then drop them."""
+        loaded, pending = load_tensors(
+            self.storage, self.directory, self.manifest, names, {}, "cpu", verify=self.verify
+        )
+        pending.close()  # nothing was deferred: no live tensors were given
+        self._loaded = loaded
+        try:
+            yield
+        finally:
+            self._loaded = {}
+
+    def read(
+        self, name: str, record: GlobalTensorRecord, index: int, out: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The loaded tensor (its only chunk), copied into ``out`` if given."""
+        tensor = self._loaded[name]
+        if out is None:
+            return tensor
+        out.copy_(tensor)
+        return out
+
+
+def read_into(
+    source: ChunkSource,
+    records: Mapping[str, GlobalTensorRecord],
+    dest: Mapping[str, torch.Tensor],
+) -> int:
+    """Read the saved chunks overlapping this rank's part of each ``dest`` tensor into it.
+
+    Args:
+        source: Where the chunks come from.
+        records: The global tensors ``dest`` names.
+        dest: ``{global name: tensor or DTensor}`` shaped like the global tensor.
+
+    Returns:
+        The bytes of the chunks read.
+
+    Raises:
+        IncompatibleCheckpointError: A destination's global shape differs from the saved one.
+        CorruptCheckpointError: A chunk or file fails its checks.
+    """
+    reads = plan_reads(records, dest)
+    by_chunk: dict[tuple[str, int], list[ChunkRead]] = {}
+    for r in reads:
+        by_chunk.setdefault((r.name, r.chunk), []).append(r)
+    nbytes = 0
+    with source.reading(list(dict.fromkeys(name for name, _ in by_chunk))):
+        for (name, index), boxes in by_chunk.items():
+            record = records[name]
+            saved = record.chunks[index]
+            target = local_shards(dest[name])
+            nbytes += record.chunk_nbytes(saved)
+            direct = _whole_chunk_view(target, boxes, saved.sizes, record.dtype)
+            if direct is not None:  # the usual case (same sharding): no second copy
+                source.read(name, record, index, direct)
+                continue
+            chunk = source.read(name, record, index, None)
+            for box in boxes:
+                _copy_box(chunk, target, box)
+    return nbytes
+
+
+def _copy_box(chunk: torch.Tensor, target: torch.Tensor, box: ChunkRead) -> None:
+    source, local = chunk, target
+    for dim, (src, dst, length) in enumerate(
+        zip(box.source_offsets, box.dest_offsets, box.lengths, strict=True)
+    ):
+        source = source.narrow(dim, src, length)
+        local = local.narrow(dim, dst, length)
+    local.copy_(source)
+
+
+def _whole_chunk_view(
+    target: torch.Tensor, boxes: list[ChunkRead], sizes: tuple[int, ...], dtype: torch.dtype
+) -> torch.Tensor | None:
+    """The part of ``target`` one whole chunk fills, when it can be read into directly."""
+    if len(boxes) != 1 or target.device.type != "cpu" or target.dtype != dtype:
+        return None
+    box = boxes[0]
+    if any(box.source_offsets) or box.lengths != tuple(sizes):
+        return None
+    view = target
+    for dim, (start, length) in enumerate(zip(box.dest_offsets, box.lengths, strict=True)):
+        view = view.narrow(dim, start, length)
+    return view if view.is_contiguous() else None
