@@ -10,6 +10,7 @@ on every rank. Functions named ``on_ranks_*`` run on the ranks.
 from __future__ import annotations
 
 import copy
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,9 @@ def _one_process_checkpoint(root: Path, steps: int = 3) -> dict[str, Any]:
         train_step(model, optimizer, scheduler, step)
     with ckpt.CheckpointManager(root) as mgr:
         mgr.save(steps - 1, model=model, optimizer=optimizer, scheduler=scheduler, data={"k": 1})
-    assert '"format_version":3' not in (root / f"step_{steps - 1:012d}" / "manifest.json").read_text()
+    assert (
+        '"format_version":3' not in (root / f"step_{steps - 1:012d}" / "manifest.json").read_text()
+    )
     names = [n for n, _ in model.named_parameters()]
     packed = optimizer.state_dict()
     return {
@@ -217,3 +220,204 @@ def test_a_one_process_checkpoint_restores_into_tensor_parallel_dtensors(rank_po
         assert restored[rank]["checked"] == 4 + 4 * 3  # every tensor of both items
         _exact(full["model"], restored[rank]["model"])
         _exact(full["optimizer"], restored[rank]["optimizer"])
+
+
+def _wide(seed: int) -> torch.nn.Module:
+    """An MLP 7 wide: its layers shard unevenly over 2 ranks (4, 3) and 3 ranks (3, 3, 1)."""
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3))
+
+
+def on_ranks_hop(rank: int, world: int, src: str, dst: str, full: dict[str, Any]) -> dict[str, Any]:
+    """Restore ``src`` into a fresh FSDP2 model (local shards checked), save it to ``dst``."""
+    from torch.distributed.fsdp import fully_shard
+
+    model = _wide(9)
+    for layer in (model[0], model[2]):
+        fully_shard(layer)
+    fully_shard(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.5)
+    with ckpt.CheckpointManager(src) as mgr:
+        mgr.restore(model=model, optimizer=optimizer)
+    checked = _check_local_shards(_local_states(model, optimizer), full, f"rank {rank}")
+    with ckpt.CheckpointManager(dst) as mgr:
+        mgr.save(5, model=model, optimizer=optimizer)
+    return {
+        "checked": checked,
+        "model": full_model_state(model),
+        "optimizer": full_optimizer_state(model, optimizer),
+    }
+
+
+def test_fsdp2_from_one_process_to_two_ranks_to_three_uneven_and_back_to_one(
+    rank_pool, fresh_ranks, tmp_path
+):
+    model = _wide(0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    for step in range(2):
+        optimizer.zero_grad()
+        model(torch.randn(4, 5, generator=torch.Generator().manual_seed(step))).sum().backward()
+        optimizer.step()
+    ckpt.CheckpointManager(tmp_path / "one").save(0, model=model, optimizer=optimizer)
+    names = [n for n, _ in model.named_parameters()]
+    full = {
+        "model": {k: v.clone() for k, v in model.state_dict().items()},
+        "optimizer": {names[i]: s for i, s in optimizer.state_dict()["state"].items()},
+    }
+    paths = [str(tmp_path / d) for d in ("one", "two", "three")]
+    on_two = rank_pool.run(on_ranks_hop, paths[0], paths[1], full)
+    on_three = fresh_ranks(on_ranks_hop, 3, 120, args=(paths[1], paths[2], full))
+    assert all(o.returned for o in on_three), [o.error for o in on_three]
+    for result in [*on_two, *(o.result for o in on_three)]:
+        assert result["checked"] == 4 + 4 * 3
+        _exact(full["model"], result["model"])
+        _exact(full["optimizer"], result["optimizer"])
+    back = _wide(3)
+    back_optimizer = torch.optim.AdamW(back.parameters())
+    ckpt.CheckpointManager(paths[2]).restore(model=back, optimizer=back_optimizer)
+    _exact(full["model"], dict(back.state_dict()))
+    packed = back_optimizer.state_dict()["state"]
+    _exact(full["optimizer"], {names[i]: s for i, s in packed.items()})
+
+
+# ------------------------------------------------------- agreed outcomes, fallback
+
+
+class _Warnings(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def on_ranks_save_two_steps(rank: int, world: int, root: str, how: str) -> dict[str, Any]:
+    """Save steps 1 and 2 (trained further); return the full state of step 1."""
+    model, optimizer, scheduler = make(how)
+    torch.manual_seed(100 + rank)
+    with ckpt.CheckpointManager(root) as mgr:
+        for step in range(3):
+            train_step(model, optimizer, scheduler, step)
+            if step == 1:
+                expected = full_model_state(model)
+            if step:
+                mgr.save(step, model=model, optimizer=optimizer)
+    return expected
+
+
+def on_ranks_restore_outcome(rank: int, world: int, root: str, fallback: bool) -> dict[str, Any]:
+    """Restore the latest step; what happened, and the warnings logged on this rank."""
+    model, optimizer, _ = make("fsdp", seed=5)
+    before = full_model_state(model)
+    handler = _Warnings()
+    logging.getLogger("ckpt").addHandler(handler)
+    try:
+        with ckpt.CheckpointManager(root, fallback_to_intact=fallback) as mgr:
+            info = mgr.restore(model=model, optimizer=optimizer)
+        outcome = {"step": None if info is None else info.step}
+    except Exception as e:
+        _exact(before, full_model_state(model))  # nothing changed on any rank
+        outcome = {"error": type(e).__name__, "message": str(e)}
+    finally:
+        logging.getLogger("ckpt").removeHandler(handler)
+    outcome.update(warnings=handler.messages, model=full_model_state(model))
+    return outcome
+
+
+def _corrupt(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_a_shard_only_one_rank_reads_fails_every_rank_with_the_same_class(rank_pool, tmp_path):
+    rank_pool.run(on_ranks_save_two_steps, str(tmp_path), "fsdp")
+    _corrupt(tmp_path / "step_000000000002" / "rank1_shards.safetensors")
+    outcomes = rank_pool.run(on_ranks_restore_outcome, str(tmp_path), False)
+    assert [o["error"] for o in outcomes] == ["CorruptCheckpointError"] * 2
+    assert all("rank1_shards" in o["message"] for o in outcomes)
+
+
+@pytest.mark.parametrize("saved_by", ["ranks", "one process"])
+def test_fallback_to_intact_picks_the_same_older_step_on_every_rank(rank_pool, tmp_path, saved_by):
+    if saved_by == "ranks":
+        expected = rank_pool.run(on_ranks_save_two_steps, str(tmp_path), "fsdp")
+        _corrupt(tmp_path / "step_000000000002" / "rank1_shards.safetensors")
+    else:
+        model, optimizer, scheduler = make("none")
+        with ckpt.CheckpointManager(tmp_path) as mgr:
+            for step in range(3):
+                train_step(model, optimizer, scheduler, step)
+                if step == 1:
+                    expected = [{k: v.clone() for k, v in model.state_dict().items()}] * 2
+                if step:
+                    mgr.save(step, model=model, optimizer=optimizer)
+        _corrupt(tmp_path / "step_000000000002" / "model.safetensors")
+    outcomes = rank_pool.run(on_ranks_restore_outcome, str(tmp_path), True)
+    for rank, outcome in enumerate(outcomes):
+        assert outcome["step"] == 1, outcome.get("message")
+        _exact(expected[rank], outcome["model"])  # each rank's own buffers
+        skipped = [m for m in outcome["warnings"] if "skipped corrupt" in m]
+        assert len(skipped) == 1 and "step 2" in skipped[0], outcome["warnings"]
+
+
+class Flaky:
+    """A stateful item whose ``load_state_dict`` raises on the live object or on copies."""
+
+    def __init__(self, fail_live: bool = False, fail_copy: bool = False, n: int = -1) -> None:
+        self.fail_live, self.fail_copy, self.n = fail_live, fail_copy, n
+        self.is_copy = False
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"n": self.n}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.fail_copy if self.is_copy else self.fail_live:
+            raise RuntimeError("refused on this rank")
+        self.n = state["n"]
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Flaky:
+        copied = Flaky(self.fail_live, self.fail_copy, self.n)
+        copied.is_copy = True
+        return copied
+
+
+def on_ranks_one_rank_refuses(rank: int, world: int, root: str, where: str) -> dict[str, Any]:
+    """Save, then restore into fresh objects whose item refuses on rank 1 only (``where``)."""
+    model, optimizer, scheduler = make("fsdp")
+    train_step(model, optimizer, scheduler, 0)
+    with ckpt.CheckpointManager(root) as mgr:
+        mgr.save(0, model=model, optimizer=optimizer, flaky=Flaky(n=rank))
+    fresh, fresh_optimizer, _ = make("fsdp", seed=5)
+    before = full_model_state(fresh)
+    refusing = rank == 1
+    flaky = Flaky(fail_live=refusing and where == "apply", fail_copy=refusing and where == "check")
+    with ckpt.CheckpointManager(root) as mgr:
+        try:
+            mgr.restore(model=fresh, optimizer=fresh_optimizer, flaky=flaky)
+        except ckpt.CheckpointError as e:
+            error = e
+    after = full_model_state(fresh)
+    return {
+        "error": type(error).__name__,
+        "message": str(error),
+        "applied": list(getattr(error, "applied", [])),
+        "unchanged": not [k for k in before if not torch.equal(before[k], after[k])],
+        "n": flaky.n,
+    }
+
+
+def test_a_check_failing_on_one_rank_fails_every_rank_before_anything_changes(rank_pool, tmp_path):
+    outcomes = rank_pool.run(on_ranks_one_rank_refuses, str(tmp_path), "check")
+    assert [o["error"] for o in outcomes] == ["IncompatibleCheckpointError"] * 2
+    assert all(o["unchanged"] and o["n"] == -1 for o in outcomes)
+    assert "rank 1" in outcomes[0]["message"] and "refused on this rank" in outcomes[0]["message"]
+
+
+def test_a_load_failing_on_one_rank_raises_partial_restore_on_every_rank(rank_pool, tmp_path):
+    outcomes = rank_pool.run(on_ranks_one_rank_refuses, str(tmp_path), "apply")
+    assert [o["error"] for o in outcomes] == ["PartialRestoreError"] * 2
+    assert all("rank(s) [1]" in o["message"] for o in outcomes)
+    assert outcomes[0]["applied"] == ["flaky", "model", "optimizer"] and outcomes[0]["n"] == 0
+    assert outcomes[1]["applied"] == ["model", "optimizer"] and outcomes[1]["n"] == -1
