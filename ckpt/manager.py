@@ -448,6 +448,9 @@ class CheckpointManager:
         (schedulers after their optimizers), then dicts, and the random streams
         last; the order of the keyword arguments does not matter. A scheduler
         restored without its optimizer sets its groups' lr to its last lr.
+        In a process group, when any rank fails every rank raises an error of the
+        same class, and nothing changes on any rank until every rank has checked
+        everything (see ``docs/distributed.md``).
 
         Args:
             step: The step to restore; the latest committed one when ``None``.
@@ -537,7 +540,14 @@ class CheckpointManager:
         from ckpt.distributed import agreeing  # noqa: PLC0415 - only in a process group
 
         agreeing.check_same_items(self._group, names)
-        candidates = agreeing.agree_on_candidates(self._group, step, self.all_steps, fallback)
+
+        def listed() -> list[int]:  # on rank 0 only
+            if fallback:
+                return self.all_steps()
+            latest = self.latest_step()
+            return [] if latest is None else [latest]
+
+        candidates = agreeing.agree_on_candidates(self._group, step, listed, fallback)
         found = agreeing.first_agreed(self._group, candidates, prepare, fallback)
         return None if found is None else found[1]
 
