@@ -421,3 +421,51 @@ def test_a_load_failing_on_one_rank_raises_partial_restore_on_every_rank(rank_po
     assert all("rank(s) [1]" in o["message"] for o in outcomes)
     assert outcomes[0]["applied"] == ["flaky", "model", "optimizer"] and outcomes[0]["n"] == 0
     assert outcomes[1]["applied"] == ["model", "optimizer"] and outcomes[1]["n"] == -1
+
+
+# ------------------------------------------------- reads into live tensors
+
+
+def on_ranks_reads_into_live(rank: int, world: int, root: str) -> dict[str, Any]:
+    """Prepare a restore of a group's checkpoint: module chunks are checked, read only at apply."""
+    from ckpt.distributed.planning import local_shards
+    from ckpt.distributed.restoring import apply_sharded_restore, prepare_on_rank
+    from ckpt.kinds import RestoreOptions
+
+    model, optimizer, _ = make("fsdp", seed=5)
+    before = full_model_state(model)
+    mgr = ckpt.CheckpointManager(root)
+    found = mgr._reader.manifest(None)
+    assert found is not None
+    options = RestoreOptions(None, True, False, False, False)
+    items: dict[str, Any] = {"model": model, "optimizer": optimizer}
+    prepared = prepare_on_rank(
+        mgr._storage, *found, items, options, rng=False, verify=True, rank=rank, world_size=world
+    )
+    live = {local_shards(p).untyped_storage().data_ptr() for p in model.parameters()}
+    dest = prepared.reads["model"].dest
+    into_live = all(
+        local_shards(t).untyped_storage().data_ptr() in live
+        for n, t in dest.items()
+        if "running" not in n and "num_batches" not in n
+    )
+    unchanged = full_model_state(model)
+    apply_sharded_restore(prepared, items, True, root)
+    mgr.close()
+    return {
+        "into_live": into_live,
+        "before": before,
+        "unchanged": unchanged,
+        "after": full_model_state(model),
+    }
+
+
+def test_module_chunks_are_checked_first_and_read_into_the_live_parameters(rank_pool, tmp_path):
+    rank_pool.run(on_ranks_save_two_steps, str(tmp_path), "fsdp")
+    outcomes = rank_pool.run(on_ranks_reads_into_live, str(tmp_path))
+    for outcome in outcomes:
+        assert outcome["into_live"]
+        _exact(outcome["before"], outcome["unchanged"])  # checking wrote nothing
+    expected = rank_pool.run(on_ranks_restore_outcome, str(tmp_path), False)
+    for rank, outcome in enumerate(outcomes):
+        _exact(expected[rank]["model"], outcome["after"])

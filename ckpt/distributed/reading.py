@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -26,7 +27,14 @@ from ckpt.format import GlobalTensorRecord, Manifest
 from ckpt.io import load_tensors, read_chunk
 from ckpt.storage import Storage
 
-__all__ = ["ChunkSource", "SavedChunks", "WholeTensors", "read_into"]
+__all__ = [
+    "ChunkSource",
+    "PlannedReads",
+    "SavedChunks",
+    "WholeTensors",
+    "check_then_read",
+    "read_into",
+]
 
 
 class ChunkSource(Protocol):
@@ -109,6 +117,34 @@ class WholeTensors:
         return out
 
 
+@dataclass
+class PlannedReads:
+    """Reads of checked chunks into live tensors, held back until every rank's checks passed."""
+
+    source: ChunkSource
+    records: Mapping[str, GlobalTensorRecord]
+    dest: Mapping[str, torch.Tensor]
+    by_chunk: dict[tuple[str, int], list[ChunkRead]]
+
+    def run(self) -> None:
+        """Read the chunks into the live tensors (each chunk checked again as it is read).
+
+        Raises:
+            CorruptCheckpointError: A chunk changed since it was checked.
+        """
+        with torch.no_grad():  # live parameters are written in place
+            _read_planned(self.source, self.records, self.dest, self.by_chunk)
+
+
+def _plan(
+    records: Mapping[str, GlobalTensorRecord], dest: Mapping[str, torch.Tensor]
+) -> dict[tuple[str, int], list[ChunkRead]]:
+    by_chunk: dict[tuple[str, int], list[ChunkRead]] = {}
+    for r in plan_reads(records, dest):
+        by_chunk.setdefault((r.name, r.chunk), []).append(r)
+    return by_chunk
+
+
 def read_into(
     source: ChunkSource,
     records: Mapping[str, GlobalTensorRecord],
@@ -128,10 +164,43 @@ def read_into(
         IncompatibleCheckpointError: A destination's global shape differs from the saved one.
         CorruptCheckpointError: A chunk or file fails its checks.
     """
-    reads = plan_reads(records, dest)
-    by_chunk: dict[tuple[str, int], list[ChunkRead]] = {}
-    for r in reads:
-        by_chunk.setdefault((r.name, r.chunk), []).append(r)
+    by_chunk = _plan(records, dest)
+    return _read_planned(source, records, dest, by_chunk)
+
+
+def check_then_read(
+    source: ChunkSource,
+    records: Mapping[str, GlobalTensorRecord],
+    dest: Mapping[str, torch.Tensor],
+) -> tuple[int, PlannedReads]:
+    """Read and check the chunks this rank needs for ``dest`` without writing into it.
+
+    Each chunk is read into a buffer of its own size, checked and dropped; the
+    returned reads put the chunks into ``dest`` later (:meth:`PlannedReads.run`).
+
+    Returns:
+        The bytes of the chunks checked, and the reads to run.
+
+    Raises:
+        IncompatibleCheckpointError: A destination's global shape differs from the saved one.
+        CorruptCheckpointError: A chunk or file fails its checks.
+    """
+    by_chunk = _plan(records, dest)
+    nbytes = 0
+    with source.reading(list(dict.fromkeys(name for name, _ in by_chunk))):
+        for name, index in by_chunk:
+            record = records[name]
+            nbytes += record.chunk_nbytes(record.chunks[index])
+            source.read(name, record, index, None)
+    return nbytes, PlannedReads(source, records, dest, by_chunk)
+
+
+def _read_planned(
+    source: ChunkSource,
+    records: Mapping[str, GlobalTensorRecord],
+    dest: Mapping[str, torch.Tensor],
+    by_chunk: dict[tuple[str, int], list[ChunkRead]],
+) -> int:
     nbytes = 0
     with source.reading(list(dict.fromkeys(name for name, _ in by_chunk))):
         for (name, index), boxes in by_chunk.items():

@@ -15,14 +15,21 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from ckpt.distributed.capture import variant_name
 from ckpt.distributed.one_process import group_of_one
-from ckpt.distributed.reading import ChunkSource, SavedChunks, WholeTensors, read_into
+from ckpt.distributed.reading import (
+    ChunkSource,
+    PlannedReads,
+    SavedChunks,
+    WholeTensors,
+    check_then_read,
+    read_into,
+)
 from ckpt.distributed.states import (
     apply_sharded,
     optimizer_param_names,
@@ -67,6 +74,8 @@ class ShardedRestore:
     """Seed for this rank's random streams when the checkpoint has none for it."""
     nbytes: int = 0
     """Bytes of tensor data read."""
+    reads: dict[str, PlannedReads] = field(default_factory=dict)
+    """Checked chunks still to read into live module tensors, by item (run when applied)."""
 
 
 def _check_names(item: str, saved: set[str], live: set[str], strict: bool) -> None:
@@ -107,9 +116,11 @@ def prepare_sharded_restore(
     pairs = pair_optimizers(sharded_live)
     restore = ShardedRestore({}, pairs, None)
     for name in sorted(sharded_live, key=lambda n: section.items[n].kind != "module"):
-        state, nbytes = _read_item(chunks, section, name, items, pairs, options, rank)
+        state, nbytes, reads = _read_item(chunks, section, name, items, pairs, options, rank)
         restore.sharded[name] = state
         restore.nbytes += nbytes
+        if reads is not None:
+            restore.reads[name] = reads
     own_index = rank if rank < section.world_size else 0
     view = rank_manifest(manifest, own_index)
     own_items = {n: o for n, o in items.items() if n not in section.items}
@@ -149,8 +160,13 @@ def _read_item(
     pairs: Mapping[str, str],
     options: RestoreOptions,
     rank: int,
-) -> tuple[Any, int]:
-    """Read a module or optimizer item's saved state into fresh tensors placed like the live."""
+) -> tuple[Any, int, PlannedReads | None]:
+    """Read a module or optimizer item's saved state, checked; change nothing.
+
+    A module's chunks saved by several ranks are only checked now, and read
+    into its live tensors when the restore is applied (the returned reads);
+    everything else is read into fresh tensors placed like the live ones.
+    """
     record = section.items[name]
     obj = items[name]
     live_kind = "module" if isinstance(obj, torch.nn.Module) else "optimizer"
@@ -159,14 +175,23 @@ def _read_item(
             f"item {name!r} was saved as a {record.kind}, not a {live_kind}", key=name
         )
     if isinstance(obj, torch.nn.Module):
-        tree, dest, unexpected = _module_destinations(name, record, items, pairs, options)
+        in_place = isinstance(source, SavedChunks)
+        tree, dest, unexpected = _module_destinations(name, record, items, pairs, options, in_place)
         own = {n: variant_name(n, rank) for n in dest if variant_name(n, rank) in section.tensors}
+        if in_place and not any(t.device.type == "meta" for t in dest.values()):
+            records = {n: section.tensors[own.get(n, n)] for n in dest}
+            nbytes, reads = check_then_read(source, records, dest)
+            return (unflatten(tree, dest), unexpected), nbytes, reads
+        if in_place:  # the live module holds no data yet: read into fresh tensors
+            tree, dest, unexpected = _module_destinations(
+                name, record, items, pairs, options, False
+            )
     else:
         dest = _optimizer_destinations(name, obj, items[pairs[name]], record, section, options)
         tree, own, unexpected = record.state, {}, []
     records = {n: section.tensors[own.get(n, n)] for n in dest}
     nbytes = read_into(source, records, dest)
-    return (unflatten(tree, dest), unexpected), nbytes
+    return (unflatten(tree, dest), unexpected), nbytes, None
 
 
 def _module_destinations(
@@ -175,8 +200,12 @@ def _module_destinations(
     items: Mapping[str, Any],
     pairs: Mapping[str, str],
     options: RestoreOptions,
+    in_place: bool,
 ) -> tuple[Json, dict[str, torch.Tensor], list[str]]:
-    """Match a module's saved keys to its live ones; a fresh tensor for each saved tensor read.
+    """Match a module's saved keys to its live ones; a tensor to read each saved tensor into.
+
+    With ``in_place`` that tensor is the live one (as ``get_model_state_dict``
+    gives it), else a fresh one like it.
 
     Keys are matched, not stored tensor names: weights tied when saved (one stored
     tensor) load into untied live ones and the other way round.
@@ -198,7 +227,7 @@ def _module_destinations(
         for _, stored in tensor_refs(value):
             target = live[key]
             if stored not in dest and isinstance(target, torch.Tensor):
-                dest[stored] = torch.empty_like(target)
+                dest[stored] = target if in_place else torch.empty_like(target)
     return kept, dest, sorted(set(tree) - set(live))
 
 
@@ -287,6 +316,8 @@ def apply_sharded_restore(
     order = list(restore.sharded)
     for i, (name, (state, saved_only)) in enumerate(restore.sharded.items()):
         try:
+            if name in restore.reads:
+                restore.reads[name].run()
             m, u = apply_sharded(name, items, restore.pairs, state, strict)
         except Exception as e:
             rest = order[i + 1 :] + _own_names(restore)
