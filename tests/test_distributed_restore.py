@@ -427,13 +427,20 @@ def test_a_load_failing_on_one_rank_raises_partial_restore_on_every_rank(rank_po
 
 
 def on_ranks_reads_into_live(rank: int, world: int, root: str) -> dict[str, Any]:
-    """Prepare a restore of a group's checkpoint: module chunks are checked, read only at apply."""
+    """Prepare a restore of a group's checkpoint: chunks checked, read into live ones at apply."""
     from ckpt.distributed.planning import local_shards
     from ckpt.distributed.restoring import apply_sharded_restore, prepare_on_rank
     from ckpt.kinds import RestoreOptions
 
-    model, optimizer, _ = make("fsdp", seed=5)
+    model, optimizer, scheduler = make("fsdp", seed=5)
+    train_step(model, optimizer, scheduler, 9)  # the optimizer has state of the same layout
     before = full_model_state(model)
+    optimizer_before = full_optimizer_state(model, optimizer)
+    state_ptrs = {
+        local_shards(t).untyped_storage().data_ptr()
+        for per in optimizer.state.values()
+        for t in per.values()
+    }
     mgr = ckpt.CheckpointManager(root)
     found = mgr._reader.manifest(None)
     assert found is not None
@@ -449,23 +456,45 @@ def on_ranks_reads_into_live(rank: int, world: int, root: str) -> dict[str, Any]
         for n, t in dest.items()
         if "running" not in n and "num_batches" not in n
     )
+    optimizer_dest = prepared.reads["optimizer"].dest
+    optimizer_into_live = len(optimizer_dest) == len(state_ptrs) and all(
+        local_shards(t).untyped_storage().data_ptr() in state_ptrs for t in optimizer_dest.values()
+    )
     unchanged = full_model_state(model)
+    _exact(optimizer_before, full_optimizer_state(model, optimizer))
     apply_sharded_restore(prepared, items, True, root)
     mgr.close()
+    after_ptrs = {
+        local_shards(t).untyped_storage().data_ptr()
+        for per in optimizer.state.values()
+        for t in per.values()
+    }
     return {
-        "into_live": into_live,
+        "into_live": into_live and optimizer_into_live and after_ptrs == state_ptrs,
         "before": before,
         "unchanged": unchanged,
         "after": full_model_state(model),
+        "optimizer": full_optimizer_state(model, optimizer),
     }
 
 
-def test_module_chunks_are_checked_first_and_read_into_the_live_parameters(rank_pool, tmp_path):
+def test_chunks_are_checked_first_then_read_into_live_parameters_and_optimizer_state(
+    rank_pool, tmp_path
+):
     rank_pool.run(on_ranks_save_two_steps, str(tmp_path), "fsdp")
     outcomes = rank_pool.run(on_ranks_reads_into_live, str(tmp_path))
     for outcome in outcomes:
         assert outcome["into_live"]
         _exact(outcome["before"], outcome["unchanged"])  # checking wrote nothing
-    expected = rank_pool.run(on_ranks_restore_outcome, str(tmp_path), False)
+    expected = rank_pool.run(on_ranks_restore_and_return, str(tmp_path))
     for rank, outcome in enumerate(outcomes):
         _exact(expected[rank]["model"], outcome["after"])
+        _exact(expected[rank]["optimizer"], outcome["optimizer"])
+
+
+def on_ranks_restore_and_return(rank: int, world: int, root: str) -> dict[str, Any]:
+    """Restore into fresh objects (an optimizer without state); the full states."""
+    model, optimizer, _ = make("fsdp", seed=5)
+    with ckpt.CheckpointManager(root) as mgr:
+        mgr.restore(model=model, optimizer=optimizer)
+    return {"model": full_model_state(model), "optimizer": full_optimizer_state(model, optimizer)}

@@ -21,6 +21,11 @@ from typing import Any
 import torch
 
 from ckpt.distributed.capture import variant_name
+from ckpt.distributed.destinations import (
+    live_optimizer_tensors,
+    module_destinations,
+    optimizer_destinations,
+)
 from ckpt.distributed.one_process import group_of_one
 from ckpt.distributed.reading import (
     ChunkSource,
@@ -32,22 +37,18 @@ from ckpt.distributed.reading import (
 )
 from ckpt.distributed.states import (
     apply_sharded,
-    optimizer_param_names,
     pair_optimizers,
-    sharded_state,
 )
 from ckpt.errors import CheckpointNotFoundError, IncompatibleCheckpointError, PartialRestoreError
-from ckpt.format import ItemRecord, Manifest, ShardedSection, rank_manifest
+from ckpt.format import Manifest, ShardedSection, rank_manifest
 from ckpt.io import load_tensors
 from ckpt.items import build_state
 from ckpt.kinds import RestoreOptions
-from ckpt.kinds.optimizer import check_optimizer_numbers
 from ckpt.locations import MapLocation, mapped_device, place
-from ckpt.optim import check_group_types, class_name
 from ckpt.restoring import PreparedRestore, apply_restore, check_items, prepare_restore
 from ckpt.rng import RNG_ITEM, RandomStreams
 from ckpt.storage import Storage
-from ckpt.tree import Json, tensor_refs, unflatten
+from ckpt.tree import tensor_refs, unflatten
 
 __all__ = [
     "ShardedRestore",
@@ -76,17 +77,6 @@ class ShardedRestore:
     """Bytes of tensor data read."""
     reads: dict[str, PlannedReads] = field(default_factory=dict)
     """Checked chunks still to read into live module tensors, by item (run when applied)."""
-
-
-def _check_names(item: str, saved: set[str], live: set[str], strict: bool) -> None:
-    if saved == live or not strict:
-        return
-    missing, unexpected = sorted(live - saved), sorted(saved - live)
-    raise IncompatibleCheckpointError(
-        f"item {item!r} does not match the checkpoint: missing {missing[:10]}, "
-        f"unexpected {unexpected[:10]}",
-        key=item,
-    )
 
 
 def prepare_sharded_restore(
@@ -163,9 +153,11 @@ def _read_item(
 ) -> tuple[Any, int, PlannedReads | None]:
     """Read a module or optimizer item's saved state, checked; change nothing.
 
-    A module's chunks saved by several ranks are only checked now, and read
-    into its live tensors when the restore is applied (the returned reads);
-    everything else is read into fresh tensors placed like the live ones.
+    Chunks saved by several ranks that have a live counterpart (a module's
+    tensors; an optimizer's state, when it has some of the same layout) are
+    only checked now, and read into the live tensors when the restore is
+    applied (the returned reads); everything else is read into fresh tensors
+    placed like the live ones.
     """
     record = section.items[name]
     obj = items[name]
@@ -174,133 +166,29 @@ def _read_item(
         raise IncompatibleCheckpointError(
             f"item {name!r} was saved as a {record.kind}, not a {live_kind}", key=name
         )
+    in_place = isinstance(source, SavedChunks)
     if isinstance(obj, torch.nn.Module):
-        in_place = isinstance(source, SavedChunks)
-        tree, dest, unexpected = _module_destinations(name, record, items, pairs, options, in_place)
+        tree, dest, unexpected = module_destinations(name, record, items, pairs, options, in_place)
         own = {n: variant_name(n, rank) for n in dest if variant_name(n, rank) in section.tensors}
         if in_place and not any(t.device.type == "meta" for t in dest.values()):
             records = {n: section.tensors[own.get(n, n)] for n in dest}
             nbytes, reads = check_then_read(source, records, dest)
             return (unflatten(tree, dest), unexpected), nbytes, reads
         if in_place:  # the live module holds no data yet: read into fresh tensors
-            tree, dest, unexpected = _module_destinations(
-                name, record, items, pairs, options, False
-            )
+            tree, dest, unexpected = module_destinations(name, record, items, pairs, options, False)
     else:
-        dest = _optimizer_destinations(name, obj, items[pairs[name]], record, section, options)
+        dest = optimizer_destinations(name, obj, items[pairs[name]], record, section, options)
         tree, own, unexpected = record.state, {}, []
+        if in_place:
+            live = live_optimizer_tensors(name, items, pairs, record, dest)
+            fresh = {n: t for n, t in dest.items() if n not in live}
+            nbytes = read_into(source, {n: section.tensors[n] for n in fresh}, fresh)
+            checked, reads = check_then_read(source, {n: section.tensors[n] for n in live}, live)
+            state = unflatten(tree, {**dest, **live})
+            return (state, unexpected), nbytes + checked, reads if live else None
     records = {n: section.tensors[own.get(n, n)] for n in dest}
     nbytes = read_into(source, records, dest)
     return (unflatten(tree, dest), unexpected), nbytes, None
-
-
-def _module_destinations(
-    name: str,
-    record: ItemRecord,
-    items: Mapping[str, Any],
-    pairs: Mapping[str, str],
-    options: RestoreOptions,
-    in_place: bool,
-) -> tuple[Json, dict[str, torch.Tensor], list[str]]:
-    """Match a module's saved keys to its live ones; a tensor to read each saved tensor into.
-
-    With ``in_place`` that tensor is the live one (as ``get_model_state_dict``
-    gives it), else a fresh one like it.
-
-    Keys are matched, not stored tensor names: weights tied when saved (one stored
-    tensor) load into untied live ones and the other way round.
-
-    Returns:
-        The saved tree restricted to the live keys, the destinations by stored
-        name, and the saved keys the live module lacks.
-    """
-    live = sharded_state(name, items, pairs)
-    tree = record.state
-    if not isinstance(tree, dict) or any(k.startswith("$") for k in tree):
-        raise IncompatibleCheckpointError(
-            f"item {name!r}: the saved module state is not keyed by parameter name", key=name
-        )
-    _check_names(name, set(tree), set(live), options.strict)
-    kept = {k: v for k, v in tree.items() if k in live}
-    dest: dict[str, torch.Tensor] = {}
-    for key, value in kept.items():
-        for _, stored in tensor_refs(value):
-            target = live[key]
-            if stored not in dest and isinstance(target, torch.Tensor):
-                dest[stored] = target if in_place else torch.empty_like(target)
-    return kept, dest, sorted(set(tree) - set(live))
-
-
-def _optimizer_destinations(
-    name: str,
-    optimizer: torch.optim.Optimizer,
-    model: torch.nn.Module,
-    record: ItemRecord,
-    section: ShardedSection,
-    options: RestoreOptions,
-) -> dict[str, torch.Tensor]:
-    """A fresh tensor for each saved optimizer tensor, sharded like its parameter if shaped so."""
-    saved_class = record.extra.get("class")
-    if saved_class != class_name(optimizer) and not options.optimizer_class_change:
-        raise IncompatibleCheckpointError(
-            f"item {name!r} was saved from {saved_class} but the live optimizer is "
-            f"{class_name(optimizer)} (pass optimizer_class_change=True to load it anyway)",
-            key=f"{name}.class",
-        )
-    names = optimizer_param_names(model, optimizer)
-    params = {
-        n: p
-        for n, p in zip(
-            names, (p for g in optimizer.param_groups for p in g["params"]), strict=True
-        )
-    }
-    state = record.state
-    groups = state.get("param_groups") if isinstance(state, dict) else None
-    if not isinstance(groups, list) or len(groups) != len(optimizer.param_groups):
-        raise IncompatibleCheckpointError(
-            f"item {name!r} has {len(groups) if isinstance(groups, list) else 'no'} param groups "
-            f"in the checkpoint but {len(optimizer.param_groups)} live",
-            key=f"{name}.param_groups",
-        )
-    at = 0
-    for g, (saved_group, live_group) in enumerate(zip(groups, optimizer.param_groups, strict=True)):
-        live_names = names[at : at + len(live_group["params"])]
-        at += len(live_group["params"])
-        if not isinstance(saved_group, dict) or saved_group.get("params") != live_names:
-            raise IncompatibleCheckpointError(
-                f"item {name!r}: param group {g} holds other parameters in the checkpoint "
-                f"than live ({_short(saved_group)} vs {live_names[:10]})",
-                key=f"{name}.param_groups[{g}]",
-            )
-    decoded = unflatten(
-        state,
-        lambda n: torch.empty(
-            section.tensors[n].shape, dtype=section.tensors[n].dtype, device="meta"
-        ),
-    )
-    for g, (saved_group, live_group) in enumerate(
-        zip(decoded["param_groups"], optimizer.param_groups, strict=True)
-    ):
-        check_group_types(f"{name}.param_groups[{g}]", saved_group, live_group)
-    check_optimizer_numbers(name, decoded)
-    dest: dict[str, torch.Tensor] = {}
-    for path, tensor_name in tensor_refs(state):
-        saved = section.tensors[tensor_name]
-        param = params.get(str(path[1])) if len(path) >= 3 and path[0] == "state" else None
-        if param is None:
-            raise IncompatibleCheckpointError(
-                f"item {name!r}: state for an unknown parameter at {list(path)}", key=name
-            )
-        if tuple(saved.shape) == tuple(param.shape) and param.dim() > 0:
-            dest[tensor_name] = torch.empty_like(param, dtype=saved.dtype)
-        else:
-            dest[tensor_name] = torch.empty(saved.shape, dtype=saved.dtype)
-    return dest
-
-
-def _short(value: object) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def apply_sharded_restore(
