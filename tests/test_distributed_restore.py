@@ -306,7 +306,9 @@ def on_ranks_save_two_steps(rank: int, world: int, root: str, how: str) -> dict[
     return expected
 
 
-def on_ranks_restore_outcome(rank: int, world: int, root: str, fallback: bool) -> dict[str, Any]:
+def on_ranks_restore_outcome(
+    rank: int, world: int, root: str, fallback: bool, verify: bool = True
+) -> dict[str, Any]:
     """Restore the latest step; what happened, and the warnings logged on this rank."""
     model, optimizer, _ = make("fsdp", seed=5)
     before = full_model_state(model)
@@ -314,7 +316,7 @@ def on_ranks_restore_outcome(rank: int, world: int, root: str, fallback: bool) -
     logging.getLogger("ckpt").addHandler(handler)
     try:
         with ckpt.CheckpointManager(root, fallback_to_intact=fallback) as mgr:
-            info = mgr.restore(model=model, optimizer=optimizer)
+            info = mgr.restore(model=model, optimizer=optimizer, verify=verify)
         outcome = {"step": None if info is None else info.step}
     except Exception as e:
         _exact(before, full_model_state(model))  # nothing changed on any rank
@@ -337,6 +339,16 @@ def test_a_shard_only_one_rank_reads_fails_every_rank_with_the_same_class(rank_p
     outcomes = rank_pool.run(on_ranks_restore_outcome, str(tmp_path), False)
     assert [o["error"] for o in outcomes] == ["CorruptCheckpointError"] * 2
     assert all("rank1_shards" in o["message"] for o in outcomes)
+
+
+def test_a_short_shard_file_fails_every_rank_before_anything_changes_without_verify(
+    rank_pool, tmp_path
+):
+    rank_pool.run(on_ranks_save_two_steps, str(tmp_path), "fsdp")
+    shard = tmp_path / "step_000000000002" / "rank1_shards.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-8])
+    outcomes = rank_pool.run(on_ranks_restore_outcome, str(tmp_path), False, False)
+    assert [o["error"] for o in outcomes] == ["CorruptCheckpointError"] * 2
 
 
 @pytest.mark.parametrize("saved_by", ["ranks", "one process"])

@@ -23,6 +23,7 @@ from typing import Protocol
 import torch
 
 from ckpt.distributed.planning import ChunkRead, local_shards, plan_reads
+from ckpt.errors import CheckpointNotFoundError, CorruptCheckpointError
 from ckpt.format import GlobalTensorRecord, Manifest
 from ckpt.io import load_tensors, read_chunk
 from ckpt.storage import Storage
@@ -54,6 +55,33 @@ class SavedChunks:
 
     def __init__(self, storage: Storage, directory: str, *, verify: bool) -> None:
         self.storage, self.directory, self.verify = storage, directory, verify
+        self._sizes: dict[str, int] = {}
+
+    def check(self, name: str, record: GlobalTensorRecord, index: int) -> None:
+        """Check a chunk without keeping it: its bytes (with ``verify``), else its file's size.
+
+        Raises:
+            CorruptCheckpointError: The chunk fails its checksum, or its file is short or missing.
+        """
+        if self.verify:
+            self.read(name, record, index, None)
+            return
+        chunk = record.chunks[index]
+        if chunk.file not in self._sizes:
+            try:
+                self._sizes[chunk.file] = self.storage.size(self.directory, chunk.file)
+            except CheckpointNotFoundError as e:
+                raise CorruptCheckpointError(
+                    "a file listed in the manifest is missing",
+                    path=self.storage.path(self.directory, chunk.file),
+                    key=name,
+                ) from e
+        if self._sizes[chunk.file] < chunk.begin + record.chunk_nbytes(chunk):
+            raise CorruptCheckpointError(
+                f"file ends before the last byte of chunk {index}",
+                path=self.storage.path(self.directory, chunk.file),
+                key=name,
+            )
 
     @contextlib.contextmanager
     def reading(self, names: list[str]) -> Iterator[None]:
@@ -169,14 +197,15 @@ def read_into(
 
 
 def check_then_read(
-    source: ChunkSource,
+    source: SavedChunks,
     records: Mapping[str, GlobalTensorRecord],
     dest: Mapping[str, torch.Tensor],
 ) -> tuple[int, PlannedReads]:
     """Read and check the chunks this rank needs for ``dest`` without writing into it.
 
-    Each chunk is read into a buffer of its own size, checked and dropped; the
-    returned reads put the chunks into ``dest`` later (:meth:`PlannedReads.run`).
+    Each chunk is read into a buffer of its own size, checked and dropped
+    (without ``verify``, only its file's size is checked); the returned reads
+    put the chunks into ``dest`` later (:meth:`PlannedReads.run`).
 
     Returns:
         The bytes of the chunks checked, and the reads to run.
@@ -187,11 +216,10 @@ def check_then_read(
     """
     by_chunk = _plan(records, dest)
     nbytes = 0
-    with source.reading(list(dict.fromkeys(name for name, _ in by_chunk))):
-        for name, index in by_chunk:
-            record = records[name]
-            nbytes += record.chunk_nbytes(record.chunks[index])
-            source.read(name, record, index, None)
+    for name, index in by_chunk:
+        record = records[name]
+        nbytes += record.chunk_nbytes(record.chunks[index])
+        source.check(name, record, index)
     return nbytes, PlannedReads(source, records, dest, by_chunk)
 
 

@@ -166,29 +166,44 @@ def _read_item(
         raise IncompatibleCheckpointError(
             f"item {name!r} was saved as a {record.kind}, not a {live_kind}", key=name
         )
-    in_place = isinstance(source, SavedChunks)
+    held = source if isinstance(source, SavedChunks) else None  # chunks read again later
     if isinstance(obj, torch.nn.Module):
-        tree, dest, unexpected = module_destinations(name, record, items, pairs, options, in_place)
-        own = {n: variant_name(n, rank) for n in dest if variant_name(n, rank) in section.tensors}
-        if in_place and not any(t.device.type == "meta" for t in dest.values()):
-            records = {n: section.tensors[own.get(n, n)] for n in dest}
-            nbytes, reads = check_then_read(source, records, dest)
-            return (unflatten(tree, dest), unexpected), nbytes, reads
-        if in_place:  # the live module holds no data yet: read into fresh tensors
-            tree, dest, unexpected = module_destinations(name, record, items, pairs, options, False)
-    else:
-        dest = optimizer_destinations(name, obj, items[pairs[name]], record, section, options)
-        tree, own, unexpected = record.state, {}, []
-        if in_place:
-            live = live_optimizer_tensors(name, items, pairs, record, dest)
-            fresh = {n: t for n, t in dest.items() if n not in live}
-            nbytes = read_into(source, {n: section.tensors[n] for n in fresh}, fresh)
-            checked, reads = check_then_read(source, {n: section.tensors[n] for n in live}, live)
-            state = unflatten(tree, {**dest, **live})
-            return (state, unexpected), nbytes + checked, reads if live else None
+        return _read_module(source, held, section, name, items, pairs, options, rank)
+    dest = optimizer_destinations(name, obj, items[pairs[name]], record, section, options)
+    live = {} if held is None else live_optimizer_tensors(name, items, pairs, record, dest)
+    fresh = {n: t for n, t in dest.items() if n not in live}
+    nbytes = read_into(source, {n: section.tensors[n] for n in fresh}, fresh)
+    reads = None
+    if held is not None and live:
+        checked, reads = check_then_read(held, {n: section.tensors[n] for n in live}, live)
+        nbytes += checked
+    return (unflatten(record.state, {**dest, **live}), []), nbytes, reads
+
+
+def _read_module(
+    source: ChunkSource,
+    held: SavedChunks | None,
+    section: ShardedSection,
+    name: str,
+    items: Mapping[str, Any],
+    pairs: Mapping[str, str],
+    options: RestoreOptions,
+    rank: int,
+) -> tuple[Any, int, PlannedReads | None]:
+    """A module item: checked now and read into its live tensors later when ``held``."""
+    record = section.items[name]
+    tree, dest, unexpected = module_destinations(
+        name, record, items, pairs, options, held is not None
+    )
+    if held is not None and any(t.device.type == "meta" for t in dest.values()):
+        held = None  # the live module holds no data yet: read into fresh tensors
+        tree, dest, unexpected = module_destinations(name, record, items, pairs, options, False)
+    own = {n: variant_name(n, rank) for n in dest if variant_name(n, rank) in section.tensors}
     records = {n: section.tensors[own.get(n, n)] for n in dest}
-    nbytes = read_into(source, records, dest)
-    return (unflatten(tree, dest), unexpected), nbytes, None
+    if held is not None:
+        nbytes, reads = check_then_read(held, records, dest)
+        return (unflatten(tree, dest), unexpected), nbytes, reads
+    return (unflatten(tree, dest), unexpected), read_into(source, records, dest), None
 
 
 def apply_sharded_restore(
