@@ -1,13 +1,19 @@
-"""Restoring a checkpoint saved by several ranks (format v3), on any number of ranks.
+"""Restoring any checkpoint on any number of ranks (or in one process without a group).
 
-Each rank (or the one process, with no process group) maps the saved chunks
-onto its part of every live tensor with DCP's load planner, reads only those
-chunks into fresh tensors and checks them, and validates its own items (random
-streams, schedulers, samplers, ...) as a single-process restore does. Only when
-every rank has succeeded do the ranks load anything: modules and optimizers
-through DCP's ``set_*_state_dict``, then their own items. A rank that did not
-exist when the checkpoint was saved takes rank 0's own items, and its random
-streams are seeded from the step and its rank, with a warning.
+A checkpoint saved by several ranks (format v3) is read as saved; one saved by
+one process (v1, v2) as one saved by a group of one
+(:mod:`ckpt.distributed.one_process`). Each rank maps the saved chunks onto its
+part of every live tensor with DCP's load planner
+(:mod:`ckpt.distributed.reading`), checks the chunks it needs (reading into
+fresh tensors those without a live counterpart), and validates its own items
+(random streams, schedulers, samplers, ...) as a single-process restore does.
+Only when every rank has succeeded (the caller agrees, see
+:mod:`ckpt.distributed.agreeing`) does a rank change anything: it reads the
+checked chunks into its live tensors, loads modules through DCP's
+``set_model_state_dict`` and optimizers through torch's ``load_state_dict``,
+then its own items. A rank that did not exist when the checkpoint was saved
+takes rank 0's own items, and its random streams are seeded from the step and
+its rank, with a warning.
 """
 
 from __future__ import annotations
@@ -76,7 +82,7 @@ class ShardedRestore:
     nbytes: int = 0
     """Bytes of tensor data read."""
     reads: dict[str, PlannedReads] = field(default_factory=dict)
-    """Checked chunks still to read into live module tensors, by item (run when applied)."""
+    """Checked chunks still to read into live tensors, by item (run when it is applied)."""
 
 
 def prepare_sharded_restore(
