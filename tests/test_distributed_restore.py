@@ -510,3 +510,12 @@ def on_ranks_restore_and_return(rank: int, world: int, root: str) -> dict[str, A
     with ckpt.CheckpointManager(root) as mgr:
         mgr.restore(model=model, optimizer=optimizer)
     return {"model": full_model_state(model), "optimizer": full_optimizer_state(model, optimizer)}
+
+
+def test_fallback_with_every_step_corrupt_fails_every_rank_alike(rank_pool, tmp_path):
+    rank_pool.run(on_ranks_save_two_steps, str(tmp_path), "fsdp")
+    for step in (1, 2):
+        _corrupt(tmp_path / f"step_{step:012d}" / "rank1_shards.safetensors")
+    outcomes = rank_pool.run(on_ranks_restore_outcome, str(tmp_path), True)
+    assert [o["error"] for o in outcomes] == ["CorruptCheckpointError"] * 2
+    assert all("no intact checkpoint" in o["message"] for o in outcomes)
