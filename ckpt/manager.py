@@ -12,7 +12,7 @@ import torch
 
 from ckpt.cadence import SaveCadence
 from ckpt.checkpoint_reader import Checkpoint, CheckpointReader
-from ckpt.distributed import agree_on_step, collective_save, open_rank_group
+from ckpt.distributed import collective_save, open_rank_group
 from ckpt.errors import CheckpointExistsError
 from ckpt.format import Manifest, step_dir_name
 from ckpt.gc_pause import paused_gc
@@ -421,6 +421,9 @@ class CheckpointManager:
         (schedulers after their optimizers), then dicts, and the random streams
         last; the order of the keyword arguments does not matter. A scheduler
         restored without its optimizer sets its groups' lr to its last lr.
+        In a process group, when any rank fails every rank raises an error of the
+        same class, and nothing changes on any rank until every rank has checked
+        everything (see ``docs/distributed.md``).
 
         Args:
             step: The step to restore; the latest committed one when ``None``.
@@ -470,17 +473,14 @@ class CheckpointManager:
         options = RestoreOptions(
             map_location, strict, assign, optimizer_class_change, optimizer_by_position
         )
-        if self._group is not None:
-            step = self._agreed_step(step)
-            if step is None:
-                return None
         prepared = self._prepare_with_fallback(
-            step, lambda s: self._prepare(s, dict(items), options, rng, verify)
+            step, lambda s: self._prepare(s, dict(items), options, rng, verify), list(items)
         )
         if prepared is None:
             return None
         manifest = prepared.manifest
-        missing, unexpected = apply_prepared(prepared, items, strict, self._url(prepared.step_name))
+        where = self._url(prepared.step_name)
+        missing, unexpected = self._apply(prepared, items, strict, where)
         logger.info(
             "restored step %d from %s (%d bytes in %.3f s)",
             manifest.step,
@@ -493,17 +493,48 @@ class CheckpointManager:
             info.step, info.epoch, info.metrics, info.path, info.items, missing, unexpected
         )
 
-    def _agreed_step(self, step: int | None) -> int | None:
-        """The step every rank restores: ``step``, or the latest as the coordinator sees it."""
-        return agree_on_step(self._group, step, self.latest_step)
-
     def _prepare_with_fallback(
-        self, step: int | None, prepare: Callable[[int | None], Prepared | None]
+        self,
+        step: int | None,
+        prepare: Callable[[int | None], Prepared | None],
+        names: list[str],
     ) -> Prepared | None:
-        """Run ``prepare`` on ``step`` (the latest intact one, if so configured)."""
-        if step is not None or not self.fallback_to_intact:
-            return self._reader.retrying(step, prepare, "restored")
-        return cast("Prepared | None", self._reader.newest_intact(prepare, "restored"))
+        """Run ``prepare`` on ``step`` (the latest intact one, if so configured).
+
+        In a process group every rank tries the same steps and learns every rank's
+        outcome (see :mod:`ckpt.distributed.agreeing`): all go on, or all raise an
+        error of the same class; a step they agree is corrupt is skipped alike.
+        """
+        fallback = step is None and self.fallback_to_intact
+        if self._group is None:
+            if not fallback:
+                return self._reader.retrying(step, prepare, "restored")
+            return cast("Prepared | None", self._reader.newest_intact(prepare, "restored"))
+        from ckpt.distributed import agreeing  # noqa: PLC0415 - only in a process group
+
+        agreeing.check_same_items(self._group, names)
+
+        def listed() -> list[int]:  # on rank 0 only
+            if fallback:
+                return self.all_steps()
+            latest = self.latest_step()
+            return [] if latest is None else [latest]
+
+        candidates = agreeing.agree_on_candidates(self._group, step, listed, fallback)
+        found = agreeing.first_agreed(self._group, candidates, prepare, fallback)
+        return None if found is None else found[1]
+
+    def _apply(
+        self, prepared: Prepared, items: dict[str, Any], strict: bool, where: str
+    ) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+        """Load what was prepared; in a process group, a failure on any rank raises on all."""
+        if self._group is None:
+            return apply_prepared(prepared, items, strict, where)
+        from ckpt.distributed import agreeing  # noqa: PLC0415 - only in a process group
+
+        return agreeing.run_agreed_apply(
+            self._group, lambda: apply_prepared(prepared, items, strict, where), items, where
+        )
 
     def _prepare(
         self,

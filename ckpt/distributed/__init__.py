@@ -7,13 +7,10 @@ See ``docs/distributed.md``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ckpt.errors import CheckpointError, IncompatibleCheckpointError
 from ckpt.format import Manifest
-from ckpt.tree import Json
 
 if TYPE_CHECKING:
     from ckpt.kinds import RestoreOptions
@@ -21,7 +18,6 @@ if TYPE_CHECKING:
 
 __all__ = [
     "PreparedCollective",
-    "agree_on_step",
     "apply_sharded_restore",
     "collective_save",
     "open_rank_group",
@@ -84,22 +80,30 @@ def prepare_collective(
     verify: bool,
     group: Any,
 ) -> PreparedCollective:
-    """Read and check a restore on this rank; every rank agrees before anything changes.
+    """Read and check this rank's part of a restore; change nothing, run no collective.
+
+    Any checkpoint restores this way: one saved by several ranks, or by one process
+    (seen as a group of one). The caller agrees on the outcome with the other
+    ranks before anything is applied (see :mod:`ckpt.distributed.agreeing`).
 
     Raises:
-        IncompatibleCheckpointError: A process group restores a single-process checkpoint.
-        CheckpointError: This rank's failure, or another rank's (named).
+        CheckpointNotFoundError: An item is not in the checkpoint.
+        IncompatibleCheckpointError: An item does not fit the live object.
+        CorruptCheckpointError: A chunk or file fails its checks.
     """
-    from ckpt.distributed.restoring import prepare_everywhere  # noqa: PLC0415
+    from ckpt.distributed.restoring import prepare_on_rank  # noqa: PLC0415
 
-    if manifest.sharded is None:
-        raise IncompatibleCheckpointError(
-            f"step {manifest.step} was saved by one process without a process group; restore "
-            "it in one process (CheckpointManager(..., process_group=False)) and save it again "
-            "from the process group"
-        )
-    restore = prepare_everywhere(
-        storage, step_name, manifest, items, options, rng=rng, verify=verify, group=group
+    rank, world_size = (0, 1) if group is None else (group.rank, group.world_size)
+    restore = prepare_on_rank(
+        storage,
+        step_name,
+        manifest,
+        items,
+        options,
+        rng=rng,
+        verify=verify,
+        rank=rank,
+        world_size=world_size,
     )
     return PreparedCollective(step_name, manifest, restore)
 
@@ -129,34 +133,3 @@ def verify_sharded(storage: Storage, step_name: str, manifest: Manifest) -> int:
 
     check_own_items(manifest)
     return verify_sharded_files(storage, step_name, manifest)
-
-
-def agree_on_step(group: Any, step: int | None, latest: Callable[[], int | None]) -> int | None:
-    """The step every rank restores: ``step`` if every rank asks for the same one, else refused.
-
-    With ``step`` ``None`` on every rank, rank 0's ``latest()`` (its newest committed step).
-
-    Raises:
-        ValueError: The ranks asked for different steps (on every rank).
-    """
-    asked = group.all_gather_json(step)
-    if any(a != asked[0] for a in asked):
-        raise ValueError(
-            "every rank must restore the same step: they asked for "
-            + ", ".join(f"rank {r}: {a}" for r, a in enumerate(asked))
-        )
-    if step is not None:
-        return step
-    found: Json = None
-    if group.is_coordinator:
-        try:
-            found = {"step": latest()}
-        except CheckpointError as e:  # every rank raises it, none waits for a step
-            found = {"error": f"{type(e).__name__}: {e}"}
-    decided = group.broadcast_json(found)
-    assert isinstance(decided, dict)
-    if "error" in decided:
-        raise CheckpointError(f"rank 0 could not find the latest step: {decided['error']}")
-    agreed = decided["step"]
-    assert agreed is None or isinstance(agreed, int)
-    return agreed

@@ -1,13 +1,19 @@
-"""Restoring a checkpoint saved by several ranks (format v3), on any number of ranks.
+"""Restoring any checkpoint on any number of ranks (or in one process without a group).
 
-Each rank (or the one process, with no process group) maps the saved chunks
-onto its part of every live tensor with DCP's load planner, reads only those
-chunks into fresh tensors and checks them, and validates its own items (random
-streams, schedulers, samplers, ...) as a single-process restore does. Only when
-every rank has succeeded do the ranks load anything: modules and optimizers
-through DCP's ``set_*_state_dict``, then their own items. A rank that did not
-exist when the checkpoint was saved takes rank 0's own items, and its random
-streams are seeded from the step and its rank, with a warning.
+A checkpoint saved by several ranks (format v3) is read as saved; one saved by
+one process (v1, v2) as one saved by a group of one
+(:mod:`ckpt.distributed.one_process`). Each rank maps the saved chunks onto its
+part of every live tensor with DCP's load planner
+(:mod:`ckpt.distributed.reading`), checks the chunks it needs (reading into
+fresh tensors those without a live counterpart), and validates its own items
+(random streams, schedulers, samplers, ...) as a single-process restore does.
+Only when every rank has succeeded (the caller agrees, see
+:mod:`ckpt.distributed.agreeing`) does a rank change anything: it reads the
+checked chunks into its live tensors, loads modules through DCP's
+``set_model_state_dict`` and optimizers through torch's ``load_state_dict``,
+then its own items. A rank that did not exist when the checkpoint was saved
+takes rank 0's own items, and its random streams are seeded from the step and
+its rank, with a warning.
 """
 
 from __future__ import annotations
@@ -15,37 +21,45 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from ckpt.distributed.capture import variant_name
-from ckpt.distributed.group import RankGroup
-from ckpt.distributed.planning import ChunkRead, local_shards, plan_reads
+from ckpt.distributed.destinations import (
+    live_optimizer_tensors,
+    module_destinations,
+    optimizer_destinations,
+)
+from ckpt.distributed.one_process import group_of_one
+from ckpt.distributed.reading import (
+    ChunkSource,
+    PlannedReads,
+    SavedChunks,
+    WholeTensors,
+    check_then_read,
+    read_into,
+)
 from ckpt.distributed.states import (
     apply_sharded,
-    optimizer_param_names,
     pair_optimizers,
-    sharded_state,
 )
-from ckpt.errors import CheckpointError, CheckpointNotFoundError, IncompatibleCheckpointError
-from ckpt.format import GlobalTensorRecord, ItemRecord, Manifest, ShardedSection, rank_manifest
-from ckpt.io import load_tensors, read_chunk
+from ckpt.errors import CheckpointNotFoundError, IncompatibleCheckpointError, PartialRestoreError
+from ckpt.format import Manifest, ShardedSection, rank_manifest
+from ckpt.io import load_tensors
 from ckpt.items import build_state
 from ckpt.kinds import RestoreOptions
-from ckpt.kinds.optimizer import check_optimizer_numbers
 from ckpt.locations import MapLocation, mapped_device, place
-from ckpt.optim import check_group_types, class_name
 from ckpt.restoring import PreparedRestore, apply_restore, check_items, prepare_restore
 from ckpt.rng import RNG_ITEM, RandomStreams
 from ckpt.storage import Storage
-from ckpt.tree import Json, tensor_refs, unflatten
+from ckpt.tree import tensor_refs, unflatten
 
 __all__ = [
     "ShardedRestore",
     "apply_sharded_restore",
-    "prepare_everywhere",
+    "prepare_on_rank",
     "prepare_sharded_restore",
     "check_own_items",
     "read_full",
@@ -67,73 +81,8 @@ class ShardedRestore:
     """Seed for this rank's random streams when the checkpoint has none for it."""
     nbytes: int = 0
     """Bytes of tensor data read."""
-
-
-def _read_into(
-    storage: Storage,
-    directory: str,
-    records: Mapping[str, GlobalTensorRecord],
-    dest: Mapping[str, torch.Tensor],
-    verify: bool,
-) -> int:
-    """Read the saved chunks overlapping this rank's part of each ``dest`` tensor into it.
-
-    Returns:
-        The bytes read.
-    """
-    reads = plan_reads(records, dest)
-    by_chunk: dict[tuple[str, int], list[ChunkRead]] = {}
-    for r in reads:
-        by_chunk.setdefault((r.name, r.chunk), []).append(r)
-    nbytes = 0
-    for (name, index), boxes in by_chunk.items():
-        record = records[name]
-        saved = record.chunks[index]
-        target = local_shards(dest[name])
-        nbytes += record.chunk_nbytes(saved)
-        direct = _whole_chunk_view(target, boxes, saved.sizes, record.dtype)
-        if direct is not None:  # the usual case (same sharding): no second copy
-            read_chunk(
-                storage, directory, record, saved, verify=verify, out=direct, name=name, index=index
-            )
-            continue
-        chunk = read_chunk(storage, directory, record, saved, verify=verify, name=name, index=index)
-        for box in boxes:
-            source = chunk
-            local = target
-            for dim, (src, dst, length) in enumerate(
-                zip(box.source_offsets, box.dest_offsets, box.lengths, strict=True)
-            ):
-                source = source.narrow(dim, src, length)
-                local = local.narrow(dim, dst, length)
-            local.copy_(source)
-    return nbytes
-
-
-def _whole_chunk_view(
-    target: torch.Tensor, boxes: list[ChunkRead], sizes: tuple[int, ...], dtype: torch.dtype
-) -> torch.Tensor | None:
-    """The part of ``target`` one whole chunk fills, when it can be read into directly."""
-    if len(boxes) != 1 or target.device.type != "cpu" or target.dtype != dtype:
-        return None
-    box = boxes[0]
-    if any(box.source_offsets) or box.lengths != tuple(sizes):
-        return None
-    view = target
-    for dim, (start, length) in enumerate(zip(box.dest_offsets, box.lengths, strict=True)):
-        view = view.narrow(dim, start, length)
-    return view if view.is_contiguous() else None
-
-
-def _check_names(item: str, saved: set[str], live: set[str], strict: bool) -> None:
-    if saved == live or not strict:
-        return
-    missing, unexpected = sorted(live - saved), sorted(saved - live)
-    raise IncompatibleCheckpointError(
-        f"item {item!r} does not match the checkpoint: missing {missing[:10]}, "
-        f"unexpected {unexpected[:10]}",
-        key=item,
-    )
+    reads: dict[str, PlannedReads] = field(default_factory=dict)
+    """Checked chunks still to read into live tensors, by item (run when it is applied)."""
 
 
 def prepare_sharded_restore(
@@ -147,6 +96,7 @@ def prepare_sharded_restore(
     verify: bool,
     rank: int,
     world_size: int,
+    source: ChunkSource | None = None,
 ) -> ShardedRestore:
     """Read and check everything this rank restores from a v3 checkpoint; change nothing.
 
@@ -157,14 +107,16 @@ def prepare_sharded_restore(
     """
     section = manifest.sharded
     assert section is not None
+    chunks = source or SavedChunks(storage, step_name, verify=verify)
     sharded_live = {n: o for n, o in items.items() if n in section.items}
     pairs = pair_optimizers(sharded_live)
     restore = ShardedRestore({}, pairs, None)
     for name in sorted(sharded_live, key=lambda n: section.items[n].kind != "module"):
-        restore.sharded[name], nbytes = _read_item(
-            storage, step_name, section, name, items, pairs, options, verify, rank
-        )
+        state, nbytes, reads = _read_item(chunks, section, name, items, pairs, options, rank)
+        restore.sharded[name] = state
         restore.nbytes += nbytes
+        if reads is not None:
+            restore.reads[name] = reads
     own_index = rank if rank < section.world_size else 0
     view = rank_manifest(manifest, own_index)
     own_items = {n: o for n, o in items.items() if n not in section.items}
@@ -197,17 +149,22 @@ def prepare_sharded_restore(
 
 
 def _read_item(
-    storage: Storage,
-    step_name: str,
+    source: ChunkSource,
     section: ShardedSection,
     name: str,
     items: Mapping[str, Any],
     pairs: Mapping[str, str],
     options: RestoreOptions,
-    verify: bool,
     rank: int,
-) -> tuple[Any, int]:
-    """Read a module or optimizer item's saved state into fresh tensors placed like the live."""
+) -> tuple[Any, int, PlannedReads | None]:
+    """Read a module or optimizer item's saved state, checked; change nothing.
+
+    Chunks saved by several ranks that have a live counterpart (a module's
+    tensors; an optimizer's state, when it has some of the same layout) are
+    only checked now, and read into the live tensors when the restore is
+    applied (the returned reads); everything else is read into fresh tensors
+    placed like the live ones.
+    """
     record = section.items[name]
     obj = items[name]
     live_kind = "module" if isinstance(obj, torch.nn.Module) else "optimizer"
@@ -215,142 +172,100 @@ def _read_item(
         raise IncompatibleCheckpointError(
             f"item {name!r} was saved as a {record.kind}, not a {live_kind}", key=name
         )
+    held = source if isinstance(source, SavedChunks) else None  # chunks read again later
     if isinstance(obj, torch.nn.Module):
-        tree, dest, unexpected = _module_destinations(name, record, items, pairs, options)
-        own = {n: variant_name(n, rank) for n in dest if variant_name(n, rank) in section.tensors}
-    else:
-        dest = _optimizer_destinations(name, obj, items[pairs[name]], record, section, options)
-        tree, own, unexpected = record.state, {}, []
-    records = {n: section.tensors[own.get(n, n)] for n in dest}
-    nbytes = _read_into(storage, step_name, records, dest, verify)
-    return (unflatten(tree, dest), unexpected), nbytes
+        return _read_module(source, held, section, name, items, pairs, options, rank)
+    dest = optimizer_destinations(name, obj, items[pairs[name]], record, section, options)
+    live = {} if held is None else live_optimizer_tensors(name, items, pairs, record, dest)
+    fresh = {n: t for n, t in dest.items() if n not in live}
+    nbytes = read_into(source, {n: section.tensors[n] for n in fresh}, fresh)
+    reads = None
+    if held is not None and live:
+        checked, reads = check_then_read(held, {n: section.tensors[n] for n in live}, live)
+        nbytes += checked
+    return (unflatten(record.state, {**dest, **live}), []), nbytes, reads
 
 
-def _module_destinations(
+def _read_module(
+    source: ChunkSource,
+    held: SavedChunks | None,
+    section: ShardedSection,
     name: str,
-    record: ItemRecord,
     items: Mapping[str, Any],
     pairs: Mapping[str, str],
     options: RestoreOptions,
-) -> tuple[Json, dict[str, torch.Tensor], list[str]]:
-    """Match a module's saved keys to its live ones; a fresh tensor for each saved tensor read.
-
-    Keys are matched, not stored tensor names: weights tied when saved (one stored
-    tensor) load into untied live ones and the other way round.
-
-    Returns:
-        The saved tree restricted to the live keys, the destinations by stored
-        name, and the saved keys the live module lacks.
-    """
-    live = sharded_state(name, items, pairs)
-    tree = record.state
-    if not isinstance(tree, dict) or any(k.startswith("$") for k in tree):
-        raise IncompatibleCheckpointError(
-            f"item {name!r}: the saved module state is not keyed by parameter name", key=name
-        )
-    _check_names(name, set(tree), set(live), options.strict)
-    kept = {k: v for k, v in tree.items() if k in live}
-    dest: dict[str, torch.Tensor] = {}
-    for key, value in kept.items():
-        for _, stored in tensor_refs(value):
-            target = live[key]
-            if stored not in dest and isinstance(target, torch.Tensor):
-                dest[stored] = torch.empty_like(target)
-    return kept, dest, sorted(set(tree) - set(live))
-
-
-def _optimizer_destinations(
-    name: str,
-    optimizer: torch.optim.Optimizer,
-    model: torch.nn.Module,
-    record: ItemRecord,
-    section: ShardedSection,
-    options: RestoreOptions,
-) -> dict[str, torch.Tensor]:
-    """A fresh tensor for each saved optimizer tensor, sharded like its parameter if shaped so."""
-    saved_class = record.extra.get("class")
-    if saved_class != class_name(optimizer) and not options.optimizer_class_change:
-        raise IncompatibleCheckpointError(
-            f"item {name!r} was saved from {saved_class} but the live optimizer is "
-            f"{class_name(optimizer)} (pass optimizer_class_change=True to load it anyway)",
-            key=f"{name}.class",
-        )
-    names = optimizer_param_names(model, optimizer)
-    params = {
-        n: p
-        for n, p in zip(
-            names, (p for g in optimizer.param_groups for p in g["params"]), strict=True
-        )
-    }
-    state = record.state
-    groups = state.get("param_groups") if isinstance(state, dict) else None
-    if not isinstance(groups, list) or len(groups) != len(optimizer.param_groups):
-        raise IncompatibleCheckpointError(
-            f"item {name!r} has {len(groups) if isinstance(groups, list) else 'no'} param groups "
-            f"in the checkpoint but {len(optimizer.param_groups)} live",
-            key=f"{name}.param_groups",
-        )
-    at = 0
-    for g, (saved_group, live_group) in enumerate(zip(groups, optimizer.param_groups, strict=True)):
-        live_names = names[at : at + len(live_group["params"])]
-        at += len(live_group["params"])
-        if not isinstance(saved_group, dict) or saved_group.get("params") != live_names:
-            raise IncompatibleCheckpointError(
-                f"item {name!r}: param group {g} holds other parameters in the checkpoint "
-                f"than live ({_short(saved_group)} vs {live_names[:10]})",
-                key=f"{name}.param_groups[{g}]",
-            )
-    decoded = unflatten(
-        state,
-        lambda n: torch.empty(
-            section.tensors[n].shape, dtype=section.tensors[n].dtype, device="meta"
-        ),
+    rank: int,
+) -> tuple[Any, int, PlannedReads | None]:
+    """A module item: checked now and read into its live tensors later when ``held``."""
+    record = section.items[name]
+    tree, dest, unexpected = module_destinations(
+        name, record, items, pairs, options, held is not None
     )
-    for g, (saved_group, live_group) in enumerate(
-        zip(decoded["param_groups"], optimizer.param_groups, strict=True)
-    ):
-        check_group_types(f"{name}.param_groups[{g}]", saved_group, live_group)
-    check_optimizer_numbers(name, decoded)
-    dest: dict[str, torch.Tensor] = {}
-    for path, tensor_name in tensor_refs(state):
-        saved = section.tensors[tensor_name]
-        param = params.get(str(path[1])) if len(path) >= 3 and path[0] == "state" else None
-        if param is None:
-            raise IncompatibleCheckpointError(
-                f"item {name!r}: state for an unknown parameter at {list(path)}", key=name
-            )
-        if tuple(saved.shape) == tuple(param.shape) and param.dim() > 0:
-            dest[tensor_name] = torch.empty_like(param, dtype=saved.dtype)
-        else:
-            dest[tensor_name] = torch.empty(saved.shape, dtype=saved.dtype)
-    return dest
-
-
-def _short(value: object) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
+    if held is not None and any(t.device.type == "meta" for t in dest.values()):
+        held = None  # the live module holds no data yet: read into fresh tensors
+        tree, dest, unexpected = module_destinations(name, record, items, pairs, options, False)
+    own = {n: variant_name(n, rank) for n in dest if variant_name(n, rank) in section.tensors}
+    records = {n: section.tensors[own.get(n, n)] for n in dest}
+    if held is not None:
+        nbytes, reads = check_then_read(held, records, dest)
+        return (unflatten(tree, dest), unexpected), nbytes, reads
+    return (unflatten(tree, dest), unexpected), read_into(source, records, dest), None
 
 
 def apply_sharded_restore(
     restore: ShardedRestore, items: Mapping[str, Any], strict: bool, where: str
 ) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
-    """Load everything read: modules, optimizers, then this rank's own items."""
+    """Load everything read: modules, optimizers, then this rank's own items.
+
+    Raises:
+        PartialRestoreError: An item's own code raised while it was loaded.
+    """
     missing: dict[str, list[str]] = {}
     unexpected: dict[str, list[str]] = {}
-    for name, (state, saved_only) in restore.sharded.items():
-        m, u = apply_sharded(name, items, restore.pairs, state, strict)
+    order = list(restore.sharded)
+    for i, (name, (state, saved_only)) in enumerate(restore.sharded.items()):
+        try:
+            if name in restore.reads:
+                restore.reads[name].run()
+            m, u = apply_sharded(name, items, restore.pairs, state, strict)
+        except Exception as e:
+            rest = order[i + 1 :] + _own_names(restore)
+            raise PartialRestoreError(
+                f"loading item {name!r} raised {type(e).__name__}: {e}. Restored before it: "
+                f"{order[:i]}; not restored, unchanged: {rest}; {name!r} itself may be "
+                "partly loaded",
+                path=where,
+                key=name,
+                item=name,
+                applied=order[:i],
+                not_applied=rest,
+            ) from e
         u = sorted({*u, *saved_only})
         if m:
             missing[name] = m
         if u:
             unexpected[name] = u
     if restore.own is not None:
-        own_missing, own_unexpected = apply_restore(restore.own, where)
+        try:
+            own_missing, own_unexpected = apply_restore(restore.own, where)
+        except PartialRestoreError as e:
+            raise PartialRestoreError(
+                e.reason,
+                path=e.path,
+                key=e.key,
+                item=e.item,
+                applied=[*order, *e.applied],
+                not_applied=e.not_applied,
+            ) from e.__cause__
         missing.update(own_missing)
         unexpected.update(own_unexpected)
     if restore.reseed is not None:
         _seed_all(restore.reseed)
     return missing, unexpected
+
+
+def _own_names(restore: ShardedRestore) -> list[str]:
+    return [] if restore.own is None else [p.name for p in restore.own.plans]
 
 
 def _seed_for(step: int, rank: int) -> int:
@@ -380,12 +295,13 @@ def read_full(
     section = manifest.sharded
     assert section is not None
     out: dict[str, Any] = {}
+    source = SavedChunks(storage, step_name, verify=verify)
     for name, record in section.items.items():
         full = {}
         for tensor_name in dict.fromkeys(n for _, n in tensor_refs(record.state)):
             r = section.tensors[tensor_name]
             t = torch.empty(r.shape, dtype=r.dtype)
-            _read_into(storage, step_name, {tensor_name: r}, {tensor_name: t}, verify)
+            read_into(source, {tensor_name: r}, {tensor_name: t})
             device = mapped_device(map_location, "cpu")
             full[tensor_name] = place(t, device, None, map_location=map_location, key=tensor_name)
         state = unflatten(record.state, full)
@@ -420,21 +336,7 @@ def _index_packed(state: dict[str, Any]) -> dict[str, Any]:
     return {"state": per_param, "param_groups": groups}
 
 
-def agree_or_raise(group: RankGroup | None, error: BaseException | None, doing: str) -> None:
-    """Raise on every rank when any rank failed (its own error where it failed)."""
-    if group is None:
-        if error is not None:
-            raise error
-        return
-    failed = group.failures(error)
-    if error is not None:
-        raise error
-    if failed:
-        where = "; ".join(f"rank {r}: {m}" for r, m in failed)
-        raise CheckpointError(f"{doing} failed on another rank ({where}); nothing was changed")
-
-
-def prepare_everywhere(
+def prepare_on_rank(
     storage: Storage,
     step_name: str,
     manifest: Manifest,
@@ -443,33 +345,28 @@ def prepare_everywhere(
     *,
     rng: bool,
     verify: bool,
-    group: RankGroup | None,
+    rank: int,
+    world_size: int,
 ) -> ShardedRestore:
-    """Prepare a v3 restore on this rank; raise on every rank unless every rank succeeded."""
-    rank, world_size = (0, 1) if group is None else (group.rank, group.world_size)
-    if group is not None:
-        asked = group.all_gather_json(sorted(items))
-        if any(a != asked[0] for a in asked):
-            raise ValueError(
-                "every rank must restore the same items: "
-                + "; ".join(f"rank {r} restores {a}" for r, a in enumerate(asked))
-            )
-    prepared: ShardedRestore | None = None
-    error: BaseException | None = None
-    try:
-        prepared = prepare_sharded_restore(
-            storage,
-            step_name,
-            manifest,
-            items,
-            options,
-            rng=rng,
-            verify=verify,
-            rank=rank,
-            world_size=world_size,
-        )
-    except Exception as e:
-        error = e
-    agree_or_raise(group, error, f"restoring step {manifest.step}")
-    assert prepared is not None
-    return prepared
+    """Prepare a restore on this rank, from a checkpoint saved by any number of processes.
+
+    A single-process checkpoint (format 1 or 2) is read as one saved by a group
+    of one (:mod:`ckpt.distributed.one_process`). Runs no collective: the caller
+    agrees on the outcome with the other ranks.
+    """
+    view, source = manifest, None
+    if manifest.sharded is None:
+        view = group_of_one(manifest, items)
+        source = WholeTensors(storage, step_name, manifest, verify=verify)
+    return prepare_sharded_restore(
+        storage,
+        step_name,
+        view,
+        items,
+        options,
+        rng=rng,
+        verify=verify,
+        rank=rank,
+        world_size=world_size,
+        source=source,
+    )

@@ -1,0 +1,185 @@
+"""Where each saved tensor of a module or optimizer item is read to on this rank.
+
+Saved keys are matched to the live object's (a module's by parameter name, an
+optimizer's per-parameter state by the names of its parameters), everything
+but tensor data is checked, and each saved tensor gets a destination shaped
+and placed like its live counterpart: a fresh tensor, or the live tensor
+itself when the bytes are read into it once every rank's checks passed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from ckpt.distributed.planning import local_shards
+from ckpt.distributed.states import optimizer_param_names, sharded_state
+from ckpt.errors import IncompatibleCheckpointError
+from ckpt.format import ItemRecord, ShardedSection
+from ckpt.kinds import RestoreOptions
+from ckpt.kinds.optimizer import check_optimizer_numbers
+from ckpt.optim import check_group_types, class_name
+from ckpt.tree import Json, tensor_refs, unflatten
+
+__all__ = ["live_optimizer_tensors", "module_destinations", "optimizer_destinations"]
+
+
+def _check_names(item: str, saved: set[str], live: set[str], strict: bool) -> None:
+    if saved == live or not strict:
+        return
+    missing, unexpected = sorted(live - saved), sorted(saved - live)
+    raise IncompatibleCheckpointError(
+        f"item {item!r} does not match the checkpoint: missing {missing[:10]}, "
+        f"unexpected {unexpected[:10]}",
+        key=item,
+    )
+
+
+def module_destinations(
+    name: str,
+    record: ItemRecord,
+    items: Mapping[str, Any],
+    pairs: Mapping[str, str],
+    options: RestoreOptions,
+    in_place: bool,
+) -> tuple[Json, dict[str, torch.Tensor], list[str]]:
+    """Match a module's saved keys to its live ones; a tensor to read each saved tensor into.
+
+    With ``in_place`` that tensor is the live one (as ``get_model_state_dict``
+    gives it), else a fresh one like it.
+
+    Keys are matched, not stored tensor names: weights tied when saved (one stored
+    tensor) load into untied live ones and the other way round.
+
+    Returns:
+        The saved tree restricted to the live keys, the destinations by stored
+        name, and the saved keys the live module lacks.
+    """
+    live = sharded_state(name, items, pairs)
+    tree = record.state
+    if not isinstance(tree, dict) or any(k.startswith("$") for k in tree):
+        raise IncompatibleCheckpointError(
+            f"item {name!r}: the saved module state is not keyed by parameter name", key=name
+        )
+    _check_names(name, set(tree), set(live), options.strict)
+    kept = {k: v for k, v in tree.items() if k in live}
+    dest: dict[str, torch.Tensor] = {}
+    for key, value in kept.items():
+        for _, stored in tensor_refs(value):
+            target = live[key]
+            if stored not in dest and isinstance(target, torch.Tensor):
+                dest[stored] = target if in_place else torch.empty_like(target)
+    return kept, dest, sorted(set(tree) - set(live))
+
+
+def optimizer_destinations(
+    name: str,
+    optimizer: torch.optim.Optimizer,
+    model: torch.nn.Module,
+    record: ItemRecord,
+    section: ShardedSection,
+    options: RestoreOptions,
+) -> dict[str, torch.Tensor]:
+    """A fresh tensor for each saved optimizer tensor, sharded like its parameter if shaped so."""
+    saved_class = record.extra.get("class")
+    if saved_class != class_name(optimizer) and not options.optimizer_class_change:
+        raise IncompatibleCheckpointError(
+            f"item {name!r} was saved from {saved_class} but the live optimizer is "
+            f"{class_name(optimizer)} (pass optimizer_class_change=True to load it anyway)",
+            key=f"{name}.class",
+        )
+    names = optimizer_param_names(model, optimizer)
+    params = {
+        n: p
+        for n, p in zip(
+            names, (p for g in optimizer.param_groups for p in g["params"]), strict=True
+        )
+    }
+    state = record.state
+    groups = state.get("param_groups") if isinstance(state, dict) else None
+    if not isinstance(groups, list) or len(groups) != len(optimizer.param_groups):
+        raise IncompatibleCheckpointError(
+            f"item {name!r} has {len(groups) if isinstance(groups, list) else 'no'} param groups "
+            f"in the checkpoint but {len(optimizer.param_groups)} live",
+            key=f"{name}.param_groups",
+        )
+    at = 0
+    for g, (saved_group, live_group) in enumerate(zip(groups, optimizer.param_groups, strict=True)):
+        live_names = names[at : at + len(live_group["params"])]
+        at += len(live_group["params"])
+        if not isinstance(saved_group, dict) or saved_group.get("params") != live_names:
+            raise IncompatibleCheckpointError(
+                f"item {name!r}: param group {g} holds other parameters in the checkpoint "
+                f"than live ({_short(saved_group)} vs {live_names[:10]})",
+                key=f"{name}.param_groups[{g}]",
+            )
+    decoded = unflatten(
+        state,
+        lambda n: torch.empty(
+            section.tensors[n].shape, dtype=section.tensors[n].dtype, device="meta"
+        ),
+    )
+    for g, (saved_group, live_group) in enumerate(
+        zip(decoded["param_groups"], optimizer.param_groups, strict=True)
+    ):
+        check_group_types(f"{name}.param_groups[{g}]", saved_group, live_group)
+    check_optimizer_numbers(name, decoded)
+    dest: dict[str, torch.Tensor] = {}
+    for path, tensor_name in tensor_refs(state):
+        saved = section.tensors[tensor_name]
+        param = params.get(str(path[1])) if len(path) >= 3 and path[0] == "state" else None
+        if param is None:
+            raise IncompatibleCheckpointError(
+                f"item {name!r}: state for an unknown parameter at {list(path)}", key=name
+            )
+        if tuple(saved.shape) == tuple(param.shape) and param.dim() > 0:
+            dest[tensor_name] = torch.empty_like(param, dtype=saved.dtype)
+        else:
+            dest[tensor_name] = torch.empty(saved.shape, dtype=saved.dtype)
+    return dest
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def live_optimizer_tensors(
+    name: str,
+    items: Mapping[str, Any],
+    pairs: Mapping[str, str],
+    record: ItemRecord,
+    dest: Mapping[str, torch.Tensor],
+) -> dict[str, torch.Tensor]:
+    """The live optimizer's state tensors that can take the saved ones in place, by saved name.
+
+    A live tensor qualifies when it is placed, shaped and typed as its fresh
+    destination in ``dest`` would be (the same local shard of the same mesh).
+    """
+    live_state = sharded_state(name, items, pairs)["state"]
+    found: dict[str, torch.Tensor] = {}
+    taken: set[int] = set()  # a live tensor shared by two states takes neither in place
+    for path, tensor_name in tensor_refs(record.state):
+        if len(path) != 3 or path[0] != "state" or tensor_name not in dest:
+            continue
+        per = live_state.get(str(path[1]))
+        live = per.get(path[2]) if isinstance(per, dict) else None
+        if isinstance(live, torch.Tensor) and _same_layout(live, dest[tensor_name]):
+            where = local_shards(live).untyped_storage().data_ptr()
+            if where not in taken:
+                found[tensor_name] = live
+            taken.add(where)
+    return found
+
+
+def _same_layout(live: torch.Tensor, fresh: torch.Tensor) -> bool:
+    if type(live) is not type(fresh) or live.shape != fresh.shape or live.dtype != fresh.dtype:
+        return False
+    if getattr(live, "placements", None) != getattr(fresh, "placements", None):
+        return False
+    if getattr(live, "device_mesh", None) != getattr(fresh, "device_mesh", None):
+        return False
+    here, there = local_shards(live), local_shards(fresh)
+    return here.shape == there.shape and here.device == there.device and here.is_contiguous()
