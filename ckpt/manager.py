@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, cast
 
 import torch
 
-from ckpt.cadence import SaveCadence
+from ckpt.cadence import SaveCadence, SaveTiming
 from ckpt.checkpoint_reader import Checkpoint, CheckpointReader
 from ckpt.distributed import agree_on_step, collective_save, open_rank_group
 from ckpt.errors import CheckpointExistsError, CheckpointWriteError
@@ -29,6 +30,7 @@ from ckpt.rng import RNG_ITEM, RandomStreams
 from ckpt.saving import Saver, capture_save, check_save_args
 from ckpt.staging import StagingBuffers
 from ckpt.storage import WriterLock, open_storage
+from ckpt.tree import Json
 from ckpt.writer_lock import LOCK_NAME, hold_writer_lock  # noqa: F401 (LOCK_NAME: re-exported)
 from ckpt.writer_lock import release_quietly as _release_quietly  # noqa: F401
 
@@ -91,6 +93,15 @@ class CheckpointManager:
             subgroup, or ``False`` for a manager private to this process.
         collective_timeout: Seconds a collective of ckpt's waits for the other
             ranks before raising :class:`~ckpt.CollectiveError` (a rank died).
+        handshake_timeout: In a process group, seconds a rank waits at the entry of
+            ``save``/``restore`` (and at ``should_save``'s agreement) for the other
+            ranks before raising :class:`~ckpt.CollectiveError` naming the ranks that
+            did not come (one rank saving alone, a rank that died or is stopped).
+        agree_every: In a process group whose manager has ``every_seconds`` or
+            ``preemption_signals``, ``should_save`` agrees across ranks (one small
+            collective) on steps that are multiples of this; other steps answer by
+            ``every_steps`` alone, so a signal or the clock is acted on up to this many
+            steps later. ``every_steps`` alone needs no agreement.
 
     Example:
         >>> mgr = ckpt.CheckpointManager("runs/exp1", keep_last=3, every_steps=500)
@@ -120,12 +131,16 @@ class CheckpointManager:
         background_nice: int | None = 19,
         process_group: Any = None,
         collective_timeout: float = 600.0,
+        handshake_timeout: float = 300.0,
+        agree_every: int = 1,
     ):
         self.retention = RetentionPolicy(keep_last, keep_every, keep_best, best_metric, best_mode)
         self.fallback_to_intact = bool(fallback_to_intact)
         if storage_options is not None and not isinstance(storage_options, dict):
             raise TypeError("storage_options must be a dict")
-        self._cadence = SaveCadence(every_steps, every_seconds)
+        cadence = SaveCadence(every_steps, every_seconds)
+        if isinstance(agree_every, bool) or not isinstance(agree_every, int) or agree_every < 1:
+            raise ValueError(f"agree_every must be a positive int, got {agree_every!r}")
         self._storage = open_storage(os.fspath(directory), storage_options)
         try:
             self._storage.makedirs()
@@ -141,6 +156,23 @@ class CheckpointManager:
         self._collective = (
             None if self._group is None else collective_save(self._storage, self._group)
         )
+        signals = _watched(preemption_signals)
+        self._handshake: Any = None
+        self._decisions: Any = None
+        if self._group is not None:
+            config: dict[str, Json] = {"every_steps": every_steps}
+            config["every_seconds"] = every_seconds
+            config |= {"signals": [int(s) for s in signals], "agree_every": agree_every}
+            config |= {"timeouts": [float(collective_timeout), float(handshake_timeout)]}
+            from ckpt.distributed.agreement import open_agreement  # noqa: PLC0415
+
+            try:
+                self._handshake, self._decisions = open_agreement(
+                    self._group, process_group, config, float(handshake_timeout)
+                )
+            except BaseException:
+                self._group.close()
+                raise
         self._lock: WriterLock | None = None
         self.async_save = bool(async_save)
         if background_nice is not None and (
@@ -153,15 +185,9 @@ class CheckpointManager:
         self._staging = StagingBuffers()
         self._saver = Saver()
         self._retainer = Retainer()
-        self._save_requested_after_signal = False
-        self._last_save_time = time.monotonic()
-        self._last_saved_step: int | None = None
-        self._saved_since_signal = False
-        self._watch: PreemptionWatch | None = None
-        if preemption_signals is True:
-            self._watch = PreemptionWatch(DEFAULT_PREEMPTION_SIGNALS)
-        elif preemption_signals is not False:
-            self._watch = PreemptionWatch(preemption_signals)
+        watch = PreemptionWatch(signals) if signals else None
+        agree = None if self._decisions is None else self._decisions.any_of
+        self._timing = SaveTiming(cadence, watch, agree, agree_every)
 
     def __repr__(self) -> str:
         return f"CheckpointManager({self._storage.url!r}, {self.retention})"
@@ -184,9 +210,9 @@ class CheckpointManager:
             self._release()
 
     def _release(self) -> None:
-        if self._watch is not None:
-            self._watch.close()
-            self._watch = None
+        self._timing.close()
+        if self._decisions is not None:
+            self._decisions.close()
         if self._lock is not None:
             self._lock.release()
             self._lock = None
@@ -200,33 +226,36 @@ class CheckpointManager:
 
     @property
     def preempted(self) -> bool:
-        """Whether a watched preemption signal has been received."""
-        return self._watch is not None and self._watch.received is not None
+        """Whether a watched signal was received (in a group: here, or by a rank, as agreed)."""
+        return self._timing.preempted
 
     @property
     def should_stop(self) -> bool:
         """Whether a preemption signal was received and a checkpoint has committed since.
 
-        With ``async_save``, a save requested after the signal is waited for here.
+        With ``async_save``, a save requested after the signal is waited for here. In a
+        process group, runs no collective and answers the same on every rank: the
+        signal counts once ``should_save`` has agreed on it.
         """
-        if self.preempted and self._save_requested_after_signal and not self._saved_since_signal:
+        timing = self._timing
+        requested = timing.stop_requested() and timing.requested_after_signal
+        if requested and not timing.saved_since_signal:
             self.wait()
-        return self.preempted and self._saved_since_signal
+        return timing.should_stop()
 
     def should_save(self, step: int) -> bool:
         """Whether to save after completing ``step``: the cadence is due, or a stop was requested.
 
-        Never true twice for the same step once it has been saved.
+        Never true twice for the same step once it has been saved. In a process group,
+        every rank calls it with the same step and gets the same answer: with
+        ``every_seconds`` or ``preemption_signals``, the ranks agree (one small
+        collective, see ``agree_every``).
 
         Args:
             step: The step just completed (counting from 0).
         """
         step_dir_name(step)  # validates the step
-        if step == self._last_saved_step:
-            return False
-        if self.preempted and not self._saved_since_signal:
-            return True
-        return self._cadence.due(step, seconds_since_save=time.monotonic() - self._last_save_time)
+        return self._timing.should_save(step)
 
     @property
     def directory(self) -> str:
@@ -303,13 +332,11 @@ class CheckpointManager:
                 f"step {step} is already saved; choose a new step or pass overwrite=True",
                 path=self._url(step_name),
             )
-        signalled = self._watch is not None and self._watch.received is not None
+        signalled = self._timing.stop_requested()
         if not self.async_save:
             return self._finish(step, files, manifest, token, overwrite, signalled, start)
         staged = self._staging.stage(files)
-        self._last_saved_step = step
-        self._last_save_time = time.monotonic()
-        self._save_requested_after_signal |= signalled
+        self._timing.staged(step, signalled)
         self._saver.start(
             step,
             self._finish,
@@ -330,6 +357,7 @@ class CheckpointManager:
     ) -> Checkpoint:
         """``save`` inside a process group: every rank together (see :mod:`ckpt.distributed`)."""
         assert self._collective is not None and self._group is not None
+        self._handshake.meet("save()", {"step": step, "overwrite": overwrite})
         start = time.perf_counter()
         if rng:
             items[RNG_ITEM] = RandomStreams()
@@ -343,13 +371,11 @@ class CheckpointManager:
                 )
 
         pending = self._collective.begin(step, epoch, metrics, overwrite, items, prepare)
-        signalled = self._watch is not None and self._watch.received is not None
+        signalled = self._timing.stop_requested()
         if not self.async_save:
             return self._finish_collective(pending, signalled, start)
         pending.captured.files = self._staging.stage(pending.captured.files)
-        self._last_saved_step = step
-        self._last_save_time = time.monotonic()
-        self._save_requested_after_signal |= signalled
+        self._timing.staged(step, signalled)
         self._saver.start(
             step, self._finish_collective, (pending, signalled, start), self.background_nice
         )
@@ -374,16 +400,7 @@ class CheckpointManager:
 
     def _after_commit(self, step: int, signalled: bool) -> None:
         """Bookkeeping once ``step`` has committed: cadence, and a stop after a signal."""
-        self._last_saved_step = step
-        self._last_save_time = time.monotonic()
-        if signalled and self._watch is not None and self._watch.received is not None:
-            if not self._saved_since_signal:
-                logger.warning(
-                    "%s received: step %d is saved; the run should stop now",
-                    self._watch.received.name,
-                    step,
-                )
-            self._saved_since_signal = True
+        self._timing.committed(step, signalled)
 
     def _finish(
         self,
@@ -498,6 +515,7 @@ class CheckpointManager:
             map_location, strict, assign, optimizer_class_change, optimizer_by_position
         )
         if self._group is not None:
+            self._handshake.meet("restore()", {"step": step})
             step = self._agreed_step(step)
             if step is None:
                 return None
@@ -586,6 +604,18 @@ class CheckpointManager:
 
     def _info(self, manifest: Manifest) -> Checkpoint:
         return self._checkpoints.info(manifest)
+
+
+def _watched(preemption_signals: bool | Iterable[int]) -> tuple[int, ...]:
+    """The signals ``preemption_signals`` asks to watch (checked)."""
+    if preemption_signals is False:
+        return ()
+    if preemption_signals is True:
+        return DEFAULT_PREEMPTION_SIGNALS
+    watched = tuple(signal.Signals(s) for s in preemption_signals)
+    if not watched:
+        raise ValueError("preemption_signals must name at least one signal")
+    return watched
 
 
 RESERVED_NAMES = reserved_names(CheckpointManager.save, CheckpointManager.restore)

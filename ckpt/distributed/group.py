@@ -209,6 +209,35 @@ class RankGroup:
         flag = torch.zeros(1, dtype=torch.int64)
         self._run("barrier", lambda: dist.all_reduce(flag, group=self._group))
 
+    def any_of(self, flags: list[bool]) -> list[bool]:
+        """For each position, whether any rank passed ``True`` there (one small all_reduce).
+
+        Args:
+            flags: This rank's flags; every rank passes as many.
+
+        Returns:
+            The flags or-ed across ranks; the same list on every rank.
+
+        Raises:
+            CollectiveError: A rank died or did not arrive within the timeout.
+        """
+        values = torch.tensor([1 if f else 0 for f in flags], dtype=torch.uint8)
+        self._run(
+            "any_of",
+            lambda: dist.all_reduce(values, op=dist.ReduceOp.MAX, group=self._group),
+        )
+        return [bool(v) for v in values.tolist()]
+
+    @property
+    def name(self) -> str:
+        """The gloo subgroup's name: the same on every rank, unique within the job."""
+        return str(self._group.group_name)
+
+    def mark_broken(self, reason: str) -> None:
+        """Refuse every later collective (after a failure that left the ranks out of step)."""
+        if self._broken is None:
+            self._broken = reason
+
     def failures(self, error: BaseException | None) -> list[tuple[int, str]]:
         """Gather each rank's outcome: the ranks that failed, and how.
 
