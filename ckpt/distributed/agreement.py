@@ -63,6 +63,14 @@ class Handshake:
             ValueError: The ranks came for different calls (on every rank).
         """
         group, n = self._group, self._count
+        if group.broken is not None:
+            raise CollectiveError(
+                f"{call} on rank {group.rank}: refused, an earlier collective failed: "
+                f"{group.broken}",
+                operation="handshake",
+                rank=group.rank,
+                timeout=self.timeout,
+            )
         self._count += 1
         keys = [self._key(n, r) for r in range(group.world_size)]
         mine = {"call": call, **details}
@@ -107,8 +115,8 @@ class Handshake:
             )
         return self._broken(
             f"{call} on rank {group.rank}: rank(s) {missing} of the group's {group.world_size} "
-            f"did not call {call} within {self.timeout:g} s (handshake_timeout). Every rank of "
-            f"the group must call {call} with the same step, together: not only rank 0 "
+            f"did not call {call} within {self.timeout:g} s (handshake_timeout): every rank of "
+            f"the group must call {call} with the same step, together; not only rank 0 "
             f"(`if rank == 0: mgr.{call[:-2]}(...)` cannot work), not only some ranks of a "
             "subgroup's manager; a rank that died or is stopped shows up here too"
         )

@@ -233,6 +233,11 @@ class RankGroup:
         """The gloo subgroup's name: the same on every rank, unique within the job."""
         return str(self._group.group_name)
 
+    @property
+    def broken(self) -> str | None:
+        """Why the group refuses every collective (an earlier one failed), or ``None``."""
+        return self._broken
+
     def mark_broken(self, reason: str) -> None:
         """Refuse every later collective (after a failure that left the ranks out of step)."""
         if self._broken is None:

@@ -1,0 +1,208 @@
+"""Multi-rank save decisions and hangs: every rank saves the same step, and nothing hangs long.
+
+Signals arrive at random moments (one rank, or every rank at its own moment), clocks
+differ per rank; every trial checks that the ranks saved the same steps and stopped
+together. A rank that does not come (``if rank == 0: save()``, a stopped rank) is
+named within ``handshake_timeout``.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import threading
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import ckpt
+
+
+def _train(mgr: ckpt.CheckpointManager, steps: int, pause: float, rng: random.Random) -> dict:
+    """A loop as users write it: save when told, stop when told; what happened, per step."""
+    saved, stopped = [], None
+    state = {"w": torch.zeros(3)}
+    for step in range(steps):
+        state["w"] += 1
+        time.sleep(pause * rng.random())  # ranks drift apart, as they do
+        if mgr.should_save(step):
+            mgr.save(step, state=state, rng=False)
+            saved.append(step)
+        if mgr.should_stop:
+            stopped = step
+            break
+    mgr.wait()
+    return {"saved": saved, "stopped": stopped, "committed": mgr.all_steps()}
+
+
+def on_ranks_signal_trial(rank: int, world: int, root: str, seed: int, who: str) -> dict:
+    """One trial: SIGTERM to ``who`` ("one": a random rank; "all": each at its own moment)."""
+    rng = random.Random(seed * 10 + rank)
+    pick = random.Random(seed).randrange(world)  # the same on every rank
+    delay = random.Random(seed * 10 + rank).uniform(0.0, 0.25)
+    async_save = bool(seed % 2)
+    mgr = ckpt.CheckpointManager(
+        root, every_steps=7, preemption_signals=True, async_save=async_save, handshake_timeout=60
+    )
+    timer = None
+    if who == "all" or rank == pick:
+        timer = threading.Timer(delay, os.kill, (os.getpid(), signal.SIGTERM))
+        timer.start()
+    try:
+        return _train(mgr, 40, 0.01, rng)
+    finally:
+        if timer is not None:
+            timer.cancel()
+            timer.join()  # no signal may land once the handler is gone
+        mgr.close()
+
+
+def on_ranks_clock_trial(rank: int, world: int, root: str, seed: int) -> dict:
+    """One trial: ``every_seconds`` with per-rank drift; the clocks disagree, the ranks do not."""
+    rng = random.Random(seed * 10 + rank)
+    with ckpt.CheckpointManager(root, every_seconds=0.05, agree_every=1 + seed % 3) as mgr:
+        return _train(mgr, 25, 0.01, rng)
+
+
+def _check_agreed(results: list[dict], signalled: bool) -> None:
+    first = results[0]
+    assert all(r == first for r in results), results
+    assert first["committed"] == sorted(set(first["saved"]))
+    if signalled and first["stopped"] is not None:
+        assert first["saved"][-1] == first["stopped"]  # the stop comes right after its save
+
+
+@pytest.mark.parametrize("who", ["one", "all"])
+def test_a_signal_at_a_random_moment_saves_the_same_step_on_every_rank(rank_pool, tmp_path, who):
+    for seed in range(3):
+        root = str(tmp_path / f"{who}{seed}")
+        results = rank_pool.run(on_ranks_signal_trial, root, seed, who, timeout=120)
+        _check_agreed(results, True)
+        assert results[0]["stopped"] is not None  # the signal came within the loop
+
+
+def test_every_seconds_saves_the_same_steps_on_every_rank(rank_pool, tmp_path):
+    for seed in range(3):
+        results = rank_pool.run(on_ranks_clock_trial, str(tmp_path / str(seed)), seed, timeout=120)
+        _check_agreed(results, False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("who", ["one", "all"])
+def test_many_signal_trials_agree(rank_pool, tmp_path, who):
+    for seed in range(3, 40):
+        root = str(tmp_path / f"{who}{seed}")
+        _check_agreed(rank_pool.run(on_ranks_signal_trial, root, seed, who, timeout=120), True)
+
+
+@pytest.mark.slow
+def test_many_clock_trials_agree(rank_pool, tmp_path):
+    for seed in range(3, 40):
+        results = rank_pool.run(on_ranks_clock_trial, str(tmp_path / str(seed)), seed, timeout=120)
+        _check_agreed(results, False)
+
+
+def on_ranks_every_steps_alone(rank: int, world: int, root: str) -> list[bool]:
+    with ckpt.CheckpointManager(root, every_steps=3) as mgr:
+        assert mgr._decisions is None  # every_steps alone runs no collective
+        return [mgr.should_save(s) for s in range(7)]
+
+
+def test_every_steps_alone_needs_no_agreement(rank_pool, tmp_path):
+    answers = rank_pool.run(on_ranks_every_steps_alone, str(tmp_path))
+    assert answers[0] == answers[1] == [False, False, True, False, False, True, False]
+
+
+def on_ranks_configured_differently(rank: int, world: int, root: str) -> str:
+    with pytest.raises(ValueError, match="same every_steps") as info:
+        ckpt.CheckpointManager(root, every_seconds=10.0 if rank == 0 else None)
+    return str(info.value)
+
+
+def test_ranks_configuring_their_managers_differently_are_refused_together(rank_pool, tmp_path):
+    messages = rank_pool.run(on_ranks_configured_differently, str(tmp_path))
+    assert all("rank 1 has" in m for m in messages)
+
+
+def on_ranks_save_on_rank_0_only(rank: int, world: int, root: str, subgroup: bool) -> str | None:
+    group = dist.new_group([0, 1]) if subgroup else None
+    mgr = ckpt.CheckpointManager(root, process_group=group, handshake_timeout=2)
+    try:
+        if rank != 0:
+            return None
+        with pytest.raises(ckpt.CollectiveError) as info:
+            mgr.save(0, state={"w": torch.ones(2)})
+        with pytest.raises(ckpt.CollectiveError):  # the manager stays refused, at once
+            mgr.save(1, state={"w": torch.ones(2)})
+        assert mgr.all_steps() == []  # nothing was written
+        return str(info.value)
+    finally:
+        mgr._release()  # no collective: the ranks are out of step
+
+
+@pytest.mark.parametrize("subgroup", [False, True])
+def test_saving_on_one_rank_only_fails_fast_and_says_what_to_do(rank_pool, tmp_path, subgroup):
+    message = rank_pool.run(on_ranks_save_on_rank_0_only, str(tmp_path), subgroup, timeout=60)[0]
+    assert "rank(s) [1]" in message and "within 2 s" in message
+    assert "every rank of the group must call save() with the same step" in message
+
+
+def on_ranks_one_stopped(rank: int, world: int, root: str) -> str:
+    mgr = ckpt.CheckpointManager(root, handshake_timeout=2)
+    try:
+        if rank == 1:  # stopped for 6 s (a debugger, a frozen node), then back
+            subprocess.Popen(["sh", "-c", f"sleep 6; kill -CONT {os.getpid()}"])
+            os.kill(os.getpid(), signal.SIGSTOP)
+        with pytest.raises(ckpt.CollectiveError) as info:
+            mgr.save(0, state={"w": torch.ones(2)})
+        return str(info.value)
+    finally:
+        mgr._release()
+
+
+def test_a_stopped_rank_is_named_and_the_late_rank_is_told(fresh_ranks, tmp_path):
+    outcomes = fresh_ranks(on_ranks_one_stopped, 2, 60, args=(str(tmp_path),))
+    assert all(o.returned for o in outcomes), [o.error for o in outcomes]
+    assert "rank(s) [1]" in outcomes[0].result
+    assert "rank 0 gave up waiting" in outcomes[1].result
+
+
+def on_ranks_different_calls(rank: int, world: int, root: str) -> str:
+    with ckpt.CheckpointManager(root, handshake_timeout=30) as mgr:
+        mgr.save(0, state={"w": torch.ones(2)})
+        with pytest.raises(ValueError, match="same call") as info:
+            if rank == 0:
+                mgr.save(1, state={"w": torch.ones(2)})
+            else:
+                mgr.restore(state={"w": torch.ones(2)})
+        mgr.save(1, state={"w": torch.ones(2)})  # the ranks are still in step
+    return str(info.value)
+
+
+def test_ranks_making_different_calls_are_refused_together(rank_pool, tmp_path):
+    messages = rank_pool.run(on_ranks_different_calls, str(tmp_path))
+    assert all("rank 1 called restore()" in m for m in messages)
+
+
+def on_ranks_agreement_cost(rank: int, world: int, root: str, every: int, n: int) -> float:
+    with ckpt.CheckpointManager(
+        root, every_seconds=1e6, preemption_signals=True, agree_every=every
+    ) as mgr:
+        mgr.should_save(0)
+        start = time.perf_counter()
+        for step in range(1, n + 1):
+            mgr.should_save(step)
+        return (time.perf_counter() - start) / n * 1e6
+
+
+@pytest.mark.slow
+def test_report_the_agreement_cost(rank_pool, tmp_path, capsys):
+    """Not an assertion on time: prints µs per step of should_save (see docs/distributed.md)."""
+    for every in (1, 10):
+        costs = rank_pool.run(on_ranks_agreement_cost, str(tmp_path / str(every)), every, 2000)
+        with capsys.disabled():
+            print(f"\nshould_save, agree_every={every}: {max(costs):.1f} us/step on 2 gloo ranks")
