@@ -78,8 +78,10 @@ class CheckpointManager:
             ``save()`` waits for it. ``wait()`` and ``close()`` flush it; a failure
             in the background is raised by the next ``save()``, ``wait()``,
             ``restore()``, ``read()``, ``verify()`` or ``close()``. A process that
-            exits without ``wait()`` still finishes the save (the thread is not a
-            daemon); one that is killed leaves a complete checkpoint or none.
+            exits without ``wait()`` still finishes the save (at exit), except a rank
+            of a process group whose main thread died of an uncaught exception: it
+            abandons the save and exits. One that is killed leaves a complete
+            checkpoint or none (the next save removes what it left).
         background_nice: The background writer's CPU niceness (Linux, per thread).
             The default 19 makes it yield to training whenever both want a core, so
             steps keep their speed; on a machine whose cores training keeps busy, the
@@ -183,7 +185,7 @@ class CheckpointManager:
             raise ValueError(f"background_nice must be None or 0..19, got {background_nice!r}")
         self.background_nice = background_nice
         self._staging = StagingBuffers()
-        self._saver = Saver()
+        self._saver = Saver(collective=self._group is not None)
         self._retainer = Retainer()
         watch = PreemptionWatch(signals) if signals else None
         agree = None if self._decisions is None else self._decisions.any_of

@@ -11,7 +11,9 @@ from __future__ import annotations
 import os
 import random
 import signal
+import socket
 import subprocess
+import sys
 import threading
 import time
 
@@ -206,3 +208,54 @@ def test_report_the_agreement_cost(rank_pool, tmp_path, capsys):
         costs = rank_pool.run(on_ranks_agreement_cost, str(tmp_path / str(every)), every, 2000)
         with capsys.disabled():
             print(f"\nshould_save, agree_every={every}: {max(costs):.1f} us/step on 2 gloo ranks")
+
+
+def _start_ranks(role: str, root: str) -> list[subprocess.Popen[str]]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = os.environ | {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2"}
+    if os.path.isdir("/sys/class/net/lo"):
+        env["GLOO_SOCKET_IFNAME"] = "lo"
+    worker = os.path.join(os.path.dirname(__file__), "save_exit_worker.py")
+    return [
+        subprocess.Popen(
+            [sys.executable, worker, role, root],
+            env=env | {"RANK": str(rank)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in range(2)
+    ]
+
+
+def _finish(process: subprocess.Popen[str], timeout: float) -> tuple[int, str, str]:
+    try:
+        out, err = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        out, err = process.communicate()
+        pytest.fail(f"a rank was still running after {timeout:g} s:\n{err[-3000:]}")
+    return process.returncode, out, err
+
+
+def test_a_crashed_rank_does_not_wait_on_its_save_and_the_next_run_restores(tmp_path):
+    """Main thread raises with an async save stuck on a stopped peer: the rank exits (not after
+    collective_timeout, 300 s); the next run restores the previous step and cleans up."""
+    root = str(tmp_path)
+    ranks = _start_ranks("crash", root)
+    try:
+        code, out, err = _finish(ranks[0], 120)
+    finally:
+        ranks[1].kill()
+        ranks[1].communicate()
+    assert code == 1 and "step 1 in flight" in out, err[-3000:]
+    assert "collective save in flight is abandoned" in err
+    assert any(n.startswith(".ckpt-tmp") for n in os.listdir(root))  # what the crash left
+    ranks = _start_ranks("resume", root)
+    results = [_finish(p, 120) for p in ranks]
+    assert [r[0] for r in results] == [0, 0], [r[2][-3000:] for r in results]
+    assert all("restored 0" in r[1] for r in results)
+    assert ckpt.CheckpointManager(root, process_group=False).all_steps() == [0, 1]
+    assert not [n for n in os.listdir(root) if n.startswith(".ckpt-tmp")]
