@@ -16,10 +16,13 @@ import subprocess
 import sys
 import threading
 import time
+from typing import Any
 
 import pytest
 import torch
 import torch.distributed as dist
+from conftest import assert_same_state
+from dist_training import build_model, full_model_state, full_optimizer_state, train_step
 
 import ckpt
 
@@ -259,3 +262,50 @@ def test_a_crashed_rank_does_not_wait_on_its_save_and_the_next_run_restores(tmp_
     assert all("restored 0" in r[1] for r in results)
     assert ckpt.CheckpointManager(root, process_group=False).all_steps() == [0, 1]
     assert not [n for n in os.listdir(root) if n.startswith(".ckpt-tmp")]
+
+
+def _fsdp_kept_unsharded(seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer, Any]:
+    """FSDP2 per layer and at the root with reshard_after_forward=False."""
+    from torch.distributed.fsdp import fully_shard
+
+    model = build_model(seed)
+    for layer in model:
+        if any(True for _ in layer.parameters()):
+            fully_shard(layer, reshard_after_forward=False)
+    fully_shard(model, reshard_after_forward=False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.05)
+    return model, optimizer, torch.optim.lr_scheduler.StepLR(optimizer, step_size=2)
+
+
+def _evaluate(model: torch.nn.Module) -> None:
+    """An eval pass: FSDP2 leaves the unsharded parameters registered afterwards."""
+    model.eval()
+    with torch.no_grad():
+        model(torch.ones(4, 5))
+    model.train()
+
+
+def on_ranks_unsharded_after_eval(rank: int, world: int, root: str) -> list[float]:
+    from torch.distributed.tensor import DTensor
+
+    model, optimizer, scheduler = _fsdp_kept_unsharded(0)
+    train_step(model, optimizer, scheduler, 0)
+    expected = full_model_state(model), full_optimizer_state(model, optimizer)  # before the eval
+    _evaluate(model)
+    assert not any(isinstance(p, DTensor) for p in model.parameters())  # the state to save
+    fresh, fresh_optimizer, fresh_scheduler = _fsdp_kept_unsharded(9)
+    _evaluate(fresh)
+    with ckpt.CheckpointManager(root) as mgr:
+        mgr.save(0, model=model, optimizer=optimizer, scheduler=scheduler)
+        mgr.restore(model=fresh, optimizer=fresh_optimizer, scheduler=fresh_scheduler)
+    assert_same_state(expected[0], full_model_state(fresh))
+    assert_same_state(expected[1], full_optimizer_state(fresh, fresh_optimizer))
+    streams = torch.get_rng_state()  # dropout draws from it: the same draws for both
+    loss = train_step(model, optimizer, scheduler, 1)
+    torch.set_rng_state(streams)
+    return [loss, train_step(fresh, fresh_optimizer, fresh_scheduler, 1)]
+
+
+def test_fsdp2_kept_unsharded_after_an_eval_pass_saves_and_restores(rank_pool, tmp_path):
+    for losses in rank_pool.run(on_ranks_unsharded_after_eval, str(tmp_path)):
+        assert losses[0] == losses[1]  # training goes on identically

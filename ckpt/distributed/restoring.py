@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ckpt.distributed.capture import variant_name
+from ckpt.distributed.capture import register_sharded, variant_name
 from ckpt.distributed.group import RankGroup
 from ckpt.distributed.planning import ChunkRead, local_shards, plan_reads
 from ckpt.distributed.states import (
@@ -158,6 +158,7 @@ def prepare_sharded_restore(
     section = manifest.sharded
     assert section is not None
     sharded_live = {n: o for n, o in items.items() if n in section.items}
+    register_sharded(sharded_live)
     pairs = pair_optimizers(sharded_live)
     restore = ShardedRestore({}, pairs, None)
     for name in sorted(sharded_live, key=lambda n: section.items[n].kind != "module"):
