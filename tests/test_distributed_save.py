@@ -8,6 +8,7 @@ named within ``handshake_timeout``.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -309,3 +310,31 @@ def on_ranks_unsharded_after_eval(rank: int, world: int, root: str) -> list[floa
 def test_fsdp2_kept_unsharded_after_an_eval_pass_saves_and_restores(rank_pool, tmp_path):
     for losses in rank_pool.run(on_ranks_unsharded_after_eval, str(tmp_path)):
         assert losses[0] == losses[1]  # training goes on identically
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_torchrun_agent_saves_one_step_on_every_rank_and_stops(tmp_path):
+    """torchrun forwards its SIGTERM to each worker, at slightly different moments."""
+    root, marks = tmp_path / "run", tmp_path / "marks"
+    marks.mkdir()
+    worker = os.path.join(os.path.dirname(__file__), "save_exit_worker.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           worker, "train", str(root), str(marks)]  # fmt: skip
+    job = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not all((marks / f"ready{r}").exists() for r in range(2)):
+            assert job.poll() is None and time.monotonic() < deadline, "the ranks did not start"
+            time.sleep(0.1)
+        time.sleep(random.uniform(0, 0.3))
+        job.send_signal(signal.SIGTERM)  # the agent only
+        _, err = job.communicate(timeout=90)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+            job.communicate()
+    stops = [(marks / f"rank{r}.json").read_text() for r in range(2)]
+    assert stops[0] == stops[1], err[-3000:]
+    stopped = json.loads(stops[0])["stopped"]
+    assert ckpt.CheckpointManager(root, process_group=False).all_steps() == [stopped]
