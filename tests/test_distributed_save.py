@@ -338,3 +338,56 @@ def test_sigterm_to_the_torchrun_agent_saves_one_step_on_every_rank_and_stops(tm
     assert stops[0] == stops[1], err[-3000:]
     stopped = json.loads(stops[0])["stopped"]
     assert ckpt.CheckpointManager(root, process_group=False).all_steps() == [stopped]
+
+
+def on_ranks_mesh(rank: int, world: int, root: str) -> dict[str, Any]:
+    """HSDP on a 2x2 mesh (replicate x shard): managers on each dimension's groups."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
+    model = build_model(0)
+    fully_shard(model, mesh=mesh)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.05)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=2)
+    train_step(model, optimizer, scheduler, 0)
+    expected = full_model_state(model), full_optimizer_state(model, optimizer)
+    out: dict[str, Any] = {}
+    replica = mesh.get_local_rank("replicate")
+    # One replica's ranks hold a whole copy: each replica saves its own.
+    with ckpt.CheckpointManager(
+        f"{root}/replica{replica}", process_group=mesh.get_group("shard")
+    ) as mgr:
+        mgr.save(0, model=model, optimizer=optimizer)
+        fresh = build_model(9)
+        fully_shard(fresh, mesh=mesh)
+        fresh_optimizer = torch.optim.AdamW(fresh.parameters(), lr=0.05)
+        mgr.restore(model=fresh, optimizer=fresh_optimizer)
+    assert_same_state(expected[0], full_model_state(fresh))
+    assert_same_state(expected[1], full_optimizer_state(fresh, fresh_optimizer))
+    # The ranks of the replicate dimension hold half of each tensor: refused, nothing written.
+    shard = mesh.get_local_rank("shard")
+    with ckpt.CheckpointManager(
+        f"{root}/across{shard}", process_group=mesh.get_group("replicate")
+    ) as mgr:
+        with pytest.raises(ckpt.CheckpointWriteError) as info:
+            mgr.save(0, model=model, optimizer=optimizer)
+        out["refused"] = str(info.value)
+        out["written"] = mgr.all_steps()
+    # And a manager over all four ranks.
+    with ckpt.CheckpointManager(f"{root}/all") as mgr:
+        mgr.save(0, model=model, optimizer=optimizer)
+        fresh = build_model(9)
+        fully_shard(fresh, mesh=mesh)
+        mgr.restore(model=fresh)
+    assert_same_state(expected[0], full_model_state(fresh))
+    return out
+
+
+@pytest.mark.slow
+def test_managers_on_the_dimensions_of_a_2d_mesh(fresh_ranks, tmp_path):
+    outcomes = fresh_ranks(on_ranks_mesh, 4, 240, args=(str(tmp_path),))
+    assert all(o.returned for o in outcomes), [o.error for o in outcomes]
+    for outcome in outcomes:
+        assert outcome.result["written"] == []
+        assert "hold only" in outcome.result["refused"]

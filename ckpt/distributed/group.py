@@ -105,9 +105,16 @@ class RankGroup:
         self.world_size = len(ranks)
         self._broken: str | None = None
         self._closed = False
+        # A group of some of the ranks (one dimension of a device mesh): only its ranks
+        # create it, under a name made from its ranks, so that disjoint groups created
+        # at once (every rank its own replica's) never share a rendezvous.
+        some = len(ranks) < dist.get_world_size()
         try:
             group = dist.new_group(
-                ranks=ranks, backend="gloo", timeout=timedelta(seconds=self.timeout)
+                ranks=ranks,
+                backend="gloo",
+                timeout=timedelta(seconds=self.timeout),
+                use_local_synchronization=some,
             )
         except Exception as e:
             hint = "; a rank did not join within the timeout"
