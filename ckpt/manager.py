@@ -92,7 +92,9 @@ class CheckpointManager:
             ``wait`` and ``close`` together (``read``, ``verify`` and the listing
             run no collective; see ``docs/distributed.md``). ``None`` uses the
             default group when one is initialized; pass a ``ProcessGroup`` for a
-            subgroup, or ``False`` for a manager private to this process.
+            subgroup (whose ranks hold every saved tensor in full together, e.g.
+            one replica's ranks of a 2-D mesh), or ``False`` for a manager private
+            to this process.
         collective_timeout: Seconds a collective of ckpt's waits for the other
             ranks before raising :class:`~ckpt.CollectiveError` (a rank died).
         handshake_timeout: In a process group, seconds a rank waits at the entry of

@@ -53,9 +53,10 @@ class RankGroup:
 
     Construct it on every rank of the default group at once, in the same order as
     any other ``new_group`` call: creating the subgroup is collective over the whole
-    default group. A rank outside ``process_group`` cannot take part (it only gets
-    ``NON_GROUP_MEMBER`` from torch) and gets a ``ValueError``, which leaves later
-    ``new_group`` calls out of step across ranks; so pass a group that holds every rank.
+    default group. For a group of some of the ranks (one dimension of a device mesh)
+    only its ranks create it, in the same order as their other groups of those ranks.
+    A rank outside ``process_group`` cannot take part (it only gets
+    ``NON_GROUP_MEMBER`` from torch) and gets a ``ValueError``.
     Then call each collective on every rank of the group in the same order. Values are
     JSON as :func:`json.loads` gives them back (tuples become lists, dictionary keys
     strings); nothing is ever pickled.
