@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, cast
@@ -21,7 +20,7 @@ from ckpt.io import load_tensors
 from ckpt.items import check_flags, check_item_name, reserved_names
 from ckpt.kinds import RestoreOptions
 from ckpt.locations import MapLocation, check_map_location
-from ckpt.preemption import DEFAULT_PREEMPTION_SIGNALS, PreemptionWatch
+from ckpt.preemption import PreemptionWatch, watched_signals
 from ckpt.preparing import Prepared, apply_prepared, prepare_step
 from ckpt.reader import StepReader
 from ckpt.retaining import Retainer
@@ -71,7 +70,8 @@ class CheckpointManager:
         preemption_signals: ``True`` for SIGTERM and SIGUSR1, or the signals to watch.
             A watched signal only sets a flag: ``should_save`` is then true at the next
             step boundary, and ``should_stop`` once that save has committed. The
-            previous handlers come back on ``close()``.
+            previous handlers come back on ``close()``. In a process group, a signal
+            to any rank makes every rank save the same step and then stop.
         async_save: ``save()`` returns once the state is copied into staging buffers
             (reused from one save to the next; pinned for CUDA tensors) and writes
             in a background thread. At most one save is in flight: the next
@@ -160,23 +160,22 @@ class CheckpointManager:
         self._collective = (
             None if self._group is None else collective_save(self._storage, self._group)
         )
-        signals = _watched(preemption_signals)
+        signals = watched_signals(preemption_signals)
         self._handshake: Any = None
         self._decisions: Any = None
         if self._group is not None:
-            config: dict[str, Json] = {"every_steps": every_steps}
-            config["every_seconds"] = every_seconds
-            config |= {"signals": [int(s) for s in signals], "agree_every": agree_every}
-            config |= {"timeouts": [float(collective_timeout), float(handshake_timeout)]}
             from ckpt.distributed.agreement import open_agreement  # noqa: PLC0415
 
-            try:
-                self._handshake, self._decisions = open_agreement(
-                    self._group, process_group, config, float(handshake_timeout)
-                )
-            except BaseException:
-                self._group.close()
-                raise
+            config: dict[str, Json] = {
+                "every_steps": every_steps,
+                "every_seconds": every_seconds,
+                "signals": [int(s) for s in signals],
+                "agree_every": agree_every,
+                "timeouts": [float(collective_timeout), float(handshake_timeout)],
+            }
+            self._handshake, self._decisions = open_agreement(
+                self._group, process_group, config, float(handshake_timeout)
+            )
         self._lock: WriterLock | None = None
         self.async_save = bool(async_save)
         if background_nice is not None and (
@@ -608,18 +607,6 @@ class CheckpointManager:
 
     def _info(self, manifest: Manifest) -> Checkpoint:
         return self._checkpoints.info(manifest)
-
-
-def _watched(preemption_signals: bool | Iterable[int]) -> tuple[int, ...]:
-    """The signals ``preemption_signals`` asks to watch (checked)."""
-    if preemption_signals is False:
-        return ()
-    if preemption_signals is True:
-        return DEFAULT_PREEMPTION_SIGNALS
-    watched = tuple(signal.Signals(s) for s in preemption_signals)
-    if not watched:
-        raise ValueError("preemption_signals must name at least one signal")
-    return watched
 
 
 RESERVED_NAMES = reserved_names(CheckpointManager.save, CheckpointManager.restore)

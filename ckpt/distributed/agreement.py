@@ -148,8 +148,19 @@ def open_agreement(
         The handshake, and the gloo group ``should_save`` agrees on (or ``None``).
 
     Raises:
-        ValueError: The ranks configured their managers differently (on every rank).
+        ValueError: The ranks configured their managers differently (on every rank);
+            ``group`` is closed.
     """
+    try:
+        return _open(group, process_group, config, timeout)
+    except BaseException:
+        group.close()  # the manager is not built: its group goes with it
+        raise
+
+
+def _open(
+    group: RankGroup, process_group: Any, config: dict[str, Json], timeout: float
+) -> tuple[Handshake, RankGroup | None]:
     configs = group.all_gather_json(config)
     differing = [r for r, c in enumerate(configs) if c != configs[0]]
     if differing:
