@@ -163,8 +163,9 @@ class CheckpointManager:
         signals = watched_signals(preemption_signals)
         self._handshake: Any = None
         self._decisions: Any = None
+        agree = None
         if self._group is not None:
-            from ckpt.distributed.agreement import open_agreement  # noqa: PLC0415
+            from ckpt.distributed.agreement import agreeing, open_agreement  # noqa: PLC0415
 
             config: dict[str, Json] = {
                 "every_steps": every_steps,
@@ -176,6 +177,7 @@ class CheckpointManager:
             self._handshake, self._decisions = open_agreement(
                 self._group, process_group, config, float(handshake_timeout)
             )
+            agree = None if self._decisions is None else agreeing(self._decisions)
         self._lock: WriterLock | None = None
         self.async_save = bool(async_save)
         if background_nice is not None and (
@@ -189,7 +191,6 @@ class CheckpointManager:
         self._saver = Saver(collective=self._group is not None)
         self._retainer = Retainer()
         watch = PreemptionWatch(signals) if signals else None
-        agree = None if self._decisions is None else self._decisions.any_of
         self._timing = SaveTiming(cadence, watch, agree, agree_every)
 
     def __repr__(self) -> str:

@@ -391,3 +391,20 @@ def test_managers_on_the_dimensions_of_a_2d_mesh(fresh_ranks, tmp_path):
     for outcome in outcomes:
         assert outcome.result["written"] == []
         assert "hold only" in outcome.result["refused"]
+
+
+def on_ranks_should_save_on_rank_0_only(rank: int, world: int, root: str) -> str | None:
+    mgr = ckpt.CheckpointManager(root, every_seconds=1e6, handshake_timeout=2)
+    try:
+        if rank != 0:
+            return None
+        with pytest.raises(ckpt.CollectiveError) as info:
+            mgr.should_save(0)
+        return str(info.value)
+    finally:
+        mgr._release()
+
+
+def test_should_save_on_one_rank_only_fails_fast_and_says_what_to_do(rank_pool, tmp_path):
+    message = rank_pool.run(on_ranks_should_save_on_rank_0_only, str(tmp_path), timeout=60)[0]
+    assert "every rank of the group must call should_save(step)" in message.lower()

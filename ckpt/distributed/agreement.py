@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -27,7 +28,7 @@ from ckpt.distributed.group import MAX_TIMEOUT, RankGroup
 from ckpt.errors import CollectiveError
 from ckpt.tree import Json
 
-__all__ = ["Handshake", "open_agreement"]
+__all__ = ["Handshake", "agreeing", "open_agreement"]
 
 logger = logging.getLogger(__name__)
 
@@ -127,6 +128,29 @@ class Handshake:
         return CollectiveError(
             message, operation="handshake", rank=self._group.rank, timeout=self.timeout
         )
+
+
+def agreeing(decisions: RankGroup) -> Callable[[list[bool]], list[bool]]:
+    """``should_save``'s agreement over ``decisions``: flags or-ed across the ranks.
+
+    A rank that does not come within the group's timeout makes every other rank raise
+    a :class:`~ckpt.CollectiveError` saying what every rank must do.
+    """
+
+    def agree(flags: list[bool]) -> list[bool]:
+        try:
+            return decisions.any_of(flags)
+        except CollectiveError as e:
+            raise CollectiveError(
+                f"should_save(): {e.reason}. Every rank of the group must call "
+                "should_save(step) for the same steps, together (with every_seconds or "
+                "preemption_signals the ranks agree on the answer)",
+                operation="should_save",
+                rank=decisions.rank,
+                timeout=decisions.timeout,
+            ) from e
+
+    return agree
 
 
 def _show(call: Json) -> str:
