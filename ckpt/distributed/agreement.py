@@ -74,22 +74,29 @@ class Handshake:
             )
         self._count += 1
         keys = [self._key(n, r) for r in range(group.world_size)]
-        mine = {"call": call, **details}
+        waited: Exception | None = None
         try:
-            self._store.set(keys[group.rank], json.dumps(mine))
+            self._store.set(keys[group.rank], json.dumps({"call": call, **details}))
             if n >= 2:  # every rank has passed meeting n - 2: its keys are no longer read
                 with contextlib.suppress(Exception):
                     self._store.delete_key(self._key(n - 2, group.rank))
-            self._store.wait(keys, timedelta(seconds=self.timeout))
-            calls = [json.loads(v) for v in self._store.multi_get(keys)]
-            gave_up = self._store.check([self._key(n, "gave-up")])
+                    self._store.delete_key(self._key(n - 2, "verdict"))
+            try:
+                self._store.wait(keys, timedelta(seconds=self.timeout))
+            except Exception as e:  # the timeout, or the store is gone
+                waited = e
+            # One verdict per meeting, the first proposed: every rank goes on, or none.
+            proposal = "go" if waited is None else f"rank {group.rank} gave up waiting"
+            verdict = self._store.compare_set(self._key(n, "verdict"), "", proposal).decode()
+            calls = [json.loads(v) for v in self._store.multi_get(keys)] if verdict == "go" else []
         except Exception as e:
-            raise self._failed(n, call, keys, e) from e
-        if gave_up:
-            who = self._store.get(self._key(n, "gave-up")).decode()
+            raise self._failed(call, keys, e) from e
+        if verdict != "go":
+            if waited is not None:
+                raise self._failed(call, keys, waited) from waited
             raise self._broken(
-                f"{call} on rank {group.rank}: {who} gave up waiting for this rank; every "
-                f"rank of the group must call {call} together"
+                f"{call} on rank {group.rank}: {verdict} for this rank; every rank of the "
+                f"group must call {call} together"
             )
         differing = [r for r, c in enumerate(calls) if c["call"] != calls[0]["call"]]
         if differing:
@@ -102,13 +109,11 @@ class Handshake:
     def _key(self, n: int, rank: int | str) -> str:
         return f"{self._prefix}{n}/{rank}"
 
-    def _failed(self, n: int, call: str, keys: list[str], cause: Exception) -> CollectiveError:
+    def _failed(self, call: str, keys: list[str], cause: Exception) -> CollectiveError:
         """The error of a meeting that did not complete, naming the ranks that did not come."""
         group = self._group
         try:
             missing = [r for r, key in enumerate(keys) if not self._store.check([key])]
-            with contextlib.suppress(Exception):
-                self._store.set(self._key(n, "gave-up"), f"rank {group.rank}")
         except Exception:  # the store itself is gone: rank 0's process died
             return self._broken(
                 f"{call} on rank {group.rank}: the job's store cannot be reached ({cause}); "
