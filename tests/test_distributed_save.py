@@ -365,6 +365,12 @@ def on_ranks_mesh(rank: int, world: int, root: str) -> dict[str, Any]:
         mgr.restore(model=fresh, optimizer=fresh_optimizer)
     assert_same_state(expected[0], full_model_state(fresh))
     assert_same_state(expected[1], full_optimizer_state(fresh, fresh_optimizer))
+    for step in (1, 2):  # managers on the same group, one after the other
+        with ckpt.CheckpointManager(
+            f"{root}/replica{replica}", process_group=mesh.get_group("shard"), every_seconds=60
+        ) as mgr:
+            mgr.save(step, model=model, optimizer=optimizer)
+            out["steps"] = mgr.all_steps()
     # The ranks of the replicate dimension hold half of each tensor: refused, nothing written.
     shard = mesh.get_local_rank("shard")
     with ckpt.CheckpointManager(
@@ -389,7 +395,7 @@ def test_managers_on_the_dimensions_of_a_2d_mesh(fresh_ranks, tmp_path):
     outcomes = fresh_ranks(on_ranks_mesh, 4, 240, args=(str(tmp_path),))
     assert all(o.returned for o in outcomes), [o.error for o in outcomes]
     for outcome in outcomes:
-        assert outcome.result["written"] == []
+        assert outcome.result["written"] == [] and outcome.result["steps"] == [0, 1, 2]
         assert "hold only" in outcome.result["refused"]
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import secrets
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
@@ -41,13 +42,15 @@ class Handshake:
     Args:
         group: The ranks that meet.
         timeout: Seconds a rank waits for the others before raising.
+        token: The same on every rank, new for each handshake (a group's name may
+            come again).
     """
 
-    def __init__(self, group: RankGroup, timeout: float):
+    def __init__(self, group: RankGroup, timeout: float, token: str):
         self.timeout = float(timeout)
         self._group = group
         self._store: Any = dist.distributed_c10d._get_default_store()
-        self._prefix = f"ckpt/handshake/{group.name}/"
+        self._prefix = f"ckpt/handshake/{group.name}/{token}/"  # token: this manager's
         self._count = 0
 
     def meet(self, call: str, details: dict[str, Json]) -> None:
@@ -190,7 +193,9 @@ def open_agreement(
 def _open(
     group: RankGroup, process_group: Any, config: dict[str, Json], timeout: float
 ) -> tuple[Handshake, RankGroup | None]:
-    configs = group.all_gather_json(config)
+    sent = group.all_gather_json({"config": config, "token": secrets.token_hex(8)})
+    docs = [doc if isinstance(doc, dict) else {} for doc in sent]
+    configs = [doc.get("config") for doc in docs]
     differing = [r for r, c in enumerate(configs) if c != configs[0]]
     if differing:
         raise ValueError(
@@ -203,4 +208,4 @@ def _open(
     decisions = None
     if config.get("every_seconds") is not None or config.get("signals"):
         decisions = RankGroup(process_group, timeout=timeout)
-    return Handshake(group, timeout), decisions
+    return Handshake(group, timeout, str(docs[0].get("token"))), decisions

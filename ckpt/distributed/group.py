@@ -108,10 +108,13 @@ class RankGroup:
         self._closed = False
         # A group of some of the ranks (one dimension of a device mesh): only its ranks
         # create it, under a name made from its ranks, so that disjoint groups created
-        # at once (every rank its own replica's) never share a rendezvous.
+        # at once (every rank its own replica's) never share a rendezvous. torch may give
+        # a destroyed group's name again, with its rendezvous keys still in the store, so
+        # such groups are kept when closed and taken up again (see close()).
         some = len(ranks) < dist.get_world_size()
+        self._idle_key = (tuple(ranks), self.timeout) if some else None
         try:
-            group = dist.new_group(
+            group = _take_idle(self._idle_key) or dist.new_group(
                 ranks=ranks,
                 backend="gloo",
                 timeout=timedelta(seconds=self.timeout),
@@ -275,10 +278,18 @@ class RankGroup:
         return failed
 
     def close(self) -> None:
-        """Destroy the gloo subgroup; later collectives raise. Idempotent."""
+        """Destroy the gloo subgroup (or keep it for reuse); later collectives raise. Idempotent.
+
+        The gloo group of some of the ranks is kept, unless a collective failed, for the
+        next :class:`RankGroup` over the same ranks (its ranks close and open theirs in
+        the same order, as every collective call).
+        """
         if self._closed:
             return
         self._closed = True
+        if self._idle_key is not None and self._broken is None:
+            _IDLE.setdefault(self._idle_key, []).append(self._group)
+            return
         try:
             dist.destroy_process_group(self._group)
         except (ValueError, RuntimeError) as e:  # the default group was destroyed first
@@ -351,6 +362,23 @@ class RankGroup:
             rank=getattr(self, "rank", None),
             timeout=self.timeout,
         )
+
+
+_IDLE: dict[tuple[tuple[int, ...], float], list[dist.ProcessGroup]] = {}
+"""Closed gloo groups of some of the ranks, by (ranks, timeout), kept for reuse."""
+
+
+def _take_idle(key: tuple[tuple[int, ...], float] | None) -> dist.ProcessGroup | None:
+    """A kept gloo group over ``key``'s ranks that is still alive, or ``None``."""
+    idle = _IDLE.get(key, []) if key is not None else []
+    while idle:
+        group = idle.pop()
+        try:
+            dist.get_process_group_ranks(group)  # raises once the default group was destroyed
+        except (KeyError, ValueError, RuntimeError):
+            continue
+        return group
+    return None
 
 
 def _check_lengths(
