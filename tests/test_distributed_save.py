@@ -12,11 +12,11 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -214,11 +214,10 @@ def test_report_the_agreement_cost(rank_pool, tmp_path, capsys):
             print(f"\nshould_save, agree_every={every}: {max(costs):.1f} us/step on 2 gloo ranks")
 
 
-def _start_ranks(role: str, root: str) -> list[subprocess.Popen[str]]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = os.environ | {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2"}
+def _start_ranks(role: str, root: str, store: Any) -> list[subprocess.Popen[str]]:
+    """Two ranks joining ``store`` (held by the test, as torchrun's agent holds its own)."""
+    env = os.environ | {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(store.port)}
+    env |= {"WORLD_SIZE": "2", "TORCHELASTIC_USE_AGENT_STORE": "True"}
     if os.path.isdir("/sys/class/net/lo"):
         env["GLOO_SOCKET_IFNAME"] = "lo"
     worker = os.path.join(os.path.dirname(__file__), "save_exit_worker.py")
@@ -248,16 +247,18 @@ def test_a_crashed_rank_does_not_wait_on_its_save_and_the_next_run_restores(tmp_
     """Main thread raises with an async save stuck on a stopped peer: the rank exits (not after
     collective_timeout, 300 s); the next run restores the previous step and cleans up."""
     root = str(tmp_path)
-    ranks = _start_ranks("crash", root)
+    store = dist.TCPStore("127.0.0.1", 0, None, True, timedelta(seconds=60), wait_for_workers=False)
+    ranks = _start_ranks("crash", root, store)
     try:
         code, out, err = _finish(ranks[0], 120)
     finally:
         ranks[1].kill()
         ranks[1].communicate()
     assert code == 1 and "step 1 in flight" in out, err[-3000:]
-    assert "collective save in flight is abandoned" in err
+    assert "collective save in flight is abandoned" in err, err[-3000:]
     assert any(n.startswith(".ckpt-tmp") for n in os.listdir(root))  # what the crash left
-    ranks = _start_ranks("resume", root)
+    store = dist.TCPStore("127.0.0.1", 0, None, True, timedelta(seconds=60), wait_for_workers=False)
+    ranks = _start_ranks("resume", root, store)
     results = [_finish(p, 120) for p in ranks]
     assert [r[0] for r in results] == [0, 0], [r[2][-3000:] for r in results]
     assert all("restored 0" in r[1] for r in results)
