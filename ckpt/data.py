@@ -170,6 +170,37 @@ class ResumableSampler(Sampler[int]):
         """
         return self._global(self._consumed if self._counted else self._position)
 
+    def set_epoch(self, epoch: int) -> None:
+        """Make the next ``iter()`` yield ``epoch``, as ``DistributedSampler.set_epoch`` does.
+
+        Epoch ``e``'s order is the same whether reached by iterating or by
+        ``set_epoch(e)``. Naming the epoch the next ``iter()`` yields anyway changes
+        nothing: the epoch after a finished one, the current one before it is
+        iterated, or the rest of a restored epoch (so ``set_epoch(epoch)`` at the top
+        of a resumed loop keeps its place). Any other epoch starts afresh at its
+        first index (a restored position is dropped); reaching it replays the
+        shuffles of the epochs before it.
+
+        Raises:
+            ValueError: ``epoch`` is not a non-negative int.
+        """
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+            raise ValueError(f"epoch must be a non-negative int, got {epoch!r}")
+        upcoming = self._epoch
+        if self._order is not None and self._started and not self._resume:
+            upcoming += 1  # the last iterator ran: the next iter() starts the next epoch
+        if epoch == upcoming:
+            return
+        generator = torch.Generator().manual_seed(self.seed)
+        for _ in range(epoch if self.shuffle else 0):  # draw the orders of the epochs before
+            torch.randperm(self._size, generator=generator)
+        self._generator = generator
+        self._epoch, self._order, self._resume, self._started = epoch, None, False, True
+        self._split_start = self._position = self._consumed = 0
+        self._epoch_start_state = generator.get_state()
+        self._live_iterator += 1  # an iterator of the epoch left behind stops
+        self._seed_loader_generator()
+
     def attach(
         self, *, batch_size: int | None, drop_last: bool, persistent_workers: bool = False
     ) -> None:

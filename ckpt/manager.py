@@ -10,7 +10,7 @@ from typing import Any, cast
 
 import torch
 
-from ckpt.cadence import SaveCadence
+from ckpt.cadence import SaveCadence, SaveTiming
 from ckpt.checkpoint_reader import Checkpoint, CheckpointReader
 from ckpt.distributed import collective_save, open_rank_group
 from ckpt.errors import CheckpointExistsError
@@ -20,12 +20,13 @@ from ckpt.io import load_tensors
 from ckpt.items import check_flags, check_item_name, reserved_names
 from ckpt.kinds import RestoreOptions
 from ckpt.locations import MapLocation, check_map_location
-from ckpt.preemption import DEFAULT_PREEMPTION_SIGNALS, PreemptionWatch
+from ckpt.preemption import PreemptionWatch, watched_signals
 from ckpt.preparing import Prepared, apply_prepared, prepare_step
 from ckpt.retention import RetentionPolicy
 from ckpt.rng import RNG_ITEM, RandomStreams
 from ckpt.saving import Saver, capture_save, check_save_args
 from ckpt.staging import StagingBuffers
+from ckpt.tree import Json
 from ckpt.writer import CheckpointWriter
 from ckpt.writer_lock import LOCK_NAME  # noqa: F401 (re-exported)
 from ckpt.writer_lock import release_quietly as _release_quietly  # noqa: F401
@@ -67,15 +68,18 @@ class CheckpointManager:
         preemption_signals: ``True`` for SIGTERM and SIGUSR1, or the signals to watch.
             A watched signal only sets a flag: ``should_save`` is then true at the next
             step boundary, and ``should_stop`` once that save has committed. The
-            previous handlers come back on ``close()``.
+            previous handlers come back on ``close()``. In a process group, a signal
+            to any rank makes every rank save the same step and then stop.
         async_save: ``save()`` returns once the state is copied into staging buffers
             (reused from one save to the next; pinned for CUDA tensors) and writes
             in a background thread. At most one save is in flight: the next
             ``save()`` waits for it. ``wait()`` and ``close()`` flush it; a failure
             in the background is raised by the next ``save()``, ``wait()``,
             ``restore()``, ``read()``, ``verify()`` or ``close()``. A process that
-            exits without ``wait()`` still finishes the save (the thread is not a
-            daemon); one that is killed leaves a complete checkpoint or none.
+            exits without ``wait()`` still finishes the save (at exit), except a rank
+            of a process group whose main thread died of an uncaught exception: it
+            abandons the save and exits. One that is killed leaves a complete
+            checkpoint or none (the next save removes what it left).
         background_nice: The background writer's CPU niceness (Linux, per thread).
             The default 19 makes it yield to training whenever both want a core, so
             steps keep their speed; on a machine whose cores training keeps busy, the
@@ -86,9 +90,20 @@ class CheckpointManager:
             ``wait`` and ``close`` together (``read``, ``verify`` and the listing
             run no collective; see ``docs/distributed.md``). ``None`` uses the
             default group when one is initialized; pass a ``ProcessGroup`` for a
-            subgroup, or ``False`` for a manager private to this process.
+            subgroup (whose ranks hold every saved tensor in full together, e.g.
+            one replica's ranks of a 2-D mesh), or ``False`` for a manager private
+            to this process.
         collective_timeout: Seconds a collective of ckpt's waits for the other
             ranks before raising :class:`~ckpt.CollectiveError` (a rank died).
+        handshake_timeout: In a process group, seconds a rank waits at the entry of
+            ``save``/``restore`` (and at ``should_save``'s agreement) for the other
+            ranks before raising :class:`~ckpt.CollectiveError` naming the ranks that
+            did not come (one rank saving alone, a rank that died or is stopped).
+        agree_every: In a process group whose manager has ``every_seconds`` or
+            ``preemption_signals``, ``should_save`` agrees across ranks (one small
+            collective) on steps that are multiples of this; other steps answer by
+            ``every_steps`` alone, so a signal or the clock is acted on up to this many
+            steps later. ``every_steps`` alone needs no agreement.
 
     Example:
         >>> mgr = ckpt.CheckpointManager("runs/exp1", keep_last=3, every_steps=500)
@@ -118,12 +133,16 @@ class CheckpointManager:
         background_nice: int | None = 19,
         process_group: Any = None,
         collective_timeout: float = 600.0,
+        handshake_timeout: float = 300.0,
+        agree_every: int = 1,
     ):
         self.retention = RetentionPolicy(keep_last, keep_every, keep_best, best_metric, best_mode)
         self.fallback_to_intact = bool(fallback_to_intact)
         if storage_options is not None and not isinstance(storage_options, dict):
             raise TypeError("storage_options must be a dict")
-        self._cadence = SaveCadence(every_steps, every_seconds)
+        cadence = SaveCadence(every_steps, every_seconds)
+        if isinstance(agree_every, bool) or not isinstance(agree_every, int) or agree_every < 1:
+            raise ValueError(f"agree_every must be a positive int, got {agree_every!r}")
         self._writer = CheckpointWriter(directory, storage_options=storage_options)
         self._storage = self._writer.storage
         self._checkpoints = CheckpointReader(storage=self._storage)
@@ -132,6 +151,24 @@ class CheckpointManager:
         self._collective = (
             None if self._group is None else collective_save(self._storage, self._group)
         )
+        signals = watched_signals(preemption_signals)
+        self._handshake: Any = None
+        self._decisions: Any = None
+        agree = None
+        if self._group is not None:
+            from ckpt.distributed.agreement import agreeing, open_agreement  # noqa: PLC0415
+
+            config: dict[str, Json] = {
+                "every_steps": every_steps,
+                "every_seconds": every_seconds,
+                "signals": [int(s) for s in signals],
+                "agree_every": agree_every,
+                "timeouts": [float(collective_timeout), float(handshake_timeout)],
+            }
+            self._handshake, self._decisions = open_agreement(
+                self._group, process_group, config, float(handshake_timeout)
+            )
+            agree = None if self._decisions is None else agreeing(self._decisions)
         self.async_save = bool(async_save)
         if background_nice is not None and (
             isinstance(background_nice, bool)
@@ -141,16 +178,9 @@ class CheckpointManager:
             raise ValueError(f"background_nice must be None or 0..19, got {background_nice!r}")
         self.background_nice = background_nice
         self._staging = StagingBuffers()
-        self._saver = Saver()
-        self._save_requested_after_signal = False
-        self._last_save_time = time.monotonic()
-        self._last_saved_step: int | None = None
-        self._saved_since_signal = False
-        self._watch: PreemptionWatch | None = None
-        if preemption_signals is True:
-            self._watch = PreemptionWatch(DEFAULT_PREEMPTION_SIGNALS)
-        elif preemption_signals is not False:
-            self._watch = PreemptionWatch(preemption_signals)
+        self._saver = Saver(collective=self._group is not None)
+        watch = PreemptionWatch(signals) if signals else None
+        self._timing = SaveTiming(cadence, watch, agree, agree_every)
 
     def __repr__(self) -> str:
         return f"CheckpointManager({self._storage.url!r}, {self.retention})"
@@ -173,9 +203,9 @@ class CheckpointManager:
             self._release()
 
     def _release(self) -> None:
-        if self._watch is not None:
-            self._watch.close()
-            self._watch = None
+        self._timing.close()
+        if self._decisions is not None:
+            self._decisions.close()
         self._writer.close()
         if self._group is not None:
             self._group.close()  # ckpt's gloo group; a closed manager runs no collective
@@ -187,33 +217,36 @@ class CheckpointManager:
 
     @property
     def preempted(self) -> bool:
-        """Whether a watched preemption signal has been received."""
-        return self._watch is not None and self._watch.received is not None
+        """Whether a watched signal was received (in a group: here, or by a rank, as agreed)."""
+        return self._timing.preempted
 
     @property
     def should_stop(self) -> bool:
         """Whether a preemption signal was received and a checkpoint has committed since.
 
-        With ``async_save``, a save requested after the signal is waited for here.
+        With ``async_save``, a save requested after the signal is waited for here. In a
+        process group, runs no collective and answers the same on every rank: the
+        signal counts once ``should_save`` has agreed on it.
         """
-        if self.preempted and self._save_requested_after_signal and not self._saved_since_signal:
+        timing = self._timing
+        requested = timing.stop_requested() and timing.requested_after_signal
+        if requested and not timing.saved_since_signal:
             self.wait()
-        return self.preempted and self._saved_since_signal
+        return timing.should_stop()
 
     def should_save(self, step: int) -> bool:
         """Whether to save after completing ``step``: the cadence is due, or a stop was requested.
 
-        Never true twice for the same step once it has been saved.
+        Never true twice for the same step once it has been saved. In a process group,
+        every rank calls it with the same step and gets the same answer: with
+        ``every_seconds`` or ``preemption_signals``, the ranks agree (one small
+        collective, see ``agree_every``).
 
         Args:
             step: The step just completed (counting from 0).
         """
         step_dir_name(step)  # validates the step
-        if step == self._last_saved_step:
-            return False
-        if self.preempted and not self._saved_since_signal:
-            return True
-        return self._cadence.due(step, seconds_since_save=time.monotonic() - self._last_save_time)
+        return self._timing.should_save(step)
 
     @property
     def directory(self) -> str:
@@ -290,13 +323,11 @@ class CheckpointManager:
                 f"step {step} is already saved; choose a new step or pass overwrite=True",
                 path=self._url(step_name),
             )
-        signalled = self._watch is not None and self._watch.received is not None
+        signalled = self._timing.stop_requested()
         if not self.async_save:
             return self._finish(step, files, manifest, token, overwrite, signalled, start)
         staged = self._staging.stage(files)
-        self._last_saved_step = step
-        self._last_save_time = time.monotonic()
-        self._save_requested_after_signal |= signalled
+        self._timing.staged(step, signalled)
         self._saver.start(
             step,
             self._finish,
@@ -317,6 +348,7 @@ class CheckpointManager:
     ) -> Checkpoint:
         """``save`` inside a process group: every rank together (see :mod:`ckpt.distributed`)."""
         assert self._collective is not None and self._group is not None
+        self._handshake.meet("save()", {"step": step, "overwrite": overwrite})
         start = time.perf_counter()
         if rng:
             items[RNG_ITEM] = RandomStreams()
@@ -330,13 +362,11 @@ class CheckpointManager:
                 )
 
         pending = self._collective.begin(step, epoch, metrics, overwrite, items, prepare)
-        signalled = self._watch is not None and self._watch.received is not None
+        signalled = self._timing.stop_requested()
         if not self.async_save:
             return self._finish_collective(pending, signalled, start)
         pending.captured.files = self._staging.stage(pending.captured.files)
-        self._last_saved_step = step
-        self._last_save_time = time.monotonic()
-        self._save_requested_after_signal |= signalled
+        self._timing.staged(step, signalled)
         self._saver.start(
             step, self._finish_collective, (pending, signalled, start), self.background_nice
         )
@@ -358,16 +388,7 @@ class CheckpointManager:
 
     def _after_commit(self, step: int, signalled: bool) -> None:
         """Bookkeeping once ``step`` has committed: cadence, and a stop after a signal."""
-        self._last_saved_step = step
-        self._last_save_time = time.monotonic()
-        if signalled and self._watch is not None and self._watch.received is not None:
-            if not self._saved_since_signal:
-                logger.warning(
-                    "%s received: step %d is saved; the run should stop now",
-                    self._watch.received.name,
-                    step,
-                )
-            self._saved_since_signal = True
+        self._timing.committed(step, signalled)
 
     def _finish(
         self,
@@ -473,6 +494,8 @@ class CheckpointManager:
         options = RestoreOptions(
             map_location, strict, assign, optimizer_class_change, optimizer_by_position
         )
+        if self._group is not None:
+            self._handshake.meet("restore()", {"step": step})
         prepared = self._prepare_with_fallback(
             step, lambda s: self._prepare(s, dict(items), options, rng, verify), list(items)
         )

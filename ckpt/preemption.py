@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from types import FrameType
 from typing import Any
 
-__all__ = ["DEFAULT_PREEMPTION_SIGNALS", "PreemptionWatch"]
+__all__ = ["DEFAULT_PREEMPTION_SIGNALS", "PreemptionWatch", "watched_signals"]
 
 DEFAULT_PREEMPTION_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGUSR1)
 """What schedulers send before they stop a job (SLURM, Kubernetes, spot instances)."""
@@ -51,3 +51,19 @@ class PreemptionWatch:
             if signal.getsignal(sig) == self._handle:
                 signal.signal(sig, previous)
         self._previous.clear()
+
+
+def watched_signals(preemption_signals: bool | Iterable[int]) -> tuple[signal.Signals, ...]:
+    """The signals a manager's ``preemption_signals`` asks to watch (none for ``False``).
+
+    Raises:
+        ValueError: An unknown signal, or an empty collection.
+    """
+    if preemption_signals is False:
+        return ()
+    if preemption_signals is True:
+        return DEFAULT_PREEMPTION_SIGNALS
+    watched = tuple(signal.Signals(s) for s in preemption_signals)
+    if not watched:
+        raise ValueError("preemption_signals must name at least one signal")
+    return watched

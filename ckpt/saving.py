@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import secrets
+import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -119,18 +122,31 @@ class Saver:
 
     A failure in the background is kept and raised by the next ``wait()``.
     Not thread-safe: one caller drives it, one save in flight at a time.
+
+    The thread is a daemon, finished at the interpreter's exit (see :func:`_finish_at_exit`):
+    a process that exits normally still commits its save in flight; a ``collective``
+    saver's save is abandoned when the main thread died of an uncaught exception, so a
+    failed rank never waits on its peers.
+
+    Args:
+        collective: The saves run collectives with other ranks.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, collective: bool = False) -> None:
         self.pending: threading.Thread | None = None
+        self.collective = collective
         self._error: BaseException | None = None
+        _SAVERS.add(self)
 
     def start(
         self, step: int, finish: Callable[..., object], args: tuple[Any, ...], nice: int | None
     ) -> None:
         """Run ``finish(*args)`` (the save of ``step``) in a background thread at ``nice``."""
         self.pending = threading.Thread(
-            target=self._run, args=(step, finish, args, nice), name=f"ckpt-save-{step}"
+            target=self._run,
+            args=(step, finish, args, nice),
+            name=f"ckpt-save-{step}",
+            daemon=True,  # finished by _finish_at_exit, unless a collective save's process failed
         )
         self.pending.start()
 
@@ -161,3 +177,33 @@ def _set_thread_nice(nice: int) -> None:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
     except (AttributeError, OSError) as e:  # not Linux, or lowering it is not permitted
         logger.debug("the background writer keeps its CPU priority: %s", e)
+
+
+_SAVERS: weakref.WeakSet[Saver] = weakref.WeakSet()
+"""Every live saver, for :func:`_finish_at_exit`."""
+
+
+def _finish_at_exit() -> None:
+    """At interpreter exit, wait for the saves in flight (their threads are daemons).
+
+    After an uncaught exception in the main thread, a collective save is abandoned
+    instead: its peers may be gone or stuck, and the rank must exit (its attempt is
+    removed by the next save; the previous checkpoint stays the latest).
+    """
+    crashed = getattr(sys, "last_value", None) or getattr(sys, "last_exc", None)
+    for saver in list(_SAVERS):
+        thread = saver.pending
+        if thread is None or not thread.is_alive():
+            continue
+        if crashed is not None and saver.collective:
+            logger.error(
+                "%s: the main thread raised %s; the collective save in flight is abandoned",
+                thread.name,
+                type(crashed).__name__,
+            )
+            continue
+        logger.info("%s: finishing the save in flight before the process exits", thread.name)
+        thread.join()
+
+
+atexit.register(_finish_at_exit)

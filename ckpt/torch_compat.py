@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 __all__ = [
+    "default_store",
     "fully_qualified_names",
     "has_module_load_hooks",
     "has_optimizer_load_hooks",
@@ -87,3 +88,14 @@ def fully_qualified_names(model: nn.Module, name: str) -> set[str]:
     from torch.distributed.checkpoint.state_dict import _get_fqns  # noqa: PLC0415 (lazy)
 
     return set(_get_fqns(model, name))
+
+
+def default_store() -> Any:
+    """The c10d key-value store of the default process group (torchrun's, or the default init).
+
+    Relies on: ``torch.distributed.distributed_c10d._get_default_store()`` (torch 1.x to 2.13),
+    called after the default group is initialized.
+    """
+    import torch.distributed.distributed_c10d as c10d  # noqa: PLC0415 - only inside a group
+
+    return c10d._get_default_store()

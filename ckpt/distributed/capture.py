@@ -31,6 +31,7 @@ __all__ = [
     "chunk_key",
     "lay_out",
     "rank_file_name",
+    "register_sharded",
     "shard_file_name",
 ]
 
@@ -78,6 +79,23 @@ class LocalCapture:
     """Names of module tensors that are no parameters: ranks may hold different values."""
 
 
+def register_sharded(items: Mapping[str, Any]) -> None:
+    """Register every FSDP2 module's sharded parameters again, as its ``state_dict()`` does.
+
+    After a forward with ``reshard_after_forward=False`` (an eval pass), FSDP2 leaves
+    the unsharded parameters registered: then neither the module's parameters nor
+    their names match its optimizer's. ``FSDPModule.reshard()`` frees them (the next
+    forward gathers them again) and changes no value.
+    """
+    from torch.distributed.fsdp import FSDPModule  # noqa: PLC0415 - FSDP2 only when used
+
+    for obj in items.values():
+        if isinstance(obj, torch.nn.Module):
+            for module in obj.modules():
+                if isinstance(module, FSDPModule):
+                    module.reshard()
+
+
 def capture_local(
     items: Mapping[str, Any],
     rank: int,
@@ -95,6 +113,7 @@ def capture_local(
         TypeError: A value cannot be stored without pickle.
         ValueError: An optimizer is saved without the module holding its parameters.
     """
+    register_sharded(items)
     pairs = pair_optimizers(items)
     records: dict[str, ItemRecord] = {}
     flat: dict[str, torch.Tensor] = {}

@@ -53,9 +53,10 @@ class RankGroup:
 
     Construct it on every rank of the default group at once, in the same order as
     any other ``new_group`` call: creating the subgroup is collective over the whole
-    default group. A rank outside ``process_group`` cannot take part (it only gets
-    ``NON_GROUP_MEMBER`` from torch) and gets a ``ValueError``, which leaves later
-    ``new_group`` calls out of step across ranks; so pass a group that holds every rank.
+    default group. For a group of some of the ranks (one dimension of a device mesh)
+    only its ranks create it, in the same order as their other groups of those ranks.
+    A rank outside ``process_group`` cannot take part (it only gets
+    ``NON_GROUP_MEMBER`` from torch) and gets a ``ValueError``.
     Then call each collective on every rank of the group in the same order. Values are
     JSON as :func:`json.loads` gives them back (tuples become lists, dictionary keys
     strings); nothing is ever pickled.
@@ -105,9 +106,19 @@ class RankGroup:
         self.world_size = len(ranks)
         self._broken: str | None = None
         self._closed = False
+        # A group of some of the ranks (one dimension of a device mesh): only its ranks
+        # create it, under a name made from its ranks, so that disjoint groups created
+        # at once (every rank its own replica's) never share a rendezvous. torch may give
+        # a destroyed group's name again, with its rendezvous keys still in the store, so
+        # such groups are kept when closed and taken up again (see close()).
+        some = len(ranks) < dist.get_world_size()
+        self._idle_key = (tuple(ranks), self.timeout) if some else None
         try:
-            group = dist.new_group(
-                ranks=ranks, backend="gloo", timeout=timedelta(seconds=self.timeout)
+            group = _take_idle(self._idle_key) or dist.new_group(
+                ranks=ranks,
+                backend="gloo",
+                timeout=timedelta(seconds=self.timeout),
+                use_local_synchronization=some,
             )
         except Exception as e:
             hint = "; a rank did not join within the timeout"
@@ -209,6 +220,40 @@ class RankGroup:
         flag = torch.zeros(1, dtype=torch.int64)
         self._run("barrier", lambda: dist.all_reduce(flag, group=self._group))
 
+    def any_of(self, flags: list[bool]) -> list[bool]:
+        """For each position, whether any rank passed ``True`` there (one small all_reduce).
+
+        Args:
+            flags: This rank's flags; every rank passes as many.
+
+        Returns:
+            The flags or-ed across ranks; the same list on every rank.
+
+        Raises:
+            CollectiveError: A rank died or did not arrive within the timeout.
+        """
+        values = torch.tensor([1 if f else 0 for f in flags], dtype=torch.uint8)
+        self._run(
+            "any_of",
+            lambda: dist.all_reduce(values, op=dist.ReduceOp.MAX, group=self._group),
+        )
+        return [bool(v) for v in values.tolist()]
+
+    @property
+    def name(self) -> str:
+        """The gloo subgroup's name: the same on every rank, unique within the job."""
+        return str(self._group.group_name)
+
+    @property
+    def broken(self) -> str | None:
+        """Why the group refuses every collective (an earlier one failed), or ``None``."""
+        return self._broken
+
+    def mark_broken(self, reason: str) -> None:
+        """Refuse every later collective (after a failure that left the ranks out of step)."""
+        if self._broken is None:
+            self._broken = reason
+
     def failures(self, error: BaseException | None) -> list[tuple[int, str]]:
         """Gather each rank's outcome: the ranks that failed, and how.
 
@@ -233,10 +278,18 @@ class RankGroup:
         return failed
 
     def close(self) -> None:
-        """Destroy the gloo subgroup; later collectives raise. Idempotent."""
+        """Destroy the gloo subgroup (or keep it for reuse); later collectives raise. Idempotent.
+
+        The gloo group of some of the ranks is kept, unless a collective failed, for the
+        next :class:`RankGroup` over the same ranks (its ranks close and open theirs in
+        the same order, as every collective call).
+        """
         if self._closed:
             return
         self._closed = True
+        if self._idle_key is not None and self._broken is None:
+            _IDLE.setdefault(self._idle_key, []).append(self._group)
+            return
         try:
             dist.destroy_process_group(self._group)
         except (ValueError, RuntimeError) as e:  # the default group was destroyed first
@@ -309,6 +362,23 @@ class RankGroup:
             rank=getattr(self, "rank", None),
             timeout=self.timeout,
         )
+
+
+_IDLE: dict[tuple[tuple[int, ...], float], list[dist.ProcessGroup]] = {}
+"""Closed gloo groups of some of the ranks, by (ranks, timeout), kept for reuse."""
+
+
+def _take_idle(key: tuple[tuple[int, ...], float] | None) -> dist.ProcessGroup | None:
+    """A kept gloo group over ``key``'s ranks that is still alive, or ``None``."""
+    idle = _IDLE.get(key, []) if key is not None else []
+    while idle:
+        group = idle.pop()
+        try:
+            dist.get_process_group_ranks(group)  # raises once the default group was destroyed
+        except (KeyError, ValueError, RuntimeError):
+            continue
+        return group
+    return None
 
 
 def _check_lengths(

@@ -104,6 +104,7 @@ def plan_writes(
     planner.set_up_planner(dict(tensors), is_coordinator=rank == 0)
     local = planner.create_local_plan()
     gathered = all_gather([_item_to_json(item) for item in local.items])
+    _check_covered(gathered)
     plans = [SavePlan([_item_from_json(d) for d in doc]) for doc in gathered]
     global_plans, _ = planner.create_global_plan(plans)
     final = planner.finish_plan(global_plans[rank])
@@ -122,6 +123,32 @@ def plan_writes(
             )
         )
     return shards
+
+
+def _check_covered(gathered: list[Json]) -> None:
+    """Refuse tensors the ranks do not hold in full together (the same on every rank).
+
+    Raises:
+        ValueError: Names the first such tensor and what the ranks hold of it.
+    """
+    boxes: dict[str, set[tuple[tuple[int, ...], tuple[int, ...]]]] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
+    for doc in gathered:
+        assert isinstance(doc, list)
+        for fqn, offsets, sizes, size, *_ in doc:
+            boxes.setdefault(fqn, set()).add((tuple(offsets), tuple(sizes)))
+            shapes[fqn] = tuple(size)
+    for fqn, found in boxes.items():
+        held, total = sum(math.prod(s) for _, s in found), math.prod(shapes[fqn])
+        if held < total:
+            raise ValueError(
+                f"tensor {fqn!r} of shape {shapes[fqn]}: the {len(gathered)} ranks of this "
+                f"manager's group hold only {held} of its {total} elements together; its "
+                "DTensor's device mesh spans ranks outside the group (as when a manager is "
+                "built on the replicate dimension of a 2-D mesh, whose ranks hold the same "
+                "shard). Build the manager on a group whose ranks hold a whole copy: every "
+                "rank, or one replica's ranks (the shard dimension)"
+            )
 
 
 def local_shards(t: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from ckpt.distributed.capture import variant_name
+from ckpt.distributed.capture import register_sharded, variant_name
 from ckpt.distributed.destinations import (
     live_optimizer_tensors,
     module_destinations,
@@ -109,6 +109,7 @@ def prepare_sharded_restore(
     assert section is not None
     chunks = source or SavedChunks(storage, step_name, verify=verify)
     sharded_live = {n: o for n, o in items.items() if n in section.items}
+    register_sharded(sharded_live)
     pairs = pair_optimizers(sharded_live)
     restore = ShardedRestore({}, pairs, None)
     for name in sorted(sharded_live, key=lambda n: section.items[n].kind != "module"):
