@@ -12,10 +12,8 @@ Example:
 """
 
 from ckpt._version import __version__
-from ckpt.checkpoint_reader import CheckpointReader
 from ckpt.convert import ImportReport, export, import_checkpoint
 from ckpt.data import ResumableSampler, resumable_loader
-from ckpt.describe import Description, ItemInfo, TensorInfo
 from ckpt.errors import (
     CheckpointError,
     CheckpointExistsError,
@@ -28,11 +26,14 @@ from ckpt.errors import (
     IncompatibleCheckpointError,
     PartialRestoreError,
 )
-from ckpt.items import Stateful
-from ckpt.limits import MAX_STEP
-from ckpt.locations import MapLocation
+from ckpt.format.limits import MAX_STEP
 from ckpt.manager import Checkpoint, CheckpointManager
-from ckpt.writer import CheckpointWriter
+from ckpt.policies.retention import RetentionPolicy
+from ckpt.reading.describe import Description, ItemInfo, TensorInfo
+from ckpt.reading.reader import CheckpointReader
+from ckpt.restoring.locations import MapLocation
+from ckpt.saving.writer import CheckpointWriter
+from ckpt.state.items import Stateful
 
 __all__ = [
     "Checkpoint",
@@ -55,6 +56,7 @@ __all__ = [
     "MapLocation",
     "PartialRestoreError",
     "ResumableSampler",
+    "RetentionPolicy",
     "Stateful",
     "TensorInfo",
     "__version__",

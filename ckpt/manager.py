@@ -10,26 +10,26 @@ from typing import Any, cast
 
 import torch
 
-from ckpt.cadence import SaveCadence, SaveTiming
-from ckpt.checkpoint_reader import Checkpoint, CheckpointReader
 from ckpt.distributed import collective_save, open_rank_group
 from ckpt.errors import CheckpointExistsError
 from ckpt.format import Manifest, step_dir_name
 from ckpt.gc_pause import paused_gc
 from ckpt.io import load_tensors
-from ckpt.items import check_flags, check_item_name, reserved_names
-from ckpt.kinds import RestoreOptions
-from ckpt.locations import MapLocation, check_map_location
-from ckpt.preemption import PreemptionWatch, watched_signals
-from ckpt.preparing import Prepared, apply_prepared, prepare_step
-from ckpt.retention import RetentionPolicy
-from ckpt.rng import RNG_ITEM, RandomStreams
-from ckpt.saving import Saver, capture_save, check_save_args
-from ckpt.staging import StagingBuffers
-from ckpt.tree import Json
-from ckpt.writer import CheckpointWriter
-from ckpt.writer_lock import LOCK_NAME  # noqa: F401 (re-exported)
-from ckpt.writer_lock import release_quietly as _release_quietly  # noqa: F401
+from ckpt.policies.cadence import SaveCadence, SaveTiming
+from ckpt.policies.preemption import PreemptionWatch, watched_signals
+from ckpt.policies.retention import RetentionPolicy
+from ckpt.reading.reader import Checkpoint, CheckpointReader
+from ckpt.restoring.locations import MapLocation, check_map_location
+from ckpt.restoring.preparing import Prepared, apply_prepared, prepare_step
+from ckpt.saving.pipeline import Saver, capture_save, check_save_args
+from ckpt.saving.staging import StagingBuffers
+from ckpt.saving.writer import CheckpointWriter
+from ckpt.saving.writer_lock import LOCK_NAME  # noqa: F401 (re-exported)
+from ckpt.saving.writer_lock import release_quietly as _release_quietly  # noqa: F401
+from ckpt.state.items import check_flags, check_item_name, reserved_names
+from ckpt.state.kinds import RestoreOptions
+from ckpt.state.rng import RNG_ITEM, RandomStreams
+from ckpt.state.tree import Json
 
 __all__ = ["Checkpoint", "CheckpointManager"]
 

@@ -89,7 +89,7 @@ def write_manifest(path, doc: dict) -> None:
     """Write a hand-edited manifest with a valid checksum, as a buggy writer would."""
     import json
 
-    from ckpt.integrity import hash_bytes
+    from ckpt.io.integrity import hash_bytes
 
     doc = {k: v for k, v in doc.items() if k != "checksum"}
     body = json.dumps(doc, separators=(",", ":"))
@@ -218,8 +218,8 @@ def write_sharded_checkpoint(
         TensorRecord,
     )
     from ckpt.io import chunk_checksum, data_offsets, write_checkpoint_files
-    from ckpt.tensorfile import tensor_bytes
-    from ckpt.tree import flatten
+    from ckpt.io.tensorfile import tensor_bytes
+    from ckpt.state.tree import flatten
 
     if rank_items is None:
         rank_items = [{"own": {"rank": r, "t": torch.full((2,), r)}} for r in range(world_size)]
@@ -312,8 +312,8 @@ def call_outcome(call: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[A
 
 def flat_tensors(state: Any) -> dict[str, torch.Tensor]:
     """``{key: tensor}`` of a state as ``read()`` returns it, keyed as ``iter_tensors`` keys it."""
-    from ckpt.describe import key_of
-    from ckpt.tree import tensors_by_path
+    from ckpt.reading.describe import key_of
+    from ckpt.state.tree import tensors_by_path
 
     return {key_of(path): t for path, t in tensors_by_path(state).items()}
 

@@ -14,9 +14,9 @@ from conftest import assert_same_state
 from helpers import small_model
 
 import ckpt
-import ckpt.commit
 import ckpt.io.write
-import ckpt.saving
+import ckpt.saving.commit
+import ckpt.saving.pipeline
 
 
 @pytest.fixture
@@ -24,14 +24,14 @@ def gate(monkeypatch):
     """Hold background writes until the test opens the gate."""
     opened = threading.Event()
     started = threading.Event()
-    original = ckpt.commit.write_checkpoint_files
+    original = ckpt.saving.commit.write_checkpoint_files
 
     def gated(*args, **kwargs):
         started.set()
         assert opened.wait(60)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(ckpt.commit, "write_checkpoint_files", gated)
+    monkeypatch.setattr(ckpt.saving.commit, "write_checkpoint_files", gated)
     return opened, started
 
 
@@ -156,13 +156,13 @@ def test_should_stop_waits_for_the_save_requested_after_a_signal(tmp_path):
 
 def _writer_niceness(tmp_path, monkeypatch, **kwargs) -> int:
     seen: list[int] = []
-    original = ckpt.saving.commit_checkpoint
+    original = ckpt.saving.pipeline.commit_checkpoint
 
     def record(*args, **kw):
         seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
         return original(*args, **kw)
 
-    monkeypatch.setattr(ckpt.saving, "commit_checkpoint", record)
+    monkeypatch.setattr(ckpt.saving.pipeline, "commit_checkpoint", record)
     with ckpt.CheckpointManager(tmp_path, async_save=True, **kwargs) as mgr:
         mgr.save(1, model=small_model())
     return seen[0]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ckpt.cadence import SaveCadence
+from ckpt.policies.cadence import SaveCadence
 
 
 def test_every_steps_counts_completed_steps_from_zero():

@@ -12,7 +12,6 @@ from helpers import split_chunks, write_sharded_checkpoint
 
 import ckpt
 from ckpt.format import MANIFEST_NAME, Manifest
-from ckpt.integrity import hash_bytes
 from ckpt.io import (
     assemble_tensor,
     chunk_checksum,
@@ -22,8 +21,9 @@ from ckpt.io import (
     read_manifest,
     verify_sharded_files,
 )
+from ckpt.io.integrity import hash_bytes
+from ckpt.io.tensorfile import parse_header, tensor_bytes, write_tensors
 from ckpt.storage import Storage
-from ckpt.tensorfile import parse_header, tensor_bytes, write_tensors
 
 STEP = "step_000000000003"
 

@@ -9,13 +9,13 @@ import socket
 import torch
 
 import ckpt
-from ckpt.commit import (
+from ckpt.format import temp_dir_name
+from ckpt.saving.commit import (
     delete_checkpoint,
     pid_alive,
     remove_abandoned_temps,
     writer_is_gone,
 )
-from ckpt.format import temp_dir_name
 from ckpt.storage import Storage
 
 

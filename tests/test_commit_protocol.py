@@ -8,10 +8,10 @@ import uuid
 import pytest
 
 import ckpt
-from ckpt.commit import open_attempt
-from ckpt.commit_protocol import Attempt, ManifestLast, RenameDir, protocol_for
 from ckpt.format import step_dir_name
-from ckpt.header import ManifestHeader
+from ckpt.format.header import ManifestHeader
+from ckpt.saving.commit import open_attempt
+from ckpt.saving.commit_protocol import Attempt, ManifestLast, RenameDir, protocol_for
 from ckpt.storage import open_storage
 
 

@@ -12,7 +12,7 @@ from conftest import assert_same_state
 from helpers import trained_live_objects
 
 import ckpt
-import ckpt.commit
+import ckpt.saving.commit
 import ckpt.storage.remote
 from ckpt.format import MANIFEST_NAME, step_dir_name
 
@@ -128,14 +128,14 @@ def test_two_writers_can_never_both_commit_one_step(place, monkeypatch):
     first = manager(place)
     second = manager(place)
     monkeypatch.setattr(second, "_take_lock", lambda: None)
-    original = ckpt.commit.write_checkpoint_files
+    original = ckpt.saving.commit.write_checkpoint_files
 
     def first_commits_meanwhile(*args, **kwargs):
-        monkeypatch.setattr(ckpt.commit, "write_checkpoint_files", original)
+        monkeypatch.setattr(ckpt.saving.commit, "write_checkpoint_files", original)
         first.save(7, data=state(1))  # lands between the check and the commit
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(ckpt.commit, "write_checkpoint_files", first_commits_meanwhile)
+    monkeypatch.setattr(ckpt.saving.commit, "write_checkpoint_files", first_commits_meanwhile)
     with pytest.raises(ckpt.CheckpointExistsError):
         second.save(7, data=state(2))
     assert_same_state(first.read(7)["data"], state(1))
@@ -155,7 +155,7 @@ def test_abandoned_uploads_are_removed_after_the_grace_period(place, monkeypatch
     foreign = (step_dir_name(1), "notes.txt")
     for parts in (orphan, stray, foreign):
         storage.write_file(parts, lambda f: f.write(b"leftover"))
-    monkeypatch.setattr(ckpt.commit, "STALE_TEMP_SECONDS", 0.0)
+    monkeypatch.setattr(ckpt.saving.commit, "STALE_TEMP_SECONDS", 0.0)
     again = manager(place)
     again.save(3, data=state(3))
     assert not storage.exists(*orphan) and not storage.exists(*stray)

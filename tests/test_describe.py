@@ -13,8 +13,8 @@ from dist_training import make, train_step
 from helpers import ManySmall, flat_tensors, trained_live_objects, write_sharded_checkpoint
 
 import ckpt
-from ckpt.describe import describe_manifest, key_of
 from ckpt.format import MANIFEST_NAME, decode_manifest, step_dir_name
+from ckpt.reading.describe import describe_manifest, key_of
 from ckpt.storage import open_storage
 
 

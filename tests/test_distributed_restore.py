@@ -442,7 +442,7 @@ def on_ranks_reads_into_live(rank: int, world: int, root: str) -> dict[str, Any]
     """Prepare a restore of a group's checkpoint: chunks checked, read into live ones at apply."""
     from ckpt.distributed.planning import local_shards
     from ckpt.distributed.restoring import apply_sharded_restore, prepare_on_rank
-    from ckpt.kinds import RestoreOptions
+    from ckpt.state.kinds import RestoreOptions
 
     model, optimizer, scheduler = make("fsdp", seed=5)
     train_step(model, optimizer, scheduler, 9)  # the optimizer has state of the same layout

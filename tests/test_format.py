@@ -28,7 +28,7 @@ from ckpt.format import (
     step_dir_name,
     temp_dir_name,
 )
-from ckpt.items import PACK_MAX_BYTES, PACK_MIN_TENSORS
+from ckpt.state.items import PACK_MAX_BYTES, PACK_MIN_TENSORS
 
 GOLDEN = Path(__file__).parent / "golden" / "v1"
 GOLDEN_WITHOUT_CHECKSUMS = Path(__file__).parent / "golden" / "v1-ckpt-0.1.0-no-checksums"

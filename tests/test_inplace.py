@@ -18,7 +18,11 @@ import ckpt
 import ckpt.io.live_reads
 import ckpt.io.spill
 from ckpt.format import TensorRecord, step_dir_name
-from ckpt.inplace import choose_destinations, module_loads_plainly, optimizer_loads_plainly
+from ckpt.restoring.inplace import (
+    choose_destinations,
+    module_loads_plainly,
+    optimizer_loads_plainly,
+)
 
 CPU = torch.device("cpu")
 

@@ -8,10 +8,10 @@ from torch import nn
 
 import ckpt
 from ckpt.format import TensorRecord
-from ckpt.items import capture, check_item_name, item_kind, skeleton
 from ckpt.manager import RESERVED_NAMES
-from ckpt.optim import module_param_names
-from ckpt.tree import flatten
+from ckpt.state.items import capture, check_item_name, item_kind, skeleton
+from ckpt.state.optim import module_param_names
+from ckpt.state.tree import flatten
 
 
 def test_kinds():
@@ -85,7 +85,7 @@ def test_state_dict_that_is_not_a_dict_is_refused():
 
 
 def test_every_live_object_has_one_kind_registered_in_one_place():
-    from ckpt.kinds import KINDS, kind_of
+    from ckpt.state.kinds import KINDS, kind_of
 
     opt = torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=1)
     objects = {

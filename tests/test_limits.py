@@ -18,7 +18,7 @@ from helpers import minimal_manifest_bytes, write_manifest
 
 import ckpt
 import ckpt.format.bounds
-import ckpt.retaining
+import ckpt.saving.retaining
 from ckpt.errors import CorruptCheckpointError
 from ckpt.format import (
     MANIFEST_NAME,
@@ -30,10 +30,10 @@ from ckpt.format import (
     parse_step_dir_name,
     step_dir_name,
 )
-from ckpt.integrity import hash_bytes
-from ckpt.limits import MAX_BYTES, byte_count, check_metrics, float64_value
-from ckpt.retention import RetentionPolicy, steps_to_delete
-from ckpt.tensorfile import parse_header
+from ckpt.format.limits import MAX_BYTES, byte_count, check_metrics, float64_value
+from ckpt.io.integrity import hash_bytes
+from ckpt.io.tensorfile import parse_header
+from ckpt.policies.retention import RetentionPolicy, steps_to_delete
 
 
 def entries(root) -> list[str]:
@@ -182,7 +182,7 @@ def test_a_retention_failure_is_a_warning_and_later_saves_work(tmp_path, monkeyp
     def broken(*args, **kwargs):
         raise OverflowError("int too large to convert to float")
 
-    monkeypatch.setattr(ckpt.retaining, "steps_to_delete", broken)
+    monkeypatch.setattr(ckpt.saving.retaining, "steps_to_delete", broken)
     with caplog.at_level(logging.WARNING, logger="ckpt"):
         info = mgr.save(2, data={"v": 2}, rng=False)
         mgr.save(3, data={"v": 3}, rng=False)

@@ -8,7 +8,7 @@ from conftest import assert_same_state
 from helpers import small_model, train_steps
 
 import ckpt
-from ckpt.locations import check_map_location, mapped_device
+from ckpt.restoring.locations import check_map_location, mapped_device
 
 
 @pytest.fixture

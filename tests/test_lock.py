@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import ckpt
-import ckpt.commit
+import ckpt.saving.commit
 from ckpt.format import step_dir_name
 from ckpt.manager import LOCK_NAME
 
@@ -57,13 +57,13 @@ def test_a_lock_deleted_during_a_save_refuses_its_commit(tmp_path, monkeypatch, 
     url = str(tmp_path) if where == "local" else f"memory://lock-{uuid.uuid4().hex}"
     mgr = ckpt.CheckpointManager(url)
     mgr.save(1, data=state(1))
-    original = ckpt.commit.write_checkpoint_files
+    original = ckpt.saving.commit.write_checkpoint_files
 
     def delete_lock_first(*args, **kwargs):
         mgr._storage.remove_file(LOCK_NAME)  # another process breaks the lock mid-save
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(ckpt.commit, "write_checkpoint_files", delete_lock_first)
+    monkeypatch.setattr(ckpt.saving.commit, "write_checkpoint_files", delete_lock_first)
     with pytest.raises(ckpt.CheckpointLockedError):
         mgr.save(2, data=state(2))
     monkeypatch.undo()

@@ -19,8 +19,8 @@ from helpers import (
 from torch import nn
 
 import ckpt
-from ckpt.items import capture
-from ckpt.optim import cast_policy
+from ckpt.state.items import capture
+from ckpt.state.optim import cast_policy
 
 # Constructor arguments that exercise each optimizer's interesting state.
 OPTIMIZER_KWARGS: dict[str, dict[str, Any]] = {
@@ -121,7 +121,7 @@ def test_every_installed_optimizer_is_covered():
 @pytest.mark.parametrize("live_state", ["fresh", "trained"])
 @pytest.mark.parametrize(("key", "variant", "kwargs"), cases(), ids=str)
 def test_restore_matches_torch_load_state_dict(tmp_path, key, variant, kwargs, live_state):
-    """Into a fresh optimizer, and into one that has state (ckpt reads into it: ckpt.inplace)."""
+    """Into a fresh optimizer, and into one with state (read in place: ckpt.restoring.inplace)."""
     model, opt = build(key, kwargs)
     try:
         train_steps(model, opt, 3)

@@ -14,10 +14,10 @@ from safetensors import safe_open
 import ckpt
 import ckpt.format.bounds
 import ckpt.format.manifest
-import ckpt.items
+import ckpt.state.items
 from ckpt.format import MANIFEST_NAME, decode_manifest, step_dir_name
-from ckpt.integrity import hash_bytes
-from ckpt.items import PACK_MAX_BYTES, PACK_MIN_TENSORS
+from ckpt.io.integrity import hash_bytes
+from ckpt.state.items import PACK_MAX_BYTES, PACK_MIN_TENSORS
 
 
 def many_small(count: int = 10_000, seed: int = 0) -> dict[str, torch.Tensor]:

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import ckpt
-from ckpt.preemption import PreemptionWatch
+from ckpt.policies.preemption import PreemptionWatch
 
 
 def test_a_watched_signal_sets_the_flag_and_close_restores_the_handler():

@@ -24,7 +24,7 @@ from conftest import assert_same_state
 from race_worker import save_in_a_loop, state
 
 import ckpt
-import ckpt.reader
+import ckpt.reading.steps
 from ckpt.format import MANIFEST_NAME, step_dir_name
 
 POOL = 80
@@ -174,8 +174,8 @@ def test_an_explicit_step_deleted_at_any_point_is_reported_deleted_or_loaded(
 def test_checkpoints_that_never_stop_changing_end_in_a_clear_error(
     pool, tmp_path, monkeypatch, operation, fallback
 ):
-    monkeypatch.setattr(ckpt.reader, "RETRY_SECONDS", 0.0)
-    monkeypatch.setattr(ckpt.reader, "LIST_ATTEMPTS", 2)
+    monkeypatch.setattr(ckpt.reading.steps, "RETRY_SECONDS", 0.0)
+    monkeypatch.setattr(ckpt.reading.steps, "LIST_ATTEMPTS", 2)
     churn = Churn(pool, str(tmp_path))
     mgr = ckpt.CheckpointManager(tmp_path, fallback_to_intact=fallback)
     hook_storage(mgr, lambda n: churn())  # another save commits before every single call

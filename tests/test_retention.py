@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ckpt.retention import RetentionPolicy, best_steps, steps_to_delete
+from ckpt.policies.retention import RetentionPolicy, best_steps, steps_to_delete
 
 
 def delete(committed, just_saved, metrics=None, **policy):

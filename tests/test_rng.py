@@ -14,9 +14,9 @@ from conftest import assert_same_state, states_differ
 from helpers import small_model, write_manifest
 
 import ckpt
-import ckpt.rng
+import ckpt.state.rng
 from ckpt.format import MANIFEST_NAME, step_dir_name
-from ckpt.rng import capture_rng_state, check_rng_state, set_rng_state
+from ckpt.state.rng import capture_rng_state, check_rng_state, set_rng_state
 
 
 def draws() -> tuple:
@@ -209,10 +209,10 @@ def test_a_bad_stored_state_fails_the_restore_before_anything_changes(tmp_path):
 
 
 def test_a_rank_restores_only_its_own_streams(tmp_path, monkeypatch):
-    monkeypatch.setattr(ckpt.rng, "_process_rank", lambda: (0, 2))
+    monkeypatch.setattr(ckpt.state.rng, "_process_rank", lambda: (0, 2))
     mgr = ckpt.CheckpointManager(tmp_path)
     mgr.save(0, data={})
-    monkeypatch.setattr(ckpt.rng, "_process_rank", lambda: (1, 2))
+    monkeypatch.setattr(ckpt.state.rng, "_process_rank", lambda: (1, 2))
     with pytest.raises(
         ckpt.IncompatibleCheckpointError, match="saved by rank 0 but this is rank 1"
     ):
@@ -221,10 +221,10 @@ def test_a_rank_restores_only_its_own_streams(tmp_path, monkeypatch):
 
 
 def test_a_changed_world_size_warns(tmp_path, monkeypatch, caplog):
-    monkeypatch.setattr(ckpt.rng, "_process_rank", lambda: (0, 4))
+    monkeypatch.setattr(ckpt.state.rng, "_process_rank", lambda: (0, 4))
     mgr = ckpt.CheckpointManager(tmp_path)
     mgr.save(0, data={})
-    monkeypatch.setattr(ckpt.rng, "_process_rank", lambda: (0, 2))
+    monkeypatch.setattr(ckpt.state.rng, "_process_rank", lambda: (0, 2))
     with caplog.at_level(logging.WARNING, logger="ckpt"):
         mgr.restore(data={})
     assert "world size 4 restored with world size 2" in caplog.text
@@ -281,7 +281,7 @@ def test_each_rank_saves_and_restores_its_own_streams(tmp_path):
 
 def test_a_torch_state_torch_refuses_fails_before_anything_is_loaded(tmp_path, monkeypatch):
     """Found by the fuzzer: a flipped bit in the generator bytes, checksums rewritten."""
-    from ckpt.rng import check_rng_values
+    from ckpt.state.rng import check_rng_values
 
     state = capture_rng_state()
     bad = state["torch"].clone()
@@ -296,7 +296,7 @@ def test_a_torch_state_torch_refuses_fails_before_anything_is_loaded(tmp_path, m
     live = small_model(1)
     before = {k: v.clone() for k, v in live.state_dict().items()}
     with monkeypatch.context() as patch:
-        patch.setattr(ckpt.rng, "capture_rng_state", lambda: {**state, "torch": bad})
+        patch.setattr(ckpt.state.rng, "capture_rng_state", lambda: {**state, "torch": bad})
         mgr.save(1, model=model)
     with pytest.raises(ckpt.CorruptCheckpointError):
         mgr.restore(1, model=live)

@@ -12,7 +12,7 @@ from conftest import assert_same_state, states_differ
 from torch.optim import lr_scheduler as sched
 
 import ckpt
-from ckpt.schedulers import align_lr_to_scheduler, scheduler_optimizer
+from ckpt.state.schedulers import align_lr_to_scheduler, scheduler_optimizer
 
 
 def model() -> torch.nn.Module:

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import ckpt
-from ckpt.tree import flatten, tensor_refs, unflatten
+from ckpt.state.tree import flatten, tensor_refs, unflatten
 
 
 def through_json(tree):

@@ -7,8 +7,8 @@ import torch
 from conftest import assert_same_state
 
 import ckpt
-from ckpt.items import capture
-from ckpt.retention import RetentionPolicy
+from ckpt.policies.retention import RetentionPolicy
+from ckpt.state.items import capture
 
 
 def _captured(value: float) -> dict[str, object]:

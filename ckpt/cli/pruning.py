@@ -7,8 +7,8 @@ from typing import Any
 
 from ckpt.cli.render import dump_json, note, out
 from ckpt.cli.source import open_reader, parse_root
-from ckpt.retention import RetentionPolicy, steps_to_delete
-from ckpt.writer import CheckpointWriter
+from ckpt.policies.retention import RetentionPolicy, steps_to_delete
+from ckpt.saving.writer import CheckpointWriter
 
 __all__ = ["add_parser", "prune"]
 

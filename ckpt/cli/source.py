@@ -9,8 +9,8 @@ from typing import Any
 
 import fsspec
 
-from ckpt.checkpoint_reader import CheckpointReader
 from ckpt.errors import CheckpointNotFoundError
+from ckpt.reading.reader import CheckpointReader
 
 __all__ = ["Target", "open_reader", "parse_root", "parse_target", "require_root"]
 

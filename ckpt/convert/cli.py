@@ -16,7 +16,7 @@ from ckpt.convert.export import DTYPES, FORMATS, export, parse_size
 from ckpt.convert.importing import FORMATS as IMPORT_FORMATS
 from ckpt.convert.importing import import_checkpoint
 from ckpt.errors import CheckpointError
-from ckpt.limits import MAX_STEP
+from ckpt.format.limits import MAX_STEP
 
 __all__ = ["add_export_parser", "add_import_parser", "split_step"]
 

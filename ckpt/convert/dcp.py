@@ -22,7 +22,7 @@ import torch
 from ckpt.convert.guard import MAX_DEPTH, MAX_NODES, check_shape, check_tree, open_source
 from ckpt.convert.loading import load_bytes, load_dcp_metadata
 from ckpt.errors import CorruptCheckpointError
-from ckpt.limits import byte_count
+from ckpt.format.limits import byte_count
 
 __all__ = ["MAX_CHUNKS", "MAX_GRID_CELLS", "load_dcp"]
 

@@ -36,11 +36,11 @@ from ckpt.errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
 )
-from ckpt.kinds import Captured
-from ckpt.limits import MAX_STEP
+from ckpt.format.limits import MAX_STEP
+from ckpt.saving.writer import CheckpointWriter
+from ckpt.state.kinds import Captured
+from ckpt.state.tree import flatten
 from ckpt.torch_compat import module_metadata
-from ckpt.tree import flatten
-from ckpt.writer import CheckpointWriter
 
 __all__ = [
     "AMPLIFICATION_SLACK",

@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from ckpt.optim import PARAM_SHAPED_KEYS
-from ckpt.tree import flatten
+from ckpt.state.optim import PARAM_SHAPED_KEYS
+from ckpt.state.tree import flatten
 
 __all__ = [
     "EXTRA_ITEM",

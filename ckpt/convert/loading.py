@@ -29,8 +29,8 @@ from ckpt.convert.guard import (
     read_bounded,
 )
 from ckpt.errors import CorruptCheckpointError
-from ckpt.tensorfile import parse_header
-from ckpt.tree import loads_strict
+from ckpt.io.tensorfile import parse_header
+from ckpt.state.tree import loads_strict
 
 __all__ = [
     "load_bytes",

@@ -26,7 +26,7 @@ from ckpt.convert.source import ItemLayout
 from ckpt.errors import CheckpointWriteError, IncompatibleCheckpointError
 from ckpt.format import MANIFEST_NAME
 from ckpt.format.names import parse_step_dir_name
-from ckpt.writer_lock import LOCK_NAME
+from ckpt.saving.writer_lock import LOCK_NAME
 
 __all__ = ["RenamedSource", "bare_names", "check_destination"]
 

@@ -14,10 +14,10 @@ from typing import Any
 
 import torch
 
-from ckpt.checkpoint_reader import CheckpointReader
-from ckpt.describe import key_of
 from ckpt.errors import CheckpointNotFoundError, IncompatibleCheckpointError
-from ckpt.tree import tensor_refs
+from ckpt.reading.describe import key_of
+from ckpt.reading.reader import CheckpointReader
+from ckpt.state.tree import tensor_refs
 
 __all__ = ["ItemLayout", "LayoutEntry", "open_item"]
 

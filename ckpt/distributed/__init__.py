@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from ckpt.format import Manifest
 
 if TYPE_CHECKING:
-    from ckpt.kinds import RestoreOptions
+    from ckpt.state.kinds import RestoreOptions
     from ckpt.storage import Storage
 
 __all__ = [

@@ -25,7 +25,7 @@ from ckpt.errors import (
     IncompatibleCheckpointError,
     PartialRestoreError,
 )
-from ckpt.tree import Json
+from ckpt.state.tree import Json
 
 __all__ = [
     "agree_on_candidates",

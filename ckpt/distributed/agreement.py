@@ -25,8 +25,8 @@ from typing import Any
 
 from ckpt.distributed.group import MAX_TIMEOUT, RankGroup
 from ckpt.errors import CollectiveError
+from ckpt.state.tree import Json
 from ckpt.torch_compat import default_store
-from ckpt.tree import Json
 
 __all__ = ["Handshake", "agreeing", "open_agreement"]
 

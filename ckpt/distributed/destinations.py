@@ -18,10 +18,10 @@ from ckpt.distributed.planning import local_shards
 from ckpt.distributed.states import optimizer_param_names, sharded_state
 from ckpt.errors import IncompatibleCheckpointError
 from ckpt.format import ItemRecord, ShardedSection
-from ckpt.kinds import RestoreOptions
-from ckpt.kinds.optimizer import check_optimizer_numbers
-from ckpt.optim import check_group_types, class_name
-from ckpt.tree import Json, tensor_refs, unflatten
+from ckpt.state.kinds import RestoreOptions
+from ckpt.state.kinds.optimizer import check_optimizer_numbers
+from ckpt.state.optim import check_group_types, class_name
+from ckpt.state.tree import Json, tensor_refs, unflatten
 
 __all__ = ["live_optimizer_tensors", "module_destinations", "optimizer_destinations"]
 

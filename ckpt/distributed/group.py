@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from ckpt.errors import CollectiveError
-from ckpt.tree import Json
+from ckpt.state.tree import Json
 
 __all__ = ["RankGroup"]
 

@@ -32,8 +32,8 @@ from ckpt.format import (
     RankSection,
     ShardedSection,
 )
-from ckpt.kinds.module import bare_key
-from ckpt.tree import Json, tensor_refs
+from ckpt.state.kinds.module import bare_key
+from ckpt.state.tree import Json, tensor_refs
 
 __all__ = ["group_of_one"]
 

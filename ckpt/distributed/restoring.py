@@ -48,13 +48,13 @@ from ckpt.distributed.states import (
 from ckpt.errors import CheckpointNotFoundError, IncompatibleCheckpointError, PartialRestoreError
 from ckpt.format import Manifest, ShardedSection, rank_manifest
 from ckpt.io import load_tensors
-from ckpt.items import build_state
-from ckpt.kinds import RestoreOptions
-from ckpt.locations import MapLocation, mapped_device, place
-from ckpt.restoring import PreparedRestore, apply_restore, check_items, prepare_restore
-from ckpt.rng import RNG_ITEM, RandomStreams
+from ckpt.restoring.locations import MapLocation, mapped_device, place
+from ckpt.restoring.pipeline import PreparedRestore, apply_restore, check_items, prepare_restore
+from ckpt.state.items import build_state
+from ckpt.state.kinds import RestoreOptions
+from ckpt.state.rng import RNG_ITEM, RandomStreams
+from ckpt.state.tree import tensor_refs, unflatten
 from ckpt.storage import Storage
-from ckpt.tree import tensor_refs, unflatten
 
 __all__ = [
     "ShardedRestore",

@@ -26,8 +26,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ckpt.commit import open_attempt, remove_leftovers
-from ckpt.commit_protocol import Attempt, write_manifest
 from ckpt.distributed.capture import RankCapture, capture_local, capture_own, lay_out
 from ckpt.distributed.group import RankGroup
 from ckpt.distributed.writing import assemble_v3, write_rank_files
@@ -45,7 +43,9 @@ from ckpt.format import (
     encode_manifest,
     step_dir_name,
 )
-from ckpt.header import ManifestHeader
+from ckpt.format.header import ManifestHeader
+from ckpt.saving.commit import open_attempt, remove_leftovers
+from ckpt.saving.commit_protocol import Attempt, write_manifest
 from ckpt.storage import Storage
 
 __all__ = ["CollectiveSave", "PendingSave"]

@@ -26,10 +26,10 @@ from ckpt.format import (
     decode_manifest,
     encode_manifest,
 )
-from ckpt.integrity import Hasher, HashingWriter
+from ckpt.io.integrity import Hasher, HashingWriter
+from ckpt.io.tensorfile import dtype_from_name, dtype_name, write_tensors
+from ckpt.state.tree import Json
 from ckpt.storage import BackgroundSyncs, Storage
-from ckpt.tensorfile import dtype_from_name, dtype_name, write_tensors
-from ckpt.tree import Json
 
 __all__ = ["assemble_v3", "write_rank_files"]
 

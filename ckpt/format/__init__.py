@@ -21,6 +21,7 @@ from ckpt.format.bounds import (
     MAX_MANIFEST_BYTES,
     MAX_MANIFEST_VALUES,
 )
+from ckpt.format.limits import MAX_STEP
 from ckpt.format.manifest import FORMAT_NAME, FORMAT_VERSION, decode_manifest, encode_manifest
 from ckpt.format.names import (
     MANIFEST_NAME,
@@ -46,7 +47,6 @@ from ckpt.format.records import (
     TensorRecord,
 )
 from ckpt.format.sharded import MAX_WORLD_SIZE, SHARDED_KINDS, rank_manifest
-from ckpt.limits import MAX_STEP
 
 __all__ = [
     "FORMAT_NAME",

@@ -15,6 +15,7 @@ from typing import Any
 
 from ckpt.errors import CorruptCheckpointError, IncompatibleCheckpointError
 from ckpt.format import bounds
+from ckpt.format.limits import MAX_STEP
 from ckpt.format.records import Manifest, TensorRecord
 from ckpt.format.sealing import check_manifest_checksum, sealed
 from ckpt.format.sections import (
@@ -25,8 +26,7 @@ from ckpt.format.sections import (
     encode_tensor,
 )
 from ckpt.format.sharded import decode_sharded, encode_sharded
-from ckpt.limits import MAX_STEP
-from ckpt.tree import Json, loads_strict
+from ckpt.state.tree import Json, loads_strict
 
 FORMAT_NAME = "ckpt"
 FORMAT_VERSION = 3

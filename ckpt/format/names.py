@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from ckpt.limits import MAX_STEP
+from ckpt.format.limits import MAX_STEP
 
 MANIFEST_NAME = "manifest.json"
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ckpt.tree import Json
+from ckpt.state.tree import Json
 
 ITEM_KINDS = ("module", "optimizer", "stateful", "dict", "rng")
 

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from ckpt.errors import CorruptCheckpointError
+from ckpt.format.limits import MAX_BYTES, byte_count
 from ckpt.format.records import (
     ChunkRecord,
     FileRecord,
@@ -39,10 +40,9 @@ from ckpt.format.sections import (
     encode_tensor,
     shown_shape,
 )
-from ckpt.integrity import ALGORITHM
-from ckpt.limits import MAX_BYTES, byte_count
-from ckpt.tensorfile import dtype_name
-from ckpt.tree import Json, tensor_refs
+from ckpt.io.integrity import ALGORITHM
+from ckpt.io.tensorfile import dtype_name
+from ckpt.state.tree import Json, tensor_refs
 
 __all__ = [
     "MAX_WORLD_SIZE",

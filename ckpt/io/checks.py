@@ -7,9 +7,9 @@ from typing import BinaryIO
 
 from ckpt.errors import CheckpointNotFoundError, CorruptCheckpointError
 from ckpt.format import FileRecord, Manifest, TensorRecord
-from ckpt.integrity import Hasher
+from ckpt.io.integrity import Hasher
+from ckpt.io.tensorfile import MAX_HEADER_BYTES, TensorEntry, parse_header
 from ckpt.storage import Storage
-from ckpt.tensorfile import MAX_HEADER_BYTES, TensorEntry, parse_header
 
 __all__ = ["check_digest", "check_size", "matching_entry", "read_header"]
 

@@ -12,8 +12,8 @@ import torch
 
 from ckpt.io.live_reads import DeferredRead, run_reads
 from ckpt.io.spill import spill_room
+from ckpt.io.tensorfile import TensorEntry
 from ckpt.storage import Storage
-from ckpt.tensorfile import TensorEntry
 
 __all__ = ["MAX_HELD_FILES", "PendingReads", "Reopen", "Source", "held_files_limit"]
 

@@ -11,14 +11,14 @@ import torch
 
 from ckpt.errors import CorruptCheckpointError
 from ckpt.format import MANIFEST_NAME, Manifest, TensorRecord
-from ckpt.integrity import CHUNK_BYTES, Hasher
 from ckpt.io.checks import check_digest, check_size, matching_entry, read_header
+from ckpt.io.integrity import CHUNK_BYTES, Hasher
 from ckpt.io.pending import PendingReads, Reopen, Source
 from ckpt.io.spill import copy_bytes
-from ckpt.locations import MapLocation, mapped_device, place
-from ckpt.optim import Target
+from ckpt.io.tensorfile import TensorEntry, check_stored_dtype, read_tensor, tensor_bytes
+from ckpt.restoring.locations import MapLocation, mapped_device, place
+from ckpt.state.optim import Target
 from ckpt.storage import Storage
-from ckpt.tensorfile import TensorEntry, check_stored_dtype, read_tensor, tensor_bytes
 
 __all__ = ["load_tensors"]
 

@@ -9,9 +9,9 @@ from typing import BinaryIO
 import torch
 
 from ckpt.format import MANIFEST_NAME, FileRecord, Manifest, encode_manifest
-from ckpt.integrity import Hasher, HashingWriter
+from ckpt.io.integrity import Hasher, HashingWriter
+from ckpt.io.tensorfile import write_tensors
 from ckpt.storage import BackgroundSyncs, Storage
-from ckpt.tensorfile import write_tensors
 
 __all__ = ["write_checkpoint_files"]
 

@@ -28,7 +28,7 @@ __all__ = ["CommitStrategy", "Storage", "WriterLock", "check_url", "open_storage
 class CommitStrategy(enum.Enum):
     """How a backend makes a finished checkpoint visible, all at once.
 
-    Each has its :class:`~ckpt.commit_protocol.CommitProtocol` (open, abandon,
+    Each has its :class:`~ckpt.saving.commit_protocol.CommitProtocol` (open, abandon,
     finalize), the same for saves from one process and from several ranks.
     """
 

@@ -17,13 +17,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from ckpt.data import ResumableSampler
+from ckpt.data.sampler import ResumableSampler
+from ckpt.data.sampler_state import check_fields
 from ckpt.errors import CorruptCheckpointError, IncompatibleCheckpointError
 from ckpt.format import ItemRecord
-from ckpt.kinds.base import ItemKind, ItemPlan, RestoreOptions, Stateful, check_like
-from ckpt.sampler_state import check_fields
-from ckpt.schedulers import align_lr_to_scheduler, scheduler_optimizer
-from ckpt.tree import Json, tensors_by_path, unflatten
+from ckpt.state.kinds.base import ItemKind, ItemPlan, RestoreOptions, Stateful, check_like
+from ckpt.state.schedulers import align_lr_to_scheduler, scheduler_optimizer
+from ckpt.state.tree import Json, tensors_by_path, unflatten
 
 __all__ = ["SamplerKind", "ScalerKind", "SchedulerKind", "StatefulKind"]
 
@@ -261,7 +261,7 @@ class SamplerKind(StatefulKind):
     """:class:`ckpt.ResumableSampler`: the dataset size and shuffle setting must match."""
 
     classes = (ResumableSampler,)
-    saved_classes = ("ckpt.data.ResumableSampler",)
+    saved_classes = ("ckpt.data.sampler.ResumableSampler",)
     _FIELDS = ("size", "shuffle", "seed", "epoch", "position", "generator")
 
     def check_saved(self, name: str, state: Any, record: ItemRecord) -> None:

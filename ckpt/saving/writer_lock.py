@@ -9,7 +9,7 @@ import socket
 import weakref
 from datetime import datetime, timezone
 
-from ckpt.commit import writer_is_gone
+from ckpt.saving.commit import writer_is_gone
 from ckpt.storage import Storage, WriterLock
 
 __all__ = ["LOCK_NAME", "hold_writer_lock", "release_quietly"]

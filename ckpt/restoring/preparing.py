@@ -1,7 +1,7 @@
 """A restore's two halves as the manager runs them: prepare one step (read, check), then apply.
 
 Single-process checkpoints (format versions 1 and 2) go through
-:mod:`ckpt.restoring`; checkpoints saved by several ranks, and any restore
+:mod:`ckpt.restoring.pipeline`; checkpoints saved by several ranks, and any restore
 inside a process group, through :mod:`ckpt.distributed`.
 """
 
@@ -11,13 +11,13 @@ import logging
 from collections.abc import Callable
 from typing import Any, TypeAlias
 
-from ckpt.checkpoint_reader import located
 from ckpt.distributed import PreparedCollective, apply_sharded_restore, prepare_collective
 from ckpt.errors import CheckpointNotFoundError
 from ckpt.format import MANIFEST_NAME, Manifest
-from ckpt.kinds import RestoreOptions
-from ckpt.restoring import PreparedRestore, apply_restore, prepare_restore
-from ckpt.rng import RNG_ITEM, RandomStreams
+from ckpt.reading.reader import located
+from ckpt.restoring.pipeline import PreparedRestore, apply_restore, prepare_restore
+from ckpt.state.kinds import RestoreOptions
+from ckpt.state.rng import RNG_ITEM, RandomStreams
 from ckpt.storage import Storage
 
 __all__ = ["Prepared", "apply_prepared", "prepare_step"]

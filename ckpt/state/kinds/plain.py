@@ -8,9 +8,9 @@ from typing import Any
 import torch
 
 from ckpt.format import ItemRecord
-from ckpt.kinds.base import ItemKind, ItemPlan, RestoreOptions
-from ckpt.rng import RandomStreams, check_rng_state, check_rng_values
-from ckpt.tree import tensors_by_path, unflatten
+from ckpt.state.kinds.base import ItemKind, ItemPlan, RestoreOptions
+from ckpt.state.rng import RandomStreams, check_rng_state, check_rng_values
+from ckpt.state.tree import tensors_by_path, unflatten
 
 __all__ = ["DictKind", "RandomStreamsKind"]
 
@@ -54,7 +54,7 @@ class DictKind(ItemKind):
 
 
 class RandomStreamsKind(ItemKind):
-    """The process's random streams (:class:`ckpt.rng.RandomStreams`): restored last."""
+    """The process's random streams (:class:`ckpt.state.rng.RandomStreams`): restored last."""
 
     stored = "rng"
     order = 4

@@ -20,10 +20,10 @@ from torch.nn.parameter import UninitializedTensorMixin  # type: ignore[attr-def
 
 from ckpt.errors import CorruptCheckpointError, IncompatibleCheckpointError
 from ckpt.format import ItemRecord
-from ckpt.inplace import loads_own_way, module_loads_plainly
-from ckpt.kinds.base import Captured, ItemKind, ItemPlan, RestoreOptions
+from ckpt.restoring.inplace import loads_own_way, module_loads_plainly
+from ckpt.state.kinds.base import Captured, ItemKind, ItemPlan, RestoreOptions
+from ckpt.state.tree import Json, flatten, tensors_by_path, unflatten
 from ckpt.torch_compat import module_metadata, with_module_metadata
-from ckpt.tree import Json, flatten, tensors_by_path, unflatten
 
 __all__ = ["ModuleKind", "bare_key"]
 

@@ -29,8 +29,8 @@ import torch
 from torch import nn
 
 from ckpt.format import TensorRecord
-from ckpt.locations import MapLocation, mapped_device
-from ckpt.optim import Target
+from ckpt.restoring.locations import MapLocation, mapped_device
+from ckpt.state.optim import Target
 from ckpt.torch_compat import (
     has_module_load_hooks,
     has_optimizer_load_hooks,
@@ -47,7 +47,7 @@ __all__ = [
 
 Counterpart = tuple[torch.Tensor, Target | None]
 """A live tensor that would receive a stored tensor, and the cast torch's load applies
-first: an optimizer's target (see :func:`ckpt.optim.cast_policy`), or ``None`` for a
+first: an optimizer's target (see :func:`ckpt.state.optim.cast_policy`), or ``None`` for a
 module, whose ``load_state_dict`` copies the value into the live tensor, casting it."""
 
 _CPU = torch.device("cpu")

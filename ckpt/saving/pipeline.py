@@ -15,13 +15,13 @@ from typing import Any
 
 import torch
 
-from ckpt.commit import commit_checkpoint, file_token
 from ckpt.format import Manifest, step_dir_name
-from ckpt.header import ManifestHeader
-from ckpt.items import assemble_manifest, capture, check_flags, check_item_name
-from ckpt.limits import check_metrics
-from ckpt.optim import module_param_names
-from ckpt.rng import RNG_ITEM, RandomStreams
+from ckpt.format.header import ManifestHeader
+from ckpt.format.limits import check_metrics
+from ckpt.saving.commit import commit_checkpoint, file_token
+from ckpt.state.items import assemble_manifest, capture, check_flags, check_item_name
+from ckpt.state.optim import module_param_names
+from ckpt.state.rng import RNG_ITEM, RandomStreams
 from ckpt.storage import Storage
 
 __all__ = ["Saver", "capture_save", "check_save_args", "commit_and_log"]
@@ -102,7 +102,7 @@ def commit_and_log(
     guard: Callable[[], None] | None,
     start: float,
 ) -> Manifest:
-    """Write and commit one checkpoint (:func:`~ckpt.commit.commit_checkpoint`), and log it."""
+    """Write and commit one checkpoint (:func:`~ckpt.saving.commit.commit_checkpoint`); log it."""
     manifest = commit_checkpoint(
         storage, step, files, manifest, token=token, overwrite=overwrite, guard=guard
     )

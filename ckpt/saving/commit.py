@@ -3,7 +3,7 @@
 The I/O side of a save, given a :class:`~ckpt.storage.Storage`: open an attempt
 (:func:`open_attempt`, for one process or a coordinator of many ranks) and commit
 a one-process save through it (:func:`commit_checkpoint`) the way the backend
-says (:mod:`ckpt.commit_protocol`, where the crash-safety argument is written
+says (:mod:`ckpt.saving.commit_protocol`, where the crash-safety argument is written
 down: an atomic rename on local disk, a manifest created only if absent on
 object stores), delete checkpoints retention dropped, and remove what crashed
 writers left behind. Nothing here decides *what* to save or keep.
@@ -19,15 +19,6 @@ from collections.abc import Callable
 
 import torch
 
-from ckpt.commit_protocol import (
-    REPLACING,
-    Attempt,
-    CommitProtocol,
-    RenameDir,
-    protocol_for,
-    remove_quietly,
-    remove_unreferenced,
-)
 from ckpt.errors import CheckpointError, CheckpointExistsError, CheckpointWriteError
 from ckpt.format import (
     MANIFEST_NAME,
@@ -37,8 +28,17 @@ from ckpt.format import (
     safe_host_name,
     step_dir_name,
 )
-from ckpt.header import ManifestHeader
+from ckpt.format.header import ManifestHeader
 from ckpt.io import read_manifest, write_checkpoint_files
+from ckpt.saving.commit_protocol import (
+    REPLACING,
+    Attempt,
+    CommitProtocol,
+    RenameDir,
+    protocol_for,
+    remove_quietly,
+    remove_unreferenced,
+)
 from ckpt.storage import Storage
 from ckpt.storage.local import NEW_FILE_PREFIX
 
@@ -100,7 +100,7 @@ def open_attempt(
 
     Removes the temporary directories crashed writers left (on backends that
     commit by rename), then opens the attempt the way the backend commits (see
-    :mod:`ckpt.commit_protocol`). Run by the only process, or by the coordinator.
+    :mod:`ckpt.saving.commit_protocol`). Run by the only process, or by the coordinator.
 
     Raises:
         CheckpointWriteError: ``overwrite`` of a collective save where not supported.

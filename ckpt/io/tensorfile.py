@@ -26,9 +26,9 @@ from typing import BinaryIO, Protocol
 import torch
 
 from ckpt.errors import CorruptCheckpointError
-from ckpt.integrity import hash_bytes
-from ckpt.limits import byte_count
-from ckpt.tree import loads_strict
+from ckpt.format.limits import byte_count
+from ckpt.io.integrity import hash_bytes
+from ckpt.state.tree import loads_strict
 
 __all__ = [
     "MAX_HEADER_BYTES",

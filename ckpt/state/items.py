@@ -3,7 +3,7 @@
 An item is a keyword argument of ``save``/``restore``: an ``nn.Module``, a
 ``torch.optim.Optimizer``, any :class:`Stateful` object (a scheduler, a
 ``GradScaler``, a sampler), or a plain ``dict``. Each kind's capture, checks
-and loading live in :mod:`ckpt.kinds`; this module names items, captures them
+and loading live in :mod:`ckpt.state.kinds`; this module names items, captures them
 through their kind, and lays captured states out as tensor files and a
 manifest. No I/O happens here.
 """
@@ -19,10 +19,10 @@ import torch
 
 from ckpt.errors import CorruptCheckpointError
 from ckpt.format import PACK_SUFFIX, ItemRecord, Manifest, TensorRecord, item_file_name
-from ckpt.kinds import Captured, Stateful, kind_of
-from ckpt.tensorfile import check_stored_dtype, dtype_name, pack_tensors
+from ckpt.io.tensorfile import check_stored_dtype, dtype_name, pack_tensors
+from ckpt.state.kinds import Captured, Stateful, kind_of
+from ckpt.state.tree import Json, KeyPath, format_key_path, tensors_by_path, unflatten, unflatten_at
 from ckpt.torch_compat import with_module_metadata
-from ckpt.tree import Json, KeyPath, format_key_path, tensors_by_path, unflatten, unflatten_at
 
 __all__ = [
     "PACK_MAX_BYTES",
@@ -100,7 +100,7 @@ def item_kind(name: str, obj: object) -> str:
 
 
 def capture(name: str, obj: Any, param_names: Mapping[int, str]) -> Captured:
-    """Capture one item's state for saving (see :meth:`ckpt.kinds.ItemKind.capture`).
+    """Capture one item's state for saving (see :meth:`ckpt.state.kinds.ItemKind.capture`).
 
     Args:
         name: The item name (the first component of its tensor names).

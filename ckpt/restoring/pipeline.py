@@ -10,7 +10,7 @@
    checksum compared; the states are assembled, and small stateful objects
    (and modules' own-way loaders) are dry-run on copies. Still nothing changed.
 3. **Apply** (:func:`apply_restore`): bytes go straight into live tensors where
-   that is exact (see :mod:`ckpt.inplace`), then each item is loaded, in kind
+   that is exact (see :mod:`ckpt.restoring.inplace`), then each item is loaded, in kind
    order (modules, optimizers, other stateful objects, dicts, random streams).
    If an item's own code raises now (a hook, a ``load_state_dict`` override),
    a :class:`~ckpt.errors.PartialRestoreError` names it, the items already
@@ -29,11 +29,11 @@ from torch import nn
 
 from ckpt.errors import CorruptCheckpointError, IncompatibleCheckpointError, PartialRestoreError
 from ckpt.format import Manifest
-from ckpt.inplace import choose_destinations
 from ckpt.io import PendingReads, load_tensors
-from ckpt.items import check_stored_dtype, skeleton
-from ckpt.kinds import ItemPlan, RestoreOptions, kind_of, kind_of_record
-from ckpt.optim import module_param_names
+from ckpt.restoring.inplace import choose_destinations
+from ckpt.state.items import check_stored_dtype, skeleton
+from ckpt.state.kinds import ItemPlan, RestoreOptions, kind_of, kind_of_record
+from ckpt.state.optim import module_param_names
 from ckpt.storage import Storage
 
 __all__ = ["PreparedRestore", "apply_restore", "check_items", "plan_items", "prepare_restore"]

@@ -3,7 +3,7 @@
 :class:`CheckpointReader` never creates a directory, never takes the writer
 lock and never writes: any number of readers, in any processes, may work on a
 root while its one writer saves and deletes checkpoints (every answer is
-checked against a second look, see :mod:`ckpt.reader`). The manager reads
+checked against a second look, see :mod:`ckpt.reading.steps`). The manager reads
 through one of these.
 """
 
@@ -19,19 +19,24 @@ from typing import Any
 
 import torch
 
-from ckpt.describe import Description, describe_manifest, format_version_of, item_tensor_keys
 from ckpt.distributed import read_consolidated, verify_sharded
 from ckpt.errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
 from ckpt.format import MANIFEST_NAME, Manifest, step_dir_name
 from ckpt.gc_pause import paused_gc
 from ckpt.io import load_tensors, verify_checkpoint_files
-from ckpt.items import build_state
-from ckpt.locations import MapLocation, check_map_location
-from ckpt.reader import LIST_ATTEMPTS, StepReader
-from ckpt.restoring import check_items
+from ckpt.reading.describe import (
+    Description,
+    describe_manifest,
+    format_version_of,
+    item_tensor_keys,
+)
+from ckpt.reading.steps import LIST_ATTEMPTS, StepReader
+from ckpt.reading.streaming import stream_item
+from ckpt.restoring.locations import MapLocation, check_map_location
+from ckpt.restoring.pipeline import check_items
+from ckpt.state.items import build_state
+from ckpt.state.tree import tensor_refs
 from ckpt.storage import Storage, open_storage
-from ckpt.streaming import stream_item
-from ckpt.tree import tensor_refs
 
 __all__ = ["Checkpoint", "CheckpointReader", "located"]
 

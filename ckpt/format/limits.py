@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ckpt.tree import check_text
+from ckpt.state.tree import check_text
 
 __all__ = [
     "MAX_BYTES",

@@ -26,8 +26,8 @@ import torch
 
 from ckpt.errors import CorruptCheckpointError
 from ckpt.format import GlobalTensorRecord, ItemRecord, Manifest, TensorRecord
-from ckpt.tensorfile import check_stored_dtype
-from ckpt.tree import Json, KeyPath, unflatten_at
+from ckpt.io.tensorfile import check_stored_dtype
+from ckpt.state.tree import Json, KeyPath, unflatten_at
 
 __all__ = [
     "Description",

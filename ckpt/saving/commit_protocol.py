@@ -44,7 +44,7 @@ nothing half-written:
   durable first, so the next writer finishes the cleanup if this one dies.
 * **What a crash leaves behind is removable and recognisable**: temporary
   directories name their host and process; attempt files carry the attempt's
-  token; :mod:`ckpt.commit` removes them (dead writer, or older than a grace
+  token; :mod:`ckpt.saving.commit` removes them (dead writer, or older than a grace
   period) before the next save. Nothing else in the root is ever touched.
 """
 
@@ -66,7 +66,7 @@ from ckpt.format import (
     step_dir_name,
     temp_dir_name,
 )
-from ckpt.header import ManifestHeader
+from ckpt.format.header import ManifestHeader
 from ckpt.storage import CommitStrategy, Storage
 from ckpt.storage.local import NEW_FILE_PREFIX
 

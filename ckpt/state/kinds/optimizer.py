@@ -9,16 +9,16 @@ import torch
 
 from ckpt.errors import CorruptCheckpointError
 from ckpt.format import ItemRecord
-from ckpt.inplace import optimizer_loads_plainly
-from ckpt.kinds.base import ItemKind, ItemPlan, RestoreOptions
-from ckpt.optim import (
+from ckpt.restoring.inplace import optimizer_loads_plainly
+from ckpt.state.kinds.base import ItemKind, ItemPlan, RestoreOptions
+from ckpt.state.optim import (
     check_optimizer_saved,
     check_optimizer_state,
     class_name,
     optimizer_param_records,
     optimizer_targets,
 )
-from ckpt.tree import Json, tensors_by_path
+from ckpt.state.tree import Json, tensors_by_path
 
 __all__ = ["OptimizerKind"]
 
@@ -79,7 +79,7 @@ class OptimizerKind(ItemKind):
     def validate(
         self, plan: ItemPlan, options: RestoreOptions, live_names: Mapping[int, str]
     ) -> None:
-        """Check against the live optimizer (see :func:`ckpt.optim.check_optimizer_state`)."""
+        """Check against the live optimizer (see :func:`ckpt.state.optim.check_optimizer_state`)."""
         obj, saved = plan.obj, plan.saved
         id_map = check_optimizer_state(
             plan.name,

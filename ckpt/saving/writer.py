@@ -13,18 +13,18 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from ckpt.commit import delete_checkpoint, file_token, remove_leftovers
 from ckpt.errors import CheckpointWriteError
 from ckpt.format import MANIFEST_NAME, Manifest, step_dir_name
-from ckpt.header import ManifestHeader
-from ckpt.items import assemble_manifest
-from ckpt.kinds import Captured
-from ckpt.reader import StepReader
-from ckpt.retaining import Retainer
-from ckpt.retention import RetentionPolicy
-from ckpt.saving import Files, commit_and_log
+from ckpt.format.header import ManifestHeader
+from ckpt.policies.retention import RetentionPolicy
+from ckpt.reading.steps import StepReader
+from ckpt.saving.commit import delete_checkpoint, file_token, remove_leftovers
+from ckpt.saving.pipeline import Files, commit_and_log
+from ckpt.saving.retaining import Retainer
+from ckpt.saving.writer_lock import hold_writer_lock
+from ckpt.state.items import assemble_manifest
+from ckpt.state.kinds import Captured
 from ckpt.storage import Storage, WriterLock, open_storage
-from ckpt.writer_lock import hold_writer_lock
 
 __all__ = ["CheckpointWriter"]
 
@@ -52,7 +52,7 @@ class CheckpointWriter:
         CheckpointWriteError: The root directory cannot be created.
 
     Example:
-        >>> from ckpt.retention import RetentionPolicy
+        >>> from ckpt.policies.retention import RetentionPolicy
         >>> with ckpt.CheckpointWriter("runs/exp1") as writer:
         ...     writer.prune(RetentionPolicy(keep_last=3))
     """

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from ckpt.errors import CorruptCheckpointError
 from ckpt.format import ItemRecord
-from ckpt.kinds.base import Captured, ItemKind, ItemPlan, RestoreOptions, Stateful
-from ckpt.kinds.module import ModuleKind
-from ckpt.kinds.optimizer import OptimizerKind
-from ckpt.kinds.plain import DictKind, RandomStreamsKind
-from ckpt.kinds.stateful import SamplerKind, ScalerKind, SchedulerKind, StatefulKind
+from ckpt.state.kinds.base import Captured, ItemKind, ItemPlan, RestoreOptions, Stateful
+from ckpt.state.kinds.module import ModuleKind
+from ckpt.state.kinds.optimizer import OptimizerKind
+from ckpt.state.kinds.plain import DictKind, RandomStreamsKind
+from ckpt.state.kinds.stateful import SamplerKind, ScalerKind, SchedulerKind, StatefulKind
 
 __all__ = [
     "KINDS",

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from ckpt.limits import float64_value
+from ckpt.format.limits import float64_value
 
 __all__ = ["RetentionPolicy", "steps_to_delete"]
 

@@ -1,7 +1,7 @@
 """What every item kind shares: the Stateful protocol, captured state, plans, and the handler base.
 
 An item kind is a type (a subclass of :class:`ItemKind`) registered in
-:mod:`ckpt.kinds`. Each has three separate steps:
+:mod:`ckpt.state.kinds`. Each has three separate steps:
 
 * **capture** (save): the item's state as a typed-JSON tree and tensors;
 * **validate** (restore, before anything is read or changed): the saved state
@@ -23,10 +23,10 @@ import torch
 
 from ckpt.errors import CorruptCheckpointError, IncompatibleCheckpointError
 from ckpt.format import ItemRecord
-from ckpt.inplace import Counterpart
-from ckpt.locations import MapLocation
-from ckpt.optim import Target
-from ckpt.tree import Json, flatten, unflatten
+from ckpt.restoring.inplace import Counterpart
+from ckpt.restoring.locations import MapLocation
+from ckpt.state.optim import Target
+from ckpt.state.tree import Json, flatten, unflatten
 
 __all__ = [
     "Captured",
@@ -125,7 +125,7 @@ class ItemPlan:
 
 
 class ItemKind:
-    """One kind of item. Subclasses are registered in :data:`ckpt.kinds.KINDS`."""
+    """One kind of item. Subclasses are registered in :data:`ckpt.state.kinds.KINDS`."""
 
     stored: ClassVar[str] = ""
     """The kind written in the manifest."""

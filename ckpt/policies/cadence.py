@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ckpt.preemption import PreemptionWatch
+from ckpt.policies.preemption import PreemptionWatch
 
 __all__ = ["SaveCadence", "SaveTiming"]
 

@@ -19,12 +19,12 @@ import torch
 
 from ckpt.errors import CorruptCheckpointError
 from ckpt.format import MANIFEST_NAME, Manifest, TensorRecord, rank_manifest
-from ckpt.integrity import CHUNK_BYTES, Hasher
 from ckpt.io import assemble_tensor
 from ckpt.io.checks import check_digest, check_size, matching_entry, read_header
-from ckpt.items import check_stored_dtype
+from ckpt.io.integrity import CHUNK_BYTES, Hasher
+from ckpt.io.tensorfile import TensorEntry, read_tensor, tensor_bytes
+from ckpt.state.items import check_stored_dtype
 from ckpt.storage import Storage
-from ckpt.tensorfile import TensorEntry, read_tensor, tensor_bytes
 
 __all__ = ["stream_item"]
 
@@ -44,7 +44,7 @@ def stream_item(
         storage: The checkpoint root.
         step_name: The step directory.
         manifest: Its manifest.
-        keys: From :func:`ckpt.describe.item_tensor_keys`.
+        keys: From :func:`ckpt.reading.describe.item_tensor_keys`.
         sharded: The item is one of a version 3 manifest's sharded items.
         verify: Check every byte read against its checksum.
 

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ckpt.sampler_state import LIMIT, check_for, share
+from ckpt.data.sampler_state import LIMIT, check_for, share
 
 __all__ = ["ResumableDataLoader", "ResumableSampler", "resumable_loader"]
 

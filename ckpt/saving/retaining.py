@@ -5,11 +5,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping
 
-from ckpt.commit import delete_checkpoint
 from ckpt.errors import CheckpointError
 from ckpt.format import step_dir_name
 from ckpt.io import read_manifest
-from ckpt.retention import RetentionPolicy, steps_to_delete
+from ckpt.policies.retention import RetentionPolicy, steps_to_delete
+from ckpt.saving.commit import delete_checkpoint
 from ckpt.storage import Storage
 
 __all__ = ["Retainer"]
@@ -18,7 +18,7 @@ logger = logging.getLogger(__name__)
 
 
 class Retainer:
-    """Applies a :class:`~ckpt.retention.RetentionPolicy`, caching committed steps' metrics.
+    """Applies a :class:`~ckpt.policies.retention.RetentionPolicy`, caching steps' metrics.
 
     Not thread-safe: one save applies it at a time.
     """

@@ -1,0 +1,1 @@
+"""Small pure policies: when to save, what to keep, preemption signals."""

@@ -1,0 +1,1 @@
+"""Reading committed checkpoints: the public reader, step listing, describe, streaming."""

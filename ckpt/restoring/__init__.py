@@ -1,0 +1,1 @@
+"""Restoring: plan, validate every item, read and check every byte, then apply."""

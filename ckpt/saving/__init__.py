@@ -1,0 +1,1 @@
+"""Saving: validate and capture state, stage it, commit it, apply retention."""

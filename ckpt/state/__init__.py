@@ -1,0 +1,1 @@
+"""Training state: items, their kinds, the state tree, optimizers, random streams."""
