@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping
-from typing import Any, cast
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import torch
 
@@ -14,13 +14,12 @@ from ckpt.distributed import collective_save, open_rank_group
 from ckpt.errors import CheckpointExistsError
 from ckpt.format import Manifest, step_dir_name
 from ckpt.gc_pause import paused_gc
-from ckpt.io import load_tensors
 from ckpt.policies.cadence import SaveCadence, SaveTiming
 from ckpt.policies.preemption import PreemptionWatch, watched_signals
 from ckpt.policies.retention import RetentionPolicy
 from ckpt.reading.reader import Checkpoint, CheckpointReader
 from ckpt.restoring.locations import MapLocation, check_map_location
-from ckpt.restoring.preparing import Prepared, apply_prepared, prepare_step
+from ckpt.restoring.restorer import Restorer
 from ckpt.saving.pipeline import Saver, capture_save, check_save_args
 from ckpt.saving.staging import StagingBuffers
 from ckpt.saving.writer import CheckpointWriter
@@ -151,12 +150,13 @@ class CheckpointManager:
         self._collective = (
             None if self._group is None else collective_save(self._storage, self._group)
         )
+        self._restorer = Restorer(self._reader, self._checkpoints, self._group)
         signals = watched_signals(preemption_signals)
         self._handshake: Any = None
         self._decisions: Any = None
         agree = None
         if self._group is not None:
-            from ckpt.distributed.agreement import agreeing, open_agreement  # noqa: PLC0415
+            from ckpt.distributed.handshake import agreeing, open_agreement  # noqa: PLC0415
 
             config: dict[str, Json] = {
                 "every_steps": every_steps,
@@ -479,7 +479,6 @@ class CheckpointManager:
                 error lists the items restored before it and those left untouched.
         """
         self.wait()
-        start = time.perf_counter()
         check_map_location(map_location)
         for name in items:
             check_item_name(name, RESERVED_NAMES)
@@ -496,90 +495,8 @@ class CheckpointManager:
         )
         if self._group is not None:
             self._handshake.meet("restore()", {"step": step})
-        prepared = self._prepare_with_fallback(
-            step, lambda s: self._prepare(s, dict(items), options, rng, verify), list(items)
-        )
-        if prepared is None:
-            return None
-        manifest = prepared.manifest
-        where = self._url(prepared.step_name)
-        missing, unexpected = self._apply(prepared, items, strict, where)
-        logger.info(
-            "restored step %d from %s (%d bytes in %.3f s)",
-            manifest.step,
-            self._url(prepared.step_name),
-            prepared.nbytes,
-            time.perf_counter() - start,
-        )
-        info = self._info(manifest)
-        return Checkpoint(
-            info.step, info.epoch, info.metrics, info.path, info.items, missing, unexpected
-        )
-
-    def _prepare_with_fallback(
-        self,
-        step: int | None,
-        prepare: Callable[[int | None], Prepared | None],
-        names: list[str],
-    ) -> Prepared | None:
-        """Run ``prepare`` on ``step`` (the latest intact one, if so configured).
-
-        In a process group every rank tries the same steps and learns every rank's
-        outcome (see :mod:`ckpt.distributed.agreeing`): all go on, or all raise an
-        error of the same class; a step they agree is corrupt is skipped alike.
-        """
-        fallback = step is None and self.fallback_to_intact
-        if self._group is None:
-            if not fallback:
-                return self._reader.retrying(step, prepare, "restored")
-            return cast("Prepared | None", self._reader.newest_intact(prepare, "restored"))
-        from ckpt.distributed import agreeing  # noqa: PLC0415 - only in a process group
-
-        agreeing.check_same_items(self._group, names)
-
-        def listed() -> list[int]:  # on rank 0 only
-            if fallback:
-                return self.all_steps()
-            latest = self.latest_step()
-            return [] if latest is None else [latest]
-
-        candidates = agreeing.agree_on_candidates(self._group, step, listed, fallback)
-        found = agreeing.first_agreed(self._group, candidates, prepare, fallback)
-        return None if found is None else found[1]
-
-    def _apply(
-        self, prepared: Prepared, items: dict[str, Any], strict: bool, where: str
-    ) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
-        """Load what was prepared; in a process group, a failure on any rank raises on all."""
-        if self._group is None:
-            return apply_prepared(prepared, items, strict, where)
-        from ckpt.distributed import agreeing  # noqa: PLC0415 - only in a process group
-
-        return agreeing.run_agreed_apply(
-            self._group, lambda: apply_prepared(prepared, items, strict, where), items, where
-        )
-
-    def _prepare(
-        self,
-        step: int | None,
-        items: dict[str, Any],
-        options: RestoreOptions,
-        rng: bool,
-        verify: bool,
-    ) -> Prepared | None:
-        """Check ``step`` (the latest when ``None``; ``None`` if none) against the live items."""
-        found = self._reader.manifest(step)
-        if found is None:
-            return None
-        return prepare_step(
-            self._storage,
-            *found,
-            items,
-            options,
-            rng=rng,
-            verify=verify,
-            group=self._group,
-            read=load_tensors,
+        return self._restorer.restore(
+            step, items, options, rng=rng, verify=verify, fallback=self.fallback_to_intact
         )
 
     def read(

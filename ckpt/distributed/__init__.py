@@ -84,7 +84,7 @@ def prepare_collective(
 
     Any checkpoint restores this way: one saved by several ranks, or by one process
     (seen as a group of one). The caller agrees on the outcome with the other
-    ranks before anything is applied (see :mod:`ckpt.distributed.agreeing`).
+    ranks before anything is applied (see :mod:`ckpt.distributed.outcomes`).
 
     Raises:
         CheckpointNotFoundError: An item is not in the checkpoint.

@@ -8,7 +8,7 @@ part of every live tensor with DCP's load planner
 fresh tensors those without a live counterpart), and validates its own items
 (random streams, schedulers, samplers, ...) as a single-process restore does.
 Only when every rank has succeeded (the caller agrees, see
-:mod:`ckpt.distributed.agreeing`) does a rank change anything: it reads the
+:mod:`ckpt.distributed.outcomes`) does a rank change anything: it reads the
 checked chunks into its live tensors, loads modules through DCP's
 ``set_model_state_dict`` and optimizers through torch's ``load_state_dict``,
 then its own items. A rank that did not exist when the checkpoint was saved

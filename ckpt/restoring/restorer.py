@@ -1,0 +1,232 @@
+"""Restoring one step into live items, as a manager does: choose the step, prepare, apply.
+
+One process or every rank of a group alike: the step is chosen (the latest, or
+the newest intact one with ``fallback``), every item is checked and every byte
+read before anything changes, then the items are applied in kind order.
+Checkpoints saved by one process, restored in one process, go through
+:mod:`ckpt.restoring.pipeline`; checkpoints saved by several ranks, and any
+restore inside a process group, through :mod:`ckpt.distributed`. In a group the
+ranks agree at each of those points (:mod:`ckpt.distributed.outcomes`), so all go
+on or all raise alike.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, TypeAlias, cast
+
+from ckpt.distributed import PreparedCollective, apply_sharded_restore, prepare_collective
+from ckpt.errors import CheckpointNotFoundError
+from ckpt.format import MANIFEST_NAME, Manifest
+from ckpt.io import load_tensors
+from ckpt.reading.reader import Checkpoint, CheckpointReader, located
+from ckpt.reading.steps import StepReader
+from ckpt.restoring.pipeline import PreparedRestore, apply_restore, prepare_restore
+from ckpt.state.kinds import RestoreOptions
+from ckpt.state.rng import RNG_ITEM, RandomStreams
+from ckpt.storage import Storage
+
+__all__ = ["Prepared", "Restorer", "apply_prepared", "prepare_step"]
+
+logger = logging.getLogger(__name__)
+
+Missing = dict[str, list[str]]
+
+Prepared: TypeAlias = "PreparedRestore | PreparedCollective"
+
+
+def prepare_step(
+    storage: Storage,
+    step_name: str,
+    manifest: Manifest,
+    items: dict[str, Any],
+    options: RestoreOptions,
+    *,
+    rng: bool,
+    verify: bool,
+    group: Any,
+    read: Callable[..., Any],
+) -> Prepared:
+    """Check a checkpoint against the live items and read its tensors; mutate nothing.
+
+    ``read`` is :func:`ckpt.io.load_tensors` (or a stand-in with its signature).
+
+    Raises:
+        CheckpointNotFoundError: An item is not in the checkpoint.
+        IncompatibleCheckpointError: An item does not fit its live object.
+        CorruptCheckpointError: Anything in the checkpoint is malformed.
+    """
+    manifest_path = storage.path(step_name, MANIFEST_NAME)
+    if manifest.sharded is not None or group is not None:
+        with located(manifest_path):
+            return prepare_collective(
+                storage, step_name, manifest, items, options, rng, verify, group
+            )
+    if rng and RNG_ITEM in manifest.items:
+        items[RNG_ITEM] = RandomStreams()
+    elif rng:
+        logger.warning(
+            "checkpoint step %d holds no random state; the random streams are not restored",
+            manifest.step,
+        )
+    for name in items:
+        if name not in manifest.items:
+            raise CheckpointNotFoundError(
+                f"item {name!r} is not in checkpoint step {manifest.step} "
+                f"(it holds {sorted(manifest.items)})",
+                path=manifest_path,
+                key=name,
+            )
+    with located(manifest_path):
+        return prepare_restore(
+            storage, step_name, manifest, items, options, verify=verify, read=read
+        )
+
+
+def apply_prepared(
+    prepared: Prepared, items: dict[str, Any], strict: bool, where: str
+) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """Load what :func:`prepare_step` read into the live items; warn about non-strict keys.
+
+    Returns:
+        Missing and unexpected keys of non-strict module loads, by item.
+
+    Raises:
+        PartialRestoreError: An item's own code raised while it was loaded.
+    """
+    if isinstance(prepared, PreparedRestore):
+        missing, unexpected = apply_restore(prepared, where)
+    else:
+        missing, unexpected = apply_sharded_restore(prepared.restore, items, strict, where)
+    for name in missing.keys() | unexpected.keys():
+        logger.warning(
+            "restored %r non-strictly: missing keys %s, unexpected keys %s",
+            name,
+            missing.get(name, []),
+            unexpected.get(name, []),
+        )
+    return missing, unexpected
+
+
+class Restorer:
+    """Restores committed steps of one root into live items.
+
+    Not thread-safe: one restore at a time (the manager's caller's thread).
+
+    Args:
+        steps: Lists and opens the root's committed steps (and reads through its storage).
+        checkpoints: Describes a committed step (the :class:`Checkpoint` returned).
+        group: ckpt's rank group, or ``None`` in one process.
+    """
+
+    def __init__(self, steps: StepReader, checkpoints: CheckpointReader, group: Any):
+        self._steps = steps
+        self._checkpoints = checkpoints
+        self._group = group
+
+    def restore(
+        self,
+        step: int | None,
+        items: dict[str, Any],
+        options: RestoreOptions,
+        *,
+        rng: bool,
+        verify: bool,
+        fallback: bool,
+    ) -> Checkpoint | None:
+        """Restore ``step`` (the latest, or the newest intact with ``fallback``) into ``items``.
+
+        Returns ``None`` when ``step`` is ``None`` and nothing is committed. Raises
+        as :meth:`ckpt.CheckpointManager.restore` documents.
+        """
+        start = time.perf_counter()
+        prepared = self._prepare_with_fallback(
+            step,
+            lambda s: self._prepare(s, dict(items), options, rng, verify),
+            list(items),
+            fallback=step is None and fallback,
+        )
+        if prepared is None:
+            return None
+        where = self._steps.storage.url_of(prepared.step_name)
+        missing, unexpected = self._apply(prepared, items, options.strict, where)
+        logger.info(
+            "restored step %d from %s (%d bytes in %.3f s)",
+            prepared.manifest.step,
+            where,
+            prepared.nbytes,
+            time.perf_counter() - start,
+        )
+        info = self._checkpoints.info(prepared.manifest)
+        return Checkpoint(
+            info.step, info.epoch, info.metrics, info.path, info.items, missing, unexpected
+        )
+
+    def _prepare_with_fallback(
+        self,
+        step: int | None,
+        prepare: Callable[[int | None], Prepared | None],
+        names: list[str],
+        *,
+        fallback: bool,
+    ) -> Prepared | None:
+        """Run ``prepare`` on ``step`` (the latest intact one, with ``fallback``).
+
+        In a process group every rank tries the same steps and learns every rank's
+        outcome (see :mod:`ckpt.distributed.outcomes`): all go on, or all raise an
+        error of the same class; a step they agree is corrupt is skipped alike.
+        """
+        if self._group is None:
+            if not fallback:
+                return self._steps.retrying(step, prepare, "restored")
+            return cast("Prepared | None", self._steps.newest_intact(prepare, "restored"))
+        from ckpt.distributed import outcomes  # noqa: PLC0415 - only in a process group
+
+        outcomes.check_same_items(self._group, names)
+
+        def listed() -> list[int]:  # on rank 0 only
+            if fallback:
+                return self._checkpoints.all_steps()
+            latest = self._checkpoints.latest_step()
+            return [] if latest is None else [latest]
+
+        candidates = outcomes.agree_on_candidates(self._group, step, listed, fallback)
+        found = outcomes.first_agreed(self._group, candidates, prepare, fallback)
+        return None if found is None else found[1]
+
+    def _apply(
+        self, prepared: Prepared, items: dict[str, Any], strict: bool, where: str
+    ) -> tuple[Missing, Missing]:
+        """Load what was prepared; in a process group, a failure on any rank raises on all."""
+        if self._group is None:
+            return apply_prepared(prepared, items, strict, where)
+        from ckpt.distributed import outcomes  # noqa: PLC0415 - only in a process group
+
+        return outcomes.run_agreed_apply(
+            self._group, lambda: apply_prepared(prepared, items, strict, where), items, where
+        )
+
+    def _prepare(
+        self,
+        step: int | None,
+        items: dict[str, Any],
+        options: RestoreOptions,
+        rng: bool,
+        verify: bool,
+    ) -> Prepared | None:
+        """Check ``step`` (the latest when ``None``; ``None`` if none) against the live items."""
+        found = self._steps.manifest(step)
+        if found is None:
+            return None
+        return prepare_step(
+            self._steps.storage,
+            *found,
+            items,
+            options,
+            rng=rng,
+            verify=verify,
+            group=self._group,
+            read=load_tensors,
+        )
