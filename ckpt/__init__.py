@@ -26,12 +26,14 @@ from ckpt.errors import (
     CollectiveError,
     CorruptCheckpointError,
     IncompatibleCheckpointError,
+    InexactResumeError,
     PartialRestoreError,
 )
 from ckpt.items import Stateful
 from ckpt.limits import MAX_STEP
 from ckpt.locations import MapLocation
 from ckpt.manager import Checkpoint, CheckpointManager
+from ckpt.verification import ResumeReport, verify_resume
 from ckpt.writer import CheckpointWriter
 
 __all__ = [
@@ -50,15 +52,18 @@ __all__ = [
     "Description",
     "ImportReport",
     "IncompatibleCheckpointError",
+    "InexactResumeError",
     "ItemInfo",
     "MAX_STEP",
     "MapLocation",
     "PartialRestoreError",
     "ResumableSampler",
+    "ResumeReport",
     "Stateful",
     "TensorInfo",
     "__version__",
     "export",
     "import_checkpoint",
     "resumable_loader",
+    "verify_resume",
 ]
