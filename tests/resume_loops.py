@@ -1,4 +1,4 @@
-"""Training loops for verify_resume tests, importable by a fresh interpreter ("resume_loops:...")."""
+"""Training loops for verify_resume tests, importable by a new interpreter as resume_loops."""
 
 from __future__ import annotations
 
@@ -67,7 +67,7 @@ def _train(items: dict[str, Any], x: torch.Tensor, y: torch.Tensor) -> torch.Ten
 
 def readme_build() -> dict[str, Any]:
     """The README loop: model with dropout, AdamW, OneCycle, a resumable loader."""
-    global LOADER
+    global LOADER  # noqa: PLW0603 - a script-level loader, as in a training script
     _ITERATORS.clear()
     items = _model_and_optimizer()
     LOADER = ckpt.resumable_loader(Points(), batch_size=4, seed=0)
@@ -97,7 +97,7 @@ def generator_step(items: dict[str, Any], i: int) -> torch.Tensor:
 
 def workers_build() -> dict[str, Any]:
     """A plain DataLoader with two workers drawing random augmentations."""
-    global LOADER
+    global LOADER  # noqa: PLW0603 - a script-level loader, as in a training script
     _ITERATORS.clear()
     items = _model_and_optimizer()
     LOADER = DataLoader(Points(augment=True), batch_size=4, shuffle=True, num_workers=2)

@@ -104,3 +104,21 @@ def test_fresh_process_finds_the_generator_too():
     )
     assert not report.exact
     assert any("resume_loops.NOISE" in d for d in report.diagnosis)
+
+
+def test_cli_exit_status_and_json(capsys):
+    import json
+
+    from ckpt.cli import main
+
+    base = ["verify-resume", "--steps", "4", "--save-at", "1", "--in-process"]
+    assert main([*base, f"{LOOPS}:readme_build", f"{LOOPS}:readme_step"]) == 0
+    assert "exact, bit for bit" in capsys.readouterr().out
+    assert main([*base, "--json", f"{LOOPS}:generator_build", f"{LOOPS}:generator_step"]) == 1
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["exact"] is False and doc["differences"][0]["step"] == 2
+    assert (
+        main([*base[:-1], "--save-at", "3", f"{LOOPS}:readme_build", f"{LOOPS}:readme_step"]) == 2
+    )
+    assert main(["verify-resume", f"{LOOPS}:readme_build", f"{LOOPS}:readme_step"]) == 2
+    assert main([*base, "no_such_module:build", f"{LOOPS}:readme_step"]) == 2

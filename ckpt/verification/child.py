@@ -120,7 +120,7 @@ def run_in_fresh_process(
     job_path = os.path.join(workdir, "job.json")
     with open(job_path, "w", encoding="utf-8") as f:
         json.dump(job, f)
-    done = subprocess.run(  # noqa: S603 - our own interpreter and code
+    done = subprocess.run(
         [sys.executable, "-c", _CODE, job_path, _PACKAGE_ROOT],
         capture_output=True,
         text=True,

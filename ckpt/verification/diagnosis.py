@@ -117,7 +117,7 @@ def _omitted_fields(saving: Trace, resumed: Trace, items: Mapping[str, Any]) -> 
             continue
         try:
             keys = set(items[item].state_dict())
-        except Exception:  # noqa: BLE001 - a diagnosis must never fail the report
+        except Exception:
             keys = set()
         if attr not in keys and attr.lstrip("_") not in keys:
             notes.append(
@@ -129,7 +129,9 @@ def _omitted_fields(saving: Trace, resumed: Trace, items: Mapping[str, Any]) -> 
 
 def _restore_mismatch(saving: Trace, resumed: Trace, save_at: int) -> list[Leaf]:
     saved = saving.digests_at(save_at) or {}
-    return sorted(k for k in saved.keys() | resumed.restored.keys() if saved.get(k) != resumed.restored.get(k))
+    return sorted(
+        k for k in saved.keys() | resumed.restored.keys() if saved.get(k) != resumed.restored.get(k)
+    )
 
 
 def diagnose(

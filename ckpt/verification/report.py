@@ -71,7 +71,10 @@ def compare_traces(a: Trace, b: Trace, start: int, stop: int) -> list[Difference
         for leaf in da.keys() | db.keys():
             if leaf not in first and da.get(leaf) != db.get(leaf):
                 first[leaf] = step
-    out = [Difference(i, k, s, _max_abs(a.final.get((i, k)), b.final.get((i, k)))) for (i, k), s in first.items()]
+    out = [
+        Difference(i, k, s, _max_abs(a.final.get((i, k)), b.final.get((i, k))))
+        for (i, k), s in first.items()
+    ]
     for step in range(start, stop):
         la, lb = a.losses.get(step), b.losses.get(step)
         if (la is None) != (lb is None) or (la is not None and digest(la) != digest(lb)):
@@ -149,7 +152,8 @@ class ResumeReport:
         """Raise :class:`~ckpt.InexactResumeError` (with this report) unless ``exact``."""
         if self.exact:
             return
-        first = (self.reference_differences or self.differences or [None])[0]
+        found = self.reference_differences or self.differences
+        first = found[0] if found else None
         raise InexactResumeError(
             str(self),
             key=None if first is None else f"{first.item}/{first.key}".rstrip("/"),

@@ -10,7 +10,15 @@ from typing import Any
 from ckpt.manager import CheckpointManager
 from ckpt.verification.trace import Trace, attribute_digests, digest, snapshot
 
-__all__ = ["BuildFn", "StepFn", "reference_of", "resolve", "run_reference", "run_resumed", "run_saving"]
+__all__ = [
+    "BuildFn",
+    "StepFn",
+    "reference_of",
+    "resolve",
+    "run_reference",
+    "run_resumed",
+    "run_saving",
+]
 
 BuildFn = Callable[[], dict[str, Any]]
 StepFn = Callable[[dict[str, Any], int], Any]

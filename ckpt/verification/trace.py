@@ -100,7 +100,9 @@ def attribute_digests(items: Mapping[str, Any]) -> dict[Leaf, str]:
         if isinstance(obj, (Mapping, torch.nn.Module, torch.optim.Optimizer)):
             continue
         for attr, value in getattr(obj, "__dict__", {}).items():
-            if not attr.startswith("_") and isinstance(value, (bool, int, float, str, torch.Tensor)):
+            if not attr.startswith("_") and isinstance(
+                value, (bool, int, float, str, torch.Tensor)
+            ):
                 out[(name, attr)] = digest(value)
     return out
 
@@ -139,4 +141,3 @@ class Trace:
         """The digests after ``step``, or ``None`` when this run did not run it."""
         index = step - self.first_step
         return self.digests[index] if 0 <= index < len(self.digests) else None
-
