@@ -44,7 +44,7 @@ def _plain(value: Any) -> Any:
         return {key: _plain(child) for key, child in value.items()}
     if isinstance(value, list):
         return [_plain(child) for child in value]
-    if isinstance(value, tuple) and not hasattr(value, "_fields"):
+    if type(value) is tuple:  # a namedtuple stays as it is (and is refused by name)
         return tuple(_plain(child) for child in value)
     return value
 
