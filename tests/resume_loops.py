@@ -160,3 +160,151 @@ def omitting_step(items: dict[str, Any], i: int) -> torch.Tensor:
     for group in items["optimizer"].param_groups:
         group["weight_decay"] = 0.01 * average.count
     return loss
+
+
+class TinyGPT(nn.Module):
+    """A GPT-2-shaped decoder (token and position embeddings, pre-norm blocks, tied head)."""
+
+    def __init__(self, vocab: int = 256, width: int = 64, layers: int = 2, context: int = 32):
+        super().__init__()
+        self.tokens = nn.Embedding(vocab, width)
+        self.positions = nn.Embedding(context, width)
+        block = nn.TransformerEncoderLayer(
+            width, nhead=4, dim_feedforward=4 * width, dropout=0.1, batch_first=True,
+            norm_first=True, activation="gelu",
+        )  # fmt: skip
+        self.blocks = nn.TransformerEncoder(block, layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(width)
+        self.context = context
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        n = ids.shape[1]
+        mask = nn.Transformer.generate_square_subsequent_mask(n)
+        h = self.tokens(ids) + self.positions(torch.arange(n))
+        h = self.blocks(h, mask=mask, is_causal=True)
+        return self.norm(h) @ self.tokens.weight.T
+
+
+def warmup(step: int) -> float:
+    """A linear warmup over 4 steps."""
+    return min(1.0, (step + 1) / 4)
+
+
+GPT_WIDTH = {"width": 64, "layers": 2}
+if os.environ.get("CKPT_BENCH_GPT"):  # bench/verify_resume_bench.py sizes the child's model too
+    _width, _layers = os.environ["CKPT_BENCH_GPT"].split(",")
+    GPT_WIDTH = {"width": int(_width), "layers": int(_layers)}
+
+
+def gpt_build() -> dict[str, Any]:
+    """A GPT-2-shaped language model on random tokens, AdamW with warmup, a resumable loader."""
+    global LOADER  # noqa: PLW0603 - a script-level loader, as in a training script
+    _ITERATORS.clear()
+    torch.manual_seed(0)
+    model = TinyGPT(**GPT_WIDTH)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup)
+    tokens = torch.randint(0, 256, (64, 33), generator=torch.Generator().manual_seed(1))
+    LOADER = ckpt.resumable_loader(tokens, batch_size=8, seed=0)
+    return {
+        "model": model,
+        "optimizer": optimizer,
+        "scheduler": scheduler,
+        "sampler": LOADER.sampler,
+    }
+
+
+def gpt_step(items: dict[str, Any], i: int) -> torch.Tensor:
+    batch = _next_batch(LOADER)
+    logits = items["model"](batch[:, :-1])
+    loss = nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1)
+    )
+    items["optimizer"].zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(items["model"].parameters(), 1.0)
+    items["optimizer"].step()
+    items["scheduler"].step()
+    return loss.detach()
+
+
+class Block(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(x + self.bn2(self.conv2(h)))
+
+
+def resnet_build() -> dict[str, Any]:
+    """A ResNet-shaped classifier (BatchNorm buffers), SGD with momentum and nesterov, OneCycle."""
+    global LOADER  # noqa: PLW0603 - a script-level loader, as in a training script
+    _ITERATORS.clear()
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+        Block(16), Block(16), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10),
+    )  # fmt: skip
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.2, total_steps=50)
+    gen = torch.Generator().manual_seed(2)
+    data = torch.utils.data.TensorDataset(
+        torch.randn(48, 3, 16, 16, generator=gen), torch.randint(0, 10, (48,), generator=gen)
+    )
+    LOADER = ckpt.resumable_loader(data, batch_size=8, seed=0)
+    return {
+        "model": model,
+        "optimizer": optimizer,
+        "scheduler": scheduler,
+        "sampler": LOADER.sampler,
+    }
+
+
+def resnet_step(items: dict[str, Any], i: int) -> torch.Tensor:
+    x, y = _next_batch(LOADER)
+    flip = torch.rand(len(x)) < 0.5  # a random flip from the global stream
+    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    loss = nn.functional.cross_entropy(items["model"](x), y)
+    items["optimizer"].zero_grad()
+    loss.backward()
+    items["optimizer"].step()
+    items["scheduler"].step()
+    return loss.detach()
+
+
+def cuda_build() -> dict[str, Any]:
+    """The README loop on the first CUDA device (dropout draws from the CUDA stream)."""
+    items = readme_build()
+    items["model"].cuda()
+    items["optimizer"] = torch.optim.AdamW(items["model"].parameters(), lr=0.01)
+    items["scheduler"] = torch.optim.lr_scheduler.OneCycleLR(
+        items["optimizer"], max_lr=0.05, total_steps=100
+    )
+    return items
+
+
+def cuda_step(items: dict[str, Any], i: int) -> torch.Tensor:
+    x, y = _next_batch(LOADER)
+    return _train(items, x.cuda(), y.cuda())
+
+
+BUILDS = {"count": 0}
+
+
+def counting_build() -> dict[str, Any]:
+    """The README loop, counting its builds (in one process: the third is the first resume)."""
+    BUILDS["count"] += 1
+    return readme_build()
+
+
+def noisy_after_resume_step(items: dict[str, Any], i: int) -> torch.Tensor:
+    """Exact in the two uninterrupted runs; OS-random noise in the loss of resumed runs."""
+    loss = readme_step(items, i)
+    if BUILDS["count"] >= 3:
+        loss = loss + int.from_bytes(os.urandom(2), "little") * 1e-3
+    return loss

@@ -58,7 +58,7 @@ def test_nondeterministic_loop_is_blamed_on_the_loop():
     first = report.reference_differences[0]
     assert first.step == 0 and {d.item for d in report.reference_differences} >= {"loss"}
     assert report.diagnosis[0].startswith("non-deterministic loop")
-    assert "not deterministic" in str(report)
+    assert "not deterministic" in str(report) and "two uninterrupted runs" in report.diagnosis[0]
     with pytest.raises(ckpt.InexactResumeError):
         report.raise_if_inexact()
 
@@ -122,3 +122,25 @@ def test_cli_exit_status_and_json(capsys):
     )
     assert main(["verify-resume", f"{LOOPS}:readme_build", f"{LOOPS}:readme_step"]) == 2
     assert main([*base, "no_such_module:build", f"{LOOPS}:readme_step"]) == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loop", ["gpt", "resnet"])
+def test_real_model_shapes_resume_exactly_in_a_fresh_process(loop):
+    report = ckpt.verify_resume(f"{LOOPS}:{loop}_build", f"{LOOPS}:{loop}_step", steps=8, save_at=3)
+    assert report.exact, str(report)
+
+
+@pytest.mark.cuda
+def test_cuda_loop_resumes_exactly_with_its_cuda_streams_compared():
+    report = ckpt.verify_resume(f"{LOOPS}:cuda_build", f"{LOOPS}:cuda_step", steps=6, save_at=2)
+    assert report.exact, str(report)
+
+
+def test_a_departure_a_second_resume_does_not_repeat_is_blamed_on_the_loop():
+    resume_loops.BUILDS["count"] = 0
+    report = _verify("counting_build", "noisy_after_resume_step")
+    assert resume_loops.BUILDS["count"] == 4  # two uninterrupted runs and two resumes
+    assert not report.exact and not report.deterministic
+    assert report.reference_differences[0].item == "loss"
+    assert "two resumes from the same checkpoint" in report.diagnosis[0]

@@ -142,13 +142,24 @@ def diagnose(
     saving: Trace,
     resumed: Trace,
     save_at: int,
+    repeated: bool = False,
 ) -> list[str]:
-    """Likely causes, in words, for the report."""
+    """Likely causes, in words, for the report.
+
+    ``repeated``: the uninterrupted runs agreed, but a second resume from the same
+    checkpoint did not repeat the first one's departure (``reference_differences``
+    then compares the two resumes, or the first with the uninterrupted run).
+    """
     notes: list[str] = []
     if reference_differences:
         first = reference_differences[0]
+        runs = (
+            "two resumes from the same checkpoint (whose uninterrupted runs happened to agree)"
+            if repeated
+            else "two uninterrupted runs, without any checkpoint,"
+        )
         note = (
-            "non-deterministic loop: two uninterrupted runs, without any checkpoint, differ "
+            f"non-deterministic loop: {runs} differ "
             f"first after step {first.step} at {first.item}"
             f"{': ' + first.key if first.key else ''}; ckpt cannot make such a loop resume "
             "exactly. Make the loop deterministic first (no time- or OS-random input, seeded "
@@ -157,7 +168,7 @@ def diagnose(
         if not torch.are_deterministic_algorithms_enabled():
             note += ", torch.use_deterministic_algorithms(True)"
         notes.append(note + ")")
-        if first.step > save_at:
+        if first.step > save_at and not repeated:
             notes.append(
                 f"both runs agree up to the save after step {save_at}: if the loop is otherwise "
                 "deterministic, the save disturbed the run (please report this to ckpt)"

@@ -97,10 +97,13 @@ class ResumeReport:
     Attributes:
         exact: The resumed run matched the uninterrupted one bit for bit (state,
             random streams, losses, data position), and the loop is deterministic.
-        deterministic: Two uninterrupted runs matched bit for bit.
+        deterministic: Two uninterrupted runs matched bit for bit (and, when the
+            resumed run departed, a second resume from the same checkpoint repeated
+            that departure exactly).
         differences: Where the resumed run departed from the uninterrupted one.
-        reference_differences: Where two uninterrupted runs departed from each
-            other (the loop's own nondeterminism, no checkpoint involved).
+        reference_differences: Where runs that should be equal departed from each
+            other: two uninterrupted runs (the loop's own nondeterminism, no
+            checkpoint involved), or else two resumes from the same checkpoint.
         diagnosis: Likely causes, in words, with what to do.
         steps: The number of steps of each run.
         save_at: The step after which the checkpoint was saved.
@@ -126,7 +129,7 @@ class ResumeReport:
             return head + "exact, bit for bit"
         lines = [head + "NOT exact"]
         if not self.deterministic:
-            lines.append("two uninterrupted runs differ (the loop is not deterministic):")
+            lines.append("the loop is not deterministic; runs that should be equal differ:")
             lines += _listed(self.reference_differences)
         if self.differences:
             lines.append("the resumed run differs from the uninterrupted one:")

@@ -70,7 +70,7 @@ def digest(value: Any) -> str:
         data = value.detach()
         head = f"{data.dtype}|{tuple(data.shape)}|{data.device.type}|"
         raw = data.cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
-        return head + xxhash.xxh3_64_hexdigest(raw.tobytes())
+        return head + xxhash.xxh3_64_hexdigest(raw.data)
     if isinstance(value, float) and math.isnan(value):
         return "float|nan"
     return f"{type(value).__name__}|{value!r}"

@@ -20,6 +20,7 @@ from ckpt.verification.runs import (
     run_resumed,
     run_saving,
 )
+from ckpt.verification.trace import Trace
 
 __all__ = ["verify_resume"]
 
@@ -98,6 +99,19 @@ def verify_resume(
         )
     initial = capture_rng_state()
     began = time.perf_counter()
+    storage = options.get("storage_options")
+
+    def resume(workdir: str) -> Trace:
+        set_rng_state(initial)
+        if fresh_process:
+            assert refs[0] is not None and refs[1] is not None
+            os.makedirs(workdir)
+            return run_in_fresh_process(
+                refs[0], refs[1], steps, save_at, checkpoint, workdir, storage
+            )
+        return run_resumed(build_fn, step_fn, steps, save_at, checkpoint, storage)
+
+    repeated = False
     try:
         with tempfile.TemporaryDirectory(prefix="ckpt-verify-resume-") as root:
             checkpoint = os.path.join(root, "checkpoints")
@@ -106,21 +120,20 @@ def verify_resume(
             set_rng_state(initial)
             saving, items = run_saving(build_fn, step_fn, steps, save_at, checkpoint, options)
             outside = outside_state([build_fn, step_fn], items)
-            set_rng_state(initial)
-            storage = options.get("storage_options")
-            if fresh_process:
-                assert refs[0] is not None and refs[1] is not None
-                resumed = run_in_fresh_process(
-                    refs[0], refs[1], steps, save_at, checkpoint, root, storage
-                )
-            else:
-                resumed = run_resumed(build_fn, step_fn, steps, save_at, checkpoint, storage)
+            resumed = resume(os.path.join(root, "first"))
+            reference_differences = compare_traces(reference, saving, 0, steps)
+            differences = compare_traces(reference, resumed, save_at + 1, steps)
+            if differences and not reference_differences:
+                # The uninterrupted runs agreed; is the departure itself repeatable?
+                again = resume(os.path.join(root, "second"))
+                unstable = compare_traces(resumed, again, save_at + 1, steps)
+                if unstable or not compare_traces(reference, again, save_at + 1, steps):
+                    repeated = True
+                    reference_differences = unstable or differences
     finally:
         set_rng_state(initial)
-    reference_differences = compare_traces(reference, saving, 0, steps)
-    differences = compare_traces(reference, resumed, save_at + 1, steps)
     diagnosis = diagnose(
-        reference_differences, differences, outside, items, saving, resumed, save_at
+        reference_differences, differences, outside, items, saving, resumed, save_at, repeated
     )
     total = time.perf_counter() - began
     report = ResumeReport(
