@@ -231,6 +231,46 @@ def test_the_ckpt_command_reads_it(tmp_path: Path, capsys: pytest.CaptureFixture
     for command in ("ls", "info", "verify"):
         assert cli_main([command, str(tmp_path / "a.ckpt")]) == 0, command
     assert "lightning" in capsys.readouterr().out
+    assert cli_main(["export", str(tmp_path / "a.ckpt"), str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+KILLED_SAVER = """
+import sys, torch
+from ckpt.integrations.lightning import CheckpointIO
+io, path = CheckpointIO(), sys.argv[1]
+for step in range(1, 10**6):
+    weights = {f"layer{i}.weight": torch.full((256, 256), float(step)) for i in range(8)}
+    io.save_checkpoint({"global_step": step, "epoch": 0, "state_dict": weights}, path)
+    if step == 1:
+        open(path + ".ready", "w").close()
+"""
+
+
+def test_sigkill_during_saves_leaves_a_loadable_checkpoint(tmp_path: Path) -> None:
+    import random
+    import signal
+    import subprocess
+    import time
+
+    path = str(tmp_path / "last.ckpt")
+    for trial in range(2):
+        child = subprocess.Popen([sys.executable, "-c", KILLED_SAVER, path])
+        try:
+            deadline = time.monotonic() + 120
+            while not os.path.exists(path + ".ready"):
+                assert child.poll() is None and time.monotonic() < deadline
+                time.sleep(0.01)
+            time.sleep(random.Random(trial).uniform(0.0, 0.5))  # somewhere in a later save
+        finally:
+            child.send_signal(signal.SIGKILL)
+            child.wait()
+        os.remove(path + ".ready")
+        state = CheckpointIO().load_checkpoint(path)
+        step = state["global_step"]
+        assert step >= 1
+        for tensor in state["state_dict"].values():
+            assert torch.equal(tensor, torch.full((256, 256), float(step)))
 
 
 def test_import_ckpt_does_not_import_lightning() -> None:

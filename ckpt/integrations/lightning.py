@@ -4,7 +4,8 @@ Lightning hands its checkpoint dict (``state_dict``, optimizer and scheduler
 states, loops, callbacks, hyper-parameters, versions) to a ``CheckpointIO``
 with a path such as ``checkpoints/epoch=0-step=100.ckpt``. This one stores it
 in ckpt's format at that path, which becomes a ckpt root holding one
-checkpoint (numbered by ``global_step``, under the item ``lightning``):
+checkpoint (numbered by ``global_step``; the module's weights in the item
+``model``, the rest of the dict in the item ``lightning``):
 no pickle, committed atomically, every file checksummed, readable with the
 ``ckpt`` command (``ls``, ``info``, ``verify``, ``export``). Saving the same
 path again (``last.ckpt``) replaces it atomically. Importing this module
@@ -23,6 +24,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO as _LightningCheckpointIO
 
 from ckpt.errors import CheckpointNotFoundError
@@ -30,12 +32,33 @@ from ckpt.locations import MapLocation
 from ckpt.manager import CheckpointManager
 from ckpt.storage import open_storage
 
-__all__ = ["ITEM", "CheckpointIO"]
+__all__ = ["ITEM", "MODEL_ITEM", "CheckpointIO"]
 
 ITEM = "lightning"
-"""The item under which Lightning's checkpoint dict is stored."""
+"""The item under which Lightning's checkpoint dict is stored (less ``state_dict``)."""
+
+MODEL_ITEM = "model"
+"""The item holding the LightningModule's ``state_dict`` when it maps names to tensors
+(what ``ckpt export`` reads by default)."""
 
 logger = logging.getLogger(__name__)
+
+
+def _items(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
+    """The ckpt items of a Lightning checkpoint: its model weights apart when they are flat."""
+    rest = _plain(checkpoint)
+    weights = rest.get("state_dict")
+    if isinstance(weights, dict) and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in weights.items()
+    ):
+        del rest["state_dict"]
+        return {ITEM: rest, MODEL_ITEM: weights}
+    return {ITEM: rest}
+
+
+def _epoch(checkpoint: Mapping[str, Any]) -> int | None:
+    epoch = checkpoint.get("epoch")
+    return epoch if isinstance(epoch, int) and not isinstance(epoch, bool) and epoch >= 0 else None
 
 
 def _plain(value: Any) -> Any:
@@ -83,7 +106,9 @@ class CheckpointIO(_LightningCheckpointIO):  # type: ignore[misc,unused-ignore]
         step = step if isinstance(step, int) and not isinstance(step, bool) and step >= 0 else 0
         with CheckpointManager(os.fspath(path), keep_last=1, storage_options=options) as manager:
             try:
-                manager.save(step, rng=False, overwrite=True, **{ITEM: _plain(checkpoint)})
+                manager.save(
+                    step, epoch=_epoch(checkpoint), rng=False, overwrite=True, **_items(checkpoint)
+                )
             except TypeError as e:
                 raise TypeError(
                     f"Lightning checkpoint for {os.fspath(path)!r}: {e}. ckpt stores tensors, "
@@ -106,11 +131,14 @@ class CheckpointIO(_LightningCheckpointIO):  # type: ignore[misc,unused-ignore]
         location: MapLocation = "cpu" if map_location is None else map_location
         manager = CheckpointManager(os.fspath(path), storage_options=self.storage_options)
         state = manager.read(map_location=location, verify=self.verify)
-        if ITEM not in state:
+        if not isinstance(state.get(ITEM), dict):
             raise CheckpointNotFoundError(
                 "not a Lightning checkpoint written by ckpt", path=os.fspath(path), key=ITEM
             )
-        return state[ITEM]  # type: ignore[no-any-return]
+        checkpoint: dict[str, Any] = state[ITEM]
+        if MODEL_ITEM in state:
+            checkpoint["state_dict"] = state[MODEL_ITEM]
+        return checkpoint
 
     def remove_checkpoint(self, path: Any) -> None:
         """Remove the checkpoint at ``path`` (nothing when it is gone already)."""
