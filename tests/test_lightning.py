@@ -222,6 +222,9 @@ def test_a_value_pickle_would_need_fails_at_save_with_its_key_path(tmp_path: Pat
     io.remove_checkpoint(tmp_path / "x.ckpt")  # already gone: fine
     with pytest.raises(ckpt.CheckpointNotFoundError):
         io.load_checkpoint(tmp_path / "x.ckpt")
+    TorchCheckpointIO().save_checkpoint(good, tmp_path / "torch.ckpt")
+    with pytest.raises(ckpt.CheckpointNotFoundError, match="default CheckpointIO"):
+        io.load_checkpoint(tmp_path / "torch.ckpt")
 
 
 def test_the_ckpt_command_reads_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

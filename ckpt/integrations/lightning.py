@@ -129,6 +129,13 @@ class CheckpointIO(_LightningCheckpointIO):  # type: ignore[misc,unused-ignore]
             CorruptCheckpointError: A file is damaged or fails its checksum.
         """
         location: MapLocation = "cpu" if map_location is None else map_location
+        if os.path.isfile(os.fspath(path)):
+            raise CheckpointNotFoundError(
+                "a file, not a ckpt checkpoint (one torch.save wrote, through Lightning's "
+                "default CheckpointIO?): load it with that plugin, or convert it with "
+                "`ckpt import`",
+                path=os.fspath(path),
+            )
         manager = CheckpointManager(os.fspath(path), storage_options=self.storage_options)
         state = manager.read(map_location=location, verify=self.verify)
         if not isinstance(state.get(ITEM), dict):
