@@ -250,14 +250,17 @@ for step in range(1, 10**6):
 """
 
 
-def test_sigkill_during_saves_leaves_a_loadable_checkpoint(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "trials", [1, pytest.param(4, marks=pytest.mark.slow)], ids=["once", "four_times"]
+)
+def test_sigkill_during_saves_leaves_a_loadable_checkpoint(tmp_path: Path, trials: int) -> None:
     import random
     import signal
     import subprocess
     import time
 
     path = str(tmp_path / "last.ckpt")
-    for trial in range(2):
+    for trial in range(trials):
         child = subprocess.Popen([sys.executable, "-c", KILLED_SAVER, path])
         try:
             deadline = time.monotonic() + 120
