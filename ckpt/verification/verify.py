@@ -40,6 +40,20 @@ def _check_args(steps: object, save_at: object, manager_options: object) -> dict
     return options
 
 
+def _references(build: object, step: object, fresh_process: bool) -> tuple[str, str] | None:
+    """The ``"module:function"`` names a new interpreter imports (``None`` in process)."""
+    if not fresh_process:
+        return None
+    refs = (reference_of(build), reference_of(step))  # type: ignore[arg-type]
+    if refs[0] is None or refs[1] is None:
+        raise ValueError(
+            "fresh_process=True needs build and step as module-level functions of an importable "
+            "module (not __main__, a lambda or a nested function) or 'module:function' strings; "
+            "or pass fresh_process=False"
+        )
+    return refs[0], refs[1]
+
+
 def verify_resume(
     build: Callable[[], dict[str, Any]] | str,
     step: Callable[[dict[str, Any], int], Any] | str,
@@ -90,21 +104,14 @@ def verify_resume(
     """
     options = _check_args(steps, save_at, manager_options)
     build_fn, step_fn = resolve(build), resolve(step)
-    refs = (reference_of(build), reference_of(step))
-    if fresh_process and None in refs:
-        raise ValueError(
-            "fresh_process=True needs build and step as module-level functions of an importable "
-            "module (not __main__, a lambda or a nested function) or 'module:function' strings; "
-            "or pass fresh_process=False"
-        )
+    refs = _references(build, step, fresh_process)
     initial = capture_rng_state()
     began = time.perf_counter()
     storage = options.get("storage_options")
 
     def resume(workdir: str) -> Trace:
         set_rng_state(initial)
-        if fresh_process:
-            assert refs[0] is not None and refs[1] is not None
+        if refs is not None:
             os.makedirs(workdir)
             return run_in_fresh_process(
                 refs[0], refs[1], steps, save_at, checkpoint, workdir, storage
