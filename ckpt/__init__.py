@@ -24,6 +24,7 @@ from ckpt.errors import (
     CollectiveError,
     CorruptCheckpointError,
     IncompatibleCheckpointError,
+    InexactResumeError,
     PartialRestoreError,
 )
 from ckpt.format.limits import MAX_STEP
@@ -34,6 +35,7 @@ from ckpt.reading.reader import CheckpointReader
 from ckpt.restoring.locations import MapLocation
 from ckpt.saving.writer import CheckpointWriter
 from ckpt.state.items import Stateful
+from ckpt.verification import ResumeReport, verify_resume
 
 __all__ = [
     "Checkpoint",
@@ -51,11 +53,13 @@ __all__ = [
     "Description",
     "ImportReport",
     "IncompatibleCheckpointError",
+    "InexactResumeError",
     "ItemInfo",
     "MAX_STEP",
     "MapLocation",
     "PartialRestoreError",
     "ResumableSampler",
+    "ResumeReport",
     "RetentionPolicy",
     "Stateful",
     "TensorInfo",
@@ -63,4 +67,5 @@ __all__ = [
     "export",
     "import_checkpoint",
     "resumable_loader",
+    "verify_resume",
 ]

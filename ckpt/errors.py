@@ -18,8 +18,10 @@ each subclass also derives from the builtin it resembles, so existing
     ├── CheckpointLockedError (BlockingIOError)        another process is writing here
     ├── CollectiveError (RuntimeError)                 a collective among the ranks failed
     │                                                  (a rank died, or the timeout passed)
-    └── PartialRestoreError (RuntimeError)             an item's own code raised while being
-                                                       loaded, after every check had passed
+    ├── PartialRestoreError (RuntimeError)             an item's own code raised while being
+    │                                                  loaded, after every check had passed
+    └── InexactResumeError (AssertionError)            ``verify_resume`` found that a resumed
+                                                       run departs from an uninterrupted one
 
 Errors carry ``path`` (the file or directory at fault) and ``key`` (the item or
 key path inside it) when they are known, and the message names both.
@@ -37,6 +39,7 @@ __all__ = [
     "CollectiveError",
     "CorruptCheckpointError",
     "IncompatibleCheckpointError",
+    "InexactResumeError",
     "PartialRestoreError",
 ]
 
@@ -195,3 +198,27 @@ class CollectiveError(CheckpointError, RuntimeError):
             rank=self.rank,
             timeout=self.timeout,
         )
+
+
+class InexactResumeError(CheckpointError, AssertionError):
+    """A resumed run departs from an uninterrupted one (``ResumeReport.raise_if_inexact``).
+
+    ``report`` is the :class:`~ckpt.ResumeReport`; ``key`` names the first difference.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: str | None = None,
+        key: str | None = None,
+        report: object = None,
+    ):
+        super().__init__(message, path=path, key=key)
+        self.report = report
+
+    def located(self, path: str) -> CheckpointError:
+        """Return this error with ``path`` filled in when it names no file yet."""
+        if self.path is not None:
+            return self
+        return InexactResumeError(self.reason, path=path, key=self.key, report=self.report)

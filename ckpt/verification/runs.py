@@ -1,0 +1,135 @@
+"""Running a training loop for :func:`ckpt.verify_resume`: reference, saving and resumed runs."""
+
+from __future__ import annotations
+
+import importlib
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from ckpt.manager import CheckpointManager
+from ckpt.verification.trace import Trace, attribute_digests, digest, snapshot
+
+__all__ = [
+    "BuildFn",
+    "StepFn",
+    "reference_of",
+    "resolve",
+    "run_reference",
+    "run_resumed",
+    "run_saving",
+]
+
+BuildFn = Callable[[], dict[str, Any]]
+StepFn = Callable[[dict[str, Any], int], Any]
+
+
+def resolve(target: Callable[..., Any] | str) -> Callable[..., Any]:
+    """The callable ``target`` names: itself, or the function a ``"module:function"`` string names.
+
+    Raises:
+        ValueError: A string that is not ``"module:function"``.
+        TypeError: ``target`` is neither a callable nor a string.
+    """
+    if isinstance(target, str):
+        module, sep, name = target.partition(":")
+        if not sep or not module or not name:
+            raise ValueError(f"expected 'module:function', got {target!r}")
+        obj: Any = importlib.import_module(module)
+        for part in name.split("."):
+            obj = getattr(obj, part)
+        if not callable(obj):
+            raise TypeError(f"{target!r} is not callable")
+        return obj  # type: ignore[no-any-return]
+    if not callable(target):
+        raise TypeError(f"expected a callable or a 'module:function' string, got {target!r}")
+    return target
+
+
+def reference_of(target: Callable[..., Any] | str) -> str | None:
+    """The ``"module:function"`` a new interpreter can import ``target`` by, or ``None``."""
+    if isinstance(target, str):
+        return target
+    module = getattr(target, "__module__", None)
+    name = getattr(target, "__qualname__", None)
+    if not module or not name or module == "__main__" or "<" in name:
+        return None
+    return f"{module}:{name}"
+
+
+def _build(build: BuildFn) -> dict[str, Any]:
+    items = build()
+    if not isinstance(items, dict) or not all(isinstance(k, str) for k in items):
+        raise TypeError(f"build() must return a dict of items by name, got {type(items).__name__}")
+    return items
+
+
+def _run(items: dict[str, Any], step: StepFn, start: int, stop: int, trace: Trace) -> None:
+    for i in range(start, stop):
+        began = time.perf_counter()
+        loss = step(items, i)
+        trace.seconds += time.perf_counter() - began
+        trace.record(i, items, loss)
+
+
+def run_reference(build: BuildFn, step: StepFn, steps: int) -> Trace:
+    """Run steps ``0 .. steps-1`` without interruption."""
+    trace = Trace(first_step=0)
+    items = _build(build)
+    _run(items, step, 0, steps, trace)
+    trace.final = _cloned(snapshot(items))
+    return trace
+
+
+def _cloned(leaves: Mapping[Any, Any]) -> dict[Any, Any]:
+    return {k: v.detach().clone() if hasattr(v, "detach") else v for k, v in leaves.items()}
+
+
+def run_saving(
+    build: BuildFn,
+    step: StepFn,
+    steps: int,
+    save_at: int,
+    directory: str,
+    options: Mapping[str, Any],
+) -> tuple[Trace, dict[str, Any]]:
+    """Run all steps, saving after ``save_at`` into ``directory``; the second reference run.
+
+    Returns:
+        The trace (its ``attributes`` taken at ``save_at``) and the live items.
+    """
+    trace = Trace(first_step=0)
+    items = _build(build)
+    with CheckpointManager(directory, **options) as manager:
+        _run(items, step, 0, save_at + 1, trace)
+        manager.save(save_at, **items)
+        trace.attributes = attribute_digests(items)
+        _run(items, step, save_at + 1, steps, trace)
+        manager.wait()
+    trace.final = _cloned(snapshot(items))
+    return trace, items
+
+
+def run_resumed(
+    build: BuildFn,
+    step: StepFn,
+    steps: int,
+    save_at: int,
+    directory: str,
+    storage_options: Mapping[str, Any] | None = None,
+) -> Trace:
+    """Build fresh items, restore ``save_at`` from ``directory`` and run to ``steps``.
+
+    The trace's ``restored`` holds the digests right after the restore.
+    """
+    trace = Trace(first_step=save_at + 1)
+    items = _build(build)
+    manager = CheckpointManager(
+        directory, storage_options=None if storage_options is None else dict(storage_options)
+    )
+    manager.restore(save_at, **items)
+    trace.attributes = attribute_digests(items)
+    trace.restored = {leaf: digest(value) for leaf, value in snapshot(items).items()}
+    _run(items, step, save_at + 1, steps, trace)
+    trace.final = _cloned(snapshot(items))
+    return trace
