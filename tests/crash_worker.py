@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 import ckpt
-import ckpt.io.integrity
+import ckpt.format.checksums
 import ckpt.storage
 
 STEPS = 40
@@ -42,7 +42,7 @@ def state(step: int, big: bool = False) -> dict[str, Any]:
 POINTS: dict[str, tuple[Any, str]] = {
     "makedirs": (ckpt.storage.LocalStorage, "makedirs"),
     "write_file": (ckpt.storage.LocalStorage, "write_file"),
-    "mid_write": (ckpt.io.integrity.HashingWriter, "write"),
+    "mid_write": (ckpt.format.checksums.HashingWriter, "write"),
     "fsync": (ckpt.storage.SYSCALLS, "fsync"),
     "rename": (ckpt.storage.SYSCALLS, "renameat2"),
     "remove_manifest": (ckpt.storage.LocalStorage, "remove_file"),

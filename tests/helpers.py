@@ -89,7 +89,7 @@ def write_manifest(path, doc: dict) -> None:
     """Write a hand-edited manifest with a valid checksum, as a buggy writer would."""
     import json
 
-    from ckpt.io.integrity import hash_bytes
+    from ckpt.format.checksums import hash_bytes
 
     doc = {k: v for k, v in doc.items() if k != "checksum"}
     body = json.dumps(doc, separators=(",", ":"))
@@ -217,8 +217,8 @@ def write_sharded_checkpoint(
         ShardedSection,
         TensorRecord,
     )
+    from ckpt.format.tensorfile import tensor_bytes
     from ckpt.io import chunk_checksum, data_offsets, write_checkpoint_files
-    from ckpt.io.tensorfile import tensor_bytes
     from ckpt.state.tree import flatten
 
     if rank_items is None:

@@ -12,6 +12,8 @@ from helpers import split_chunks, write_sharded_checkpoint
 
 import ckpt
 from ckpt.format import MANIFEST_NAME, Manifest
+from ckpt.format.checksums import hash_bytes
+from ckpt.format.tensorfile import parse_header, tensor_bytes, write_tensors
 from ckpt.io import (
     assemble_tensor,
     chunk_checksum,
@@ -21,8 +23,6 @@ from ckpt.io import (
     read_manifest,
     verify_sharded_files,
 )
-from ckpt.io.integrity import hash_bytes
-from ckpt.io.tensorfile import parse_header, tensor_bytes, write_tensors
 from ckpt.storage import Storage
 
 STEP = "step_000000000003"

@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 import ckpt
 import ckpt.format.bounds
 from ckpt.format import MANIFEST_NAME, step_dir_name
-from ckpt.io.integrity import hash_bytes
+from ckpt.format.checksums import hash_bytes
 
 FILES = [MANIFEST_NAME, "model.safetensors", "optimizer.safetensors", "rng.safetensors"]
 

@@ -30,9 +30,9 @@ from ckpt.format import (
     parse_step_dir_name,
     step_dir_name,
 )
+from ckpt.format.checksums import hash_bytes
 from ckpt.format.limits import MAX_BYTES, byte_count, check_metrics, float64_value
-from ckpt.io.integrity import hash_bytes
-from ckpt.io.tensorfile import parse_header
+from ckpt.format.tensorfile import parse_header
 from ckpt.policies.retention import RetentionPolicy, steps_to_delete
 
 

@@ -16,7 +16,7 @@ import ckpt.format.bounds
 import ckpt.format.manifest
 import ckpt.state.items
 from ckpt.format import MANIFEST_NAME, decode_manifest, step_dir_name
-from ckpt.io.integrity import hash_bytes
+from ckpt.format.checksums import hash_bytes
 from ckpt.state.items import PACK_MAX_BYTES, PACK_MIN_TENSORS
 
 

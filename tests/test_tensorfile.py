@@ -11,7 +11,7 @@ import safetensors.torch
 import torch
 
 import ckpt
-from ckpt.io.tensorfile import (
+from ckpt.format.tensorfile import (
     dtype_name,
     encode_header,
     layout,

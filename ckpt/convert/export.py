@@ -36,7 +36,7 @@ from ckpt.convert.loading import save_torch
 from ckpt.convert.naming import RenamedSource, bare_names, check_destination
 from ckpt.convert.source import ItemLayout, LayoutEntry, open_item
 from ckpt.errors import CheckpointWriteError, IncompatibleCheckpointError
-from ckpt.io.tensorfile import TensorEntry, encode_header, tensor_bytes
+from ckpt.format.tensorfile import TensorEntry, encode_header, tensor_bytes
 
 __all__ = ["DTYPES", "FORMATS", "export", "parse_size", "plan_shards"]
 

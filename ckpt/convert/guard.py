@@ -30,6 +30,7 @@ from typing import Any, BinaryIO
 import torch
 
 from ckpt.errors import CheckpointNotFoundError, CorruptCheckpointError
+from ckpt.storage.local import file_kind
 
 __all__ = [
     "MAX_DEPTH",
@@ -60,17 +61,7 @@ _FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC
 
 
 def _kind(mode: int) -> str:
-    if stat.S_ISLNK(mode):
-        return "a symbolic link (import never follows links out of the source)"
-    if stat.S_ISDIR(mode):
-        return "a directory, not a file"
-    if stat.S_ISFIFO(mode):
-        return "a FIFO, not a regular file"
-    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-        return "a device, not a regular file"
-    if stat.S_ISSOCK(mode):
-        return "a socket, not a regular file"
-    return "not a regular file"
+    return file_kind(mode, "import never follows links out of the source")
 
 
 def hub_blobs(directory: str) -> str | None:

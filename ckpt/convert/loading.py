@@ -29,7 +29,7 @@ from ckpt.convert.guard import (
     read_bounded,
 )
 from ckpt.errors import CorruptCheckpointError
-from ckpt.io.tensorfile import parse_header
+from ckpt.format.tensorfile import parse_header
 from ckpt.state.tree import loads_strict
 
 __all__ = [

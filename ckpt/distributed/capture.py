@@ -17,8 +17,8 @@ from torch.distributed.tensor import DTensor
 from ckpt.distributed.planning import Shard, plan_writes
 from ckpt.distributed.states import pair_optimizers, parameter_names, sharded_state
 from ckpt.format import ItemRecord, Manifest, item_file_name
-from ckpt.io.integrity import hash_bytes
-from ckpt.io.tensorfile import tensor_bytes
+from ckpt.format.checksums import hash_bytes
+from ckpt.format.tensorfile import tensor_bytes
 from ckpt.state.items import assemble_manifest, capture
 from ckpt.state.optim import class_name, module_param_names
 from ckpt.state.tree import Json, flatten, tensor_refs

@@ -39,7 +39,7 @@ from torch.distributed.tensor import DTensor
 
 from ckpt.errors import IncompatibleCheckpointError
 from ckpt.format import GlobalTensorRecord
-from ckpt.io.tensorfile import dtype_from_name, dtype_name
+from ckpt.format.tensorfile import dtype_from_name, dtype_name
 from ckpt.state.tree import Json
 
 __all__ = ["ChunkRead", "Shard", "local_shards", "plan_reads", "plan_writes"]

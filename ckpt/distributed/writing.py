@@ -26,8 +26,8 @@ from ckpt.format import (
     decode_manifest,
     encode_manifest,
 )
-from ckpt.io.integrity import Hasher, HashingWriter
-from ckpt.io.tensorfile import dtype_from_name, dtype_name, write_tensors
+from ckpt.format.checksums import Hasher, HashingWriter
+from ckpt.format.tensorfile import dtype_from_name, dtype_name, write_tensors
 from ckpt.state.tree import Json
 from ckpt.storage import BackgroundSyncs, Storage
 

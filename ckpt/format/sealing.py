@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 from ckpt.errors import CorruptCheckpointError
-from ckpt.io.integrity import Hasher, hash_bytes
+from ckpt.format.checksums import Hasher, hash_bytes
 
 
 def sealed(body: str) -> bytes:

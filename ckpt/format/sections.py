@@ -8,11 +8,11 @@ from typing import Any
 
 import torch
 
+from ckpt.format.checksums import ALGORITHM
 from ckpt.format.limits import MAX_BYTES, byte_count
 from ckpt.format.names import is_tensor_file_name
 from ckpt.format.packs import check_packs
 from ckpt.format.records import ITEM_KINDS, FileRecord, ItemRecord, TensorRecord
-from ckpt.io.integrity import ALGORITHM
 from ckpt.state.tree import Json
 
 DIGEST = re.compile(r"xxh3_64:[0-9a-f]{16}")

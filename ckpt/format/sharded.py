@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from ckpt.errors import CorruptCheckpointError
+from ckpt.format.checksums import ALGORITHM
 from ckpt.format.limits import MAX_BYTES, byte_count
 from ckpt.format.records import (
     ChunkRecord,
@@ -40,8 +41,7 @@ from ckpt.format.sections import (
     encode_tensor,
     shown_shape,
 )
-from ckpt.io.integrity import ALGORITHM
-from ckpt.io.tensorfile import dtype_name
+from ckpt.format.tensorfile import dtype_name
 from ckpt.state.tree import Json, tensor_refs
 
 __all__ = [

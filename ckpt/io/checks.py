@@ -7,8 +7,8 @@ from typing import BinaryIO
 
 from ckpt.errors import CheckpointNotFoundError, CorruptCheckpointError
 from ckpt.format import FileRecord, Manifest, TensorRecord
-from ckpt.io.integrity import Hasher
-from ckpt.io.tensorfile import MAX_HEADER_BYTES, TensorEntry, parse_header
+from ckpt.format.checksums import Hasher
+from ckpt.format.tensorfile import MAX_HEADER_BYTES, TensorEntry, parse_header
 from ckpt.storage import Storage
 
 __all__ = ["check_digest", "check_size", "matching_entry", "read_header"]

@@ -1,7 +1,7 @@
 """Chunks of global tensors (format version 3): checked reads, assembly and verification.
 
 A chunk is one tensor of a safetensors file written by
-:func:`ckpt.io.tensorfile.write_tensors`; the manifest records where its bytes
+:func:`ckpt.format.tensorfile.write_tensors`; the manifest records where its bytes
 begin in the file and their checksum, so a reader fetches just those bytes (a
 positioned read on local disk, a ranged read on an object store) and checks
 them alone. :func:`verify_sharded_files` reads every file whole, once.
@@ -17,9 +17,9 @@ import torch
 
 from ckpt.errors import CorruptCheckpointError
 from ckpt.format import ChunkRecord, GlobalTensorRecord, Manifest, TensorRecord
+from ckpt.format.checksums import CHUNK_BYTES, Hasher, hash_bytes
+from ckpt.format.tensorfile import TensorEntry, encode_header, layout, tensor_bytes
 from ckpt.io.checks import check_digest, check_size, matching_entry, read_header
-from ckpt.io.integrity import CHUNK_BYTES, Hasher, hash_bytes
-from ckpt.io.tensorfile import TensorEntry, encode_header, layout, tensor_bytes
 from ckpt.io.verify import verify_checkpoint_files
 from ckpt.storage import Storage
 
@@ -50,7 +50,7 @@ def chunk_checksum(data: memoryview) -> str:
 def data_offsets(
     tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = SAFETENSORS_METADATA
 ) -> dict[str, int]:
-    """Where each tensor's bytes begin in the file :func:`~ckpt.io.tensorfile.write_tensors` writes.
+    """Where each tensor's bytes begin in a file written by ``write_tensors``.
 
     Pure: computed from the tensors' names, dtypes and shapes only.
 

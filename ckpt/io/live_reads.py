@@ -10,7 +10,7 @@ from typing import BinaryIO
 import torch
 
 from ckpt.errors import CorruptCheckpointError
-from ckpt.io.tensorfile import TensorEntry, tensor_bytes
+from ckpt.format.tensorfile import TensorEntry, tensor_bytes
 
 __all__ = [
     "CAST_CHUNK_BYTES",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ckpt.errors import CorruptCheckpointError
 from ckpt.format import MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest, decode_manifest
-from ckpt.io.integrity import hash_bytes
+from ckpt.format.checksums import hash_bytes
 from ckpt.storage import Storage
 
 __all__ = ["manifest_digest", "read_manifest"]

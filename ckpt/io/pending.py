@@ -10,9 +10,9 @@ from typing import BinaryIO
 
 import torch
 
+from ckpt.format.tensorfile import TensorEntry
 from ckpt.io.live_reads import DeferredRead, run_reads
 from ckpt.io.spill import spill_room
-from ckpt.io.tensorfile import TensorEntry
 from ckpt.storage import Storage
 
 __all__ = ["MAX_HELD_FILES", "PendingReads", "Reopen", "Source", "held_files_limit"]

@@ -11,11 +11,11 @@ import torch
 
 from ckpt.errors import CorruptCheckpointError
 from ckpt.format import MANIFEST_NAME, Manifest, TensorRecord
+from ckpt.format.checksums import CHUNK_BYTES, Hasher
+from ckpt.format.tensorfile import TensorEntry, check_stored_dtype, read_tensor, tensor_bytes
 from ckpt.io.checks import check_digest, check_size, matching_entry, read_header
-from ckpt.io.integrity import CHUNK_BYTES, Hasher
 from ckpt.io.pending import PendingReads, Reopen, Source
 from ckpt.io.spill import copy_bytes
-from ckpt.io.tensorfile import TensorEntry, check_stored_dtype, read_tensor, tensor_bytes
 from ckpt.restoring.locations import MapLocation, mapped_device, place
 from ckpt.state.optim import Target
 from ckpt.storage import Storage

@@ -8,8 +8,8 @@ import tempfile
 from typing import BinaryIO
 
 from ckpt.errors import CorruptCheckpointError
-from ckpt.io.integrity import Hasher
-from ckpt.io.tensorfile import TensorEntry
+from ckpt.format.checksums import Hasher
+from ckpt.format.tensorfile import TensorEntry
 
 __all__ = ["SPILL_MARGIN_BYTES", "copy_bytes", "spill_room"]
 

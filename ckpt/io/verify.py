@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from ckpt.errors import CorruptCheckpointError
 from ckpt.format import Manifest
+from ckpt.format.checksums import CHUNK_BYTES, Hasher
 from ckpt.io.checks import check_digest, check_size, matching_entry, read_header
-from ckpt.io.integrity import CHUNK_BYTES, Hasher
 from ckpt.storage import Storage
 
 __all__ = ["verify_checkpoint_files"]

@@ -9,8 +9,8 @@ from typing import BinaryIO
 import torch
 
 from ckpt.format import MANIFEST_NAME, FileRecord, Manifest, encode_manifest
-from ckpt.io.integrity import Hasher, HashingWriter
-from ckpt.io.tensorfile import write_tensors
+from ckpt.format.checksums import Hasher, HashingWriter
+from ckpt.format.tensorfile import write_tensors
 from ckpt.storage import BackgroundSyncs, Storage
 
 __all__ = ["write_checkpoint_files"]

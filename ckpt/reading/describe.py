@@ -26,7 +26,7 @@ import torch
 
 from ckpt.errors import CorruptCheckpointError
 from ckpt.format import GlobalTensorRecord, ItemRecord, Manifest, TensorRecord
-from ckpt.io.tensorfile import check_stored_dtype
+from ckpt.format.tensorfile import check_stored_dtype
 from ckpt.state.tree import Json, KeyPath, unflatten_at
 
 __all__ = [

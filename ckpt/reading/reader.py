@@ -36,7 +36,7 @@ from ckpt.restoring.locations import MapLocation, check_map_location
 from ckpt.restoring.pipeline import check_items
 from ckpt.state.items import build_state
 from ckpt.state.tree import tensor_refs
-from ckpt.storage import Storage, open_storage
+from ckpt.storage import Storage, storage_of
 
 __all__ = ["Checkpoint", "CheckpointReader", "located"]
 
@@ -103,14 +103,7 @@ class CheckpointReader:
         fallback_to_intact: bool = False,
         storage: Storage | None = None,
     ) -> None:
-        if storage_options is not None and not isinstance(storage_options, dict):
-            raise TypeError("storage_options must be a dict")
-        if storage is None:
-            if directory is None:
-                raise ValueError("pass the directory (or an opened storage)")
-            storage = open_storage(os.fspath(directory), storage_options)
-        elif directory is not None:
-            raise ValueError("pass the directory or an opened storage, not both")
+        storage = storage_of(directory, storage_options, storage)
         self._steps = StepReader(storage)
         self.fallback_to_intact = bool(fallback_to_intact)
 

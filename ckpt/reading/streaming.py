@@ -19,10 +19,10 @@ import torch
 
 from ckpt.errors import CorruptCheckpointError
 from ckpt.format import MANIFEST_NAME, Manifest, TensorRecord, rank_manifest
+from ckpt.format.checksums import CHUNK_BYTES, Hasher
+from ckpt.format.tensorfile import TensorEntry, read_tensor, tensor_bytes
 from ckpt.io import assemble_tensor
 from ckpt.io.checks import check_digest, check_size, matching_entry, read_header
-from ckpt.io.integrity import CHUNK_BYTES, Hasher
-from ckpt.io.tensorfile import TensorEntry, read_tensor, tensor_bytes
 from ckpt.state.items import check_stored_dtype
 from ckpt.storage import Storage
 

@@ -24,7 +24,7 @@ from ckpt.saving.retaining import Retainer
 from ckpt.saving.writer_lock import hold_writer_lock
 from ckpt.state.items import assemble_manifest
 from ckpt.state.kinds import Captured
-from ckpt.storage import Storage, WriterLock, open_storage
+from ckpt.storage import Storage, WriterLock, storage_of
 
 __all__ = ["CheckpointWriter"]
 
@@ -64,14 +64,7 @@ class CheckpointWriter:
         storage_options: dict[str, Any] | None = None,
         storage: Storage | None = None,
     ) -> None:
-        if storage_options is not None and not isinstance(storage_options, dict):
-            raise TypeError("storage_options must be a dict")
-        if storage is None:
-            if directory is None:
-                raise ValueError("pass the directory (or an opened storage)")
-            storage = open_storage(os.fspath(directory), storage_options)
-        elif directory is not None:
-            raise ValueError("pass the directory or an opened storage, not both")
+        storage = storage_of(directory, storage_options, storage)
         self._storage = storage
         try:
             storage.makedirs()

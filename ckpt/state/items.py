@@ -19,7 +19,7 @@ import torch
 
 from ckpt.errors import CorruptCheckpointError
 from ckpt.format import PACK_SUFFIX, ItemRecord, Manifest, TensorRecord, item_file_name
-from ckpt.io.tensorfile import check_stored_dtype, dtype_name, pack_tensors
+from ckpt.format.tensorfile import check_stored_dtype, dtype_name, pack_tensors
 from ckpt.state.kinds import Captured, Stateful, kind_of
 from ckpt.state.tree import Json, KeyPath, format_key_path, tensors_by_path, unflatten, unflatten_at
 from ckpt.torch_compat import with_module_metadata

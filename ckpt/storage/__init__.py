@@ -6,7 +6,7 @@ its backend: :class:`LocalStorage` (descriptors, no links followed, fsync,
 create, multipart, retries). Each backend names its :class:`CommitStrategy`.
 """
 
-from ckpt.storage.base import CommitStrategy, Storage, WriterLock, open_storage
+from ckpt.storage.base import CommitStrategy, Storage, WriterLock, open_storage, storage_of
 from ckpt.storage.local import SYSCALLS, BackgroundSyncs, LocalStorage, SysCalls
 from ckpt.storage.remote import RETRIES, RETRY_BASE_SECONDS, RemoteStorage
 
@@ -24,4 +24,5 @@ __all__ = [
     "SysCalls",
     "WriterLock",
     "open_storage",
+    "storage_of",
 ]

@@ -15,7 +15,7 @@ import contextlib
 import enum
 import os
 from collections.abc import Callable
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import fsspec
 
@@ -287,3 +287,25 @@ def open_storage(url: str, storage_options: dict[str, object] | None = None) -> 
     """Resolve ``url`` once and return its backend (the same as ``Storage(url, options)``)."""
     backend = Storage.backend_for(url)
     return backend(url, storage_options)
+
+
+def storage_of(
+    directory: str | os.PathLike[str] | None,
+    storage_options: dict[str, Any] | None,
+    storage: Storage | None,
+) -> Storage:
+    """The root a reader or writer works on: ``directory`` opened, or an opened ``storage``.
+
+    Raises:
+        TypeError: ``storage_options`` is not a dict.
+        ValueError: Neither or both of ``directory`` and ``storage`` are given.
+    """
+    if storage_options is not None and not isinstance(storage_options, dict):
+        raise TypeError("storage_options must be a dict")
+    if storage is None:
+        if directory is None:
+            raise ValueError("pass the directory (or an opened storage)")
+        return open_storage(os.fspath(directory), storage_options)
+    if directory is not None:
+        raise ValueError("pass the directory or an opened storage, not both")
+    return storage

@@ -38,7 +38,14 @@ from ckpt.storage.base import CommitStrategy, Storage, WriterLock, check_url
 from ckpt.storage.lock import take_flock
 from ckpt.storage.syscalls import RENAME_EXCHANGE, RENAME_NOREPLACE, SYSCALLS, SysCalls
 
-__all__ = ["NEW_FILE_PREFIX", "SYSCALLS", "BackgroundSyncs", "LocalStorage", "SysCalls"]
+__all__ = [
+    "NEW_FILE_PREFIX",
+    "SYSCALLS",
+    "BackgroundSyncs",
+    "LocalStorage",
+    "SysCalls",
+    "file_kind",
+]
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
@@ -125,9 +132,10 @@ def _named(full: str) -> Iterator[None]:
         raise type(e)(e.errno, e.strerror, full) from e
 
 
-def _kind(mode: int) -> str:
+def file_kind(mode: int, link: str = "ckpt never follows links below its root") -> str:
+    """What a non-regular file is, for an error message (``link``: why a link is refused)."""
     if stat.S_ISLNK(mode):
-        return "a symbolic link; ckpt never follows links below its root"
+        return f"a symbolic link; {link}"
     if stat.S_ISDIR(mode):
         return "a directory, not a file"
     if stat.S_ISFIFO(mode):
@@ -141,7 +149,7 @@ def _kind(mode: int) -> str:
 
 def _check_regular(info: os.stat_result, full: str) -> None:
     if not stat.S_ISREG(info.st_mode):
-        raise CorruptCheckpointError(f"is {_kind(info.st_mode)}", path=full)
+        raise CorruptCheckpointError(f"is {file_kind(info.st_mode)}", path=full)
 
 
 def _read_error(e: OSError, full: str) -> CheckpointError:

@@ -26,8 +26,8 @@ from typing import BinaryIO, Protocol
 import torch
 
 from ckpt.errors import CorruptCheckpointError
+from ckpt.format.checksums import hash_bytes
 from ckpt.format.limits import byte_count
-from ckpt.io.integrity import hash_bytes
 from ckpt.state.tree import loads_strict
 
 __all__ = [
