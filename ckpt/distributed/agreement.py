@@ -23,7 +23,7 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
-from ckpt.distributed.group import MAX_TIMEOUT, RankGroup
+from ckpt.distributed.group import CLOSED, MAX_TIMEOUT, RankGroup
 from ckpt.errors import CollectiveError
 from ckpt.torch_compat import default_store
 from ckpt.tree import Json
@@ -66,6 +66,13 @@ class Handshake:
             ValueError: The ranks came for different calls (on every rank).
         """
         group, n = self._group, self._count
+        if group.closed:  # before posting a key: the others are told this rank did not come
+            raise CollectiveError(
+                f"{call} on rank {group.rank}: {CLOSED}",
+                operation="handshake",
+                rank=group.rank,
+                timeout=self.timeout,
+            )
         if group.broken is not None:
             raise CollectiveError(
                 f"{call} on rank {group.rank}: refused, an earlier collective failed: "

@@ -32,7 +32,7 @@ import torch.distributed as dist
 from ckpt.errors import CollectiveError
 from ckpt.tree import Json
 
-__all__ = ["RankGroup"]
+__all__ = ["CLOSED", "RankGroup"]
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +46,13 @@ _NOTHING = -1
 MAX_TIMEOUT = 1e9
 # A failure's message is cut to this many characters before it is gathered.
 MAX_FAILURE_CHARS = 4096
+
+
+CLOSED = (
+    "this rank's CheckpointManager was closed; a manager in a process group runs no "
+    "collective after close(): every rank closes its manager together, and every rank "
+    "creates a new CheckpointManager to save or restore again"
+)
 
 
 class RankGroup:
@@ -245,6 +252,11 @@ class RankGroup:
         return str(self._group.group_name)
 
     @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called: every later collective is refused."""
+        return self._closed
+
+    @property
     def broken(self) -> str | None:
         """Why the group refuses every collective (an earlier one failed), or ``None``."""
         return self._broken
@@ -342,7 +354,7 @@ class RankGroup:
     def _run(self, operation: str, collective: Callable[[], _T]) -> _T:
         """Run one collective; any failure breaks the group and raises CollectiveError."""
         if self._closed:
-            raise self._error(operation, RuntimeError("the group is closed"))
+            raise self._error(operation, RuntimeError(CLOSED))
         if self._broken is not None:
             earlier = RuntimeError(f"an earlier collective failed: {self._broken}")
             raise self._error(operation, earlier)
