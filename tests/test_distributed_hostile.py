@@ -34,3 +34,20 @@ def test_a_manager_closed_on_one_rank_only_is_refused_and_named(rank_pool, tmp_p
     assert "creates a new CheckpointManager" in closed
     assert "rank(s) [0]" in waiting and "handshake_timeout" in waiting
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(("step_", ".ckpt-tmp"))]
+
+
+def on_ranks_should_save_different_steps(rank: int, world: int, root: str) -> tuple[str, bool]:
+    """Rank r asks about step 5 + r with a clock to agree on, then both about step 7."""
+    with ckpt.CheckpointManager(root, every_seconds=1000.0, handshake_timeout=30) as mgr:
+        with pytest.raises(ValueError) as raised:
+            mgr.should_save(5 + rank)
+        return str(raised.value), mgr.should_save(7)
+
+
+def test_should_save_with_different_steps_is_refused_on_every_rank(rank_pool, tmp_path):
+    results = rank_pool.run(on_ranks_should_save_different_steps, str(tmp_path), timeout=60)
+    for rank, (message, answer) in enumerate(results):
+        assert "different steps (from 5 to 6" in message
+        assert f"rank {rank} passed {5 + rank}" in message
+        assert "same step" in message
+        assert answer is False  # the agreement still works afterwards

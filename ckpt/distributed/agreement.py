@@ -144,16 +144,20 @@ class Handshake:
         )
 
 
-def agreeing(decisions: RankGroup) -> Callable[[list[bool]], list[bool]]:
+def agreeing(decisions: RankGroup) -> Callable[[int, list[bool]], list[bool]]:
     """``should_save``'s agreement over ``decisions``: flags or-ed across the ranks.
 
-    A rank that does not come within the group's timeout makes every other rank raise
+    The same all-reduce compares the step every rank passed: ranks asking about
+    different steps all raise a ``ValueError`` (they would save different steps). A
+    rank that does not come within the group's timeout makes every other rank raise
     a :class:`~ckpt.CollectiveError` saying what every rank must do.
     """
 
-    def agree(flags: list[bool]) -> list[bool]:
+    def agree(step: int, flags: list[bool]) -> list[bool]:
         try:
-            return decisions.any_of(flags)
+            *agreed, highest, lowest = decisions.max_of(
+                [1 if f else 0 for f in flags] + [step, -step], "should_save"
+            )
         except CollectiveError as e:
             raise CollectiveError(
                 f"should_save(): {e.reason}. Every rank of the group must call "
@@ -163,6 +167,15 @@ def agreeing(decisions: RankGroup) -> Callable[[list[bool]], list[bool]]:
                 rank=decisions.rank,
                 timeout=decisions.timeout,
             ) from e
+        if highest != -lowest:
+            raise ValueError(
+                f"should_save(): the ranks passed different steps (from {-lowest} to "
+                f"{highest}; rank {decisions.rank} passed {step}): every rank of the group "
+                "must call should_save(step) with the same step, together; count steps the "
+                "same way on every rank (the same number of batches per rank, as "
+                "DistributedSampler or ckpt.resumable_loader give)"
+            )
+        return [bool(v) for v in agreed]
 
     return agree
 

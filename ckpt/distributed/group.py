@@ -227,24 +227,22 @@ class RankGroup:
         flag = torch.zeros(1, dtype=torch.int64)
         self._run("barrier", lambda: dist.all_reduce(flag, group=self._group))
 
-    def any_of(self, flags: list[bool]) -> list[bool]:
-        """For each position, whether any rank passed ``True`` there (one small all_reduce).
+    def max_of(self, values: list[int], operation: str = "max_of") -> list[int]:
+        """For each position, the largest value any rank passed there (one small all_reduce).
 
         Args:
-            flags: This rank's flags; every rank passes as many.
-
-        Returns:
-            The flags or-ed across ranks; the same list on every rank.
+            values: This rank's integers (int64); every rank passes as many.
+            operation: The name an error gives the collective.
 
         Raises:
             CollectiveError: A rank died or did not arrive within the timeout.
         """
-        values = torch.tensor([1 if f else 0 for f in flags], dtype=torch.uint8)
+        tensor = torch.tensor(values, dtype=torch.int64)
         self._run(
-            "any_of",
-            lambda: dist.all_reduce(values, op=dist.ReduceOp.MAX, group=self._group),
+            operation,
+            lambda: dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self._group),
         )
-        return [bool(v) for v in values.tolist()]
+        return [int(v) for v in tensor.tolist()]
 
     @property
     def name(self) -> str:
