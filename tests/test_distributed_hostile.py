@@ -9,6 +9,7 @@ import pytest
 from dist_training import make
 
 import ckpt
+from ckpt.cli import main
 
 pytestmark = pytest.mark.distributed
 
@@ -51,3 +52,17 @@ def test_should_save_with_different_steps_is_refused_on_every_rank(rank_pool, tm
         assert f"rank {rank} passed {5 + rank}" in message
         assert "same step" in message
         assert answer is False  # the agreement still works afterwards
+
+
+@pytest.mark.parametrize("command", ["info", "verify", "diff", "ls"])
+def test_the_cli_pointed_at_a_step_directory_names_the_root_to_pass(tmp_path, capsys, command):
+    model, _, _ = make("none")
+    with ckpt.CheckpointManager(tmp_path) as mgr:
+        mgr.save(7, model=model)
+    step_dir = str(tmp_path / "step_000000000007")
+    argv = [command, step_dir] + ([step_dir] if command == "diff" else [])
+    main(argv)
+    captured = capsys.readouterr()
+    assert f"pass the checkpoint root, with the step if you want that one: {tmp_path}:7" in (
+        captured.err
+    )
