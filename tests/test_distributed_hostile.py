@@ -66,3 +66,16 @@ def test_the_cli_pointed_at_a_step_directory_names_the_root_to_pass(tmp_path, ca
     assert f"pass the checkpoint root, with the step if you want that one: {tmp_path}:7" in (
         captured.err
     )
+
+
+def test_a_second_writer_in_the_same_process_is_told_it_holds_the_lock(tmp_path):
+    from ckpt.retention import RetentionPolicy
+
+    model, _, _ = make("none")
+    with ckpt.CheckpointManager(tmp_path) as mgr:
+        mgr.save(0, model=model)
+        writer = ckpt.CheckpointWriter(tmp_path)
+        with writer, pytest.raises(ckpt.CheckpointLockedError) as raised:
+            writer.prune(RetentionPolicy(keep_last=1))
+    assert "it is this process, through another CheckpointManager" in str(raised.value)
+    assert "close() it first" in str(raised.value)
