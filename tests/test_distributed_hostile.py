@@ -5,8 +5,11 @@ Functions named ``on_ranks_*`` run on the ranks (tests/rank_pool.py).
 
 from __future__ import annotations
 
+import copy
+
 import pytest
-from dist_training import make
+import torch
+from dist_training import build_model, make
 
 import ckpt
 from ckpt.cli import main
@@ -79,3 +82,34 @@ def test_a_second_writer_in_the_same_process_is_told_it_holds_the_lock(tmp_path)
             writer.prune(RetentionPolicy(keep_last=1))
     assert "it is this process, through another CheckpointManager" in str(raised.value)
     assert "close() it first" in str(raised.value)
+
+
+def on_ranks_strict_on_rank_0_only(rank: int, world: int, root: str) -> tuple[str, bool]:
+    """Restore into a model with an extra layer, strict on rank 0 only: the error, unchanged?"""
+    model, optimizer, _ = make("ddp")
+    with ckpt.CheckpointManager(root) as mgr:
+        mgr.save(0, model=model, optimizer=optimizer)
+        torch.manual_seed(1)
+        bigger = torch.nn.Sequential(*build_model(3), torch.nn.Linear(3, 2))
+        before = copy.deepcopy(bigger.state_dict())
+        with pytest.raises(ckpt.IncompatibleCheckpointError) as raised:
+            mgr.restore(model=bigger, strict=rank == 0)
+    unchanged = all(torch.equal(before[k], v) for k, v in bigger.state_dict().items())
+    return str(raised.value), unchanged
+
+
+def test_a_restore_strict_on_one_rank_fails_alike_and_says_what_to_do(rank_pool, tmp_path):
+    results = rank_pool.run(on_ranks_strict_on_rank_0_only, str(tmp_path))
+    for message, unchanged in results:
+        assert unchanged
+        assert "missing ['5.bias', '5.weight']" in message
+        assert "pass strict=False" in message
+
+
+def test_exporting_an_optimizer_says_to_choose_a_module_item(tmp_path, capsys):
+    model, optimizer, _ = make("none")
+    with ckpt.CheckpointManager(tmp_path / "run") as mgr:
+        mgr.save(0, model=model, optimizer=optimizer)
+    assert main(["export", str(tmp_path / "run"), str(tmp_path / "out"), "--item", "optimizer"])
+    err = capsys.readouterr().err
+    assert "'optimizer' is of kind optimizer" in err and "choose a module item" in err

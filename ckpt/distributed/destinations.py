@@ -32,7 +32,8 @@ def _check_names(item: str, saved: set[str], live: set[str], strict: bool) -> No
     missing, unexpected = sorted(live - saved), sorted(saved - live)
     raise IncompatibleCheckpointError(
         f"item {item!r} does not match the checkpoint: missing {missing[:10]}, "
-        f"unexpected {unexpected[:10]}",
+        f"unexpected {unexpected[:10]}: restore into the model that was saved (the same "
+        "modules and names), or pass strict=False to restore only the keys both have",
         key=item,
     )
 
