@@ -113,3 +113,20 @@ def test_exporting_an_optimizer_says_to_choose_a_module_item(tmp_path, capsys):
     assert main(["export", str(tmp_path / "run"), str(tmp_path / "out"), "--item", "optimizer"])
     err = capsys.readouterr().err
     assert "'optimizer' is of kind optimizer" in err and "choose a module item" in err
+
+
+def on_ranks_save_with_own_metrics(rank: int, world: int, root: str) -> tuple[str, list[int]]:
+    """Each rank saves its own loss (refused), then the reduced one (saved, NaN included)."""
+    model, _, _ = make("ddp")
+    with ckpt.CheckpointManager(root, keep_best=1, best_metric="loss") as mgr:
+        with pytest.raises(ValueError) as raised:
+            mgr.save(0, model=model, metrics={"loss": float(rank)})
+        saved = mgr.save(1, model=model, metrics={"loss": 0.5, "other": float("nan")})
+        assert saved.metrics["loss"] == 0.5
+        return str(raised.value), mgr.all_steps()
+
+
+def test_metrics_that_differ_between_ranks_are_refused_with_what_to_do(rank_pool, tmp_path):
+    for message, steps in rank_pool.run(on_ranks_save_with_own_metrics, str(tmp_path)):
+        assert "the same metrics" in message and "dist.all_reduce" in message
+        assert steps == [1]

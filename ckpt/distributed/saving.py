@@ -20,6 +20,7 @@ the group's timeout (:class:`~ckpt.CollectiveError`), never hang.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import secrets
 import time
@@ -63,18 +64,25 @@ def _describe(e: BaseException) -> str:
 
 
 def _different_calls(step: int, calls: list[Any]) -> str | None:
-    """Why the ranks' ``save`` calls differ (step, epoch or item names), or ``None``.
+    """Why the ranks' ``save`` calls differ (step, epoch, metrics or item names), or ``None``.
 
     The same on every rank, since every rank sees every call.
     """
     differing = [r for r, call in enumerate(calls) if call != calls[0]]
     if not differing:
         return None
+    hint = ""
+    if any(calls[r]["metrics"] != calls[0]["metrics"] for r in differing):
+        hint = (
+            " (metrics are stored once for the step and rank it for keep_best: reduce "
+            "them across the ranks first, e.g. with dist.all_reduce, and pass the result "
+            "on every rank)"
+        )
     return (
-        f"every rank must call save() with the same step, epoch and item names: rank 0 "
-        f"saves {calls[0]}, but "
+        f"every rank must call save() with the same step, epoch and item names, and the same "
+        f"metrics: rank 0 saves {calls[0]}, but "
         + "; ".join(f"rank {r} saves {calls[r]}" for r in differing)
-        + f"; nothing of step {step} was written"
+        + f"{hint}; nothing of step {step} was written"
     )
 
 
@@ -142,7 +150,9 @@ class CollectiveSave:
             local = capture_local(items, group.rank, own)
         except Exception as e:
             error = e
-        call = {"step": step, "epoch": epoch, "items": sorted(items)}
+        # metrics as text: NaN equals NaN there, so only values that differ differ
+        shown = json.dumps(metrics, sort_keys=True, separators=(",", ":"))
+        call = {"step": step, "epoch": epoch, "metrics": shown, "items": sorted(items)}
         mismatch = _different_calls(step, self._agree(step, attempt, error, call))
         if mismatch is not None:
             if group.is_coordinator:
