@@ -159,6 +159,7 @@ class CheckpointManager:
             from ckpt.distributed.agreement import agreeing, open_agreement  # noqa: PLC0415
 
             config: dict[str, Json] = {
+                "directory": self._storage.url,
                 "every_steps": every_steps,
                 "every_seconds": every_seconds,
                 "signals": [int(s) for s in signals],

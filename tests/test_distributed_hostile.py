@@ -6,6 +6,7 @@ Functions named ``on_ranks_*`` run on the ranks (tests/rank_pool.py).
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -130,3 +131,33 @@ def test_metrics_that_differ_between_ranks_are_refused_with_what_to_do(rank_pool
     for message, steps in rank_pool.run(on_ranks_save_with_own_metrics, str(tmp_path)):
         assert "the same metrics" in message and "dist.all_reduce" in message
         assert steps == [1]
+
+
+def on_ranks_directories(rank: int, world: int, root: str, local: bool) -> str:
+    """Rank r passes root/r (refused), or the same root seen on a disk of its own (``local``)."""
+    model, _, _ = make("ddp")
+    if not local:
+        with pytest.raises(ValueError) as refused:
+            ckpt.CheckpointManager(f"{root}/{rank}")
+        return str(refused.value)
+    with ckpt.CheckpointManager(root) as mgr:
+        if rank == 1:  # a node-local disk: the same path, other contents
+            mgr._storage.root = f"{root}-node1"  # type: ignore[attr-defined]
+            os.makedirs(mgr._storage.root)  # type: ignore[attr-defined]
+        with pytest.raises(ckpt.CheckpointWriteError) as failed:
+            mgr.save(0, model=model)
+        return str(failed.value)
+
+
+@pytest.mark.parametrize("local", [False, True])
+def test_ranks_that_do_not_share_the_directory_are_told_so(rank_pool, tmp_path, local):
+    root = str(tmp_path / "run")
+    messages = rank_pool.run(on_ranks_directories, root, local)
+    for message in messages:
+        if local:
+            assert "rank 1: CheckpointWriteError: this rank cannot see the directory" in message
+            assert "shared filesystem or an object store" in message
+        else:
+            assert "the same directory" in message and f"{root}/1" in message
+    left = [p.name for p in tmp_path.rglob("*")]
+    assert not [n for n in left if n.startswith(("step_", ".ckpt-tmp"))], left

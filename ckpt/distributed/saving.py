@@ -191,7 +191,7 @@ class CollectiveSave:
         try:
             report = write_rank_files(self.storage, attempt.directory, pending.captured)
         except Exception as e:
-            error = e
+            error = self._unseen(attempt, e)
         reports = self._agree(step, attempt, error, report)
         outcome: Any = None
         if group.is_coordinator:
@@ -267,6 +267,24 @@ class CollectiveSave:
         if error is not None:
             raise failure from error
         raise failure
+
+    def _unseen(self, attempt: Attempt, error: Exception) -> Exception:
+        """``error``, or what to do when this rank cannot see the directory rank 0 opened."""
+        if self.group.is_coordinator or not isinstance(error, FileNotFoundError):
+            return error
+        try:
+            seen = self.storage.exists(attempt.directory)
+        except OSError:
+            seen = False
+        if seen:
+            return error
+        return CheckpointWriteError(
+            f"this rank cannot see the directory rank 0 opened for the save "
+            f"({attempt.directory}): the checkpoint root must be on storage every rank "
+            "of the group sees at the same path (a shared filesystem or an object store), "
+            "not each node's local disk, and every rank must pass the same directory",
+            path=self.storage.url_of(attempt.directory),
+        )
 
     def _abandon(self, attempt: Attempt) -> None:
         """Remove what an attempt wrote (the coordinator, once every rank has stopped writing)."""
