@@ -545,7 +545,8 @@ class CheckpointManager:
             return [] if latest is None else [latest]
 
         candidates = agreeing.agree_on_candidates(self._group, step, listed, fallback)
-        found = agreeing.first_agreed(self._group, candidates, prepare, fallback)
+        seen = self._writer.is_committed if step is None else None  # rank 0 chose
+        found = agreeing.first_agreed(self._group, candidates, prepare, fallback, seen)
         return None if found is None else found[1]
 
     def _apply(

@@ -161,3 +161,22 @@ def test_ranks_that_do_not_share_the_directory_are_told_so(rank_pool, tmp_path, 
             assert "the same directory" in message and f"{root}/1" in message
     left = [p.name for p in tmp_path.rglob("*")]
     assert not [n for n in left if n.startswith(("step_", ".ckpt-tmp"))], left
+
+
+def on_ranks_restore_from_a_disk_of_its_own(rank: int, world: int, root: str) -> str:
+    """Save on a shared root, then restore with rank 1 seeing a disk of its own."""
+    model, _, _ = make("ddp")
+    with ckpt.CheckpointManager(root) as mgr:
+        mgr.save(0, model=model)
+        if rank == 1:
+            mgr._storage.root = f"{root}-node1"  # type: ignore[attr-defined]
+            os.makedirs(mgr._storage.root)  # type: ignore[attr-defined]
+        with pytest.raises(ckpt.CheckpointNotFoundError) as failed:
+            mgr.restore(model=model)
+        return str(failed.value)
+
+
+def test_a_rank_that_does_not_see_the_step_rank_0_listed_is_told_why(rank_pool, tmp_path):
+    for message in rank_pool.run(on_ranks_restore_from_a_disk_of_its_own, str(tmp_path / "r")):
+        assert "rank 0 listed step 0, which this rank does not see" in message
+        assert "not each node's local disk" in message
