@@ -180,3 +180,19 @@ def test_a_rank_that_does_not_see_the_step_rank_0_listed_is_told_why(rank_pool, 
     for message in rank_pool.run(on_ranks_restore_from_a_disk_of_its_own, str(tmp_path / "r")):
         assert "rank 0 listed step 0, which this rank does not see" in message
         assert "not each node's local disk" in message
+
+
+def on_ranks_save_a_sharded_state_dict(rank: int, world: int, root: str) -> str:
+    """A new user's save: the FSDP2 model's state_dict() (DTensors) as the item."""
+    model, _, _ = make("fsdp")
+    with ckpt.CheckpointManager(root) as mgr:
+        with pytest.raises(ckpt.CheckpointWriteError) as failed:
+            mgr.save(0, model=model.state_dict())
+        assert mgr.all_steps() == []
+    return str(failed.value)
+
+
+def test_saving_a_sharded_state_dict_says_to_pass_the_module(rank_pool, tmp_path):
+    for message in rank_pool.run(on_ranks_save_a_sharded_state_dict, str(tmp_path)):
+        assert "item 'model' holds a DTensor" in message
+        assert "not model=model.state_dict()" in message
