@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import copy
 import os
+import signal
+from typing import Any
 
 import pytest
 import torch
@@ -196,3 +198,49 @@ def test_saving_a_sharded_state_dict_says_to_pass_the_module(rank_pool, tmp_path
     for message in rank_pool.run(on_ranks_save_a_sharded_state_dict, str(tmp_path)):
         assert "item 'model' holds a DTensor" in message
         assert "not model=model.state_dict()" in message
+
+
+class _DiesOnCapture:
+    """An item whose state_dict() SIGKILLs its process: a rank dying in the middle of a save."""
+
+    def state_dict(self) -> dict[str, int]:
+        os.kill(os.getpid(), signal.SIGKILL)
+        return {}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        pass
+
+
+def on_ranks_die_during_capture(rank: int, world: int, root: str) -> str:
+    """Save step 0; then rank 1 dies capturing step 1: rank 0's error."""
+    model, optimizer, _ = make("fsdp")
+    mgr = ckpt.CheckpointManager(root, collective_timeout=60)
+    mgr.save(0, model=model, optimizer=optimizer)
+    extra: Any = _DiesOnCapture() if rank == 1 else {"n": 1}
+    with pytest.raises(ckpt.CollectiveError) as failed:
+        mgr.save(1, model=model, optimizer=optimizer, extra=extra)
+    with pytest.raises(ckpt.CollectiveError, match="refused"):
+        mgr.save(2, model=model, optimizer=optimizer, extra=extra)
+    return str(failed.value)
+
+
+def on_ranks_resume(rank: int, world: int, root: str) -> tuple[int, list[str]]:
+    model, optimizer, _ = make("fsdp")
+    with ckpt.CheckpointManager(root) as mgr:
+        info = mgr.restore(model=model, optimizer=optimizer)
+        assert info is not None
+        mgr.save(info.next_step, model=model, optimizer=optimizer)
+    return info.step, sorted(os.listdir(root))
+
+
+def test_a_rank_dying_mid_save_tells_the_others_what_to_do_and_the_job_resumes(
+    fresh_ranks, rank_pool, tmp_path
+):
+    outcomes = fresh_ranks(on_ranks_die_during_capture, 2, 90, args=(str(tmp_path),))
+    assert outcomes[1].exitcode == -signal.SIGKILL
+    assert outcomes[0].returned, outcomes[0].error
+    assert "restart the job on every rank" in outcomes[0].result
+    assert any(n.startswith(".ckpt-tmp") for n in os.listdir(tmp_path))  # the attempt left behind
+    for step, names in rank_pool.run(on_ranks_resume, str(tmp_path)):
+        assert step == 0
+        assert names == [".ckpt-writer.lock", "step_000000000000", "step_000000000001"]

@@ -360,7 +360,11 @@ class RankGroup:
             return collective()
         except Exception as e:
             self._broken = f"{operation}: {type(e).__name__}: {e}"
-            hint = "; a rank died, left or did not answer within the timeout"
+            hint = (
+                "; a rank died, left or did not answer within the timeout. This manager "
+                "refuses every later collective: restart the job on every rank; "
+                "restore() resumes from the newest committed step"
+            )
             raise self._error(operation, e, hint) from e
 
     def _error(self, operation: str, cause: BaseException, hint: str = "") -> CollectiveError:
