@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import torch
-from dist_training import build_model, make
+from dist_training import build_model, make, wrap
 
 import ckpt
 from ckpt.cli import main
@@ -244,3 +244,32 @@ def test_a_rank_dying_mid_save_tells_the_others_what_to_do_and_the_job_resumes(
     for step, names in rank_pool.run(on_ranks_resume, str(tmp_path)):
         assert step == 0
         assert names == [".ckpt-writer.lock", "step_000000000000", "step_000000000001"]
+
+
+def on_ranks_restore_into_one_param_group(rank: int, world: int, root: str) -> str:
+    """Restore a two-group optimizer into FSDP2 with one group: the error; nothing changed."""
+    model = wrap(build_model(5), "fsdp")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.9)
+    mgr = ckpt.CheckpointManager(root)
+    with mgr, pytest.raises(ckpt.IncompatibleCheckpointError) as failed:
+        mgr.restore(model=model, optimizer=optimizer)
+    assert optimizer.param_groups[0]["lr"] == 0.9 and not optimizer.state
+    return str(failed.value)
+
+
+def test_a_restore_into_other_param_groups_fails_alike_and_says_what_to_do(rank_pool, tmp_path):
+    model = build_model(5)
+    params = list(model.named_parameters())
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": [p for n, p in params if "bias" not in n], "lr": 0.3},
+            {"params": [p for n, p in params if "bias" in n], "lr": 0.1, "weight_decay": 0.0},
+        ]
+    )
+    model(torch.randn(4, 5)).sum().backward()
+    optimizer.step()
+    with ckpt.CheckpointManager(tmp_path) as mgr:
+        mgr.save(0, model=model, optimizer=optimizer)
+    for message in rank_pool.run(on_ranks_restore_into_one_param_group, str(tmp_path)):
+        assert "2 param groups in the checkpoint but 1 live" in message
+        assert "build the optimizer with the param groups it was saved with" in message

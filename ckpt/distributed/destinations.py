@@ -103,7 +103,8 @@ def optimizer_destinations(
     if not isinstance(groups, list) or len(groups) != len(optimizer.param_groups):
         raise IncompatibleCheckpointError(
             f"item {name!r} has {len(groups) if isinstance(groups, list) else 'no'} param groups "
-            f"in the checkpoint but {len(optimizer.param_groups)} live",
+            f"in the checkpoint but {len(optimizer.param_groups)} live: build the optimizer "
+            "with the param groups it was saved with (`ckpt info` lists them)",
             key=f"{name}.param_groups",
         )
     at = 0
