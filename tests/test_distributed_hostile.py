@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import copy
 import os
+import random
 import signal
+import threading
 from typing import Any
 
 import pytest
 import torch
-from dist_training import build_model, make, wrap
+from dist_training import build_model, make, train_step, wrap
 
 import ckpt
 from ckpt.cli import main
@@ -273,3 +275,47 @@ def test_a_restore_into_other_param_groups_fails_alike_and_says_what_to_do(rank_
     for message in rank_pool.run(on_ranks_restore_into_one_param_group, str(tmp_path)):
         assert "2 param groups in the checkpoint but 1 live" in message
         assert "build the optimizer with the param groups it was saved with" in message
+
+
+def on_ranks_killed_at_random(
+    rank: int, world: int, root: str, delay: float, victim: int, async_save: bool
+) -> int:
+    """Resume, train and save three steps; ``victim`` SIGKILLs itself ``delay`` s into the last."""
+    model, optimizer, scheduler = make("fsdp")
+    items = {"model": model, "optimizer": optimizer, "scheduler": scheduler}
+    mgr = ckpt.CheckpointManager(
+        root, async_save=async_save, keep_last=2, collective_timeout=60, handshake_timeout=10
+    )
+    with mgr:
+        info = mgr.restore(**items)
+        start = 0 if info is None else info.next_step
+        for step in range(start, start + 3):
+            train_step(model, optimizer, scheduler, step)
+            if step == start + 2 and rank == victim:
+                threading.Timer(delay, os.kill, (os.getpid(), signal.SIGKILL)).start()
+            mgr.save(step, **items)
+    return start
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("async_save", [False, True])
+def test_a_rank_killed_at_a_random_moment_of_a_save_leaves_a_resumable_root(
+    fresh_ranks, rank_pool, tmp_path, async_save
+):
+    rng = random.Random(18)
+    for trial in range(4):
+        root = tmp_path / str(trial)
+        delay, victim = rng.uniform(0.0, 0.08), rng.randrange(2)
+        args = (str(root), delay, victim, async_save)
+        outcomes = fresh_ranks(on_ranks_killed_at_random, 2, 120, args=args)
+        survivor = outcomes[1 - victim]  # returned, or raised once it saw the victim gone
+        assert not survivor.timed_out
+        assert survivor.returned or "CollectiveError" in str(survivor.error), survivor.error
+        committed = sorted(int(n[5:]) for n in os.listdir(root) if n.startswith("step_"))
+        # Step 1 has committed before the kill when saves are synchronous; an async one may
+        # still be in flight (save(2) waits for it), but then step 0 has committed.
+        assert committed and committed[-1] >= (0 if async_save else 1), committed
+        for step, names in rank_pool.run(on_ranks_resume, str(root)):
+            assert step == committed[-1]
+            assert not [n for n in names if n.startswith(".ckpt-tmp")], names
+            assert f"step_{step + 1:012d}" in names
