@@ -319,3 +319,17 @@ def test_a_rank_killed_at_a_random_moment_of_a_save_leaves_a_resumable_root(
             assert step == committed[-1]
             assert not [n for n in names if n.startswith(".ckpt-tmp")], names
             assert f"step_{step + 1:012d}" in names
+
+
+def on_ranks_fallback_on_rank_0_only(rank: int, world: int, root: str) -> str:
+    """fallback_to_intact on rank 0 only: refused at construction on every rank."""
+    with pytest.raises(ValueError) as refused:
+        ckpt.CheckpointManager(root, fallback_to_intact=rank == 0)
+    return str(refused.value)
+
+
+def test_fallback_to_intact_on_some_ranks_only_is_refused_at_construction(rank_pool, tmp_path):
+    # Before, rank 0 went on to the next step alone and waited collective_timeout (600 s).
+    for message in rank_pool.run(on_ranks_fallback_on_rank_0_only, str(tmp_path)):
+        assert "fallback_to_intact" in message
+        assert "'fallback_to_intact': True" in message and "'fallback_to_intact': False" in message
