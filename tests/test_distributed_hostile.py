@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import torch
 from dist_training import build_model, make, train_step, wrap
+from helpers import fingerprint
 
 import ckpt
 from ckpt.cli import main
@@ -333,3 +334,20 @@ def test_fallback_to_intact_on_some_ranks_only_is_refused_at_construction(rank_p
     for message in rank_pool.run(on_ranks_fallback_on_rank_0_only, str(tmp_path)):
         assert "fallback_to_intact" in message
         assert "'fallback_to_intact': True" in message and "'fallback_to_intact': False" in message
+
+
+def on_ranks_overwrite_on_rank_0_only(rank: int, world: int, root: str) -> tuple[str, list[int]]:
+    model, _, _ = make("ddp")
+    with ckpt.CheckpointManager(root) as mgr:
+        mgr.save(0, model=model)
+        before = fingerprint(f"{root}/step_000000000000")
+        with pytest.raises(ValueError) as refused:
+            mgr.save(0, model=model, overwrite=rank == 0)
+        assert fingerprint(f"{root}/step_000000000000") == before  # not replaced
+        return str(refused.value), mgr.all_steps()
+
+
+def test_overwrite_on_some_ranks_only_is_refused(rank_pool, tmp_path):
+    for message, steps in rank_pool.run(on_ranks_overwrite_on_rank_0_only, str(tmp_path)):
+        assert "'overwrite': True" in message and "'overwrite': False" in message
+        assert steps == [0]

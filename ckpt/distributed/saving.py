@@ -80,7 +80,7 @@ def _different_calls(step: int, calls: list[Any]) -> str | None:
         )
     return (
         f"every rank must call save() with the same step, epoch and item names, and the same "
-        f"metrics: rank 0 saves {calls[0]}, but "
+        f"metrics and overwrite: rank 0 saves {calls[0]}, but "
         + "; ".join(f"rank {r} saves {calls[r]}" for r in differing)
         + f"{hint}; nothing of step {step} was written"
     )
@@ -153,6 +153,7 @@ class CollectiveSave:
         # metrics as text: NaN equals NaN there, so only values that differ differ
         shown = json.dumps(metrics, sort_keys=True, separators=(",", ":"))
         call = {"step": step, "epoch": epoch, "metrics": shown, "items": sorted(items)}
+        call["overwrite"] = overwrite  # rank 0 decides it: every rank must ask the same
         mismatch = _different_calls(step, self._agree(step, attempt, error, call))
         if mismatch is not None:
             if group.is_coordinator:
