@@ -351,3 +351,31 @@ def test_overwrite_on_some_ranks_only_is_refused(rank_pool, tmp_path):
     for message, steps in rank_pool.run(on_ranks_overwrite_on_rank_0_only, str(tmp_path)):
         assert "'overwrite': True" in message and "'overwrite': False" in message
         assert steps == [0]
+
+
+def on_ranks_private_managers(rank: int, world: int, root: str) -> str | None:
+    """Each rank saves with a manager of its own into one root (process_group=False)."""
+    model, _, _ = make("ddp")
+    mgr = ckpt.CheckpointManager(root, process_group=False)
+    try:
+        if rank == 0:
+            mgr.save(0, model=model)
+        torch.distributed.barrier()
+        if rank == 0:
+            return None
+        with pytest.raises(ckpt.CheckpointLockedError) as refused:
+            mgr.save(1, model=model)
+        return str(refused.value)
+    finally:
+        torch.distributed.barrier()  # rank 0 holds the lock until rank 1 was refused
+        mgr.close()
+
+
+def test_ranks_saving_alone_into_one_root_are_told_to_share_a_collective_manager(
+    rank_pool, tmp_path
+):
+    message = rank_pool.run(on_ranks_private_managers, str(tmp_path))[1]
+    assert "another writer holds this directory" in message
+    assert "one collective CheckpointManager, created on every rank after init_process_group" in (
+        message
+    )

@@ -87,7 +87,9 @@ def _what_to_do(identity: tuple[int, int]) -> str:
                 )
     return (
         "one process may write to a checkpoint directory at a time: stop the other "
-        "writer, or write to another directory (a killed writer's lock is released)"
+        "writer, or write to another directory (a killed writer's lock is released); "
+        "the ranks of a job share one collective CheckpointManager, created on every "
+        "rank after init_process_group"
     )
 
 
