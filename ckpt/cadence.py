@@ -49,7 +49,7 @@ class SaveCadence:
 
 
 Agree = Callable[[int, list[bool]], list[bool]]
-"""Or-s flags across ranks (one small collective): the same answer on every rank."""
+"""Or-s flags across ranks for a step (one small collective that also compares the steps)."""
 
 
 class SaveTiming:
