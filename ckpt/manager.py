@@ -159,6 +159,8 @@ class CheckpointManager:
             from ckpt.distributed.handshake import agreeing, open_agreement  # noqa: PLC0415
 
             config: dict[str, Json] = {
+                "directory": self._storage.url,
+                "fallback_to_intact": self.fallback_to_intact,  # every rank tries the same steps
                 "every_steps": every_steps,
                 "every_seconds": every_seconds,
                 "signals": [int(s) for s in signals],

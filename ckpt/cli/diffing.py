@@ -19,8 +19,7 @@ import torch
 
 from ckpt.cli.compare import tensor_difference, value_changes
 from ckpt.cli.render import dump_json, out, short_value, table
-from ckpt.cli.source import open_reader, parse_target
-from ckpt.errors import CheckpointNotFoundError
+from ckpt.cli.source import no_checkpoint, open_reader, parse_target
 from ckpt.progress import ProgressBar, progress_bar
 
 __all__ = ["SMALL_ITEM_BYTES", "STATUSES", "add_parser", "diff_doc"]
@@ -67,7 +66,7 @@ class _Side:
         target = parse_target(text)
         self.reader = open_reader(target.root, storage_options)
         if target.step is None and self.reader.latest_step() is None:
-            raise CheckpointNotFoundError("no committed checkpoint", path=self.reader.directory)
+            raise no_checkpoint(self.reader.directory)
         self.doc: dict[str, Any] = self.reader.describe(target.step).to_json()
         self.step: int = self.doc["step"]
         self.items: dict[str, dict[str, Any]] = {i["name"]: i for i in self.doc["items"]}

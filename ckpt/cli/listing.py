@@ -10,8 +10,8 @@ import fnmatch
 from typing import Any
 
 from ckpt.cli.render import dump_json, human_bytes, note, out, short_value, table
-from ckpt.cli.source import open_reader, parse_root, parse_target
-from ckpt.errors import CheckpointError, CheckpointNotFoundError
+from ckpt.cli.source import no_checkpoint, open_reader, parse_root, parse_target
+from ckpt.errors import CheckpointError
 
 __all__ = ["add_info_parser", "add_ls_parser", "info_doc", "ls_doc"]
 
@@ -96,7 +96,8 @@ def run_ls(args: argparse.Namespace) -> int:
     if args.json:
         out(dump_json(doc))
     elif not doc["checkpoints"]:
-        note(f"ckpt: no committed checkpoints in {doc['directory']}")
+        reason = no_checkpoint(doc["directory"]).reason.removeprefix("no committed checkpoint")
+        note(f"ckpt: no committed checkpoints in {doc['directory']}{reason}")
     else:
         rows = [
             [
@@ -127,7 +128,7 @@ def _matches(pattern: str | None, item: str, key: str) -> bool:
 def info_doc(reader: Any, step: int | None, pattern: str | None) -> dict[str, Any]:
     """The ``ckpt info --json`` document: the description, tensors filtered by ``pattern``."""
     if step is None and reader.latest_step() is None:
-        raise CheckpointNotFoundError("no committed checkpoint", path=reader.directory)
+        raise no_checkpoint(reader.directory)
     doc = dict(reader.describe(step).to_json())
     doc["directory"] = reader.directory
     if pattern is not None:

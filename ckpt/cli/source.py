@@ -12,10 +12,18 @@ import fsspec
 from ckpt.errors import CheckpointNotFoundError
 from ckpt.reading.reader import CheckpointReader
 
-__all__ = ["Target", "open_reader", "parse_root", "parse_target", "require_root"]
+__all__ = [
+    "Target",
+    "no_checkpoint",
+    "open_reader",
+    "parse_root",
+    "parse_target",
+    "require_root",
+]
 
 _STEP_SUFFIX = re.compile(r"(?P<root>.+):(?P<step>[0-9]+)")
 _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://")
+_STEP_DIR = re.compile(r"step_(?P<step>[0-9]{12})")
 
 
 @dataclass(frozen=True)
@@ -90,3 +98,17 @@ def open_reader(root: str, storage_options: dict[str, Any] | None) -> Checkpoint
     """
     require_root(root, storage_options)
     return CheckpointReader(root, storage_options=storage_options)
+
+
+def no_checkpoint(directory: str) -> CheckpointNotFoundError:
+    """The error for a root with no committed checkpoint (a step directory: its root)."""
+    name = os.path.basename(directory.rstrip("/"))
+    found = _STEP_DIR.fullmatch(name)
+    if found is None:
+        return CheckpointNotFoundError("no committed checkpoint", path=directory)
+    parent = os.path.dirname(directory.rstrip("/")) or "."
+    return CheckpointNotFoundError(
+        f"no committed checkpoint: this is the directory of one step; pass the checkpoint "
+        f"root, with the step if you want that one: {parent}:{int(found['step'])}",
+        path=directory,
+    )

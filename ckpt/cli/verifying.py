@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 from ckpt.cli.render import dump_json, out, table
-from ckpt.cli.source import open_reader, parse_target
+from ckpt.cli.source import no_checkpoint, open_reader, parse_target
 from ckpt.errors import CheckpointError, CheckpointNotFoundError
 from ckpt.progress import progress_bar
 
@@ -61,7 +61,7 @@ def verify_doc(reader: Any, step: int | None, every: bool, progress: bool) -> di
     else:
         chosen = steps[-1:]
     if not chosen:
-        raise CheckpointNotFoundError("no committed checkpoint", path=reader.directory)
+        raise no_checkpoint(reader.directory)
     results = []
     with progress_bar(len(chosen), "verify", enabled=progress, unit="step") as bar:
         for s in chosen:

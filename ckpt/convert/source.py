@@ -127,8 +127,9 @@ def open_item(
     where = f"{reader.directory.rstrip('/')}/{step_name}"
     if not isinstance(record.state, dict) or record.kind not in ("module", "dict", "stateful"):
         raise IncompatibleCheckpointError(
-            f"item {item!r} is a {record.kind}; export writes a mapping of names to tensors "
-            "(a module's weights)",
+            f"item {item!r} is of kind {record.kind}; export writes a mapping of names to "
+            "tensors (a module's weights): choose a module item (`ckpt info` lists each "
+            "item's kind)",
             path=where,
             key=item,
         )

@@ -32,7 +32,8 @@ def _check_names(item: str, saved: set[str], live: set[str], strict: bool) -> No
     missing, unexpected = sorted(live - saved), sorted(saved - live)
     raise IncompatibleCheckpointError(
         f"item {item!r} does not match the checkpoint: missing {missing[:10]}, "
-        f"unexpected {unexpected[:10]}",
+        f"unexpected {unexpected[:10]}: restore into the model that was saved (the same "
+        "modules and names), or pass strict=False to restore only the keys both have",
         key=item,
     )
 
@@ -102,7 +103,8 @@ def optimizer_destinations(
     if not isinstance(groups, list) or len(groups) != len(optimizer.param_groups):
         raise IncompatibleCheckpointError(
             f"item {name!r} has {len(groups) if isinstance(groups, list) else 'no'} param groups "
-            f"in the checkpoint but {len(optimizer.param_groups)} live",
+            f"in the checkpoint but {len(optimizer.param_groups)} live: build the optimizer "
+            "with the param groups it was saved with (`ckpt info` lists them)",
             key=f"{name}.param_groups",
         )
     at = 0

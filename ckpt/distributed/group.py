@@ -32,7 +32,7 @@ import torch.distributed as dist
 from ckpt.errors import CollectiveError
 from ckpt.state.tree import Json
 
-__all__ = ["RankGroup"]
+__all__ = ["CLOSED", "RankGroup"]
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +46,13 @@ _NOTHING = -1
 MAX_TIMEOUT = 1e9
 # A failure's message is cut to this many characters before it is gathered.
 MAX_FAILURE_CHARS = 4096
+
+
+CLOSED = (
+    "this rank's CheckpointManager was closed; a manager in a process group runs no "
+    "collective after close(): every rank closes its manager together, and every rank "
+    "creates a new CheckpointManager to save or restore again"
+)
 
 
 class RankGroup:
@@ -220,29 +227,32 @@ class RankGroup:
         flag = torch.zeros(1, dtype=torch.int64)
         self._run("barrier", lambda: dist.all_reduce(flag, group=self._group))
 
-    def any_of(self, flags: list[bool]) -> list[bool]:
-        """For each position, whether any rank passed ``True`` there (one small all_reduce).
+    def max_of(self, values: list[int], operation: str = "max_of") -> list[int]:
+        """For each position, the largest value any rank passed there (one small all_reduce).
 
         Args:
-            flags: This rank's flags; every rank passes as many.
-
-        Returns:
-            The flags or-ed across ranks; the same list on every rank.
+            values: This rank's integers (int64); every rank passes as many.
+            operation: The name an error gives the collective.
 
         Raises:
             CollectiveError: A rank died or did not arrive within the timeout.
         """
-        values = torch.tensor([1 if f else 0 for f in flags], dtype=torch.uint8)
+        tensor = torch.tensor(values, dtype=torch.int64)
         self._run(
-            "any_of",
-            lambda: dist.all_reduce(values, op=dist.ReduceOp.MAX, group=self._group),
+            operation,
+            lambda: dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self._group),
         )
-        return [bool(v) for v in values.tolist()]
+        return [int(v) for v in tensor.tolist()]
 
     @property
     def name(self) -> str:
         """The gloo subgroup's name: the same on every rank, unique within the job."""
         return str(self._group.group_name)
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called: every later collective is refused."""
+        return self._closed
 
     @property
     def broken(self) -> str | None:
@@ -342,7 +352,7 @@ class RankGroup:
     def _run(self, operation: str, collective: Callable[[], _T]) -> _T:
         """Run one collective; any failure breaks the group and raises CollectiveError."""
         if self._closed:
-            raise self._error(operation, RuntimeError("the group is closed"))
+            raise self._error(operation, RuntimeError(CLOSED))
         if self._broken is not None:
             earlier = RuntimeError(f"an earlier collective failed: {self._broken}")
             raise self._error(operation, earlier)
@@ -350,7 +360,11 @@ class RankGroup:
             return collective()
         except Exception as e:
             self._broken = f"{operation}: {type(e).__name__}: {e}"
-            hint = "; a rank died, left or did not answer within the timeout"
+            hint = (
+                "; a rank died, left or did not answer within the timeout. This manager "
+                "refuses every later collective: restart the job on every rank; "
+                "restore() resumes from the newest committed step"
+            )
             raise self._error(operation, e, hint) from e
 
     def _error(self, operation: str, cause: BaseException, hint: str = "") -> CollectiveError:

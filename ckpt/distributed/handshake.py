@@ -23,7 +23,7 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
-from ckpt.distributed.group import MAX_TIMEOUT, RankGroup
+from ckpt.distributed.group import CLOSED, MAX_TIMEOUT, RankGroup
 from ckpt.errors import CollectiveError
 from ckpt.state.tree import Json
 from ckpt.torch_compat import default_store
@@ -66,6 +66,13 @@ class Handshake:
             ValueError: The ranks came for different calls (on every rank).
         """
         group, n = self._group, self._count
+        if group.closed:  # before posting a key: the others are told this rank did not come
+            raise CollectiveError(
+                f"{call} on rank {group.rank}: {CLOSED}",
+                operation="handshake",
+                rank=group.rank,
+                timeout=self.timeout,
+            )
         if group.broken is not None:
             raise CollectiveError(
                 f"{call} on rank {group.rank}: refused, an earlier collective failed: "
@@ -137,16 +144,20 @@ class Handshake:
         )
 
 
-def agreeing(decisions: RankGroup) -> Callable[[list[bool]], list[bool]]:
+def agreeing(decisions: RankGroup) -> Callable[[int, list[bool]], list[bool]]:
     """``should_save``'s agreement over ``decisions``: flags or-ed across the ranks.
 
-    A rank that does not come within the group's timeout makes every other rank raise
+    The same all-reduce compares the step every rank passed: ranks asking about
+    different steps all raise a ``ValueError`` (they would save different steps). A
+    rank that does not come within the group's timeout makes every other rank raise
     a :class:`~ckpt.CollectiveError` saying what every rank must do.
     """
 
-    def agree(flags: list[bool]) -> list[bool]:
+    def agree(step: int, flags: list[bool]) -> list[bool]:
         try:
-            return decisions.any_of(flags)
+            *agreed, highest, lowest = decisions.max_of(
+                [1 if f else 0 for f in flags] + [step, -step], "should_save"
+            )
         except CollectiveError as e:
             raise CollectiveError(
                 f"should_save(): {e.reason}. Every rank of the group must call "
@@ -156,6 +167,15 @@ def agreeing(decisions: RankGroup) -> Callable[[list[bool]], list[bool]]:
                 rank=decisions.rank,
                 timeout=decisions.timeout,
             ) from e
+        if highest != -lowest:
+            raise ValueError(
+                f"should_save(): the ranks passed different steps (from {-lowest} to "
+                f"{highest}; rank {decisions.rank} passed {step}): every rank of the group "
+                "must call should_save(step) with the same step, together; count steps the "
+                "same way on every rank (the same number of batches per rank, as "
+                "DistributedSampler or ckpt.resumable_loader give)"
+            )
+        return [bool(v) for v in agreed]
 
     return agree
 
@@ -199,7 +219,8 @@ def _open(
     if differing:
         raise ValueError(
             "every rank must construct its CheckpointManager with the same every_steps, "
-            f"every_seconds, preemption_signals and timeouts: rank 0 has {configs[0]}, but "
+            "every_seconds, preemption_signals, timeouts and fallback_to_intact, and the same "
+            f"directory (on storage every rank sees): rank 0 has {configs[0]}, but "
             + "; ".join(f"rank {r} has {configs[r]}" for r in differing)
         )
     if isinstance(timeout, bool) or not 0 < timeout <= MAX_TIMEOUT:

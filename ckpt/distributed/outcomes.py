@@ -135,12 +135,18 @@ def agree_on_candidates(
 
 
 def first_agreed(
-    group: RankGroup, candidates: list[int], attempt: Callable[[int], _T], fallback: bool
+    group: RankGroup,
+    candidates: list[int],
+    attempt: Callable[[int], _T],
+    fallback: bool,
+    seen: Callable[[int], bool] | None = None,
 ) -> tuple[int, _T] | None:
     """Run ``attempt`` on the candidates in order until it succeeds on every rank.
 
     With ``fallback``, a step the ranks agree is corrupt is skipped (one warning
     names each skipped step once a step succeeds); otherwise every failure is raised.
+    ``seen``: whether this rank sees a step committed, when the candidates are rank
+    0's listing (a rank that does not see one is told the root may not be shared).
 
     Returns:
         The step and this rank's result; ``None`` when there is no candidate.
@@ -155,6 +161,8 @@ def first_agreed(
         error: Exception | None = None
         try:
             result = attempt(candidate)
+        except CheckpointNotFoundError as e:
+            error = e if seen is None else _unseen(group, candidate, e, seen)
         except Exception as e:
             error = e
         try:
@@ -177,6 +185,25 @@ def first_agreed(
             f"({'; '.join(f'step {s}: {why}' for s, why in corrupt)})"
         )
     return None
+
+
+def _unseen(
+    group: RankGroup, step: int, error: CheckpointNotFoundError, seen: Callable[[int], bool]
+) -> Exception:
+    """A step rank 0 listed that this rank cannot find: the root may not be shared."""
+    try:
+        if group.rank == 0 or seen(step):
+            return error
+    except OSError:
+        pass
+    return CheckpointNotFoundError(
+        f"{error.reason}; rank 0 listed step {step}, which this rank does not see: the "
+        "checkpoint root must be on storage every rank sees at the same path (a shared "
+        "filesystem or an object store, not each node's local disk), or another process "
+        "deleted the step meanwhile",
+        path=error.path,
+        key=error.key,
+    )
 
 
 def run_agreed_apply(

@@ -20,6 +20,7 @@ the group's timeout (:class:`~ckpt.CollectiveError`), never hang.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import secrets
 import time
@@ -63,18 +64,25 @@ def _describe(e: BaseException) -> str:
 
 
 def _different_calls(step: int, calls: list[Any]) -> str | None:
-    """Why the ranks' ``save`` calls differ (step, epoch or item names), or ``None``.
+    """Why the ranks' ``save`` calls differ (step, epoch, metrics or item names), or ``None``.
 
     The same on every rank, since every rank sees every call.
     """
     differing = [r for r, call in enumerate(calls) if call != calls[0]]
     if not differing:
         return None
+    hint = ""
+    if any(calls[r]["metrics"] != calls[0]["metrics"] for r in differing):
+        hint = (
+            " (metrics are stored once for the step and rank it for keep_best: reduce "
+            "them across the ranks first, e.g. with dist.all_reduce, and pass the result "
+            "on every rank)"
+        )
     return (
-        f"every rank must call save() with the same step, epoch and item names: rank 0 "
-        f"saves {calls[0]}, but "
+        f"every rank must call save() with the same step, epoch and item names, and the same "
+        f"metrics and overwrite: rank 0 saves {calls[0]}, but "
         + "; ".join(f"rank {r} saves {calls[r]}" for r in differing)
-        + f"; nothing of step {step} was written"
+        + f"{hint}; nothing of step {step} was written"
     )
 
 
@@ -142,7 +150,10 @@ class CollectiveSave:
             local = capture_local(items, group.rank, own)
         except Exception as e:
             error = e
-        call = {"step": step, "epoch": epoch, "items": sorted(items)}
+        # metrics as text: NaN equals NaN there, so only values that differ differ
+        shown = json.dumps(metrics, sort_keys=True, separators=(",", ":"))
+        call = {"step": step, "epoch": epoch, "metrics": shown, "items": sorted(items)}
+        call["overwrite"] = overwrite  # rank 0 decides it: every rank must ask the same
         mismatch = _different_calls(step, self._agree(step, attempt, error, call))
         if mismatch is not None:
             if group.is_coordinator:
@@ -181,7 +192,7 @@ class CollectiveSave:
         try:
             report = write_rank_files(self.storage, attempt.directory, pending.captured)
         except Exception as e:
-            error = e
+            error = self._unseen(attempt, e)
         reports = self._agree(step, attempt, error, report)
         outcome: Any = None
         if group.is_coordinator:
@@ -257,6 +268,24 @@ class CollectiveSave:
         if error is not None:
             raise failure from error
         raise failure
+
+    def _unseen(self, attempt: Attempt, error: Exception) -> Exception:
+        """``error``, or what to do when this rank cannot see the directory rank 0 opened."""
+        if self.group.is_coordinator or not isinstance(error, FileNotFoundError):
+            return error
+        try:
+            seen = self.storage.exists(attempt.directory)
+        except OSError:
+            seen = False
+        if seen:
+            return error
+        return CheckpointWriteError(
+            f"this rank cannot see the directory rank 0 opened for the save "
+            f"({attempt.directory}): the checkpoint root must be on storage every rank "
+            "of the group sees at the same path (a shared filesystem or an object store), "
+            "not each node's local disk, and every rank must pass the same directory",
+            path=self.storage.url_of(attempt.directory),
+        )
 
     def _abandon(self, attempt: Attempt) -> None:
         """Remove what an attempt wrote (the coordinator, once every rank has stopped writing)."""

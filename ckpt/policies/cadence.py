@@ -48,8 +48,8 @@ class SaveCadence:
         return self.every_seconds is not None and seconds_since_save >= self.every_seconds
 
 
-Agree = Callable[[list[bool]], list[bool]]
-"""Or-s flags across ranks (one small collective): the same answer on every rank."""
+Agree = Callable[[int, list[bool]], list[bool]]
+"""Or-s flags across ranks for a step (one small collective that also compares the steps)."""
 
 
 class SaveTiming:
@@ -121,7 +121,7 @@ class SaveTiming:
             return by_steps
         by_clock = seconds is not None and elapsed >= seconds
         signalled = self.watch is not None and self.watch.received is not None
-        clock_due, stop = self._agree([by_clock, signalled])
+        clock_due, stop = self._agree(step, [by_clock, signalled])
         if stop and not self._stop_agreed:
             self._stop_agreed = True
             logger.warning("a rank received a preemption signal: every rank saves step %d", step)

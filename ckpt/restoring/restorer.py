@@ -19,7 +19,7 @@ from typing import Any, TypeAlias, cast
 
 from ckpt.distributed import PreparedCollective, apply_sharded_restore, prepare_collective
 from ckpt.errors import CheckpointNotFoundError
-from ckpt.format import MANIFEST_NAME, Manifest
+from ckpt.format import MANIFEST_NAME, Manifest, step_dir_name
 from ckpt.io import load_tensors
 from ckpt.reading.reader import Checkpoint, CheckpointReader, located
 from ckpt.reading.steps import StepReader
@@ -193,8 +193,13 @@ class Restorer:
             return [] if latest is None else [latest]
 
         candidates = outcomes.agree_on_candidates(self._group, step, listed, fallback)
-        found = outcomes.first_agreed(self._group, candidates, prepare, fallback)
+        seen = self._committed if step is None else None  # rank 0 chose the candidates
+        found = outcomes.first_agreed(self._group, candidates, prepare, fallback, seen)
         return None if found is None else found[1]
+
+    def _committed(self, step: int) -> bool:
+        """Whether this rank sees ``step`` committed now."""
+        return self._steps.storage.exists(step_dir_name(step), MANIFEST_NAME)
 
     def _apply(
         self, prepared: Prepared, items: dict[str, Any], strict: bool, where: str

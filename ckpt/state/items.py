@@ -117,7 +117,8 @@ def capture(name: str, obj: Any, param_names: Mapping[int, str]) -> Captured:
                 f"item {name!r} holds a DTensor ({tensor_name}): a sharded tensor is saved by "
                 "every rank of its process group together, with a CheckpointManager made "
                 "inside that group (not with process_group=False), and only in a module or "
-                "optimizer item"
+                "optimizer item: pass the module or optimizer itself (model=model, not "
+                "model=model.state_dict())"
             )
     return captured
 

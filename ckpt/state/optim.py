@@ -319,7 +319,8 @@ def check_optimizer_state(
     if len(saved_groups) != len(groups):
         raise IncompatibleCheckpointError(
             "loaded state dict has a different number of parameter groups "
-            f"(checkpoint {len(saved_groups)}, optimizer {len(groups)})",
+            f"(checkpoint {len(saved_groups)}, optimizer {len(groups)}): build the optimizer "
+            "with the param groups it was saved with (`ckpt info` lists them)",
             key=item,
         )
     for i, (saved, group) in enumerate(zip(saved_groups, groups, strict=True)):

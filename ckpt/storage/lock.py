@@ -76,6 +76,23 @@ def _shared(full: str, links: int) -> CheckpointWriteError:
     )
 
 
+def _what_to_do(identity: tuple[int, int]) -> str:
+    """What a writer refused the lock should do: this process may be the holder."""
+    for held in list(_HELD_LOCK_FDS):
+        with contextlib.suppress(OSError):
+            if (os.fstat(held).st_dev, os.fstat(held).st_ino) == identity:
+                return (
+                    "it is this process, through another CheckpointManager or "
+                    "CheckpointWriter: write through that one, or close() it first"
+                )
+    return (
+        "one process may write to a checkpoint directory at a time: stop the other "
+        "writer, or write to another directory (a killed writer's lock is released); "
+        "the ranks of a job share one collective CheckpointManager, created on every "
+        "rank after init_process_group"
+    )
+
+
 def take_flock(storage: LocalStorage, name: str, owner: str) -> WriterLock:
     """Take the exclusive writer lock ``name`` in ``storage``'s root, failing at once if held.
 
@@ -107,7 +124,7 @@ def take_flock(storage: LocalStorage, name: str, owner: str) -> WriterLock:
             holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip()
             raise CheckpointLockedError(
                 f"another writer holds this directory ({holder or 'unknown'}); "
-                "one process may write to a checkpoint directory at a time",
+                + _what_to_do((info.st_dev, info.st_ino)),
                 path=full,
             ) from e
         try:
