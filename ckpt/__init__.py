@@ -34,6 +34,7 @@ from ckpt.reading.reader import CheckpointReader
 from ckpt.restoring.locations import MapLocation
 from ckpt.saving.writer import CheckpointWriter
 from ckpt.state.items import Stateful
+from ckpt.tiers import Tier
 
 __all__ = [
     "Checkpoint",
@@ -59,6 +60,7 @@ __all__ = [
     "RetentionPolicy",
     "Stateful",
     "TensorInfo",
+    "Tier",
     "__version__",
     "export",
     "import_checkpoint",
