@@ -1,4 +1,4 @@
-"""Tiered checkpoints: copies to slower roots, per-tier cadence and retention, restore across tiers."""
+"""Tiered checkpoints: copies to slower roots, each tier's cadence and retention, restore across."""
 
 from __future__ import annotations
 
@@ -52,9 +52,7 @@ class FailingCopies:
         monkeypatch.setattr(ckpt.saving.writer, "copy_step", copy_step)
 
 
-def test_three_tiers_each_hold_what_their_rules_keep_and_each_restores_alone(
-    tmp_path, s3_bucket
-):
+def test_three_tiers_each_hold_what_their_rules_keep_and_each_restores_alone(tmp_path, s3_bucket):
     bucket, options = s3_bucket
     first, second, remote = tmp_path / "t0", tmp_path / "t1", f"s3://{bucket}/run"
     tiers = [
@@ -123,9 +121,10 @@ def test_a_damaged_newest_copy_in_the_first_tier_restores_from_the_next(tmp_path
     else:
         shutil.rmtree(step_dir(first, 2))
     target: dict[str, object] = {}
-    with caplog.at_level(logging.WARNING), ckpt.CheckpointManager(
-        first, tiers=[ckpt.Tier(second)]
-    ) as mgr:
+    with (
+        caplog.at_level(logging.WARNING),
+        ckpt.CheckpointManager(first, tiers=[ckpt.Tier(second)]) as mgr,
+    ):
         info = mgr.restore(data=target)
         assert_same_state(mgr.read()["data"], state(2))
     assert info is not None and (info.step, info.tier) == (2, 1)
@@ -141,13 +140,16 @@ def test_a_damaged_step_in_every_tier_falls_back_to_an_older_one(tmp_path, caplo
             mgr.save(step, data=state(step))
     for root in (first, second):
         os.remove(tensor_file(root, 2))
-    with ckpt.CheckpointManager(first, tiers=[ckpt.Tier(second)]) as mgr:
-        with pytest.raises(ckpt.CorruptCheckpointError, match="missing"):
-            mgr.restore(data={})
+    with (
+        ckpt.CheckpointManager(first, tiers=[ckpt.Tier(second)]) as mgr,
+        pytest.raises(ckpt.CorruptCheckpointError, match="missing"),
+    ):
+        mgr.restore(data={})
     target: dict[str, object] = {}
-    with ckpt.CheckpointManager(
-        first, tiers=[ckpt.Tier(second)], fallback_to_intact=True
-    ) as mgr, caplog.at_level(logging.WARNING):
+    with (
+        ckpt.CheckpointManager(first, tiers=[ckpt.Tier(second)], fallback_to_intact=True) as mgr,
+        caplog.at_level(logging.WARNING),
+    ):
         info = mgr.restore(data=target)
     assert info is not None and (info.step, info.tier) == (1, 0)
     assert_same_state(target, state(1))
@@ -200,9 +202,10 @@ def test_the_backlog_is_bounded_dropping_the_oldest(tmp_path, monkeypatch, caplo
     first, second = tmp_path / "t0", tmp_path / "t1"
     failing = FailingCopies(monkeypatch)
     tier = ckpt.Tier(second, max_backlog=2)
-    with caplog.at_level(logging.WARNING), ckpt.CheckpointManager(
-        first, keep_last=1, tiers=[tier]
-    ) as mgr:
+    with (
+        caplog.at_level(logging.WARNING),
+        ckpt.CheckpointManager(first, keep_last=1, tiers=[tier]) as mgr,
+    ):
         for step in range(5):
             mgr.save(step, data=state(step))
         assert mgr._tiers.copier.pending() == [[3, 4]]  # type: ignore[union-attr]
@@ -248,9 +251,10 @@ def test_a_corrupt_first_tier_step_is_never_copied(tmp_path, caplog):
     with open(tensor_file(first, 1), "r+b") as f:
         f.seek(-3, os.SEEK_END)
         f.write(b"ZZZ")
-    with caplog.at_level(logging.WARNING), ckpt.CheckpointManager(
-        first, tiers=[ckpt.Tier(second)]
-    ) as mgr:
+    with (
+        caplog.at_level(logging.WARNING),
+        ckpt.CheckpointManager(first, tiers=[ckpt.Tier(second)]) as mgr,
+    ):
         mgr.save(3, data=state(3))  # lists the empty tier: 0..3 are pending
         mgr.wait()
     assert listed(second) == [0, 2, 3]
