@@ -325,3 +325,32 @@ def test_a_copy_that_fails_midway_lists_nothing_and_retries(tmp_path, monkeypatc
     reader = ckpt.CheckpointReader(remote, storage_options=options)
     assert reader.all_steps() == [0]
     reader.verify(0)
+
+
+def test_a_tier_is_locked_only_while_copies_are_pending(tmp_path):
+    first, second = tmp_path / "t0", tmp_path / "t1"
+    with ckpt.CheckpointManager(first, tiers=[ckpt.Tier(second)]) as mgr:
+        mgr.save(0, data=state(0))
+        mgr.wait()
+        with ckpt.CheckpointWriter(second) as writer:  # e.g. `ckpt prune` on the tier
+            writer.lock()
+        mgr.save(1, data=state(1))
+        mgr.wait()
+    assert listed(second) == [0, 1]
+
+
+def test_a_manager_dropped_without_close_stops_its_copier(tmp_path):
+    import gc
+
+    mgr = ckpt.CheckpointManager(tmp_path / "t0", tiers=[ckpt.Tier(tmp_path / "t1")])
+    mgr.save(0, data=state(0))
+    mgr.wait()
+    thread = mgr._tiers.copier._thread  # type: ignore[union-attr]
+    del mgr
+    gc.collect()
+    thread.join(60)
+    assert not thread.is_alive()
+    with ckpt.CheckpointManager(tmp_path / "t0", tiers=[ckpt.Tier(tmp_path / "t1")]) as again:
+        again.save(1, data=state(1))
+        again.wait()
+    assert listed(tmp_path / "t1") == [0, 1]

@@ -141,6 +141,12 @@ class Copier:
             )
         return not behind
 
+    def stop_soon(self) -> None:
+        """Stop the thread after the copy in progress, without waiting (the manager is gone)."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+
     def close(self, timeout: float | None = None) -> bool:
         """Wait for the pending copies (see :meth:`wait`), then stop the thread.
 
@@ -149,9 +155,7 @@ class Copier:
         """
         start = time.monotonic()
         done = self.wait(timeout)
-        with self._cond:
-            self._stopping = True
-            self._cond.notify_all()
+        self.stop_soon()
         left = None if timeout is None else max(0.0, timeout - (time.monotonic() - start))
         self._thread.join(left)
         return done
@@ -173,6 +177,11 @@ class Copier:
                     generation = self._generation
                 index, step = job
                 ok = self._do(index, step)
+                state = self._states[index]
+                with self._cond:
+                    idle = ok and state.pending <= {step}
+                if idle and state.writer is not None:
+                    state.writer.close()  # the tier's lock is held only while copies are pending
                 with self._cond:
                     self._finished(index, step, ok, generation)
         finally:

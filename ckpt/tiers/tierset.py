@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -33,6 +34,7 @@ class TierSet:
         ]
         self._all = [first, *self.readers]
         self.copier = Copier(first.steps.storage, tiers, nice)
+        weakref.finalize(self, self.copier.stop_soon)  # a manager dropped without close()
         self._saved: int | None = None
 
     def committed(self, step: int, writer: CheckpointWriter, policy: RetentionPolicy) -> None:
