@@ -25,13 +25,21 @@ def state(step: int) -> dict[str, Any]:
     return {"w": torch.full((128, 1024), float(step)), "v": torch.arange(100) * step, "step": step}
 
 
-def tiers(second: str) -> list[ckpt.Tier]:
-    return [ckpt.Tier(second, keep_last=KEEP_SECOND, max_backlog=MAX_BACKLOG)]
+def tiers(second: str, options: dict[str, Any] | None = None) -> list[ckpt.Tier]:
+    return [
+        ckpt.Tier(second, keep_last=KEEP_SECOND, max_backlog=MAX_BACKLOG, storage_options=options)
+    ]
 
 
-def run(first: str, second: str, more: int, started: Any = None) -> None:
+def run(
+    first: str,
+    second: str,
+    more: int,
+    started: Any = None,
+    options: dict[str, Any] | None = None,
+) -> None:
     """Save ``more`` steps after the newest; set ``started`` once the first has committed."""
-    mgr = ckpt.CheckpointManager(first, keep_last=KEEP_FIRST, tiers=tiers(second))
+    mgr = ckpt.CheckpointManager(first, keep_last=KEEP_FIRST, tiers=tiers(second, options))
     newest = max((s for s in mgr.latest_steps() if s is not None), default=-1)
     for step in range(newest + 1, newest + 1 + more):
         mgr.save(step, data=state(step))
