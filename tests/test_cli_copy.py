@@ -83,3 +83,17 @@ def test_copy_errors(capsys, source, tmp_path):
     assert run(capsys, "copy", f"{source}:7", tmp_path / "d")[0] == 1
     assert run(capsys, "copy", tmp_path / "missing", tmp_path / "d")[0] == 1
     assert run(capsys, "copy", source, f"{tmp_path / 'd'}:3")[0] == 2
+
+
+def test_copy_of_a_multi_rank_checkpoint(capsys, tmp_path):
+    from helpers import write_sharded_checkpoint
+
+    from ckpt.storage import open_storage
+
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    full = {"w": torch.arange(24, dtype=torch.float32).reshape(6, 4)}
+    write_sharded_checkpoint(open_storage(str(src)), "step_000000000004", full, step=4)
+    assert run(capsys, "copy", src, dst)[0] == 0
+    reader = ckpt.CheckpointReader(dst)
+    reader.verify(4)
+    assert_same_state(reader.read(4)["model"], ckpt.CheckpointReader(src).read(4)["model"])
