@@ -299,6 +299,10 @@ class CheckpointManager:
             return [self.latest_step()]
         return self._tiers.latest_steps()
 
+    def pending_copies(self) -> list[list[int]]:
+        """The steps waiting to be copied to each of ``tiers`` (ascending; ``[]`` without tiers)."""
+        return [] if self._tiers is None else self._tiers.copier.pending()
+
     # -------------------------------------------------------------------- save
 
     @paused_gc()

@@ -208,7 +208,7 @@ def test_the_backlog_is_bounded_dropping_the_oldest(tmp_path, monkeypatch, caplo
     ):
         for step in range(5):
             mgr.save(step, data=state(step))
-        assert mgr._tiers.copier.pending() == [[3, 4]]  # type: ignore[union-attr]
+        assert mgr.pending_copies() == [[3, 4]]
         failing.failing = False
         mgr.wait()
     assert listed(second) == [3, 4]
@@ -230,6 +230,7 @@ def test_preempted_before_the_copies_the_next_manager_finishes_them_once(tmp_pat
     failing.failing = True
     for step in range(2, 8):
         mgr.save(step, data=state(step))
+    assert mgr.pending_copies() == [[3, 5, 7]]
     mgr.close(timeout=0)  # preempted: the copies of 3, 5 and 7 are left
     assert listed(second) == [1]
     failing.failing = False
@@ -295,6 +296,7 @@ def test_without_tiers_nothing_changes(tmp_path):
         mgr.save(0, data=state(0))
         mgr.save(1, data=state(1))
         assert mgr.latest_steps() == [1]
+        assert mgr.pending_copies() == []
         assert mgr.restore(data={}).tier == 0
     assert listed(tmp_path) == [1]
 
