@@ -55,10 +55,15 @@ def run_trials(context, tmp_path, trials: int, second=None, options=None) -> Non
     rng = random.Random(SEED)
     first = tmp_path / "t0"
     second = tmp_path / "t1" if second is None else second
+    mid_copy = 0
     for trial in range(trials):
         code = launch(context, first, second, rng.uniform(0.0, 0.15), options=options)
         assert code == -signal.SIGKILL, f"seed {SEED} trial {trial}: exit code {code}"
         check_tiers(first, second, f"seed {SEED} trial {trial}", options)
+        if options is None:  # a temporary directory left in the tier: killed mid-copy
+            mid_copy += any(n.startswith(".ckpt-tmp") for n in os.listdir(second))
+    print(f"seed {SEED}: {mid_copy} of {trials} kills left a partial copy")
+    assert options is not None or mid_copy > 0, f"seed {SEED}: no kill landed mid-copy"
     # A run to the end finishes the pending copies and cleans up what the kills left.
     assert launch(context, first, second, None, more=2, options=options) == 0
     check_tiers(first, second, f"seed {SEED} final", options)
