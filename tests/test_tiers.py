@@ -356,3 +356,34 @@ def test_a_manager_dropped_without_close_stops_its_copier(tmp_path):
         again.save(1, data=state(1))
         again.wait()
     assert listed(tmp_path / "t1") == [0, 1]
+
+
+def test_tier_keep_best_ranks_the_copied_metrics(tmp_path):
+    first, second = tmp_path / "t0", tmp_path / "t1"
+    tier = ckpt.Tier(second, keep_last=1, keep_best=1, best_metric="loss")
+    losses = [3.0, 1.0, 2.0, 4.0]
+    with ckpt.CheckpointManager(first, keep_last=1, tiers=[tier]) as mgr:
+        for step, loss in enumerate(losses):
+            mgr.save(step, data=state(step), metrics={"loss": loss})
+            mgr.wait()
+    assert listed(second) == [1, 3]
+    assert ckpt.CheckpointReader(second).checkpoint(1).metrics == {"loss": 1.0}
+
+
+def test_an_unlistable_tier_is_skipped_on_restore_with_a_warning(tmp_path, caplog):
+    first, second = tmp_path / "t0", tmp_path / "t1"
+    with ckpt.CheckpointManager(first, tiers=[ckpt.Tier(second)]) as mgr:
+        for step in range(2):
+            mgr.save(step, data=state(step))
+
+    def unreachable() -> list[int]:
+        raise OSError(113, "injected: no route to host")
+
+    target: dict[str, object] = {}
+    with ckpt.CheckpointManager(first, tiers=[ckpt.Tier(second)]) as mgr:
+        mgr._tiers.readers[0].steps.all_steps = unreachable  # type: ignore[union-attr,method-assign]
+        with caplog.at_level(logging.WARNING):
+            info = mgr.restore(data=target)
+    assert info is not None and (info.step, info.tier) == (1, 0)
+    assert_same_state(target, state(1))
+    assert any("cannot be listed" in r.message for r in caplog.records)
