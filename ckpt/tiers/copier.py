@@ -263,6 +263,11 @@ class Copier:
             if step is None:
                 logger.warning("cannot list tier %s: %s", state.tier.url, e)
                 return False
+            with self._cond:
+                dropped = step not in state.pending
+            if dropped:  # beyond max_backlog meanwhile: the first tier may delete it
+                logger.info("step %d left the backlog of %s mid-copy: %s", step, state.tier.url, e)
+                return True
             logger.warning(
                 "step %d is not copied to tier %s: its copy in the first tier cannot be read (%s)",
                 step,
