@@ -35,6 +35,7 @@ from ckpt.reading.reader import CheckpointReader
 from ckpt.restoring.locations import MapLocation
 from ckpt.saving.writer import CheckpointWriter
 from ckpt.state.items import Stateful
+from ckpt.tiers import Tier
 from ckpt.verification import ResumeReport, verify_resume
 
 __all__ = [
@@ -63,6 +64,7 @@ __all__ = [
     "RetentionPolicy",
     "Stateful",
     "TensorInfo",
+    "Tier",
     "__version__",
     "export",
     "import_checkpoint",

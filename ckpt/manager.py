@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -29,6 +29,8 @@ from ckpt.state.items import check_flags, check_item_name, reserved_names
 from ckpt.state.kinds import RestoreOptions
 from ckpt.state.rng import RNG_ITEM, RandomStreams
 from ckpt.state.tree import Json
+from ckpt.tiers import Tier
+from ckpt.tiers.tierset import open_tiers
 
 __all__ = ["Checkpoint", "CheckpointManager"]
 
@@ -103,6 +105,12 @@ class CheckpointManager:
             collective) on steps that are multiples of this; other steps answer by
             ``every_steps`` alone, so a signal or the clock is acted on up to this many
             steps later. ``every_steps`` alone needs no agreement.
+        tiers: Slower, more durable roots (:class:`~ckpt.Tier`, fastest first) that
+            committed steps are copied to in the background, each with its own
+            cadence and retention; ``directory`` is the first tier. ``restore`` and
+            ``read`` take the newest step of any tier from the fastest tier whose
+            copy verifies; ``wait`` and ``close`` also wait for the copies. Not yet
+            inside a process group. See ``docs/tiers.md``.
 
     Example:
         >>> mgr = ckpt.CheckpointManager("runs/exp1", keep_last=3, every_steps=500)
@@ -134,6 +142,7 @@ class CheckpointManager:
         collective_timeout: float = 600.0,
         handshake_timeout: float = 300.0,
         agree_every: int = 1,
+        tiers: Sequence[Tier] = (),
     ):
         self.retention = RetentionPolicy(keep_last, keep_every, keep_best, best_metric, best_mode)
         self.fallback_to_intact = bool(fallback_to_intact)
@@ -150,7 +159,12 @@ class CheckpointManager:
         self._collective = (
             None if self._group is None else collective_save(self._storage, self._group)
         )
-        self._restorer = Restorer(self._reader, self._checkpoints, self._group)
+        if tiers and self._group is not None:
+            self._group.close()
+        self._tiers = open_tiers(self._checkpoints, tiers, self._group, background_nice)
+        self._restorer = Restorer(
+            self._reader, self._checkpoints, self._group, self._tiers.readers if self._tiers else ()
+        )
         signals = watched_signals(preemption_signals)
         self._handshake: Any = None
         self._decisions: Any = None
@@ -193,16 +207,25 @@ class CheckpointManager:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def close(self) -> None:
+    def close(self, timeout: float | None = None) -> None:
         """Finish a save in flight, release the writer lock, restore signal handlers; idempotent.
+
+        Args:
+            timeout: With ``tiers``, how long to wait for the pending copies (``None``:
+                until each is copied or has failed once); the next manager on the
+                same directory resumes those left.
 
         Raises:
             Exception: What a background save raised, if it failed.
         """
         try:
-            self.wait()
+            self._saver.wait()
         finally:
-            self._release()
+            try:
+                if self._tiers is not None:
+                    self._tiers.close(timeout)
+            finally:
+                self._release()
 
     def _release(self) -> None:
         self._timing.close()
@@ -233,7 +256,7 @@ class CheckpointManager:
         timing = self._timing
         requested = timing.stop_requested() and timing.requested_after_signal
         if requested and not timing.saved_since_signal:
-            self.wait()
+            self._saver.wait()
         return timing.should_stop()
 
     def should_save(self, step: int) -> bool:
@@ -272,6 +295,16 @@ class CheckpointManager:
         """
         return self._checkpoints.checkpoint(step)
 
+    def latest_steps(self) -> list[int | None]:
+        """The newest committed step of each tier (``directory`` first, then ``tiers``)."""
+        if self._tiers is None:
+            return [self.latest_step()]
+        return self._tiers.latest_steps()
+
+    def pending_copies(self) -> list[list[int]]:
+        """The steps waiting to be copied to each of ``tiers`` (ascending; ``[]`` without tiers)."""
+        return [] if self._tiers is None else self._tiers.copier.pending()
+
     # -------------------------------------------------------------------- save
 
     @paused_gc()
@@ -309,7 +342,7 @@ class CheckpointManager:
             TypeError: An item, or a value in its state, cannot be stored without pickle.
             ValueError: A bad step, epoch or item name.
         """
-        self.wait()  # at most one save in flight; an earlier failure surfaces here
+        self._saver.wait()  # at most one save in flight; an earlier failure surfaces here
         start = time.perf_counter()
         step_name, checked_metrics = check_save_args(
             step, epoch, metrics, rng, overwrite, items, RESERVED_NAMES
@@ -407,16 +440,24 @@ class CheckpointManager:
             step, files, manifest, token=token, overwrite=overwrite, start=start
         )
         self._after_commit(step, signalled)
-        self._writer.retain(self.retention, step)
+        if self._tiers is None:
+            self._writer.retain(self.retention, step)
+        else:  # queue the copies; retention keeps the steps waiting for one
+            self._tiers.committed(step, self._writer, self.retention)
         return self._info(manifest)
 
     def wait(self) -> None:
         """Block until the save in flight (``async_save=True``) has committed.
 
+        With ``tiers``, then also until the pending copies are done, or each tier
+        still behind has failed a copy since (a warning says how far behind).
+
         Raises:
             Exception: What the background save raised, if it failed (raised once).
         """
         self._saver.wait()
+        if self._tiers is not None:
+            self._tiers.wait(self._writer, self.retention)
 
     # ----------------------------------------------------------------- restore
 
@@ -480,7 +521,7 @@ class CheckpointManager:
             PartialRestoreError: An item's own code raised while it was loaded; the
                 error lists the items restored before it and those left untouched.
         """
-        self.wait()
+        self._saver.wait()
         check_map_location(map_location)
         for name in items:
             check_item_name(name, RESERVED_NAMES)
@@ -512,7 +553,9 @@ class CheckpointManager:
             CheckpointNotFoundError: No checkpoint, or ``step`` is not committed.
             CorruptCheckpointError: A file is malformed or disagrees with the manifest.
         """
-        self.wait()
+        self._saver.wait()
+        if self._tiers is not None:
+            return self._tiers.read(step, map_location, verify)
         return self._checkpoints.read(step, map_location=map_location, verify=verify)
 
     def verify(self, step: int | None = None) -> Checkpoint:
@@ -522,7 +565,7 @@ class CheckpointManager:
             CheckpointNotFoundError: No checkpoint, or ``step`` is not committed.
             CorruptCheckpointError: Anything is wrong; the message names the step and file.
         """
-        self.wait()
+        self._saver.wait()
         return self._checkpoints.verify(step)
 
     # ---------------------------------------------------------------- helpers

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ckpt._version import __version__
-from ckpt.cli import diffing, listing, pruning, verify_resume, verifying
+from ckpt.cli import copying, diffing, listing, pruning, verify_resume, verifying
 from ckpt.cli.render import note
 from ckpt.errors import CheckpointError
 
@@ -107,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     verifying.add_parser(subparsers)
     diffing.add_parser(subparsers)
     pruning.add_parser(subparsers)
+    copying.add_parser(subparsers)
     verify_resume.add_parser(subparsers)
     _register_convert(subparsers)
     for sub in subparsers.choices.values():

@@ -55,6 +55,8 @@ class Checkpoint:
         items: The names of the items it holds.
         missing_keys: For a non-strict restore, module keys the checkpoint lacked, by item.
         unexpected_keys: For a non-strict restore, checkpoint keys the module lacked, by item.
+        tier: Which tier it was read from: 0 for the manager's directory, ``i`` for
+            ``tiers[i - 1]`` (see :class:`~ckpt.Tier`).
     """
 
     step: int
@@ -64,6 +66,7 @@ class Checkpoint:
     items: tuple[str, ...]
     missing_keys: Mapping[str, list[str]] = field(default_factory=dict)
     unexpected_keys: Mapping[str, list[str]] = field(default_factory=dict)
+    tier: int = 0
 
     @property
     def next_step(self) -> int:

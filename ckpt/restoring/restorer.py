@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeAlias, cast
 
 from ckpt.distributed import PreparedCollective, apply_sharded_restore, prepare_collective
@@ -24,6 +24,7 @@ from ckpt.io import load_tensors
 from ckpt.reading.reader import Checkpoint, CheckpointReader, located
 from ckpt.reading.steps import StepReader
 from ckpt.restoring.pipeline import PreparedRestore, apply_restore, prepare_restore
+from ckpt.restoring.tiered import across_tiers
 from ckpt.state.kinds import RestoreOptions
 from ckpt.state.rng import RNG_ITEM, RandomStreams
 from ckpt.storage import Storage
@@ -119,12 +120,22 @@ class Restorer:
         steps: Lists and opens the root's committed steps (and reads through its storage).
         checkpoints: Describes a committed step (the :class:`Checkpoint` returned).
         group: ckpt's rank group, or ``None`` in one process.
+        tiers: Readers of the slower tiers (one process only): a restore takes the
+            newest step of any tier, from the fastest tier whose copy verifies
+            (see :mod:`ckpt.restoring.tiered`).
     """
 
-    def __init__(self, steps: StepReader, checkpoints: CheckpointReader, group: Any):
+    def __init__(
+        self,
+        steps: StepReader,
+        checkpoints: CheckpointReader,
+        group: Any,
+        tiers: Sequence[CheckpointReader] = (),
+    ):
         self._steps = steps
         self._checkpoints = checkpoints
         self._group = group
+        self._readers = [checkpoints, *tiers]
 
     def restore(
         self,
@@ -142,15 +153,27 @@ class Restorer:
         as :meth:`ckpt.CheckpointManager.restore` documents.
         """
         start = time.perf_counter()
-        prepared = self._prepare_with_fallback(
-            step,
-            lambda s: self._prepare(s, dict(items), options, rng, verify),
-            list(items),
-            fallback=step is None and fallback,
-        )
+        tier, checkpoints = 0, self._checkpoints
+        if len(self._readers) > 1 and self._group is None:
+            found = across_tiers(
+                [r.steps for r in self._readers],
+                step,
+                lambda i, s: self._prepare(s, dict(items), options, rng, verify, i),
+                fallback=step is None and fallback,
+            )
+            prepared = None if found is None else found[1]
+            tier = 0 if found is None else found[0]
+            checkpoints = self._readers[tier]
+        else:
+            prepared = self._prepare_with_fallback(
+                step,
+                lambda s: self._prepare(s, dict(items), options, rng, verify),
+                list(items),
+                fallback=step is None and fallback,
+            )
         if prepared is None:
             return None
-        where = self._steps.storage.url_of(prepared.step_name)
+        where = checkpoints.steps.storage.url_of(prepared.step_name)
         missing, unexpected = self._apply(prepared, items, options.strict, where)
         logger.info(
             "restored step %d from %s (%d bytes in %.3f s)",
@@ -159,9 +182,9 @@ class Restorer:
             prepared.nbytes,
             time.perf_counter() - start,
         )
-        info = self._checkpoints.info(prepared.manifest)
+        info = checkpoints.info(prepared.manifest)
         return Checkpoint(
-            info.step, info.epoch, info.metrics, info.path, info.items, missing, unexpected
+            info.step, info.epoch, info.metrics, info.path, info.items, missing, unexpected, tier
         )
 
     def _prepare_with_fallback(
@@ -220,13 +243,15 @@ class Restorer:
         options: RestoreOptions,
         rng: bool,
         verify: bool,
+        tier: int = 0,
     ) -> Prepared | None:
-        """Check ``step`` (the latest when ``None``; ``None`` if none) against the live items."""
-        found = self._steps.manifest(step)
+        """Check ``step`` of tier ``tier`` (latest if ``None``) against the items; None: none."""
+        steps = self._readers[tier].steps
+        found = steps.manifest(step)
         if found is None:
             return None
         return prepare_step(
-            self._steps.storage,
+            steps.storage,
             *found,
             items,
             options,

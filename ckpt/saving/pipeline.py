@@ -24,7 +24,7 @@ from ckpt.state.optim import module_param_names
 from ckpt.state.rng import RNG_ITEM, RandomStreams
 from ckpt.storage import Storage
 
-__all__ = ["Saver", "capture_save", "check_save_args", "commit_and_log"]
+__all__ = ["Saver", "capture_save", "check_save_args", "commit_and_log", "set_thread_nice"]
 
 logger = logging.getLogger(__name__)
 
@@ -154,7 +154,7 @@ class Saver:
         self, step: int, finish: Callable[..., object], args: tuple[Any, ...], nice: int | None
     ) -> None:
         if nice is not None:
-            _set_thread_nice(nice)
+            set_thread_nice(nice)
         try:
             finish(*args)
         except BaseException as e:
@@ -171,7 +171,7 @@ class Saver:
             raise error
 
 
-def _set_thread_nice(nice: int) -> None:
+def set_thread_nice(nice: int) -> None:
     """Set the calling thread's CPU niceness (Linux applies it per thread)."""
     try:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)

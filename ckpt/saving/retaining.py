@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 
 from ckpt.errors import CheckpointError
 from ckpt.format import step_dir_name
@@ -36,12 +36,13 @@ class Retainer:
         policy: RetentionPolicy,
         committed: Callable[[], list[int]],
         just_saved: int,
+        keep: Collection[int] = (),
     ) -> None:
-        """Delete what the retention rules drop; a failure is a warning, never a failed save."""
+        """Delete what the rules drop, never a step of ``keep``; a failure is only a warning."""
         if policy.keeps_all:
             return
         try:
-            self._delete_dropped(storage, policy, committed(), just_saved)
+            self._delete_dropped(storage, policy, committed(), just_saved, keep)
         except Exception as e:  # an unreadable root, a hostile manifest: the save stands
             logger.warning(
                 "retention after step %d failed (the save stands; the next one retries): %s",
@@ -57,9 +58,16 @@ class Retainer:
         return steps_to_delete(committed, just_saved=just_saved, policy=policy, metrics=metrics)
 
     def _delete_dropped(
-        self, storage: Storage, policy: RetentionPolicy, committed: list[int], just_saved: int
+        self,
+        storage: Storage,
+        policy: RetentionPolicy,
+        committed: list[int],
+        just_saved: int,
+        keep: Collection[int],
     ) -> None:
         for old in self.dropped(storage, policy, committed, just_saved):
+            if old in keep:
+                continue
             self.forget(old)
             delete_checkpoint(storage, old, str(policy))
 

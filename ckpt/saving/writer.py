@@ -10,7 +10,7 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 from ckpt.errors import CheckpointWriteError
@@ -19,6 +19,7 @@ from ckpt.format.header import ManifestHeader
 from ckpt.policies.retention import RetentionPolicy
 from ckpt.reading.steps import StepReader
 from ckpt.saving.commit import delete_checkpoint, file_token, remove_leftovers
+from ckpt.saving.copying import copy_step
 from ckpt.saving.pipeline import Files, commit_and_log
 from ckpt.saving.retaining import Retainer
 from ckpt.saving.writer_lock import hold_writer_lock
@@ -181,6 +182,30 @@ class CheckpointWriter:
         finally:
             self._retainer.forget(step)
 
+    def commit_copy(self, source: Storage, step: int) -> Manifest:
+        """Copy the committed ``step`` of ``source`` here, verified, committed atomically.
+
+        Takes the lock; see :func:`ckpt.saving.copying.copy_step`.
+
+        Returns:
+            The manifest copied.
+
+        Raises:
+            CheckpointNotFoundError: ``step`` or a file of it is missing in ``source``.
+            CorruptCheckpointError: A source file fails its size or checksum.
+            CheckpointExistsError: ``step`` is committed here.
+            CheckpointLockedError: Another writer holds the root.
+            CheckpointWriteError: Writing failed; nothing of the copy is listed.
+        """
+        self.lock()
+        if not self._leftovers_checked:
+            self._leftovers_checked = True
+            remove_leftovers(self._storage)
+        try:
+            return copy_step(source, self._storage, step, self.check_lock)
+        finally:
+            self._retainer.forget(step)
+
     def file_token(self, token: str, *, overwrite: bool) -> str | None:
         """The token a save's file names carry here (``None``: plain names)."""
         return file_token(self._storage, token, overwrite=overwrite)
@@ -236,12 +261,15 @@ class CheckpointWriter:
         self._retainer.forget(step)
         delete_checkpoint(self._storage, step, reason)
 
-    def retain(self, policy: RetentionPolicy, just_saved: int) -> None:
+    def retain(
+        self, policy: RetentionPolicy, just_saved: int, *, keep: Collection[int] = ()
+    ) -> None:
         """After ``just_saved`` committed: delete what ``policy`` drops; never raises.
 
-        Runs under the lock the save took (it takes none itself).
+        Runs under the lock the save took (it takes none itself). Steps in ``keep``
+        (e.g. waiting to be copied to another tier) are never deleted.
         """
-        self._retainer.apply(self._storage, policy, self._steps.all_steps, just_saved)
+        self._retainer.apply(self._storage, policy, self._steps.all_steps, just_saved, keep)
 
     def prune(self, policy: RetentionPolicy) -> tuple[list[int], list[int]]:
         """Delete the committed steps ``policy`` drops, judged from the newest (takes the lock).

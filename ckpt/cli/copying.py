@@ -1,0 +1,91 @@
+"""``ckpt copy``: copy committed steps from one root to another, verified, committed atomically."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from ckpt.cli.render import dump_json, note, out
+from ckpt.cli.source import open_reader, parse_root, parse_target
+from ckpt.errors import CheckpointNotFoundError
+from ckpt.saving.writer import CheckpointWriter
+
+__all__ = ["add_parser", "copy"]
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Add ``ckpt copy SRC[:STEP] DST [--json]``."""
+    p = subparsers.add_parser(
+        "copy",
+        help="copy checkpoints between roots (local <-> s3), verified",
+        description="Copy the committed step STEP of SRC (every committed step when no STEP is "
+        "given) into DST, oldest first. Each file's size and checksum are checked while it "
+        "streams; a step is committed in DST the way a save commits there (rename on local "
+        "disk, manifest last on object stores), so DST never lists a partial copy. Steps "
+        "already in DST are skipped. Takes DST's writer lock (fails at once while a training "
+        "run writes there). --storage-option applies to both roots.",
+    )
+    p.add_argument("source", metavar="SRC[:STEP]", help="checkpoint root, and optionally a step")
+    p.add_argument("destination", metavar="DST", help="checkpoint root to copy into")
+    p.add_argument("--json", action="store_true", help="print JSON (schema in docs/cli.md)")
+    p.set_defaults(func=run_copy)
+
+
+def copy(
+    source: str,
+    destination: str,
+    step: int | None = None,
+    *,
+    storage_options: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Copy ``step`` (every committed step when ``None``) of ``source`` into ``destination``.
+
+    Returns:
+        The ``ckpt copy --json`` document: the roots, the steps copied and skipped.
+
+    Raises:
+        CheckpointNotFoundError: ``source`` or ``step`` does not exist.
+        CorruptCheckpointError: A source file fails its size or checksum (nothing of
+            that step is listed in ``destination``).
+        CheckpointLockedError: Another process holds ``destination``'s writer lock.
+        CheckpointWriteError: Writing ``destination`` failed.
+    """
+    reader = open_reader(source, storage_options)
+    steps = reader.all_steps()
+    if step is not None:
+        if step not in steps:
+            raise CheckpointNotFoundError(
+                f"no committed checkpoint for step {step} (committed: {steps})",
+                path=reader.directory,
+            )
+        steps = [step]
+    copied: list[int] = []
+    skipped: list[int] = []
+    with CheckpointWriter(destination, storage_options=storage_options) as writer:
+        for s in steps:
+            if writer.is_committed(s):
+                skipped.append(s)
+                continue
+            writer.commit_copy(reader.steps.storage, s)
+            copied.append(s)
+    return {
+        "source": reader.directory,
+        "destination": writer.directory,
+        "copied": copied,
+        "skipped": skipped,
+    }
+
+
+def run_copy(args: argparse.Namespace) -> int:
+    """``ckpt copy``."""
+    target = parse_target(args.source)
+    destination = parse_root(args.destination, "copy")
+    doc = copy(target.root, destination, target.step, storage_options=args.storage_options)
+    if args.json:
+        out(dump_json(doc))
+        return 0
+    for step in doc["copied"]:
+        out(f"copied step {step}")
+    if doc["skipped"]:
+        note(f"already in {doc['destination']}: {' '.join(map(str, doc['skipped']))}")
+    return 0
