@@ -4,14 +4,10 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-import torch
-
 from ckpt.distributed import collective_save, open_rank_group
-from ckpt.errors import CheckpointExistsError
 from ckpt.format import Manifest, step_dir_name
 from ckpt.gc_pause import paused_gc
 from ckpt.policies.cadence import SaveCadence, SaveTiming
@@ -20,14 +16,14 @@ from ckpt.policies.retention import RetentionPolicy
 from ckpt.reading.reader import Checkpoint, CheckpointReader
 from ckpt.restoring.locations import MapLocation, check_map_location
 from ckpt.restoring.restorer import Restorer
-from ckpt.saving.pipeline import Saver, capture_save, check_save_args
+from ckpt.saving.pipeline import Saver, check_save_args
+from ckpt.saving.saves import Saves
 from ckpt.saving.staging import StagingBuffers
 from ckpt.saving.writer import CheckpointWriter
 from ckpt.saving.writer_lock import LOCK_NAME  # noqa: F401 (re-exported)
 from ckpt.saving.writer_lock import release_quietly as _release_quietly  # noqa: F401
 from ckpt.state.items import check_flags, check_item_name, reserved_names
 from ckpt.state.kinds import RestoreOptions
-from ckpt.state.rng import RNG_ITEM, RandomStreams
 from ckpt.state.tree import Json
 from ckpt.tiers import Tier
 from ckpt.tiers.tierset import open_tiers
@@ -197,6 +193,17 @@ class CheckpointManager:
         self._saver = Saver(collective=self._group is not None)
         watch = PreemptionWatch(signals) if signals else None
         self._timing = SaveTiming(cadence, watch, agree, agree_every)
+        self._saves = Saves(
+            self._writer,
+            self._checkpoints,
+            self._collective,
+            self._handshake,
+            self._timing,
+            self._staging,
+            self._saver,
+            lambda: self._take_lock(),  # noqa: PLW0108 - looked up at each call (tests stand in)
+            self._retain,
+        )
 
     def __repr__(self) -> str:
         return f"CheckpointManager({self._storage.url!r}, {self.retention})"
@@ -343,108 +350,26 @@ class CheckpointManager:
             ValueError: A bad step, epoch or item name.
         """
         self._saver.wait()  # at most one save in flight; an earlier failure surfaces here
-        start = time.perf_counter()
-        step_name, checked_metrics = check_save_args(
+        _, checked_metrics = check_save_args(
             step, epoch, metrics, rng, overwrite, items, RESERVED_NAMES
         )
-        if self._collective is not None:
-            return self._save_collective(step, epoch, checked_metrics, rng, overwrite, items)
-        files, manifest, token = capture_save(
-            self._storage, step, epoch, checked_metrics, rng, overwrite, items
-        )
-        self._take_lock()
-        if not overwrite and self._writer.is_committed(step):
-            raise CheckpointExistsError(
-                f"step {step} is already saved; choose a new step or pass overwrite=True",
-                path=self._url(step_name),
-            )
-        signalled = self._timing.stop_requested()
-        if not self.async_save:
-            return self._finish(step, files, manifest, token, overwrite, signalled, start)
-        staged = self._staging.stage(files)
-        self._timing.staged(step, signalled)
-        self._saver.start(
+        return self._saves.save(
             step,
-            self._finish,
-            (step, staged, manifest, token, overwrite, signalled, start),
-            self.background_nice,
+            epoch,
+            checked_metrics,
+            rng,
+            overwrite,
+            items,
+            async_save=self.async_save,
+            nice=self.background_nice,
         )
-        logger.debug("step %d staged in %.3f s", step, time.perf_counter() - start)
-        return self._info(manifest)
 
-    def _save_collective(
-        self,
-        step: int,
-        epoch: int | None,
-        metrics: dict[str, float | int],
-        rng: bool,
-        overwrite: bool,
-        items: dict[str, Any],
-    ) -> Checkpoint:
-        """``save`` inside a process group: every rank together (see :mod:`ckpt.distributed`)."""
-        assert self._collective is not None and self._group is not None
-        self._handshake.meet("save()", {"step": step, "overwrite": overwrite})
-        start = time.perf_counter()
-        if rng:
-            items[RNG_ITEM] = RandomStreams()
-
-        def prepare() -> None:  # on the coordinator only
-            self._take_lock()
-            if not overwrite and self._writer.is_committed(step):
-                raise CheckpointExistsError(
-                    f"step {step} is already saved; choose a new step or pass overwrite=True",
-                    path=self._url(step_dir_name(step)),
-                )
-
-        pending = self._collective.begin(step, epoch, metrics, overwrite, items, prepare)
-        signalled = self._timing.stop_requested()
-        if not self.async_save:
-            return self._finish_collective(pending, signalled, start)
-        pending.captured.files = self._staging.stage(pending.captured.files)
-        self._timing.staged(step, signalled)
-        self._saver.start(
-            step, self._finish_collective, (pending, signalled, start), self.background_nice
-        )
-        return self._info(pending.template)
-
-    def _finish_collective(self, pending: Any, signalled: bool, start: float) -> Checkpoint:
-        """Write, agree, commit (coordinator) and apply retention (coordinator)."""
-        assert self._collective is not None and self._group is not None
-        manifest = self._collective.finish(
-            pending,
-            self._writer.check_lock,
-            lambda: self._writer.retain(self.retention, pending.step),
-        )
-        self._after_commit(pending.step, signalled)
-        logger.debug(
-            "collective save of step %d took %.3f s", pending.step, time.perf_counter() - start
-        )
-        return self._info(manifest)
-
-    def _after_commit(self, step: int, signalled: bool) -> None:
-        """Bookkeeping once ``step`` has committed: cadence, and a stop after a signal."""
-        self._timing.committed(step, signalled)
-
-    def _finish(
-        self,
-        step: int,
-        files: dict[str, dict[str, torch.Tensor]],
-        manifest: Manifest,
-        token: str,
-        overwrite: bool,
-        signalled: bool,
-        start: float,
-    ) -> Checkpoint:
-        """Write, commit, log and apply retention (on the caller's thread or in the background)."""
-        manifest = self._writer.commit(
-            step, files, manifest, token=token, overwrite=overwrite, start=start
-        )
-        self._after_commit(step, signalled)
+    def _retain(self, step: int) -> None:
+        """Once ``step`` has committed: retention, or (with tiers) the copies it queues."""
         if self._tiers is None:
             self._writer.retain(self.retention, step)
         else:  # queue the copies; retention keeps the steps waiting for one
             self._tiers.committed(step, self._writer, self.retention)
-        return self._info(manifest)
 
     def wait(self) -> None:
         """Block until the save in flight (``async_save=True``) has committed.
@@ -569,9 +494,6 @@ class CheckpointManager:
         return self._checkpoints.verify(step)
 
     # ---------------------------------------------------------------- helpers
-
-    def _url(self, *parts: str) -> str:
-        return self._storage.url_of(*parts)
 
     def _info(self, manifest: Manifest) -> Checkpoint:
         return self._checkpoints.info(manifest)
