@@ -69,7 +69,7 @@ def test_should_save_is_never_true_twice_for_a_saved_step(tmp_path):
 
 def test_every_seconds_counts_from_the_last_save(tmp_path, monkeypatch):
     now = [1000.0]
-    monkeypatch.setattr("ckpt.manager.time.monotonic", lambda: now[0])
+    monkeypatch.setattr("ckpt.policies.cadence.time.monotonic", lambda: now[0])
     mgr = ckpt.CheckpointManager(tmp_path, every_seconds=30)
     assert not mgr.should_save(0)
     now[0] += 30

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import os
 import secrets
@@ -188,9 +189,13 @@ def _finish_at_exit() -> None:
 
     After an uncaught exception in the main thread, a collective save is abandoned
     instead: its peers may be gone or stuck, and the rank must exit (its attempt is
-    removed by the next save; the previous checkpoint stays the latest).
+    removed by the next save; the previous checkpoint stays the latest). The process
+    then exits at once with status 1, as for any uncaught exception, after flushing
+    logs and standard streams: finalizing the interpreter while the abandoned thread
+    sits in a collective would abort the process instead.
     """
     crashed = getattr(sys, "last_value", None) or getattr(sys, "last_exc", None)
+    abandoned = False
     for saver in list(_SAVERS):
         thread = saver.pending
         if thread is None or not thread.is_alive():
@@ -201,9 +206,16 @@ def _finish_at_exit() -> None:
                 thread.name,
                 type(crashed).__name__,
             )
+            abandoned = True
             continue
         logger.info("%s: finishing the save in flight before the process exits", thread.name)
         thread.join()
+    if abandoned:
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(1)
 
 
 atexit.register(_finish_at_exit)
