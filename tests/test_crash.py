@@ -88,9 +88,12 @@ def test_a_kill_at_each_point_of_the_commit_protocol_leaves_complete_checkpoints
 
 def timed_trials(tmp_path, forkserver, trials: int) -> dict[str, int]:
     rng = random.Random(SEED)
-    began = time.monotonic()
-    assert launch(forkserver, tmp_path / "timing") == 0
-    duration = time.monotonic() - began
+    durations = []
+    for run in range(3):  # the median of three uninterrupted runs: one slow run skews no trial
+        began = time.monotonic()
+        assert launch(forkserver, tmp_path / f"timing{run}") == 0
+        durations.append(time.monotonic() - began)
+    duration = sorted(durations)[1]
     counts = {"killed": 0, "finished": 0}
     root = tmp_path / "run0"
     for trial in range(trials):

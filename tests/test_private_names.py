@@ -19,8 +19,8 @@ PACKAGE = Path(__file__).parent.parent / "ckpt"
 TORCH_WRAPPER = PACKAGE / "torch_compat.py"
 ALLOWED_IMPORTS = {("ckpt._version", "__version__")}
 """``_version.py`` is the version file's conventional name; only its dunder is imported."""
-ALLOWED_ATTRIBUTES = {("argparse", "_SubParsersAction")}
-"""The type typeshed gives ``add_subparsers()``, for annotations only."""
+ALLOWED_ATTRIBUTES = {("argparse", "_SubParsersAction"), ("os", "_exit")}
+"""The type typeshed gives ``add_subparsers()`` (annotations only); ``os._exit``, documented API."""
 REFLECTION = {"getattr", "setattr", "hasattr", "delattr"}
 
 
