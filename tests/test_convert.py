@@ -544,6 +544,23 @@ def test_import_refuses_a_pickle_payload_without_running_it(tmp_path):
     assert not marker.exists() and not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("damage", ["index twice", "state without a group"])
+def test_import_refuses_a_malformed_optimizer_state_and_commits_nothing(tmp_path, damage):
+    """Found by test_import_fuzz: a flipped byte in a torch.save file gave an optimizer
+    state that imported, committed, and then failed verify()."""
+    model, optimizer, _ = _trained()
+    state = optimizer.state_dict()
+    if damage == "index twice":
+        state["param_groups"][0]["params"][1] = state["param_groups"][0]["params"][0]
+    else:
+        state["state"][99] = state["state"][0]
+    torch.save({"model": model.state_dict(), "optimizer": state}, tmp_path / "bad.pt")
+    with pytest.raises(ckpt.CorruptCheckpointError, match="optimizer") as e:
+        ckpt.import_checkpoint(tmp_path / "bad.pt", tmp_path / "run")
+    assert e.value.path == str(tmp_path / "bad.pt") and e.value.key is not None
+    assert not (tmp_path / "run").exists()
+
+
 def test_import_refuses_dcp_metadata_naming_other_classes(tmp_path):
     marker = tmp_path / "pwned"
     (tmp_path / "dcp").mkdir()

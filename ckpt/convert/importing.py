@@ -35,10 +35,12 @@ from ckpt.errors import (
     CheckpointExistsError,
     CheckpointNotFoundError,
     CorruptCheckpointError,
+    IncompatibleCheckpointError,
 )
+from ckpt.format import ItemRecord
 from ckpt.format.limits import MAX_STEP
 from ckpt.saving.writer import CheckpointWriter
-from ckpt.state.kinds import Captured
+from ckpt.state.kinds import Captured, kind_of_record
 from ckpt.state.tree import flatten
 from ckpt.torch_compat import module_metadata
 
@@ -168,6 +170,7 @@ def import_checkpoint(
         )
     root = os.fspath(directory)
     _check_materialised(source, mapped)
+    _check_items(source, mapped)
     _commit(root, chosen, mapped, storage_options)
     report = ImportReport(
         source=source,
@@ -290,6 +293,26 @@ def _packed_optimizer(value: Any) -> Any:
         packed_groups.append({**g, "params": ids})
     state = {index[k]: v for k, v in value["state"].items() if k in index}
     return {"state": state, "param_groups": packed_groups}
+
+
+def _check_items(source: str, mapped: Mapped) -> None:
+    """Refuse a source whose items ``verify()`` would reject once committed.
+
+    Each item's state gets the same structural checks its kind runs on a saved
+    checkpoint (an optimizer's param groups and indices, a scheduler's fields), so
+    a malformed source fails the import instead of committing a broken step.
+
+    Raises:
+        CorruptCheckpointError: An item is malformed; names the source and the key.
+    """
+    for name, (kind, state, recorded) in mapped.items.items():
+        record = ItemRecord(kind, None, dict(recorded))
+        try:
+            kind_of_record(name, record).check_saved(name, state, record)
+        except (CorruptCheckpointError, IncompatibleCheckpointError) as e:
+            raise CorruptCheckpointError(
+                f"cannot import item {name!r}: {e.reason}", path=source, key=e.key or name
+            ) from e
 
 
 def _commit(root: str, step: int, mapped: Mapped, storage_options: dict[str, Any] | None) -> None:
