@@ -105,8 +105,9 @@ class CheckpointManager:
             committed steps are copied to in the background, each with its own
             cadence and retention; ``directory`` is the first tier. ``restore`` and
             ``read`` take the newest step of any tier from the fastest tier whose
-            copy verifies; ``wait`` and ``close`` also wait for the copies. Not yet
-            inside a process group. See ``docs/tiers.md``.
+            copy verifies; ``wait`` and ``close`` also wait for the copies. In a
+            process group each rank copies the files it wrote, and every tier must
+            be storage every rank sees. See ``docs/tiers.md``.
 
     Example:
         >>> mgr = ckpt.CheckpointManager("runs/exp1", keep_last=3, every_steps=500)
@@ -155,8 +156,6 @@ class CheckpointManager:
         self._collective = (
             None if self._group is None else collective_save(self._storage, self._group)
         )
-        if tiers and self._group is not None:
-            self._group.close()
         self._tiers = open_tiers(self._checkpoints, tiers, self._group, background_nice)
         self._restorer = Restorer(
             self._reader, self._checkpoints, self._group, self._tiers.readers if self._tiers else ()
@@ -176,6 +175,7 @@ class CheckpointManager:
                 "signals": [int(s) for s in signals],
                 "agree_every": agree_every,
                 "timeouts": [float(collective_timeout), float(handshake_timeout)],
+                "tiers": [[os.fspath(t.url), t.every_steps] for t in tiers],  # rank 0 copies
             }
             self._handshake, self._decisions = open_agreement(
                 self._group, process_group, config, float(handshake_timeout)
@@ -230,7 +230,7 @@ class CheckpointManager:
         finally:
             try:
                 if self._tiers is not None:
-                    self._tiers.close(timeout)
+                    self._tiers.close(timeout, self._writer, self.retention)
             finally:
                 self._release()
 
@@ -310,7 +310,7 @@ class CheckpointManager:
 
     def pending_copies(self) -> list[list[int]]:
         """The steps waiting to be copied to each of ``tiers`` (ascending; ``[]`` without tiers)."""
-        return [] if self._tiers is None else self._tiers.copier.pending()
+        return [] if self._tiers is None else self._tiers.pending()
 
     # -------------------------------------------------------------------- save
 
