@@ -1,0 +1,202 @@
+"""Tiers on several ranks: each rank copies the files it wrote, the copy commits once.
+
+Two ranks train FSDP2 shards, save to a first tier every rank sees, and copy to a
+second tier (local disk standing in for remote storage, or moto S3). Each check is
+differential: the copies are byte for byte the first tier's files, and a restore
+from the slower tier alone gives the full tensors gathered before the save.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+from pathlib import Path
+from typing import Any
+
+import torch
+from conftest import assert_same_state
+from dist_training import full_model_state, full_optimizer_state, make, train_step
+
+import ckpt
+import ckpt.tiers.ranks
+from ckpt.format import step_dir_name
+
+
+def _full(model: Any, optimizer: Any) -> dict[str, Any]:
+    return {"model": full_model_state(model), "optimizer": full_optimizer_state(model, optimizer)}
+
+
+def _manager(first: str, second: str, options: dict[str, Any] | None, **kw: Any) -> Any:
+    tier = ckpt.Tier(second, storage_options=options)
+    return ckpt.CheckpointManager(first, tiers=[tier], collective_timeout=30, **kw)
+
+
+def on_ranks_save(
+    rank: int, world: int, first: str, second: str, steps: int, options: dict[str, Any] | None
+) -> dict[str, Any]:
+    """Train and save ``steps`` steps with a second tier; the full states before each save."""
+    model, optimizer, scheduler = make("fsdp")
+    torch.manual_seed(100 + rank)
+    fulls = {}
+    with _manager(first, second, options) as mgr:
+        for step in range(steps):
+            train_step(model, optimizer, scheduler, step)
+            fulls[step] = _full(model, optimizer)
+            mgr.save(step, model=model, optimizer=optimizer, scheduler=scheduler)
+        mgr.wait()
+        tiers = mgr._tiers
+        part = tiers.copier.copied if rank == 0 else tiers.follower.copied
+        return {
+            "fulls": fulls,
+            "latest": mgr.latest_steps(),
+            "pending": mgr.pending_copies(),
+            "copied": list(part),
+        }
+
+
+def on_ranks_restore(
+    rank: int, world: int, first: str, second: str, step: int | None, options: dict[str, Any] | None
+) -> dict[str, Any]:
+    """Restore ``step`` (the newest) through a manager with the second tier; the full state."""
+    model, optimizer, scheduler = make("fsdp", seed=9)
+    with _manager(first, second, options) as mgr:
+        info = mgr.restore(step, model=model, optimizer=optimizer, scheduler=scheduler)
+    assert info is not None
+    return {"step": info.step, "tier": info.tier, **_full(model, optimizer)}
+
+
+def _params(model: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The parameters (BatchNorm's statistics differ per rank under FSDP: one copy is saved)."""
+    return {k: v for k, v in model.items() if "running_" not in k and "num_batches" not in k}
+
+
+def _files(root: Path, step: int) -> dict[str, bytes]:
+    directory = root / step_dir_name(step)
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+def _no_leftovers(root: Path) -> None:
+    assert not [n for n in os.listdir(root) if n.startswith((".ckpt-copy.", ".ckpt-tmp"))]
+
+
+def test_every_rank_copies_its_files_and_each_tier_restores_exactly(rank_pool, tmp_path):
+    first, second = tmp_path / "t0", tmp_path / "t1"
+    saved = rank_pool.run(on_ranks_save, str(first), str(second), 3, None, timeout=120)
+    assert saved[0]["latest"] == saved[1]["latest"] == [2, 2]
+    assert saved[0]["pending"] == [[]]
+    assert [s for _, s in saved[0]["copied"]] == [0, 1, 2]  # rank 0 committed each copy once
+    assert [s for _, s in saved[1]["copied"]] == [0, 1, 2]  # rank 1 copied its part of each
+    _no_leftovers(second)
+    for step in range(3):
+        files = _files(first, step)
+        assert any("rank1" in n or "_r1" in n for n in files)  # rank 1's own files
+        assert _files(second, step) == files  # bitwise the first tier's
+    # Each tier alone: the first tier, then the second after deleting the first.
+    restored: dict[tuple[int, int | None], list[dict[str, Any]]] = {}
+    for tier in (0, 1):
+        for step in (None, 1):
+            got = restored[tier, step] = rank_pool.run(
+                on_ranks_restore, str(first), str(second), step, None
+            )
+            want = saved[0]["fulls"][2 if step is None else step]
+            for rank in range(2):
+                assert got[rank]["tier"] == tier
+                assert_same_state(_params(got[rank]["model"]), _params(want["model"]))
+                assert_same_state(got[rank]["optimizer"], want["optimizer"])
+                assert_same_state(got[rank], {**restored[0, step][rank], "tier": tier})
+        shutil.rmtree(first)
+
+
+def test_a_corrupt_copy_on_the_first_tier_is_read_from_the_next_on_every_rank(rank_pool, tmp_path):
+    first, second = tmp_path / "t0", tmp_path / "t1"
+    saved = rank_pool.run(on_ranks_save, str(first), str(second), 2, None, timeout=120)
+    shard = next(p for p in (first / step_dir_name(1)).iterdir() if "rank1" in p.name)
+    shard.write_bytes(shard.read_bytes()[:-8])  # rank 1's shard file truncated in tier 0
+    got = rank_pool.run(on_ranks_restore, str(first), str(second), None, None)
+    for rank in range(2):
+        assert (got[rank]["step"], got[rank]["tier"]) == (1, 1)  # the same copy on both ranks
+        assert_same_state(_params(got[rank]["model"]), _params(saved[0]["fulls"][1]["model"]))
+        assert_same_state(got[rank]["optimizer"], saved[0]["fulls"][1]["optimizer"])
+
+
+def test_copies_to_an_object_store_commit_once_and_restore_exactly(rank_pool, tmp_path, s3_bucket):
+    bucket, options = s3_bucket
+    first, remote = tmp_path / "t0", f"s3://{bucket}/run"
+    saved = rank_pool.run(on_ranks_save, str(first), remote, 2, options, timeout=120)
+    assert saved[0]["latest"] == [1, 1]
+    assert [s for _, s in saved[1]["copied"]] == [0, 1]
+    reader = ckpt.CheckpointReader(remote, storage_options=options)
+    assert reader.all_steps() == [0, 1]
+    reader.verify(1)
+    shutil.rmtree(first)
+    got = rank_pool.run(on_ranks_restore, str(first), remote, None, options)
+    for rank in range(2):
+        assert got[rank]["tier"] == 1
+        assert_same_state(_params(got[rank]["model"]), _params(saved[0]["fulls"][1]["model"]))
+        assert_same_state(got[rank]["optimizer"], saved[0]["fulls"][1]["optimizer"])
+
+
+def on_ranks_node_local(rank: int, world: int, root: str) -> str:
+    try:
+        ckpt.CheckpointManager(os.path.join(root, "{rank}"), tiers=[ckpt.Tier(root + "/t")])
+    except ValueError as e:
+        return str(e)
+    return "accepted"
+
+
+def test_node_local_first_tiers_are_refused_clearly(rank_pool, tmp_path):
+    said = rank_pool.run(on_ranks_node_local, str(tmp_path))
+    assert all("node-local" in s and "not supported" in s for s in said), said
+
+
+def on_ranks_killed_mid_copy(rank: int, world: int, first: str, second: str) -> dict[str, Any]:
+    """Rank 1 is SIGKILLed after copying its part of step 1, before saying so."""
+    if rank == 1:
+        original = ckpt.tiers.ranks.copy_files
+
+        def dying(*args: Any) -> None:
+            original(*args)
+            if args[2] == step_dir_name(1):
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        ckpt.tiers.ranks.copy_files = dying  # type: ignore[assignment]
+    model, optimizer, scheduler = make("fsdp")
+    saved = []
+    tier = ckpt.Tier(second)
+    mgr = ckpt.CheckpointManager(first, tiers=[tier], collective_timeout=6)
+    try:
+        for step in range(2):
+            train_step(model, optimizer, scheduler, step)
+            mgr.save(step, model=model, optimizer=optimizer, scheduler=scheduler)
+            saved.append(step)
+        mgr.wait()
+    except ckpt.CheckpointError as e:  # rank 1 died: the collective says so
+        return {"saved": saved, "error": type(e).__name__}
+    finally:
+        mgr.close(timeout=10)
+    return {"saved": saved, "error": None}
+
+
+def test_a_rank_killed_mid_copy_leaves_complete_steps_only(rank_pool, fresh_ranks, tmp_path):
+    first, second = tmp_path / "t0", tmp_path / "t1"
+    outcomes = fresh_ranks(on_ranks_killed_mid_copy, args=(str(first), str(second)), timeout=90)
+    assert outcomes[1].exitcode == -signal.SIGKILL
+    assert outcomes[0].returned, outcomes[0].error
+    listed = ckpt.CheckpointReader(second).all_steps()
+    assert 1 not in listed  # never committed without rank 1's marker
+    for step in listed:
+        ckpt.CheckpointReader(second).verify(step)
+    # The next managers copy what is pending and clean up what the dead copy left.
+    saved = rank_pool.run(on_ranks_save_more, str(first), str(second), timeout=120)
+    assert saved[0] == [1, 1]
+    assert ckpt.CheckpointReader(second).all_steps() == ckpt.CheckpointReader(first).all_steps()
+    ckpt.CheckpointReader(second).verify(1)
+    _no_leftovers(second)
+
+
+def on_ranks_save_more(rank: int, world: int, first: str, second: str) -> list[int | None]:
+    """A new pair of managers on the same tiers: the pending copies complete."""
+    with _manager(first, second, None) as mgr:
+        mgr.wait()
+        return mgr.latest_steps()
