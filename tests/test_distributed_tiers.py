@@ -14,6 +14,7 @@ import signal
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 from conftest import assert_same_state
 from dist_training import full_model_state, full_optimizer_state, make, train_step
@@ -200,3 +201,60 @@ def on_ranks_save_more(rank: int, world: int, first: str, second: str) -> list[i
     with _manager(first, second, None) as mgr:
         mgr.wait()
         return mgr.latest_steps()
+
+
+def on_ranks_killed_at_random(
+    rank: int, world: int, first: str, second: str, seed: int
+) -> dict[str, Any]:
+    """One rank (chosen by ``seed``) is SIGKILLed at a random moment of its part of a copy."""
+    import random
+    import threading
+
+    pick = random.Random(seed)
+    victim, step_killed, delay = pick.randrange(2), pick.randrange(3), pick.uniform(0, 0.03)
+    if rank == victim:
+        original = ckpt.tiers.ranks.copy_files if rank else ckpt.saving.copying.copy_files
+
+        def dying(*args: Any) -> None:
+            if args[2] == step_dir_name(step_killed):
+                timer = threading.Timer(delay, os.kill, (os.getpid(), signal.SIGKILL))
+                timer.start()
+            original(*args)
+
+        if rank:
+            ckpt.tiers.ranks.copy_files = dying  # type: ignore[assignment]
+        else:
+            ckpt.saving.copying.copy_files = dying  # type: ignore[assignment]
+    model, optimizer, scheduler = make("fsdp")
+    mgr = ckpt.CheckpointManager(first, tiers=[ckpt.Tier(second)], collective_timeout=6)
+    try:
+        for step in range(3):
+            train_step(model, optimizer, scheduler, step)
+            mgr.save(step, model=model, optimizer=optimizer, scheduler=scheduler)
+        mgr.wait()
+    except ckpt.CheckpointError:
+        pass  # the other rank died
+    finally:
+        mgr.close(timeout=10)
+    return {"victim": victim}
+
+
+@pytest.mark.slow
+def test_ranks_killed_at_random_moments_of_copies_leave_complete_steps(
+    rank_pool, fresh_ranks, tmp_path
+):
+    killed = 0
+    for seed in range(12):
+        first, second = tmp_path / f"t0_{seed}", tmp_path / f"t1_{seed}"
+        ranks = fresh_ranks(
+            on_ranks_killed_at_random, args=(str(first), str(second), seed), timeout=90
+        )
+        killed += any(r.exitcode == -signal.SIGKILL for r in ranks)
+        for step in ckpt.CheckpointReader(second).all_steps():
+            ckpt.CheckpointReader(second).verify(step)  # listed: complete
+        done = rank_pool.run(on_ranks_save_more, str(first), str(second), timeout=120)
+        assert done[0][1] == done[0][0], (seed, done)
+        assert ckpt.CheckpointReader(second).all_steps() == ckpt.CheckpointReader(first).all_steps()
+        _no_leftovers(second)
+    print(f"{killed} of 12 trials killed a rank mid-copy")
+    assert killed

@@ -286,5 +286,10 @@ class Follower:
             logger.warning("rank %d could not copy its files of step %s: %s", self._rank, step, e)
             marker["error"] = str(e)
             marker["kind"] = type(e).__name__
-        if isinstance(step, int):
-            _write_json(target, _marker_name(step, token, self._rank), marker)
+        if not isinstance(step, int):
+            return
+        current = _read_json(target, _published_name(step))
+        if current is None or current.get("token") != token:
+            logger.debug("the copy of step %d was withdrawn meanwhile", step)
+            return  # rank 0 gave up on it (or died): no marker to leave behind
+        _write_json(target, _marker_name(step, token, self._rank), marker)
