@@ -258,3 +258,33 @@ def test_ranks_killed_at_random_moments_of_copies_leave_complete_steps(
         _no_leftovers(second)
     print(f"{killed} of 12 trials killed a rank mid-copy")
     assert killed
+
+
+def on_ranks_cadence(rank: int, world: int, first: str, second: str) -> dict[str, Any]:
+    """Async saves, the second tier copying every 2nd step and keeping 2; the full states."""
+    model, optimizer, scheduler = make("fsdp")
+    torch.manual_seed(100 + rank)
+    fulls = {}
+    tier = ckpt.Tier(second, every_steps=2, keep_last=2)
+    with ckpt.CheckpointManager(
+        first, keep_last=1, async_save=True, tiers=[tier], collective_timeout=30
+    ) as mgr:
+        for step in range(6):
+            train_step(model, optimizer, scheduler, step)
+            fulls[step] = _full(model, optimizer)
+            mgr.save(step, model=model, optimizer=optimizer, scheduler=scheduler)
+    return fulls
+
+
+def test_async_saves_copy_what_each_tier_selects_and_keep_what_its_rules_keep(rank_pool, tmp_path):
+    first, second = tmp_path / "t0", tmp_path / "t1"
+    fulls = rank_pool.run(on_ranks_cadence, str(first), str(second), timeout=120)
+    assert ckpt.CheckpointReader(first).all_steps() == [5]
+    assert ckpt.CheckpointReader(second).all_steps() == [3, 5]
+    _no_leftovers(second)
+    shutil.rmtree(first)
+    got = rank_pool.run(on_ranks_restore, str(first), str(second), 3, None)
+    for rank in range(2):
+        assert (got[rank]["step"], got[rank]["tier"]) == (3, 1)
+        assert_same_state(_params(got[rank]["model"]), _params(fulls[0][3]["model"]))
+        assert_same_state(got[rank]["optimizer"], fulls[0][3]["optimizer"])
