@@ -26,7 +26,7 @@ from ckpt.state.items import check_flags, check_item_name, reserved_names
 from ckpt.state.kinds import RestoreOptions
 from ckpt.state.tree import Json
 from ckpt.tiers import Tier
-from ckpt.tiers.tierset import open_tiers
+from ckpt.tiers.tierset import node_directory, open_tiers
 
 __all__ = ["Checkpoint", "CheckpointManager"]
 
@@ -50,6 +50,8 @@ class CheckpointManager:
 
     Args:
         directory: A local path or fsspec URL (``memory://run``, ``s3://bucket/run``).
+            In a process group with ``tiers``, ``{rank}`` in a local path makes it each
+            rank's own (node-local) first tier (see ``docs/tiers.md``).
         keep_last: Keep the this many newest checkpoints.
         keep_every: Also keep every checkpoint that completes a multiple of this many steps.
         keep_best: Also keep the this many checkpoints with the best ``best_metric``.
@@ -148,17 +150,27 @@ class CheckpointManager:
         cadence = SaveCadence(every_steps, every_seconds)
         if isinstance(agree_every, bool) or not isinstance(agree_every, int) or agree_every < 1:
             raise ValueError(f"agree_every must be a positive int, got {agree_every!r}")
+        given = os.fspath(directory)
+        directory, node_local = node_directory(given, process_group, tiers)
         self._writer = CheckpointWriter(directory, storage_options=storage_options)
         self._storage = self._writer.storage
         self._checkpoints = CheckpointReader(storage=self._storage)
         self._reader = self._checkpoints.steps
         self._group = open_rank_group(process_group, float(collective_timeout))
         self._collective = (
-            None if self._group is None else collective_save(self._storage, self._group)
+            None
+            if self._group is None
+            else collective_save(self._storage, self._group, node_local=node_local)
         )
-        self._tiers = open_tiers(self._checkpoints, tiers, self._group, background_nice)
+        self._tiers = open_tiers(
+            self._checkpoints, tiers, self._group, background_nice, node_local=node_local
+        )
         self._restorer = Restorer(
-            self._reader, self._checkpoints, self._group, self._tiers.readers if self._tiers else ()
+            self._reader,
+            self._checkpoints,
+            self._group,
+            self._tiers.readers if self._tiers else (),
+            node_local,
         )
         signals = watched_signals(preemption_signals)
         self._handshake: Any = None
@@ -168,7 +180,7 @@ class CheckpointManager:
             from ckpt.distributed.handshake import agreeing, open_agreement  # noqa: PLC0415
 
             config: dict[str, Json] = {
-                "directory": self._storage.url,
+                "directory": given if node_local else self._storage.url,
                 "fallback_to_intact": self.fallback_to_intact,  # every rank tries the same steps
                 "every_steps": every_steps,
                 "every_seconds": every_seconds,

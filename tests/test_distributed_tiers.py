@@ -138,17 +138,71 @@ def test_copies_to_an_object_store_commit_once_and_restore_exactly(rank_pool, tm
         assert_same_state(got[rank]["optimizer"], saved[0]["fulls"][1]["optimizer"])
 
 
-def on_ranks_node_local(rank: int, world: int, root: str) -> str:
-    try:
-        ckpt.CheckpointManager(os.path.join(root, "{rank}"), tiers=[ckpt.Tier(root + "/t")])
-    except ValueError as e:
-        return str(e)
-    return "accepted"
+def on_ranks_node_local_refusals(rank: int, world: int, root: str) -> list[str]:
+    said = []
+    for directory, tier in [(root + "/a", root + "/{rank}"), (root + "/{rank}", None)]:
+        try:
+            ckpt.CheckpointManager(directory, tiers=[ckpt.Tier(tier)] if tier else [])
+        except ValueError as e:
+            said.append(str(e))
+    return said
 
 
-def test_node_local_first_tiers_are_refused_clearly(rank_pool, tmp_path):
-    said = rank_pool.run(on_ranks_node_local, str(tmp_path))
-    assert all("node-local" in s and "not supported" in s for s in said), said
+def test_node_local_tiers_other_than_the_first_are_refused_clearly(rank_pool, tmp_path):
+    for said in rank_pool.run(on_ranks_node_local_refusals, str(tmp_path)):
+        assert "not supported" in said[0]
+        assert "needs tiers" in said[1]
+
+
+def on_ranks_node_local_save(rank: int, world: int, root: str, shared: str) -> dict[str, Any]:
+    """Each rank's own first tier (``{rank}``), one shared tier; the full states."""
+    model, optimizer, scheduler = make("fsdp")
+    torch.manual_seed(100 + rank)
+    fulls = {}
+    with _manager(os.path.join(root, "{rank}"), shared, None, keep_last=2) as mgr:
+        for step in range(3):
+            train_step(model, optimizer, scheduler, step)
+            fulls[step] = _full(model, optimizer)
+            mgr.save(step, model=model, optimizer=optimizer, scheduler=scheduler)
+        mgr.wait()
+        return {"fulls": fulls, "latest": mgr.latest_steps()}
+
+
+def on_ranks_node_local_resume(rank: int, world: int, root: str, shared: str) -> dict[str, Any]:
+    """Resume from the shared tier, then save one more step into both tiers."""
+    model, optimizer, scheduler = make("fsdp", seed=9)
+    with _manager(os.path.join(root, "{rank}"), shared, None, keep_last=2) as mgr:
+        info = mgr.restore(model=model, optimizer=optimizer, scheduler=scheduler)
+        assert info is not None
+        got = {"step": info.step, "tier": info.tier, **_full(model, optimizer)}
+        train_step(model, optimizer, scheduler, 3)
+        mgr.save(3, model=model, optimizer=optimizer, scheduler=scheduler)
+        mgr.wait()
+        got["latest"] = mgr.latest_steps()
+    return got
+
+
+def test_per_rank_first_tiers_resume_exactly_after_one_is_deleted(rank_pool, tmp_path):
+    root, shared = tmp_path / "local", tmp_path / "shared"
+    saved = rank_pool.run(on_ranks_node_local_save, str(root), str(shared), timeout=120)
+    assert saved[0]["latest"] == saved[1]["latest"] == [2, 2]
+    for step in (1, 2):  # each rank's first tier: its own files (and the manifest)
+        own = [_files(root / str(rank), step) for rank in range(2)]
+        assert not set(own[0]) - {"manifest.json"} & set(own[1])
+        assert any("rank1" in n for n in own[1]) and not any("rank1" in n for n in own[0])
+        assert _files(shared, step) == {**own[0], **own[1]}  # bitwise, every rank's files
+    assert ckpt.CheckpointReader(root / "1").all_steps() == [1, 2]  # retention on every rank
+    ckpt.CheckpointReader(shared).verify(2)
+    shutil.rmtree(root / "1")  # rank 1's machine is lost
+    got = rank_pool.run(on_ranks_node_local_resume, str(root), str(shared), timeout=120)
+    for rank in range(2):
+        assert (got[rank]["step"], got[rank]["tier"]) == (2, 1)
+        assert_same_state(_params(got[rank]["model"]), _params(saved[0]["fulls"][2]["model"]))
+        assert_same_state(got[rank]["optimizer"], saved[0]["fulls"][2]["optimizer"])
+        assert got[rank]["latest"] == [3, 3]
+    assert ckpt.CheckpointReader(root / "1").all_steps() == [3]
+    ckpt.CheckpointReader(shared).verify(3)
+    _no_leftovers(shared)
 
 
 def on_ranks_killed_mid_copy(rank: int, world: int, first: str, second: str) -> dict[str, Any]:

@@ -124,6 +124,8 @@ class Restorer:
         tiers: Readers of the slower tiers: a restore takes the newest step of any
             tier, from the fastest tier whose copy verifies (in a group, as the
             ranks agree; see :mod:`ckpt.restoring.tiered`).
+        node_local: The first root is this rank's own, holding its files only: a
+            restore reads from the other tiers.
     """
 
     def __init__(
@@ -132,11 +134,13 @@ class Restorer:
         checkpoints: CheckpointReader,
         group: Any,
         tiers: Sequence[CheckpointReader] = (),
+        node_local: bool = False,
     ):
         self._steps = steps
         self._checkpoints = checkpoints
         self._group = group
         self._readers = [checkpoints, *tiers]
+        self._skip = 1 if node_local and tiers else 0
 
     def restore(
         self,
@@ -162,14 +166,15 @@ class Restorer:
 
                 outcomes.check_same_items(self._group, list(items))
                 search = partial(agreed_across_tiers, self._group)
+            skip = self._skip  # a node-local first tier holds this rank's files only
             found = search(
-                [r.steps for r in self._readers],
+                [r.steps for r in self._readers[skip:]],
                 step,
-                lambda i, s: self._prepare(s, dict(items), options, rng, verify, i),
+                lambda i, s: self._prepare(s, dict(items), options, rng, verify, i + skip),
                 fallback=step is None and fallback,
             )
             prepared = None if found is None else found[1]
-            tier = 0 if found is None else found[0]
+            tier = 0 if found is None else found[0] + skip
             checkpoints = self._readers[tier]
         else:
             prepared = self._prepare_with_fallback(

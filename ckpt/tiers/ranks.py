@@ -52,6 +52,9 @@ POLL_SECONDS = 0.05
 MAX_POLL_SECONDS = 1.0
 """The slowest polling interval of an idle follower (it slows down while nothing happens)."""
 
+SOURCE_WAIT_SECONDS = 10.0
+"""How long a follower waits for a published step to appear in its own first tier."""
+
 _PUBLISHED = re.compile(r"\.ckpt-copy\.(step_\d+)\.json")
 _TOKEN = re.compile(r"[0-9a-f]{16}")
 _SHARD_FILE = re.compile(r"rank(\d+)_shards[.]")
@@ -261,6 +264,21 @@ class Follower:
             self._part(index, target, doc, token)
         return found
 
+    def _source_manifest(self, step: int) -> Manifest:
+        """The manifest of ``step`` in this rank's first tier, waiting a while for its commit.
+
+        A node-local first tier commits on this rank just after rank 0's commit, so a
+        copy may be published first.
+        """
+        deadline = time.monotonic() + SOURCE_WAIT_SECONDS
+        while True:
+            try:
+                return read_source_manifest(self._source, step)[1]
+            except CheckpointNotFoundError:
+                if time.monotonic() > deadline or self._stop.is_set():
+                    raise
+            time.sleep(POLL_SECONDS)
+
     def _part(self, index: int, target: Storage, doc: dict[str, object], token: str) -> None:
         """Copy this rank's files of the published step; write the marker saying how it went."""
         step = doc.get("step")
@@ -271,7 +289,7 @@ class Follower:
             directory = str(doc.get("directory"))
             if directory != step_dir_name(step) and parse_temp_dir_name(directory) is None:
                 raise ValueError(f"not an attempt of step {step}: {directory!r}")
-            _, manifest = read_source_manifest(self._source, step)
+            manifest = self._source_manifest(step)
             if manifest.created_at != doc.get("created_at"):
                 raise CheckpointWriteError(
                     f"this rank's step {step} is another save than rank 0's "

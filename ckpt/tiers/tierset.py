@@ -42,6 +42,8 @@ class TierSet:
         tiers: The other tiers, fastest first.
         nice: The copier thread's CPU niceness.
         group: ckpt's rank group, or ``None`` in one process.
+        node_local: ``first`` is this rank's own (it holds this rank's files only):
+            restores and reads skip it, and every rank applies its retention.
     """
 
     def __init__(
@@ -50,8 +52,10 @@ class TierSet:
         tiers: Sequence[Tier],
         nice: int | None,
         group: Any = None,
+        node_local: bool = False,
     ) -> None:
         self.tiers = tuple(tiers)
+        self.node_local = node_local
         self.readers = [
             CheckpointReader(os.fspath(t.url), storage_options=t.storage_options) for t in tiers
         ]
@@ -83,6 +87,25 @@ class TierSet:
         if self.copier is not None:
             self.copier.committed(step)
             self.copier.retain_source(writer, policy, step)
+        elif self.node_local:
+            self._retain_own(writer, policy, step)
+
+    def _retain_own(self, writer: CheckpointWriter, policy: RetentionPolicy, step: int) -> None:
+        """Node-local, on a rank other than 0: retention here, keeping the copies to come.
+
+        Kept: the steps a tier's cadence selects that are newer than its newest step
+        (what rank 0's copier has pending); everything while a tier cannot be listed.
+        """
+        keep: set[int] = set()
+        try:
+            steps = self._all[0].all_steps()
+            for tier, reader in zip(self.tiers, self.readers, strict=True):
+                newest = reader.latest_step()
+                keep |= {s for s in steps if tier.selects(s) and (newest is None or s > newest)}
+        except Exception as e:
+            logger.info("retention after step %d waits: a tier cannot be listed (%s)", step, e)
+            return
+        writer.retain(policy, step, keep=keep)
 
     def pending(self) -> list[list[int]]:
         """The steps waiting to be copied, per tier (rank 0 knows; other ranks see none)."""
@@ -96,15 +119,16 @@ class TierSet:
 
     def read(self, step: int | None, map_location: MapLocation, verify: bool) -> dict[str, Any]:
         """Read ``step`` (the newest in any tier) from the fastest tier whose copy reads."""
+        readers = self.readers if self.node_local else self._all
         found = across_tiers(
-            [r.steps for r in self._all],
+            [r.steps for r in readers],
             step,
-            lambda i, s: self._all[i].read(s, map_location=map_location, verify=verify),
+            lambda i, s: readers[i].read(s, map_location=map_location, verify=verify),
             fallback=False,
             doing="read",
         )
         if found is None:
-            return self._all[0].read(None)  # raises: nothing saved
+            return readers[0].read(None)  # raises: nothing saved
         return found[1]
 
     def wait(
@@ -159,29 +183,67 @@ class TierSet:
         return limit if timeout is None else min(timeout, limit)
 
 
+def node_directory(directory: str, process_group: Any, tiers: Sequence[Tier]) -> tuple[str, bool]:
+    """``directory`` with ``{rank}`` replaced by this rank, and whether it is node-local.
+
+    Raises:
+        ValueError: ``{rank}`` without a process group or without tiers, in a URL
+            that is not a local path, or ``{node}``.
+    """
+    if "{node}" in directory:
+        raise ValueError(
+            f"{{node}} in the directory ({directory!r}) is not supported: name each rank's "
+            "own first tier with {rank}"
+        )
+    if "{rank}" not in directory:
+        return directory, False
+    import torch.distributed as dist  # noqa: PLC0415 - only for node-local tiers
+
+    if process_group is False or not (dist.is_available() and dist.is_initialized()):
+        raise ValueError(
+            f"{{rank}} in the directory ({directory!r}) names each rank's own first tier: "
+            "it needs a process group"
+        )
+    if not tiers:
+        raise ValueError(
+            f"a node-local directory ({directory!r}) needs tiers=[...] with a tier every rank "
+            "sees: a checkpoint is restored from a tier that holds every rank's files"
+        )
+    if "://" in directory and not directory.startswith("file://"):
+        raise ValueError(f"a node-local directory must be a local path, got {directory!r}")
+    rank = dist.get_rank(None if process_group is None else process_group)
+    return directory.replace("{rank}", str(rank)), True
+
+
 def open_tiers(
-    first: CheckpointReader, tiers: Sequence[Tier], group: Any, nice: int | None
+    first: CheckpointReader,
+    tiers: Sequence[Tier],
+    group: Any,
+    nice: int | None,
+    *,
+    node_local: bool = False,
 ) -> TierSet | None:
     """The manager's :class:`TierSet`, or ``None`` without tiers.
 
-    In a process group (``group``), every rank must see every tier, the first
-    included, at the same path (shared storage); node-local first tiers are not
-    supported yet.
+    In a process group (``group``), every rank must see every tier at the same
+    path (shared storage), except a node-local first tier (``node_local``: the
+    manager's directory named each rank's own with ``{rank}``).
 
     Raises:
         TypeError: A tier is not a :class:`~ckpt.Tier`.
-        ValueError: A tier repeats the directory or another tier; a per-node or
-            per-rank first tier (``{rank}`` or ``{node}`` in the directory).
+        ValueError: A tier repeats the directory or another tier; ``{rank}`` or
+            ``{node}`` in a tier's URL.
     """
     tiers = list(tiers)
     if not tiers:
         return None
-    for url in [first.directory, *(os.fspath(t.url) for t in tiers if isinstance(t, Tier))]:
+    for tier in tiers:
+        url = os.fspath(tier.url) if isinstance(tier, Tier) else ""
         if "{rank}" in url or "{node}" in url:
             raise ValueError(
-                f"node-local tiers ({url!r}) are not supported yet: with tiers, every rank "
-                "must see every tier, the manager's directory included, at the same path "
-                "(a shared filesystem or an object store); see docs/tiers.md"
+                f"node-local tiers ({url!r}) are not supported: only the manager's directory "
+                "may be each rank's own; every tier of tiers=[...] must be storage every rank "
+                "sees at the same path; see docs/tiers.md"
             )
     urls = [first.directory]
     for tier in tiers:
@@ -191,4 +253,4 @@ def open_tiers(
         if url in urls or os.path.abspath(url) in [os.path.abspath(u) for u in urls]:
             raise ValueError(f"tier {url!r} repeats the directory or another tier")
         urls.append(url)
-    return TierSet(first, tiers, nice, group)
+    return TierSet(first, tiers, nice, group, node_local)
