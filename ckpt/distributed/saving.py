@@ -11,6 +11,10 @@
 4. The coordinator writes the v3 manifest and commits (rename, or the manifest
    itself on object stores), then tells every rank the outcome.
 
+With node-local roots (``CollectiveSave.node_local``, ``docs/tiers.md``) every rank
+opens the attempt in its own root in step 1 and, after step 4, commits the
+coordinator's manifest there (its own files only).
+
 Any failure before the commit: nothing is committed, the coordinator removes
 the attempt, and every rank raises :class:`~ckpt.CheckpointWriteError` naming
 the failed ranks. A rank that dies makes the others' collectives fail within
