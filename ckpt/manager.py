@@ -165,13 +165,8 @@ class CheckpointManager:
         self._tiers = open_tiers(
             self._checkpoints, tiers, self._group, background_nice, node_local=node_local
         )
-        self._restorer = Restorer(
-            self._reader,
-            self._checkpoints,
-            self._group,
-            self._tiers.readers if self._tiers else (),
-            node_local,
-        )
+        readers = self._tiers.readers if self._tiers else ()
+        self._restorer = Restorer(self._reader, self._checkpoints, self._group, readers, node_local)
         signals = watched_signals(preemption_signals)
         self._handshake: Any = None
         self._decisions: Any = None
