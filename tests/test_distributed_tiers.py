@@ -349,3 +349,20 @@ def test_async_saves_copy_what_each_tier_selects_and_keep_what_its_rules_keep(ra
         assert (got[rank]["step"], got[rank]["tier"]) == (3, 1)
         assert_same_state(_params(got[rank]["model"]), _params(fulls[0][3]["model"]))
         assert_same_state(got[rank]["optimizer"], fulls[0][3]["optimizer"])
+
+
+def on_ranks_restore_nothing(rank: int, world: int, first: str, second: str) -> list[str]:
+    model = make("fsdp")[0]
+    with _manager(first, second, None) as mgr:
+        said = [repr(mgr.restore(model=model))]
+        try:
+            mgr.restore(7, model=model)
+        except ckpt.CheckpointNotFoundError as e:
+            said.append(str(e))
+    return said
+
+
+def test_ranks_agree_when_no_tier_holds_a_step(rank_pool, tmp_path):
+    for said in rank_pool.run(on_ranks_restore_nothing, str(tmp_path / "a"), str(tmp_path / "b")):
+        assert said[0] == "None"
+        assert "step 7" in said[1]
