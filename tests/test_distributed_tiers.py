@@ -154,12 +154,14 @@ def test_node_local_tiers_other_than_the_first_are_refused_clearly(rank_pool, tm
         assert "needs tiers" in said[1]
 
 
-def on_ranks_node_local_save(rank: int, world: int, root: str, shared: str) -> dict[str, Any]:
+def on_ranks_node_local_save(
+    rank: int, world: int, root: str, shared: str, options: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Each rank's own first tier (``{rank}``), one shared tier; the full states."""
     model, optimizer, scheduler = make("fsdp")
     torch.manual_seed(100 + rank)
     fulls = {}
-    with _manager(os.path.join(root, "{rank}"), shared, None, keep_last=2) as mgr:
+    with _manager(os.path.join(root, "{rank}"), shared, options, keep_last=2) as mgr:
         for step in range(3):
             train_step(model, optimizer, scheduler, step)
             fulls[step] = _full(model, optimizer)
@@ -168,10 +170,12 @@ def on_ranks_node_local_save(rank: int, world: int, root: str, shared: str) -> d
         return {"fulls": fulls, "latest": mgr.latest_steps()}
 
 
-def on_ranks_node_local_resume(rank: int, world: int, root: str, shared: str) -> dict[str, Any]:
+def on_ranks_node_local_resume(
+    rank: int, world: int, root: str, shared: str, options: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Resume from the shared tier, then save one more step into both tiers."""
     model, optimizer, scheduler = make("fsdp", seed=9)
-    with _manager(os.path.join(root, "{rank}"), shared, None, keep_last=2) as mgr:
+    with _manager(os.path.join(root, "{rank}"), shared, options, keep_last=2) as mgr:
         info = mgr.restore(model=model, optimizer=optimizer, scheduler=scheduler)
         assert info is not None
         got = {"step": info.step, "tier": info.tier, **_full(model, optimizer)}
@@ -366,3 +370,20 @@ def test_ranks_agree_when_no_tier_holds_a_step(rank_pool, tmp_path):
     for said in rank_pool.run(on_ranks_restore_nothing, str(tmp_path / "a"), str(tmp_path / "b")):
         assert said[0] == "None"
         assert "step 7" in said[1]
+
+
+def test_per_rank_first_tiers_resume_exactly_from_an_object_store(rank_pool, tmp_path, s3_bucket):
+    bucket, options = s3_bucket
+    root, remote = tmp_path / "local", f"s3://{bucket}/run"
+    saved = rank_pool.run(on_ranks_node_local_save, str(root), remote, options, timeout=120)
+    assert saved[0]["latest"] == [2, 2]
+    shutil.rmtree(root / "0")  # rank 0's machine is lost
+    got = rank_pool.run(on_ranks_node_local_resume, str(root), remote, options, timeout=120)
+    for rank in range(2):
+        assert (got[rank]["step"], got[rank]["tier"]) == (2, 1)
+        assert_same_state(_params(got[rank]["model"]), _params(saved[0]["fulls"][2]["model"]))
+        assert_same_state(got[rank]["optimizer"], saved[0]["fulls"][2]["optimizer"])
+        assert got[rank]["latest"] == [3, 3]
+    reader = ckpt.CheckpointReader(remote, storage_options=options)
+    assert reader.all_steps() == [0, 1, 2, 3]
+    reader.verify(3)

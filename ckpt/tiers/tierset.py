@@ -147,6 +147,8 @@ class TierSet:
                 self.copier.retain_source(writer, policy, self._saved)
         if self._group is not None:
             done = bool(self._group.broadcast_json(done))
+        if self.copier is None and self.node_local and self._saved is not None:
+            self._retain_own(writer, policy, self._saved)  # after rank 0's copies
         return done
 
     def close(
@@ -173,6 +175,9 @@ class TierSet:
                 done = False
         if self.follower is not None:
             self.follower.stop(self._bounded(timeout))
+        saved, own = self._saved, self.copier is None and self.node_local
+        if own and saved is not None and writer is not None and policy is not None:
+            self._retain_own(writer, policy, saved)  # after rank 0's copies
         return done
 
     def _bounded(self, timeout: float | None) -> float | None:
