@@ -50,7 +50,7 @@ COPY_PREFIX = ".ckpt-copy."
 POLL_SECONDS = 0.05
 """How often rank 0 looks for markers, and the followers for published copies (at first)."""
 MAX_POLL_SECONDS = 1.0
-"""The slowest polling interval of an idle follower (it slows down while nothing happens)."""
+"""The slowest polling interval (polling slows down while nothing happens)."""
 
 SOURCE_WAIT_SECONDS = 10.0
 """How long a follower waits for a published step to appear in its own first tier."""
@@ -157,9 +157,12 @@ class RankShare:
         waiting = set(range(1, self.world_size))
         deadline = time.monotonic() + self.timeout
         where = target.url_of(step_dir_name(step))
+        pause = POLL_SECONDS
         while waiting:
+            present = set(target.list_dir())  # one listing, then only the markers there
             for rank in sorted(waiting):
-                doc = _read_json(target, _marker_name(step, self._token, rank))
+                name = _marker_name(step, self._token, rank)
+                doc = _read_json(target, name) if name in present else None
                 if doc is None:
                     continue
                 error = doc.get("error")
@@ -178,7 +181,8 @@ class RankShare:
                     f"{self.timeout:g} s (a rank died, or cannot see this tier)",
                     path=where,
                 )
-            time.sleep(POLL_SECONDS)
+            time.sleep(pause)
+            pause = min(MAX_POLL_SECONDS, pause * 1.2)
         logger.debug("every rank copied its files of step %d to %s", step, target.url)
 
     def closed(self, target: Storage, step: int) -> None:
