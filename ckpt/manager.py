@@ -382,7 +382,8 @@ class CheckpointManager:
         """Block until the save in flight (``async_save=True``) has committed.
 
         With ``tiers``, then also until the pending copies are done, or each tier
-        still behind has failed a copy since (a warning says how far behind).
+        still behind has failed a copy since (a warning says how far behind); in a
+        process group every rank waits for rank 0's copies (one collective).
 
         Raises:
             Exception: What the background save raised, if it failed (raised once).

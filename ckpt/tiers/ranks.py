@@ -52,6 +52,8 @@ POLL_SECONDS = 0.05
 MAX_POLL_SECONDS = 1.0
 """The slowest polling interval (polling slows down while nothing happens)."""
 
+MAX_ERROR_CHARS = 4096
+"""A follower's error is cut to this many characters in its marker."""
 SOURCE_WAIT_SECONDS = 10.0
 """How long a follower waits for a published step to appear in its own first tier."""
 
@@ -306,7 +308,7 @@ class Follower:
             logger.info("rank %d copied its %d file(s) of step %d", self._rank, len(names), step)
         except Exception as e:
             logger.warning("rank %d could not copy its files of step %s: %s", self._rank, step, e)
-            marker["error"] = str(e)
+            marker["error"] = str(e)[:MAX_ERROR_CHARS]
             marker["kind"] = type(e).__name__
         if not isinstance(step, int):
             return
