@@ -26,7 +26,7 @@ from ckpt.state.items import check_flags, check_item_name, reserved_names
 from ckpt.state.kinds import RestoreOptions
 from ckpt.state.tree import Json
 from ckpt.tiers import Tier
-from ckpt.tiers.tierset import open_tiers
+from ckpt.tiers.tierset import node_directory, open_tiers
 
 __all__ = ["Checkpoint", "CheckpointManager"]
 
@@ -50,6 +50,8 @@ class CheckpointManager:
 
     Args:
         directory: A local path or fsspec URL (``memory://run``, ``s3://bucket/run``).
+            In a process group with ``tiers``, ``{rank}`` in a local path makes it each
+            rank's own (node-local) first tier (see ``docs/tiers.md``).
         keep_last: Keep the this many newest checkpoints.
         keep_every: Also keep every checkpoint that completes a multiple of this many steps.
         keep_best: Also keep the this many checkpoints with the best ``best_metric``.
@@ -105,8 +107,9 @@ class CheckpointManager:
             committed steps are copied to in the background, each with its own
             cadence and retention; ``directory`` is the first tier. ``restore`` and
             ``read`` take the newest step of any tier from the fastest tier whose
-            copy verifies; ``wait`` and ``close`` also wait for the copies. Not yet
-            inside a process group. See ``docs/tiers.md``.
+            copy verifies; ``wait`` and ``close`` also wait for the copies. In a
+            process group each rank copies the files it wrote, and every tier must
+            be storage every rank sees. See ``docs/tiers.md``.
 
     Example:
         >>> mgr = ckpt.CheckpointManager("runs/exp1", keep_last=3, every_steps=500)
@@ -147,20 +150,23 @@ class CheckpointManager:
         cadence = SaveCadence(every_steps, every_seconds)
         if isinstance(agree_every, bool) or not isinstance(agree_every, int) or agree_every < 1:
             raise ValueError(f"agree_every must be a positive int, got {agree_every!r}")
+        given = os.fspath(directory)
+        directory, node_local = node_directory(given, process_group, tiers)
         self._writer = CheckpointWriter(directory, storage_options=storage_options)
         self._storage = self._writer.storage
         self._checkpoints = CheckpointReader(storage=self._storage)
         self._reader = self._checkpoints.steps
         self._group = open_rank_group(process_group, float(collective_timeout))
         self._collective = (
-            None if self._group is None else collective_save(self._storage, self._group)
+            None
+            if self._group is None
+            else collective_save(self._storage, self._group, node_local=node_local)
         )
-        if tiers and self._group is not None:
-            self._group.close()
-        self._tiers = open_tiers(self._checkpoints, tiers, self._group, background_nice)
-        self._restorer = Restorer(
-            self._reader, self._checkpoints, self._group, self._tiers.readers if self._tiers else ()
+        self._tiers = open_tiers(
+            self._checkpoints, tiers, self._group, background_nice, node_local=node_local
         )
+        readers = self._tiers.readers if self._tiers else ()
+        self._restorer = Restorer(self._reader, self._checkpoints, self._group, readers, node_local)
         signals = watched_signals(preemption_signals)
         self._handshake: Any = None
         self._decisions: Any = None
@@ -169,13 +175,14 @@ class CheckpointManager:
             from ckpt.distributed.handshake import agreeing, open_agreement  # noqa: PLC0415
 
             config: dict[str, Json] = {
-                "directory": self._storage.url,
+                "directory": given if node_local else self._storage.url,
                 "fallback_to_intact": self.fallback_to_intact,  # every rank tries the same steps
                 "every_steps": every_steps,
                 "every_seconds": every_seconds,
                 "signals": [int(s) for s in signals],
                 "agree_every": agree_every,
                 "timeouts": [float(collective_timeout), float(handshake_timeout)],
+                "tiers": [[os.fspath(t.url), t.every_steps] for t in tiers],  # rank 0 copies
             }
             self._handshake, self._decisions = open_agreement(
                 self._group, process_group, config, float(handshake_timeout)
@@ -230,7 +237,7 @@ class CheckpointManager:
         finally:
             try:
                 if self._tiers is not None:
-                    self._tiers.close(timeout)
+                    self._tiers.close(timeout, self._writer, self.retention)
             finally:
                 self._release()
 
@@ -310,7 +317,7 @@ class CheckpointManager:
 
     def pending_copies(self) -> list[list[int]]:
         """The steps waiting to be copied to each of ``tiers`` (ascending; ``[]`` without tiers)."""
-        return [] if self._tiers is None else self._tiers.copier.pending()
+        return [] if self._tiers is None else self._tiers.pending()
 
     # -------------------------------------------------------------------- save
 
@@ -375,7 +382,8 @@ class CheckpointManager:
         """Block until the save in flight (``async_save=True``) has committed.
 
         With ``tiers``, then also until the pending copies are done, or each tier
-        still behind has failed a copy since (a warning says how far behind).
+        still behind has failed a copy since (a warning says how far behind); in a
+        process group every rank waits for rank 0's copies (one collective).
 
         Raises:
             Exception: What the background save raised, if it failed (raised once).

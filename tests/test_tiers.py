@@ -286,9 +286,11 @@ def test_tier_arguments_are_checked(tmp_path):
         ckpt.CheckpointManager(tmp_path / "a", tiers=[str(tmp_path / "b")])  # type: ignore[list-item]
     with pytest.raises(ValueError, match="repeats"):
         ckpt.CheckpointManager(tmp_path / "a", tiers=[ckpt.Tier(tmp_path / "a")])
+    with pytest.raises(ValueError, match="process group"):  # a node-local first tier
+        ckpt.CheckpointManager(tmp_path / "{rank}", tiers=[ckpt.Tier(tmp_path / "b")])
     reader = ckpt.CheckpointReader(tmp_path / "a")
-    with pytest.raises(NotImplementedError, match="process group"):
-        open_tiers(reader, [ckpt.Tier(tmp_path / "b")], object(), None)
+    with pytest.raises(ValueError, match="node-local"):
+        open_tiers(reader, [ckpt.Tier(tmp_path / "{rank}")], None, None)
 
 
 def test_without_tiers_nothing_changes(tmp_path):

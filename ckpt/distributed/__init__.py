@@ -48,11 +48,14 @@ def open_rank_group(process_group: Any, timeout: float) -> Any:
     return RankGroup(process_group, timeout=timeout)
 
 
-def collective_save(storage: Any, group: Any) -> Any:
-    """The :class:`~ckpt.distributed.saving.CollectiveSave` of a manager with a process group."""
+def collective_save(storage: Any, group: Any, node_local: bool = False) -> Any:
+    """The :class:`~ckpt.distributed.saving.CollectiveSave` of a manager with a process group.
+
+    ``node_local``: each rank's root is its own (see ``docs/tiers.md``).
+    """
     from ckpt.distributed.saving import CollectiveSave  # noqa: PLC0415 - imports DCP
 
-    return CollectiveSave(storage, group)
+    return CollectiveSave(storage, group, node_local=node_local)
 
 
 @dataclass

@@ -11,6 +11,10 @@
 4. The coordinator writes the v3 manifest and commits (rename, or the manifest
    itself on object stores), then tells every rank the outcome.
 
+With node-local roots (``CollectiveSave.node_local``, ``docs/tiers.md``) every rank
+opens the attempt in its own root in step 1 and, after step 4, commits the
+coordinator's manifest there (its own files only).
+
 Any failure before the commit: nothing is committed, the coordinator removes
 the attempt, and every rank raises :class:`~ckpt.CheckpointWriteError` naming
 the failed ranks. A rank that dies makes the others' collectives fail within
@@ -19,6 +23,7 @@ the group's timeout (:class:`~ckpt.CollectiveError`), never hang.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import json
 import logging
@@ -45,7 +50,12 @@ from ckpt.format import (
     step_dir_name,
 )
 from ckpt.format.header import ManifestHeader
-from ckpt.saving.commit import open_attempt, remove_leftovers
+from ckpt.saving.commit import (
+    delete_checkpoint,
+    open_attempt,
+    remove_abandoned_temps,
+    remove_leftovers,
+)
 from ckpt.saving.commit_protocol import Attempt, write_manifest
 from ckpt.storage import Storage
 
@@ -104,6 +114,9 @@ class CollectiveSave:
     storage: Storage
     group: RankGroup
     leftovers_checked: bool = False
+    node_local: bool = False
+    """Each rank's root is its own (node-local tiers): every rank opens its own attempt
+    and commits rank 0's manifest there, with only its own files (``docs/tiers.md``)."""
 
     def begin(
         self,
@@ -146,6 +159,8 @@ class CollectiveSave:
         error: BaseException | None = None
         local = None
         try:
+            if self.node_local and not group.is_coordinator:
+                self._open_own(attempt)
             own = capture_own(step, epoch, metrics, created_at, versions, file_token)
             local = capture_local(items, group.rank, own)
         except Exception as e:
@@ -156,7 +171,7 @@ class CollectiveSave:
         call["overwrite"] = overwrite  # rank 0 decides it: every rank must ask the same
         mismatch = _different_calls(step, self._agree(step, attempt, error, call))
         if mismatch is not None:
-            if group.is_coordinator:
+            if group.is_coordinator or self.node_local:
                 self._abandon(attempt)
             group.barrier()
             raise ValueError(mismatch)
@@ -209,6 +224,8 @@ class CollectiveSave:
                 retain()  # never raises: retention logs what it cannot delete
         outcome = group.broadcast_json(outcome)
         assert isinstance(outcome, dict)
+        if self.node_local and not group.is_coordinator:
+            self._commit_own(attempt, outcome, retain)
         if outcome.get("error"):
             raise CheckpointWriteError(
                 f"could not commit step {step}: {outcome['error']}; nothing was committed "
@@ -256,7 +273,7 @@ class CollectiveSave:
         failed = [(r, d["error"]) for r, d in enumerate(docs) if d["error"] is not None]
         if not failed:
             return [d["report"] for d in docs]
-        if self.group.is_coordinator:
+        if self.group.is_coordinator or self.node_local:
             self._abandon(attempt)
         self.group.barrier()  # every rank raises once the attempt is gone
         where = "; ".join(f"rank {r}: {message}" for r, message in failed)
@@ -315,4 +332,46 @@ class CollectiveSave:
             logger.error("could not commit step %d: %s", step, e)
             self._abandon(attempt)
             return {"error": _describe(e)}
-        return {"error": None, "items": list(manifest.items)}
+        outcome: dict[str, Any] = {"error": None, "items": list(manifest.items)}
+        if self.node_local:
+            outcome["manifest"] = base64.b64encode(raw).decode("ascii")
+        return outcome
+
+    def _open_own(self, attempt: Attempt) -> None:
+        """Node-local roots, on a rank other than 0: open the same attempt in this rank's root.
+
+        A step committed here but not in rank 0's root is an earlier run's: it goes.
+        """
+        if not attempt.renames:
+            raise CheckpointWriteError(
+                "node-local roots must be local disk", path=self.storage.url_of(attempt.directory)
+            )
+        step_name = step_dir_name(attempt.step)
+        if self.storage.exists(step_name):
+            delete_checkpoint(self.storage, attempt.step, "another save of this step committed")
+        remove_abandoned_temps(self.storage)
+        self.storage.makedirs(attempt.directory)
+
+    def _commit_own(
+        self, attempt: Attempt, outcome: dict[str, Any], retain: Callable[[], None] | None
+    ) -> None:
+        """Node-local roots, on a rank other than 0: commit rank 0's manifest here too.
+
+        A failure here is logged: rank 0's root holds the commit, and this rank's
+        copy of the step is missing (restore and copies do without it).
+        """
+        if outcome.get("error"):
+            self._abandon(attempt)
+            return
+        try:
+            raw = base64.b64decode(outcome["manifest"])
+            where = self.storage.url_of(attempt.directory, MANIFEST_NAME)
+            write_manifest(self.storage, attempt, raw)
+            own = dataclasses.replace(attempt, overwrite=False)  # _open_own deleted the old one
+            attempt.protocol.finalize(self.storage, own, decode_manifest(raw, where))
+        except Exception as e:
+            logger.warning("could not commit step %d in this rank's root: %s", attempt.step, e)
+            self._abandon(attempt)
+            return
+        if retain is not None:
+            retain()

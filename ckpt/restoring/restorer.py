@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any, TypeAlias, cast
 
 from ckpt.distributed import PreparedCollective, apply_sharded_restore, prepare_collective
@@ -24,7 +25,7 @@ from ckpt.io import load_tensors
 from ckpt.reading.reader import Checkpoint, CheckpointReader, located
 from ckpt.reading.steps import StepReader
 from ckpt.restoring.pipeline import PreparedRestore, apply_restore, prepare_restore
-from ckpt.restoring.tiered import across_tiers
+from ckpt.restoring.tiered import across_tiers, agreed_across_tiers
 from ckpt.state.kinds import RestoreOptions
 from ckpt.state.rng import RNG_ITEM, RandomStreams
 from ckpt.storage import Storage
@@ -120,9 +121,11 @@ class Restorer:
         steps: Lists and opens the root's committed steps (and reads through its storage).
         checkpoints: Describes a committed step (the :class:`Checkpoint` returned).
         group: ckpt's rank group, or ``None`` in one process.
-        tiers: Readers of the slower tiers (one process only): a restore takes the
-            newest step of any tier, from the fastest tier whose copy verifies
-            (see :mod:`ckpt.restoring.tiered`).
+        tiers: Readers of the slower tiers: a restore takes the newest step of any
+            tier, from the fastest tier whose copy verifies (in a group, as the
+            ranks agree; see :mod:`ckpt.restoring.tiered`).
+        node_local: The first root is this rank's own, holding its files only: a
+            restore reads from the other tiers.
     """
 
     def __init__(
@@ -131,11 +134,13 @@ class Restorer:
         checkpoints: CheckpointReader,
         group: Any,
         tiers: Sequence[CheckpointReader] = (),
+        node_local: bool = False,
     ):
         self._steps = steps
         self._checkpoints = checkpoints
         self._group = group
         self._readers = [checkpoints, *tiers]
+        self._skip = 1 if node_local and tiers else 0
 
     def restore(
         self,
@@ -154,15 +159,22 @@ class Restorer:
         """
         start = time.perf_counter()
         tier, checkpoints = 0, self._checkpoints
-        if len(self._readers) > 1 and self._group is None:
-            found = across_tiers(
-                [r.steps for r in self._readers],
+        if len(self._readers) > 1:
+            search: Callable[..., Any] = across_tiers
+            if self._group is not None:
+                from ckpt.distributed import outcomes  # noqa: PLC0415 - only in a process group
+
+                outcomes.check_same_items(self._group, list(items))
+                search = partial(agreed_across_tiers, self._group)
+            skip = self._skip  # a node-local first tier holds this rank's files only
+            found = search(
+                [r.steps for r in self._readers[skip:]],
                 step,
-                lambda i, s: self._prepare(s, dict(items), options, rng, verify, i),
+                lambda i, s: self._prepare(s, dict(items), options, rng, verify, i + skip),
                 fallback=step is None and fallback,
             )
             prepared = None if found is None else found[1]
-            tier = 0 if found is None else found[0]
+            tier = 0 if found is None else found[0] + skip
             checkpoints = self._readers[tier]
         else:
             prepared = self._prepare_with_fallback(

@@ -8,6 +8,11 @@ are copied unchanged and written last, so the copy is bitwise the checkpoint it
 came from and is listed only once complete. A copy that fails, or a process
 killed while copying, leaves nothing listed; the target's next writer removes
 what it left. Run under the target's writer lock (:meth:`CheckpointWriter.commit_copy`).
+
+With several ranks (:mod:`ckpt.tiers.ranks`) the copy is shared: the process
+holding the lock (rank 0) opens the attempt, tells the other ranks where it is
+(:class:`CopyShare`), copies its own files, waits until every rank has copied its
+files (:func:`copy_files`), and commits once.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import logging
 import secrets
 import time
 from collections.abc import Callable
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 from ckpt.errors import CheckpointError, CheckpointWriteError, CorruptCheckpointError
 from ckpt.format import (
@@ -38,7 +43,7 @@ from ckpt.saving.commit_protocol import (
 )
 from ckpt.storage import CommitStrategy, Storage
 
-__all__ = ["copy_step", "read_source_manifest"]
+__all__ = ["CopyShare", "copy_files", "copy_step", "read_source_manifest"]
 
 logger = logging.getLogger(__name__)
 
@@ -68,8 +73,28 @@ def read_source_manifest(source: Storage, step: int) -> tuple[bytes, Manifest]:
     return raw, manifest
 
 
+class CopyShare(Protocol):
+    """A copy shared with other processes (ranks), each copying the files it wrote."""
+
+    def own(self, manifest: Manifest) -> list[str]:
+        """The files of ``manifest`` this process copies."""
+
+    def opened(self, target: Storage, attempt: Attempt, manifest: Manifest) -> None:
+        """The attempt is open: tell the other processes where to copy their files."""
+
+    def others(self, target: Storage, attempt: Attempt, manifest: Manifest) -> None:
+        """Wait until the other processes have copied theirs; raise if one failed."""
+
+    def closed(self, target: Storage, step: int) -> None:
+        """The copy committed or failed: withdraw what :meth:`opened` published."""
+
+
 def copy_step(
-    source: Storage, target: Storage, step: int, guard: Callable[[], None] | None = None
+    source: Storage,
+    target: Storage,
+    step: int,
+    guard: Callable[[], None] | None = None,
+    share: CopyShare | None = None,
 ) -> Manifest:
     """Copy the committed ``step`` of ``source`` into ``target``, verified, committed atomically.
 
@@ -78,6 +103,8 @@ def copy_step(
         target: The root to copy into (its writer lock held by the caller).
         step: The step; it must not be committed in ``target``.
         guard: Called just before the manifest is written (the writer lock's check).
+        share: With several ranks: the other ranks copy their own files (see
+            :class:`CopyShare`); this process copies its part and commits.
 
     Returns:
         The manifest copied.
@@ -106,14 +133,20 @@ def copy_step(
         attempt = open_attempt(
             target, step, overwrite=False, token=token, header=header, protocol=protocol
         )
-        for file_name, record in manifest.files.items():
-            _copy_file(source, target, step_name, attempt.directory, file_name, record)
+        names = list(manifest.files) if share is None else share.own(manifest)
+        if share is not None:
+            share.opened(target, attempt, manifest)
+        copy_files(source, target, step_name, attempt.directory, manifest, names)
+        if share is not None:
+            share.others(target, attempt, manifest)
         if guard is not None:
             guard()
         write_manifest(target, attempt, raw)
         if attempt.renames:
             attempt.protocol.finalize(target, attempt, manifest)  # the commit point
     except BaseException as e:
+        if share is not None:
+            share.closed(target, step)
         if attempt is not None:
             attempt.protocol.abandon(target, attempt, list(manifest.files))
         if isinstance(e, OSError) and not isinstance(e, CheckpointError):
@@ -125,6 +158,8 @@ def copy_step(
         raise
     if not attempt.renames:
         attempt.protocol.finalize(target, attempt, manifest)
+    if share is not None:
+        share.closed(target, step)
     nbytes = sum(r.size for r in manifest.files.values())
     logger.info(
         "copied step %d from %s to %s (%d bytes in %.3f s)",
@@ -135,6 +170,25 @@ def copy_step(
         time.perf_counter() - start,
     )
     return manifest
+
+
+def copy_files(
+    source: Storage,
+    target: Storage,
+    step_name: str,
+    directory: str,
+    manifest: Manifest,
+    names: list[str],
+) -> None:
+    """Copy the files ``names`` of ``manifest`` into ``directory`` of ``target``, verified.
+
+    Raises:
+        CheckpointNotFoundError: A file is missing in ``source``.
+        CorruptCheckpointError: A file disagrees with the manifest (size or checksum).
+        OSError: Reading or writing failed.
+    """
+    for file_name in names:
+        _copy_file(source, target, step_name, directory, file_name, manifest.files[file_name])
 
 
 def _copy_file(

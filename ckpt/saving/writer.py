@@ -19,7 +19,7 @@ from ckpt.format.header import ManifestHeader
 from ckpt.policies.retention import RetentionPolicy
 from ckpt.reading.steps import StepReader
 from ckpt.saving.commit import delete_checkpoint, file_token, remove_leftovers
-from ckpt.saving.copying import copy_step
+from ckpt.saving.copying import CopyShare, copy_step
 from ckpt.saving.pipeline import Files, commit_and_log
 from ckpt.saving.retaining import Retainer
 from ckpt.saving.writer_lock import hold_writer_lock
@@ -182,10 +182,11 @@ class CheckpointWriter:
         finally:
             self._retainer.forget(step)
 
-    def commit_copy(self, source: Storage, step: int) -> Manifest:
+    def commit_copy(self, source: Storage, step: int, share: CopyShare | None = None) -> Manifest:
         """Copy the committed ``step`` of ``source`` here, verified, committed atomically.
 
-        Takes the lock; see :func:`ckpt.saving.copying.copy_step`.
+        Takes the lock; see :func:`ckpt.saving.copying.copy_step` (and ``share``, a
+        copy the other ranks take part in).
 
         Returns:
             The manifest copied.
@@ -202,7 +203,7 @@ class CheckpointWriter:
             self._leftovers_checked = True
             remove_leftovers(self._storage)
         try:
-            return copy_step(source, self._storage, step, self.check_lock)
+            return copy_step(source, self._storage, step, self.check_lock, share)
         finally:
             self._retainer.forget(step)
 

@@ -19,6 +19,7 @@ from collections.abc import Collection, Sequence
 from ckpt.errors import CheckpointNotFoundError, CorruptCheckpointError
 from ckpt.policies.retention import RetentionPolicy
 from ckpt.reading.steps import StepReader
+from ckpt.saving.copying import CopyShare
 from ckpt.saving.pipeline import set_thread_nice
 from ckpt.saving.writer import CheckpointWriter
 from ckpt.storage import Storage
@@ -55,10 +56,19 @@ class Copier:
         source: The first tier's root.
         tiers: The other tiers, fastest first.
         nice: The thread's CPU niceness (``None``: unchanged).
+        share: In a process group (on rank 0): each copy is shared with the other
+            ranks, which copy their own files (:mod:`ckpt.tiers.ranks`).
     """
 
-    def __init__(self, source: Storage, tiers: Sequence[Tier], nice: int | None) -> None:
+    def __init__(
+        self,
+        source: Storage,
+        tiers: Sequence[Tier],
+        nice: int | None,
+        share: CopyShare | None = None,
+    ) -> None:
         self._source = source
+        self._share = share
         self._states = [_TierState(t) for t in tiers]
         self._cond = threading.Condition()
         self._generation = 0
@@ -140,6 +150,11 @@ class Copier:
                 sorted(state.pending)[:10],
             )
         return not behind
+
+    @property
+    def stopping(self) -> bool:
+        """Whether the thread was told to stop (a copy in progress may give up)."""
+        return self._stopping
 
     def stop_soon(self) -> None:
         """Stop the thread after the copy in progress, without waiting (the manager is gone)."""
@@ -307,7 +322,7 @@ class Copier:
         if writer.is_committed(step):
             logger.debug("step %d is already in tier %s", step, writer.directory)
             return
-        writer.commit_copy(self._source, step)
+        writer.commit_copy(self._source, step, self._share)
         with self._cond:
             self.copied.append((index, step))
         writer.retain(self._states[index].tier.retention, step)
