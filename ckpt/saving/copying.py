@@ -69,7 +69,11 @@ def read_source_manifest(source: Storage, step: int) -> tuple[bytes, Manifest]:
 
 
 def copy_step(
-    source: Storage, target: Storage, step: int, guard: Callable[[], None] | None = None
+    source: Storage,
+    target: Storage,
+    step: int,
+    guard: Callable[[], None] | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> Manifest:
     """Copy the committed ``step`` of ``source`` into ``target``, verified, committed atomically.
 
@@ -78,6 +82,8 @@ def copy_step(
         target: The root to copy into (its writer lock held by the caller).
         step: The step; it must not be committed in ``target``.
         guard: Called just before the manifest is written (the writer lock's check).
+        progress: Called with the number of bytes of each chunk copied (a retried
+            file counts again).
 
     Returns:
         The manifest copied.
@@ -107,7 +113,7 @@ def copy_step(
             target, step, overwrite=False, token=token, header=header, protocol=protocol
         )
         for file_name, record in manifest.files.items():
-            _copy_file(source, target, step_name, attempt.directory, file_name, record)
+            _copy_file(source, target, step_name, (attempt.directory, file_name), record, progress)
         if guard is not None:
             guard()
         write_manifest(target, attempt, raw)
@@ -141,11 +147,12 @@ def _copy_file(
     source: Storage,
     target: Storage,
     step_name: str,
-    directory: str,
-    file_name: str,
+    where: tuple[str, str],
     record: FileRecord,
+    progress: Callable[[int], None] | None,
 ) -> None:
-    """Stream one file into the attempt, checking its size and checksum as it passes."""
+    """Stream one file (``where``: attempt directory, file name) into the attempt, checked."""
+    directory, file_name = where
     parts = file_name.split("/")
     if len(parts) > 1:
         target.makedirs(directory, *parts[:-1])
@@ -164,6 +171,8 @@ def _copy_file(
                     break
                 hasher.update(chunk)
                 out.write(chunk)
+                if progress is not None:
+                    progress(len(chunk))
         if done != record.size:
             raise CorruptCheckpointError(
                 f"file is {'longer' if done > record.size else f'{done} bytes'}; "
@@ -179,4 +188,4 @@ def _copy_file(
             )
         return done
 
-    target.write_file((directory, *parts), write)
+    target.write_file((directory, *parts), write, size_hint=record.size)

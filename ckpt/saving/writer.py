@@ -10,7 +10,7 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 from ckpt.errors import CheckpointWriteError
@@ -182,10 +182,12 @@ class CheckpointWriter:
         finally:
             self._retainer.forget(step)
 
-    def commit_copy(self, source: Storage, step: int) -> Manifest:
+    def commit_copy(
+        self, source: Storage, step: int, progress: Callable[[int], None] | None = None
+    ) -> Manifest:
         """Copy the committed ``step`` of ``source`` here, verified, committed atomically.
 
-        Takes the lock; see :func:`ckpt.saving.copying.copy_step`.
+        Takes the lock; see :func:`ckpt.saving.copying.copy_step` (and its ``progress``).
 
         Returns:
             The manifest copied.
@@ -202,7 +204,7 @@ class CheckpointWriter:
             self._leftovers_checked = True
             remove_leftovers(self._storage)
         try:
-            return copy_step(source, self._storage, step, self.check_lock)
+            return copy_step(source, self._storage, step, self.check_lock, progress)
         finally:
             self._retainer.forget(step)
 
