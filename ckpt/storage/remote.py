@@ -91,8 +91,10 @@ class RemoteStorage(Storage):
         self.root = root.rstrip("/")
         self.multipart = getattr(fs, "call_s3", None) is not None
         """Whether files are written as parallel multipart uploads (S3 through s3fs)."""
-        self.min_part_bytes = multipart.MIN_PART_BYTES
-        """The smallest multipart part; smaller files take one PUT."""
+        block = getattr(fs, "default_block_size", None) or multipart.MIN_PART_BYTES
+        self.min_part_bytes = max(multipart.S3_MIN_PART, min(multipart.MIN_PART_BYTES, block))
+        """The smallest multipart part (a smaller ``default_block_size`` lowers it to
+        S3's 5 MiB); smaller files take one PUT."""
         self.max_in_flight_bytes = multipart.MAX_IN_FLIGHT_BYTES
         """Bytes of parts buffered or uploading at once, per file."""
         self.upload_threads = multipart.THREADS
