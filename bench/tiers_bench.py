@@ -165,14 +165,15 @@ def _train_while(step, busy: Callable[[], bool]) -> tuple[list[float], list[floa
     return during, idle
 
 
-def _reading(directory: Path) -> Callable[[], bool]:
-    """A control without ckpt: a niced thread reading and hashing ``directory``'s files 4 times."""
+def _reading(directory: Path, seconds: float) -> Callable[[], bool]:
+    """A control without ckpt: a niced thread reading and hashing ``directory``'s files."""
     from ckpt.format.checksums import Hasher
     from ckpt.saving.pipeline import set_thread_nice
 
     def read() -> None:
         set_thread_nice(19)
-        for _ in range(4):
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
             for path in sorted(directory.rglob("*.safetensors")):
                 hasher = Hasher()
                 with open(path, "rb") as f:
@@ -227,10 +228,12 @@ def bench_training(root: Path, bucket: str, options: dict, mib: int, rounds: int
         print(f"    copies took {' '.join(f'{s:.1f}' for s in copy_seconds)} s;", end=" ")
         print(f"peak extra RSS while copying {peak / MIB:.1f} MiB")
         if threads == cores:
-            during, after = _train_while(step, _reading(root / f"train{threads}-first"))
+            seconds = statistics.median(copy_seconds)
+            during, after = _train_while(step, _reading(root / f"train{threads}-first", seconds))
             ratio = statistics.median(during) / statistics.median(after)
             print(
-                f"    control without ckpt, a niced thread reading the checkpoint's files: "
+                f"    control without ckpt, a niced thread reading the checkpoint's files for "
+                f"{seconds:.1f} s: "
                 f"{ratio:.3f}x ({len(during)} steps)"
             )
         mgr.close()

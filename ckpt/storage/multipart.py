@@ -224,10 +224,12 @@ class MultipartUpload:
             self._part = part_sizes_unknown(number + 1, self._min_part)
 
     def _upload_part(self, number: int, body: bytearray) -> None:
+        size = len(body)
         try:
-            out = self._call(
-                "upload_part", UploadId=self._upload_id, PartNumber=number, Body=bytes(body)
-            )
+            data = bytes(body)  # the HTTP client takes bytes only
+            body.clear()  # freed at once: one copy of the part lives on
+            out = self._call("upload_part", UploadId=self._upload_id, PartNumber=number, Body=data)
+            del data
             part = {"PartNumber": number, "ETag": out["ETag"]}
             part.update({k: out[k] for k in _CHECKSUM_KEYS if k in out})
             with self._cond:
@@ -240,7 +242,7 @@ class MultipartUpload:
             raise
         finally:
             with self._cond:
-                self._in_flight -= len(body)
+                self._in_flight -= size
                 self._cond.notify_all()
 
     def _drain(self) -> None:
