@@ -1,7 +1,7 @@
 """Benchmark of tiered checkpoints (issue 19), same-run ratios, in one run.
 
 Usage: python bench/tiers_bench.py [--mib 128] [--saves 4] [--train-mib 32] [--rounds 2]
-[--upload-mib 128] [--dir DIR]
+[--upload-mib 128] [--run abc] [--tiers local,s3] [--dir DIR]
 
 (c) S3 upload throughput of one ``--upload-mib`` object through ckpt's parallel
     multipart upload against one part at a time and against fsspec's own
@@ -185,7 +185,9 @@ def _reading(directory: Path, seconds: float) -> Callable[[], bool]:
     return thread.is_alive
 
 
-def bench_training(root: Path, bucket: str, options: dict, mib: int, rounds: int) -> None:
+def bench_training(
+    root: Path, bucket: str, options: dict, mib: int, rounds: int, kinds: list[str]
+) -> None:
     import torch
 
     import ckpt
@@ -194,17 +196,19 @@ def bench_training(root: Path, bucket: str, options: dict, mib: int, rounds: int
     cores = os.cpu_count() or 1
     print(
         f"\n(b) training step (MLP 512-1024-512, batch 64, SGD) while each {nbytes / MIB:.0f} MiB "
-        f"checkpoint is copied to a local tier and an S3 tier, {rounds} rounds, medians:"
+        f"checkpoint is copied to tiers {'+'.join(kinds)}, {rounds} rounds, medians:"
     )
     for threads in sorted({max(1, cores - 1), cores}):
         torch.set_num_threads(threads)
         step = _trainer()
         for _ in range(20):  # warm-up
             step()
-        tiers = [
-            ckpt.Tier(str(root / f"train{threads}-second"), keep_last=1),
-            ckpt.Tier(f"s3://{bucket}/train{threads}", keep_last=1, storage_options=options),
-        ]
+        tiers = []
+        if "local" in kinds:
+            tiers.append(ckpt.Tier(str(root / f"train{threads}-second"), keep_last=1))
+        if "s3" in kinds:
+            url = f"s3://{bucket}/train{threads}"
+            tiers.append(ckpt.Tier(url, keep_last=1, storage_options=options))
         mgr = ckpt.CheckpointManager(root / f"train{threads}-first", keep_last=1, tiers=tiers)
         busy: list[float] = []
         idle: list[float] = []
@@ -305,6 +309,8 @@ def main() -> None:
     parser.add_argument("--train-mib", type=int, default=32, help="checkpoint size in (b)")
     parser.add_argument("--rounds", type=int, default=2, help="copy rounds in (b)")
     parser.add_argument("--upload-mib", type=int, default=128, help="object size in (c)")
+    parser.add_argument("--run", default="abc", help="which parts to run (default: abc)")
+    parser.add_argument("--tiers", default="local,s3", help="the tiers copied to in (b)")
     parser.add_argument("--dir", help="where the local tiers go (default: a temporary dir)")
     args = parser.parse_args()
 
@@ -322,11 +328,15 @@ def main() -> None:
         with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
             root = Path(tmp)
             bucket, options = _s3(endpoint)
-            bench_upload(bucket, options, args.upload_mib)
+            if "c" in args.run:
+                bench_upload(bucket, options, args.upload_mib)
             assert server.pid is not None
             _renice(server.pid)  # from here on moto competes with training like a remote store
-            bench_blocking(root, bucket, options, args.mib, args.saves)
-            bench_training(root, bucket, options, args.train_mib, args.rounds)
+            if "a" in args.run:
+                bench_blocking(root, bucket, options, args.mib, args.saves)
+            if "b" in args.run:
+                kinds = args.tiers.split(",")
+                bench_training(root, bucket, options, args.train_mib, args.rounds, kinds)
     finally:
         server.kill()
     print(f"load average at the end {os.getloadavg()[0]:.1f}")

@@ -4,7 +4,8 @@ A :class:`MultipartUpload` is the file a ``write`` callback of
 :meth:`~ckpt.storage.remote.RemoteStorage.write_file` fills: bytes are cut into
 parts of a fixed size, and each full part is uploaded on a small thread pool
 while the caller goes on writing (and hashing, in order). At most
-``max_in_flight`` bytes of parts are buffered or uploading at once. An object
+``max_in_flight`` bytes of parts wait or upload at once, plus the part being
+filled. An object
 smaller than one part is sent in one PUT. Completing the upload (or the PUT) is
 the only step that makes the object visible, with ``If-None-Match: *`` unless it
 replaces; any failure aborts the upload, so no part is kept or listed.
@@ -39,7 +40,8 @@ logger = logging.getLogger(__name__)
 MIN_PART_BYTES = 8 * 2**20
 """The smallest part ckpt uploads (S3's own minimum is 5 MiB); smaller objects take one PUT."""
 MAX_IN_FLIGHT_BYTES = 64 * 2**20
-"""Bytes of parts buffered or uploading at once, per upload (at least one part)."""
+"""Bytes of parts waiting or uploading at once, per upload (at least one part; the part being
+filled comes on top)."""
 THREADS = 4
 """Parts uploading at once, per upload (fewer when ``MAX_IN_FLIGHT_BYTES`` allows fewer)."""
 MAX_PARTS = 10_000
@@ -104,7 +106,8 @@ class MultipartUpload:
             :class:`FileExistsError` when one exists.
         size_hint: The object's size when known (chooses the part size).
         min_part: The smallest part; objects smaller than a part take one PUT.
-        max_in_flight: Bytes of parts buffered or uploading at once (at least one part).
+        max_in_flight: Bytes of parts waiting or uploading at once (at least one part),
+            besides the part being filled.
         threads: Parts uploading at once, at most.
     """
 

@@ -89,14 +89,14 @@ class RemoteStorage(Storage):
         self.url = url
         self.fs = fs
         self.root = root.rstrip("/")
-        self.multipart = getattr(fs, "call_s3", None) is not None
+        self.parallel_uploads = getattr(fs, "call_s3", None) is not None
         """Whether files are written as parallel multipart uploads (S3 through s3fs)."""
         block = getattr(fs, "default_block_size", None) or multipart.MIN_PART_BYTES
         self.min_part_bytes = max(multipart.S3_MIN_PART, min(multipart.MIN_PART_BYTES, block))
         """The smallest multipart part (a smaller ``default_block_size`` lowers it to
         S3's 5 MiB); smaller files take one PUT."""
         self.max_in_flight_bytes = multipart.MAX_IN_FLIGHT_BYTES
-        """Bytes of parts buffered or uploading at once, per file."""
+        """Bytes of parts waiting or uploading at once, per file (plus the part being filled)."""
         self.upload_threads = multipart.THREADS
         """Parts uploading at once, per file."""
 
@@ -221,7 +221,7 @@ class RemoteStorage(Storage):
         full = self.path(*parts)
 
         def attempt() -> int:
-            if self.multipart:
+            if self.parallel_uploads:
                 return self._upload(full, write, replace=replace, size_hint=size_hint)
             f = self.fs.open(full, "wb" if replace else "xb")
             try:
