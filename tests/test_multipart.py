@@ -62,6 +62,7 @@ class Spy:
         self.in_flight = 0
         self.max_in_flight = 0
         self.fail_part = fail_part
+        self.nices: set[int] = set()
         self.lock = threading.Lock()
         storage.fs.call_s3 = self
 
@@ -71,6 +72,7 @@ class Spy:
         if method != "upload_part":
             return self.real(method, *args, **kwargs)
         with self.lock:
+            self.nices.add(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
             self.in_flight += len(kwargs["Body"])
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
             self.part_bytes.append(len(kwargs["Body"]))
@@ -181,3 +183,28 @@ def test_a_copy_to_s3_goes_up_in_parts_and_restores_bitwise(tmp_path, s3_bucket,
     assert reader.verify(1).step == 1  # every checksum, over the bytes as stored
     assert_same_state(reader.read(1)["data"], data)
     assert _no_uploads(reader.steps.storage)  # type: ignore[arg-type]
+
+
+@pytest.mark.s3
+def test_parts_upload_at_the_niceness_of_the_writer(s3_bucket):
+    from ckpt.saving.pipeline import set_thread_nice
+
+    storage = _storage(s3_bucket)
+    spy = Spy(storage)
+    data = os.urandom(3 * PART)
+    own = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    errors: list[BaseException] = []
+
+    def niced() -> None:
+        set_thread_nice(min(19, own + 5))  # what the copier thread does (background_nice)
+        try:
+            storage.write_file(("niced",), _writer(data))
+        except BaseException as e:
+            errors.append(e)
+
+    thread = threading.Thread(target=niced)
+    thread.start()
+    thread.join()
+    assert not errors
+    assert spy.nices == {min(19, own + 5)}
+    assert storage.read_bytes("niced") == data
