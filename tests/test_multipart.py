@@ -168,9 +168,9 @@ def test_a_copy_to_s3_goes_up_in_parts_and_restores_bitwise(tmp_path, s3_bucket,
     parts: list[int] = []
     real = multipart.MultipartUpload._upload_part
 
-    def spy(self, number, body):
-        parts.append(len(body))
-        return real(self, number, body)
+    def spy(self, number, body, size):
+        parts.append(size)
+        return real(self, number, body, size)
 
     monkeypatch.setattr(multipart.MultipartUpload, "_upload_part", spy)
     copied: list[int] = []

@@ -39,9 +39,9 @@ logger = logging.getLogger(__name__)
 
 MIN_PART_BYTES = 8 * 2**20
 """The smallest part ckpt uploads (S3's own minimum is 5 MiB); smaller objects take one PUT."""
-MAX_IN_FLIGHT_BYTES = 64 * 2**20
+MAX_IN_FLIGHT_BYTES = 32 * 2**20
 """Bytes of parts waiting or uploading at once, per upload (at least one part; the part being
-filled comes on top)."""
+filled comes on top). 32 MiB: ``THREADS`` parts of 8 MiB, so no part waits for a thread."""
 THREADS = 4
 """Parts uploading at once, per upload (fewer when ``MAX_IN_FLIGHT_BYTES`` allows fewer)."""
 MAX_PARTS = 10_000
@@ -130,7 +130,10 @@ class MultipartUpload:
         self._part = part_size(size_hint, min_part) if size_hint is not None else min_part
         self._max_in_flight = max_in_flight
         self._threads = max(1, threads)
-        self._buffer = bytearray()
+        self._buffer: bytearray | None = None
+        self._filled = 0
+        self._spare: list[bytearray] = []
+        """Up to 2 part buffers already sent, for reuse (fixed sizes do not fragment memory)."""
         self._upload_id: str | None = None
         self._pool: ThreadPoolExecutor | None = None
         self._futures: list[Future[None]] = []
@@ -149,21 +152,30 @@ class MultipartUpload:
         view = memoryview(data).cast("B")
         n = len(view)
         while view:
-            room = self._part - len(self._buffer)
-            self._buffer += view[:room]
-            view = view[room:]
-            if len(self._buffer) >= self._part:
+            if self._buffer is None:
+                self._buffer, self._filled = self._fresh_buffer(), 0
+            take = min(len(view), self._part - self._filled)
+            self._buffer[self._filled : self._filled + take] = view[:take]
+            self._filled += take
+            view = view[take:]
+            if self._filled == self._part:
                 self._submit()
         self.written += n
         return n
+
+    def _fresh_buffer(self) -> bytearray:
+        with self._cond:
+            spare = self._spare.pop() if self._spare else None
+        return spare if spare is not None and len(spare) == self._part else bytearray(self._part)
 
     def close(self) -> None:
         """Upload what is left and commit the object (aborting the upload on failure)."""
         try:
             if self._upload_id is None:
-                self._call("put_object", Body=bytes(self._buffer), **self._match)
+                body = b"" if self._buffer is None else bytes(self._buffer[: self._filled])
+                self._call("put_object", Body=body, **self._match)
                 return
-            if self._buffer or not self._futures:
+            if self._filled or not self._futures:
                 self._submit()
             self._drain()
             parts = [self._parts[n] for n in sorted(self._parts)]
@@ -186,7 +198,7 @@ class MultipartUpload:
         for future in self._futures:
             future.cancel()
         self._shutdown()
-        self._buffer = bytearray()
+        self._buffer, self._filled, self._spare = None, 0, []
         upload_id, self._upload_id = self._upload_id, None
         if upload_id is not None:
             try:
@@ -212,25 +224,28 @@ class MultipartUpload:
         number = len(self._futures) + 1
         if number > MAX_PARTS:
             raise ValueError(f"{self._key}: more than {MAX_PARTS} parts")
-        body, self._buffer = self._buffer, bytearray()
+        body = self._buffer if self._buffer is not None else bytearray()
+        size, self._buffer, self._filled = self._filled, None, 0
         with self._cond:
-            while self._in_flight and self._in_flight + len(body) > self._max_in_flight:
+            while self._in_flight and self._in_flight + size > self._max_in_flight:
                 if self._error is not None:
                     break
                 self._cond.wait()
             if self._error is not None:
                 raise self._error
-            self._in_flight += len(body)
+            self._in_flight += size
         assert self._pool is not None
-        self._futures.append(self._pool.submit(self._upload_part, number, body))
+        self._futures.append(self._pool.submit(self._upload_part, number, body, size))
         if not self._fixed:
             self._part = part_sizes_unknown(number + 1, self._min_part)
 
-    def _upload_part(self, number: int, body: bytearray) -> None:
-        size = len(body)
+    def _upload_part(self, number: int, body: bytearray, size: int) -> None:
         try:
-            data = bytes(body)  # the HTTP client takes bytes only
-            body.clear()  # freed at once: one copy of the part lives on
+            data = bytes(memoryview(body)[:size])  # the HTTP client takes bytes only
+            with self._cond:
+                if len(self._spare) < 2:
+                    self._spare.append(body)  # the writer fills it again
+            del body
             out = self._call("upload_part", UploadId=self._upload_id, PartNumber=number, Body=data)
             del data
             part = {"PartNumber": number, "ETag": out["ETag"]}
