@@ -97,3 +97,56 @@ def test_copy_of_a_multi_rank_checkpoint(capsys, tmp_path):
     reader = ckpt.CheckpointReader(dst)
     reader.verify(4)
     assert_same_state(reader.read(4)["model"], ckpt.CheckpointReader(src).read(4)["model"])
+
+
+def _step_bytes(root, step: int) -> int:
+    _, manifest = ckpt.CheckpointReader(root).manifest(step)
+    return sum(r.size for r in manifest.files.values())
+
+
+def test_copy_shows_a_byte_progress_bar_on_a_terminal_and_keeps_json_clean(
+    capsys, monkeypatch, source, tmp_path
+):
+    import sys
+    import types
+
+    made: list[dict] = []
+
+    class FakeBar:
+        def __init__(self, **kwargs: object) -> None:
+            self.kwargs, self.n, self.texts = kwargs, 0, []
+            made.append(self.__dict__)
+
+        def update(self, n: int) -> None:
+            self.n += n
+
+        def set_postfix_str(self, text: str, refresh: bool) -> None:
+            self.texts.append(text)
+
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setitem(sys.modules, "tqdm", types.SimpleNamespace(tqdm=FakeBar))
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    code, out, _ = run(capsys, "copy", source, tmp_path / "dst", "--json")
+    assert code == 0 and json.loads(out)["copied"] == [0, 1, 2]
+    total = sum(_step_bytes(source, s) for s in range(3))
+    assert made[-1]["kwargs"]["total"] == total and made[-1]["n"] == total
+    assert made[-1]["kwargs"]["unit"] == "B" and made[-1]["texts"] == ["step 0", "step 1", "step 2"]
+    count = len(made)
+    assert run(capsys, "copy", source, tmp_path / "dst2", "--no-progress")[0] == 0
+    assert len(made) == count
+
+
+def test_copy_without_tqdm_reports_one_line_on_stderr(capsys, monkeypatch, source, tmp_path):
+    import sys
+
+    from ckpt.cli.copying import copy
+
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # import fails
+    doc = copy(str(source), str(tmp_path / "dst"), 2, progress=True)
+    captured = capsys.readouterr()
+    assert doc["copied"] == [2] and captured.out == ""
+    total = _step_bytes(source, 2)
+    assert f"copy: 100% {total / 1000:.1f}k/{total / 1000:.1f}k B step 2" in captured.err
+    assert captured.err.endswith("\r")  # the line erased at the end

@@ -7,7 +7,9 @@ from typing import Any
 
 from ckpt.cli.render import dump_json, note, out
 from ckpt.cli.source import open_reader, parse_root, parse_target
-from ckpt.errors import CheckpointNotFoundError
+from ckpt.errors import CheckpointError, CheckpointNotFoundError
+from ckpt.progress import progress_bar
+from ckpt.reading.reader import CheckpointReader
 from ckpt.saving.writer import CheckpointWriter
 
 __all__ = ["add_parser", "copy"]
@@ -23,7 +25,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
         "streams; a step is committed in DST the way a save commits there (rename on local "
         "disk, manifest last on object stores), so DST never lists a partial copy. Steps "
         "already in DST are skipped. Takes DST's writer lock (fails at once while a training "
-        "run writes there). --storage-option applies to both roots.",
+        "run writes there). --storage-option applies to both roots. Uploads to S3 go up as "
+        "parallel multipart uploads. A progress bar (bytes) shows on stderr when it is a "
+        "terminal.",
     )
     p.add_argument("source", metavar="SRC[:STEP]", help="checkpoint root, and optionally a step")
     p.add_argument("destination", metavar="DST", help="checkpoint root to copy into")
@@ -37,8 +41,11 @@ def copy(
     step: int | None = None,
     *,
     storage_options: dict[str, Any] | None = None,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Copy ``step`` (every committed step when ``None``) of ``source`` into ``destination``.
+
+    With ``progress``, a bar on stderr counts the bytes copied (tqdm, or one plain line).
 
     Returns:
         The ``ckpt copy --json`` document: the roots, the steps copied and skipped.
@@ -60,14 +67,17 @@ def copy(
             )
         steps = [step]
     copied: list[int] = []
-    skipped: list[int] = []
     with CheckpointWriter(destination, storage_options=storage_options) as writer:
-        for s in steps:
-            if writer.is_committed(s):
-                skipped.append(s)
-                continue
-            writer.commit_copy(reader.steps.storage, s)
-            copied.append(s)
+        todo = [s for s in steps if not writer.is_committed(s)]
+        skipped = [s for s in steps if s not in todo]
+        total = sum(_step_bytes(reader, s) for s in todo) if progress else None
+        with progress_bar(
+            total, "copy", enabled=progress, unit="B", unit_scale=True, line=True
+        ) as bar:
+            for s in todo:
+                bar.describe(f"step {s}")
+                writer.commit_copy(reader.steps.storage, s, progress=bar.update)
+                copied.append(s)
     return {
         "source": reader.directory,
         "destination": writer.directory,
@@ -76,11 +86,26 @@ def copy(
     }
 
 
+def _step_bytes(reader: CheckpointReader, step: int) -> int:
+    """The bytes of ``step``'s files (0 when its manifest cannot be read: the copy tells why)."""
+    try:
+        found = reader.manifest(step)
+    except CheckpointError:
+        return 0
+    return 0 if found is None else sum(r.size for r in found[1].files.values())
+
+
 def run_copy(args: argparse.Namespace) -> int:
     """``ckpt copy``."""
     target = parse_target(args.source)
     destination = parse_root(args.destination, "copy")
-    doc = copy(target.root, destination, target.step, storage_options=args.storage_options)
+    doc = copy(
+        target.root,
+        destination,
+        target.step,
+        storage_options=args.storage_options,
+        progress=args.progress,
+    )
     if args.json:
         out(dump_json(doc))
         return 0

@@ -95,6 +95,7 @@ def copy_step(
     step: int,
     guard: Callable[[], None] | None = None,
     share: CopyShare | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> Manifest:
     """Copy the committed ``step`` of ``source`` into ``target``, verified, committed atomically.
 
@@ -105,6 +106,8 @@ def copy_step(
         guard: Called just before the manifest is written (the writer lock's check).
         share: With several ranks: the other ranks copy their own files (see
             :class:`CopyShare`); this process copies its part and commits.
+        progress: Called with the number of bytes of each chunk this process copies
+            (a retried file counts again).
 
     Returns:
         The manifest copied.
@@ -136,7 +139,7 @@ def copy_step(
         names = list(manifest.files) if share is None else share.own(manifest)
         if share is not None:
             share.opened(target, attempt, manifest)
-        copy_files(source, target, step_name, attempt.directory, manifest, names)
+        copy_files(source, target, step_name, attempt.directory, manifest, names, progress)
         if share is not None:
             share.others(target, attempt, manifest)
         if guard is not None:
@@ -179,6 +182,7 @@ def copy_files(
     directory: str,
     manifest: Manifest,
     names: list[str],
+    progress: Callable[[int], None] | None = None,
 ) -> None:
     """Copy the files ``names`` of ``manifest`` into ``directory`` of ``target``, verified.
 
@@ -188,18 +192,20 @@ def copy_files(
         OSError: Reading or writing failed.
     """
     for file_name in names:
-        _copy_file(source, target, step_name, directory, file_name, manifest.files[file_name])
+        where = (directory, file_name)
+        _copy_file(source, target, step_name, where, manifest.files[file_name], progress)
 
 
 def _copy_file(
     source: Storage,
     target: Storage,
     step_name: str,
-    directory: str,
-    file_name: str,
+    where: tuple[str, str],
     record: FileRecord,
+    progress: Callable[[int], None] | None,
 ) -> None:
-    """Stream one file into the attempt, checking its size and checksum as it passes."""
+    """Stream one file (``where``: attempt directory, file name) into the attempt, checked."""
+    directory, file_name = where
     parts = file_name.split("/")
     if len(parts) > 1:
         target.makedirs(directory, *parts[:-1])
@@ -218,6 +224,8 @@ def _copy_file(
                     break
                 hasher.update(chunk)
                 out.write(chunk)
+                if progress is not None:
+                    progress(len(chunk))
         if done != record.size:
             raise CorruptCheckpointError(
                 f"file is {'longer' if done > record.size else f'{done} bytes'}; "
@@ -233,4 +241,4 @@ def _copy_file(
             )
         return done
 
-    target.write_file((directory, *parts), write)
+    target.write_file((directory, *parts), write, size_hint=record.size)

@@ -10,7 +10,7 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 from ckpt.errors import CheckpointWriteError
@@ -182,11 +182,17 @@ class CheckpointWriter:
         finally:
             self._retainer.forget(step)
 
-    def commit_copy(self, source: Storage, step: int, share: CopyShare | None = None) -> Manifest:
+    def commit_copy(
+        self,
+        source: Storage,
+        step: int,
+        share: CopyShare | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> Manifest:
         """Copy the committed ``step`` of ``source`` here, verified, committed atomically.
 
-        Takes the lock; see :func:`ckpt.saving.copying.copy_step` (and ``share``, a
-        copy the other ranks take part in).
+        Takes the lock; see :func:`ckpt.saving.copying.copy_step` (``share``: a copy the
+        other ranks take part in; ``progress``: called with the bytes copied).
 
         Returns:
             The manifest copied.
@@ -203,7 +209,7 @@ class CheckpointWriter:
             self._leftovers_checked = True
             remove_leftovers(self._storage)
         try:
-            return copy_step(source, self._storage, step, self.check_lock, share)
+            return copy_step(source, self._storage, step, self.check_lock, share, progress)
         finally:
             self._retainer.forget(step)
 

@@ -211,6 +211,7 @@ class Storage(abc.ABC):
         *,
         replace: bool = False,
         syncs: BackgroundSyncs | None = None,
+        size_hint: int | None = None,
     ) -> int:
         """Create a new file, fill it with ``write(f)``, and make it durable.
 
@@ -220,6 +221,7 @@ class Storage(abc.ABC):
                 (it may be called again after a transient failure).
             replace: Replace an existing file in one atomic step.
             syncs: Where to start the fsync instead of waiting for it (local disk).
+            size_hint: The file's size when known (object stores pick part sizes from it).
 
         Returns:
             What ``write`` returned.

@@ -343,6 +343,7 @@ class LocalStorage(Storage):
         *,
         replace: bool = False,
         syncs: BackgroundSyncs | None = None,
+        size_hint: int | None = None,
     ) -> int:
         """Create a file exclusively (never through a link), fill, flush and fsync it.
 

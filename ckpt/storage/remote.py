@@ -1,7 +1,8 @@
 """The object-store backend: any fsspec filesystem other than local disk.
 
-Files are created only if absent (S3 ``If-None-Match``), streamed in parts
-(fsspec's block size), and operations that fail transiently are retried with
+Files are created only if absent (S3 ``If-None-Match``); on S3 they stream as
+parallel multipart uploads (:mod:`ckpt.storage.multipart`), elsewhere in parts
+of fsspec's block size. Operations that fail transiently are retried with
 backoff. There is no rename here: checkpoints commit by their manifest
 (:attr:`~ckpt.storage.base.CommitStrategy.MANIFEST_LAST`).
 """
@@ -28,6 +29,7 @@ from ckpt.errors import (
     CheckpointReadError,
     CorruptCheckpointError,
 )
+from ckpt.storage import multipart
 from ckpt.storage.base import CommitStrategy, Storage, WriterLock, check_url
 
 if TYPE_CHECKING:
@@ -87,6 +89,16 @@ class RemoteStorage(Storage):
         self.url = url
         self.fs = fs
         self.root = root.rstrip("/")
+        self.parallel_uploads = getattr(fs, "call_s3", None) is not None
+        """Whether files are written as parallel multipart uploads (S3 through s3fs)."""
+        block = getattr(fs, "default_block_size", None) or multipart.MIN_PART_BYTES
+        self.min_part_bytes = max(multipart.S3_MIN_PART, min(multipart.MIN_PART_BYTES, block))
+        """The smallest multipart part (a smaller ``default_block_size`` lowers it to
+        S3's 5 MiB); smaller files take one PUT."""
+        self.max_in_flight_bytes = multipart.MAX_IN_FLIGHT_BYTES
+        """Bytes of parts waiting or uploading at once, per file (plus the part being filled)."""
+        self.upload_threads = multipart.THREADS
+        """Parts uploading at once, per file."""
 
     def path(self, *parts: str) -> str:
         """Return the full path of ``parts`` below the root, as fsspec names it."""
@@ -198,14 +210,19 @@ class RemoteStorage(Storage):
         *,
         replace: bool = False,
         syncs: BackgroundSyncs | None = None,
+        size_hint: int | None = None,
     ) -> int:
         """Create an object only if absent (unless ``replace``: one PUT is atomic).
 
-        A transient failure restarts the write (``write`` must be repeatable).
+        On S3 the object streams as a parallel multipart upload (``size_hint``
+        picks the part size). A transient failure restarts the write (``write``
+        must be repeatable).
         """
         full = self.path(*parts)
 
         def attempt() -> int:
+            if self.parallel_uploads:
+                return self._upload(full, write, replace=replace, size_hint=size_hint)
             f = self.fs.open(full, "wb" if replace else "xb")
             try:
                 n = write(f)
@@ -216,6 +233,32 @@ class RemoteStorage(Storage):
             return n
 
         return self._retrying(f"writing {full}", attempt)
+
+    def _upload(
+        self,
+        full: str,
+        write: Callable[[BinaryIO], int],
+        *,
+        replace: bool,
+        size_hint: int | None,
+    ) -> int:
+        """One attempt at writing ``full`` as a parallel multipart upload."""
+        upload = multipart.MultipartUpload(
+            self.fs,
+            full,
+            replace=replace,
+            size_hint=size_hint,
+            min_part=self.min_part_bytes,
+            max_in_flight=self.max_in_flight_bytes,
+            threads=self.upload_threads,
+        )
+        try:
+            n = write(upload)  # type: ignore[arg-type]  # only write() is called
+        except BaseException:
+            upload.abort()
+            raise
+        upload.close()
+        return n
 
     def _abandon(self, f: BinaryIO, full: str, *, created: bool) -> None:
         """Drop a write that failed, so that no partial object is ever committed.
