@@ -27,6 +27,7 @@ from ckpt.format import (
     decode_manifest,
     step_dir_name,
 )
+from ckpt.format.blobs import BLOB_DIR, file_parts, is_ref
 from ckpt.format.checksums import CHUNK_BYTES, Hasher
 from ckpt.format.header import ManifestHeader
 from ckpt.saving.commit import open_attempt
@@ -106,8 +107,16 @@ def copy_step(
         attempt = open_attempt(
             target, step, overwrite=False, token=token, header=header, protocol=protocol
         )
+        copied: set[tuple[str, ...]] = set()
         for file_name, record in manifest.files.items():
-            _copy_file(source, target, step_name, attempt.directory, file_name, record)
+            if not is_ref(file_name):
+                _copy_file(source, target, step_name, attempt.directory, file_name, record)
+                continue
+            parts = file_parts(step_name, file_name)  # a blob: sent only if the target lacks it
+            if parts not in copied and not target.exists(*parts):
+                target.makedirs(BLOB_DIR)
+                _copy_file(source, target, step_name, attempt.directory, file_name, record)
+            copied.add(parts)
         if guard is not None:
             guard()
         write_manifest(target, attempt, raw)
@@ -115,7 +124,7 @@ def copy_step(
             attempt.protocol.finalize(target, attempt, manifest)  # the commit point
     except BaseException as e:
         if attempt is not None:
-            attempt.protocol.abandon(target, attempt, list(manifest.files))
+            attempt.protocol.abandon(target, attempt, [n for n in manifest.files if not is_ref(n)])
         if isinstance(e, OSError) and not isinstance(e, CheckpointError):
             raise CheckpointWriteError(
                 f"could not copy step {step}: {e.strerror or e}; nothing of the copy is listed",
@@ -145,16 +154,23 @@ def _copy_file(
     file_name: str,
     record: FileRecord,
 ) -> None:
-    """Stream one file into the attempt, checking its size and checksum as it passes."""
-    parts = file_name.split("/")
-    if len(parts) > 1:
+    """Stream one file into the attempt, checking its size and checksum as it passes.
+
+    A blob (format version 4) goes into the target's content store instead,
+    written whole under a temporary name and renamed into place: its checked
+    bytes are content-named, so one already there is the same.
+    """
+    blob = is_ref(file_name)
+    parts = list(file_parts(step_name, file_name)) if blob else file_name.split("/")
+    if len(parts) > 1 and not blob:
         target.makedirs(directory, *parts[:-1])
-    path = source.url_of(step_name, file_name)
+    path = source.url_of(*parts) if blob else source.url_of(step_name, file_name)
+    source_parts = parts if blob else [step_name, *parts]
 
     def write(out: BinaryIO) -> int:  # may be called again after a transient failure
         hasher = Hasher()
         done = 0
-        with source.open_read(step_name, *parts) as f:
+        with source.open_read(*source_parts) as f:
             while True:
                 chunk = f.read(min(CHUNK_BYTES, record.size + 1 - done))
                 if not chunk:
@@ -179,4 +195,7 @@ def _copy_file(
             )
         return done
 
-    target.write_file((directory, *parts), write)
+    if blob:
+        target.write_file(tuple(parts), write, replace=True)
+    else:
+        target.write_file((directory, *parts), write)
