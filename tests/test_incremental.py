@@ -360,10 +360,7 @@ def kill_trials(tmp_path, forkserver, trials: int) -> dict[str, int]:
         context = f"trial {trial}, kill seed {SEED}"
         steps = check_root(root, context, finished=code == 0)
         if steps and steps[-1] == incremental_worker.STEPS - 1:
-            if code != 0:  # the last save was killed after its commit: the next run sweeps
-                assert launch(forkserver, root, None) == 0
-                check_root(root, context, finished=True)
-            run += 1
+            run += 1  # done (if killed after the last commit, nothing is left to save)
             root = str(tmp_path / f"run{run}")
     return counts
 
