@@ -164,7 +164,7 @@ class CheckpointManager:
         if (tiers or incremental) and self._group is not None:
             self._group.close()
             if incremental:
-                raise NotImplementedError("incremental=True is not yet supported in a process group")
+                raise NotImplementedError("incremental=True in a process group: not yet")
         self._tiers = open_tiers(self._checkpoints, tiers, self._group, background_nice)
         self._restorer = Restorer(
             self._reader, self._checkpoints, self._group, self._tiers.readers if self._tiers else ()

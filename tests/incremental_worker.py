@@ -60,7 +60,7 @@ def _arm(kill_at: int) -> None:
 
 
 def run(root: str, kill_at: int | None) -> None:
-    """Resume after the latest step of ``root`` and save up to STEPS; SIGKILL at call ``kill_at``."""
+    """Resume after the latest step of ``root``, save up to STEPS; SIGKILL at call ``kill_at``."""
     if kill_at is not None:
         _arm(kill_at)
     mgr = ckpt.CheckpointManager(root, keep_last=KEEP_LAST, incremental=True)

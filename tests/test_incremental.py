@@ -391,8 +391,10 @@ def race(forkserver, root: str, operations: int) -> None:
             if i % 2:
                 seen.append(mgr.verify().step)
             else:
-                live = {k: torch.zeros_like(v) if isinstance(v, torch.Tensor) else v
-                        for k, v in incremental_worker.state(0).items()}
+                live = {
+                    k: torch.zeros_like(v) if isinstance(v, torch.Tensor) else v
+                    for k, v in incremental_worker.state(0).items()
+                }
                 info = mgr.restore(data=live, rng=False)
                 assert_same_state(live, incremental_worker.state(info.step))
                 seen.append(info.step)

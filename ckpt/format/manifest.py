@@ -15,8 +15,8 @@ from typing import Any
 
 from ckpt.errors import CorruptCheckpointError, IncompatibleCheckpointError
 from ckpt.format import bounds
-from ckpt.format.limits import MAX_STEP
 from ckpt.format.blobs import is_ref, ref_key
+from ckpt.format.limits import MAX_STEP
 from ckpt.format.records import FileRecord, Manifest, TensorRecord
 from ckpt.format.sealing import check_manifest_checksum, sealed
 from ckpt.format.sections import (
