@@ -413,3 +413,27 @@ def test_a_reader_never_finds_bytes_missing_while_the_writer_prunes(forkserver, 
 @pytest.mark.slow
 def test_a_reader_never_finds_bytes_missing_in_1000_operations(forkserver, tmp_path):
     race(forkserver, str(tmp_path), 1000)
+
+
+def test_a_tier_receives_only_the_blobs_it_lacks_and_sweeps_its_own(tmp_path):
+    fast, slow = str(tmp_path / "fast"), str(tmp_path / "slow")
+    frozen = torch.arange(65536.0)
+    with ckpt.CheckpointManager(
+        fast, incremental=True, keep_last=1, tiers=[ckpt.Tier(slow, keep_last=2)]
+    ) as mgr:
+        for step in range(4):
+            mgr.save(step, data={"frozen": frozen, "w": torch.full((32768,), step)}, rng=False)
+            mgr.wait()
+            key = manifest_doc(slow, step)["tensors"]["data/frozen"]["blob"]
+            stat = os.stat(os.path.join(slow, BLOB_DIR, blob_file_name(key)))
+            if step == 0:
+                first = (stat.st_ino, stat.st_mtime_ns)
+            assert (stat.st_ino, stat.st_mtime_ns) == first  # never sent again
+    reader = ckpt.CheckpointReader(slow)
+    assert reader.all_steps() == [2, 3]
+    for step in (2, 3):
+        reader.verify(step)
+        data = reader.read(step)["data"]
+        assert_same_state(data, {"frozen": frozen, "w": torch.full((32768,), step)})
+    assert blobs_on_disk(slow) == referenced_blobs(slow, [2, 3])
+    assert len(blobs_on_disk(slow)) == 3  # the frozen tensor once, and each step's own
