@@ -437,3 +437,41 @@ def test_a_tier_receives_only_the_blobs_it_lacks_and_sweeps_its_own(tmp_path):
         assert_same_state(data, {"frozen": frozen, "w": torch.full((32768,), step)})
     assert blobs_on_disk(slow) == referenced_blobs(slow, [2, 3])
     assert len(blobs_on_disk(slow)) == 3  # the frozen tensor once, and each step's own
+
+
+def test_an_async_save_hashes_the_staged_copy_not_the_live_tensor(tmp_path):
+    model = Adapted()
+    with ckpt.CheckpointManager(tmp_path, incremental=True, async_save=True) as mgr:
+        mgr.save(1, model=model, rng=False)
+        saved = live_copy(model=model)
+        with torch.no_grad():
+            model.base[0].weight.add_(1)  # while the background save may still run
+        mgr.wait()
+        mgr.save(2, model=model, rng=False)
+        mgr.wait()
+        fresh = Adapted()
+        mgr.restore(1, model=fresh, rng=False)
+        assert_same_state(live_copy(model=fresh), saved)
+        mgr.restore(2, model=fresh, rng=False)
+        assert_same_state(live_copy(model=fresh), live_copy(model=model))
+
+
+def test_a_failed_blob_write_fails_the_save_and_leaves_earlier_steps(tmp_path, monkeypatch):
+    with ckpt.CheckpointManager(tmp_path, incremental=True) as mgr:
+        mgr.save(1, data={"big": torch.ones(32768)}, rng=False)
+        original = ckpt.storage.LocalStorage.write_file
+
+        def full(self, parts, *args, **kwargs):
+            if parts[0] == BLOB_DIR:
+                raise OSError(28, "No space left on device")
+            return original(self, parts, *args, **kwargs)
+
+        monkeypatch.setattr(ckpt.storage.LocalStorage, "write_file", full)
+        with pytest.raises(ckpt.CheckpointWriteError, match="No space") as e:
+            mgr.save(2, data={"big": torch.zeros(32768)}, rng=False)
+        assert BLOB_DIR in str(e.value)
+        monkeypatch.undo()
+        assert mgr.all_steps() == [1]
+        mgr.save(2, data={"big": torch.zeros(32768)}, rng=False)
+        assert_same_state(mgr.read(1)["data"], {"big": torch.ones(32768)})
+        assert_same_state(mgr.read(2)["data"], {"big": torch.zeros(32768)})

@@ -24,7 +24,7 @@ from typing import BinaryIO
 
 import torch
 
-from ckpt.errors import CheckpointError
+from ckpt.errors import CheckpointError, CheckpointWriteError
 from ckpt.format import FileRecord, Manifest, step_dir_name
 from ckpt.format import bounds as format_bounds
 from ckpt.format.blobs import (
@@ -152,8 +152,18 @@ class BlobStore:
             hashers.append(Hasher())
             return write_tensors(HashingWriter(f, hashers[-1]), {BLOB_TENSOR: t}, _METADATA)
 
-        self._storage.makedirs(BLOB_DIR)
-        size = self._storage.write_file((BLOB_DIR, blob_file_name(key)), write, replace=True)
+        name = blob_file_name(key)
+        try:
+            self._storage.makedirs(BLOB_DIR)
+            size = self._storage.write_file((BLOB_DIR, name), write, replace=True)
+        except OSError as e:
+            if isinstance(e, CheckpointError):
+                raise
+            raise CheckpointWriteError(
+                f"could not write a blob: {e.strerror or e}; earlier checkpoints are intact",
+                path=self._storage.url_of(BLOB_DIR, name),
+                errno=e.errno,
+            ) from e
         return FileRecord(size, hashers[-1].digest())
 
     # --------------------------------------------------------------- sweeping
