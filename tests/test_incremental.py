@@ -475,3 +475,21 @@ def test_a_failed_blob_write_fails_the_save_and_leaves_earlier_steps(tmp_path, m
         mgr.save(2, data={"big": torch.zeros(32768)}, rng=False)
         assert_same_state(mgr.read(1)["data"], {"big": torch.ones(32768)})
         assert_same_state(mgr.read(2)["data"], {"big": torch.zeros(32768)})
+
+
+@pytest.mark.s3
+def test_incremental_saves_and_sweeps_on_s3(s3_bucket):
+    bucket, options = s3_bucket
+    url = f"s3://{bucket}/run"
+    frozen = torch.arange(65536.0)
+    with ckpt.CheckpointManager(url, incremental=True, keep_last=1, storage_options=options) as mgr:
+        for step in range(3):
+            mgr.save(step, data={"frozen": frozen, "w": torch.full((32768,), step)}, rng=False)
+    reader = ckpt.CheckpointManager(url, storage_options=options)
+    assert reader.all_steps() == [2]
+    reader.verify()
+    assert_same_state(reader.read()["data"], {"frozen": frozen, "w": torch.full((32768,), 2)})
+    fs = fsspec.filesystem("s3", **options)
+    blobs = {n.rsplit("/", 1)[-1] for n in fs.ls(f"{bucket}/run/{BLOB_DIR}", detail=False)}
+    doc = json.loads(fs.cat_file(f"{bucket}/run/{step_dir_name(2)}/manifest.json"))
+    assert blobs == {blob_file_name(k) for k in doc["blobs"]}
