@@ -12,6 +12,8 @@ import os
 import random
 import signal
 import struct
+import subprocess
+import sys
 
 import fsspec
 import incremental_worker
@@ -493,3 +495,13 @@ def test_incremental_saves_and_sweeps_on_s3(s3_bucket):
     blobs = {n.rsplit("/", 1)[-1] for n in fs.ls(f"{bucket}/run/{BLOB_DIR}", detail=False)}
     doc = json.loads(fs.cat_file(f"{bucket}/run/{step_dir_name(2)}/manifest.json"))
     assert blobs == {blob_file_name(k) for k in doc["blobs"]}
+
+
+@pytest.mark.slow
+def test_the_lora_example_resumes_identical():
+    script = os.path.join(os.path.dirname(__file__), "..", "examples", "lora_finetune.py")
+    command = [sys.executable, script, "--seed", "3"]
+    done = subprocess.run(command, check=False, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "IDENTICAL" in done.stdout
+    assert "the incremental save wrote   1.18 MiB; a full save writes  25.18 MiB" in done.stderr
