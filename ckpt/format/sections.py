@@ -152,19 +152,9 @@ def decode_tensors(
             except RuntimeError as e:
                 raise bad(where, f"invalid device {device!r}") from e
             valid_devices.add(device)
-        pack, offset = info.get("pack"), info.get("offset", 0)
         if not _TENSOR_FIELDS.issuperset(info):
             raise bad(where, f"unknown fields {sorted(set(info) - _TENSOR_FIELDS)}")
-        if pack is not None and not isinstance(pack, str):
-            raise bad(where, "pack must be a tensor name")
-        if (
-            isinstance(offset, bool)
-            or not isinstance(offset, int)
-            or not 0 <= offset <= files[file].size
-        ):
-            raise bad(where, "offset must be a non-negative int within its file")
-        if pack is None and "offset" in info:
-            raise bad(where, "offset without a pack")
+        pack, offset = _pack_fields(info, files[file].size, where, bad)
         tensors[name] = TensorRecord(file, _DTYPES[dtype], tuple(shape), device, pack, offset)
         if nbytes > files[file].size:
             too_big.append((name, nbytes))
@@ -174,6 +164,18 @@ def decode_tensors(
         shape = shown_shape(list(r.shape))
         raise bad(f"tensors.{name}", f"shape {shape} needs {nbytes} bytes; {r.file!r} is smaller")
     return tensors
+
+
+def _pack_fields(info: dict[str, Json], size: int, where: str, bad: Any) -> tuple[str | None, int]:
+    """A tensor record's ``pack`` and ``offset`` (version 2), checked against its file's size."""
+    pack, offset = info.get("pack"), info.get("offset", 0)
+    if pack is not None and not isinstance(pack, str):
+        raise bad(where, "pack must be a tensor name")
+    if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset <= size:
+        raise bad(where, "offset must be a non-negative int within its file")
+    if pack is None and "offset" in info:
+        raise bad(where, "offset without a pack")
+    return pack, offset
 
 
 def decode_items(doc: Json, bad: Any) -> dict[str, ItemRecord]:

@@ -107,16 +107,7 @@ def copy_step(
         attempt = open_attempt(
             target, step, overwrite=False, token=token, header=header, protocol=protocol
         )
-        copied: set[tuple[str, ...]] = set()
-        for file_name, record in manifest.files.items():
-            if not is_ref(file_name):
-                _copy_file(source, target, step_name, attempt.directory, file_name, record)
-                continue
-            parts = file_parts(step_name, file_name)  # a blob: sent only if the target lacks it
-            if parts not in copied and not target.exists(*parts):
-                target.makedirs(BLOB_DIR)
-                _copy_file(source, target, step_name, attempt.directory, file_name, record)
-            copied.add(parts)
+        _copy_files(source, target, step_name, attempt.directory, manifest)
         if guard is not None:
             guard()
         write_manifest(target, attempt, raw)
@@ -144,6 +135,22 @@ def copy_step(
         time.perf_counter() - start,
     )
     return manifest
+
+
+def _copy_files(
+    source: Storage, target: Storage, step_name: str, directory: str, manifest: Manifest
+) -> None:
+    """Copy every file the manifest lists; a blob (version 4) only if the target lacks it."""
+    copied: set[tuple[str, ...]] = set()
+    for file_name, record in manifest.files.items():
+        if not is_ref(file_name):
+            _copy_file(source, target, step_name, directory, file_name, record)
+            continue
+        parts = file_parts(step_name, file_name)
+        if parts not in copied and not target.exists(*parts):
+            target.makedirs(BLOB_DIR)
+            _copy_file(source, target, step_name, directory, file_name, record)
+        copied.add(parts)
 
 
 def _copy_file(
