@@ -95,7 +95,7 @@ def raw_of(doc: dict) -> bytes:
 def test_v3_round_trips_with_packs_in_rank_sections():
     manifest = sharded_manifest()
     raw = encode_manifest(manifest)
-    assert json.loads(raw)["format_version"] == 3 == FORMAT_VERSION
+    assert json.loads(raw)["format_version"] == 3 <= FORMAT_VERSION
     back = decode_manifest(raw, "manifest.json")
     assert back.sharded == manifest.sharded
     assert back.files == manifest.files and back.tensors == {}

@@ -1,4 +1,4 @@
-"""On-disk format (versions 1 to 3): step directory names and the JSON manifest.
+"""On-disk format (versions 1 to 4): step directory names and the JSON manifest.
 
 Pure functions over names and bytes; no I/O. See ``docs/format.md`` for the
 specification. A checkpoint is one directory named :func:`step_dir_name`,
@@ -9,7 +9,8 @@ One concern per module: :mod:`~ckpt.format.names` (step, temporary and file
 names), :mod:`~ckpt.format.records` (the typed records a manifest holds),
 :mod:`~ckpt.format.manifest` (encoding and decoding), :mod:`~ckpt.format.sections`
 (validating files, tensors and items), :mod:`~ckpt.format.sharded` (version 3:
-checkpoints saved by several ranks), :mod:`~ckpt.format.packs` (packs of small
+checkpoints saved by several ranks), :mod:`~ckpt.format.blobs` (version 4: the
+content store of incremental saves), :mod:`~ckpt.format.packs` (packs of small
 tensors), :mod:`~ckpt.format.sealing` (the manifest's own checksum) and
 :mod:`~ckpt.format.bounds` (size and compression limits). The limits are
 re-exported here as values (``COMPRESS_MANIFEST_ABOVE`` and ``INFLATE_FREELY``

@@ -23,6 +23,9 @@ INFLATE_FREELY = 1024 * 1024
 """Any compressed manifest may inflate this far, whatever its ratio."""
 COMPRESS_MANIFEST_ABOVE = 64 * 1024
 """Manifests whose JSON is larger than this are stored zlib-compressed (version 2)."""
+MIN_BLOB_BYTES = 64 * 1024
+"""An incremental save (version 4) stores tensors of at least this many bytes (not
+packed) in the root's content store; smaller ones stay in the step's own files."""
 
 
 def checked_size(raw: bytes, step: int, *, inflated: int = 0) -> bytes:

@@ -15,10 +15,12 @@ from typing import Any
 
 from ckpt.errors import CorruptCheckpointError, IncompatibleCheckpointError
 from ckpt.format import bounds
+from ckpt.format.blobs import is_ref, ref_key
 from ckpt.format.limits import MAX_STEP
-from ckpt.format.records import Manifest, TensorRecord
+from ckpt.format.records import FileRecord, Manifest, TensorRecord
 from ckpt.format.sealing import check_manifest_checksum, sealed
 from ckpt.format.sections import (
+    decode_blobs,
     decode_files,
     decode_items,
     decode_tensors,
@@ -29,10 +31,11 @@ from ckpt.format.sharded import decode_sharded, encode_sharded
 from ckpt.state.tree import Json, loads_strict
 
 FORMAT_NAME = "ckpt"
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 """The newest version this ckpt reads and writes. A checkpoint is written in the
 oldest version that can express it: 1 unless it packs small tensors or
-compresses its manifest (version 2); 3 when several ranks saved it."""
+compresses its manifest (version 2); 3 when several ranks saved it; 4 when it
+references tensors in the root's content store (an incremental save)."""
 
 
 def encode_manifest(manifest: Manifest) -> bytes:
@@ -48,9 +51,13 @@ def encode_manifest(manifest: Manifest) -> bytes:
     if sharded is not None and manifest.tensors:
         raise ValueError("a sharded manifest holds its tensors in 'sharded', not in 'tensors'")
     packed = any(r.pack is not None for r in manifest.tensors.values())
+    blobs = _blobs_of(manifest)
+    if sharded is not None and blobs:
+        raise ValueError("a sharded manifest cannot reference blobs")
+    version = 3 if sharded is not None else 4 if blobs else 2 if packed else 1
     doc: dict[str, Any] = {
         "format": FORMAT_NAME,
-        "format_version": 3 if sharded is not None else 2 if packed else 1,
+        "format_version": version,
         "step": manifest.step,
         "epoch": manifest.epoch,
         "metrics": {k: _encode_number(v) for k, v in manifest.metrics.items()},
@@ -59,8 +66,11 @@ def encode_manifest(manifest: Manifest) -> bytes:
         "files": {
             name: {"size": r.size, **({"checksum": r.checksum} if r.checksum else {})}
             for name, r in manifest.files.items()
+            if not is_ref(name)
         },
     }
+    if blobs:
+        doc["blobs"] = {k: {"size": r.size, "checksum": r.checksum} for k, r in blobs.items()}
     if sharded is None:
         doc["tensors"] = {name: encode_tensor(r) for name, r in manifest.tensors.items()}
         doc["items"] = {name: encode_item(r) for name, r in manifest.items.items()}
@@ -82,6 +92,18 @@ def encode_manifest(manifest: Manifest) -> bytes:
     if len(inflated) > bounds.inflate_limit(len(raw)):  # a reader would refuse it: store it plain
         return bounds.checked_size(sealed(body), manifest.step)
     return bounds.checked_size(raw, manifest.step, inflated=len(inflated))
+
+
+def _blobs_of(manifest: Manifest) -> dict[str, FileRecord]:
+    """The blobs a manifest references, by key, sorted (version 4's ``blobs``)."""
+    blobs: dict[str, FileRecord] = {}
+    for name, r in manifest.files.items():
+        key = ref_key(name)
+        if key is not None:
+            if r.checksum is None:
+                raise ValueError(f"blob {key} has no checksum")
+            blobs[key] = r
+    return dict(sorted(blobs.items()))
 
 
 def _encode_number(v: float | int) -> Json:
@@ -141,7 +163,7 @@ def decode_manifest(raw: bytes, source: str) -> Manifest:
             key="format_version",
         )
     if version >= 3 and not sealed_manifest:  # only ckpt 0.1.0 (version 1) wrote none
-        raise bad("checksum", "missing: every manifest of version 3 carries its checksum")
+        raise bad("checksum", f"missing: every manifest of version {version} carries its checksum")
     step = doc.get("step")
     if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= MAX_STEP:
         raise bad("step", "must be an int from 0 to 10**20 - 1")
@@ -159,12 +181,13 @@ def decode_manifest(raw: bytes, source: str) -> Manifest:
         metrics[k] = number
     files = decode_files(doc.get("files"), bad)
     sharded = None
-    if version >= 3:
+    if version == 3:
         sharded = decode_sharded(doc, files, bad)
         tensors: dict[str, TensorRecord] = {}
         items = {**sharded.items, **sharded.ranks[0].items}
     else:
-        tensors = decode_tensors(doc.get("tensors"), files, bad)
+        blobs = decode_blobs(doc.get("blobs"), bad) if version >= 4 else None
+        tensors = decode_tensors(doc.get("tensors"), files, bad, blobs)
         items = decode_items(doc.get("items"), bad)
     created_at = doc.get("created_at", "")
     versions = doc.get("versions", {})

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from ckpt.format.blobs import is_blob_key, ref_key, ref_name
 from ckpt.format.checksums import ALGORITHM
 from ckpt.format.limits import MAX_BYTES, byte_count
 from ckpt.format.names import is_tensor_file_name
@@ -22,9 +23,10 @@ _DTYPES = {
 
 
 def encode_tensor(r: TensorRecord) -> dict[str, Any]:
-    """The JSON of one tensor record."""
+    """The JSON of one tensor record (``"blob"`` in place of ``"file"`` for a blob reference)."""
+    key = ref_key(r.file)
     out: dict[str, Any] = {
-        "file": r.file,
+        **({"file": r.file} if key is None else {"blob": key}),
         "dtype": str(r.dtype).removeprefix("torch."),
         "shape": list(r.shape),
         "device": r.device,
@@ -63,11 +65,62 @@ def decode_files(doc: Json, bad: Any) -> dict[str, FileRecord]:
     return files
 
 
-_TENSOR_FIELDS = frozenset({"file", "dtype", "shape", "device", "pack", "offset"})
+def decode_blobs(doc: Json, bad: Any) -> dict[str, FileRecord]:
+    """The ``blobs`` section (version 4): each a blob key with its file's size and checksum."""
+    if not isinstance(doc, dict):
+        raise bad("blobs", "must be an object")
+    blobs: dict[str, FileRecord] = {}
+    for key, info in doc.items():
+        where = f"blobs.{key}"
+        if not is_blob_key(key):
+            raise bad(where, "a blob key must be 32 lower-case hex digits")
+        if not isinstance(info, dict) or set(info) != {"size", "checksum"}:
+            raise bad(where, "must be an object with exactly 'size' and 'checksum'")
+        size, checksum = info["size"], info["checksum"]
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise bad(where, "size must be a non-negative int")
+        if not (isinstance(checksum, str) and DIGEST.fullmatch(checksum)):
+            raise bad(f"{where}.checksum", f"must be '{ALGORITHM}:' and 16 hex digits")
+        blobs[key] = FileRecord(size, checksum)
+    return blobs
 
 
-def decode_tensors(doc: Json, files: Mapping[str, FileRecord], bad: Any) -> dict[str, TensorRecord]:
-    """The ``tensors`` section: each in a listed file, fitting in it, packs tiled exactly."""
+def _blob_reference(
+    name: str, info: dict[str, Json], files: Mapping[str, FileRecord], blobs: Any, bad: Any
+) -> str:
+    """The file name of a tensor record's blob reference (version 4), added to ``files``."""
+    key = info["blob"]
+    where = f"tensors.{name}"
+    if blobs is None:
+        raise bad(where, "'blob' needs format version 4")
+    if not is_blob_key(key):
+        raise bad(where, f"blob key {key!r} is not 32 lower-case hex digits")
+    assert isinstance(key, str)
+    if key not in blobs:
+        raise bad(where, f"names blob {key!r}, which is not in 'blobs'")
+    if "file" in info or "pack" in info or "offset" in info:
+        raise bad(where, "a blob reference has no 'file', 'pack' or 'offset'")
+    file = ref_name(key, name)
+    assert isinstance(files, dict)
+    files[file] = blobs[key]
+    return file
+
+
+_TENSOR_FIELDS = frozenset({"file", "blob", "dtype", "shape", "device", "pack", "offset"})
+
+
+def decode_tensors(
+    doc: Json,
+    files: Mapping[str, FileRecord],
+    bad: Any,
+    blobs: Mapping[str, FileRecord] | None = None,
+) -> dict[str, TensorRecord]:
+    """The ``tensors`` section: each in a listed file, fitting in it, packs tiled exactly.
+
+    With ``blobs`` (version 4) a record may name a blob in place of a file; its
+    reference (:func:`~ckpt.format.blobs.ref_name`) is then added to ``files``,
+    which must be a dict.
+    """
     if not isinstance(doc, dict):
         raise bad("tensors", "must be an object")
     tensors: dict[str, TensorRecord] = {}
@@ -78,6 +131,8 @@ def decode_tensors(doc: Json, files: Mapping[str, FileRecord], bad: Any) -> dict
         if not isinstance(info, dict):
             raise bad(where, "must be an object")
         file, dtype, shape, device = (info.get(k) for k in ("file", "dtype", "shape", "device"))
+        if "blob" in info:
+            file = _blob_reference(name, info, files, blobs, bad)
         if not isinstance(file, str) or file not in files:
             raise bad(where, f"names file {file!r}, which is not in 'files'")
         if not isinstance(dtype, str) or dtype not in _DTYPES:
@@ -97,19 +152,9 @@ def decode_tensors(doc: Json, files: Mapping[str, FileRecord], bad: Any) -> dict
             except RuntimeError as e:
                 raise bad(where, f"invalid device {device!r}") from e
             valid_devices.add(device)
-        pack, offset = info.get("pack"), info.get("offset", 0)
         if not _TENSOR_FIELDS.issuperset(info):
             raise bad(where, f"unknown fields {sorted(set(info) - _TENSOR_FIELDS)}")
-        if pack is not None and not isinstance(pack, str):
-            raise bad(where, "pack must be a tensor name")
-        if (
-            isinstance(offset, bool)
-            or not isinstance(offset, int)
-            or not 0 <= offset <= files[file].size
-        ):
-            raise bad(where, "offset must be a non-negative int within its file")
-        if pack is None and "offset" in info:
-            raise bad(where, "offset without a pack")
+        pack, offset = _pack_fields(info, files[file].size, where, bad)
         tensors[name] = TensorRecord(file, _DTYPES[dtype], tuple(shape), device, pack, offset)
         if nbytes > files[file].size:
             too_big.append((name, nbytes))
@@ -119,6 +164,18 @@ def decode_tensors(doc: Json, files: Mapping[str, FileRecord], bad: Any) -> dict
         shape = shown_shape(list(r.shape))
         raise bad(f"tensors.{name}", f"shape {shape} needs {nbytes} bytes; {r.file!r} is smaller")
     return tensors
+
+
+def _pack_fields(info: dict[str, Json], size: int, where: str, bad: Any) -> tuple[str | None, int]:
+    """A tensor record's ``pack`` and ``offset`` (version 2), checked against its file's size."""
+    pack, offset = info.get("pack"), info.get("offset", 0)
+    if pack is not None and not isinstance(pack, str):
+        raise bad(where, "pack must be a tensor name")
+    if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset <= size:
+        raise bad(where, "offset must be a non-negative int within its file")
+    if pack is None and "offset" in info:
+        raise bad(where, "offset without a pack")
+    return pack, offset
 
 
 def decode_items(doc: Json, bad: Any) -> dict[str, ItemRecord]:

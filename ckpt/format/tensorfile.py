@@ -35,6 +35,7 @@ __all__ = [
     "TensorEntry",
     "Typed",
     "check_stored_dtype",
+    "cpu_contiguous",
     "dtype_from_name",
     "dtype_name",
     "encode_header",
@@ -304,7 +305,8 @@ def _contiguous(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous()
 
 
-def _cpu_contiguous(t: torch.Tensor) -> torch.Tensor:
+def cpu_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s values as a contiguous CPU tensor (``t`` itself when it already is one)."""
     return _contiguous(t).to("cpu").contiguous()
 
 
@@ -345,7 +347,7 @@ def write_tensors(
     f.write(header)
     written = len(header)
     for e in entries:
-        t = _cpu_contiguous(tensors[e.name])
+        t = cpu_contiguous(tensors[e.name])
         view = tensor_bytes(t)
         if digests is not None:
             digests[e.name] = (len(header) + e.begin, hash_bytes(view))

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import BinaryIO
 
 from ckpt.errors import CheckpointNotFoundError, CorruptCheckpointError
 from ckpt.format import FileRecord, Manifest, TensorRecord
+from ckpt.format.blobs import BLOB_TENSOR, file_parts, ref_alias
 from ckpt.format.checksums import Hasher
 from ckpt.format.tensorfile import MAX_HEADER_BYTES, TensorEntry, parse_header
 from ckpt.storage import Storage
 
-__all__ = ["check_digest", "check_size", "matching_entry", "read_header"]
+__all__ = ["alias_entries", "check_digest", "check_size", "matching_entry", "read_header"]
 
 
 def read_header(
@@ -27,6 +29,29 @@ def read_header(
     return entries, data_start
 
 
+def alias_entries(
+    entries: dict[str, TensorEntry], file_name: str, path: str
+) -> dict[str, TensorEntry]:
+    """A file's header entries by the names the manifest gives them.
+
+    A blob (format version 4) holds exactly one tensor, :data:`BLOB_TENSOR`, which
+    stands for the tensor the reference names; a step's own file is unchanged.
+
+    Raises:
+        CorruptCheckpointError: A blob's header holds anything else.
+    """
+    alias = ref_alias(file_name)
+    if alias is None:
+        return entries
+    if set(entries) != {BLOB_TENSOR}:
+        raise CorruptCheckpointError(
+            f"a blob must hold exactly one tensor {BLOB_TENSOR!r}, it holds {sorted(entries)[:5]}",
+            path=path,
+            key=alias,
+        )
+    return {alias: dataclasses.replace(entries[BLOB_TENSOR], name=alias)}
+
+
 def check_digest(record: FileRecord, hasher: Hasher, path: str, step: int) -> None:
     """Raise unless the bytes hashed match the manifest's checksum."""
     actual = hasher.digest()
@@ -39,13 +64,16 @@ def check_digest(record: FileRecord, hasher: Hasher, path: str, step: int) -> No
 
 def check_size(storage: Storage, directory: str, file_name: str, manifest: Manifest) -> str:
     """Raise unless the file exists with the manifest's size; return its path."""
-    path = storage.path(directory, file_name)
+    parts = file_parts(directory, file_name)
+    path = storage.path(*parts)
     expected = manifest.files[file_name].size
     try:
-        actual = storage.size(directory, file_name)
+        actual = storage.size(*parts)
     except CheckpointNotFoundError as e:
         raise CorruptCheckpointError(
-            f"a file of step {manifest.step} listed in its manifest is missing", path=path
+            f"a file of step {manifest.step} listed in its manifest is missing",
+            path=path,
+            key=ref_alias(file_name),
         ) from e
     if actual != expected:
         raise CorruptCheckpointError(

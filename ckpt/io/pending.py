@@ -130,10 +130,16 @@ class PendingReads:
         if self._spill is not None:
             self._spill.flush()
         run_reads([(s, reads) for s, reads in groups if not isinstance(s, Reopen)])
-        for source, reads in groups:
-            if isinstance(source, Reopen):
-                with source.storage.reopen(source.identity, *source.parts) as f:
-                    run_reads([(f, reads)])
+        closed = [(s, reads) for s, reads in groups if isinstance(s, Reopen)]
+        batch = held_files_limit()
+        for at in range(0, len(closed), batch):  # a few at a time, read together in parallel
+            with ExitStack() as opened:
+                run_reads(
+                    [
+                        (opened.enter_context(s.storage.reopen(s.identity, *s.parts)), reads)
+                        for s, reads in closed[at : at + batch]
+                    ]
+                )
 
     def close(self) -> None:
         """Close the files; reads not run are dropped."""

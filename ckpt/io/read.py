@@ -11,9 +11,10 @@ import torch
 
 from ckpt.errors import CorruptCheckpointError
 from ckpt.format import MANIFEST_NAME, Manifest, TensorRecord
+from ckpt.format.blobs import file_parts
 from ckpt.format.checksums import CHUNK_BYTES, Hasher
 from ckpt.format.tensorfile import TensorEntry, check_stored_dtype, read_tensor, tensor_bytes
-from ckpt.io.checks import check_digest, check_size, matching_entry, read_header
+from ckpt.io.checks import alias_entries, check_digest, check_size, matching_entry, read_header
 from ckpt.io.pending import PendingReads, Reopen, Source
 from ckpt.io.spill import copy_bytes
 from ckpt.restoring.locations import MapLocation, mapped_device, place
@@ -142,7 +143,8 @@ class _FileReader:
         if not self._scratch:
             self._scratch = bytearray(CHUNK_BYTES)
         with ExitStack() as file_scope:
-            f = file_scope.enter_context(self.storage.open_read(self.directory, file_name))
+            parts = file_parts(self.directory, file_name)
+            f = file_scope.enter_context(self.storage.open_read(*parts))
             source: Source = f
             identity = self.storage.file_identity(f) if in_place else None
             if in_place and identity is None:  # an object store: checked bytes wait locally
@@ -152,8 +154,9 @@ class _FileReader:
             elif in_place and self.pending.can_hold():
                 self.pending.hold(file_scope.pop_all())  # open until the pending reads ran
             elif in_place:  # closed now, reopened for the reads only if still the file checked
-                source = Reopen(self.storage, identity, (self.directory, file_name))
+                source = Reopen(self.storage, identity, parts)
             entries, data_start = read_header(f, path, record.size, hasher)
+            entries = alias_entries(entries, file_name, path)
             for name in [*direct, *packs]:
                 matching_entry(entries, name, manifest.tensors[name], path)
             for entry in sorted(entries.values(), key=lambda e: e.begin):

@@ -9,6 +9,7 @@ from typing import BinaryIO
 import torch
 
 from ckpt.format import MANIFEST_NAME, FileRecord, Manifest, encode_manifest
+from ckpt.format.blobs import is_ref
 from ckpt.format.checksums import Hasher, HashingWriter
 from ckpt.format.tensorfile import write_tensors
 from ckpt.storage import BackgroundSyncs, Storage
@@ -35,7 +36,8 @@ def write_checkpoint_files(
         storage: Where to write.
         directory: A directory below the storage root where the files do not exist yet.
         files: ``{file name: {tensor name: tensor}}``.
-        manifest: The manifest to complete with file records and write.
+        manifest: The manifest to complete with file records and write (the blob
+            references it lists, format version 4, are kept).
         replace_manifest: Overwrite an existing manifest instead of failing.
         before_manifest: Called once the files are durable, before the manifest is
             written; raising stops the save there.
@@ -64,7 +66,8 @@ def write_checkpoint_files(
         syncs.wait()  # every tensor file is durable before the manifest exists
     if before_manifest is not None:
         before_manifest()
-    manifest = dataclasses.replace(manifest, files=records)
+    refs = {n: r for n, r in manifest.files.items() if is_ref(n)}  # blobs (version 4)
+    manifest = dataclasses.replace(manifest, files={**records, **refs})
     raw = encode_manifest(manifest)
 
     def write_manifest(f: BinaryIO) -> int:

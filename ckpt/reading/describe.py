@@ -26,6 +26,7 @@ import torch
 
 from ckpt.errors import CorruptCheckpointError
 from ckpt.format import GlobalTensorRecord, ItemRecord, Manifest, TensorRecord
+from ckpt.format.blobs import file_parts, is_ref
 from ckpt.format.tensorfile import check_stored_dtype
 from ckpt.state.tree import Json, KeyPath, unflatten_at
 
@@ -96,9 +97,10 @@ class Description:
         metrics: The metrics passed to ``save``.
         created_at: ISO 8601 UTC time of the save.
         versions: The ``ckpt``, ``torch`` and ``python`` versions that wrote it.
-        format_version: The on-disk format version (1 to 3).
+        format_version: The on-disk format version (1 to 4).
         world_size: How many ranks saved it (1 without a process group).
-        files: Every tensor file's size in bytes, by name.
+        files: Every tensor file's size in bytes, by name (a blob, format version 4,
+            by its path below the root: ``.ckpt-blobs/<key>.safetensors``).
         nbytes: The bytes of all its tensor files.
         items: Its items, in save order (version 3: the sharded items, then
             rank 0's own items).
@@ -177,6 +179,8 @@ def format_version_of(manifest: Manifest, *, compressed: bool = False) -> int:
     """The format version a manifest was written in (``compressed``: its file was zlib)."""
     if manifest.sharded is not None:
         return 3
+    if any(is_ref(name) for name in manifest.files):
+        return 4
     if compressed or any(r.pack is not None for r in manifest.tensors.values()):
         return 2
     return 1
@@ -364,7 +368,7 @@ def _item_info(manifest: Manifest, item: str, record: ItemRecord) -> ItemInfo:
             nbytes = math.prod(r.shape) * r.dtype.itemsize
             info = TensorInfo(key, _dtype(r.dtype), r.shape, nbytes, only, len(r.chunks))
         else:
-            info = TensorInfo(key, _dtype(r.dtype), r.shape, r.nbytes, r.file)
+            info = TensorInfo(key, _dtype(r.dtype), r.shape, r.nbytes, _shown(r.file))
         sizes[name] = info.nbytes
         tensors.append(info)
     optimizer = record.kind == "optimizer"
@@ -381,6 +385,11 @@ def _item_info(manifest: Manifest, item: str, record: ItemRecord) -> ItemInfo:
 
 
 _DTYPE_NAMES: dict[torch.dtype, str] = {}
+
+
+def _shown(file_name: str) -> str:
+    """A file's name as described: a blob (version 4) by its path below the root."""
+    return "/".join(file_parts("", file_name)) if is_ref(file_name) else file_name
 
 
 def _dtype(dtype: torch.dtype) -> str:
@@ -401,7 +410,7 @@ def describe_manifest(manifest: Manifest, *, format_version: int | None = None) 
     Raises:
         CorruptCheckpointError: An item's state tree is malformed or names an unlisted tensor.
     """
-    files: Mapping[str, int] = {name: r.size for name, r in manifest.files.items()}
+    files: Mapping[str, int] = {_shown(name): r.size for name, r in manifest.files.items()}
     return Description(
         step=manifest.step,
         epoch=manifest.epoch,

@@ -32,6 +32,7 @@ from ckpt.format import (
     decode_manifest,
     step_dir_name,
 )
+from ckpt.format.blobs import BLOB_DIR, file_parts, is_ref
 from ckpt.format.checksums import CHUNK_BYTES, Hasher
 from ckpt.format.header import ManifestHeader
 from ckpt.saving.commit import open_attempt
@@ -151,7 +152,7 @@ def copy_step(
         if share is not None:
             share.closed(target, step)
         if attempt is not None:
-            attempt.protocol.abandon(target, attempt, list(manifest.files))
+            attempt.protocol.abandon(target, attempt, [n for n in manifest.files if not is_ref(n)])
         if isinstance(e, OSError) and not isinstance(e, CheckpointError):
             raise CheckpointWriteError(
                 f"could not copy step {step}: {e.strerror or e}; nothing of the copy is listed",
@@ -186,14 +187,25 @@ def copy_files(
 ) -> None:
     """Copy the files ``names`` of ``manifest`` into ``directory`` of ``target``, verified.
 
+    A blob (format version 4) is copied only if the target lacks it.
+
     Raises:
         CheckpointNotFoundError: A file is missing in ``source``.
         CorruptCheckpointError: A file disagrees with the manifest (size or checksum).
         OSError: Reading or writing failed.
     """
+    copied: set[tuple[str, ...]] = set()
     for file_name in names:
+        record = manifest.files[file_name]
         where = (directory, file_name)
-        _copy_file(source, target, step_name, where, manifest.files[file_name], progress)
+        if not is_ref(file_name):
+            _copy_file(source, target, step_name, where, record, progress)
+            continue
+        parts = file_parts(step_name, file_name)
+        if parts not in copied and not target.exists(*parts):
+            target.makedirs(BLOB_DIR)
+            _copy_file(source, target, step_name, where, record, progress)
+        copied.add(parts)
 
 
 def _copy_file(
@@ -204,17 +216,24 @@ def _copy_file(
     record: FileRecord,
     progress: Callable[[int], None] | None,
 ) -> None:
-    """Stream one file (``where``: attempt directory, file name) into the attempt, checked."""
+    """Stream one file (``where``: attempt directory, file name) into the attempt, checked.
+
+    A blob (format version 4) goes into the target's content store instead,
+    written whole under a temporary name and renamed into place: its checked
+    bytes are content-named, so one already there is the same.
+    """
     directory, file_name = where
-    parts = file_name.split("/")
-    if len(parts) > 1:
+    blob = is_ref(file_name)
+    parts = list(file_parts(step_name, file_name)) if blob else file_name.split("/")
+    if len(parts) > 1 and not blob:
         target.makedirs(directory, *parts[:-1])
-    path = source.url_of(step_name, file_name)
+    path = source.url_of(*parts) if blob else source.url_of(step_name, file_name)
+    source_parts = parts if blob else [step_name, *parts]
 
     def write(out: BinaryIO) -> int:  # may be called again after a transient failure
         hasher = Hasher()
         done = 0
-        with source.open_read(step_name, *parts) as f:
+        with source.open_read(*source_parts) as f:
             while True:
                 chunk = f.read(min(CHUNK_BYTES, record.size + 1 - done))
                 if not chunk:
@@ -241,4 +260,7 @@ def _copy_file(
             )
         return done
 
-    target.write_file((directory, *parts), write, size_hint=record.size)
+    if blob:
+        target.write_file(tuple(parts), write, replace=True, size_hint=record.size)
+    else:
+        target.write_file((directory, *parts), write, size_hint=record.size)

@@ -37,18 +37,24 @@ class Retainer:
         committed: Callable[[], list[int]],
         just_saved: int,
         keep: Collection[int] = (),
-    ) -> None:
-        """Delete what the rules drop, never a step of ``keep``; a failure is only a warning."""
+    ) -> list[int]:
+        """Delete what the rules drop, never a step of ``keep``; a failure is only a warning.
+
+        Returns:
+            The steps deleted (or tried).
+        """
         if policy.keeps_all:
-            return
+            return []
+        deleted: list[int] = []
         try:
-            self._delete_dropped(storage, policy, committed(), just_saved, keep)
+            self._delete_dropped(storage, policy, committed(), just_saved, keep, deleted)
         except Exception as e:  # an unreadable root, a hostile manifest: the save stands
             logger.warning(
                 "retention after step %d failed (the save stands; the next one retries): %s",
                 just_saved,
                 e,
             )
+        return deleted
 
     def dropped(
         self, storage: Storage, policy: RetentionPolicy, committed: list[int], just_saved: int
@@ -64,11 +70,13 @@ class Retainer:
         committed: list[int],
         just_saved: int,
         keep: Collection[int],
+        deleted: list[int],
     ) -> None:
         for old in self.dropped(storage, policy, committed, just_saved):
             if old in keep:
                 continue
             self.forget(old)
+            deleted.append(old)
             delete_checkpoint(storage, old, str(policy))
 
     def _committed_metrics(

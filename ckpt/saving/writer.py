@@ -15,9 +15,11 @@ from typing import Any
 
 from ckpt.errors import CheckpointWriteError
 from ckpt.format import MANIFEST_NAME, Manifest, step_dir_name
+from ckpt.format.blobs import BLOB_DIR
 from ckpt.format.header import ManifestHeader
 from ckpt.policies.retention import RetentionPolicy
 from ckpt.reading.steps import StepReader
+from ckpt.saving.blobs import BlobStore, SaveStats
 from ckpt.saving.commit import delete_checkpoint, file_token, remove_leftovers
 from ckpt.saving.copying import CopyShare, copy_step
 from ckpt.saving.pipeline import Files, commit_and_log
@@ -48,6 +50,9 @@ class CheckpointWriter:
         storage_options: Passed to the fsspec filesystem (credentials, endpoint, ...).
         storage: An opened root to share (e.g. with a
             :class:`~ckpt.CheckpointReader` built over the same ``storage``).
+        incremental: Commit saves as format version 4: large tensors whose bytes
+            the root's content store holds are referenced, not written again
+            (see ``docs/usage.md``, "Incremental checkpoints").
 
     Raises:
         CheckpointWriteError: The root directory cannot be created.
@@ -64,7 +69,10 @@ class CheckpointWriter:
         *,
         storage_options: dict[str, Any] | None = None,
         storage: Storage | None = None,
+        incremental: bool = False,
     ) -> None:
+        if not isinstance(incremental, bool):
+            raise TypeError(f"incremental must be a bool, got {incremental!r}")
         storage = storage_of(directory, storage_options, storage)
         self._storage = storage
         try:
@@ -79,6 +87,8 @@ class CheckpointWriter:
         self._lock: WriterLock | None = None
         self._retainer = Retainer()
         self._leftovers_checked = False
+        self.incremental = incremental
+        self._blobs = BlobStore(storage)
 
     def __repr__(self) -> str:
         return f"CheckpointWriter({self.directory!r})"
@@ -108,7 +118,10 @@ class CheckpointWriter:
             CheckpointLockedError: Another writer holds the root, or the lock held
                 here was deleted, replaced or taken over (or this is a forked child).
         """
+        held = self._lock
         self._lock = hold_writer_lock(self._storage, self._lock, self)
+        if self._lock is not held:  # a new lock: what this writer knew of the store may be stale
+            self._blobs.forget_all()
 
     def check_lock(self) -> None:
         """Raise if the lock this writer took is no longer its own; nothing when none was taken.
@@ -122,6 +135,7 @@ class CheckpointWriter:
     def close(self) -> None:
         """Release the writer lock, if held; idempotent."""
         lock, self._lock = self._lock, None
+        self._blobs.forget_all()
         if lock is not None:
             lock.release()
 
@@ -167,7 +181,10 @@ class CheckpointWriter:
         if not self._leftovers_checked:
             self._leftovers_checked = True  # once per writer: crashed writers' leftovers
             remove_leftovers(self._storage)
+            self._sweep()
         lock = self._lock
+        if self.incremental:
+            files, manifest = self._blobs.store(files, manifest, self._steps.all_steps)
         try:
             return commit_and_log(
                 self._storage,
@@ -181,6 +198,28 @@ class CheckpointWriter:
             )
         finally:
             self._retainer.forget(step)
+
+    @property
+    def last_save(self) -> SaveStats:
+        """What the last incremental save of this writer stored and wrote in the content store."""
+        return self._blobs.last
+
+    def sweep(self) -> int:
+        """Delete the blobs no committed step references (takes the lock); how many.
+
+        Runs by itself after retention; a crashed writer's leftovers go at the next one.
+        """
+        self.lock()
+        return self._sweep()
+
+    def _sweep(self) -> int:
+        if not self._storage.exists(BLOB_DIR):
+            return 0
+        try:
+            return self._blobs.sweep(self._steps.all_steps())
+        except Exception as e:  # the save stands; the next sweep retries
+            logger.warning("could not sweep the blobs of %s: %s", self._storage.url, e)
+            return 0
 
     def commit_copy(
         self,
@@ -263,6 +302,7 @@ class CheckpointWriter:
         """
         self.lock()
         self._delete(step, reason)
+        self._sweep()
 
     def _delete(self, step: int, reason: str) -> None:
         self._retainer.forget(step)
@@ -276,7 +316,11 @@ class CheckpointWriter:
         Runs under the lock the save took (it takes none itself). Steps in ``keep``
         (e.g. waiting to be copied to another tier) are never deleted.
         """
-        self._retainer.apply(self._storage, policy, self._steps.all_steps, just_saved, keep)
+        deleted = self._retainer.apply(
+            self._storage, policy, self._steps.all_steps, just_saved, keep
+        )
+        if deleted:
+            self._sweep()
 
     def prune(self, policy: RetentionPolicy) -> tuple[list[int], list[int]]:
         """Delete the committed steps ``policy`` drops, judged from the newest (takes the lock).
@@ -292,4 +336,5 @@ class CheckpointWriter:
         doomed = self._retainer.dropped(self._storage, policy, steps, steps[-1]) if steps else []
         for step in doomed:
             self._delete(step, f"ckpt prune {policy}")
+        self._sweep()
         return steps, doomed

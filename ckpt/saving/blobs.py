@@ -1,0 +1,213 @@
+"""The content store of an incremental root (format version 4): blobs written once, swept.
+
+Every mutation of ``.ckpt-blobs`` happens under the root's writer lock, by the
+:class:`~ckpt.saving.writer.CheckpointWriter` holding it, on one thread at a time.
+Crash safety rests on two orders:
+
+- A save writes (and makes durable) every blob it references before its
+  manifest commits, so a committed step never references a blob not yet there.
+- A sweep deletes only blobs that no committed manifest references, and it runs
+  after retention deleted manifests, so a blob goes only once no listed step needs it.
+
+What a crash leaves (a blob written for a save that never committed, a blob
+whose last step was deleted before the sweep, a half-written temporary file)
+is referenced by nothing and reclaimed by the next writer's first sweep.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable
+from typing import BinaryIO
+
+import torch
+
+from ckpt.errors import CheckpointError, CheckpointWriteError
+from ckpt.format import FileRecord, Manifest, step_dir_name
+from ckpt.format import bounds as format_bounds
+from ckpt.format.blobs import (
+    BLOB_DIR,
+    BLOB_TENSOR,
+    blob_file_name,
+    blob_key,
+    parse_blob_file_name,
+    ref_key,
+    ref_name,
+)
+from ckpt.format.checksums import Hasher, HashingWriter
+from ckpt.format.packs import PACK_SUFFIX
+from ckpt.format.tensorfile import cpu_contiguous, tensor_bytes, write_tensors
+from ckpt.io import read_manifest
+from ckpt.storage import Storage
+
+__all__ = ["BlobStore", "SaveStats"]
+
+logger = logging.getLogger(__name__)
+
+Files = dict[str, dict[str, torch.Tensor]]
+
+_METADATA = {"format": "pt"}
+
+
+@dataclasses.dataclass
+class SaveStats:
+    """What the last incremental save did with its large tensors."""
+
+    referenced: int = 0
+    """Bytes of tensors referenced in the store (written now or before)."""
+    written: int = 0
+    """Bytes of blob files written by this save."""
+    hash_seconds: float = 0.0
+    """Time spent establishing identity (hashing the bytes)."""
+
+
+class BlobStore:
+    """The blobs of one root, as known to the writer holding its lock.
+
+    ``known`` maps each blob present and referenced by a committed step (or written
+    by this writer since) to its file record; it is taken by :meth:`sweep`, which
+    the writer runs before its first incremental save, and kept up to date by
+    :meth:`store` and :meth:`sweep`. The writer lock guarantees nothing else
+    changes the store meanwhile; :meth:`forget_all` drops it when the lock is lost.
+    """
+
+    def __init__(self, storage: Storage) -> None:
+        self._storage = storage
+        self._known: dict[str, FileRecord] | None = None
+        self.last = SaveStats()
+
+    def forget_all(self) -> None:
+        """Forget what is known (a new lock: another writer may have changed the store)."""
+        self._known = None
+
+    # ------------------------------------------------------------------ saving
+
+    def store(
+        self, files: Files, manifest: Manifest, committed: Callable[[], list[int]]
+    ) -> tuple[Files, Manifest]:
+        """Move the large tensors of a save into the store; return what the step still writes.
+
+        Each tensor of at least :data:`~ckpt.format.bounds.MIN_BLOB_BYTES` that is
+        not packed is hashed (its bytes, dtype and shape, every time: never a
+        version counter) and referenced; its blob is written only when the store
+        lacks it. Every blob is durable when this returns.
+        """
+        if self._known is None:
+            self.sweep(committed())
+        known = self._known
+        assert known is not None
+        stats = SaveStats()
+        records = dict(manifest.tensors)
+        refs: dict[str, FileRecord] = {}
+        kept: Files = {}
+        for file_name, tensors in files.items():
+            own: dict[str, torch.Tensor] = {}
+            for name, t in tensors.items():
+                record = records.get(name)
+                if (
+                    name.endswith(PACK_SUFFIX)
+                    or record is None
+                    or record.pack is not None
+                    or t.nbytes < format_bounds.MIN_BLOB_BYTES
+                ):
+                    own[name] = t
+                    continue
+                key, blob = self._blob_of(t, known, stats)
+                ref = ref_name(key, name)
+                refs[ref] = blob
+                records[name] = dataclasses.replace(record, file=ref)
+                stats.referenced += t.nbytes
+            if own:
+                kept[file_name] = own
+        self.last = stats
+        return kept, dataclasses.replace(manifest, files=refs, tensors=records)
+
+    def _blob_of(
+        self, t: torch.Tensor, known: dict[str, FileRecord], stats: SaveStats
+    ) -> tuple[str, FileRecord]:
+        """The key and file record of ``t``'s blob, writing the blob if the store lacks it."""
+        cpu = cpu_contiguous(t.detach())
+        start = time.perf_counter()
+        key = blob_key(cpu, tensor_bytes(cpu))
+        stats.hash_seconds += time.perf_counter() - start
+        blob = known.get(key)
+        if blob is None:
+            blob = self._write(key, cpu)
+            known[key] = blob
+            stats.written += blob.size
+        return key, blob
+
+    def _write(self, key: str, t: torch.Tensor) -> FileRecord:
+        """Write one blob durably under its final name, never visible half-written.
+
+        Local disk: a temporary name, fsynced, renamed into place, the directory
+        fsynced. Object stores: one PUT. Content-named, so an identical blob
+        already there (a crashed save's) is replaced by the same bytes.
+        """
+        hashers: list[Hasher] = []
+
+        def write(f: BinaryIO) -> int:
+            hashers.append(Hasher())
+            return write_tensors(HashingWriter(f, hashers[-1]), {BLOB_TENSOR: t}, _METADATA)
+
+        name = blob_file_name(key)
+        try:
+            self._storage.makedirs(BLOB_DIR)
+            size = self._storage.write_file((BLOB_DIR, name), write, replace=True)
+        except OSError as e:
+            if isinstance(e, CheckpointError):
+                raise
+            raise CheckpointWriteError(
+                f"could not write a blob: {e.strerror or e}; earlier checkpoints are intact",
+                path=self._storage.url_of(BLOB_DIR, name),
+                errno=e.errno,
+            ) from e
+        return FileRecord(size, hashers[-1].digest())
+
+    # --------------------------------------------------------------- sweeping
+
+    def sweep(self, steps: list[int]) -> int:
+        """Delete every blob (and temporary file) of the store no committed step references.
+
+        Called under the writer lock with the committed ``steps``, after retention
+        deleted manifests, and before this writer's first incremental save. When a
+        manifest cannot be read, nothing is deleted (the step may still need its blobs).
+
+        Returns:
+            The number of files deleted.
+        """
+        referenced: dict[str, FileRecord] = {}
+        readable = True
+        for step in steps:
+            try:
+                manifest = read_manifest(self._storage, step_dir_name(step))
+            except CheckpointError as e:
+                logger.warning("cannot read step %d, so no blob is deleted now: %s", step, e)
+                readable = False
+                continue
+            for name, record in manifest.files.items():
+                key = ref_key(name)
+                if key is not None:
+                    referenced[key] = record
+        present = self._storage.list_dir(BLOB_DIR)
+        deleted = 0
+        on_disk: set[str] = set()
+        for name in present:
+            key = parse_blob_file_name(name)
+            if key is not None and key in referenced:
+                on_disk.add(key)
+            elif readable:
+                self._remove(name)
+                deleted += 1
+        self._known = {k: r for k, r in referenced.items() if k in on_disk}
+        if deleted:
+            logger.info("deleted %d unreferenced blob(s) in %s", deleted, self._storage.url)
+        return deleted
+
+    def _remove(self, name: str) -> None:
+        try:
+            self._storage.remove_file(BLOB_DIR, name)
+        except OSError as e:
+            logger.warning("could not delete blob %s: %s", self._storage.url_of(BLOB_DIR, name), e)
