@@ -11,19 +11,19 @@ from ckpt.distributed import collective_save, open_rank_group
 from ckpt.format import Manifest, step_dir_name
 from ckpt.gc_pause import paused_gc
 from ckpt.policies.cadence import SaveCadence, SaveTiming
+from ckpt.policies.options import check_manager_options
 from ckpt.policies.preemption import PreemptionWatch, watched_signals
 from ckpt.policies.retention import RetentionPolicy
 from ckpt.reading.reader import Checkpoint, CheckpointReader
-from ckpt.restoring.locations import MapLocation, check_map_location
-from ckpt.restoring.restorer import Restorer
+from ckpt.restoring.locations import MapLocation
+from ckpt.restoring.restorer import Restorer, restore_options
 from ckpt.saving.pipeline import Saver, check_save_args
 from ckpt.saving.saves import Saves
 from ckpt.saving.staging import StagingBuffers
 from ckpt.saving.writer import CheckpointWriter
 from ckpt.saving.writer_lock import LOCK_NAME  # noqa: F401 (re-exported)
 from ckpt.saving.writer_lock import release_quietly as _release_quietly  # noqa: F401
-from ckpt.state.items import check_flags, check_item_name, reserved_names
-from ckpt.state.kinds import RestoreOptions
+from ckpt.state.items import reserved_names
 from ckpt.state.tree import Json
 from ckpt.tiers import Tier
 from ckpt.tiers.tierset import node_directory, open_tiers
@@ -149,11 +149,12 @@ class CheckpointManager:
     ):
         self.retention = RetentionPolicy(keep_last, keep_every, keep_best, best_metric, best_mode)
         self.fallback_to_intact = bool(fallback_to_intact)
-        if storage_options is not None and not isinstance(storage_options, dict):
-            raise TypeError("storage_options must be a dict")
+        check_manager_options(
+            storage_options=storage_options,
+            agree_every=agree_every,
+            background_nice=background_nice,
+        )
         cadence = SaveCadence(every_steps, every_seconds)
-        if isinstance(agree_every, bool) or not isinstance(agree_every, int) or agree_every < 1:
-            raise ValueError(f"agree_every must be a positive int, got {agree_every!r}")
         given = os.fspath(directory)
         directory, node_local = node_directory(given, process_group, tiers)
         self._writer = CheckpointWriter(
@@ -181,7 +182,7 @@ class CheckpointManager:
         self._decisions: Any = None
         agree = None
         if self._group is not None:
-            from ckpt.distributed.handshake import agreeing, open_agreement  # noqa: PLC0415
+            from ckpt.distributed.handshake import open_manager_agreement  # noqa: PLC0415
 
             config: dict[str, Json] = {
                 "directory": given if node_local else self._storage.url,
@@ -193,17 +194,10 @@ class CheckpointManager:
                 "timeouts": [float(collective_timeout), float(handshake_timeout)],
                 "tiers": [[os.fspath(t.url), t.every_steps] for t in tiers],  # rank 0 copies
             }
-            self._handshake, self._decisions = open_agreement(
+            self._handshake, self._decisions, agree = open_manager_agreement(
                 self._group, process_group, config, float(handshake_timeout)
             )
-            agree = None if self._decisions is None else agreeing(self._decisions)
         self.async_save = bool(async_save)
-        if background_nice is not None and (
-            isinstance(background_nice, bool)
-            or not isinstance(background_nice, int)
-            or not 0 <= background_nice <= 19
-        ):
-            raise ValueError(f"background_nice must be None or 0..19, got {background_nice!r}")
         self.background_nice = background_nice
         self._staging = StagingBuffers()
         self._saver = Saver(collective=self._group is not None)
@@ -464,19 +458,16 @@ class CheckpointManager:
                 error lists the items restored before it and those left untouched.
         """
         self._saver.wait()
-        check_map_location(map_location)
-        for name in items:
-            check_item_name(name, RESERVED_NAMES)
-        check_flags(
+        options = restore_options(
+            map_location,
+            items,
+            RESERVED_NAMES,
             strict=strict,
             rng=rng,
             verify=verify,
             assign=assign,
             optimizer_class_change=optimizer_class_change,
             optimizer_by_position=optimizer_by_position,
-        )
-        options = RestoreOptions(
-            map_location, strict, assign, optimizer_class_change, optimizer_by_position
         )
         if self._group is not None:
             self._handshake.meet("restore()", {"step": step})

@@ -28,7 +28,7 @@ from ckpt.errors import CollectiveError
 from ckpt.state.tree import Json
 from ckpt.torch_compat import default_store
 
-__all__ = ["Handshake", "agreeing", "open_agreement"]
+__all__ = ["Handshake", "agreeing", "open_agreement", "open_manager_agreement"]
 
 logger = logging.getLogger(__name__)
 
@@ -207,6 +207,17 @@ def open_agreement(
     except BaseException:
         group.close()  # the manager is not built: its group goes with it
         raise
+
+
+def open_manager_agreement(
+    group: RankGroup, process_group: Any, config: dict[str, Json], timeout: float
+) -> tuple[Handshake, RankGroup | None, Callable[[int, list[bool]], list[bool]] | None]:
+    """A manager's handshake, its decision group and ``should_save``'s agreement over it.
+
+    As :func:`open_agreement`, plus the agreement (``None`` without a decision group).
+    """
+    handshake, decisions = open_agreement(group, process_group, config, timeout)
+    return handshake, decisions, None if decisions is None else agreeing(decisions)
 
 
 def _open(

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from functools import partial
 from typing import Any, TypeAlias, cast
 
@@ -24,19 +24,46 @@ from ckpt.format import MANIFEST_NAME, Manifest, step_dir_name
 from ckpt.io import load_tensors
 from ckpt.reading.reader import Checkpoint, CheckpointReader, located
 from ckpt.reading.steps import StepReader
+from ckpt.restoring.locations import MapLocation, check_map_location
 from ckpt.restoring.pipeline import PreparedRestore, apply_restore, prepare_restore
 from ckpt.restoring.tiered import across_tiers, agreed_across_tiers
+from ckpt.state.items import check_flags, check_item_name
 from ckpt.state.kinds import RestoreOptions
 from ckpt.state.rng import RNG_ITEM, RandomStreams
 from ckpt.storage import Storage
 
-__all__ = ["Prepared", "Restorer", "apply_prepared", "prepare_step"]
+__all__ = ["Prepared", "Restorer", "apply_prepared", "prepare_step", "restore_options"]
 
 logger = logging.getLogger(__name__)
 
 Missing = dict[str, list[str]]
 
 Prepared: TypeAlias = "PreparedRestore | PreparedCollective"
+
+
+def restore_options(
+    map_location: MapLocation, names: Iterable[str], reserved: Collection[str], **flags: bool
+) -> RestoreOptions:
+    """Check ``restore()``'s arguments up front; the options every item follows.
+
+    ``flags`` are ``strict``, ``rng``, ``verify``, ``assign``,
+    ``optimizer_class_change`` and ``optimizer_by_position``.
+
+    Raises:
+        TypeError: A flag is not a bool, or ``map_location`` has no accepted form.
+        ValueError: An item name is reserved or not an identifier; a bad device.
+    """
+    check_map_location(map_location)
+    for name in names:
+        check_item_name(name, reserved)
+    check_flags(**flags)
+    return RestoreOptions(
+        map_location,
+        flags["strict"],
+        flags["assign"],
+        flags["optimizer_class_change"],
+        flags["optimizer_by_position"],
+    )
 
 
 def prepare_step(
