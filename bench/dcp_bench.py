@@ -1,7 +1,7 @@
 """Benchmark: ckpt against torch.distributed.checkpoint (DCP) on the same 2-rank FSDP2 state.
 
 Usage: python bench/dcp_bench.py [--mib 300] [--width 2048] [--ranks 2] [--repeat 1]
-                                  [--dir DIR] [--json]
+                                  [--dir DIR] [--json] [--profile DIR]
 
 Each rank builds the same model of ``Linear(width, width)`` layers, shards it
 with ``fully_shard`` (FSDP2) and takes one AdamW step, so that parameters and
@@ -109,6 +109,17 @@ def _reset_peak() -> bool:
     return True
 
 
+def _profiler(args):
+    """A running cProfile of this rank's ckpt load, with ``--profile DIR`` (else None)."""
+    if not args.profile:
+        return None
+    import cProfile
+
+    profile = cProfile.Profile()
+    profile.enable()
+    return profile
+
+
 def rank_main(args) -> None:
     """One rank of one measurement; prints a JSON line."""
     from datetime import timedelta
@@ -152,10 +163,14 @@ def rank_main(args) -> None:
         set_state_dict(model, optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optim"])  # fmt: skip
     else:
+        profile = _profiler(args)
         mgr = ckpt.CheckpointManager(str(target))
         mgr.restore(model=model, optimizer=optimizer, rng=False,
                     verify=args.method == "ckpt")  # fmt: skip
         mgr.close()
+        if profile is not None:
+            profile.disable()
+            profile.dump_stats(Path(args.profile) / f"{args.method}-rank{args.rank}.prof")
     dist.barrier()
     seconds = time.perf_counter() - start
     peak = _rss_kib("VmHWM")
@@ -204,6 +219,7 @@ def measure(args, phase: str, method: str) -> list[dict]:
                 str(args.layers),
                 "--dir",
                 args.dir,
+                *(["--profile", args.profile] if args.profile else []),
             ],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -362,6 +378,9 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=1, help="runs per figure (median)")
     parser.add_argument("--dir", default=None)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument(
+        "--profile", default=None, help="write a cProfile of each rank's ckpt loads to this folder"
+    )
     parser.add_argument("--rank", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--phase", help=argparse.SUPPRESS)
