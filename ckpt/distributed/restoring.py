@@ -234,8 +234,11 @@ def _read_item(
     held = source if isinstance(source, SavedChunks) else None  # chunks read again later
     if isinstance(obj, torch.nn.Module):
         return _read_module(source, held, section, name, items, pairs, options, rank)
-    dest = optimizer_destinations(name, obj, items[pairs[name]], record, section, options)
-    live = {} if held is None else live_optimizer_tensors(name, items, pairs, record, dest)
+    candidates = None if held is None else live_optimizer_tensors(name, items, pairs, record)
+    dest = optimizer_destinations(
+        name, obj, items[pairs[name]], record, section, options, candidates
+    )
+    live = {n: t for n, t in dest.items() if candidates and candidates.get(n) is t}
     fresh = {n: t for n, t in dest.items() if n not in live}
     nbytes = read_into(source, {n: section.tensors[n] for n in fresh}, fresh)
     reads = None

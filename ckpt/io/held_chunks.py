@@ -28,14 +28,18 @@ import torch
 
 from ckpt.errors import CheckpointNotFoundError, CorruptCheckpointError
 from ckpt.format import ChunkRecord, GlobalTensorRecord
-from ckpt.format.checksums import CHUNK_BYTES, Hasher
+from ckpt.format.checksums import Hasher
 from ckpt.format.tensorfile import TensorEntry, tensor_bytes
 from ckpt.io.live_reads import DeferredRead, run_reads
 from ckpt.io.pending import Reopen, Source, held_files_limit
 from ckpt.io.spill import spill_room
 from ckpt.storage import Storage
 
-__all__ = ["CheckedChunk", "ChunkReads", "HeldChunks"]
+__all__ = ["CHECK_READ_BYTES", "CheckedChunk", "ChunkReads", "HeldChunks"]
+
+CHECK_READ_BYTES = 256 * 1024
+"""Bytes read at a time to hash a chunk: few enough to stay in the CPU's cache from the read
+to the hash (an 8 MiB buffer hashed about 1.5 times slower on a 2-core VM)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,7 +207,7 @@ class HeldChunks:
     ) -> None:
         """Read the entry's bytes through the one scratch buffer, hashing (and copying) them."""
         if not self._scratch:
-            self._scratch = bytearray(CHUNK_BYTES)
+            self._scratch = bytearray(CHECK_READ_BYTES)
         view = memoryview(self._scratch)
         f.seek(entry.begin)
         left = entry.nbytes
