@@ -79,7 +79,7 @@ def on_ranks_restore_changed_between_passes(
             mgr.restore(model=model, optimizer=optimizer, rng=False)
     except ckpt.CheckpointError as e:
         outcome = {"error": type(e).__name__, "message": str(e)}
-        outcome["applied"] = getattr(e, "applied", None)
+        outcome["applied"] = list(getattr(e, "applied", ["not a PartialRestoreError"]))
     finally:
         restoring.apply_sharded_restore = apply  # type: ignore[assignment]
         held_chunks.held_files_limit = limit  # type: ignore[assignment]

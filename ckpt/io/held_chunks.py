@@ -10,9 +10,9 @@ deleted meanwhile. At most :func:`~ckpt.io.pending.held_files_limit` files stay
 open; the others are closed, and reopened (for the checks and the reads) only
 if still the same file. Object-store bytes are copied, as they are hashed, into
 one unnamed local spill file (into memory when the spill has no room).
-:meth:`HeldChunks.recheck` tells whether a held file was changed in place since
-(its identity: size, modification and change times), without touching a live
-tensor. :class:`ChunkReads` is the second pass: it reads without hashing again.
+:meth:`HeldChunks.recheck` tells whether a held file was written to since (its
+size and modification time), without touching a live tensor. :class:`ChunkReads`
+is the second pass: it reads without hashing again.
 """
 
 from __future__ import annotations
@@ -63,6 +63,8 @@ class _File:
     """The held file or a :class:`Reopen`; ``None`` on an object store."""
     identity: object | None
     size: int | None = None
+    stamp: tuple[int, int] | None = None
+    """A held file's size and modification time when checked."""
 
 
 class HeldChunks:
@@ -122,14 +124,15 @@ class HeldChunks:
     def recheck(self) -> None:
         """Raise unless every file checked is still as checked; touches no live tensor.
 
-        Held files must not have been changed in place (a replaced or deleted
-        one is still read as checked); closed ones must reopen as the same file.
+        Held files must not have been written to (their size and modification
+        time; one replaced or deleted is still read as checked); closed ones
+        must reopen as the same file (see ``Storage.file_identity``).
 
         Raises:
             CorruptCheckpointError: A file was changed (or replaced, if closed) since.
         """
         for f, file in self._held:
-            if self.storage.file_identity(f) != file.identity:
+            if _contents_stamp(f) != file.stamp:
                 raise CorruptCheckpointError(
                     "file was changed after it was checked", path=file.path
                 )
@@ -163,7 +166,7 @@ class HeldChunks:
             if identity is not None:
                 file.size = os.fstat(f.fileno()).st_size
                 if len(self._held) < self._limit:
-                    file.source = f
+                    file.source, file.stamp = f, _contents_stamp(f)
                     self._held.append((f, file))
                     self._stack.push(scope.pop_all())  # open until close()
                 else:
@@ -224,6 +227,12 @@ class HeldChunks:
             if to is not None:
                 to.write(view[:n])
             left -= n
+
+
+def _contents_stamp(f: BinaryIO) -> tuple[int, int]:
+    """Size and modification time: a write changes them, an unlink or rename does not."""
+    info = os.fstat(f.fileno())
+    return info.st_size, info.st_mtime_ns
 
 
 @contextmanager
