@@ -13,7 +13,9 @@
 
 Any failure before the commit: nothing is committed, the coordinator removes
 the attempt, and every rank raises :class:`~ckpt.CheckpointWriteError` naming
-the failed ranks. A rank that dies makes the others' collectives fail within
+the failed ranks; a ``TypeError`` or ``ValueError`` capturing a rank's state (a
+value that cannot be stored) is raised as such on every rank, as one process
+raises it. A rank that dies makes the others' collectives fail within
 the group's timeout (:class:`~ckpt.CollectiveError`), never hang.
 """
 
