@@ -4,12 +4,13 @@ A checkpoint saved by several ranks (format v3) is read as saved; one saved by
 one process (v1, v2) as one saved by a group of one
 (:mod:`ckpt.distributed.one_process`). Each rank maps the saved chunks onto its
 part of every live tensor with DCP's load planner
-(:mod:`ckpt.distributed.reading`), checks the chunks it needs (reading into
-fresh tensors those without a live counterpart), and validates its own items
-(random streams, schedulers, samplers, ...) as a single-process restore does.
-Only when every rank has succeeded (the caller agrees, see
-:mod:`ckpt.distributed.outcomes`) does a rank change anything: it reads the
-checked chunks into its live tensors, loads modules through DCP's
+(:mod:`ckpt.distributed.reading`), checks the chunks it needs, holding their
+files (reading into fresh tensors those without a live counterpart), and
+validates its own items (random streams, schedulers, samplers, ...) as a
+single-process restore does. Only when every rank has succeeded (the caller
+agrees, see :mod:`ckpt.distributed.outcomes`) does a rank change anything:
+the ranks agree that no file they checked changed since, then each reads the
+checked chunks into its live tensors (not hashed again), loads modules through DCP's
 ``set_model_state_dict`` and optimizers through torch's ``load_state_dict``,
 then its own items. A rank that did not exist when the checkpoint was saved
 takes rank 0's own items, and its random streams are seeded from the step and
@@ -231,7 +232,7 @@ def _read_item(
         raise IncompatibleCheckpointError(
             f"item {name!r} was saved as a {record.kind}, not a {live_kind}", key=name
         )
-    held = source if isinstance(source, SavedChunks) else None  # chunks read again later
+    held = source if isinstance(source, SavedChunks) else None  # checked now, read at apply
     if isinstance(obj, torch.nn.Module):
         return _read_module(source, held, section, name, items, pairs, options, rank)
     candidates = None if held is None else live_optimizer_tensors(name, items, pairs, record)
