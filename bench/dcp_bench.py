@@ -1,7 +1,7 @@
 """Benchmark: ckpt against torch.distributed.checkpoint (DCP) on the same 2-rank FSDP2 state.
 
 Usage: python bench/dcp_bench.py [--mib 300] [--width 2048] [--ranks 2] [--repeat 1]
-                                  [--dir DIR] [--json]
+                                  [--dir DIR] [--json] [--profile DIR]
 
 Each rank builds the same model of ``Linear(width, width)`` layers, shards it
 with ``fully_shard`` (FSDP2) and takes one AdamW step, so that parameters and
@@ -18,8 +18,10 @@ processes (gloo on CPU, loopback), methods taking turns:
   a digest of each rank's shards taken before the save.
 
 Seconds run from a barrier before the call to a barrier after it (the slowest
-rank's time). Memory is each rank's peak RSS above its RSS before the call
-(VmHWM reset through /proc/self/clear_refs), the largest over the ranks.
+rank's time); "cpu s" is the CPU time of the rank's process over the same span
+(the largest over the ranks), steadier than seconds on a shared machine.
+Memory is each rank's peak RSS above its RSS before the call (VmHWM reset
+through /proc/self/clear_refs), the largest over the ranks.
 "Metadata" is DCP's pickled ``.metadata`` against ckpt's ``manifest.json``,
 divided by the number of shards each records. Prints medians of ``--repeat``
 runs and the ratios ckpt / DCP; ``--json`` prints them as one JSON object.
@@ -109,6 +111,23 @@ def _reset_peak() -> bool:
     return True
 
 
+def ckpt_load(args, target: Path, model, optimizer) -> None:
+    """Restore with ckpt; with ``--profile DIR``, under cProfile (stats written to DIR)."""
+    import cProfile
+
+    import ckpt
+
+    profile = cProfile.Profile() if args.profile else None
+    if profile is not None:
+        profile.enable()
+    mgr = ckpt.CheckpointManager(str(target))
+    mgr.restore(model=model, optimizer=optimizer, rng=False, verify=args.method == "ckpt")
+    mgr.close()
+    if profile is not None:
+        profile.disable()
+        profile.dump_stats(Path(args.profile) / f"{args.method}-rank{args.rank}.prof")
+
+
 def rank_main(args) -> None:
     """One rank of one measurement; prints a JSON line."""
     from datetime import timedelta
@@ -118,7 +137,11 @@ def rank_main(args) -> None:
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     import ckpt
+    import ckpt.distributed.restoring
+    import ckpt.distributed.saving
 
+    # Both libraries' modules are imported before the timer (DCP's just above): ckpt
+    # imports those for process groups only when a group is in use.
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{args.port}", rank=args.rank,
         world_size=args.ranks, timeout=timedelta(seconds=RANK_TIMEOUT),
@@ -136,7 +159,7 @@ def rank_main(args) -> None:
     dist.barrier()
     exact_peak = _reset_peak()
     before = _rss_kib("VmRSS")
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     if args.phase == "save" and args.method == "dcp":
         model_state, optim_state = get_state_dict(model, optimizer)
         dcp.save({"model": model_state, "optim": optim_state},
@@ -152,15 +175,12 @@ def rank_main(args) -> None:
         set_state_dict(model, optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optim"])  # fmt: skip
     else:
-        mgr = ckpt.CheckpointManager(str(target))
-        mgr.restore(model=model, optimizer=optimizer, rng=False,
-                    verify=args.method == "ckpt")  # fmt: skip
-        mgr.close()
+        ckpt_load(args, target, model, optimizer)
     dist.barrier()
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     peak = _rss_kib("VmHWM")
-    result = {"seconds": seconds, "extra": (peak - before) * 1024 if exact_peak else None,
-              "peak": peak * 1024}  # fmt: skip
+    result = {"seconds": seconds, "cpu": cpu, "peak": peak * 1024,
+              "extra": (peak - before) * 1024 if exact_peak else None}  # fmt: skip
     if args.phase == "load":
         expected = json.loads(digests.read_text())["digest"]
         result["exact"] = local_digest(model, optimizer)[0] == expected
@@ -204,6 +224,7 @@ def measure(args, phase: str, method: str) -> list[dict]:
                 str(args.layers),
                 "--dir",
                 args.dir,
+                *(["--profile", args.profile] if args.profile else []),
             ],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -301,6 +322,7 @@ def run(args) -> dict:
         for method, rounds in runs.items():
             figures = {
                 "seconds": statistics.median(max(r["seconds"] for r in rs) for rs in rounds),
+                "cpu_seconds": statistics.median(max(r["cpu"] for r in rs) for rs in rounds),
                 "peak_rss_per_rank": max(r["peak"] for rs in rounds for r in rs),
             }
             extras = [r["extra"] for rs in rounds for r in rs]
@@ -321,6 +343,8 @@ def run(args) -> dict:
         "load_seconds": result["load"]["ckpt"]["seconds"] / result["load"]["dcp"]["seconds"],
         "load_seconds_no_verify": result["load"]["ckpt(no verify)"]["seconds"]
         / result["load"]["dcp"]["seconds"],
+        "save_cpu": result["save"]["ckpt"]["cpu_seconds"] / result["save"]["dcp"]["cpu_seconds"],
+        "load_cpu": result["load"]["ckpt"]["cpu_seconds"] / result["load"]["dcp"]["cpu_seconds"],
         "bytes_on_disk": sizes["ckpt"] / sizes["dcp"],
         "metadata_bytes": meta["ckpt_bytes"] / meta["dcp_bytes"],
         "metadata_bytes_per_shard": meta["ckpt_bytes_per_shard"] / meta["dcp_bytes_per_shard"],
@@ -333,17 +357,22 @@ def report(r: dict) -> None:
     print(f"{r['ranks']} ranks, FSDP2: {r['layers']} x Linear({r['width']}, {r['width']}) + AdamW, "
           f"{r['tensor_bytes'] / mib:.1f} MiB of tensors; medians of {r['repeat']}")  # fmt: skip
     print(
-        f"{'save':18s} {'s':>7s} {'disk MiB':>12s} {'extra MiB/rank':>15s} {'peak MiB/rank':>14s}"
+        f"{'save':18s} {'s':>7s} {'cpu s':>7s} {'disk MiB':>12s} {'extra MiB/rank':>15s} "
+        f"{'peak MiB/rank':>14s}"
     )
     for method, f in r["save"].items():
         extra = f.get("extra_rss_per_rank")
-        print(f"{method:18s} {f['seconds']:7.3f} {f['bytes_on_disk'] / mib:12.1f} "
+        print(f"{method:18s} {f['seconds']:7.3f} {f['cpu_seconds']:7.3f} "
+              f"{f['bytes_on_disk'] / mib:12.1f} "
               f"{'n/a' if extra is None else f'{extra / mib:.1f}':>15s} "
               f"{f['peak_rss_per_rank'] / mib:14.1f}")  # fmt: skip
-    print(f"{'load':18s} {'s':>7s} {'exact':>12s} {'extra MiB/rank':>15s} {'peak MiB/rank':>14s}")
+    print(
+        f"{'load':18s} {'s':>7s} {'cpu s':>7s} {'exact':>12s} {'extra MiB/rank':>15s} "
+        f"{'peak MiB/rank':>14s}"
+    )
     for method, f in r["load"].items():
         extra = f.get("extra_rss_per_rank")
-        print(f"{method:18s} {f['seconds']:7.3f} {f['exact']!s:>12s} "
+        print(f"{method:18s} {f['seconds']:7.3f} {f['cpu_seconds']:7.3f} {f['exact']!s:>12s} "
               f"{'n/a' if extra is None else f'{extra / mib:.1f}':>15s} "
               f"{f['peak_rss_per_rank'] / mib:14.1f}")  # fmt: skip
     m = r["metadata"]
@@ -362,6 +391,9 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=1, help="runs per figure (median)")
     parser.add_argument("--dir", default=None)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument(
+        "--profile", default=None, help="write a cProfile of each rank's ckpt loads to this folder"
+    )
     parser.add_argument("--rank", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--phase", help=argparse.SUPPRESS)

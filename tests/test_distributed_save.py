@@ -415,3 +415,41 @@ def on_ranks_should_save_on_rank_0_only(rank: int, world: int, root: str) -> str
 def test_should_save_on_one_rank_only_fails_fast_and_says_what_to_do(rank_pool, tmp_path):
     message = rank_pool.run(on_ranks_should_save_on_rank_0_only, str(tmp_path), timeout=60)[0]
     assert "every rank of the group must call should_save(step)" in message.lower()
+
+
+class Opaque:
+    """A value ckpt cannot store without pickle."""
+
+
+def _save_unstorable(root: str, value: Any) -> None:
+    with ckpt.CheckpointManager(root) as mgr:
+        mgr.save(0, state={"w": torch.zeros(2)}, config={"opts": {"x": value}}, rng=False)
+
+
+def on_ranks_save_unstorable(rank: int, world: int, root: str, who: str) -> dict[str, Any]:
+    """Save a dict item holding an :class:`Opaque` on every rank, or on rank 1 only."""
+    value = Opaque() if who == "all" or rank == 1 else 1
+    try:
+        _save_unstorable(root, value)
+    except Exception as e:
+        error: Exception = e
+    return {"error": type(error).__name__, "message": str(error)}
+
+
+@pytest.mark.parametrize("who", ["all", "one"])
+def test_an_unstorable_value_raises_the_one_process_type_error_on_every_rank(
+    rank_pool, tmp_path, who
+):
+    with pytest.raises(TypeError) as alone:
+        _save_unstorable(str(tmp_path / "alone"), Opaque())
+    assert "config['opts']['x']" in str(alone.value)
+    root = tmp_path / "ranks"
+    outcomes = rank_pool.run(on_ranks_save_unstorable, str(root), who)
+    assert [o["error"] for o in outcomes] == ["TypeError"] * 2
+    assert outcomes[1]["message"] == str(alone.value)  # as in one process
+    if who == "all":
+        assert outcomes[0]["message"] == str(alone.value)
+    else:
+        assert "rank 1" in outcomes[0]["message"] and str(alone.value) in outcomes[0]["message"]
+    assert ckpt.CheckpointManager(root).all_steps() == []
+    assert not [p for p in root.iterdir() if p.is_dir()]  # nothing written, no leftover

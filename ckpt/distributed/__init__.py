@@ -107,6 +107,7 @@ def prepare_collective(
         verify=verify,
         rank=rank,
         world_size=world_size,
+        group=group,
     )
     return PreparedCollective(step_name, manifest, restore)
 

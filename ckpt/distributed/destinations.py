@@ -17,7 +17,7 @@ import torch
 from ckpt.distributed.planning import local_shards
 from ckpt.distributed.states import optimizer_param_names, sharded_state
 from ckpt.errors import IncompatibleCheckpointError
-from ckpt.format import ItemRecord, ShardedSection
+from ckpt.format import GlobalTensorRecord, ItemRecord, ShardedSection
 from ckpt.state.kinds import RestoreOptions
 from ckpt.state.kinds.optimizer import check_optimizer_numbers
 from ckpt.state.optim import check_group_types, class_name
@@ -82,8 +82,14 @@ def optimizer_destinations(
     record: ItemRecord,
     section: ShardedSection,
     options: RestoreOptions,
+    live: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """A fresh tensor for each saved optimizer tensor, sharded like its parameter if shaped so."""
+    """A fresh tensor for each saved optimizer tensor, sharded like its parameter if shaped so.
+
+    A saved tensor whose candidate in ``live`` (by saved name, see
+    :func:`live_optimizer_tensors`) is laid out as that fresh tensor would be
+    gets the live tensor instead (none is allocated); the others a fresh one.
+    """
     saved_class = record.extra.get("class")
     if saved_class != class_name(optimizer) and not options.optimizer_class_change:
         raise IncompatibleCheckpointError(
@@ -129,6 +135,7 @@ def optimizer_destinations(
         check_group_types(f"{name}.param_groups[{g}]", saved_group, live_group)
     check_optimizer_numbers(name, decoded)
     dest: dict[str, torch.Tensor] = {}
+    taken: set[int] = set()  # a live tensor shared by two states is taken once
     for path, tensor_name in tensor_refs(state):
         saved = section.tensors[tensor_name]
         param = params.get(str(path[1])) if len(path) >= 3 and path[0] == "state" else None
@@ -136,11 +143,44 @@ def optimizer_destinations(
             raise IncompatibleCheckpointError(
                 f"item {name!r}: state for an unknown parameter at {list(path)}", key=name
             )
-        if tuple(saved.shape) == tuple(param.shape) and param.dim() > 0:
+        like_param = tuple(saved.shape) == tuple(param.shape) and param.dim() > 0
+        candidate = (live or {}).get(tensor_name)
+        if candidate is not None and _laid_out_as_fresh(candidate, param, saved, like_param):
+            where = local_shards(candidate).untyped_storage().data_ptr()
+            if where not in taken:
+                dest[tensor_name] = candidate
+                taken.add(where)
+                continue
+            taken.add(where)
+        if like_param:
             dest[tensor_name] = torch.empty_like(param, dtype=saved.dtype)
         else:
             dest[tensor_name] = torch.empty(saved.shape, dtype=saved.dtype)
     return dest
+
+
+def _laid_out_as_fresh(
+    live: torch.Tensor, param: torch.Tensor, saved: GlobalTensorRecord, like_param: bool
+) -> bool:
+    """Whether ``live`` is placed, shaped and typed as the fresh destination would be."""
+    if not like_param:
+        fresh_type, placements, mesh = torch.Tensor, None, None
+        local_shape, device = tuple(saved.shape), torch.device("cpu")
+    else:
+        # empty_like gives a plain tensor for a plain Parameter, the subclass for a DTensor
+        fresh_type = torch.Tensor if type(param) is torch.nn.Parameter else type(param)
+        placements = getattr(param, "placements", None)
+        mesh = getattr(param, "device_mesh", None)
+        local = local_shards(param)
+        local_shape, device = tuple(local.shape), local.device
+    if type(live) is not fresh_type or tuple(live.shape) != tuple(saved.shape):
+        return False
+    if live.dtype != saved.dtype or getattr(live, "placements", None) != placements:
+        return False
+    if getattr(live, "device_mesh", None) != mesh:
+        return False
+    here = local_shards(live)
+    return tuple(here.shape) == local_shape and here.device == device and here.is_contiguous()
 
 
 def _short(value: object) -> str:
@@ -153,35 +193,19 @@ def live_optimizer_tensors(
     items: Mapping[str, Any],
     pairs: Mapping[str, str],
     record: ItemRecord,
-    dest: Mapping[str, torch.Tensor],
 ) -> dict[str, torch.Tensor]:
-    """The live optimizer's state tensors that can take the saved ones in place, by saved name.
+    """The live optimizer's state tensors by saved name: candidates to take the saved ones in place.
 
-    A live tensor qualifies when it is placed, shaped and typed as its fresh
-    destination in ``dest`` would be (the same local shard of the same mesh).
+    :func:`optimizer_destinations` keeps those laid out as a fresh destination
+    would be (the same local shard of the same mesh).
     """
     live_state = sharded_state(name, items, pairs)["state"]
     found: dict[str, torch.Tensor] = {}
-    taken: set[int] = set()  # a live tensor shared by two states takes neither in place
     for path, tensor_name in tensor_refs(record.state):
-        if len(path) != 3 or path[0] != "state" or tensor_name not in dest:
+        if len(path) != 3 or path[0] != "state":
             continue
         per = live_state.get(str(path[1]))
         live = per.get(path[2]) if isinstance(per, dict) else None
-        if isinstance(live, torch.Tensor) and _same_layout(live, dest[tensor_name]):
-            where = local_shards(live).untyped_storage().data_ptr()
-            if where not in taken:
-                found[tensor_name] = live
-            taken.add(where)
+        if isinstance(live, torch.Tensor):
+            found[tensor_name] = live
     return found
-
-
-def _same_layout(live: torch.Tensor, fresh: torch.Tensor) -> bool:
-    if type(live) is not type(fresh) or live.shape != fresh.shape or live.dtype != fresh.dtype:
-        return False
-    if getattr(live, "placements", None) != getattr(fresh, "placements", None):
-        return False
-    if getattr(live, "device_mesh", None) != getattr(fresh, "device_mesh", None):
-        return False
-    here, there = local_shards(live), local_shards(fresh)
-    return here.shape == there.shape and here.device == there.device and here.is_contiguous()

@@ -5,7 +5,10 @@ saved chunks of each global tensor onto this rank's part of the live tensor
 (:func:`read_into`), and a :class:`ChunkSource` fetches the chunks it needs.
 
 - :class:`SavedChunks`: a checkpoint saved by several ranks (format version 3);
-  each chunk is read alone, its bytes checked against its own checksum.
+  each chunk is read alone, its bytes checked against its own checksum. Chunks
+  with a live destination are checked first (:func:`check_then_read`), their
+  files held, and read into the live tensors from those files once every
+  rank's checks passed, without being hashed again.
 - :class:`WholeTensors`: a checkpoint saved by one process (versions 1 and 2),
   seen as a group of one (:mod:`ckpt.distributed.one_process`): each tensor is
   one chunk covering it. Its file's checksum covers the whole file, so the
@@ -16,6 +19,7 @@ saved chunks of each global tensor onto this rank's part of the live tensor
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Protocol
@@ -23,9 +27,9 @@ from typing import Protocol
 import torch
 
 from ckpt.distributed.planning import ChunkRead, local_shards, plan_reads
-from ckpt.errors import CheckpointNotFoundError, CorruptCheckpointError
 from ckpt.format import GlobalTensorRecord, Manifest
 from ckpt.io import load_tensors, read_chunk
+from ckpt.io.held_chunks import CheckedChunk, ChunkReads, HeldChunks
 from ckpt.storage import Storage
 
 __all__ = [
@@ -55,33 +59,33 @@ class SavedChunks:
 
     def __init__(self, storage: Storage, directory: str, *, verify: bool) -> None:
         self.storage, self.directory, self.verify = storage, directory, verify
-        self._sizes: dict[str, int] = {}
+        self._held: HeldChunks | None = None
 
-    def check(self, name: str, record: GlobalTensorRecord, index: int) -> None:
-        """Check a chunk without keeping it: its bytes (with ``verify``), else its file's size.
+    def check(self, name: str, record: GlobalTensorRecord, index: int) -> CheckedChunk:
+        """Check a chunk and keep where its checked bytes can be read again (see :meth:`close`).
+
+        Its bytes are hashed (with ``verify``; else its file's size is checked)
+        through one reused buffer; its file stays open, or is reopened for the
+        reads only if unchanged (:class:`~ckpt.io.held_chunks.HeldChunks`).
 
         Raises:
+            CheckpointNotFoundError: Its file is missing (with ``verify``).
             CorruptCheckpointError: The chunk fails its checksum, or its file is short or missing.
         """
-        if self.verify:
-            self.read(name, record, index, None)
-            return
-        chunk = record.chunks[index]
-        if chunk.file not in self._sizes:
-            try:
-                self._sizes[chunk.file] = self.storage.size(self.directory, chunk.file)
-            except CheckpointNotFoundError as e:
-                raise CorruptCheckpointError(
-                    "a file listed in the manifest is missing",
-                    path=self.storage.path(self.directory, chunk.file),
-                    key=name,
-                ) from e
-        if self._sizes[chunk.file] < chunk.begin + record.chunk_nbytes(chunk):
-            raise CorruptCheckpointError(
-                f"file ends before the last byte of chunk {index}",
-                path=self.storage.path(self.directory, chunk.file),
-                key=name,
-            )
+        if self._held is None:
+            self._held = HeldChunks(self.storage, self.directory, verify=self.verify)
+        return self._held.check(name, record, index)
+
+    def recheck(self) -> None:
+        """Raise unless every file checked is still as checked (see ``HeldChunks.recheck``)."""
+        if self._held is not None:
+            self._held.recheck()
+
+    def close(self) -> None:
+        """Let go of the files held since the checks."""
+        if self._held is not None:
+            self._held.close()
+            self._held = None
 
     @contextlib.contextmanager
     def reading(self, names: list[str]) -> Iterator[None]:
@@ -149,19 +153,18 @@ class WholeTensors:
 class PlannedReads:
     """Reads of checked chunks into live tensors, held back until every rank's checks passed."""
 
-    source: ChunkSource
-    records: Mapping[str, GlobalTensorRecord]
+    source: SavedChunks
     dest: Mapping[str, torch.Tensor]
-    by_chunk: dict[tuple[str, int], list[ChunkRead]]
+    reads: ChunkReads
 
     def run(self) -> None:
-        """Read the chunks into the live tensors (each chunk checked again as it is read).
+        """Read the checked chunks into the live tensors, from the files checked (not hashed again).
 
         Raises:
-            CorruptCheckpointError: A chunk changed since it was checked.
+            CorruptCheckpointError: A file closed after its checks was replaced, or a read failed.
         """
         with torch.no_grad():  # live parameters are written in place
-            _read_planned(self.source, self.records, self.dest, self.by_chunk)
+            self.reads.run(self.source.storage)
 
 
 def _plan(
@@ -201,11 +204,14 @@ def check_then_read(
     records: Mapping[str, GlobalTensorRecord],
     dest: Mapping[str, torch.Tensor],
 ) -> tuple[int, PlannedReads]:
-    """Read and check the chunks this rank needs for ``dest`` without writing into it.
+    """Check the chunks this rank needs for ``dest`` without writing into it.
 
-    Each chunk is read into a buffer of its own size, checked and dropped
-    (without ``verify``, only its file's size is checked); the returned reads
-    put the chunks into ``dest`` later (:meth:`PlannedReads.run`).
+    Each chunk's bytes are hashed through one reused buffer (without
+    ``verify``, only its file's size is checked) and its file kept (see
+    :meth:`SavedChunks.check`); the returned reads put the checked bytes into
+    ``dest`` later (:meth:`PlannedReads.run`): a chunk filling a contiguous part
+    of its destination straight into it, any other through a buffer of its own
+    size, one at a time.
 
     Returns:
         The bytes of the chunks checked, and the reads to run.
@@ -216,11 +222,19 @@ def check_then_read(
     """
     by_chunk = _plan(records, dest)
     nbytes = 0
-    for name, index in by_chunk:
+    reads = ChunkReads()
+    for (name, index), boxes in by_chunk.items():
         record = records[name]
-        nbytes += record.chunk_nbytes(record.chunks[index])
-        source.check(name, record, index)
-    return nbytes, PlannedReads(source, records, dest, by_chunk)
+        saved = record.chunks[index]
+        nbytes += record.chunk_nbytes(saved)
+        checked = source.check(name, record, index)
+        target = local_shards(dest[name])
+        direct = _whole_chunk_view(target, boxes, saved.sizes)
+        if direct is not None:  # the usual case (same sharding): no buffer at all
+            reads.into(checked, direct)
+        else:
+            reads.fill(checked, functools.partial(_copy_boxes, target=target, boxes=boxes))
+    return nbytes, PlannedReads(source, dest, reads)
 
 
 def _read_planned(
@@ -236,14 +250,17 @@ def _read_planned(
             saved = record.chunks[index]
             target = local_shards(dest[name])
             nbytes += record.chunk_nbytes(saved)
-            direct = _whole_chunk_view(target, boxes, saved.sizes, record.dtype)
-            if direct is not None:  # the usual case (same sharding): no second copy
-                source.read(name, record, index, direct)
+            direct = _whole_chunk_view(target, boxes, saved.sizes)
+            if direct is not None and direct.device.type == "cpu" and direct.dtype == record.dtype:
+                source.read(name, record, index, direct)  # no second copy
                 continue
-            chunk = source.read(name, record, index, None)
-            for box in boxes:
-                _copy_box(chunk, target, box)
+            _copy_boxes(source.read(name, record, index, None), target, boxes)
     return nbytes
+
+
+def _copy_boxes(chunk: torch.Tensor, target: torch.Tensor, boxes: list[ChunkRead]) -> None:
+    for box in boxes:
+        _copy_box(chunk, target, box)
 
 
 def _copy_box(chunk: torch.Tensor, target: torch.Tensor, box: ChunkRead) -> None:
@@ -257,10 +274,10 @@ def _copy_box(chunk: torch.Tensor, target: torch.Tensor, box: ChunkRead) -> None
 
 
 def _whole_chunk_view(
-    target: torch.Tensor, boxes: list[ChunkRead], sizes: tuple[int, ...], dtype: torch.dtype
+    target: torch.Tensor, boxes: list[ChunkRead], sizes: tuple[int, ...]
 ) -> torch.Tensor | None:
-    """The part of ``target`` one whole chunk fills, when it can be read into directly."""
-    if len(boxes) != 1 or target.device.type != "cpu" or target.dtype != dtype:
+    """The part of ``target`` one whole chunk fills, when it is contiguous (any device, dtype)."""
+    if len(boxes) != 1:
         return None
     box = boxes[0]
     if any(box.source_offsets) or box.lengths != tuple(sizes):

@@ -4,12 +4,13 @@ A checkpoint saved by several ranks (format v3) is read as saved; one saved by
 one process (v1, v2) as one saved by a group of one
 (:mod:`ckpt.distributed.one_process`). Each rank maps the saved chunks onto its
 part of every live tensor with DCP's load planner
-(:mod:`ckpt.distributed.reading`), checks the chunks it needs (reading into
-fresh tensors those without a live counterpart), and validates its own items
-(random streams, schedulers, samplers, ...) as a single-process restore does.
-Only when every rank has succeeded (the caller agrees, see
-:mod:`ckpt.distributed.outcomes`) does a rank change anything: it reads the
-checked chunks into its live tensors, loads modules through DCP's
+(:mod:`ckpt.distributed.reading`), checks the chunks it needs, holding their
+files (reading into fresh tensors those without a live counterpart), and
+validates its own items (random streams, schedulers, samplers, ...) as a
+single-process restore does. Only when every rank has succeeded (the caller
+agrees, see :mod:`ckpt.distributed.outcomes`) does a rank change anything:
+the ranks agree that no file they checked changed since, then each reads the
+checked chunks into its live tensors (not hashed again), loads modules through DCP's
 ``set_model_state_dict`` and optimizers through torch's ``load_state_dict``,
 then its own items. A rank that did not exist when the checkpoint was saved
 takes rank 0's own items, and its random streams are seeded from the step and
@@ -32,7 +33,9 @@ from ckpt.distributed.destinations import (
     module_destinations,
     optimizer_destinations,
 )
+from ckpt.distributed.group import RankGroup
 from ckpt.distributed.one_process import group_of_one
+from ckpt.distributed.outcomes import raise_agreed
 from ckpt.distributed.reading import (
     ChunkSource,
     PlannedReads,
@@ -83,6 +86,24 @@ class ShardedRestore:
     """Bytes of tensor data read."""
     reads: dict[str, PlannedReads] = field(default_factory=dict)
     """Checked chunks still to read into live tensors, by item (run when it is applied)."""
+    chunks: SavedChunks | None = None
+    """The chunks' files, held from the checks to the reads into live tensors."""
+    group: RankGroup | None = None
+    """The ranks that agree, before any applies, that their files are still as checked."""
+
+    def recheck(self) -> None:
+        """Raise unless every file held or closed since the checks is still as checked.
+
+        Raises:
+            CorruptCheckpointError: A file was changed since its checks.
+        """
+        if self.chunks is not None:
+            self.chunks.recheck()
+
+    def close(self) -> None:
+        """Let go of the files held for the reads into live tensors."""
+        if self.chunks is not None:
+            self.chunks.close()
 
 
 def prepare_sharded_restore(
@@ -97,8 +118,12 @@ def prepare_sharded_restore(
     rank: int,
     world_size: int,
     source: ChunkSource | None = None,
+    group: RankGroup | None = None,
 ) -> ShardedRestore:
     """Read and check everything this rank restores from a v3 checkpoint; change nothing.
+
+    The files of the chunks still to read into live tensors stay held until
+    the restore is applied (or :meth:`ShardedRestore.close`).
 
     Raises:
         CheckpointNotFoundError: An item is not in the checkpoint.
@@ -108,16 +133,62 @@ def prepare_sharded_restore(
     section = manifest.sharded
     assert section is not None
     chunks = source or SavedChunks(storage, step_name, verify=verify)
+    held = chunks if isinstance(chunks, SavedChunks) else None
+    restore = ShardedRestore({}, {}, None, chunks=held, group=group)
+    try:
+        _read_sharded(restore, chunks, section, items, options, rank)
+        _prepare_own(restore, storage, step_name, manifest, items, options, rng, verify, rank)
+    except BaseException:
+        restore.close()
+        raise
+    if world_size != section.world_size:
+        logger.warning(
+            "restoring step %d saved by %d ranks on %d ranks%s",
+            manifest.step,
+            section.world_size,
+            world_size,
+            f"; rank {rank} did not exist then: its random streams are seeded from the step "
+            "and its rank"
+            if restore.reseed is not None
+            else "",
+        )
+    return restore
+
+
+def _read_sharded(
+    restore: ShardedRestore,
+    chunks: ChunkSource,
+    section: ShardedSection,
+    items: dict[str, Any],
+    options: RestoreOptions,
+    rank: int,
+) -> None:
+    """Read and check the modules and optimizers (modules first) into ``restore``."""
     sharded_live = {n: o for n, o in items.items() if n in section.items}
     register_sharded(sharded_live)
-    pairs = pair_optimizers(sharded_live)
-    restore = ShardedRestore({}, pairs, None)
+    restore.pairs = pairs = pair_optimizers(sharded_live)
     for name in sorted(sharded_live, key=lambda n: section.items[n].kind != "module"):
         state, nbytes, reads = _read_item(chunks, section, name, items, pairs, options, rank)
         restore.sharded[name] = state
         restore.nbytes += nbytes
         if reads is not None:
             restore.reads[name] = reads
+
+
+def _prepare_own(
+    restore: ShardedRestore,
+    storage: Storage,
+    step_name: str,
+    manifest: Manifest,
+    items: dict[str, Any],
+    options: RestoreOptions,
+    rng: bool,
+    verify: bool,
+    rank: int,
+) -> None:
+    """Check this rank's own items (as the rank saved them, or as rank 0 did) into ``restore``."""
+    section = manifest.sharded
+    assert section is not None
     own_index = rank if rank < section.world_size else 0
     view = rank_manifest(manifest, own_index)
     own_items = {n: o for n, o in items.items() if n not in section.items}
@@ -135,18 +206,6 @@ def prepare_sharded_restore(
         restore.own = prepare_restore(
             storage, step_name, view, own_items, options, verify=verify, read=load_tensors
         )
-    if world_size != section.world_size:
-        logger.warning(
-            "restoring step %d saved by %d ranks on %d ranks%s",
-            manifest.step,
-            section.world_size,
-            world_size,
-            f"; rank {rank} did not exist then: its random streams are seeded from the step "
-            "and its rank"
-            if restore.reseed is not None
-            else "",
-        )
-    return restore
 
 
 def _read_item(
@@ -173,11 +232,14 @@ def _read_item(
         raise IncompatibleCheckpointError(
             f"item {name!r} was saved as a {record.kind}, not a {live_kind}", key=name
         )
-    held = source if isinstance(source, SavedChunks) else None  # chunks read again later
+    held = source if isinstance(source, SavedChunks) else None  # checked now, read at apply
     if isinstance(obj, torch.nn.Module):
         return _read_module(source, held, section, name, items, pairs, options, rank)
-    dest = optimizer_destinations(name, obj, items[pairs[name]], record, section, options)
-    live = {} if held is None else live_optimizer_tensors(name, items, pairs, record, dest)
+    candidates = None if held is None else live_optimizer_tensors(name, items, pairs, record)
+    dest = optimizer_destinations(
+        name, obj, items[pairs[name]], record, section, options, candidates
+    )
+    live = {n: t for n, t in dest.items() if candidates and candidates.get(n) is t}
     fresh = {n: t for n, t in dest.items() if n not in live}
     nbytes = read_into(source, {n: section.tensors[n] for n in fresh}, fresh)
     reads = None
@@ -218,9 +280,39 @@ def apply_sharded_restore(
 ) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
     """Load everything read: modules, optimizers, then this rank's own items.
 
+    First, before anything changes, every file the checks held or closed must
+    still be as checked, on every rank of ``restore.group`` (a collective: every
+    rank of the group calls this).
+
     Raises:
+        CorruptCheckpointError: A file changed since its checks, on this rank or
+            (naming it) on another; nothing was changed on any rank.
         PartialRestoreError: An item's own code raised while it was loaded.
     """
+    try:
+        _recheck_everywhere(restore)
+        return _apply_items(restore, items, strict, where)
+    finally:
+        restore.close()
+
+
+def _recheck_everywhere(restore: ShardedRestore) -> None:
+    """Raise on every rank of the group unless every rank's files are still as checked."""
+    error: Exception | None = None
+    try:
+        restore.recheck()
+    except Exception as e:
+        error = e
+    if restore.group is None:
+        if error is not None:
+            raise error
+        return
+    raise_agreed(restore.group, error, "checking the checked files again")
+
+
+def _apply_items(
+    restore: ShardedRestore, items: Mapping[str, Any], strict: bool, where: str
+) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
     missing: dict[str, list[str]] = {}
     unexpected: dict[str, list[str]] = {}
     order = list(restore.sharded)
@@ -348,12 +440,14 @@ def prepare_on_rank(
     verify: bool,
     rank: int,
     world_size: int,
+    group: RankGroup | None = None,
 ) -> ShardedRestore:
     """Prepare a restore on this rank, from a checkpoint saved by any number of processes.
 
     A single-process checkpoint (format 1 or 2) is read as one saved by a group
     of one (:mod:`ckpt.distributed.one_process`). Runs no collective: the caller
-    agrees on the outcome with the other ranks.
+    agrees on the outcome with the other ranks (and applying it on ``group``
+    runs one, see :func:`apply_sharded_restore`).
     """
     view, source = manifest, None
     if manifest.sharded is None:
@@ -370,4 +464,5 @@ def prepare_on_rank(
         rank=rank,
         world_size=world_size,
         source=source,
+        group=group,
     )

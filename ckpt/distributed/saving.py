@@ -17,7 +17,9 @@ coordinator's manifest there (its own files only).
 
 Any failure before the commit: nothing is committed, the coordinator removes
 the attempt, and every rank raises :class:`~ckpt.CheckpointWriteError` naming
-the failed ranks. A rank that dies makes the others' collectives fail within
+the failed ranks; a ``TypeError`` or ``ValueError`` capturing a rank's state (a
+value that cannot be stored) is raised as such on every rank, as one process
+raises it. A rank that dies makes the others' collectives fail within
 the group's timeout (:class:`~ckpt.CollectiveError`), never hang.
 """
 
@@ -67,6 +69,11 @@ _RAISED_AS = {
     "CheckpointExistsError": CheckpointExistsError,
     "CheckpointLockedError": CheckpointLockedError,
 }
+
+
+_CAPTURE_ERRORS: tuple[type[Exception], ...] = (TypeError, ValueError)
+"""Errors of capturing a rank's state that every rank raises as such, as one process does
+(a value that cannot be stored, named by its key path), not as a failed write."""
 
 
 def _describe(e: BaseException) -> str:
@@ -169,7 +176,8 @@ class CollectiveSave:
         shown = json.dumps(metrics, sort_keys=True, separators=(",", ":"))
         call = {"step": step, "epoch": epoch, "metrics": shown, "items": sorted(items)}
         call["overwrite"] = overwrite  # rank 0 decides it: every rank must ask the same
-        mismatch = _different_calls(step, self._agree(step, attempt, error, call))
+        agreed = self._agree(step, attempt, error, call, as_raised=_CAPTURE_ERRORS)
+        mismatch = _different_calls(step, agreed)
         if mismatch is not None:
             if group.is_coordinator or self.node_local:
                 self._abandon(attempt)
@@ -264,9 +272,19 @@ class CollectiveSave:
         return attempt.to_json()
 
     def _agree(
-        self, step: int, attempt: Attempt, error: BaseException | None, report: Any = None
+        self,
+        step: int,
+        attempt: Attempt,
+        error: BaseException | None,
+        report: Any = None,
+        as_raised: tuple[type[Exception], ...] = (),
     ) -> list[Any]:
-        """Gather every rank's outcome (and report); on any failure abandon the save and raise."""
+        """Gather every rank's outcome (and report); on any failure abandon the save and raise.
+
+        Every rank raises :class:`~ckpt.CheckpointWriteError`, or, when the lowest
+        failing rank's error is of a class in ``as_raised``, that class: a rank
+        that failed so raises its own error, the others one naming each failed rank.
+        """
         docs = self.group.all_gather_json(
             {"error": None if error is None else _describe(error), "report": report}
         )
@@ -277,6 +295,15 @@ class CollectiveSave:
             self._abandon(attempt)
         self.group.barrier()  # every rank raises once the attempt is gone
         where = "; ".join(f"rank {r}: {message}" for r, message in failed)
+        first = failed[0][1].split(":", 1)[0]
+        agreed = next((cls for cls in as_raised if cls.__name__ == first), None)
+        if agreed is not None and error is not None and type(error) is agreed:
+            raise error
+        if agreed is not None:
+            raise agreed(
+                f"could not save step {step}: {where}; nothing was written and earlier "
+                "checkpoints are intact"
+            ) from error
         failure = CheckpointWriteError(
             f"could not save step {step}: {where}; nothing was committed and earlier "
             "checkpoints are intact",

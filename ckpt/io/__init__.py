@@ -11,6 +11,8 @@ The edge between the pure format modules and the filesystem, one concern per mod
 - :mod:`ckpt.io.spill`: where checked object-store bytes wait locally.
 - :mod:`ckpt.io.verify`: checking every file of a checkpoint without loading it.
 - :mod:`ckpt.io.chunks`: chunks of global tensors (version 3): read, assembled, verified.
+- :mod:`ckpt.io.held_chunks`: chunks checked once, their files held, then read into
+  live tensors from those files (a restore in a process group).
 
 Tunables (``READ_SLICE_BYTES``, ``MAX_HELD_FILES``, ...) live in, and are
 read from, their own module; they are deliberately not re-exported here.
