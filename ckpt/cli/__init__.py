@@ -87,8 +87,12 @@ def _register_convert(subparsers: argparse._SubParsersAction) -> None:  # type: 
     add_import_parser(subparsers)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``ckpt`` argument parser, with every command."""
+def build_parser(*, converters: bool = True) -> argparse.ArgumentParser:
+    """The ``ckpt`` argument parser, with every command.
+
+    Args:
+        converters: Also add ``export`` and ``import`` (importing :mod:`ckpt.convert`).
+    """
     parser = argparse.ArgumentParser(
         prog="ckpt",
         description="Inspect, check, compare and prune ckpt checkpoints "
@@ -109,10 +113,33 @@ def build_parser() -> argparse.ArgumentParser:
     pruning.add_parser(subparsers)
     copying.add_parser(subparsers)
     verify_resume.add_parser(subparsers)
-    _register_convert(subparsers)
+    if converters:
+        _register_convert(subparsers)
     for sub in subparsers.choices.values():
         _common_options(sub, top=False)
     return parser
+
+
+_CORE_COMMANDS = frozenset({"ls", "info", "verify", "diff", "prune", "copy", "verify-resume"})
+"""Commands that need no converter: for these, :mod:`ckpt.convert` is not even imported."""
+
+
+def _command_name(argv: Sequence[str]) -> str | None:
+    """The command ``argv`` names: its first word that is not an option or an option's value.
+
+    ``None`` when unsure (an abbreviated option that may take a value, ``--``): then
+    every command is registered, which is always correct, only slower.
+    """
+    words = iter(argv)
+    for word in words:
+        if word == "--storage-option":
+            next(words, None)
+        elif word.startswith("--") and word not in ("--verbose", "--quiet", "--no-progress"):
+            if not word.startswith("--storage-option="):
+                return None
+        elif not word.startswith("-"):
+            return word
+    return None
 
 
 def _storage_options(pairs: list[str] | None) -> dict[str, object] | None:
@@ -160,9 +187,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     Returns:
         The exit status: 0 ok, 1 a checkpoint problem, 2 a usage error.
     """
-    parser = build_parser()
+    words = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(converters=_command_name(words) not in _CORE_COMMANDS)
     try:
-        args = parser.parse_args(argv)
+        args = parser.parse_args(words)
     except SystemExit as e:  # --help, --version, or a usage error (already printed)
         return e.code if isinstance(e.code, int) else EXIT_USAGE
     handler = _configure_logging(args.verbose or 0, args.quiet)

@@ -12,6 +12,7 @@ from typing import Any
 from ckpt.cli.render import dump_json, human_bytes, note, out, short_value, table
 from ckpt.cli.source import no_checkpoint, open_reader, parse_root, parse_target
 from ckpt.errors import CheckpointError
+from ckpt.gc_pause import paused_gc
 
 __all__ = ["add_info_parser", "add_ls_parser", "info_doc", "ls_doc"]
 
@@ -88,6 +89,7 @@ def ls_doc(reader: Any) -> dict[str, Any]:
     return {"directory": reader.directory, "checkpoints": rows}
 
 
+@paused_gc()  # tens of thousands of short-lived JSON nodes: see ckpt.gc_pause
 def run_ls(args: argparse.Namespace) -> int:
     """``ckpt ls``: exit 1 (after listing every step) when a step is damaged."""
     reader = open_reader(parse_root(args.directory, "ls"), args.storage_options)
@@ -191,6 +193,7 @@ def _item_lines(item: dict[str, Any]) -> list[str]:
     return lines
 
 
+@paused_gc()
 def run_info(args: argparse.Namespace) -> int:
     """``ckpt info``."""
     target = parse_target(args.target)

@@ -1,0 +1,137 @@
+"""Benchmark: whole-process start-up of ``import ckpt``, ``ckpt info`` and ``ckpt ls``.
+
+Usage: python bench/cli_startup.py [--tensors 10000] [--repeat 7] [--dir DIR]
+
+Builds two checkpoints of ``--tensors`` tensors each in a temporary directory
+(or ``--dir``): ``mixed``, a module whose parameters cycle through sizes from
+16 floats to 8,192 floats (those of at most 16 KiB are stored in one pack, the
+rest one by one: 1 in 8 are 8,192 floats), one step; and ``unpacked``, a
+dict of tensors of 4,200 floats (16.4 KiB, just over the pack limit), so every
+one of them is its own safetensors entry. Then times each command as a fresh
+subprocess (median of ``--repeat`` runs, after one warm-up run that fills the
+page cache and the bytecode cache): ``python -c "import torch"``, ``python -c "import ckpt"``,
+``python -m ckpt info DIR``, ``python -m ckpt ls DIR`` (and the ``ckpt``
+console script next to the interpreter, when installed), and prints each
+command's median wall and CPU (user + system) time and their differences from
+``import torch``. CPU time is the steadier figure on a loaded machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SIZES = (16, 64, 256, 1024, 2048, 4096, 16, 8192)
+"""Floats per parameter of ``mixed``, cycled: 8,192 floats (32 KiB) are stored unpacked."""
+
+
+def build_mixed(directory: Path, tensors: int) -> None:
+    """One step of a module of ``tensors`` parameters of cycling sizes (7 in 8 packed)."""
+    import torch
+
+    import ckpt
+
+    class Mixed(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.p = torch.nn.ParameterList(
+                torch.nn.Parameter(torch.randn(SIZES[i % len(SIZES)])) for i in range(tensors)
+            )
+
+    torch.manual_seed(0)
+    model = Mixed()
+    with ckpt.CheckpointManager(directory) as mgr:
+        mgr.save(0, model=model, metrics={"loss": 0.5})
+
+
+def build_unpacked(directory: Path, tensors: int) -> None:
+    """One step of a dict of ``tensors`` tensors of 4,200 floats: none small enough to pack."""
+    import torch
+
+    import ckpt
+
+    state = {f"layer{i // 10}.w{i % 10}": torch.randn(4200) for i in range(tensors)}
+    with ckpt.CheckpointManager(directory) as mgr:
+        mgr.save(0, weights=state, metrics={"loss": 0.5})
+
+
+def timed(argv: list[str], repeat: int) -> tuple[float, float]:
+    """Median wall and CPU (user + system) seconds of running ``argv``.
+
+    One unmeasured warm-up run comes first (it also writes the bytecode cache,
+    which ``PYTHONDONTWRITEBYTECODE`` would otherwise prevent).
+    """
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    env["PYTHONPATH"] = str(ROOT)
+    walls, cpus = [], []
+    for i in range(repeat + 1):
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        start = time.perf_counter()
+        subprocess.run(argv, check=True, env=env, stdout=subprocess.DEVNULL, cwd=ROOT)
+        elapsed = time.perf_counter() - start
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        if i:
+            walls.append(elapsed)
+            cpus.append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
+    return statistics.median(walls), statistics.median(cpus)
+
+
+def commands(roots: dict[str, Path]) -> list[tuple[str, list[str]]]:
+    """The labelled commands to time."""
+    py = sys.executable
+    runs = [
+        ("import torch", [py, "-c", "import torch"]),
+        ("import ckpt", [py, "-c", "import ckpt"]),
+    ]
+    script = Path(py).with_name("ckpt")
+    for name, root in roots.items():
+        runs.append((f"python -m ckpt info ({name})", [py, "-m", "ckpt", "info", str(root)]))
+        runs.append((f"python -m ckpt ls ({name})", [py, "-m", "ckpt", "ls", str(root)]))
+        if script.exists():
+            runs.append((f"ckpt info ({name}), console script", [str(script), "info", str(root)]))
+            runs.append((f"ckpt ls ({name}), console script", [str(script), "ls", str(root)]))
+    return runs
+
+
+def main() -> None:
+    """Build, time and print."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tensors", type=int, default=10_000)
+    parser.add_argument("--repeat", type=int, default=7)
+    parser.add_argument(
+        "--dir",
+        type=Path,
+        help="build here and keep them (reused when already built); default: a temporary directory",
+    )
+    args = parser.parse_args()
+    base = args.dir or Path(tempfile.mkdtemp(prefix="ckpt-startup-"))
+    try:
+        roots = {"mixed": base / "mixed", "unpacked": base / "unpacked"}
+        for name, build in (("mixed", build_mixed), ("unpacked", build_unpacked)):
+            if not roots[name].exists():
+                build(roots[name], args.tensors)
+        results = {label: timed(argv, args.repeat) for label, argv in commands(roots)}
+    finally:
+        if args.dir is None:
+            shutil.rmtree(base, ignore_errors=True)
+    base_wall, base_cpu = results["import torch"]
+    print(f"median of {args.repeat} runs; python {sys.version.split()[0]}; {os.cpu_count()} CPUs")
+    head = f"{'wall s':>7} {'beyond torch':>12} {'CPU s':>7} {'beyond torch':>12}"
+    print(f"{'command':<40} {head}")
+    for label, (wall, cpu) in results.items():
+        extra_wall, extra_cpu = 1000 * (wall - base_wall), 1000 * (cpu - base_cpu)
+        print(f"{label:<40} {wall:7.3f} {extra_wall:9.0f} ms {cpu:7.3f} {extra_cpu:9.0f} ms")
+
+
+if __name__ == "__main__":
+    main()
