@@ -65,19 +65,24 @@ def build_unpacked(directory: Path, tensors: int) -> None:
         mgr.save(0, weights=state, metrics={"loss": 0.5})
 
 
+def child_env() -> dict[str, str]:
+    """This environment with the worktree first on the path and bytecode caching on."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    env["PYTHONPATH"] = str(ROOT)
+    return env
+
+
 def timed(argv: list[str], repeat: int) -> tuple[float, float]:
-    """Median wall and CPU (user + system) seconds of running ``argv``.
+    """Median wall and CPU (user + system) seconds of the whole process ``argv``.
 
     One unmeasured warm-up run comes first (it also writes the bytecode cache,
     which ``PYTHONDONTWRITEBYTECODE`` would otherwise prevent).
     """
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
-    env["PYTHONPATH"] = str(ROOT)
     walls, cpus = [], []
     for i in range(repeat + 1):
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         start = time.perf_counter()
-        subprocess.run(argv, check=True, env=env, stdout=subprocess.DEVNULL, cwd=ROOT)
+        subprocess.run(argv, check=True, env=child_env(), stdout=subprocess.DEVNULL, cwd=ROOT)
         elapsed = time.perf_counter() - start
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         if i:
@@ -86,20 +91,52 @@ def timed(argv: list[str], repeat: int) -> tuple[float, float]:
     return statistics.median(walls), statistics.median(cpus)
 
 
-def commands(roots: dict[str, Path]) -> list[tuple[str, list[str]]]:
-    """The labelled commands to time."""
+AFTER_TORCH = """
+import os, sys, time
+import torch
+sys.stdout = open(os.devnull, "w")
+wall, cpu = time.perf_counter(), time.process_time()
+{body}
+sys.stderr.write(f"\\nTIMING {{time.perf_counter() - wall}} {{time.process_time() - cpu}}\\n")
+"""
+"""A child that imports torch, then times ``body`` (what the command adds to torch's import)."""
+
+
+def after_torch(body: str, repeat: int) -> tuple[float, float]:
+    """Median wall and CPU seconds ``body`` takes in a fresh interpreter that has imported torch."""
+    walls, cpus = [], []
+    for i in range(repeat + 1):
+        done = subprocess.run(
+            [sys.executable, "-c", AFTER_TORCH.format(body=body)],
+            check=True,
+            env=child_env(),
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+        )
+        wall, cpu = done.stderr.rsplit("TIMING ", 1)[1].split()
+        if i:
+            walls.append(float(wall))
+            cpus.append(float(cpu))
+    return statistics.median(walls), statistics.median(cpus)
+
+
+def commands(roots: dict[str, Path]) -> list[tuple[str, list[str], str | None]]:
+    """``(label, whole-process argv, the same after import torch)`` for each command timed."""
     py = sys.executable
-    runs = [
-        ("import torch", [py, "-c", "import torch"]),
-        ("import ckpt", [py, "-c", "import ckpt"]),
+    runs: list[tuple[str, list[str], str | None]] = [
+        ("import torch", [py, "-c", "import torch"], None),
+        ("import ckpt", [py, "-c", "import ckpt"], "import ckpt"),
     ]
     script = Path(py).with_name("ckpt")
     for name, root in roots.items():
-        runs.append((f"python -m ckpt info ({name})", [py, "-m", "ckpt", "info", str(root)]))
-        runs.append((f"python -m ckpt ls ({name})", [py, "-m", "ckpt", "ls", str(root)]))
-        if script.exists():
-            runs.append((f"ckpt info ({name}), console script", [str(script), "info", str(root)]))
-            runs.append((f"ckpt ls ({name}), console script", [str(script), "ls", str(root)]))
+        for command in ("info", "ls"):
+            body = f"from ckpt.cli import main; assert main([{command!r}, {str(root)!r}]) == 0"
+            argv = [py, "-m", "ckpt", command, str(root)]
+            runs.append((f"python -m ckpt {command} ({name})", argv, body))
+            if script.exists():
+                label = f"ckpt {command} ({name}), console script"
+                runs.append((label, [str(script), command, str(root)], None))
     return runs
 
 
@@ -120,17 +157,24 @@ def main() -> None:
         for name, build in (("mixed", build_mixed), ("unpacked", build_unpacked)):
             if not roots[name].exists():
                 build(roots[name], args.tensors)
-        results = {label: timed(argv, args.repeat) for label, argv in commands(roots)}
+        results = {}
+        for label, argv, body in commands(roots):
+            inside = after_torch(body, args.repeat) if body else None
+            results[label] = (*timed(argv, args.repeat), inside)
     finally:
         if args.dir is None:
             shutil.rmtree(base, ignore_errors=True)
-    base_wall, base_cpu = results["import torch"]
-    print(f"median of {args.repeat} runs; python {sys.version.split()[0]}; {os.cpu_count()} CPUs")
-    head = f"{'wall s':>7} {'beyond torch':>12} {'CPU s':>7} {'beyond torch':>12}"
-    print(f"{'command':<40} {head}")
-    for label, (wall, cpu) in results.items():
-        extra_wall, extra_cpu = 1000 * (wall - base_wall), 1000 * (cpu - base_cpu)
-        print(f"{label:<40} {wall:7.3f} {extra_wall:9.0f} ms {cpu:7.3f} {extra_cpu:9.0f} ms")
+    print(f"median of {args.repeat} runs; python {sys.version.split()[0]}; {os.cpu_count()} CPUs\n")
+    print("| command | wall s | beyond torch | CPU s | beyond torch | after torch: wall | CPU |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    torch_wall, torch_cpu = results["import torch"][:2]
+    for label, (wall, cpu, inside) in results.items():
+        whole = f"{wall:.3f} | {1000 * (wall - torch_wall):.0f} ms | {cpu:.3f} | "
+        whole += f"{1000 * (cpu - torch_cpu):.0f} ms"
+        after = (
+            "- | -" if inside is None else f"{1000 * inside[0]:.0f} ms | {1000 * inside[1]:.0f} ms"
+        )
+        print(f"| `{label}` | {whole} | {after} |")
 
 
 if __name__ == "__main__":

@@ -178,16 +178,18 @@ def _item_lines(item: dict[str, Any]) -> list[str]:
         more = f", ... ({len(names)} in all)" if len(names) > 8 else ""
         lines.append(f"  parameters: {shown}{more}")
     if count:
-        rows = [
-            [
-                t["key"],
-                t["dtype"],
-                "(" + ", ".join(str(n) for n in t["shape"]) + ")",
-                human_bytes(t["nbytes"]),
-                str(t.get("shards", 1)),
-            ]
-            for t in item["tensors"]
-        ]
+        shapes: dict[tuple[int, ...], str] = {}  # a model repeats a few shapes and sizes
+        sizes: dict[int, str] = {}
+        rows = []
+        for t in item["tensors"]:
+            shape, nbytes = tuple(t["shape"]), t["nbytes"]
+            if shape not in shapes:
+                shapes[shape] = "(" + ", ".join([str(n) for n in shape]) + ")"
+            if nbytes not in sizes:
+                sizes[nbytes] = human_bytes(nbytes)
+            rows.append(
+                [t["key"], t["dtype"], shapes[shape], sizes[nbytes], str(t.get("shards", 1))]
+            )
         body = table(["KEY", "DTYPE", "SHAPE", "SIZE", "SHARDS"], rows, right=(3, 4))
         lines.extend("  " + line for line in body.splitlines())
     return lines

@@ -33,10 +33,8 @@ def short_value(value: Any) -> str:
 def table(header: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[int] = ()) -> str:
     """Columns padded to their widest cell (those in ``right`` right-aligned)."""
     widths = [len(h) for h in header]
-    for row in rows:
-        for i, cell in enumerate(row):
-            if len(cell) > widths[i]:
-                widths[i] = len(cell)
+    for i, column in enumerate(zip(*rows, strict=True)):
+        widths[i] = max(widths[i], *map(len, column))
     # One format string for every row: formatting is then per row, not per cell.
     line = "  ".join(
         f"{{{i}:{'>' if i in right else '<'}{w}}}" for i, w in enumerate(widths)
