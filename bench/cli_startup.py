@@ -8,12 +8,15 @@ Builds two checkpoints of ``--tensors`` tensors each in a temporary directory
 rest one by one: 1 in 8 are 8,192 floats), one step; and ``unpacked``, a
 dict of tensors of 4,200 floats (16.4 KiB, just over the pack limit), so every
 one of them is its own safetensors entry. Then times each command as a fresh
-subprocess (median of ``--repeat`` runs, after one warm-up run that fills the
-page cache and the bytecode cache): ``python -c "import torch"``, ``python -c "import ckpt"``,
-``python -m ckpt info DIR``, ``python -m ckpt ls DIR`` (and the ``ckpt``
-console script next to the interpreter, when installed), and prints each
-command's median wall and CPU (user + system) time and their differences from
-``import torch``. CPU time is the steadier figure on a loaded machine.
+subprocess, median of ``--repeat`` rounds (after one warm-up round that fills
+the page cache and the bytecode cache; in each round every command runs once,
+so that a drifting load hits them alike): ``python -c "import torch"``,
+``python -c "import ckpt"``, ``python -m ckpt info DIR``, ``python -m ckpt ls
+DIR`` and the ``ckpt`` console script next to the interpreter, when installed.
+Prints each command's median wall and CPU (user + system) time and their
+differences from ``import torch``; and, for ``import ckpt``, ``info`` and
+``ls``, what they take in a fresh interpreter after its ``import torch``
+(timed inside the child: the steadier figure on a loaded machine).
 """
 
 from __future__ import annotations
@@ -72,23 +75,14 @@ def child_env() -> dict[str, str]:
     return env
 
 
-def timed(argv: list[str], repeat: int) -> tuple[float, float]:
-    """Median wall and CPU (user + system) seconds of the whole process ``argv``.
-
-    One unmeasured warm-up run comes first (it also writes the bytecode cache,
-    which ``PYTHONDONTWRITEBYTECODE`` would otherwise prevent).
-    """
-    walls, cpus = [], []
-    for i in range(repeat + 1):
-        before = resource.getrusage(resource.RUSAGE_CHILDREN)
-        start = time.perf_counter()
-        subprocess.run(argv, check=True, env=child_env(), stdout=subprocess.DEVNULL, cwd=ROOT)
-        elapsed = time.perf_counter() - start
-        after = resource.getrusage(resource.RUSAGE_CHILDREN)
-        if i:
-            walls.append(elapsed)
-            cpus.append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
-    return statistics.median(walls), statistics.median(cpus)
+def whole(argv: list[str]) -> tuple[float, float]:
+    """Wall and CPU (user + system) seconds of one run of the whole process ``argv``."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    subprocess.run(argv, check=True, env=child_env(), stdout=subprocess.DEVNULL, cwd=ROOT)
+    elapsed = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return elapsed, after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
 
 
 AFTER_TORCH = """
@@ -102,23 +96,23 @@ sys.stderr.write(f"\\nTIMING {{time.perf_counter() - wall}} {{time.process_time(
 """A child that imports torch, then times ``body`` (what the command adds to torch's import)."""
 
 
-def after_torch(body: str, repeat: int) -> tuple[float, float]:
-    """Median wall and CPU seconds ``body`` takes in a fresh interpreter that has imported torch."""
-    walls, cpus = [], []
-    for i in range(repeat + 1):
-        done = subprocess.run(
-            [sys.executable, "-c", AFTER_TORCH.format(body=body)],
-            check=True,
-            env=child_env(),
-            capture_output=True,
-            text=True,
-            cwd=ROOT,
-        )
-        wall, cpu = done.stderr.rsplit("TIMING ", 1)[1].split()
-        if i:
-            walls.append(float(wall))
-            cpus.append(float(cpu))
-    return statistics.median(walls), statistics.median(cpus)
+def after_torch(body: str) -> tuple[float, float]:
+    """Wall and CPU seconds ``body`` takes in a fresh interpreter that has imported torch."""
+    done = subprocess.run(
+        [sys.executable, "-c", AFTER_TORCH.format(body=body)],
+        check=True,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    wall, cpu = done.stderr.rsplit("TIMING ", 1)[1].split()
+    return float(wall), float(cpu)
+
+
+def medians(samples: list[tuple[float, float]]) -> tuple[float, float]:
+    """The median wall and the median CPU time of ``samples``."""
+    return statistics.median(s[0] for s in samples), statistics.median(s[1] for s in samples)
 
 
 def commands(roots: dict[str, Path]) -> list[tuple[str, list[str], str | None]]:
@@ -157,24 +151,36 @@ def main() -> None:
         for name, build in (("mixed", build_mixed), ("unpacked", build_unpacked)):
             if not roots[name].exists():
                 build(roots[name], args.tensors)
-        results = {}
-        for label, argv, body in commands(roots):
-            inside = after_torch(body, args.repeat) if body else None
-            results[label] = (*timed(argv, args.repeat), inside)
+        runs = commands(roots)
+        samples: dict[str, tuple[list[tuple[float, float]], list[tuple[float, float]]]] = {
+            label: ([], []) for label, _, _ in runs
+        }
+        # Round after round, every command once: a load that drifts hits them all alike.
+        # Round 0 only warms the page cache and writes the bytecode cache.
+        for round_ in range(args.repeat + 1):
+            for label, argv, body in runs:
+                timing = whole(argv), (after_torch(body) if body else None)
+                if round_:
+                    samples[label][0].append(timing[0])
+                    if timing[1] is not None:
+                        samples[label][1].append(timing[1])
     finally:
         if args.dir is None:
             shutil.rmtree(base, ignore_errors=True)
     print(f"median of {args.repeat} runs; python {sys.version.split()[0]}; {os.cpu_count()} CPUs\n")
     print("| command | wall s | beyond torch | CPU s | beyond torch | after torch: wall | CPU |")
     print("|---|---:|---:|---:|---:|---:|---:|")
-    torch_wall, torch_cpu = results["import torch"][:2]
-    for label, (wall, cpu, inside) in results.items():
-        whole = f"{wall:.3f} | {1000 * (wall - torch_wall):.0f} ms | {cpu:.3f} | "
-        whole += f"{1000 * (cpu - torch_cpu):.0f} ms"
-        after = (
-            "- | -" if inside is None else f"{1000 * inside[0]:.0f} ms | {1000 * inside[1]:.0f} ms"
-        )
-        print(f"| `{label}` | {whole} | {after} |")
+    torch_wall, torch_cpu = medians(samples["import torch"][0])
+    for label, (whole_runs, inside_runs) in samples.items():
+        wall, cpu = medians(whole_runs)
+        cells = f"{wall:.3f} | {1000 * (wall - torch_wall):.0f} ms | {cpu:.3f} | "
+        cells += f"{1000 * (cpu - torch_cpu):.0f} ms | "
+        if inside_runs:
+            inside_wall, inside_cpu = medians(inside_runs)
+            cells += f"{1000 * inside_wall:.0f} ms | {1000 * inside_cpu:.0f} ms"
+        else:
+            cells += "- | -"
+        print(f"| `{label}` | {cells} |")
 
 
 if __name__ == "__main__":
