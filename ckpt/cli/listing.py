@@ -6,6 +6,7 @@ Both read manifests only, never tensor data.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import fnmatch
 from typing import Any
 
@@ -57,7 +58,7 @@ def add_info_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ig
 def _ls_row(reader: Any, step: int) -> dict[str, Any]:
     """One ``ls`` row; a step whose manifest cannot be read is a row with ``damaged`` set."""
     try:
-        d = reader.describe(step).to_json()
+        description = reader.describe(step)
     except CheckpointError as e:
         return {
             "step": step,
@@ -70,13 +71,14 @@ def _ls_row(reader: Any, step: int) -> dict[str, Any]:
             "world_size": None,
             "damaged": str(e),
         }
+    d = dataclasses.replace(description, items=()).to_json()  # not every tensor as JSON
     return {
         "step": d["step"],
         "created_at": d["created_at"],
         "nbytes": d["nbytes"],
         "epoch": d["epoch"],
         "metrics": d["metrics"],
-        "items": [item["name"] for item in d["items"]],
+        "items": [item.name for item in description.items],
         "format_version": d["format_version"],
         "world_size": d["world_size"],
         "damaged": None,
