@@ -139,3 +139,29 @@ def test_the_lazy_entry_points_match_what_they_call() -> None:
         assert public.__module__ in ("ckpt.converting", "ckpt.verification")
     assert ImportReport is ckpt.ImportReport is ckpt.converting.ImportReport
     assert ckpt.verify_resume is ckpt.verification.verify_resume
+
+
+@pytest.mark.parametrize(
+    ("argv", "name"),
+    [
+        (["info", "runs/a"], "info"),
+        (["-v", "-q", "--no-progress", "ls", "runs/a"], "ls"),
+        (["--storage-option", "anon=true", "ls", "s3://b/r"], "ls"),
+        (["--storage-option=anon=true", "info", "s3://b/r"], "info"),
+        (["--storage-option", "export", "import", "a.pt", "runs/a"], "import"),
+        (["--storage", "anon=true", "ls", "runs/a"], None),  # an abbreviation: unsure
+        (["--help"], None),
+        ([], None),
+    ],
+)
+def test_the_command_is_told_from_the_words_before_it(argv: list[str], name: str | None) -> None:
+    from ckpt.cli import _command_name
+
+    assert _command_name(argv) == name
+
+
+def test_options_before_a_light_command_still_parse(tmp_path: Path) -> None:
+    from ckpt.cli import main
+
+    assert main(["-q", "--storage-option", "x=1", "ls", str(tmp_path)]) == 0
+    assert main(["--no-progress", "info", str(tmp_path)]) == 1  # no checkpoint: a problem
