@@ -12,7 +12,7 @@ Example:
 """
 
 from ckpt._version import __version__
-from ckpt.convert import ImportReport, export, import_checkpoint
+from ckpt.converting import ImportReport, export, import_checkpoint
 from ckpt.data import ResumableSampler, resumable_loader
 from ckpt.errors import (
     CheckpointError,

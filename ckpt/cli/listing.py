@@ -6,12 +6,14 @@ Both read manifests only, never tensor data.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import fnmatch
 from typing import Any
 
 from ckpt.cli.render import dump_json, human_bytes, note, out, short_value, table
 from ckpt.cli.source import no_checkpoint, open_reader, parse_root, parse_target
 from ckpt.errors import CheckpointError
+from ckpt.gc_pause import paused_gc
 
 __all__ = ["add_info_parser", "add_ls_parser", "info_doc", "ls_doc"]
 
@@ -56,7 +58,7 @@ def add_info_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ig
 def _ls_row(reader: Any, step: int) -> dict[str, Any]:
     """One ``ls`` row; a step whose manifest cannot be read is a row with ``damaged`` set."""
     try:
-        d = reader.describe(step).to_json()
+        description = reader.describe(step)
     except CheckpointError as e:
         return {
             "step": step,
@@ -69,13 +71,14 @@ def _ls_row(reader: Any, step: int) -> dict[str, Any]:
             "world_size": None,
             "damaged": str(e),
         }
+    d = dataclasses.replace(description, items=()).to_json()  # not every tensor as JSON
     return {
         "step": d["step"],
         "created_at": d["created_at"],
         "nbytes": d["nbytes"],
         "epoch": d["epoch"],
         "metrics": d["metrics"],
-        "items": [item["name"] for item in d["items"]],
+        "items": [item.name for item in description.items],
         "format_version": d["format_version"],
         "world_size": d["world_size"],
         "damaged": None,
@@ -88,6 +91,7 @@ def ls_doc(reader: Any) -> dict[str, Any]:
     return {"directory": reader.directory, "checkpoints": rows}
 
 
+@paused_gc()  # tens of thousands of short-lived JSON nodes: see ckpt.gc_pause
 def run_ls(args: argparse.Namespace) -> int:
     """``ckpt ls``: exit 1 (after listing every step) when a step is damaged."""
     reader = open_reader(parse_root(args.directory, "ls"), args.storage_options)
@@ -176,21 +180,24 @@ def _item_lines(item: dict[str, Any]) -> list[str]:
         more = f", ... ({len(names)} in all)" if len(names) > 8 else ""
         lines.append(f"  parameters: {shown}{more}")
     if count:
-        rows = [
-            [
-                t["key"],
-                t["dtype"],
-                "(" + ", ".join(str(n) for n in t["shape"]) + ")",
-                human_bytes(t["nbytes"]),
-                str(t.get("shards", 1)),
-            ]
-            for t in item["tensors"]
-        ]
+        shapes: dict[tuple[int, ...], str] = {}  # a model repeats a few shapes and sizes
+        sizes: dict[int, str] = {}
+        rows = []
+        for t in item["tensors"]:
+            shape, nbytes = tuple(t["shape"]), t["nbytes"]
+            if shape not in shapes:
+                shapes[shape] = "(" + ", ".join([str(n) for n in shape]) + ")"
+            if nbytes not in sizes:
+                sizes[nbytes] = human_bytes(nbytes)
+            rows.append(
+                [t["key"], t["dtype"], shapes[shape], sizes[nbytes], str(t.get("shards", 1))]
+            )
         body = table(["KEY", "DTYPE", "SHAPE", "SIZE", "SHARDS"], rows, right=(3, 4))
         lines.extend("  " + line for line in body.splitlines())
     return lines
 
 
+@paused_gc()
 def run_info(args: argparse.Namespace) -> int:
     """``ckpt info``."""
     target = parse_target(args.target)

@@ -33,17 +33,13 @@ def short_value(value: Any) -> str:
 def table(header: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[int] = ()) -> str:
     """Columns padded to their widest cell (those in ``right`` right-aligned)."""
     widths = [len(h) for h in header]
-    for row in rows:
-        for i, cell in enumerate(row):
-            widths[i] = max(widths[i], len(cell))
-    lines = []
-    for row in [list(header), *rows]:
-        cells = [
-            cell.rjust(widths[i]) if i in right else cell.ljust(widths[i])
-            for i, cell in enumerate(row)
-        ]
-        lines.append("  ".join(cells).rstrip())
-    return "\n".join(lines)
+    for i, column in enumerate(zip(*rows, strict=True)):
+        widths[i] = max(widths[i], *map(len, column))
+    # One format string for every row: formatting is then per row, not per cell.
+    line = "  ".join(
+        f"{{{i}:{'>' if i in right else '<'}{w}}}" for i, w in enumerate(widths)
+    ).format
+    return "\n".join([line(*row).rstrip() for row in [header, *rows]])
 
 
 def dump_json(doc: Any) -> str:

@@ -131,41 +131,7 @@ def export(
     storage_options: dict[str, Any] | None = None,
     strip_prefixes: bool = True,
 ) -> list[str]:
-    """Write one module item's weights for inference tools.
-
-    Args:
-        directory: The checkpoint root (path or fsspec URL).
-        out: A local directory to write into (created if missing); files of the
-            same names are replaced.
-        step: The step to export; the latest committed one when ``None``.
-        item: The item holding the weights (a module, or a dict of tensors).
-        dtype: Cast floating-point tensors to ``"bf16"``, ``"fp16"`` or ``"fp32"``
-            (or a ``torch.dtype``); others are written as stored.
-        max_shard_size: The most data bytes per safetensors file (``"5GB"``,
-            ``"500MiB"``, an int); more makes shards plus an index.
-        format: ``"safetensors"`` (streamed) or ``"pt"`` (``pytorch_model.bin``, a
-            plain ``torch.save`` state dict, built whole in memory).
-        progress: Show a tqdm bar (needs the ``progress`` extra).
-        storage_options: Passed to fsspec for ``directory``.
-        strip_prefixes: Remove ``_orig_mod.`` (``torch.compile``) components and a
-            ``module.`` prefix on every key (``DataParallel``/DDP), so the bare
-            model loads the weights.
-
-    Returns:
-        The paths of the files written, the index last.
-
-    Raises:
-        CheckpointNotFoundError: No such checkpoint, step or item.
-        IncompatibleCheckpointError: The item is not a flat mapping of names to tensors.
-        CorruptCheckpointError: A file read fails its checks; nothing is left in ``out``.
-        CheckpointWriteError: Writing ``out`` failed, or ``out`` lies inside the
-            checkpoint read or inside any checkpoint root (refused before writing).
-        ValueError: A bad ``dtype``, ``max_shard_size`` or ``format``.
-
-    Example:
-        >>> ckpt.export("runs/exp1", "hf/", item="model", dtype="bf16")
-        ['hf/model.safetensors']
-    """
+    """Export one module item's weights: :func:`ckpt.export` (documented there)."""
     target = _check_dtype(dtype)
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")

@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from ckpt.convert.dcp import load_dcp
@@ -30,6 +29,7 @@ from ckpt.convert.directories import (
 from ckpt.convert.guard import source_entries
 from ckpt.convert.layouts import EXTRA_ITEM, Mapped, is_lightning, map_classic, map_lightning
 from ckpt.convert.loading import load_safetensors, load_torch
+from ckpt.converting import ImportReport
 from ckpt.errors import (
     CheckpointError,
     CheckpointExistsError,
@@ -63,49 +63,6 @@ AMPLIFICATION_SLACK = 2**20
 """Bytes an import may write beyond :data:`MAX_AMPLIFICATION` times the source's size."""
 
 
-@dataclass(frozen=True)
-class ImportReport:
-    """What an import did.
-
-    Attributes:
-        source: The source path.
-        layout: The layout recognised (``torch.save``, ``state dict``, ``lightning``,
-            ``hf-trainer``, ``accelerate``, ``dcp``, ``safetensors``).
-        directory: The ckpt root written to.
-        step: The step written.
-        epoch: The epoch recorded, if any.
-        items: ``{item name: kind}`` written (``model``: module, ...).
-        mapped: ``{source key: item or field it became}``.
-        extra: Source keys kept as plain data under the ``extra`` dict item.
-        dropped: ``{source key: why it was not imported}``.
-        notes: Guesses made and hints for the restore.
-    """
-
-    source: str
-    layout: str
-    directory: str
-    step: int
-    epoch: int | None
-    items: dict[str, str]
-    mapped: dict[str, str]
-    extra: tuple[str, ...]
-    dropped: dict[str, str]
-    notes: tuple[str, ...]
-
-    def summary(self) -> str:
-        """A human-readable account, one fact per line."""
-        lines = [
-            f"imported {self.source} ({self.layout}) as step {self.step} of {self.directory}",
-            "items: " + ", ".join(f"{n} ({k})" for n, k in self.items.items()),
-        ]
-        lines += [f"  {key} -> {to}" for key, to in self.mapped.items()]
-        if self.extra:
-            lines.append(f"kept under {EXTRA_ITEM!r}: " + ", ".join(self.extra))
-        lines += [f"NOT imported: {key}: {why}" for key, why in self.dropped.items()]
-        lines += [f"note: {n}" for n in self.notes]
-        return "\n".join(lines)
-
-
 def import_checkpoint(
     src: str | os.PathLike[str],
     directory: str | os.PathLike[str],
@@ -114,37 +71,7 @@ def import_checkpoint(
     format: str = "auto",
     storage_options: dict[str, Any] | None = None,
 ) -> ImportReport:
-    """Convert another tool's checkpoint into a committed ckpt checkpoint.
-
-    Args:
-        src: A ``torch.save``/Lightning file, a safetensors file, or a Hugging Face
-            Trainer, Accelerate ``save_state`` or DCP checkpoint directory (local).
-        directory: The ckpt root to write (path or fsspec URL).
-        step: The step to write; else the source's ``global_step``/``step``, else
-            its epoch, else 0.
-        format: One of :data:`FORMATS`.
-        storage_options: Passed to fsspec for ``directory``.
-
-    Returns:
-        The report; its unmapped parts are also logged as warnings.
-
-    Raises:
-        CheckpointNotFoundError: ``src`` does not exist.
-        CorruptCheckpointError: ``src`` cannot be loaded without running code
-            (``weights_only`` refused it; the message names the global), is
-            malformed, passes a bound of :mod:`ckpt.convert.guard` or
-            :mod:`ckpt.convert.dcp`, is a link out of the source or a special file,
-            or its tensors would be written larger than :data:`MAX_AMPLIFICATION`
-            times its bytes on disk plus :data:`AMPLIFICATION_SLACK`. Nothing is
-            written then: no step, no temp directory, no root.
-        CheckpointExistsError: ``directory`` already has the step.
-        CheckpointError: Nothing in ``src`` could be imported.
-        ValueError: A bad ``format`` or ``step``.
-
-    Example:
-        >>> report = ckpt.import_checkpoint("old/epoch_10.pt", "runs/exp1")
-        >>> print(report.summary())
-    """
+    """Import ``src`` into ``directory``: :func:`ckpt.import_checkpoint` (documented there)."""
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
     if step is not None and (

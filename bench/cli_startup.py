@@ -1,0 +1,187 @@
+"""Benchmark: whole-process start-up of ``import ckpt``, ``ckpt info`` and ``ckpt ls``.
+
+Usage: python bench/cli_startup.py [--tensors 10000] [--repeat 7] [--dir DIR]
+
+Builds two checkpoints of ``--tensors`` tensors each in a temporary directory
+(or ``--dir``): ``mixed``, a module whose parameters cycle through sizes from
+16 floats to 8,192 floats (those of at most 16 KiB are stored in one pack, the
+rest one by one: 1 in 8 are 8,192 floats), one step; and ``unpacked``, a
+dict of tensors of 4,200 floats (16.4 KiB, just over the pack limit), so every
+one of them is its own safetensors entry. Then times each command as a fresh
+subprocess, median of ``--repeat`` rounds (after one warm-up round that fills
+the page cache and the bytecode cache; in each round every command runs once,
+so that a drifting load hits them alike): ``python -c "import torch"``,
+``python -c "import ckpt"``, ``python -m ckpt info DIR``, ``python -m ckpt ls
+DIR`` and the ``ckpt`` console script next to the interpreter, when installed.
+Prints each command's median wall and CPU (user + system) time and their
+differences from ``import torch``; and, for ``import ckpt``, ``info`` and
+``ls``, what they take in a fresh interpreter after its ``import torch``
+(timed inside the child: the steadier figure on a loaded machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SIZES = (16, 64, 256, 1024, 2048, 4096, 16, 8192)
+"""Floats per parameter of ``mixed``, cycled: 8,192 floats (32 KiB) are stored unpacked."""
+
+
+def build_mixed(directory: Path, tensors: int) -> None:
+    """One step of a module of ``tensors`` parameters of cycling sizes (7 in 8 packed)."""
+    import torch
+
+    import ckpt
+
+    class Mixed(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.p = torch.nn.ParameterList(
+                torch.nn.Parameter(torch.randn(SIZES[i % len(SIZES)])) for i in range(tensors)
+            )
+
+    torch.manual_seed(0)
+    model = Mixed()
+    with ckpt.CheckpointManager(directory) as mgr:
+        mgr.save(0, model=model, metrics={"loss": 0.5})
+
+
+def build_unpacked(directory: Path, tensors: int) -> None:
+    """One step of a dict of ``tensors`` tensors of 4,200 floats: none small enough to pack."""
+    import torch
+
+    import ckpt
+
+    state = {f"layer{i // 10}.w{i % 10}": torch.randn(4200) for i in range(tensors)}
+    with ckpt.CheckpointManager(directory) as mgr:
+        mgr.save(0, weights=state, metrics={"loss": 0.5})
+
+
+def child_env() -> dict[str, str]:
+    """This environment with the worktree first on the path and bytecode caching on."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    env["PYTHONPATH"] = str(ROOT)
+    return env
+
+
+def whole(argv: list[str]) -> tuple[float, float]:
+    """Wall and CPU (user + system) seconds of one run of the whole process ``argv``."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    subprocess.run(argv, check=True, env=child_env(), stdout=subprocess.DEVNULL, cwd=ROOT)
+    elapsed = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return elapsed, after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
+
+
+AFTER_TORCH = """
+import os, sys, time
+import torch
+sys.stdout = open(os.devnull, "w")
+wall, cpu = time.perf_counter(), time.process_time()
+{body}
+sys.stderr.write(f"\\nTIMING {{time.perf_counter() - wall}} {{time.process_time() - cpu}}\\n")
+"""
+"""A child that imports torch, then times ``body`` (what the command adds to torch's import)."""
+
+
+def after_torch(body: str) -> tuple[float, float]:
+    """Wall and CPU seconds ``body`` takes in a fresh interpreter that has imported torch."""
+    done = subprocess.run(
+        [sys.executable, "-c", AFTER_TORCH.format(body=body)],
+        check=True,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    wall, cpu = done.stderr.rsplit("TIMING ", 1)[1].split()
+    return float(wall), float(cpu)
+
+
+def medians(samples: list[tuple[float, float]]) -> tuple[float, float]:
+    """The median wall and the median CPU time of ``samples``."""
+    return statistics.median(s[0] for s in samples), statistics.median(s[1] for s in samples)
+
+
+def commands(roots: dict[str, Path]) -> list[tuple[str, list[str], str | None]]:
+    """``(label, whole-process argv, the same after import torch)`` for each command timed."""
+    py = sys.executable
+    runs: list[tuple[str, list[str], str | None]] = [
+        ("import torch", [py, "-c", "import torch"], None),
+        ("import ckpt", [py, "-c", "import ckpt"], "import ckpt"),
+    ]
+    script = Path(py).with_name("ckpt")
+    for name, root in roots.items():
+        for command in ("info", "ls"):
+            body = f"from ckpt.cli import main; assert main([{command!r}, {str(root)!r}]) == 0"
+            argv = [py, "-m", "ckpt", command, str(root)]
+            runs.append((f"python -m ckpt {command} ({name})", argv, body))
+            if script.exists():
+                label = f"ckpt {command} ({name}), console script"
+                runs.append((label, [str(script), command, str(root)], None))
+    return runs
+
+
+def main() -> None:
+    """Build, time and print."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tensors", type=int, default=10_000)
+    parser.add_argument("--repeat", type=int, default=7)
+    parser.add_argument(
+        "--dir",
+        type=Path,
+        help="build here and keep them (reused when already built); default: a temporary directory",
+    )
+    args = parser.parse_args()
+    base = args.dir or Path(tempfile.mkdtemp(prefix="ckpt-startup-"))
+    try:
+        roots = {"mixed": base / "mixed", "unpacked": base / "unpacked"}
+        for name, build in (("mixed", build_mixed), ("unpacked", build_unpacked)):
+            if not roots[name].exists():
+                build(roots[name], args.tensors)
+        runs = commands(roots)
+        samples: dict[str, tuple[list[tuple[float, float]], list[tuple[float, float]]]] = {
+            label: ([], []) for label, _, _ in runs
+        }
+        # Round after round, every command once: a load that drifts hits them all alike.
+        # Round 0 only warms the page cache and writes the bytecode cache.
+        for round_ in range(args.repeat + 1):
+            for label, argv, body in runs:
+                timing = whole(argv), (after_torch(body) if body else None)
+                if round_:
+                    samples[label][0].append(timing[0])
+                    if timing[1] is not None:
+                        samples[label][1].append(timing[1])
+    finally:
+        if args.dir is None:
+            shutil.rmtree(base, ignore_errors=True)
+    print(f"median of {args.repeat} runs; python {sys.version.split()[0]}; {os.cpu_count()} CPUs\n")
+    print("| command | wall s | beyond torch | CPU s | beyond torch | after torch: wall | CPU |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    torch_wall, torch_cpu = medians(samples["import torch"][0])
+    for label, (whole_runs, inside_runs) in samples.items():
+        wall, cpu = medians(whole_runs)
+        cells = f"{wall:.3f} | {1000 * (wall - torch_wall):.0f} ms | {cpu:.3f} | "
+        cells += f"{1000 * (cpu - torch_cpu):.0f} ms | "
+        if inside_runs:
+            inside_wall, inside_cpu = medians(inside_runs)
+            cells += f"{1000 * inside_wall:.0f} ms | {1000 * inside_cpu:.0f} ms"
+        else:
+            cells += "- | -"
+        print(f"| `{label}` | {cells} |")
+
+
+if __name__ == "__main__":
+    main()
