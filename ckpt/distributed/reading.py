@@ -25,6 +25,7 @@ import torch
 from ckpt.distributed.planning import ChunkRead, local_shards, plan_reads
 from ckpt.errors import CheckpointNotFoundError, CorruptCheckpointError
 from ckpt.format import GlobalTensorRecord, Manifest
+from ckpt.format.blobs import file_parts
 from ckpt.io import load_tensors, read_chunk
 from ckpt.storage import Storage
 
@@ -67,19 +68,20 @@ class SavedChunks:
             self.read(name, record, index, None)
             return
         chunk = record.chunks[index]
+        parts = file_parts(self.directory, chunk.file)  # a blob (version 5) lies in the store
         if chunk.file not in self._sizes:
             try:
-                self._sizes[chunk.file] = self.storage.size(self.directory, chunk.file)
+                self._sizes[chunk.file] = self.storage.size(*parts)
             except CheckpointNotFoundError as e:
                 raise CorruptCheckpointError(
                     "a file listed in the manifest is missing",
-                    path=self.storage.path(self.directory, chunk.file),
+                    path=self.storage.path(*parts),
                     key=name,
                 ) from e
         if self._sizes[chunk.file] < chunk.begin + record.chunk_nbytes(chunk):
             raise CorruptCheckpointError(
                 f"file ends before the last byte of chunk {index}",
-                path=self.storage.path(self.directory, chunk.file),
+                path=self.storage.path(*parts),
                 key=name,
             )
 

@@ -1,0 +1,190 @@
+"""Incremental saves in a process group (issue 20, format version 5): blobs written once.
+
+DDP and FSDP2 models with most of their bytes frozen save several steps with
+``incremental=True`` on 2 ranks: the bytes each save adds to the root stay within
+the changed bytes + 1 % + the manifests; a replicated tensor's blob is written once
+across ranks and steps (the blob files are counted); after ``keep_last=1`` the
+newest step restores bitwise into fresh models on the ranks and into one process;
+a corrupt blob fails the restore on every rank with the same error class.
+Functions named ``on_ranks_*`` run on the ranks.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import assert_same_state
+from dist_training import full_model_state, full_optimizer_state, wrap
+from torch import nn
+
+import ckpt
+from ckpt.format import bounds as format_bounds
+from ckpt.format.blobs import BLOB_DIR
+
+pytestmark = pytest.mark.distributed
+
+WIDTH = 256  # a 256 x 256 float32 weight is 256 KiB: its FSDP2 halves are blobs too
+LAYERS = 10
+FROZEN = 9
+
+
+def _model(how: str, seed: int) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """``LAYERS`` linear layers, the first ``FROZEN`` frozen; AdamW on the rest."""
+    torch.manual_seed(seed)
+    plain = nn.Sequential(*(nn.Linear(WIDTH, WIDTH) for _ in range(LAYERS)))
+    for layer in list(plain)[:FROZEN]:
+        layer.requires_grad_(False)
+    model = wrap(plain, how)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return model, torch.optim.AdamW(trainable, lr=0.01)
+
+
+def _step(model: nn.Module, optimizer: torch.optim.Optimizer, step: int, rank: int) -> None:
+    gen = torch.Generator().manual_seed(100 * step + rank)
+    x = torch.randn(4, WIDTH, generator=gen)
+    optimizer.zero_grad()
+    model(x).square().mean().backward()
+    optimizer.step()
+
+
+def _root_bytes(root: Path) -> tuple[int, int]:
+    """Bytes of every file in the root, and of its manifests alone."""
+    files = [p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".ckpt-writer")]
+    return sum(p.stat().st_size for p in files), sum(
+        p.stat().st_size for p in files if p.name == "manifest.json"
+    )
+
+
+def _tensors(state: dict[str, Any]) -> dict[str, torch.Tensor]:
+    flat: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if isinstance(value, dict):
+            flat.update({f"{key}.{k}": v for k, v in _tensors(value).items()})
+        elif isinstance(value, torch.Tensor):
+            flat[key] = value
+    return flat
+
+
+def _full(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    return {"model": full_model_state(model), "optimizer": full_optimizer_state(model, optimizer)}
+
+
+def on_ranks_save_incrementally(
+    rank: int, world: int, root: str, full_root: str, how: str, saves: int
+) -> dict[str, Any]:
+    """Train and save ``saves`` steps incrementally (and each also in full elsewhere).
+
+    Returns, per save, the root's bytes before and after and the full states gathered
+    before the save, then the blob files after a last save with ``keep_last=1``.
+    """
+    model, optimizer = _model(how, seed=3)
+    records: list[dict[str, Any]] = []
+    with (
+        ckpt.CheckpointManager(root, incremental=True) as mgr,
+        ckpt.CheckpointManager(full_root, keep_last=1) as full_mgr,
+    ):
+        for step in range(saves):
+            _step(model, optimizer, step, rank)
+            full = _full(model, optimizer)
+            before = _root_bytes(Path(root))
+            mgr.save(step, model=model, optimizer=optimizer, rng=False)
+            after = _root_bytes(Path(root))
+            full_mgr.save(step, model=model, optimizer=optimizer, rng=False)
+            full_bytes = _root_bytes(Path(full_root))
+            blobs = sorted(p.name for p in (Path(root) / BLOB_DIR).iterdir())
+            records.append(
+                {"before": before, "after": after, "full": full_bytes, "blobs": blobs, "state": full}
+            )
+    _step(model, optimizer, saves, rank)
+    last = _full(model, optimizer)
+    with ckpt.CheckpointManager(root, incremental=True, keep_last=1) as mgr:
+        mgr.save(saves, model=model, optimizer=optimizer, rng=False)
+        steps = mgr.all_steps()
+    blobs = sorted(p.name for p in (Path(root) / BLOB_DIR).iterdir())
+    return {"records": records, "last": last, "steps": steps, "blobs": blobs}
+
+
+def on_ranks_restore(rank: int, world: int, root: str, how: str) -> dict[str, Any]:
+    """Restore the latest step into a fresh model; its full state, or the error."""
+    model, optimizer = _model(how, seed=99)
+    try:
+        with ckpt.CheckpointManager(root, incremental=True) as mgr:
+            info = mgr.restore(model=model, optimizer=optimizer)
+    except Exception as e:
+        return {"error": type(e).__name__, "message": str(e)}
+    assert info is not None
+    return {"step": info.step, "state": _full(model, optimizer)}
+
+
+def _exact(a: dict[str, Any], b: dict[str, Any]) -> None:
+    assert set(a) == set(b)
+    for key, value in a.items():
+        assert_same_state(value, b[key], key)
+
+
+def _large(state: dict[str, Any]) -> dict[str, torch.Tensor]:
+    return {
+        k: t for k, t in _tensors(state).items() if t.nbytes >= format_bounds.MIN_BLOB_BYTES // 2
+    }
+
+
+@pytest.mark.parametrize("how", ["ddp", "fsdp"])
+def test_incremental_saves_on_two_ranks_write_each_blob_once_and_restore_bitwise(
+    rank_pool, tmp_path, how
+):
+    root, full_root = tmp_path / "inc", tmp_path / "full"
+    saves = 3
+    outcomes = rank_pool.run(on_ranks_save_incrementally, str(root), str(full_root), how, saves)
+    result = outcomes[0]
+    records = result["records"]
+    for r, previous in zip(records[1:], records, strict=False):
+        old, new = _tensors(previous["state"]), _tensors(r["state"])
+        changed = sum(t.nbytes for k, t in new.items() if not torch.equal(t, old[k]))
+        full_total, _ = r["full"]
+        added = r["after"][0] - r["before"][0]
+        manifests = r["after"][1] - r["before"][1]
+        assert changed < 0.3 * full_total  # most bytes are frozen
+        assert added <= changed + 0.01 * full_total + manifests, (added, changed, full_total)
+    # Each large tensor once: a blob per distinct large tensor (FSDP2: one per half).
+    per_blob = 1 if how == "ddp" else 2
+    large = _large(records[0]["state"])
+    distinct_first = len({(t.dtype, t.shape, t.numpy().tobytes()) for t in large.values()})
+    assert len(records[0]["blobs"]) == distinct_first * per_blob
+    for r, previous in zip(records[1:], records, strict=False):
+        old, new = _large(previous["state"]), _large(r["state"])
+        fresh = sum(1 for k, t in new.items() if not torch.equal(t, old[k]))
+        assert len(r["blobs"]) == len(previous["blobs"]) + fresh * per_blob
+    assert result["steps"] == [saves]
+    last_large = _large(result["last"])
+    assert len(result["blobs"]) == len(last_large) * per_blob  # the swept store: step 3's only
+    manifest = (root / f"step_{saves:012d}" / "manifest.json").read_bytes()
+    assert b'"format_version":5' in manifest
+    # Restored bitwise on the ranks, and in one process.
+    restored = rank_pool.run(on_ranks_restore, str(root), how)
+    for o in restored:
+        assert o["step"] == saves
+        _exact(o["state"]["model"], result["last"]["model"])
+        _exact(o["state"]["optimizer"], result["last"]["optimizer"])
+    plain, optimizer = _model("none", seed=42)
+    with ckpt.CheckpointManager(root, process_group=False) as mgr:
+        info = mgr.restore(model=plain, optimizer=optimizer)
+    assert info is not None and info.step == saves
+    _exact(_full(plain, optimizer)["model"], result["last"]["model"])
+    _exact(_full(plain, optimizer)["optimizer"], result["last"]["optimizer"])
+    assert ckpt.CheckpointReader(root).verify(saves) is not None
+
+
+def test_a_corrupt_blob_fails_the_restore_on_every_rank_alike(rank_pool, tmp_path):
+    root, full_root = tmp_path / "inc", tmp_path / "full"
+    rank_pool.run(on_ranks_save_incrementally, str(root), str(full_root), "ddp", 1)
+    blob = sorted((root / BLOB_DIR).iterdir())[0]
+    data = bytearray(blob.read_bytes())
+    data[-3] ^= 0xFF
+    blob.write_bytes(bytes(data))
+    outcomes = rank_pool.run(on_ranks_restore, str(root), "ddp")
+    assert [o.get("error") for o in outcomes] == ["CorruptCheckpointError"] * 2
+    with pytest.raises(ckpt.CorruptCheckpointError):
+        ckpt.CheckpointReader(root).verify(1)
