@@ -11,6 +11,7 @@ Functions named ``on_ranks_*`` run on the ranks.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -18,13 +19,17 @@ import pytest
 import torch
 from conftest import assert_same_state
 from dist_training import full_model_state, full_optimizer_state, wrap
+from test_format_v3 import doc_of, raw_of, sharded_manifest
 from torch import nn
 
 import ckpt
+import ckpt.format.manifest
+from ckpt.format import FORMAT_VERSION, FileRecord, decode_manifest, encode_manifest
 from ckpt.format import bounds as format_bounds
 from ckpt.format.blobs import BLOB_DIR
+from ckpt.format.sharded import chunk_ref
 
-pytestmark = pytest.mark.distributed
+KEY = "0123456789abcdef" * 2
 
 WIDTH = 256  # a 256 x 256 float32 weight is 256 KiB: its FSDP2 halves are blobs too
 LAYERS = 10
@@ -95,9 +100,8 @@ def on_ranks_save_incrementally(
             full_mgr.save(step, model=model, optimizer=optimizer, rng=False)
             full_bytes = _root_bytes(Path(full_root))
             blobs = sorted(p.name for p in (Path(root) / BLOB_DIR).iterdir())
-            records.append(
-                {"before": before, "after": after, "full": full_bytes, "blobs": blobs, "state": full}
-            )
+            record = {"before": before, "after": after, "full": full_bytes, "blobs": blobs}
+            records.append({**record, "state": full})
     _step(model, optimizer, saves, rank)
     last = _full(model, optimizer)
     with ckpt.CheckpointManager(root, incremental=True, keep_last=1) as mgr:
@@ -131,6 +135,7 @@ def _large(state: dict[str, Any]) -> dict[str, torch.Tensor]:
     }
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("how", ["ddp", "fsdp"])
 def test_incremental_saves_on_two_ranks_write_each_blob_once_and_restore_bitwise(
     rank_pool, tmp_path, how
@@ -177,6 +182,7 @@ def test_incremental_saves_on_two_ranks_write_each_blob_once_and_restore_bitwise
     assert ckpt.CheckpointReader(root).verify(saves) is not None
 
 
+@pytest.mark.distributed
 def test_a_corrupt_blob_fails_the_restore_on_every_rank_alike(rank_pool, tmp_path):
     root, full_root = tmp_path / "inc", tmp_path / "full"
     rank_pool.run(on_ranks_save_incrementally, str(root), str(full_root), "ddp", 1)
@@ -188,3 +194,82 @@ def test_a_corrupt_blob_fails_the_restore_on_every_rank_alike(rank_pool, tmp_pat
     assert [o.get("error") for o in outcomes] == ["CorruptCheckpointError"] * 2
     with pytest.raises(ckpt.CorruptCheckpointError):
         ckpt.CheckpointReader(root).verify(1)
+
+
+# ---------------------------------------------------------------- the format
+
+
+def _v5() -> Any:
+    """test_format_v3's manifest, the second chunk of ``model/w`` (and ``model/b``) in one blob."""
+    manifest = sharded_manifest()
+    section = manifest.sharded
+    w, b = section.tensors["model/w"], section.tensors["model/b"]
+    ref_w, ref_b = chunk_ref("model/w", (3, 0), KEY), chunk_ref("model/b", (0,), KEY)
+    tensors = {
+        **section.tensors,
+        "model/w": dataclasses.replace(
+            w, chunks=(w.chunks[0], dataclasses.replace(w.chunks[1], file=ref_w, begin=80))
+        ),
+        "model/b": dataclasses.replace(
+            b, chunks=(dataclasses.replace(b.chunks[0], file=ref_b, begin=80),)
+        ),
+    }
+    blob = FileRecord(200, "xxh3_64:00000000000000ff")
+    files = {**manifest.files, ref_w: blob, ref_b: blob}
+    return dataclasses.replace(
+        manifest, files=files, sharded=dataclasses.replace(section, tensors=tensors)
+    )
+
+
+def test_v5_round_trips_and_lists_each_blob_once():
+    manifest = _v5()
+    doc = doc_of(manifest)
+    assert doc["format_version"] == 5 == FORMAT_VERSION
+    assert doc["blobs"] == {KEY: {"size": 200, "checksum": "xxh3_64:00000000000000ff"}}
+    assert doc["tensors"]["model/w"]["chunks"][1]["blob"] == KEY
+    assert "file" not in doc["tensors"]["model/w"]["chunks"][1]
+    assert all(not name.startswith(BLOB_DIR) for name in doc["files"])
+    back = decode_manifest(raw_of(doc), "manifest.json")
+    assert back.sharded == manifest.sharded
+    assert back.files == manifest.files
+
+
+def test_readers_of_version_4_are_told_version_5_is_newer(monkeypatch):
+    monkeypatch.setattr(ckpt.format.manifest, "FORMAT_VERSION", 4)
+    with pytest.raises(ckpt.IncompatibleCheckpointError, match="newer"):
+        decode_manifest(encode_manifest(_v5()), "m.json")
+
+
+@pytest.mark.parametrize(
+    ("edit", "key", "why"),
+    [
+        (lambda d: d.update(format_version=3), "tensors.model/w.chunks[1]", "exactly the fields"),
+        (lambda d: d["blobs"].clear(), "tensors.model/w.chunks[1]", "not in 'blobs'"),
+        (
+            lambda d: d["tensors"]["model/w"]["chunks"][1].update(blob="XY"),
+            "tensors.model/w.chunks[1]",
+            "32 lower-case hex",
+        ),
+        (
+            lambda d: d["tensors"]["model/w"]["chunks"][1].update(file="rank0.safetensors"),
+            "tensors.model/w.chunks[1]",
+            "exactly the fields",
+        ),
+        (
+            lambda d: d["tensors"]["model/w"]["chunks"][1].update(begin=160),
+            "tensors.model/w.chunks[1]",
+            "run past the end",
+        ),
+        (
+            lambda d: d["ranks"][0]["tensors"]["own/big"].update(blob=KEY),
+            "ranks[0].tensors.own/big",
+            "version 4",
+        ),
+    ],
+)
+def test_v5_refuses_malformed_blob_chunks(edit, key, why):
+    doc = doc_of(_v5())
+    edit(doc)
+    with pytest.raises(ckpt.CorruptCheckpointError, match=why) as info:
+        decode_manifest(raw_of(doc), "m.json")
+    assert info.value.key == key
