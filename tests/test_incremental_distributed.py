@@ -78,7 +78,7 @@ def _full(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
 
 
 def on_ranks_save_incrementally(
-    rank: int, world: int, root: str, full_root: str, how: str, saves: int
+    rank: int, world: int, root: str, full_root: str, how: str, saves: int, async_save: bool = False
 ) -> dict[str, Any]:
     """Train and save ``saves`` steps incrementally (and each also in full elsewhere).
 
@@ -88,7 +88,7 @@ def on_ranks_save_incrementally(
     model, optimizer = _model(how, seed=3)
     records: list[dict[str, Any]] = []
     with (
-        ckpt.CheckpointManager(root, incremental=True) as mgr,
+        ckpt.CheckpointManager(root, incremental=True, async_save=async_save) as mgr,
         ckpt.CheckpointManager(full_root, keep_last=1) as full_mgr,
     ):
         for step in range(saves):
@@ -96,6 +96,7 @@ def on_ranks_save_incrementally(
             full = _full(model, optimizer)
             before = _root_bytes(Path(root))
             mgr.save(step, model=model, optimizer=optimizer, rng=False)
+            mgr.wait()
             after = _root_bytes(Path(root))
             full_mgr.save(step, model=model, optimizer=optimizer, rng=False)
             full_bytes = _root_bytes(Path(full_root))
@@ -136,13 +137,15 @@ def _large(state: dict[str, Any]) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("how", ["ddp", "fsdp"])
+@pytest.mark.parametrize(("how", "async_save"), [("ddp", False), ("fsdp", False), ("fsdp", True)])
 def test_incremental_saves_on_two_ranks_write_each_blob_once_and_restore_bitwise(
-    rank_pool, tmp_path, how
+    rank_pool, tmp_path, how, async_save
 ):
     root, full_root = tmp_path / "inc", tmp_path / "full"
     saves = 3
-    outcomes = rank_pool.run(on_ranks_save_incrementally, str(root), str(full_root), how, saves)
+    outcomes = rank_pool.run(
+        on_ranks_save_incrementally, str(root), str(full_root), how, saves, async_save
+    )
     result = outcomes[0]
     records = result["records"]
     for r, previous in zip(records[1:], records, strict=False):
@@ -194,6 +197,51 @@ def test_a_corrupt_blob_fails_the_restore_on_every_rank_alike(rank_pool, tmp_pat
     assert [o.get("error") for o in outcomes] == ["CorruptCheckpointError"] * 2
     with pytest.raises(ckpt.CorruptCheckpointError):
         ckpt.CheckpointReader(root).verify(1)
+
+
+def on_ranks_blob_write_fails(rank: int, world: int, root: str) -> dict[str, Any]:
+    """Save step 0; then step 1 with rank 1 unable to write blobs; what each rank saw."""
+    from ckpt.distributed import writing
+
+    model, optimizer = _model("ddp", seed=3)
+    with ckpt.CheckpointManager(root, incremental=True) as mgr:
+        _step(model, optimizer, 0, rank)
+        mgr.save(0, model=model, optimizer=optimizer, rng=False)
+        expected = _full(model, optimizer)
+        _step(model, optimizer, 1, rank)
+        real = writing.write_blob
+
+        def failing(*args: Any) -> Any:
+            raise OSError(28, "No space left on device")
+
+        if rank == 1:
+            writing.write_blob = failing  # type: ignore[assignment]
+        try:
+            mgr.save(1, model=model, optimizer=optimizer, rng=False)
+            outcome: dict[str, Any] = {"error": None}
+        except Exception as e:
+            outcome = {"error": type(e).__name__, "message": str(e)}
+        finally:
+            writing.write_blob = real
+        outcome["steps"] = mgr.all_steps()
+    outcome["expected"] = expected
+    return outcome
+
+
+@pytest.mark.distributed
+def test_a_rank_failing_to_write_a_blob_fails_the_save_everywhere_and_step_0_restores(
+    rank_pool, tmp_path
+):
+    root = tmp_path / "inc"
+    outcomes = rank_pool.run(on_ranks_blob_write_fails, str(root))
+    assert [o["error"] for o in outcomes] == ["CheckpointWriteError"] * 2
+    assert all("rank 1" in o["message"] and "No space" in o["message"] for o in outcomes)
+    assert all(o["steps"] == [0] for o in outcomes)
+    restored = rank_pool.run(on_ranks_restore, str(root), "ddp")
+    for o in restored:
+        assert o["step"] == 0
+        _exact(o["state"]["model"], outcomes[0]["expected"]["model"])
+        _exact(o["state"]["optimizer"], outcomes[0]["expected"]["optimizer"])
 
 
 # ---------------------------------------------------------------- the format

@@ -50,6 +50,7 @@ from ckpt.format import (
     encode_manifest,
     step_dir_name,
 )
+from ckpt.format.blobs import BLOB_DIR
 from ckpt.format.header import ManifestHeader
 from ckpt.saving.commit import (
     delete_checkpoint,
@@ -286,6 +287,7 @@ class CollectiveSave:
         assert self.blob_index is not None
         try:
             index = self.blob_index()
+            self.storage.makedirs(BLOB_DIR)  # here, once: ranks creating it at once would race
         except Exception as e:
             return {"error": f"cannot list the content store: {_describe(e)}"}
         return {"present": sorted({k for w in wanted for k in w if k in index})}
