@@ -183,6 +183,7 @@ def test_incremental_saves_on_two_ranks_write_each_blob_once_and_restore_bitwise
     _exact(_full(plain, optimizer)["model"], result["last"]["model"])
     _exact(_full(plain, optimizer)["optimizer"], result["last"]["optimizer"])
     assert ckpt.CheckpointReader(root).verify(saves) is not None
+    assert ckpt.CheckpointReader(root).describe(saves).format_version == 5
 
 
 @pytest.mark.distributed
