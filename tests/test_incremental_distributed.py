@@ -12,6 +12,8 @@ Functions named ``on_ranks_*`` run on the ranks.
 from __future__ import annotations
 
 import dataclasses
+import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +28,7 @@ import ckpt
 import ckpt.format.manifest
 from ckpt.format import FORMAT_VERSION, FileRecord, decode_manifest, encode_manifest
 from ckpt.format import bounds as format_bounds
-from ckpt.format.blobs import BLOB_DIR
+from ckpt.format.blobs import BLOB_DIR, ref_key
 from ckpt.format.sharded import chunk_ref
 
 KEY = "0123456789abcdef" * 2
@@ -243,6 +245,67 @@ def test_a_rank_failing_to_write_a_blob_fails_the_save_everywhere_and_step_0_res
         assert o["step"] == 0
         _exact(o["state"]["model"], outcomes[0]["expected"]["model"])
         _exact(o["state"]["optimizer"], outcomes[0]["expected"]["optimizer"])
+
+
+def on_ranks_die_after_a_blob(rank: int, world: int, root: str) -> str:
+    """Save step 0; in step 1's save rank 1 is SIGKILLed right after writing its first blob."""
+    from ckpt.distributed import writing
+
+    model, optimizer = _model("fsdp", seed=3)
+    mgr = ckpt.CheckpointManager(root, incremental=True, collective_timeout=20)
+    _step(model, optimizer, 0, rank)
+    mgr.save(0, model=model, optimizer=optimizer, rng=False)
+    _step(model, optimizer, 1, rank)
+    if rank == 1:
+        real = writing.write_blob
+
+        def write_then_die(*args: Any) -> Any:
+            real(*args)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        writing.write_blob = write_then_die  # type: ignore[assignment]
+    try:
+        mgr.save(1, model=model, optimizer=optimizer, rng=False)
+    except ckpt.CheckpointError as e:
+        return f"{type(e).__name__}: {e}"
+    return "saved"
+
+
+def on_ranks_save_one(rank: int, world: int, root: str, step: int, seed: int) -> None:
+    model, optimizer = _model("fsdp", seed=seed)
+    _step(model, optimizer, step, rank)
+    with ckpt.CheckpointManager(root, incremental=True) as mgr:
+        mgr.save(step, model=model, optimizer=optimizer, rng=False)
+
+
+def _referenced(root: Path) -> set[str]:
+    """The blob file names the committed steps' manifests reference."""
+    names = set()
+    for step_dir in root.glob("step_*"):
+        manifest = decode_manifest((step_dir / "manifest.json").read_bytes(), str(step_dir))
+        for file in manifest.files:
+            key = ref_key(file)
+            if key is not None:
+                names.add(f"{key}.safetensors")
+    return names
+
+
+@pytest.mark.distributed
+def test_a_rank_killed_after_writing_a_blob_leaves_every_step_whole_and_the_orphan_is_swept(
+    fresh_ranks, rank_pool, tmp_path
+):
+    root = tmp_path / "inc"
+    outcomes = fresh_ranks(on_ranks_die_after_a_blob, 2, 90, args=(str(root),))
+    assert outcomes[1].exitcode == -signal.SIGKILL
+    assert outcomes[0].returned and not outcomes[0].timed_out, outcomes[0].error
+    assert outcomes[0].result.startswith(("CollectiveError", "CheckpointWriteError"))
+    present = {p.name for p in (root / BLOB_DIR).iterdir()}
+    assert _referenced(root) < present  # the dead rank's blob, referenced by nothing
+    rank_pool.run(on_ranks_save_one, str(root), 2, 7)
+    assert ckpt.CheckpointManager(root, process_group=False).all_steps() == [0, 2]
+    assert {p.name for p in (root / BLOB_DIR).iterdir()} == _referenced(root)
+    for step in (0, 2):
+        assert ckpt.CheckpointReader(root).verify(step).step == step
 
 
 # ---------------------------------------------------------------- the format
