@@ -257,11 +257,12 @@ class CollectiveSave:
         A failure on any rank raises on every rank (and :meth:`_agree` reports it).
         """
         group = self.group
-        keys: dict[str, str] | None = None
+        keys: dict[str, tuple[str, str]] | None = None
         try:
             keys = shard_keys(pending.captured)
         finally:  # every rank takes part in both collectives, whatever happened
-            wanted = group.all_gather_json(None if keys is None else sorted(set(keys.values())))
+            mine = None if keys is None else sorted({key for key, _ in keys.values()})
+            wanted = group.all_gather_json(mine)
             answer: Any = None
             if group.is_coordinator:
                 answer = self._present(wanted)
@@ -276,8 +277,8 @@ class CollectiveSave:
         for rank, ranks_keys in enumerate(wanted):
             for key in ranks_keys:
                 owner.setdefault(key, rank)
-        mine = {k for k in keys.values() if k not in present and owner[k] == group.rank}
-        return BlobPlan(keys, mine)
+        write = {k for k, _ in keys.values() if k not in present and owner[k] == group.rank}
+        return BlobPlan(keys, write)
 
     def _present(self, wanted: list[Any]) -> dict[str, Any]:
         """On the coordinator: which of the keys the ranks reference the store holds."""

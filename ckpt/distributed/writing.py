@@ -60,42 +60,42 @@ def _write_file(
 class BlobPlan:
     """Which of this rank's shards are blobs, and which blobs this rank writes."""
 
-    keys: dict[str, str]
-    """``{chunk key: blob key}`` of this rank's shards stored as blobs."""
+    keys: dict[str, tuple[str, str]]
+    """``{chunk key: (blob key, chunk checksum)}`` of this rank's shards stored as blobs."""
     write: set[str]
     """The blob keys this rank writes (the store lacks them; no lower rank holds them)."""
 
 
-def shard_keys(captured: RankCapture) -> dict[str, str]:
-    """``{chunk key: blob key}`` of this rank's shards large enough to be blobs (hashed now)."""
+def shard_keys(captured: RankCapture) -> dict[str, tuple[str, str]]:
+    """``{chunk key: (blob key, checksum)}`` of this rank's shards large enough to be blobs.
+
+    Hashed now, every save, from the bytes (one CPU copy at a time).
+    """
     tensors = captured.files.get(captured.shard_file, {})
-    keys: dict[str, str] = {}
+    keys: dict[str, tuple[str, str]] = {}
     for s in captured.shards:
         name = chunk_key(s.name, s.offsets)
         t = tensors[name]
         if t.nbytes >= format_bounds.MIN_BLOB_BYTES:
             cpu = cpu_contiguous(t.detach())
-            keys[name] = blob_key(cpu, tensor_bytes(cpu))
+            data = tensor_bytes(cpu)
+            keys[name] = (blob_key(cpu, data), hash_bytes(data))
     return keys
 
 
 def _write_blobs(
     storage: Storage, captured: RankCapture, plan: BlobPlan
 ) -> tuple[dict[str, list[Any]], dict[str, tuple[str, int, str]]]:
-    """Write this rank's blobs; their records, and each blob shard's reference, begin, checksum."""
+    """Write this rank's blobs; their records, and each blob shard's key, begin and checksum."""
     tensors = captured.files.get(captured.shard_file, {})
     written: dict[str, list[Any]] = {}
     placed: dict[str, tuple[str, int, str]] = {}
-    for s in captured.shards:
-        name = chunk_key(s.name, s.offsets)
-        key = plan.keys.get(name)
-        if key is None:
-            continue
-        cpu = cpu_contiguous(tensors[name].detach())
+    for name, (key, checksum) in plan.keys.items():
+        t = tensors[name]
         if key in plan.write and key not in written:
-            record = write_blob(storage, key, cpu)
+            record = write_blob(storage, key, cpu_contiguous(t.detach()))
             written[key] = [record.size, record.checksum]
-        placed[name] = (key, blob_begin(cpu), hash_bytes(tensor_bytes(cpu)))
+        placed[name] = (key, blob_begin(t), checksum)
     return written, placed
 
 
