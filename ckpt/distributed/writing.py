@@ -99,24 +99,21 @@ def _write_blobs(
     return written, placed
 
 
-def write_rank_files(
-    storage: Storage, directory: str, captured: RankCapture, plan: BlobPlan | None = None
-) -> Json:
-    """Write this rank's files into ``directory``; return its report for the coordinator.
+def _without(captured: RankCapture, placed: Mapping[str, Any]) -> RankCapture:
+    """``captured`` without the shards stored as blobs (and without an empty shard file)."""
+    if not placed:
+        return captured
+    shards = {n: t for n, t in captured.files[captured.shard_file].items() if n not in placed}
+    files = {**captured.files, captured.shard_file: shards}
+    if not shards:
+        del files[captured.shard_file]
+    return dataclasses.replace(captured, files=files)
 
-    With ``plan`` (an incremental save), the shards it names are blobs: this rank
-    writes those in ``plan.write`` to the content store, durably, first.
-    """
-    written, placed = _write_blobs(storage, captured, plan) if plan else ({}, {})
-    if placed:
-        own_shards = {
-            n: t for n, t in captured.files[captured.shard_file].items() if n not in placed
-        }
-        captured = dataclasses.replace(
-            captured, files={**captured.files, captured.shard_file: own_shards}
-        )
-        if not own_shards:
-            del captured.files[captured.shard_file]
+
+def _write_files(
+    storage: Storage, directory: str, captured: RankCapture
+) -> tuple[dict[str, FileRecord], dict[str, dict[str, Any]]]:
+    """Write the rank's files; their records, and each file's tensors' first bytes and checksums."""
     files: dict[str, FileRecord] = {}
     digests: dict[str, dict[str, Any]] = {}
     with BackgroundSyncs() as syncs:
@@ -138,6 +135,20 @@ def write_rank_files(
             files[file_name] = FileRecord(size, hashers[-1].digest())
             digests[file_name] = found
         syncs.wait()
+    return files, digests
+
+
+def write_rank_files(
+    storage: Storage, directory: str, captured: RankCapture, plan: BlobPlan | None = None
+) -> Json:
+    """Write this rank's files into ``directory``; return its report for the coordinator.
+
+    With ``plan`` (an incremental save), the shards it names are blobs: this rank
+    writes those in ``plan.write`` to the content store, durably, first.
+    """
+    written, placed = _write_blobs(storage, captured, plan) if plan else ({}, {})
+    captured = _without(captured, placed)
+    files, digests = _write_files(storage, directory, captured)
     chunks = []
     for s in captured.shards:
         name = chunk_key(s.name, s.offsets)
@@ -147,17 +158,9 @@ def write_rank_files(
             file = chunk_ref(s.name, s.offsets, key)
         else:
             begin, checksum = digests[captured.shard_file][name]
+        shape, dtype = list(s.data.shape), dtype_name(s.data.dtype)
         chunks.append(
-            [
-                s.name,
-                list(s.offsets),
-                list(s.data.shape),
-                list(s.global_shape),
-                dtype_name(s.data.dtype),
-                file,
-                begin,
-                checksum,
-            ]
+            [s.name, list(s.offsets), shape, list(s.global_shape), dtype, file, begin, checksum]
         )
     own = dataclasses.replace(
         captured.own, files={n: r for n, r in files.items() if n != captured.shard_file}
