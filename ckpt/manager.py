@@ -170,8 +170,13 @@ class CheckpointManager:
             else collective_save(self._storage, self._group, node_local=node_local)
         )
         if incremental and self._group is not None:
-            self._group.close()
-            raise NotImplementedError("incremental=True in a process group: not yet")
+            if node_local:
+                self._group.close()
+                raise NotImplementedError(
+                    "incremental=True with node-local roots in a process group: not supported"
+                )
+            assert self._collective is not None
+            self._collective.blob_index = self._writer.blob_index  # format version 5
         self._tiers = open_tiers(
             self._checkpoints, tiers, self._group, background_nice, node_local=node_local
         )

@@ -36,7 +36,7 @@ from typing import Any
 
 from ckpt.distributed.capture import RankCapture, capture_local, capture_own, lay_out
 from ckpt.distributed.group import RankGroup
-from ckpt.distributed.writing import assemble_v3, write_rank_files
+from ckpt.distributed.writing import BlobPlan, assemble_v3, shard_keys, write_rank_files
 from ckpt.errors import (
     CheckpointError,
     CheckpointExistsError,
@@ -45,12 +45,14 @@ from ckpt.errors import (
 )
 from ckpt.format import (
     MANIFEST_NAME,
+    FileRecord,
     ItemRecord,
     Manifest,
     decode_manifest,
     encode_manifest,
     step_dir_name,
 )
+from ckpt.format.blobs import BLOB_DIR
 from ckpt.format.header import ManifestHeader
 from ckpt.saving.commit import (
     delete_checkpoint,
@@ -124,6 +126,10 @@ class CollectiveSave:
     node_local: bool = False
     """Each rank's root is its own (node-local tiers): every rank opens its own attempt
     and commits rank 0's manifest there, with only its own files (``docs/tiers.md``)."""
+    blob_index: Callable[[], dict[str, FileRecord]] | None = None
+    """Incremental saves (format version 5): on the coordinator, the content store's
+    index under the writer lock (``CheckpointWriter.blob_index``); on the other ranks,
+    any non-``None`` value. ``None``: every shard goes to the step's files."""
 
     def begin(
         self,
@@ -213,7 +219,8 @@ class CollectiveSave:
         report: Any = None
         error: BaseException | None = None
         try:
-            report = write_rank_files(self.storage, attempt.directory, pending.captured)
+            plan = None if self.blob_index is None else self._plan_blobs(pending)
+            report = write_rank_files(self.storage, attempt.directory, pending.captured, plan)
         except Exception as e:
             error = self._unseen(attempt, e)
         reports = self._agree(step, attempt, error, report)
@@ -249,6 +256,50 @@ class CollectiveSave:
         )
         names = {n: ItemRecord("", None) for n in outcome["items"]}
         return dataclasses.replace(pending.template, items=names)
+
+    def _plan_blobs(self, pending: PendingSave) -> BlobPlan:
+        """Hash this rank's large shards; learn which blobs it writes (collective).
+
+        Every rank sends the keys it references; the coordinator answers which the
+        store holds; each missing blob is written by the lowest rank referencing it.
+        A failure on any rank raises on every rank (and :meth:`_agree` reports it).
+        """
+        group = self.group
+        keys: dict[str, tuple[str, str]] | None = None
+        try:
+            keys = shard_keys(pending.captured)
+        finally:  # every rank takes part in both collectives, whatever happened
+            mine = None if keys is None else sorted({key for key, _ in keys.values()})
+            wanted = group.all_gather_json(mine)
+            answer: Any = None
+            if group.is_coordinator:
+                answer = self._present(wanted)
+            answer = group.broadcast_json(answer)
+        assert keys is not None and isinstance(answer, dict)
+        if answer.get("error"):
+            raise CheckpointWriteError(
+                f"incremental save: {answer['error']}",
+                path=self.storage.url_of(step_dir_name(pending.step)),
+            )
+        present, owner = set(answer["present"]), dict[str, int]()
+        for rank, ranks_keys in enumerate(wanted):
+            for key in ranks_keys:
+                owner.setdefault(key, rank)
+        write = {k for k, _ in keys.values() if k not in present and owner[k] == group.rank}
+        return BlobPlan(keys, write)
+
+    def _present(self, wanted: list[Any]) -> dict[str, Any]:
+        """On the coordinator: which of the keys the ranks reference the store holds."""
+        if any(w is None for w in wanted):
+            failed = [r for r, w in enumerate(wanted) if w is None]
+            return {"error": f"ranks {failed} could not hash their shards"}
+        assert self.blob_index is not None
+        try:
+            index = self.blob_index()
+            self.storage.makedirs(BLOB_DIR)  # here, once: ranks creating it at once would race
+        except Exception as e:
+            return {"error": f"cannot list the content store: {_describe(e)}"}
+        return {"present": sorted({k for w in wanted for k in w if k in index})}
 
     def _open(self, step: int, overwrite: bool, prepare: Callable[[], None]) -> dict[str, Any]:
         """On the coordinator: lock, check, clean up, and open the attempt (as JSON)."""
@@ -347,7 +398,8 @@ class CollectiveSave:
     ) -> dict[str, Any]:
         """On the coordinator: write the manifest and commit; the outcome for every rank."""
         try:
-            manifest = assemble_v3(template, sharded_items, reports)
+            known = None if self.blob_index is None else self.blob_index()
+            manifest = assemble_v3(template, sharded_items, reports, known)
             raw = encode_manifest(manifest)
             where = self.storage.url_of(attempt.directory, MANIFEST_NAME)
             decode_manifest(raw, where)  # as readers will

@@ -31,11 +31,12 @@ from ckpt.format.sharded import decode_sharded, encode_sharded
 from ckpt.state.tree import Json, loads_strict
 
 FORMAT_NAME = "ckpt"
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5
 """The newest version this ckpt reads and writes. A checkpoint is written in the
 oldest version that can express it: 1 unless it packs small tensors or
 compresses its manifest (version 2); 3 when several ranks saved it; 4 when it
-references tensors in the root's content store (an incremental save)."""
+references tensors in the root's content store (an incremental save); 5 when
+several ranks saved it incrementally."""
 
 
 def encode_manifest(manifest: Manifest) -> bytes:
@@ -52,9 +53,7 @@ def encode_manifest(manifest: Manifest) -> bytes:
         raise ValueError("a sharded manifest holds its tensors in 'sharded', not in 'tensors'")
     packed = any(r.pack is not None for r in manifest.tensors.values())
     blobs = _blobs_of(manifest)
-    if sharded is not None and blobs:
-        raise ValueError("a sharded manifest cannot reference blobs")
-    version = 3 if sharded is not None else 4 if blobs else 2 if packed else 1
+    version = (5 if blobs else 3) if sharded is not None else 4 if blobs else 2 if packed else 1
     doc: dict[str, Any] = {
         "format": FORMAT_NAME,
         "format_version": version,
@@ -104,6 +103,11 @@ def _blobs_of(manifest: Manifest) -> dict[str, FileRecord]:
                 raise ValueError(f"blob {key} has no checksum")
             blobs[key] = r
     return dict(sorted(blobs.items()))
+
+
+def _blobs_doc(doc: dict[str, Any], version: int, bad: Any) -> dict[str, FileRecord] | None:
+    """The validated ``blobs`` section of a version 4 or 5 manifest; ``None`` before."""
+    return decode_blobs(doc.get("blobs"), bad) if version >= 4 else None
 
 
 def _encode_number(v: float | int) -> Json:
@@ -181,13 +185,12 @@ def decode_manifest(raw: bytes, source: str) -> Manifest:
         metrics[k] = number
     files = decode_files(doc.get("files"), bad)
     sharded = None
-    if version == 3:
-        sharded = decode_sharded(doc, files, bad)
+    if version in (3, 5):
+        sharded = decode_sharded(doc, files, bad, _blobs_doc(doc, version, bad))
         tensors: dict[str, TensorRecord] = {}
         items = {**sharded.items, **sharded.ranks[0].items}
     else:
-        blobs = decode_blobs(doc.get("blobs"), bad) if version >= 4 else None
-        tensors = decode_tensors(doc.get("tensors"), files, bad, blobs)
+        tensors = decode_tensors(doc.get("tensors"), files, bad, _blobs_doc(doc, version, bad))
         items = decode_items(doc.get("items"), bad)
     created_at = doc.get("created_at", "")
     versions = doc.get("versions", {})

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from ckpt.errors import CorruptCheckpointError
+from ckpt.format.blobs import is_blob_key, ref_key, ref_name
 from ckpt.format.checksums import ALGORITHM
 from ckpt.format.limits import MAX_BYTES, byte_count
 from ckpt.format.records import (
@@ -49,6 +50,7 @@ __all__ = [
     "SHARDED_KINDS",
     "decode_sharded",
     "encode_sharded",
+    "chunk_ref",
     "rank_manifest",
 ]
 
@@ -62,6 +64,7 @@ prove its chunks disjoint. Grids (any world size, sharding along one or several
 dimensions) need few; a layout needing more is refused rather than checked for minutes."""
 
 _CHUNK_FIELDS = ("offsets", "sizes", "file", "begin", "checksum")
+_BLOB_CHUNK_FIELDS = ("offsets", "sizes", "blob", "begin", "checksum")
 _STORABLE: dict[str, torch.dtype] = {}
 for _dtype in vars(torch).values():
     if isinstance(_dtype, torch.dtype):
@@ -100,28 +103,46 @@ def _encode_global(r: GlobalTensorRecord) -> dict[str, Json]:
     return {
         "dtype": str(r.dtype).removeprefix("torch."),
         "shape": list(r.shape),
-        "chunks": [
-            {
-                "offsets": list(c.offsets),
-                "sizes": list(c.sizes),
-                "file": c.file,
-                "begin": c.begin,
-                "checksum": c.checksum,
-            }
-            for c in r.chunks
-        ],
+        "chunks": [_encode_chunk(c) for c in r.chunks],
     }
 
 
+def _encode_chunk(c: ChunkRecord) -> dict[str, Json]:
+    """A chunk's JSON: ``blob`` (its key) in place of ``file`` for a blob reference (version 5)."""
+    key = ref_key(c.file)
+    return {
+        "offsets": list(c.offsets),
+        "sizes": list(c.sizes),
+        **({"file": c.file} if key is None else {"blob": key}),
+        "begin": c.begin,
+        "checksum": c.checksum,
+    }
+
+
+def chunk_ref(name: str, offsets: tuple[int, ...] | list[int], key: str) -> str:
+    """The file name a decoded manifest gives a chunk of ``name`` held by blob ``key``.
+
+    One name per chunk (``<name>@<offsets>`` after the ``#``), so that no two chunks
+    claim the same bytes of one file, even when several chunks hold equal bytes.
+    """
+    return ref_name(key, f"{name}@{','.join(str(o) for o in offsets)}")
+
+
 def decode_sharded(
-    doc: Mapping[str, Json], files: Mapping[str, FileRecord], bad: Any
+    doc: Mapping[str, Json],
+    files: dict[str, FileRecord],
+    bad: Any,
+    blobs: Mapping[str, FileRecord] | None = None,
 ) -> ShardedSection:
-    """Validate the sharded section of a parsed version 3 manifest ``doc``.
+    """Validate the sharded section of a parsed version 3 (or 5) manifest ``doc``.
 
     Args:
         doc: The whole parsed manifest.
-        files: Its validated ``files`` section.
+        files: Its validated ``files`` section; with ``blobs``, each chunk's blob
+            reference (:func:`chunk_ref`) is added to it.
         bad: Makes the error for a key and a reason.
+        blobs: The ``blobs`` section of a version 5 manifest: chunks may name a
+            blob in place of a file.
 
     Raises:
         CorruptCheckpointError: Anything malformed, out of bounds or inconsistent.
@@ -139,11 +160,12 @@ def decode_sharded(
     ranks_doc = doc.get("ranks")
     if not isinstance(ranks_doc, list) or len(ranks_doc) != world_size:
         raise bad("ranks", f"must be a list of {world_size} rank sections (world_size)")
-    tensors = _decode_globals(doc.get("tensors"), files, bad)
+    plain = dict(files)  # rank sections name the step's own files only
+    tensors = _decode_globals(doc.get("tensors"), files, bad, blobs)
     items = decode_items(doc.get("items"), bad)
     for name, item in items.items():
         _check_sharded_item(name, item, tensors, bad)
-    ranks = tuple(_decode_rank(i, rank, files, bad) for i, rank in enumerate(ranks_doc))
+    ranks = tuple(_decode_rank(i, rank, plain, bad) for i, rank in enumerate(ranks_doc))
     _check_same_items(ranks, items, bad)
     return ShardedSection(world_size, tensors, items, ranks)
 
@@ -155,7 +177,7 @@ def _is_dims(value: Json) -> bool:
 
 
 def _decode_globals(
-    doc: Json, files: Mapping[str, FileRecord], bad: Any
+    doc: Json, files: dict[str, FileRecord], bad: Any, blobs: Mapping[str, FileRecord] | None
 ) -> dict[str, GlobalTensorRecord]:
     if not isinstance(doc, dict):
         raise bad("tensors", "must be an object")
@@ -180,7 +202,15 @@ def _decode_globals(
         if not isinstance(chunks_doc, list) or not chunks_doc:
             raise bad(f"{where}.chunks", "must be a non-empty list")
         chunks = tuple(
-            _decode_chunk(f"{where}.chunks[{i}]", chunk, shape, dtype, files, bad)
+            _decode_chunk(
+                f"{where}.chunks[{i}]",
+                chunk,
+                shape,
+                dtype,
+                files,
+                bad,
+                _blob_of(f"{where}.chunks[{i}]", name, chunk, blobs, bad),
+            )
             for i, chunk in enumerate(chunks_doc)
         )
         record = GlobalTensorRecord(dtype, tuple(shape), chunks)
@@ -190,17 +220,39 @@ def _decode_globals(
     return tensors
 
 
+def _blob_of(
+    where: str, name: str, doc: Json, blobs: Mapping[str, FileRecord] | None, bad: Any
+) -> tuple[str, FileRecord] | None:
+    """A blob chunk's reference and blob record (version 5), or ``None`` for a file's chunk."""
+    if blobs is None or not isinstance(doc, dict) or "blob" not in doc:
+        return None
+    key, offsets = doc["blob"], doc.get("offsets")
+    if not isinstance(key, str) or not is_blob_key(key):
+        raise bad(where, f"blob key {key!r} is not 32 lower-case hex digits")
+    if key not in blobs:
+        raise bad(where, f"names blob {key!r}, which is not in 'blobs'")
+    if not _is_dims(offsets):
+        raise bad(where, "offsets and sizes must be lists of non-negative ints")
+    assert isinstance(offsets, list)
+    return chunk_ref(name, [o for o in offsets if isinstance(o, int)], key), blobs[key]
+
+
 def _decode_chunk(
     where: str,
     doc: Json,
     shape: list[int],
     dtype: torch.dtype,
-    files: Mapping[str, FileRecord],
+    files: dict[str, FileRecord],
     bad: Any,
+    blob: tuple[str, FileRecord] | None = None,
 ) -> ChunkRecord:
-    if not isinstance(doc, dict) or set(doc) != set(_CHUNK_FIELDS):
-        raise bad(where, f"must be an object with exactly the fields {list(_CHUNK_FIELDS)}")
-    offsets, sizes, file, begin, checksum = (doc[k] for k in _CHUNK_FIELDS)
+    fields = _CHUNK_FIELDS if blob is None else _BLOB_CHUNK_FIELDS
+    if not isinstance(doc, dict) or set(doc) != set(fields):
+        raise bad(where, f"must be an object with exactly the fields {list(fields)}")
+    offsets, sizes, file, begin, checksum = (doc[k] for k in fields)
+    if blob is not None:
+        file = blob[0]
+        files[file] = blob[1]
     if not (_is_dims(offsets) and _is_dims(sizes)):
         raise bad(where, "offsets and sizes must be lists of non-negative ints")
     assert isinstance(offsets, list) and isinstance(sizes, list)

@@ -17,6 +17,7 @@ import torch
 
 from ckpt.errors import CorruptCheckpointError
 from ckpt.format import ChunkRecord, GlobalTensorRecord, Manifest, TensorRecord
+from ckpt.format.blobs import file_parts
 from ckpt.format.checksums import CHUNK_BYTES, Hasher, hash_bytes
 from ckpt.format.tensorfile import TensorEntry, encode_header, layout, tensor_bytes
 from ckpt.io.checks import check_digest, check_size, matching_entry, read_header
@@ -144,8 +145,9 @@ def read_chunk(
     """
     target = _target(out, record.dtype, chunk.sizes, _where(chunk, index))
     view = tensor_bytes(target)
-    path = storage.path(directory, chunk.file)
-    with storage.open_read(directory, chunk.file) as f:
+    parts = file_parts(directory, chunk.file)  # a blob (version 5) lies in the store
+    path = storage.path(*parts)
+    with storage.open_read(*parts) as f:
         _read_range(f, chunk.begin, view, path, name)
     if verify:
         actual = chunk_checksum(view)
@@ -199,8 +201,9 @@ def read_chunk_slice(
     shape = (dim0_stop - dim0_start, *chunk.sizes[1:])
     target = _target(out, record.dtype, shape, f"rows {dim0_start}:{dim0_stop}")
     row_bytes = math.prod(chunk.sizes[1:]) * record.dtype.itemsize
-    path = storage.path(directory, chunk.file)
-    with storage.open_read(directory, chunk.file) as f:
+    parts = file_parts(directory, chunk.file)  # a blob (version 5) lies in the store
+    path = storage.path(*parts)
+    with storage.open_read(*parts) as f:
         _read_range(f, chunk.begin + dim0_start * row_bytes, tensor_bytes(target), path, name)
     return target
 
@@ -322,7 +325,7 @@ def _verify_file(
     path = check_size(storage, directory, file_name, manifest)
     record = manifest.files[file_name]
     hasher = Hasher()
-    with storage.open_read(directory, file_name) as f:
+    with storage.open_read(*file_parts(directory, file_name)) as f:
         entries, data_start = read_header(f, path, record.size, hasher)
         claimed: set[str] = set()
         for name, tensors in named.items():

@@ -28,6 +28,7 @@ import torch
 
 from ckpt.errors import CheckpointNotFoundError, CorruptCheckpointError
 from ckpt.format import ChunkRecord, GlobalTensorRecord
+from ckpt.format.blobs import file_parts
 from ckpt.format.checksums import Hasher
 from ckpt.format.tensorfile import TensorEntry, tensor_bytes
 from ckpt.io.live_reads import DeferredRead, run_reads
@@ -151,10 +152,11 @@ class HeldChunks:
         found = self._files.get(file_name)
         if found is not None:
             return found
-        path = self.storage.path(self.directory, file_name)
+        parts = file_parts(self.directory, file_name)  # a blob (version 5) lies in the store
+        path = self.storage.path(*parts)
         with ExitStack() as scope:
             try:
-                f = scope.enter_context(self.storage.open_read(self.directory, file_name))
+                f = scope.enter_context(self.storage.open_read(*parts))
             except CheckpointNotFoundError as e:
                 if self.verify:
                     raise
@@ -170,7 +172,7 @@ class HeldChunks:
                     self._held.append((f, file))
                     self._stack.push(scope.pop_all())  # open until close()
                 else:
-                    file.source = Reopen(self.storage, identity, (self.directory, file_name))
+                    file.source = Reopen(self.storage, identity, parts)
         self._files[file_name] = file
         return file
 
@@ -180,7 +182,7 @@ class HeldChunks:
         """Copy an object-store chunk, hashed, to the spill file (or memory if it has no room)."""
         hasher = Hasher() if self.verify else None
         spill = self._spill_file(entry.nbytes)
-        with self.storage.open_read(self.directory, chunk.file) as f:
+        with self.storage.open_read(*file_parts(self.directory, chunk.file)) as f:
             if spill is None:
                 held = torch.empty(entry.shape, dtype=entry.dtype)
                 _read_exactly(f, entry, tensor_bytes(held), file.path)

@@ -97,7 +97,7 @@ class Description:
         metrics: The metrics passed to ``save``.
         created_at: ISO 8601 UTC time of the save.
         versions: The ``ckpt``, ``torch`` and ``python`` versions that wrote it.
-        format_version: The on-disk format version (1 to 4).
+        format_version: The on-disk format version (1 to 5).
         world_size: How many ranks saved it (1 without a process group).
         files: Every tensor file's size in bytes, by name (a blob, format version 4,
             by its path below the root: ``.ckpt-blobs/<key>.safetensors``).
@@ -177,9 +177,10 @@ def _part(k: str | int) -> str:
 
 def format_version_of(manifest: Manifest, *, compressed: bool = False) -> int:
     """The format version a manifest was written in (``compressed``: its file was zlib)."""
+    refs = any(is_ref(name) for name in manifest.files)
     if manifest.sharded is not None:
-        return 3
-    if any(is_ref(name) for name in manifest.files):
+        return 5 if refs else 3
+    if refs:
         return 4
     if compressed or any(r.pack is not None for r in manifest.tensors.values()):
         return 2

@@ -38,11 +38,17 @@ from ckpt.format.blobs import (
 )
 from ckpt.format.checksums import Hasher, HashingWriter
 from ckpt.format.packs import PACK_SUFFIX
-from ckpt.format.tensorfile import cpu_contiguous, tensor_bytes, write_tensors
+from ckpt.format.tensorfile import (
+    cpu_contiguous,
+    encode_header,
+    layout,
+    tensor_bytes,
+    write_tensors,
+)
 from ckpt.io import read_manifest
 from ckpt.storage import Storage
 
-__all__ = ["BlobStore", "SaveStats"]
+__all__ = ["BlobStore", "SaveStats", "blob_begin", "write_blob"]
 
 logger = logging.getLogger(__name__)
 
@@ -140,31 +146,20 @@ class BlobStore:
         return key, blob
 
     def _write(self, key: str, t: torch.Tensor) -> FileRecord:
-        """Write one blob durably under its final name, never visible half-written.
+        return write_blob(self._storage, key, t)
 
-        Local disk: a temporary name, fsynced, renamed into place, the directory
-        fsynced. Object stores: one PUT. Content-named, so an identical blob
-        already there (a crashed save's) is replaced by the same bytes.
+    # ------------------------------------------------------ several ranks
+
+    def index(self, committed: Callable[[], list[int]]) -> dict[str, FileRecord]:
+        """The blobs present and referenced (swept first if not known yet): for the coordinator.
+
+        The dict is the store's own: the coordinator records in it the blobs its
+        ranks wrote (durably) for a save.
         """
-        hashers: list[Hasher] = []
-
-        def write(f: BinaryIO) -> int:
-            hashers.append(Hasher())
-            return write_tensors(HashingWriter(f, hashers[-1]), {BLOB_TENSOR: t}, _METADATA)
-
-        name = blob_file_name(key)
-        try:
-            self._storage.makedirs(BLOB_DIR)
-            size = self._storage.write_file((BLOB_DIR, name), write, replace=True)
-        except OSError as e:
-            if isinstance(e, CheckpointError):
-                raise
-            raise CheckpointWriteError(
-                f"could not write a blob: {e.strerror or e}; earlier checkpoints are intact",
-                path=self._storage.url_of(BLOB_DIR, name),
-                errno=e.errno,
-            ) from e
-        return FileRecord(size, hashers[-1].digest())
+        if self._known is None:
+            self.sweep(committed())
+        assert self._known is not None
+        return self._known
 
     # --------------------------------------------------------------- sweeping
 
@@ -211,3 +206,37 @@ class BlobStore:
             self._storage.remove_file(BLOB_DIR, name)
         except OSError as e:
             logger.warning("could not delete blob %s: %s", self._storage.url_of(BLOB_DIR, name), e)
+
+
+def blob_begin(t: torch.Tensor) -> int:
+    """The byte at which the data of ``t``'s blob starts (its safetensors header's length)."""
+    return len(encode_header(layout({BLOB_TENSOR: t}), _METADATA))
+
+
+def write_blob(storage: Storage, key: str, t: torch.Tensor) -> FileRecord:
+    """Write one blob durably under its final name, never visible half-written.
+
+    Local disk: a temporary name, fsynced, renamed into place, the directory
+    fsynced. Object stores: one PUT. Content-named, so an identical blob
+    already there (a crashed save's) is replaced by the same bytes. Under the
+    root's writer lock, held by this process or by the coordinator of its group.
+    """
+    hashers: list[Hasher] = []
+
+    def write(f: BinaryIO) -> int:
+        hashers.append(Hasher())
+        return write_tensors(HashingWriter(f, hashers[-1]), {BLOB_TENSOR: t}, _METADATA)
+
+    name = blob_file_name(key)
+    try:
+        storage.makedirs(BLOB_DIR)
+        size = storage.write_file((BLOB_DIR, name), write, replace=True)
+    except OSError as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointWriteError(
+            f"could not write a blob: {e.strerror or e}; earlier checkpoints are intact",
+            path=storage.url_of(BLOB_DIR, name),
+            errno=e.errno,
+        ) from e
+    return FileRecord(size, hashers[-1].digest())

@@ -14,7 +14,7 @@ from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 from ckpt.errors import CheckpointWriteError
-from ckpt.format import MANIFEST_NAME, Manifest, step_dir_name
+from ckpt.format import MANIFEST_NAME, FileRecord, Manifest, step_dir_name
 from ckpt.format.blobs import BLOB_DIR
 from ckpt.format.header import ManifestHeader
 from ckpt.policies.retention import RetentionPolicy
@@ -203,6 +203,10 @@ class CheckpointWriter:
     def last_save(self) -> SaveStats:
         """What the last incremental save of this writer stored and wrote in the content store."""
         return self._blobs.last
+
+    def blob_index(self) -> dict[str, FileRecord]:
+        """The blobs of the content store known under the lock (for a group's coordinator)."""
+        return self._blobs.index(self._steps.all_steps)
 
     def sweep(self) -> int:
         """Delete the blobs no committed step references (takes the lock); how many.
