@@ -92,7 +92,7 @@ def _blob_reference(
     key = info["blob"]
     where = f"tensors.{name}"
     if blobs is None:
-        raise bad(where, "'blob' needs format version 4")
+        raise bad(where, "'blob' is not allowed here (only in the tensors of format version 4)")
     if not is_blob_key(key):
         raise bad(where, f"blob key {key!r} is not 32 lower-case hex digits")
     assert isinstance(key, str)
