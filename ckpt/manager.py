@@ -164,19 +164,12 @@ class CheckpointManager:
         self._checkpoints = CheckpointReader(storage=self._storage)
         self._reader = self._checkpoints.steps
         self._group = open_rank_group(process_group, float(collective_timeout))
+        blobs = self._writer.blob_index if incremental else None  # format version 5
         self._collective = (
             None
             if self._group is None
-            else collective_save(self._storage, self._group, node_local=node_local)
+            else collective_save(self._storage, self._group, node_local, blobs)
         )
-        if incremental and self._group is not None:
-            if node_local:
-                self._group.close()
-                raise NotImplementedError(
-                    "incremental=True with node-local roots in a process group: not supported"
-                )
-            assert self._collective is not None
-            self._collective.blob_index = self._writer.blob_index  # format version 5
         self._tiers = open_tiers(
             self._checkpoints, tiers, self._group, background_nice, node_local=node_local
         )
@@ -198,6 +191,7 @@ class CheckpointManager:
                 "agree_every": agree_every,
                 "timeouts": [float(collective_timeout), float(handshake_timeout)],
                 "tiers": [[os.fspath(t.url), t.every_steps] for t in tiers],  # rank 0 copies
+                "incremental": bool(incremental),  # the blob plan is collective
             }
             self._handshake, self._decisions, agree = open_manager_agreement(
                 self._group, process_group, config, float(handshake_timeout)

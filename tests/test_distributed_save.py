@@ -134,6 +134,17 @@ def test_ranks_configuring_their_managers_differently_are_refused_together(rank_
     assert all("rank 1 has" in m for m in messages)
 
 
+def on_ranks_incremental_on_one_rank(rank: int, world: int, root: str) -> str:
+    with pytest.raises(ValueError, match="incremental") as info:
+        ckpt.CheckpointManager(root, incremental=rank == 0)
+    return str(info.value)
+
+
+def test_incremental_on_one_rank_only_is_refused_on_every_rank(rank_pool, tmp_path):
+    messages = rank_pool.run(on_ranks_incremental_on_one_rank, str(tmp_path))
+    assert all("'incremental': False" in m and "rank 1 has" in m for m in messages)
+
+
 def on_ranks_save_on_rank_0_only(rank: int, world: int, root: str, subgroup: bool) -> str | None:
     group = dist.new_group([0, 1]) if subgroup else None
     mgr = ckpt.CheckpointManager(root, process_group=group, handshake_timeout=2)

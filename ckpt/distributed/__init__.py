@@ -48,14 +48,31 @@ def open_rank_group(process_group: Any, timeout: float) -> Any:
     return RankGroup(process_group, timeout=timeout)
 
 
-def collective_save(storage: Any, group: Any, node_local: bool = False) -> Any:
+def collective_save(
+    storage: Any, group: Any, node_local: bool = False, blob_index: Any = None
+) -> Any:
     """The :class:`~ckpt.distributed.saving.CollectiveSave` of a manager with a process group.
 
-    ``node_local``: each rank's root is its own (see ``docs/tiers.md``).
+    Args:
+        storage: The root.
+        group: The manager's :class:`~ckpt.distributed.group.RankGroup`.
+        node_local: Each rank's root is its own (see ``docs/tiers.md``).
+        blob_index: For incremental saves (format version 5): the writer's
+            ``blob_index``, the blobs the root holds.
+
+    Raises:
+        NotImplementedError: Incremental saves to node-local roots; ``group`` is closed.
     """
+    if blob_index is not None and node_local:
+        group.close()  # the manager is not built: its group goes with it
+        raise NotImplementedError(
+            "incremental=True with node-local roots in a process group: not supported"
+        )
     from ckpt.distributed.saving import CollectiveSave  # noqa: PLC0415 - imports DCP
 
-    return CollectiveSave(storage, group, node_local=node_local)
+    collective = CollectiveSave(storage, group, node_local=node_local)
+    collective.blob_index = blob_index
+    return collective
 
 
 @dataclass

@@ -230,9 +230,9 @@ def _open(
     if differing:
         raise ValueError(
             "every rank must construct its CheckpointManager with the same every_steps, "
-            "every_seconds, preemption_signals, timeouts and fallback_to_intact, and the same "
-            f"directory (on storage every rank sees): rank 0 has {configs[0]}, but "
-            + "; ".join(f"rank {r} has {configs[r]}" for r in differing)
+            "every_seconds, preemption_signals, timeouts, fallback_to_intact, tiers and "
+            "incremental, and the same directory (on storage every rank sees): rank 0 has "
+            f"{configs[0]}, but " + "; ".join(f"rank {r} has {configs[r]}" for r in differing)
         )
     if isinstance(timeout, bool) or not 0 < timeout <= MAX_TIMEOUT:
         raise ValueError(f"handshake_timeout must be between 0 and {MAX_TIMEOUT:g} s: {timeout!r}")
