@@ -79,6 +79,7 @@ def check_size(storage: Storage, directory: str, file_name: str, manifest: Manif
         raise CorruptCheckpointError(
             f"file size in step {manifest.step} is {actual} bytes, the manifest says {expected}",
             path=path,
+            key=ref_alias(file_name),
         )
     return path
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import time
 from collections.abc import Callable
 from typing import BinaryIO
@@ -41,6 +42,7 @@ from ckpt.format.packs import PACK_SUFFIX
 from ckpt.format.tensorfile import cpu_contiguous, tensor_bytes, write_tensors
 from ckpt.io import read_manifest
 from ckpt.storage import Storage
+from ckpt.storage.local import NEW_FILE_PREFIX
 
 __all__ = ["BlobStore", "SaveStats"]
 
@@ -49,6 +51,17 @@ logger = logging.getLogger(__name__)
 Files = dict[str, dict[str, torch.Tensor]]
 
 _METADATA = {"format": "pt"}
+
+_LEFTOVER = re.compile(re.escape(NEW_FILE_PREFIX) + r"[0-9a-f]{8}\.([0-9a-f]{32})\.safetensors")
+"""A temporary file of a blob write that a crash interrupted (``Storage.write_file``)."""
+
+
+def _ours(name: str) -> bool:
+    """Whether ckpt wrote a file of this name in the store: a blob or a blob's temporary file.
+
+    Nothing else found there (a user's file, a directory) is ever deleted.
+    """
+    return parse_blob_file_name(name) is not None or _LEFTOVER.fullmatch(name) is not None
 
 
 @dataclasses.dataclass
@@ -169,7 +182,7 @@ class BlobStore:
     # --------------------------------------------------------------- sweeping
 
     def sweep(self, steps: list[int]) -> int:
-        """Delete every blob (and temporary file) of the store no committed step references.
+        """Delete every blob (and blob temporary file) of the store no committed step references.
 
         Called under the writer lock with the committed ``steps``, after retention
         deleted manifests, and before this writer's first incremental save. When a
@@ -197,17 +210,45 @@ class BlobStore:
         for name in present:
             key = parse_blob_file_name(name)
             if key is not None and key in referenced:
-                on_disk.add(key)
-            elif readable:
-                self._remove(name)
-                deleted += 1
+                if self._usable(name, referenced[key]):
+                    on_disk.add(key)
+            elif readable and _ours(name):
+                deleted += self._remove(name)
+            elif not _ours(name):
+                logger.warning(
+                    "%s was not written by ckpt: left alone", self._storage.url_of(BLOB_DIR, name)
+                )
         self._known = {k: r for k, r in referenced.items() if k in on_disk}
         if deleted:
             logger.info("deleted %d unreferenced blob(s) in %s", deleted, self._storage.url)
         return deleted
 
-    def _remove(self, name: str) -> None:
+    def _usable(self, name: str, record: FileRecord) -> bool:
+        """Whether blob file ``name`` may be referenced again without writing it anew.
+
+        A blob this writer knows with the same record is (it wrote or checked it under
+        its lock); any other must be a regular file of the recorded size. One that is
+        not (a link, a FIFO, a truncated file) is written again by the next save that
+        needs it, which also makes whole the earlier steps referencing it.
+        """
+        key = parse_blob_file_name(name)
+        if self._known is not None and self._known.get(key or "") == record:
+            return True
+        try:
+            size = self._storage.size(BLOB_DIR, name)
+        except (CheckpointError, OSError) as e:
+            logger.warning("blob %s is unusable, so it is written anew: %s", name, e)
+            return False
+        if size != record.size:
+            logger.warning("blob %s has %d bytes, not %d: written anew", name, size, record.size)
+            return False
+        return True
+
+    def _remove(self, name: str) -> int:
+        """Delete one file of the store; how many were deleted (0 or 1)."""
         try:
             self._storage.remove_file(BLOB_DIR, name)
         except OSError as e:
             logger.warning("could not delete blob %s: %s", self._storage.url_of(BLOB_DIR, name), e)
+            return 0
+        return 1

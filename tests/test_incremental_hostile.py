@@ -1,0 +1,447 @@
+"""Hostile cases for incremental roots (format version 4): the content store attacked.
+
+Each case ends in a :class:`ckpt.CheckpointError` naming the file and key (or a clean
+outcome), touches nothing outside the root, never hangs, and leaves earlier steps intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from conftest import assert_same_state
+from helpers import bounded, read_manifest_doc, write_manifest
+
+import ckpt
+from ckpt.cli import main
+from ckpt.format.blobs import BLOB_DIR, blob_file_name
+from ckpt.format.names import step_dir_name
+
+BIG = 32768  # float32 elements: 128 KiB, above the store's threshold
+
+
+def save_steps(root, steps=(1, 2)) -> dict[int, dict[str, torch.Tensor]]:
+    """Save ``steps``: a frozen tensor shared by all and a tensor of each step's own."""
+    saved = {}
+    with ckpt.CheckpointManager(root, incremental=True) as mgr:
+        for step in steps:
+            state = {
+                "frozen": torch.arange(BIG, dtype=torch.float32),
+                "w": torch.full((BIG,), float(step)),
+            }
+            mgr.save(step, data=state, rng=False)
+            saved[step] = {k: v.clone() for k, v in state.items()}
+    return saved
+
+
+def doc_of(root, step: int) -> dict:
+    return read_manifest_doc(root / step_dir_name(step) / "manifest.json")
+
+
+def key_of(root, step: int, tensor: str = "data/frozen") -> str:
+    return doc_of(root, step)["tensors"][tensor]["blob"]
+
+
+def blob_path(root, key: str):
+    return root / BLOB_DIR / blob_file_name(key)
+
+
+def restore(root, step=None, **kwargs) -> tuple[int, dict[str, torch.Tensor]]:
+    live = {"frozen": torch.zeros(BIG), "w": torch.zeros(BIG)}
+    with bounded():
+        info = ckpt.CheckpointManager(root, **kwargs).restore(step, data=live, rng=False)
+    return info.step, live
+
+
+def cli(capsys: pytest.CaptureFixture[str], *argv: object) -> tuple[int, str]:
+    """Run ``ckpt ARGV`` in this process: its exit status and its stdout and stderr together."""
+    with bounded():
+        code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out + err
+
+
+# ------------------------------------------------------- the store's directory
+
+
+def test_a_store_that_is_a_link_outside_the_root_is_never_followed(tmp_path):
+    root = tmp_path / "run"
+    save_steps(root, (1,))
+    outside = tmp_path / "outside"
+    (root / BLOB_DIR).rename(outside)
+    (root / BLOB_DIR).symlink_to(outside)
+    before = sorted(os.listdir(outside))
+    with bounded(), pytest.raises(ckpt.CorruptCheckpointError) as e:
+        ckpt.CheckpointReader(root).verify(1)
+    assert BLOB_DIR in str(e.value)
+    with (
+        bounded(),
+        ckpt.CheckpointManager(root, incremental=True, keep_last=1) as mgr,
+        pytest.raises(ckpt.CheckpointError),
+    ):
+        mgr.save(2, data={"frozen": torch.ones(BIG)}, rng=False)
+    assert sorted(os.listdir(outside)) == before
+
+
+@pytest.mark.parametrize("kind", ["file", "fifo"])
+def test_a_store_that_is_not_a_directory_fails_cleanly(tmp_path, kind):
+    root = tmp_path / "run"
+    save_steps(root, (1,))
+    store = root / BLOB_DIR
+    for name in os.listdir(store):
+        os.remove(store / name)
+    store.rmdir()
+    if kind == "file":
+        store.write_bytes(b"not a directory")
+    else:
+        os.mkfifo(store)
+    with bounded():
+        with pytest.raises(ckpt.CorruptCheckpointError) as e:
+            ckpt.CheckpointReader(root).verify(1)
+        assert BLOB_DIR in str(e.value)
+        with (
+            ckpt.CheckpointManager(root, incremental=True) as mgr,
+            pytest.raises(ckpt.CheckpointError),
+        ):
+            mgr.save(2, data={"frozen": torch.ones(BIG)}, rng=False)
+        assert ckpt.CheckpointReader(root).all_steps() == [1]
+
+
+# ------------------------------------------------------------- one blob's file
+
+
+@pytest.mark.parametrize("kind", ["symlink", "fifo", "directory"])
+def test_a_blob_that_is_not_a_regular_file_is_corruption_naming_it(tmp_path, kind):
+    root = tmp_path / "run"
+    saved = save_steps(root, (1, 2))
+    key = key_of(root, 2, "data/w")
+    path = blob_path(root, key)
+    outside = tmp_path / "target.safetensors"
+    outside.write_bytes(path.read_bytes())
+    os.remove(path)
+    if kind == "symlink":
+        path.symlink_to(outside)
+    elif kind == "fifo":
+        os.mkfifo(path)
+    else:
+        path.mkdir()
+    for check in ("verify", "read"):
+        with bounded(), pytest.raises(ckpt.CorruptCheckpointError) as e:
+            getattr(ckpt.CheckpointReader(root), check)(2)
+        assert blob_file_name(key) in str(e.value)
+    step, live = restore(root, fallback_to_intact=True)
+    assert step == 1
+    assert_same_state(live, saved[1])
+    # The next writer does not take the bad entry for the blob: it writes the blob anew.
+    with bounded(), ckpt.CheckpointManager(root, incremental=True) as mgr:
+        if kind == "directory":
+            with pytest.raises(ckpt.CheckpointError):
+                mgr.save(3, data=saved[2], rng=False)
+        else:
+            mgr.save(3, data=saved[2], rng=False)
+            step, live = restore(root)
+            assert step == 3
+            assert_same_state(live, saved[2])
+    assert outside.read_bytes()[:8]  # the link's target is untouched
+    ckpt.CheckpointReader(root).verify(1)
+
+
+def test_a_truncated_blob_is_written_anew_by_the_next_writer(tmp_path):
+    root = tmp_path / "run"
+    saved = save_steps(root, (1,))
+    key = key_of(root, 1)
+    path = blob_path(root, key)
+    path.write_bytes(path.read_bytes()[:100])
+    with bounded(), pytest.raises(ckpt.CorruptCheckpointError) as e:
+        ckpt.CheckpointReader(root).verify(1)
+    assert blob_file_name(key) in str(e.value) and "data/frozen" in str(e.value)
+    with ckpt.CheckpointManager(root, incremental=True) as mgr:
+        mgr.save(2, data=saved[1], rng=False)
+    reader = ckpt.CheckpointReader(root)
+    reader.verify(2)
+    reader.verify(1)  # the same bytes again: step 1 is whole once more
+
+
+def test_a_hard_linked_blob_is_read_like_any_file(tmp_path):
+    root = tmp_path / "run"
+    saved = save_steps(root, (1,))
+    key = key_of(root, 1)
+    path = blob_path(root, key)
+    os.link(path, tmp_path / "elsewhere")
+    ckpt.CheckpointReader(root).verify(1)
+    _, live = restore(root)
+    assert_same_state(live, saved[1])
+
+
+# ----------------------------------------------------------- hostile manifests
+
+
+@pytest.mark.parametrize(
+    "key",
+    ["../" + "0" * 29, "0" * 31 + "/", "A" * 32, "0" * 31 + "\x00", "..", "0" * 33, "g" * 32, 7],
+)
+def test_a_bad_blob_key_is_refused_before_any_file_is_opened(tmp_path, key):
+    root = tmp_path / "run"
+    save_steps(root, (1,))
+    path = root / step_dir_name(1) / "manifest.json"
+    doc = read_manifest_doc(path)
+    good = doc["tensors"]["data/frozen"]["blob"]
+    doc["tensors"]["data/frozen"]["blob"] = key
+    write_manifest(path, doc)
+    with bounded(), pytest.raises(ckpt.CorruptCheckpointError, match="32 lower-case hex") as e:
+        ckpt.CheckpointReader(root).verify(1)
+    assert "manifest.json" in str(e.value) and "data/frozen" in str(e.value)
+    doc["tensors"]["data/frozen"]["blob"] = good
+    doc["blobs"][key if isinstance(key, str) else str(key)] = doc["blobs"][good]
+    write_manifest(path, doc)
+    with bounded(), pytest.raises(ckpt.CorruptCheckpointError, match="32 lower-case hex"):
+        ckpt.CheckpointReader(root).verify(1)
+
+
+def test_a_blob_listed_but_never_referenced_is_harmless_and_kept(tmp_path):
+    root = tmp_path / "run"
+    saved = save_steps(root, (1, 2))
+    only2 = key_of(root, 2, "data/w")
+    path = root / step_dir_name(1) / "manifest.json"
+    doc = read_manifest_doc(path)
+    doc["blobs"][only2] = doc_of(root, 2)["blobs"][only2]
+    write_manifest(path, doc)
+    ckpt.CheckpointReader(root).verify(1)
+    _, live = restore(root, 1)
+    assert_same_state(live, saved[1])
+
+
+def test_a_blob_record_disagreeing_with_the_file_is_corruption(tmp_path):
+    root = tmp_path / "run"
+    save_steps(root, (1,))
+    key = key_of(root, 1)
+    path = root / step_dir_name(1) / "manifest.json"
+    doc = read_manifest_doc(path)
+    doc["blobs"][key]["size"] += 8
+    write_manifest(path, doc)
+    for check in ("verify", "read"):
+        with bounded(), pytest.raises(ckpt.CorruptCheckpointError, match="size") as e:
+            getattr(ckpt.CheckpointReader(root), check)(1)
+        assert blob_file_name(key) in str(e.value) and "data/frozen" in str(e.value)
+
+
+def test_a_blob_checksum_disagreeing_names_the_blob_and_tensor(tmp_path):
+    root = tmp_path / "run"
+    save_steps(root, (1,))
+    key = key_of(root, 1)
+    path = root / step_dir_name(1) / "manifest.json"
+    doc = read_manifest_doc(path)
+    doc["blobs"][key]["checksum"] = "xxh3_64:" + "0" * 16
+    write_manifest(path, doc)
+    with bounded(), pytest.raises(ckpt.CorruptCheckpointError, match="checksum") as e:
+        ckpt.CheckpointReader(root).verify(1)
+    assert blob_file_name(key) in str(e.value)
+
+
+def _blob_bytes(header: dict, data: bytes) -> bytes:
+    text = json.dumps(header)
+    text += " " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text.encode() + data
+
+
+@pytest.mark.parametrize(
+    "header,data",
+    [
+        ({"data": {"dtype": "F32", "shape": [2**40, 2**20], "data_offsets": [0, 8]}}, bytes(8)),
+        (
+            {
+                "data": {"dtype": "F32", "shape": [BIG], "data_offsets": [0, BIG * 4]},
+                "other": {"dtype": "F32", "shape": [1], "data_offsets": [BIG * 4, BIG * 4 + 4]},
+            },
+            bytes(BIG * 4 + 4),
+        ),
+        (
+            {"data": {"dtype": "F32", "shape": [BIG], "data_offsets": [0, BIG * 4]}},
+            bytes(BIG * 4 + 64),
+        ),
+        (
+            {"weights": {"dtype": "F32", "shape": [BIG], "data_offsets": [0, BIG * 4]}},
+            bytes(BIG * 4),
+        ),
+        (
+            {"data": {"dtype": "F16", "shape": [BIG * 2], "data_offsets": [0, BIG * 4]}},
+            bytes(BIG * 4),
+        ),
+    ],
+    ids=["huge-shape", "two-tensors", "trailing-bytes", "wrong-name", "wrong-dtype"],
+)
+def test_a_blob_with_a_hostile_header_is_corruption(tmp_path, header, data):
+    root = tmp_path / "run"
+    saved = save_steps(root, (1, 2))
+    key = key_of(root, 2, "data/w")
+    raw = _blob_bytes(header, data)
+    blob_path(root, key).write_bytes(raw)
+    # The manifest agrees with the bytes: only the header's content is wrong.
+    path = root / step_dir_name(2) / "manifest.json"
+    doc = read_manifest_doc(path)
+    from ckpt.format.checksums import hash_bytes
+
+    doc["blobs"][key] = {"size": len(raw), "checksum": hash_bytes(raw)}
+    write_manifest(path, doc)
+    for check in ("verify", "read"):
+        with bounded(), pytest.raises(ckpt.CorruptCheckpointError) as e:
+            getattr(ckpt.CheckpointReader(root), check)(2)
+        assert blob_file_name(key) in str(e.value)
+    step, live = restore(root, fallback_to_intact=True)
+    assert step == 1
+    assert_same_state(live, saved[1])
+
+
+def test_two_steps_claiming_one_blob_with_different_shapes(tmp_path):
+    root = tmp_path / "run"
+    saved = save_steps(root, (1, 2))
+    key = key_of(root, 1)
+    path = root / step_dir_name(2) / "manifest.json"
+    doc = read_manifest_doc(path)
+    doc["tensors"]["data/frozen"]["shape"] = [BIG // 2, 2]
+    write_manifest(path, doc)
+    with bounded(), pytest.raises(ckpt.CorruptCheckpointError, match="manifest says") as e:
+        ckpt.CheckpointReader(root).verify(2)
+    assert blob_file_name(key) in str(e.value) and "data/frozen" in str(e.value)
+    ckpt.CheckpointReader(root).verify(1)
+    step, live = restore(root, fallback_to_intact=True)
+    assert step == 1
+    assert_same_state(live, saved[1])
+
+
+# ------------------------------------------------------------------- sweeping
+
+
+def test_the_sweep_never_deletes_files_ckpt_did_not_write(tmp_path):
+    root = tmp_path / "run"
+    save_steps(root, (1,))
+    store = root / BLOB_DIR
+    foreign = ["notes.txt", "README", "0" * 32 + ".bak", "0" * 32 + ".safetensors.orig"]
+    for name in foreign:
+        (store / name).write_text("mine")
+    (store / "subdir").mkdir()
+    (store / "subdir" / "x").write_text("mine")
+    leftover = ".ckpt-new.0123abcd." + blob_file_name("f" * 32)
+    (store / leftover).write_bytes(b"half")
+    unreferenced = blob_file_name("e" * 32)
+    (store / unreferenced).write_bytes(b"old")
+    with bounded(), ckpt.CheckpointManager(root, incremental=True) as mgr:
+        mgr.save(2, data={"frozen": torch.arange(BIG, dtype=torch.float32)}, rng=False)
+    names = set(os.listdir(store))
+    assert set(foreign) | {"subdir"} <= names
+    assert (store / "subdir" / "x").read_text() == "mine"
+    assert leftover not in names and unreferenced not in names
+    ckpt.CheckpointReader(root).verify(1)
+
+
+@pytest.mark.parametrize("damage", ["garbage", "unreadable"])
+def test_the_sweep_deletes_nothing_when_a_manifest_is_damaged(tmp_path, damage):
+    root = tmp_path / "run"
+    save_steps(root, (1, 2))
+    path = root / step_dir_name(1) / "manifest.json"
+    if damage == "garbage":
+        path.write_bytes(b"{not json")
+    else:
+        path.chmod(0)
+        if os.access(path, os.R_OK):
+            pytest.skip("running as root: permissions do not bind")
+    before = set(os.listdir(root / BLOB_DIR))
+    try:
+        with bounded(), ckpt.CheckpointManager(root, incremental=True) as mgr:
+            mgr.save(3, data={"other": torch.ones(BIG)}, rng=False)
+        assert before <= set(os.listdir(root / BLOB_DIR))
+    finally:
+        path.chmod(0o644)
+
+
+def test_a_step_directory_named_like_a_blob_is_not_a_step(tmp_path):
+    root = tmp_path / "run"
+    save_steps(root, (1,))
+    (root / blob_file_name("a" * 32)).mkdir()
+    assert ckpt.CheckpointReader(root).all_steps() == [1]
+
+
+# ------------------------------------------------- mixing managers and formats
+
+
+def test_a_non_incremental_manager_sweeps_only_unreferenced_blobs(tmp_path):
+    root = tmp_path / "run"
+    saved = save_steps(root, (1, 2, 3))
+    with ckpt.CheckpointManager(root, keep_last=2) as mgr:
+        mgr.save(4, data=saved[3], rng=False)
+    reader = ckpt.CheckpointReader(root)
+    assert reader.all_steps() == [3, 4]
+    reader.verify(3)
+    reader.verify(4)
+    referenced = {blob_file_name(k) for k in doc_of(root, 3)["blobs"]}
+    assert set(os.listdir(root / BLOB_DIR)) == referenced
+
+
+def test_incremental_on_a_root_of_older_steps_and_back(tmp_path):
+    root = tmp_path / "run"
+    state = {"frozen": torch.arange(BIG, dtype=torch.float32), "w": torch.ones(BIG)}
+    with ckpt.CheckpointManager(root) as mgr:
+        mgr.save(1, data=state, rng=False)
+    with ckpt.CheckpointManager(root, incremental=True) as mgr:
+        mgr.save(2, data=state, rng=False)
+    with ckpt.CheckpointManager(root, keep_last=2) as mgr:
+        mgr.save(3, data=state, rng=False)
+    reader = ckpt.CheckpointReader(root)
+    assert doc_of(root, 2)["format_version"] == 4
+    assert doc_of(root, 3)["format_version"] != 4
+    for step in reader.all_steps():
+        reader.verify(step)
+    assert os.listdir(root / BLOB_DIR) != []
+    with ckpt.CheckpointManager(root, keep_last=1) as mgr:
+        mgr.save(4, data=state, rng=False)
+    assert os.listdir(root / BLOB_DIR) == []
+
+
+def test_overwriting_an_incremental_step_keeps_the_blobs_others_need(tmp_path):
+    root = tmp_path / "run"
+    saved = save_steps(root, (1, 2))
+    new = {"frozen": torch.zeros(BIG), "w": torch.full((BIG,), 9.0)}
+    with ckpt.CheckpointManager(root, incremental=True) as mgr:
+        mgr.save(2, data=new, rng=False, overwrite=True)
+    reader = ckpt.CheckpointReader(root)
+    reader.verify(1)
+    reader.verify(2)
+    step, live = restore(root)
+    assert step == 2
+    assert_same_state(live, new)
+    _, live = restore(root, 1)
+    assert_same_state(live, saved[1])
+    referenced = {blob_file_name(k) for s in (1, 2) for k in doc_of(root, s)["blobs"]}
+    assert set(os.listdir(root / BLOB_DIR)) == referenced
+
+
+# -------------------------------------------------------------------- the CLI
+
+
+def test_the_cli_on_a_root_with_a_damaged_blob(tmp_path, capsys):
+    root = tmp_path / "run"
+    save_steps(root, (1, 2))
+    key = key_of(root, 2, "data/w")
+    path = blob_path(root, key)
+    path.write_bytes(path.read_bytes()[:-1] + b"\x01")
+    name = blob_file_name(key)
+    code, text = cli(capsys, "verify", root)
+    assert code == 1 and name in text and "checksum" in text
+    code, text = cli(capsys, "verify", f"{root}:1")
+    assert code == 0, text
+    code, text = cli(capsys, "ls", root)  # manifests only: the blob is not read
+    assert code == 0, text
+    code, text = cli(capsys, "info", f"{root}:2")
+    assert code == 0, text
+    code, text = cli(capsys, "export", f"{root}:2", tmp_path / "out", "--item", "data")
+    assert code == 1 and name in text
+    code, text = cli(capsys, "diff", f"{root}:1", f"{root}:2")
+    assert code == 1 and name in text
+    code, text = cli(capsys, "prune", root, "--keep-last", "1")
+    assert code == 0, text
+    assert ckpt.CheckpointReader(root).all_steps() == [2]
+    assert {n for n in os.listdir(root / BLOB_DIR)} == {
+        blob_file_name(k) for k in doc_of(root, 2)["blobs"]
+    }
