@@ -445,3 +445,53 @@ def test_the_cli_on_a_root_with_a_damaged_blob(tmp_path, capsys):
     assert {n for n in os.listdir(root / BLOB_DIR)} == {
         blob_file_name(k) for k in doc_of(root, 2)["blobs"]
     }
+
+
+# ------------------------------------------------- ckpt info: shared and own bytes
+
+
+def info(capsys, target) -> dict:
+    code, text = cli(capsys, "info", target, "--json")
+    assert code == 0, text
+    return json.loads(text)
+
+
+def test_info_splits_a_steps_bytes_into_shared_and_its_own(tmp_path, capsys):
+    root = tmp_path / "run"
+    save_steps(root, (1, 2, 3))
+    docs = {s: info(capsys, f"{root}:{s}") for s in (1, 2, 3)}
+    frozen = doc_of(root, 1)["blobs"][key_of(root, 1)]["size"]
+    for step, doc in docs.items():
+        assert doc["shared_nbytes"] + doc["own_nbytes"] == doc["nbytes"]
+        assert doc["shared_nbytes"] == frozen
+        assert doc["shared_with"] == [s for s in (1, 2, 3) if s != step]
+        assert doc["sharing_unknown"] == []
+    # Differential: the bytes only step 1 holds are exactly what deleting it frees.
+    step_dir = root / step_dir_name(1)
+    own_files = sum(f.stat().st_size for f in step_dir.iterdir() if f.name != "manifest.json")
+    blobs_before = {n: (root / BLOB_DIR / n).stat().st_size for n in os.listdir(root / BLOB_DIR)}
+    code, text = cli(capsys, "prune", root, "--keep-last", "2")
+    assert code == 0, text
+    gone = set(blobs_before) - set(os.listdir(root / BLOB_DIR))
+    assert docs[1]["own_nbytes"] == own_files + sum(blobs_before[n] for n in gone)
+    code, text = cli(capsys, "info", f"{root}:2")
+    assert code == 0 and "shared:" in text and "with step(s) 3" in text
+
+
+def test_info_of_a_non_incremental_step_owns_all_its_bytes(tmp_path, capsys):
+    with ckpt.CheckpointManager(tmp_path) as mgr:
+        mgr.save(1, data={"big": torch.ones(BIG)}, rng=False)
+    doc = info(capsys, tmp_path)
+    assert (doc["shared_nbytes"], doc["own_nbytes"], doc["shared_with"]) == (0, doc["nbytes"], [])
+    code, text = cli(capsys, "info", tmp_path)
+    assert code == 0 and "shared:" not in text
+
+
+def test_info_names_the_steps_it_could_not_count(tmp_path, capsys):
+    root = tmp_path / "run"
+    save_steps(root, (1, 2, 3))
+    (root / step_dir_name(1) / "manifest.json").write_bytes(b"{not json")
+    doc = info(capsys, f"{root}:3")
+    assert doc["sharing_unknown"] == [1]
+    assert doc["shared_with"] == [2]
+    assert doc["shared_nbytes"] + doc["own_nbytes"] == doc["nbytes"]
