@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -495,3 +496,82 @@ def test_info_names_the_steps_it_could_not_count(tmp_path, capsys):
     assert doc["sharing_unknown"] == [1]
     assert doc["shared_with"] == [2]
     assert doc["shared_nbytes"] + doc["own_nbytes"] == doc["nbytes"]
+
+
+# ------------------------------------------------- a blob changed while a restore runs
+
+
+@pytest.mark.parametrize("change", ["delete", "truncate", "replace"])
+def test_a_blob_changed_as_a_restore_opens_it_is_corruption_naming_it(
+    tmp_path, monkeypatch, change
+):
+    root = tmp_path / "run"
+    saved = save_steps(root, (1, 2))
+    key = key_of(root, 2, "data/w")
+    path = blob_path(root, key)
+    other = blob_path(root, key_of(root, 1, "data/w"))
+    opened = ckpt.storage.local.LocalStorage.open_read
+    done = []
+
+    def hostile_open(self, *parts):
+        if parts == (BLOB_DIR, blob_file_name(key)) and not done:
+            done.append(parts)
+            if change == "delete":
+                os.remove(path)
+            elif change == "truncate":
+                path.write_bytes(path.read_bytes()[:-4])
+            else:
+                path.write_bytes(other.read_bytes())
+        return opened(self, *parts)
+
+    monkeypatch.setattr(ckpt.storage.local.LocalStorage, "open_read", hostile_open)
+    live = {"frozen": torch.zeros(BIG), "w": torch.zeros(BIG)}
+    before = {k: v.clone() for k, v in live.items()}
+    with bounded(), pytest.raises(ckpt.CorruptCheckpointError) as e:
+        ckpt.CheckpointManager(root).restore(data=live, rng=False)
+    assert blob_file_name(key) in str(e.value)
+    assert_same_state(live, before)  # a failed restore leaves live objects untouched
+    assert done
+    monkeypatch.undo()
+    step, live = restore(root, fallback_to_intact=True)
+    assert step == 1
+    assert_same_state(live, saved[1])
+
+
+def test_a_latest_step_deleted_with_its_blobs_during_a_restore_relists(tmp_path, monkeypatch):
+    root = tmp_path / "run"
+    saved = save_steps(root, (1, 2))
+    key = key_of(root, 2, "data/w")
+    opened = ckpt.storage.local.LocalStorage.open_read
+    done = []
+
+    def pruning_open(self, *parts):
+        if parts == (BLOB_DIR, blob_file_name(key)) and not done:
+            done.append(parts)
+            # Another process's retention: the manifest first, the step, then the blob.
+            os.remove(root / step_dir_name(2) / "manifest.json")
+            shutil.rmtree(root / step_dir_name(2))
+            os.remove(blob_path(root, key))
+        return opened(self, *parts)
+
+    monkeypatch.setattr(ckpt.storage.local.LocalStorage, "open_read", pruning_open)
+    step, live = restore(root)
+    assert done and step == 1
+    assert_same_state(live, saved[1])
+
+
+def test_fallback_skips_a_step_whose_blob_vanishes_as_it_is_opened(tmp_path, monkeypatch):
+    root = tmp_path / "run"
+    saved = save_steps(root, (1, 2))
+    key = key_of(root, 2, "data/w")
+    opened = ckpt.storage.local.LocalStorage.open_read
+
+    def deleting_open(self, *parts):
+        if parts == (BLOB_DIR, blob_file_name(key)) and blob_path(root, key).exists():
+            os.remove(blob_path(root, key))
+        return opened(self, *parts)
+
+    monkeypatch.setattr(ckpt.storage.local.LocalStorage, "open_read", deleting_open)
+    step, live = restore(root, fallback_to_intact=True)
+    assert step == 1
+    assert_same_state(live, saved[1])
