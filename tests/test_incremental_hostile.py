@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 
+import fsspec
 import pytest
 import torch
 from conftest import assert_same_state
@@ -319,7 +320,14 @@ def test_the_sweep_never_deletes_files_ckpt_did_not_write(tmp_path):
     root = tmp_path / "run"
     save_steps(root, (1,))
     store = root / BLOB_DIR
-    foreign = ["notes.txt", "README", "0" * 32 + ".bak", "0" * 32 + ".safetensors.orig"]
+    foreign = [
+        "notes.txt",
+        "README",
+        "0" * 32 + ".bak",
+        "0" * 32 + ".safetensors.orig",
+        "A" * 32 + ".safetensors",
+        ".ckpt-new.zz." + blob_file_name("f" * 32),
+    ]
     for name in foreign:
         (store / name).write_text("mine")
     (store / "subdir").mkdir()
@@ -575,3 +583,32 @@ def test_fallback_skips_a_step_whose_blob_vanishes_as_it_is_opened(tmp_path, mon
     step, live = restore(root, fallback_to_intact=True)
     assert step == 1
     assert_same_state(live, saved[1])
+
+
+def test_the_sweep_on_an_object_store_leaves_foreign_objects(tmp_path):
+    url = f"memory://hostile-sweep-{os.getpid()}"
+    fs, path = fsspec.core.url_to_fs(url)
+    with ckpt.CheckpointManager(url, incremental=True) as mgr:
+        mgr.save(1, data={"big": torch.ones(BIG)}, rng=False)
+    fs.pipe_file(f"{path}/{BLOB_DIR}/notes.txt", b"mine")
+    fs.pipe_file(f"{path}/{BLOB_DIR}/{blob_file_name('e' * 32)}", b"old")
+    with ckpt.CheckpointManager(url, incremental=True, keep_last=1) as mgr:
+        mgr.save(2, data={"big": torch.zeros(BIG)}, rng=False)
+    names = {n.rsplit("/", 1)[-1] for n in fs.ls(f"{path}/{BLOB_DIR}", detail=False)}
+    assert "notes.txt" in names and blob_file_name("e" * 32) not in names
+    assert len(names) == 2  # the notes and step 2's blob
+    fs.rm(path, recursive=True)
+
+
+def test_copying_a_step_with_a_damaged_blob_fails_naming_it(tmp_path, capsys):
+    root = tmp_path / "run"
+    save_steps(root, (1, 2))
+    key = key_of(root, 2, "data/w")
+    path = blob_path(root, key)
+    path.write_bytes(path.read_bytes()[:-1] + b"\x01")
+    code, text = cli(capsys, "copy", f"{root}:2", tmp_path / "dst")
+    assert code == 1 and blob_file_name(key) in text
+    assert ckpt.CheckpointReader(tmp_path / "dst").all_steps() == []
+    code, text = cli(capsys, "copy", f"{root}:1", tmp_path / "dst")
+    assert code == 0, text
+    ckpt.CheckpointReader(tmp_path / "dst").verify(1)
