@@ -612,3 +612,26 @@ def test_copying_a_step_with_a_damaged_blob_fails_naming_it(tmp_path, capsys):
     code, text = cli(capsys, "copy", f"{root}:1", tmp_path / "dst")
     assert code == 0, text
     ckpt.CheckpointReader(tmp_path / "dst").verify(1)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "symlink"])
+def test_a_copy_replaces_a_damaged_blob_the_target_already_has(tmp_path, capsys, damage):
+    root, dst = tmp_path / "run", tmp_path / "dst"
+    saved = save_steps(root, (1, 2))
+    code, text = cli(capsys, "copy", f"{root}:1", dst)
+    assert code == 0, text
+    key = key_of(root, 1)
+    target = blob_path(dst, key)
+    if damage == "truncated":
+        target.write_bytes(target.read_bytes()[:100])
+    else:
+        os.remove(target)
+        target.symlink_to(blob_path(root, key))
+    code, text = cli(capsys, "copy", f"{root}:2", dst)
+    assert code == 0, text
+    reader = ckpt.CheckpointReader(dst)
+    reader.verify(2)
+    reader.verify(1)  # the same bytes: step 1 is whole again
+    _, live = restore(dst, 2)
+    assert_same_state(live, saved[2])
+    ckpt.CheckpointReader(root).verify(1)  # the link's target is untouched
