@@ -227,13 +227,16 @@ class BlobStore:
         """Whether blob file ``name`` may be referenced again without writing it anew.
 
         A blob this writer knows with the same record is (it wrote or checked it under
-        its lock); any other must be a regular file of the recorded size. One that is
+        its lock), as is any object of an object store; any other must be a regular
+        file of the recorded size (one ``lstat`` each, once per lock). One that is
         not (a link, a FIFO, a truncated file) is written again by the next save that
         needs it, which also makes whole the earlier steps referencing it.
         """
         key = parse_blob_file_name(name)
         if self._known is not None and self._known.get(key or "") == record:
             return True
+        if not self._storage.atomic_rename:
+            return True  # an object store: objects are whole (one PUT), and a stat costs a request
         try:
             size = self._storage.size(BLOB_DIR, name)
         except (CheckpointError, OSError) as e:
