@@ -237,9 +237,16 @@ def test_a_blob_checksum_disagreeing_names_the_blob_and_tensor(tmp_path):
     doc = read_manifest_doc(path)
     doc["blobs"][key]["checksum"] = "xxh3_64:" + "0" * 16
     write_manifest(path, doc)
+    for check in ("verify", "read"):
+        with bounded(), pytest.raises(ckpt.CorruptCheckpointError, match="checksum") as e:
+            getattr(ckpt.CheckpointReader(root), check)(1)
+        assert blob_file_name(key) in str(e.value) and "data/frozen" in str(e.value)
     with bounded(), pytest.raises(ckpt.CorruptCheckpointError, match="checksum") as e:
-        ckpt.CheckpointReader(root).verify(1)
-    assert blob_file_name(key) in str(e.value)
+        dict(ckpt.CheckpointReader(root).iter_tensors(1, item="data"))
+    assert blob_file_name(key) in str(e.value) and "data/frozen" in str(e.value)
+    with pytest.raises(ckpt.CorruptCheckpointError, match="checksum") as e:
+        restore(root)
+    assert blob_file_name(key) in str(e.value) and "data/frozen" in str(e.value)
 
 
 def _blob_bytes(header: dict, data: bytes) -> bytes:

@@ -60,13 +60,16 @@ def alias_entries(
     return {alias: dataclasses.replace(entries[BLOB_TENSOR], name=alias)}
 
 
-def check_digest(record: FileRecord, hasher: Hasher, path: str, step: int) -> None:
-    """Raise unless the bytes hashed match the manifest's checksum."""
+def check_digest(
+    record: FileRecord, hasher: Hasher, path: str, step: int, file_name: str = ""
+) -> None:
+    """Raise unless the bytes hashed match the manifest's checksum (naming a blob's tensor)."""
     actual = hasher.digest()
     if actual != record.checksum:
         raise CorruptCheckpointError(
             f"checksum mismatch in step {step}: expected {record.checksum}, actual {actual}",
             path=path,
+            key=ref_alias(file_name),
         )
 
 

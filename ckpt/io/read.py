@@ -183,7 +183,7 @@ class _FileReader:
                 elif hasher is not None:
                     hasher.skip(f, entry.nbytes, self._scratch)
         if hasher is not None:
-            check_digest(record, hasher, path, manifest.step)
+            check_digest(record, hasher, path, manifest.step, file_name)
         out.update(self._cut(packed, buffers, wanted))
         return out
 

@@ -59,7 +59,7 @@ def verify_checkpoint_files(storage: Storage, directory: str, manifest: Manifest
                 continue
             hasher.skip(f, record.size - data_start, scratch)
         if record.checksum is not None:
-            check_digest(record, hasher, path, manifest.step)
+            check_digest(record, hasher, path, manifest.step, file_name)
         hashed.add(parts)
         checked += record.size
     return checked

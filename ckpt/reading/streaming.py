@@ -131,7 +131,7 @@ def _stream_file(
                 f.seek(data_start + entry.begin)
                 hasher.skip(f, entry.nbytes, scratch)
     if hasher is not None:
-        check_digest(record, hasher, path, manifest.step)
+        check_digest(record, hasher, path, manifest.step, file_name)
 
 
 def _stream_pack(
