@@ -642,3 +642,26 @@ def test_a_copy_replaces_a_damaged_blob_the_target_already_has(tmp_path, capsys,
     _, live = restore(dst, 2)
     assert_same_state(live, saved[2])
     ckpt.CheckpointReader(root).verify(1)  # the link's target is untouched
+
+
+def test_a_raw_os_error_reading_a_manifest_at_the_first_sweep_deletes_nothing(
+    tmp_path, monkeypatch
+):
+    root = tmp_path / "run"
+    save_steps(root, (1, 2))
+    (root / BLOB_DIR / blob_file_name("e" * 32)).write_bytes(b"unreferenced")
+    before = set(os.listdir(root / BLOB_DIR))
+    opened = ckpt.storage.local.LocalStorage.open_read
+
+    def denied(self, *parts):
+        if parts == (step_dir_name(1), "manifest.json"):
+            raise PermissionError(13, "Permission denied", "manifest.json")
+        return opened(self, *parts)
+
+    monkeypatch.setattr(ckpt.storage.local.LocalStorage, "open_read", denied)
+    with bounded(), ckpt.CheckpointManager(root, incremental=True) as mgr:
+        mgr.save(3, data={"other": torch.ones(BIG)}, rng=False)
+    assert before <= set(os.listdir(root / BLOB_DIR))
+    monkeypatch.undo()
+    for step in (1, 2, 3):
+        ckpt.CheckpointReader(root).verify(step)

@@ -196,7 +196,7 @@ class BlobStore:
         for step in steps:
             try:
                 manifest = read_manifest(self._storage, step_dir_name(step))
-            except CheckpointError as e:
+            except (CheckpointError, OSError) as e:  # OSError: a backend's raw error
                 logger.warning("cannot read step %d, so no blob is deleted now: %s", step, e)
                 readable = False
                 continue
