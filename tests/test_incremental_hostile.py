@@ -20,6 +20,7 @@ import ckpt
 from ckpt.cli import main
 from ckpt.format.blobs import BLOB_DIR, blob_file_name
 from ckpt.format.names import step_dir_name
+from ckpt.reading.describe import describe_sharing
 
 BIG = 32768  # float32 elements: 128 KiB, above the store's threshold
 
@@ -665,3 +666,18 @@ def test_a_raw_os_error_reading_a_manifest_at_the_first_sweep_deletes_nothing(
     monkeypatch.undo()
     for step in (1, 2, 3):
         ckpt.CheckpointReader(root).verify(step)
+
+
+def test_sharing_counts_a_blob_referenced_twice_in_one_step_once(tmp_path):
+    same = torch.arange(BIG, dtype=torch.float32)
+    with ckpt.CheckpointManager(tmp_path, incremental=True) as mgr:
+        mgr.save(1, data={"a": same, "b": same.clone(), "c": torch.ones(BIG)}, rng=False)
+        mgr.save(2, data={"a": same, "c": torch.zeros(BIG)}, rng=False)
+    reader = ckpt.CheckpointReader(tmp_path)
+    m1, m2 = (reader.manifest(s)[1] for s in (1, 2))
+    nbytes = reader.describe(1).nbytes
+    alone = describe_sharing(m1, [])
+    assert (alone.shared_nbytes, alone.own_nbytes, alone.shared_with) == (0, nbytes, ())
+    both = describe_sharing(m1, [m1, m2])
+    blob = doc_of(tmp_path, 1)["blobs"][key_of(tmp_path, 1, "data/a")]["size"]
+    assert (both.shared_nbytes, both.own_nbytes, both.shared_with) == (blob, nbytes - blob, (2,))
