@@ -37,7 +37,7 @@ from ckpt.format.blobs import (
     ref_key,
     ref_name,
 )
-from ckpt.format.checksums import Hasher, HashingWriter
+from ckpt.format.checksums import CHUNK_BYTES, Hasher, HashingWriter
 from ckpt.format.packs import PACK_SUFFIX
 from ckpt.format.tensorfile import cpu_contiguous, tensor_bytes, write_tensors
 from ckpt.io import read_manifest
@@ -89,11 +89,13 @@ class BlobStore:
     def __init__(self, storage: Storage) -> None:
         self._storage = storage
         self._known: dict[str, FileRecord] | None = None
+        self._checked: set[str] = set()
         self.last = SaveStats()
 
     def forget_all(self) -> None:
         """Forget what is known (a new lock: another writer may have changed the store)."""
         self._known = None
+        self._checked = set()
 
     # ------------------------------------------------------------------ saving
 
@@ -146,11 +148,37 @@ class BlobStore:
         key = blob_key(cpu, tensor_bytes(cpu))
         stats.hash_seconds += time.perf_counter() - start
         blob = known.get(key)
+        if blob is not None and key not in self._checked and not self._intact(key, blob):
+            blob = None
         if blob is None:
             blob = self._write(key, cpu)
             known[key] = blob
             stats.written += blob.size
+        self._checked.add(key)
         return key, blob
+
+    def _intact(self, key: str, blob: FileRecord) -> bool:
+        """Whether a blob written before this lock still holds the bytes its checksum says.
+
+        Read once per lock, at the first save referencing it, on local disk only
+        (objects of an object store are whole): a blob damaged since (bit rot, a
+        truncation) is written anew, never referenced by a new step, and the same
+        bytes renamed over it make the earlier steps referencing it whole again.
+        """
+        if not self._storage.atomic_rename:
+            return True
+        name = blob_file_name(key)
+        hasher = Hasher()
+        try:
+            with self._storage.open_read(BLOB_DIR, name) as f:
+                done = hasher.skip(f, blob.size + 1, bytearray(CHUNK_BYTES))
+        except (CheckpointError, OSError) as e:
+            logger.warning("blob %s is unreadable, so it is written anew: %s", name, e)
+            return False
+        if done != blob.size or (blob.checksum is not None and hasher.digest() != blob.checksum):
+            logger.warning("blob %s no longer matches its checksum: written anew", name)
+            return False
+        return True
 
     def _write(self, key: str, t: torch.Tensor) -> FileRecord:
         """Write one blob durably under its final name, never visible half-written.
