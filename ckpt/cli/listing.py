@@ -158,7 +158,9 @@ def _sharing(reader: Any, doc: dict[str, Any]) -> dict[str, Any]:
     if doc["format_version"] != 4:
         figures = {"shared_nbytes": 0, "own_nbytes": doc["nbytes"], "shared_with": []}
         return {**figures, "sharing_unknown": unknown}
-    found = reader.manifest(doc["step"])
+    found = reader.manifest(doc["step"])  # raises if the step was deleted meanwhile
+    if found is None:
+        raise no_checkpoint(reader.directory)
     others = []
     for step in reader.all_steps():
         if step == doc["step"]:
