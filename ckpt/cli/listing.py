@@ -12,7 +12,7 @@ from typing import Any
 
 from ckpt.cli.render import dump_json, human_bytes, note, out, short_value, table
 from ckpt.cli.source import no_checkpoint, open_reader, parse_root, parse_target
-from ckpt.errors import CheckpointError
+from ckpt.errors import CheckpointError, CheckpointNotFoundError
 from ckpt.gc_pause import paused_gc
 
 __all__ = ["add_info_parser", "add_ls_parser", "info_doc", "ls_doc"]
@@ -135,6 +135,7 @@ def info_doc(reader: Any, step: int | None, pattern: str | None) -> dict[str, An
         raise no_checkpoint(reader.directory)
     doc = dict(reader.describe(step).to_json())
     doc["directory"] = reader.directory
+    doc.update(_sharing(reader, doc))
     if pattern is not None:
         doc["items"] = [
             {
@@ -148,6 +149,38 @@ def info_doc(reader: Any, step: int | None, pattern: str | None) -> dict[str, An
     return doc
 
 
+def _sharing(reader: Any, doc: dict[str, Any]) -> dict[str, Any]:
+    """Bytes the step shares with other steps and bytes only it holds (incremental roots).
+
+    Reads the other steps' manifests only for a version 4 step; a step deleted
+    meanwhile shares nothing, one whose manifest cannot be read is listed in
+    ``sharing_unknown`` (its blobs count as this step's own).
+    """
+    from ckpt.reading.describe import describe_sharing  # noqa: PLC0415 - CLI imports stay lazy
+
+    unknown: list[int] = []
+    if doc["format_version"] != 4:
+        figures = {"shared_nbytes": 0, "own_nbytes": doc["nbytes"], "shared_with": []}
+        return {**figures, "sharing_unknown": unknown}
+    found = reader.manifest(doc["step"])  # raises if the step was deleted meanwhile
+    if found is None:
+        raise no_checkpoint(reader.directory)
+    others = []
+    for step in reader.all_steps():
+        if step == doc["step"]:
+            continue
+        try:
+            other = reader.manifest(step)
+        except CheckpointNotFoundError:
+            continue
+        except CheckpointError:
+            unknown.append(step)
+            continue
+        if other is not None:
+            others.append(other[1])
+    return {**describe_sharing(found[1], others).to_json(), "sharing_unknown": unknown}
+
+
 def _header(doc: dict[str, Any]) -> list[str]:
     files = doc["files"]
     lines = [
@@ -158,6 +191,14 @@ def _header(doc: dict[str, Any]) -> list[str]:
         f"format:     {doc['format_version']} (world size {doc['world_size']})",
         f"size:       {human_bytes(doc['nbytes'])} in {len(files)} file(s)",
     ]
+    if doc["format_version"] == 4:
+        with_ = ",".join(str(s) for s in doc["shared_with"]) or "-"
+        lines.append(
+            f"shared:     {human_bytes(doc['shared_nbytes'])} with step(s) {with_}; "
+            f"own: {human_bytes(doc['own_nbytes'])}"
+        )
+        if doc["sharing_unknown"]:
+            lines.append(f"            (unreadable steps not counted: {doc['sharing_unknown']})")
     if doc["metrics"]:
         lines.append(
             "metrics:    " + " ".join(f"{k}={short_value(v)}" for k, v in doc["metrics"].items())

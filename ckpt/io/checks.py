@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import BinaryIO
 
 from ckpt.errors import CheckpointNotFoundError, CorruptCheckpointError
@@ -13,7 +14,14 @@ from ckpt.format.checksums import Hasher
 from ckpt.format.tensorfile import MAX_HEADER_BYTES, TensorEntry, parse_header
 from ckpt.storage import Storage
 
-__all__ = ["alias_entries", "check_digest", "check_size", "matching_entry", "read_header"]
+__all__ = [
+    "alias_entries",
+    "check_digest",
+    "check_size",
+    "matching_entry",
+    "open_listed",
+    "read_header",
+]
 
 
 def read_header(
@@ -52,13 +60,16 @@ def alias_entries(
     return {alias: dataclasses.replace(entries[BLOB_TENSOR], name=alias)}
 
 
-def check_digest(record: FileRecord, hasher: Hasher, path: str, step: int) -> None:
-    """Raise unless the bytes hashed match the manifest's checksum."""
+def check_digest(
+    record: FileRecord, hasher: Hasher, path: str, step: int, file_name: str = ""
+) -> None:
+    """Raise unless the bytes hashed match the manifest's checksum (naming a blob's tensor)."""
     actual = hasher.digest()
     if actual != record.checksum:
         raise CorruptCheckpointError(
             f"checksum mismatch in step {step}: expected {record.checksum}, actual {actual}",
             path=path,
+            key=ref_alias(file_name),
         )
 
 
@@ -70,17 +81,41 @@ def check_size(storage: Storage, directory: str, file_name: str, manifest: Manif
     try:
         actual = storage.size(*parts)
     except CheckpointNotFoundError as e:
-        raise CorruptCheckpointError(
-            f"a file of step {manifest.step} listed in its manifest is missing",
-            path=path,
-            key=ref_alias(file_name),
-        ) from e
+        raise _missing(manifest, file_name, path) from e
     if actual != expected:
         raise CorruptCheckpointError(
             f"file size in step {manifest.step} is {actual} bytes, the manifest says {expected}",
             path=path,
+            key=ref_alias(file_name),
         )
     return path
+
+
+def _missing(manifest: Manifest, file_name: str, path: str) -> CorruptCheckpointError:
+    return CorruptCheckpointError(
+        f"a file of step {manifest.step} listed in its manifest is missing",
+        path=path,
+        key=ref_alias(file_name),
+    )
+
+
+@contextlib.contextmanager
+def open_listed(
+    storage: Storage, directory: str, file_name: str, manifest: Manifest
+) -> Iterator[BinaryIO]:
+    """Open a file the manifest lists; one gone since :func:`check_size` is corruption.
+
+    So a blob (or a step's file) deleted while it is read fails as its step's
+    corruption, naming the file and tensor: the step then counts as changed (read
+    again) or corrupt (skipped by ``fallback_to_intact``), never as an item missing.
+    """
+    parts = file_parts(directory, file_name)
+    with contextlib.ExitStack() as stack:
+        try:
+            f = stack.enter_context(storage.open_read(*parts))
+        except CheckpointNotFoundError as e:
+            raise _missing(manifest, file_name, storage.path(*parts)) from e
+        yield f
 
 
 def matching_entry(

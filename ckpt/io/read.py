@@ -14,7 +14,14 @@ from ckpt.format import MANIFEST_NAME, Manifest, TensorRecord
 from ckpt.format.blobs import file_parts
 from ckpt.format.checksums import CHUNK_BYTES, Hasher
 from ckpt.format.tensorfile import TensorEntry, check_stored_dtype, read_tensor, tensor_bytes
-from ckpt.io.checks import alias_entries, check_digest, check_size, matching_entry, read_header
+from ckpt.io.checks import (
+    alias_entries,
+    check_digest,
+    check_size,
+    matching_entry,
+    open_listed,
+    read_header,
+)
 from ckpt.io.pending import PendingReads, Reopen, Source
 from ckpt.io.spill import copy_bytes
 from ckpt.restoring.locations import MapLocation, mapped_device, place
@@ -144,7 +151,9 @@ class _FileReader:
             self._scratch = bytearray(CHUNK_BYTES)
         with ExitStack() as file_scope:
             parts = file_parts(self.directory, file_name)
-            f = file_scope.enter_context(self.storage.open_read(*parts))
+            f = file_scope.enter_context(
+                open_listed(self.storage, self.directory, file_name, manifest)
+            )
             source: Source = f
             identity = self.storage.file_identity(f) if in_place else None
             if in_place and identity is None:  # an object store: checked bytes wait locally
@@ -174,7 +183,7 @@ class _FileReader:
                 elif hasher is not None:
                     hasher.skip(f, entry.nbytes, self._scratch)
         if hasher is not None:
-            check_digest(record, hasher, path, manifest.step)
+            check_digest(record, hasher, path, manifest.step, file_name)
         out.update(self._cut(packed, buffers, wanted))
         return out
 

@@ -6,7 +6,14 @@ from ckpt.errors import CorruptCheckpointError
 from ckpt.format import Manifest
 from ckpt.format.blobs import file_parts
 from ckpt.format.checksums import CHUNK_BYTES, Hasher
-from ckpt.io.checks import alias_entries, check_digest, check_size, matching_entry, read_header
+from ckpt.io.checks import (
+    alias_entries,
+    check_digest,
+    check_size,
+    matching_entry,
+    open_listed,
+    read_header,
+)
 from ckpt.storage import Storage
 
 __all__ = ["verify_checkpoint_files"]
@@ -38,7 +45,7 @@ def verify_checkpoint_files(storage: Storage, directory: str, manifest: Manifest
         record = manifest.files[file_name]
         parts = file_parts(directory, file_name)
         hasher = Hasher()
-        with storage.open_read(*parts) as f:
+        with open_listed(storage, directory, file_name, manifest) as f:
             entries, data_start = read_header(f, path, record.size, hasher)
             entries = alias_entries(entries, file_name, path)
             for name in names:
@@ -52,7 +59,7 @@ def verify_checkpoint_files(storage: Storage, directory: str, manifest: Manifest
                 continue
             hasher.skip(f, record.size - data_start, scratch)
         if record.checksum is not None:
-            check_digest(record, hasher, path, manifest.step)
+            check_digest(record, hasher, path, manifest.step, file_name)
         hashed.add(parts)
         checked += record.size
     return checked

@@ -19,7 +19,6 @@ import torch
 
 from ckpt.errors import CorruptCheckpointError
 from ckpt.format import MANIFEST_NAME, Manifest, TensorRecord, rank_manifest
-from ckpt.format.blobs import file_parts
 from ckpt.format.checksums import CHUNK_BYTES, Hasher
 from ckpt.format.tensorfile import TensorEntry, read_tensor, tensor_bytes
 from ckpt.io import assemble_tensor
@@ -28,6 +27,7 @@ from ckpt.io.checks import (
     check_digest,
     check_size,
     matching_entry,
+    open_listed,
     read_header,
 )
 from ckpt.state.items import check_stored_dtype
@@ -112,7 +112,7 @@ def _stream_file(
             members.setdefault(r.pack, []).append((name, r))
     wanted_packs = {p for p in (records[n].pack for n in names) if p is not None}
     scratch = bytearray(CHUNK_BYTES) if hasher is not None else bytearray()
-    with storage.open_read(*file_parts(step_name, file_name)) as f:
+    with open_listed(storage, step_name, file_name, manifest) as f:
         entries, data_start = read_header(f, path, record.size, hasher)
         entries = alias_entries(entries, file_name, path)
         for name in [*direct, *wanted_packs]:
@@ -131,7 +131,7 @@ def _stream_file(
                 f.seek(data_start + entry.begin)
                 hasher.skip(f, entry.nbytes, scratch)
     if hasher is not None:
-        check_digest(record, hasher, path, manifest.step)
+        check_digest(record, hasher, path, manifest.step, file_name)
 
 
 def _stream_pack(

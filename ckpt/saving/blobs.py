@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import time
 from collections.abc import Callable
 from typing import BinaryIO
@@ -36,7 +37,7 @@ from ckpt.format.blobs import (
     ref_key,
     ref_name,
 )
-from ckpt.format.checksums import Hasher, HashingWriter
+from ckpt.format.checksums import CHUNK_BYTES, Hasher, HashingWriter
 from ckpt.format.packs import PACK_SUFFIX
 from ckpt.format.tensorfile import (
     cpu_contiguous,
@@ -47,6 +48,7 @@ from ckpt.format.tensorfile import (
 )
 from ckpt.io import read_manifest
 from ckpt.storage import Storage
+from ckpt.storage.local import NEW_FILE_PREFIX
 
 __all__ = ["BlobStore", "SaveStats", "blob_begin", "write_blob"]
 
@@ -55,6 +57,17 @@ logger = logging.getLogger(__name__)
 Files = dict[str, dict[str, torch.Tensor]]
 
 _METADATA = {"format": "pt"}
+
+_LEFTOVER = re.compile(re.escape(NEW_FILE_PREFIX) + r"[0-9a-f]{8}\.([0-9a-f]{32})\.safetensors")
+"""A temporary file of a blob write that a crash interrupted (``Storage.write_file``)."""
+
+
+def _ours(name: str) -> bool:
+    """Whether ckpt wrote a file of this name in the store: a blob or a blob's temporary file.
+
+    Nothing else found there (a user's file, a directory) is ever deleted.
+    """
+    return parse_blob_file_name(name) is not None or _LEFTOVER.fullmatch(name) is not None
 
 
 @dataclasses.dataclass
@@ -82,11 +95,13 @@ class BlobStore:
     def __init__(self, storage: Storage) -> None:
         self._storage = storage
         self._known: dict[str, FileRecord] | None = None
+        self._checked: set[str] = set()
         self.last = SaveStats()
 
     def forget_all(self) -> None:
         """Forget what is known (a new lock: another writer may have changed the store)."""
         self._known = None
+        self._checked = set()
 
     # ------------------------------------------------------------------ saving
 
@@ -139,11 +154,37 @@ class BlobStore:
         key = blob_key(cpu, tensor_bytes(cpu))
         stats.hash_seconds += time.perf_counter() - start
         blob = known.get(key)
+        if blob is not None and key not in self._checked and not self._intact(key, blob):
+            blob = None
         if blob is None:
             blob = self._write(key, cpu)
             known[key] = blob
             stats.written += blob.size
+        self._checked.add(key)
         return key, blob
+
+    def _intact(self, key: str, blob: FileRecord) -> bool:
+        """Whether a blob written before this lock still holds the bytes its checksum says.
+
+        Read once per lock, at the first save referencing it, on local disk only
+        (objects of an object store are whole): a blob damaged since (bit rot, a
+        truncation) is written anew, never referenced by a new step, and the same
+        bytes renamed over it make the earlier steps referencing it whole again.
+        """
+        if not self._storage.atomic_rename:
+            return True
+        name = blob_file_name(key)
+        hasher = Hasher()
+        try:
+            with self._storage.open_read(BLOB_DIR, name) as f:
+                done = hasher.skip(f, blob.size + 1, bytearray(CHUNK_BYTES))
+        except (CheckpointError, OSError) as e:
+            logger.warning("blob %s is unreadable, so it is written anew: %s", name, e)
+            return False
+        if done != blob.size or (blob.checksum is not None and hasher.digest() != blob.checksum):
+            logger.warning("blob %s no longer matches its checksum: written anew", name)
+            return False
+        return True
 
     def _write(self, key: str, t: torch.Tensor) -> FileRecord:
         return write_blob(self._storage, key, t)
@@ -164,7 +205,7 @@ class BlobStore:
     # --------------------------------------------------------------- sweeping
 
     def sweep(self, steps: list[int]) -> int:
-        """Delete every blob (and temporary file) of the store no committed step references.
+        """Delete every blob (and blob temporary file) of the store no committed step references.
 
         Called under the writer lock with the committed ``steps``, after retention
         deleted manifests, and before this writer's first incremental save. When a
@@ -178,7 +219,7 @@ class BlobStore:
         for step in steps:
             try:
                 manifest = read_manifest(self._storage, step_dir_name(step))
-            except CheckpointError as e:
+            except (CheckpointError, OSError) as e:  # OSError: a backend's raw error
                 logger.warning("cannot read step %d, so no blob is deleted now: %s", step, e)
                 readable = False
                 continue
@@ -192,20 +233,51 @@ class BlobStore:
         for name in present:
             key = parse_blob_file_name(name)
             if key is not None and key in referenced:
-                on_disk.add(key)
-            elif readable:
-                self._remove(name)
-                deleted += 1
+                if self._usable(name, referenced[key]):
+                    on_disk.add(key)
+            elif readable and _ours(name):
+                deleted += self._remove(name)
+            elif not _ours(name):
+                logger.warning(
+                    "%s was not written by ckpt: left alone", self._storage.url_of(BLOB_DIR, name)
+                )
         self._known = {k: r for k, r in referenced.items() if k in on_disk}
         if deleted:
             logger.info("deleted %d unreferenced blob(s) in %s", deleted, self._storage.url)
         return deleted
 
-    def _remove(self, name: str) -> None:
+    def _usable(self, name: str, record: FileRecord) -> bool:
+        """Whether blob file ``name`` may be referenced again without writing it anew.
+
+        A blob this writer knows with the same record is (it wrote or checked it under
+        its lock), as is any object of an object store; any other must be a regular
+        file of the recorded size (one ``lstat`` each, once per lock). One that is
+        not (a link, a FIFO, a truncated file) is written again by the next save that
+        needs it, which also makes whole the earlier steps referencing it.
+        """
+        key = parse_blob_file_name(name)
+        if self._known is not None and self._known.get(key or "") == record:
+            return True
+        if not self._storage.atomic_rename:
+            return True  # an object store: objects are whole (one PUT), and a stat costs a request
+        try:
+            size = self._storage.size(BLOB_DIR, name)
+        except (CheckpointError, OSError) as e:
+            logger.warning("blob %s is unusable, so it is written anew: %s", name, e)
+            return False
+        if size != record.size:
+            logger.warning("blob %s has %d bytes, not %d: written anew", name, size, record.size)
+            return False
+        return True
+
+    def _remove(self, name: str) -> int:
+        """Delete one file of the store; how many were deleted (0 or 1)."""
         try:
             self._storage.remove_file(BLOB_DIR, name)
         except OSError as e:
             logger.warning("could not delete blob %s: %s", self._storage.url_of(BLOB_DIR, name), e)
+            return 0
+        return 1
 
 
 def blob_begin(t: torch.Tensor) -> int:

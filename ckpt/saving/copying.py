@@ -202,10 +202,21 @@ def copy_files(
             _copy_file(source, target, step_name, where, record, progress)
             continue
         parts = file_parts(step_name, file_name)
-        if parts not in copied and not target.exists(*parts):
+        if parts not in copied and not _has_blob(target, parts, record):
             target.makedirs(BLOB_DIR)
             _copy_file(source, target, step_name, where, record, progress)
         copied.add(parts)
+
+
+def _has_blob(target: Storage, parts: tuple[str, ...], record: FileRecord) -> bool:
+    """Whether ``target`` holds a blob as a regular file of the recorded size.
+
+    One that is not (a link, a FIFO, truncated) is copied again, replacing it.
+    """
+    try:
+        return target.size(*parts) == record.size
+    except (CheckpointError, OSError):
+        return False
 
 
 def _copy_file(

@@ -186,7 +186,7 @@ class CheckpointWriter:
         if self.incremental:
             files, manifest = self._blobs.store(files, manifest, self._steps.all_steps)
         try:
-            return commit_and_log(
+            committed = commit_and_log(
                 self._storage,
                 step,
                 files,
@@ -198,6 +198,9 @@ class CheckpointWriter:
             )
         finally:
             self._retainer.forget(step)
+        if overwrite:
+            self._sweep()  # the replaced step's blobs may be referenced no more
+        return committed
 
     @property
     def last_save(self) -> SaveStats:
