@@ -130,10 +130,11 @@ def decode_tensors(
     shapes = _ShapeBytes()
     # Hot: one pass per record of a manifest of many thousand tensors (locals, no generators).
     dtypes, fields, new_record = _DTYPES, _TENSOR_FIELDS, tensor_record
-    for name, info in doc.items():
-        if not isinstance(info, dict):
+    for name, record in doc.items():
+        if not isinstance(record, dict):
             raise bad(f"tensors.{name}", "must be an object")
-        file = info.get("file")
+        info: dict[str, Any] = record
+        file: Any = info.get("file")
         if "blob" in info:
             file = _blob_reference(name, info, files, blobs, bad)
         file_record = files.get(file) if isinstance(file, str) else None
@@ -143,9 +144,9 @@ def decode_tensors(
         dtype = dtypes.get(dtype_name) if isinstance(dtype_name, str) else None
         if dtype is None:
             raise bad(f"tensors.{name}", f"unknown dtype {dtype_name!r}")
-        shape = info.get("shape")
+        shape: Any = info.get("shape")
         nbytes = shapes.nbytes(shape, dtype, f"tensors.{name}", bad)
-        device = info.get("device")
+        device: Any = info.get("device")
         if not isinstance(device, str) or device not in valid_devices:  # each string once
             _check_device(device, f"tensors.{name}", bad)
             valid_devices.add(device)
