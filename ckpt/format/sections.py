@@ -145,7 +145,7 @@ def decode_tensors(
         if dtype is None:
             raise bad(f"tensors.{name}", f"unknown dtype {dtype_name!r}")
         shape: Any = info.get("shape")
-        nbytes = shapes.nbytes(shape, dtype, f"tensors.{name}", bad)
+        nbytes = shapes.nbytes(shape, dtype, name, bad)
         device: Any = info.get("device")
         if not isinstance(device, str) or device not in valid_devices:  # each string once
             _check_device(device, f"tensors.{name}", bad)
@@ -175,19 +175,22 @@ class _ShapeBytes:
     def __init__(self) -> None:
         self._known: dict[tuple[torch.dtype, tuple[int, ...]], int] = {}
 
-    def nbytes(self, shape: Json, dtype: torch.dtype, where: str, bad: Any) -> int:
-        """The bytes of ``shape`` (a JSON list of non-negative ints) of ``dtype``; else raise."""
+    def nbytes(self, shape: Json, dtype: torch.dtype, name: str, bad: Any) -> int:
+        """The bytes of tensor ``name``'s ``shape`` (a JSON list of ints >= 0); else raise."""
         if not isinstance(shape, list) or not _INT_TYPE.issuperset(map(type, shape)):
-            raise bad(where, "shape must be a list of non-negative ints")
+            raise bad(f"tensors.{name}", "shape must be a list of non-negative ints")
         key = (dtype, tuple(shape))  # every dim an int (not a bool): equal keys, equal shapes
         nbytes = self._known.get(key)
         if nbytes is not None:
             return nbytes
         if min(shape, default=0) < 0:
-            raise bad(where, "shape must be a list of non-negative ints")
+            raise bad(f"tensors.{name}", "shape must be a list of non-negative ints")
         counted = byte_count(shape, dtype.itemsize)
         if counted is None:
-            raise bad(where, f"shape {shown_shape(shape)} overflows: more than {MAX_BYTES} bytes")
+            raise bad(
+                f"tensors.{name}",
+                f"shape {shown_shape(shape)} overflows: more than {MAX_BYTES} bytes",
+            )
         self._known[key] = counted
         return counted
 

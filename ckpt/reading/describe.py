@@ -258,7 +258,8 @@ def _keyed(
             else:
                 packed.append((path, name))
         refs = packed
-    return [(key_of(path), name) for path, name in refs]
+    part = _part  # most paths have one key (a module's): joined without a list
+    return [(part(p[0]) if len(p) == 1 else key_of(p), name) for p, name in refs]
 
 
 def item_tensor_keys(manifest: Manifest, item: str) -> list[tuple[str, str]]:
