@@ -1,6 +1,6 @@
 """Benchmark: whole-process start-up of ``import ckpt``, ``ckpt info`` and ``ckpt ls``.
 
-Usage: python bench/cli_startup.py [--tensors 10000] [--repeat 7] [--dir DIR]
+Usage: python bench/cli_startup.py [--tensors 10000] [--repeat 7] [--dir DIR] [--against TREE]
 
 Builds two checkpoints of ``--tensors`` tensors each in a temporary directory
 (or ``--dir``): ``mixed``, a module whose parameters cycle through sizes from
@@ -17,6 +17,10 @@ Prints each command's median wall and CPU (user + system) time and their
 differences from ``import torch``; and, for ``import ckpt``, ``info`` and
 ``ls``, what they take in a fresh interpreter after its ``import torch``
 (timed inside the child: the steadier figure on a loaded machine).
+
+With ``--against TREE`` (another checkout's root, whose ``ckpt`` package is
+imported instead), times only those after-``import torch`` figures, the two
+trees taking turns, and prints them side by side.
 """
 
 from __future__ import annotations
@@ -68,10 +72,10 @@ def build_unpacked(directory: Path, tensors: int) -> None:
         mgr.save(0, weights=state, metrics={"loss": 0.5})
 
 
-def child_env() -> dict[str, str]:
-    """This environment with the worktree first on the path and bytecode caching on."""
+def child_env(tree: Path = ROOT) -> dict[str, str]:
+    """This environment with ``tree`` first on the path and bytecode caching on."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
-    env["PYTHONPATH"] = str(ROOT)
+    env["PYTHONPATH"] = str(tree)
     return env
 
 
@@ -96,15 +100,15 @@ sys.stderr.write(f"\\nTIMING {{time.perf_counter() - wall}} {{time.process_time(
 """A child that imports torch, then times ``body`` (what the command adds to torch's import)."""
 
 
-def after_torch(body: str) -> tuple[float, float]:
+def after_torch(body: str, tree: Path = ROOT) -> tuple[float, float]:
     """Wall and CPU seconds ``body`` takes in a fresh interpreter that has imported torch."""
     done = subprocess.run(
         [sys.executable, "-c", AFTER_TORCH.format(body=body)],
         check=True,
-        env=child_env(),
+        env=child_env(tree),
         capture_output=True,
         text=True,
-        cwd=ROOT,
+        cwd=tree,  # with -c the working directory comes first on the path
     )
     wall, cpu = done.stderr.rsplit("TIMING ", 1)[1].split()
     return float(wall), float(cpu)
@@ -134,6 +138,26 @@ def commands(roots: dict[str, Path]) -> list[tuple[str, list[str], str | None]]:
     return runs
 
 
+def compare(runs: list[tuple[str, list[str], str | None]], against: Path, repeat: int) -> None:
+    """Print each command's CPU after ``import torch``, ``against`` and this tree taking turns."""
+    trees = {"against": against.resolve(), "this tree": ROOT}
+    cpu: dict[tuple[str, str], list[float]] = {}
+    for round_ in range(repeat + 1):  # round 0 warms the caches
+        for label, _, body in runs:
+            for tree_name, tree in trees.items():
+                if body is not None:
+                    measured = after_torch(body, tree)[1]
+                    if round_:
+                        cpu.setdefault((label, tree_name), []).append(measured)
+    print(f"after import torch, CPU ms, median of {repeat}; against = {trees['against']}\n")
+    print("| command | against | this tree |")
+    print("|---|---:|---:|")
+    for label, _, body in runs:
+        if body is not None:
+            cells = [f"{1000 * statistics.median(cpu[label, t]):.0f}" for t in trees]
+            print(f"| `{label}` | {' | '.join(cells)} |")
+
+
 def main() -> None:
     """Build, time and print."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -144,6 +168,9 @@ def main() -> None:
         type=Path,
         help="build here and keep them (reused when already built); default: a temporary directory",
     )
+    parser.add_argument(
+        "--against", type=Path, help="another checkout's root: compare after-torch CPU with it"
+    )
     args = parser.parse_args()
     base = args.dir or Path(tempfile.mkdtemp(prefix="ckpt-startup-"))
     try:
@@ -152,6 +179,9 @@ def main() -> None:
             if not roots[name].exists():
                 build(roots[name], args.tensors)
         runs = commands(roots)
+        if args.against is not None:
+            compare(runs, args.against, args.repeat)
+            return
         samples: dict[str, tuple[list[tuple[float, float]], list[tuple[float, float]]]] = {
             label: ([], []) for label, _, _ in runs
         }

@@ -13,7 +13,7 @@ from ckpt.format.checksums import ALGORITHM
 from ckpt.format.limits import MAX_BYTES, byte_count
 from ckpt.format.names import is_tensor_file_name
 from ckpt.format.packs import check_packs
-from ckpt.format.records import ITEM_KINDS, FileRecord, ItemRecord, TensorRecord
+from ckpt.format.records import ITEM_KINDS, FileRecord, ItemRecord, TensorRecord, tensor_record
 from ckpt.state.tree import Json
 
 DIGEST = re.compile(r"xxh3_64:[0-9a-f]{16}")
@@ -124,46 +124,88 @@ def decode_tensors(
     if not isinstance(doc, dict):
         raise bad("tensors", "must be an object")
     tensors: dict[str, TensorRecord] = {}
+    sizes: dict[str, int] = {}
     too_big: list[tuple[str, int]] = []
     valid_devices: set[str] = set()
-    for name, info in doc.items():
-        where = f"tensors.{name}"
-        if not isinstance(info, dict):
-            raise bad(where, "must be an object")
-        file, dtype, shape, device = (info.get(k) for k in ("file", "dtype", "shape", "device"))
+    shapes = _ShapeBytes()
+    # Hot: one pass per record of a manifest of many thousand tensors (locals, no generators).
+    dtypes, fields, new_record = _DTYPES, _TENSOR_FIELDS, tensor_record
+    for name, record in doc.items():
+        if not isinstance(record, dict):
+            raise bad(f"tensors.{name}", "must be an object")
+        info: dict[str, Any] = record
+        file: Any = info.get("file")
         if "blob" in info:
             file = _blob_reference(name, info, files, blobs, bad)
-        if not isinstance(file, str) or file not in files:
-            raise bad(where, f"names file {file!r}, which is not in 'files'")
-        if not isinstance(dtype, str) or dtype not in _DTYPES:
-            raise bad(where, f"unknown dtype {dtype!r}")
-        if not isinstance(shape, list) or not all(
-            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
-        ):
-            raise bad(where, "shape must be a list of non-negative ints")
-        nbytes = byte_count(shape, _DTYPES[dtype].itemsize)
-        if nbytes is None:
-            raise bad(where, f"shape {shown_shape(shape)} overflows: more than {MAX_BYTES} bytes")
-        if not isinstance(device, str):
-            raise bad(where, "device must be a string")
-        if device not in valid_devices:  # a few distinct strings: parse each once
-            try:
-                torch.device(device)
-            except RuntimeError as e:
-                raise bad(where, f"invalid device {device!r}") from e
+        file_record = files.get(file) if isinstance(file, str) else None
+        if file_record is None:
+            raise bad(f"tensors.{name}", f"names file {file!r}, which is not in 'files'")
+        dtype_name = info.get("dtype")
+        dtype = dtypes.get(dtype_name) if isinstance(dtype_name, str) else None
+        if dtype is None:
+            raise bad(f"tensors.{name}", f"unknown dtype {dtype_name!r}")
+        shape: Any = info.get("shape")
+        nbytes = shapes.nbytes(shape, dtype, name, bad)
+        device: Any = info.get("device")
+        if not isinstance(device, str) or device not in valid_devices:  # each string once
+            _check_device(device, f"tensors.{name}", bad)
             valid_devices.add(device)
-        if not _TENSOR_FIELDS.issuperset(info):
-            raise bad(where, f"unknown fields {sorted(set(info) - _TENSOR_FIELDS)}")
-        pack, offset = _pack_fields(info, files[file].size, where, bad)
-        tensors[name] = TensorRecord(file, _DTYPES[dtype], tuple(shape), device, pack, offset)
-        if nbytes > files[file].size:
+        if not fields.issuperset(info):
+            raise bad(f"tensors.{name}", f"unknown fields {sorted(set(info) - fields)}")
+        size = file_record.size
+        if "pack" in info or "offset" in info:
+            pack, offset = _pack_fields(info, size, f"tensors.{name}", bad)
+        else:
+            pack, offset = None, 0
+        tensors[name] = new_record(file, dtype, tuple(shape), device, pack, offset)
+        sizes[name] = nbytes
+        if nbytes > size:
             too_big.append((name, nbytes))
-    check_packs(tensors, bad)
+    check_packs(tensors, bad, sizes)
     for name, nbytes in too_big:  # after the packs' own checks, as before
         r = tensors[name]
         shape = shown_shape(list(r.shape))
         raise bad(f"tensors.{name}", f"shape {shape} needs {nbytes} bytes; {r.file!r} is smaller")
     return tensors
+
+
+class _ShapeBytes:
+    """Checks tensor records' shapes and counts their bytes, each distinct shape once."""
+
+    def __init__(self) -> None:
+        self._known: dict[tuple[torch.dtype, tuple[int, ...]], int] = {}
+
+    def nbytes(self, shape: Json, dtype: torch.dtype, name: str, bad: Any) -> int:
+        """The bytes of tensor ``name``'s ``shape`` (a JSON list of ints >= 0); else raise."""
+        if not isinstance(shape, list) or not _INT_TYPE.issuperset(map(type, shape)):
+            raise bad(f"tensors.{name}", "shape must be a list of non-negative ints")
+        key = (dtype, tuple(shape))  # every dim an int (not a bool): equal keys, equal shapes
+        nbytes = self._known.get(key)
+        if nbytes is not None:
+            return nbytes
+        if min(shape, default=0) < 0:
+            raise bad(f"tensors.{name}", "shape must be a list of non-negative ints")
+        counted = byte_count(shape, dtype.itemsize)
+        if counted is None:
+            raise bad(
+                f"tensors.{name}",
+                f"shape {shown_shape(shape)} overflows: more than {MAX_BYTES} bytes",
+            )
+        self._known[key] = counted
+        return counted
+
+
+_INT_TYPE = frozenset({int})
+
+
+def _check_device(device: Json, where: str, bad: Any) -> None:
+    """Raise unless ``device`` is a string torch parses as a device."""
+    if not isinstance(device, str):
+        raise bad(where, "device must be a string")
+    try:
+        torch.device(device)
+    except RuntimeError as e:
+        raise bad(where, f"invalid device {device!r}") from e
 
 
 def _pack_fields(info: dict[str, Json], size: int, where: str, bad: Any) -> tuple[str | None, int]:

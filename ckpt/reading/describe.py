@@ -261,7 +261,8 @@ def _keyed(
             else:
                 packed.append((path, name))
         refs = packed
-    return [(key_of(path), name) for path, name in refs]
+    part = _part  # most paths have one key (a module's): joined without a list
+    return [(part(p[0]) if len(p) == 1 else key_of(p), name) for p, name in refs]
 
 
 def item_tensor_keys(manifest: Manifest, item: str) -> list[tuple[str, str]]:
@@ -362,18 +363,12 @@ def _param_names(manifest: Manifest, item: str, state: Any) -> tuple[str | None,
 def _item_info(manifest: Manifest, item: str, record: ItemRecord) -> ItemInfo:
     state, refs = _decoded(record, item)
     packs = _pack_names(manifest, item)
-    tensors, sizes = [], {}
-    for key, name in _keyed(manifest, item, state, refs):
-        r = _stored(manifest, item, name, packs)
-        if isinstance(r, GlobalTensorRecord):
-            files = {c.file for c in r.chunks}
-            only = next(iter(files)) if len(files) == 1 else None
-            nbytes = math.prod(r.shape) * r.dtype.itemsize
-            info = TensorInfo(key, _dtype(r.dtype), r.shape, nbytes, only, len(r.chunks))
-        else:
-            info = TensorInfo(key, _dtype(r.dtype), r.shape, r.nbytes, _shown(r.file))
-        sizes[name] = info.nbytes
-        tensors.append(info)
+    keyed = _keyed(manifest, item, state, refs)
+    if _is_sharded(manifest, item):
+        tensors, sizes = _sharded_infos(manifest, item, keyed)
+    else:
+        own = manifest.tensors if manifest.sharded is None else manifest.sharded.ranks[0].tensors
+        tensors, sizes = _own_infos(manifest, item, keyed, own, packs)
     optimizer = record.kind == "optimizer"
     recorded_class = record.extra.get("class")
     return ItemInfo(
@@ -385,6 +380,72 @@ def _item_info(manifest: Manifest, item: str, record: ItemRecord) -> ItemInfo:
         param_groups=_groups_of(item, state) if optimizer else (),
         param_names=_param_names(manifest, item, state) if optimizer else None,
     )
+
+
+def _sharded_infos(
+    manifest: Manifest, item: str, keyed: list[tuple[str, str]]
+) -> tuple[list[TensorInfo], dict[str, int]]:
+    """A sharded item's tensors (their global records) and the bytes of each stored name."""
+    tensors, sizes = [], {}
+    for key, name in keyed:
+        r = _stored(manifest, item, name, set())
+        if isinstance(r, GlobalTensorRecord):
+            files = {c.file for c in r.chunks}
+            only = next(iter(files)) if len(files) == 1 else None
+            nbytes = math.prod(r.shape) * r.dtype.itemsize
+            info = TensorInfo(key, _dtype(r.dtype), r.shape, nbytes, only, len(r.chunks))
+        else:
+            info = TensorInfo(key, _dtype(r.dtype), r.shape, r.nbytes, _shown(r.file))
+        sizes[name] = info.nbytes
+        tensors.append(info)
+    return tensors, sizes
+
+
+_new = object.__new__
+
+
+def _own_infos(
+    manifest: Manifest,
+    item: str,
+    keyed: list[tuple[str, str]],
+    own: Mapping[str, TensorRecord],
+    packs: set[str],
+) -> tuple[list[TensorInfo], dict[str, int]]:
+    """An item's tensors stored by one process, and the bytes of each stored name.
+
+    Hot for items of many thousand tensors: every reference is checked as
+    :func:`_stored` does (each dtype once), each file's shown name and each
+    shape's bytes are computed once, and each ``TensorInfo`` is filled at once.
+    """
+    tensors: list[TensorInfo] = []
+    sizes: dict[str, int] = {}
+    dtypes: dict[torch.dtype, str] = {}
+    shown: dict[str, str | None] = {}
+    shape_bytes: dict[tuple[torch.dtype, tuple[int, ...]], int] = {}
+    for key, name in keyed:
+        r = own.get(name)
+        if r is None or name in packs:
+            _stored(manifest, item, name, packs)  # raises, naming the tensor
+            continue  # pragma: no cover
+        dtype, shape = r.dtype, r.shape
+        dtype_name = dtypes.get(dtype)
+        if dtype_name is None:
+            check_stored_dtype(name, r)
+            dtype_name = dtypes[dtype] = _dtype(dtype)
+        nbytes = shape_bytes.get((dtype, shape))
+        if nbytes is None:
+            nbytes = shape_bytes[(dtype, shape)] = r.nbytes
+        file = r.file
+        file_shown = shown.get(file)
+        if file_shown is None:
+            file_shown = shown[file] = _shown(file)
+        info: TensorInfo = _new(TensorInfo)
+        info.__dict__.update(
+            key=key, dtype=dtype_name, shape=shape, nbytes=nbytes, file=file_shown, shards=1
+        )
+        sizes[name] = nbytes
+        tensors.append(info)
+    return tensors, sizes
 
 
 _DTYPE_NAMES: dict[torch.dtype, str] = {}
