@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Collection, Sequence
 
-from ckpt.errors import CheckpointNotFoundError, CorruptCheckpointError
+from ckpt.errors import CheckpointExistsError, CheckpointNotFoundError, CorruptCheckpointError
 from ckpt.policies.retention import RetentionPolicy
 from ckpt.reading.steps import StepReader
 from ckpt.saving.copying import CopyShare
@@ -290,6 +290,18 @@ class Copier:
                 e,
             )
             return True  # a missing or corrupt source is never copied
+        except CheckpointExistsError as e:
+            if step is None:
+                raise
+            # Something not ckpt's own holds the step's name in the tier (under the lock,
+            # no copy of ours is in flight): retrying would block every newer step.
+            logger.warning(
+                "step %d is not copied to tier %s: %s; the newer steps go on",
+                step,
+                state.tier.url,
+                e,
+            )
+            return True
         except Exception as e:
             logger.warning(
                 "%s tier %s failed (training goes on; retrying, %d step(s) pending): %s",

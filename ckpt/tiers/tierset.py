@@ -18,7 +18,7 @@ from ckpt.tiers.copier import Copier
 from ckpt.tiers.ranks import Follower, RankShare
 from ckpt.tiers.tier import Tier
 
-__all__ = ["TierSet", "open_tiers"]
+__all__ = ["TierSet", "open_tiers", "same_root_key"]
 
 logger = logging.getLogger(__name__)
 
@@ -220,6 +220,13 @@ def node_directory(directory: str, process_group: Any, tiers: Sequence[Tier]) ->
     return directory.replace("{rank}", str(rank)), True
 
 
+def same_root_key(url: str) -> str:
+    """What identifies the root ``url``: a local path (or ``file://``) resolved through links."""
+    if "://" in url and not url.startswith("file://"):
+        return url.rstrip("/")
+    return os.path.realpath(url.removeprefix("file://"))
+
+
 def open_tiers(
     first: CheckpointReader,
     tiers: Sequence[Tier],
@@ -250,12 +257,15 @@ def open_tiers(
                 "may be each rank's own; every tier of tiers=[...] must be storage every rank "
                 "sees at the same path; see docs/tiers.md"
             )
-    urls = [first.directory]
+    seen = [same_root_key(first.directory)]
     for tier in tiers:
         if not isinstance(tier, Tier):
             raise TypeError(f"tiers must hold ckpt.Tier objects, got {type(tier).__name__}")
         url = os.fspath(tier.url)
-        if url in urls or os.path.abspath(url) in [os.path.abspath(u) for u in urls]:
-            raise ValueError(f"tier {url!r} repeats the directory or another tier")
-        urls.append(url)
+        if same_root_key(url) in seen:
+            raise ValueError(
+                f"tier {url!r} repeats the directory or another tier (a link or file:// URL "
+                "to the same directory counts as the same)"
+            )
+        seen.append(same_root_key(url))
     return TierSet(first, tiers, nice, group, node_local)

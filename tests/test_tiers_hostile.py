@@ -1,0 +1,151 @@
+"""Hostile inputs for tiers and copies: roots that are one another, foreign files, bad arguments."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import pytest
+import torch
+from helpers import bounded, fingerprint
+
+import ckpt
+from ckpt.cli import main
+
+
+def state(step: int) -> dict[str, object]:
+    return {"w": torch.full((8, 4), float(step)), "step": step}
+
+
+def listed(url) -> list[int]:
+    return ckpt.CheckpointReader(url).all_steps()
+
+
+def save_steps(root, steps, **kwargs) -> None:
+    with ckpt.CheckpointManager(root, **kwargs) as mgr:
+        for step in steps:
+            mgr.save(step, data=state(step))
+
+
+@pytest.mark.parametrize("spelling", ["link", "file_url", "trailing_slash", "dotted"])
+def test_a_tier_that_is_the_directory_under_another_name_is_refused(tmp_path, spelling):
+    first = tmp_path / "t0"
+    first.mkdir()
+    if spelling == "link":
+        os.symlink(first, tmp_path / "link")
+        url = str(tmp_path / "link")
+    elif spelling == "file_url":
+        url = f"file://{first}"
+    elif spelling == "trailing_slash":
+        url = f"{first}/"
+    else:
+        url = f"{tmp_path}/x/../t0"
+    with bounded(), pytest.raises(ValueError, match="repeats the directory"):
+        ckpt.CheckpointManager(first, tiers=[ckpt.Tier(url, keep_last=1)])
+
+
+def test_two_tiers_that_are_one_directory_are_refused(tmp_path):
+    (tmp_path / "t1").mkdir()
+    os.symlink(tmp_path / "t1", tmp_path / "alias")
+    tiers = [ckpt.Tier(tmp_path / "t1"), ckpt.Tier(tmp_path / "alias")]
+    with bounded(), pytest.raises(ValueError, match="repeats the directory or another tier"):
+        ckpt.CheckpointManager(tmp_path / "t0", tiers=tiers)
+
+
+@pytest.mark.parametrize(("url", "error"), [(None, TypeError), (5, TypeError), ("", ValueError)])
+def test_a_tier_url_that_is_no_path_is_refused_at_once(url, error):
+    with pytest.raises(error, match=r"Tier\.url"):
+        ckpt.Tier(url)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"keep_last": 0},
+        {"keep_last": -1},
+        {"keep_every": 0},
+        {"keep_last": True},
+        {"every_steps": 0},
+        {"every_steps": 2.0},
+        {"max_backlog": 0},
+        {"best_mode": "avg"},
+        {"keep_best": 1},
+    ],
+)
+def test_tier_rules_are_checked_at_construction(tmp_path, kwargs):
+    with pytest.raises(ValueError):
+        ckpt.Tier(tmp_path, **kwargs)
+
+
+def test_tier_storage_options_must_be_a_dict(tmp_path):
+    with pytest.raises(TypeError, match="storage_options"):
+        ckpt.Tier(tmp_path, storage_options=[("anon", True)])  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("kind", ["file", "fifo"])
+def test_a_foreign_entry_at_a_step_name_in_a_tier_skips_only_that_step(tmp_path, caplog, kind):
+    first, tier = tmp_path / "t0", tmp_path / "t1"
+    tier.mkdir()
+    foreign = tier / "step_000000000001"
+    if kind == "file":
+        foreign.write_text("not ckpt's")
+    else:
+        os.mkfifo(foreign)
+    tiers = [ckpt.Tier(tier)]
+    with (
+        bounded(),
+        caplog.at_level(logging.WARNING, logger="ckpt"),
+        ckpt.CheckpointManager(first, tiers=tiers) as mgr,
+    ):
+        for step in range(4):
+            mgr.save(step, data=state(step))
+    assert listed(tier) == [0, 2, 3]  # the newer steps were not blocked behind step 1
+    assert listed(first) == [0, 1, 2, 3]
+    assert foreign.exists() and not foreign.is_dir()  # not ckpt's: left alone
+    assert any("step 1 is not copied" in r.getMessage() for r in caplog.records)
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: object) -> tuple[int, str, str]:
+    with bounded():
+        code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.mark.parametrize("spelling", ["same", "link", "file_url", "slash"])
+def test_ckpt_copy_into_the_same_root_is_a_usage_error(capsys, tmp_path, spelling):
+    src = tmp_path / "src"
+    save_steps(src, range(2))
+    before = fingerprint(src)
+    dst = {
+        "same": str(src),
+        "link": str(tmp_path / "link"),
+        "file_url": f"file://{src}",
+        "slash": f"{src}/",
+    }[spelling]
+    os.symlink(src, tmp_path / "link")
+    code, _, err = run(capsys, "copy", f"{src}:1", dst)
+    assert code == 2 and "same root" in err
+    assert fingerprint(src) == before
+
+
+def test_ckpt_copy_of_a_step_not_there_names_it(capsys, tmp_path):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    save_steps(src, range(2))
+    code, _, err = run(capsys, "copy", f"{src}:7", dst)
+    assert code == 1 and "step 7" in err
+    assert not dst.exists() or listed(dst) == []
+
+
+def test_ckpt_copy_of_a_truncated_step_lists_nothing_and_keeps_the_others(capsys, tmp_path):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    save_steps(src, range(3))
+    step_dir = src / "step_000000000001"
+    victim = next(p for p in step_dir.iterdir() if p.name.endswith(".safetensors"))
+    victim.write_bytes(victim.read_bytes()[:-3])
+    code, _, err = run(capsys, "copy", src, dst)
+    assert code == 1 and victim.name in err
+    assert listed(dst) == [0]  # step 0 committed before step 1 failed; nothing of 1 is listed
+    assert not (dst / "step_000000000001").exists()
+    code, _, _ = run(capsys, "copy", f"{src}:2", dst)
+    assert code == 0 and listed(dst) == [0, 2]
