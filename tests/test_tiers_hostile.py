@@ -11,6 +11,7 @@ from helpers import bounded, fingerprint
 
 import ckpt
 from ckpt.cli import main
+from ckpt.storage.remote import RemoteStorage
 
 
 def state(step: int) -> dict[str, object]:
@@ -149,3 +150,70 @@ def test_ckpt_copy_of_a_truncated_step_lists_nothing_and_keeps_the_others(capsys
     assert not (dst / "step_000000000001").exists()
     code, _, _ = run(capsys, "copy", f"{src}:2", dst)
     assert code == 0 and listed(dst) == [0, 2]
+
+
+# ---------------------------------------------------------------- multipart uploads
+
+PART = 5 * 2**20  # S3's minimum part
+
+
+def _remote(s3_bucket) -> RemoteStorage:
+    bucket, options = s3_bucket
+    storage = RemoteStorage(f"s3://{bucket}/root", options)
+    storage.min_part_bytes = PART
+    storage.max_in_flight_bytes = 2 * PART
+    storage.upload_threads = 2
+    return storage
+
+
+def _no_uploads(storage: RemoteStorage) -> bool:
+    bucket = storage.root.split("/")[0]
+    return not storage.fs.call_s3("list_multipart_uploads", Bucket=bucket).get("Uploads")
+
+
+@pytest.mark.s3
+@pytest.mark.parametrize("size", [0, PART, 2 * PART, PART + 1])
+def test_objects_of_part_boundary_sizes_go_up_whole(s3_bucket, size):
+    storage = _remote(s3_bucket)
+    data = os.urandom(size)
+    for hint in (None, size):
+        name = f"f{size}-{hint}"
+        with bounded():
+            storage.write_file((name,), lambda f: f.write(data), size_hint=hint)
+        assert storage.read_bytes(name) == data
+    assert _no_uploads(storage)
+
+
+@pytest.mark.s3
+def test_an_interrupt_while_parts_upload_leaves_no_object_and_no_upload(s3_bucket):
+    storage = _remote(s3_bucket)
+    data = os.urandom(PART)
+
+    def write(f) -> int:
+        f.write(data)
+        f.write(data)  # two parts sent
+        raise KeyboardInterrupt
+
+    with bounded(), pytest.raises(KeyboardInterrupt):
+        storage.write_file(("big",), write)
+    assert not storage.exists("big")
+    assert _no_uploads(storage)
+
+
+@pytest.mark.s3
+def test_a_part_interrupted_in_its_thread_aborts_the_upload(s3_bucket):
+    storage = _remote(s3_bucket)
+    real = storage.fs.call_s3
+
+    def call_s3(method, *args, **kwargs):
+        if method == "upload_part" and kwargs["PartNumber"] == 2:
+            raise KeyboardInterrupt  # what a signal would do there
+        return real(method, *args, **kwargs)
+
+    storage.fs.call_s3 = call_s3
+    data = os.urandom(4 * PART)
+    with bounded(), pytest.raises(KeyboardInterrupt):
+        storage.write_file(("big",), lambda f: f.write(data))
+    storage.fs.call_s3 = real
+    assert not storage.exists("big")
+    assert _no_uploads(storage)
