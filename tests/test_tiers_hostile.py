@@ -217,3 +217,30 @@ def test_a_part_interrupted_in_its_thread_aborts_the_upload(s3_bucket):
     storage.fs.call_s3 = real
     assert not storage.exists("big")
     assert _no_uploads(storage)
+
+
+def test_a_step_saved_again_differently_is_flagged_where_a_tier_holds_the_old_one(tmp_path, caplog):
+    first, tier = tmp_path / "t0", tmp_path / "t1"
+    save_steps(first, range(2), tiers=[ckpt.Tier(tier)])
+    assert listed(tier) == [0, 1]
+    old = fingerprint(tier)
+    with (
+        bounded(),
+        caplog.at_level(logging.WARNING, logger="ckpt"),
+        ckpt.CheckpointManager(first, tiers=[ckpt.Tier(tier)]) as mgr,
+    ):
+        mgr.save(1, data=state(7), overwrite=True)
+    assert fingerprint(tier) == old  # never replaced behind the user's back
+    assert any("differs from step 1" in r.getMessage() for r in caplog.records)
+
+
+def test_two_runs_sharing_a_tier_never_mix_their_files(tmp_path, caplog):
+    tier = tmp_path / "shared"
+    save_steps(tmp_path / "a", range(2), tiers=[ckpt.Tier(tier)])
+    with caplog.at_level(logging.WARNING, logger="ckpt"):
+        save_steps(tmp_path / "b", range(3), tiers=[ckpt.Tier(tier)])
+    assert listed(tier) == [0, 1, 2]
+    assert any("differs from step 0" in r.getMessage() for r in caplog.records)
+    reader = ckpt.CheckpointReader(tier)
+    assert reader.read(0)["data"]["step"] == 0  # run a's copy, whole and verifiable
+    reader.verify(0)

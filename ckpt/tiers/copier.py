@@ -19,7 +19,7 @@ from collections.abc import Collection, Sequence
 from ckpt.errors import CheckpointExistsError, CheckpointNotFoundError, CorruptCheckpointError
 from ckpt.policies.retention import RetentionPolicy
 from ckpt.reading.steps import StepReader
-from ckpt.saving.copying import CopyShare
+from ckpt.saving.copying import CopyShare, read_source_manifest
 from ckpt.saving.pipeline import set_thread_nice
 from ckpt.saving.writer import CheckpointWriter
 from ckpt.storage import Storage
@@ -333,8 +333,28 @@ class Copier:
         """Copy ``step`` (unless already there), then apply the tier's retention."""
         if writer.is_committed(step):
             logger.debug("step %d is already in tier %s", step, writer.directory)
+            self._compare(step, writer)
             return
         writer.commit_copy(self._source, step, self._share)
         with self._cond:
             self.copied.append((index, step))
         writer.retain(self._states[index].tier.retention, step)
+
+    def _compare(self, step: int, writer: CheckpointWriter) -> None:
+        """Warn when the tier's ``step`` is not the first tier's (an overwrite, another run)."""
+        try:
+            theirs = read_source_manifest(writer.storage, step)[0]
+            ours = read_source_manifest(self._source, step)[0]
+        except Exception as e:  # the copy or the restore tells why
+            logger.debug(
+                "step %d: cannot compare the copy in tier %s: %s", step, writer.directory, e
+            )
+            return
+        if theirs != ours:
+            logger.warning(
+                "step %d in tier %s differs from step %d in the first tier (saved again with "
+                "overwrite=True, or another run shares the tier): the tier keeps its own copy",
+                step,
+                writer.directory,
+                step,
+            )
