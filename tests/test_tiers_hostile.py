@@ -244,3 +244,67 @@ def test_two_runs_sharing_a_tier_never_mix_their_files(tmp_path, caplog):
     reader = ckpt.CheckpointReader(tier)
     assert reader.read(0)["data"]["step"] == 0  # run a's copy, whole and verifiable
     reader.verify(0)
+
+
+def tensor_file(root, step: int):
+    directory = root / f"step_{step:012d}"
+    return next(p for p in directory.iterdir() if p.name.endswith(".safetensors"))
+
+
+@pytest.mark.parametrize("damage", ["link", "fifo", "step_link", "manifest_garbage"])
+def test_a_hostile_newest_step_in_the_first_tier_restores_from_the_next(tmp_path, caplog, damage):
+    first, second = tmp_path / "t0", tmp_path / "t1"
+    save_steps(first, range(3), tiers=[ckpt.Tier(second)])
+    path = tensor_file(first, 2)
+    outside = tmp_path / "outside.bin"
+    if damage == "link":
+        outside.write_bytes(path.read_bytes())
+        path.unlink()
+        os.symlink(outside, path)
+    elif damage == "fifo":
+        path.unlink()
+        os.mkfifo(path)
+    elif damage == "step_link":
+        step = first / "step_000000000002"
+        os.rename(step, tmp_path / "moved")
+        os.symlink(tmp_path / "moved", step)
+    else:
+        (first / "step_000000000002" / "manifest.json").write_text('{"format": "nonsense"}')
+    before = fingerprint(tmp_path / "t1")
+    target: dict[str, object] = {}
+    with (
+        bounded(),
+        caplog.at_level(logging.WARNING),
+        ckpt.CheckpointManager(first, tiers=[ckpt.Tier(second)]) as mgr,
+    ):
+        info = mgr.restore(data=target)
+    assert info is not None and (info.step, info.tier) == (2, 1)
+    assert torch.equal(target["w"], state(2)["w"])  # type: ignore[arg-type]
+    assert fingerprint(tmp_path / "t1") == before
+    warned = [r.getMessage() for r in caplog.records if "step 2" in r.getMessage()]
+    if damage != "step_link":  # a linked step directory is not listed at all
+        assert any("tier 0" in m for m in warned), warned
+
+
+def test_a_corrupt_step_newer_than_every_other_only_in_a_tier(tmp_path, caplog):
+    first, second = tmp_path / "t0", tmp_path / "t1"
+    save_steps(first, range(3), tiers=[ckpt.Tier(second)])
+    save_steps(tmp_path / "other", [5], tiers=[ckpt.Tier(second)])
+    victim = tensor_file(second, 5)
+    victim.write_bytes(victim.read_bytes()[:-4])
+    with (
+        bounded(),
+        ckpt.CheckpointManager(first, tiers=[ckpt.Tier(second)]) as mgr,
+        pytest.raises(ckpt.CorruptCheckpointError) as raised,
+    ):
+        mgr.restore(data={})
+    assert victim.name in str(raised.value)
+    target: dict[str, object] = {}
+    with (
+        bounded(),
+        caplog.at_level(logging.WARNING),
+        ckpt.CheckpointManager(first, tiers=[ckpt.Tier(second)], fallback_to_intact=True) as mgr,
+    ):
+        info = mgr.restore(data=target)
+    assert info is not None and (info.step, info.tier) == (2, 0)
+    assert any("step 5 in tier 1" in r.getMessage() for r in caplog.records)
