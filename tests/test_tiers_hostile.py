@@ -12,6 +12,7 @@ from helpers import bounded, fingerprint
 import ckpt
 from ckpt.cli import main
 from ckpt.storage.remote import RemoteStorage
+from ckpt.tiers.tierset import roots_overlap
 
 
 def state(step: int) -> dict[str, object]:
@@ -43,6 +44,28 @@ def test_a_tier_that_is_the_directory_under_another_name_is_refused(tmp_path, sp
         url = f"{tmp_path}/x/../t0"
     with bounded(), pytest.raises(ValueError, match="repeats the directory"):
         ckpt.CheckpointManager(first, tiers=[ckpt.Tier(url, keep_last=1)])
+
+
+@pytest.mark.parametrize("where", ["tier_in_first", "first_in_tier", "tier_in_a_step"])
+def test_a_tier_nested_with_the_directory_is_refused(tmp_path, where):
+    first = tmp_path / "t0"
+    tier = {
+        "tier_in_first": first / "backup",
+        "first_in_tier": tmp_path,
+        "tier_in_a_step": first / "step_000000000000" / "t1",
+    }[where]
+    with bounded(), pytest.raises(ValueError, match="inside it or around it"):
+        ckpt.CheckpointManager(first, tiers=[ckpt.Tier(tier, keep_last=1)])
+    assert not tier.exists() or tier == tmp_path
+
+
+def test_roots_overlap_by_whole_names():
+    assert roots_overlap("s3://b/run", "s3://b/run/")
+    assert roots_overlap("s3://b/run", "s3://b/run/tier")
+    assert not roots_overlap("s3://b/run", "s3://b/run2")
+    assert not roots_overlap("/a/run", "/a/run2")
+    assert not roots_overlap("s3://b/run", "gs://b/run/x")
+    assert roots_overlap("/a/run/", "file:///a/run/x/..")
 
 
 def test_two_tiers_that_are_one_directory_are_refused(tmp_path):
@@ -128,6 +151,21 @@ def test_ckpt_copy_into_the_same_root_is_a_usage_error(capsys, tmp_path, spellin
     code, _, err = run(capsys, "copy", f"{src}:1", dst)
     assert code == 2 and "same root" in err
     assert fingerprint(src) == before
+
+
+@pytest.mark.parametrize("where", ["inside", "in_a_step", "around"])
+def test_ckpt_copy_between_nested_roots_is_a_usage_error(capsys, tmp_path, where):
+    src = tmp_path / "run" / "src"
+    save_steps(src, range(2))
+    before = fingerprint(tmp_path)
+    dst = {
+        "inside": src / "copy",
+        "in_a_step": src / "step_000000000001" / "copy",
+        "around": tmp_path / "run",
+    }[where]
+    code, _, err = run(capsys, "copy", src, dst)
+    assert code == 2 and "inside" in err
+    assert fingerprint(tmp_path) == before
 
 
 def test_ckpt_copy_of_a_step_not_there_names_it(capsys, tmp_path):

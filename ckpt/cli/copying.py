@@ -11,7 +11,7 @@ from ckpt.errors import CheckpointError, CheckpointNotFoundError
 from ckpt.progress import progress_bar
 from ckpt.reading.reader import CheckpointReader
 from ckpt.saving.writer import CheckpointWriter
-from ckpt.tiers.tierset import same_root_key
+from ckpt.tiers.tierset import roots_overlap
 
 __all__ = ["add_parser", "copy"]
 
@@ -52,17 +52,18 @@ def copy(
         The ``ckpt copy --json`` document: the roots, the steps copied and skipped.
 
     Raises:
-        ValueError: ``source`` and ``destination`` are the same root (links resolved).
+        ValueError: ``source`` and ``destination`` are the same root, or one lies inside the
+            other (links resolved).
         CheckpointNotFoundError: ``source`` or ``step`` does not exist.
         CorruptCheckpointError: A source file fails its size or checksum (nothing of
             that step is listed in ``destination``).
         CheckpointLockedError: Another process holds ``destination``'s writer lock.
         CheckpointWriteError: Writing ``destination`` failed.
     """
-    if same_root_key(source) == same_root_key(destination):
+    if roots_overlap(source, destination):
         raise ValueError(
-            f"ckpt copy: the source and destination are the same root ({source!r}, "
-            f"{destination!r}); a copy needs another root"
+            f"ckpt copy: the source and destination are the same root, or one lies inside "
+            f"the other ({source!r}, {destination!r}); a copy needs a root of its own"
         )
     reader = open_reader(source, storage_options)
     steps = reader.all_steps()

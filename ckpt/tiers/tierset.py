@@ -18,7 +18,7 @@ from ckpt.tiers.copier import Copier
 from ckpt.tiers.ranks import Follower, RankShare
 from ckpt.tiers.tier import Tier
 
-__all__ = ["TierSet", "open_tiers", "same_root_key"]
+__all__ = ["TierSet", "open_tiers", "roots_overlap", "same_root_key"]
 
 logger = logging.getLogger(__name__)
 
@@ -227,6 +227,16 @@ def same_root_key(url: str) -> str:
     return os.path.realpath(url.removeprefix("file://"))
 
 
+def roots_overlap(a: str, b: str) -> bool:
+    """Whether the roots ``a`` and ``b`` are one directory, or one lies inside the other."""
+    first, second = same_root_key(a), same_root_key(b)
+    return (
+        first == second
+        or (first + "/").startswith(second + "/")
+        or (second + "/").startswith(first + "/")
+    )
+
+
 def open_tiers(
     first: CheckpointReader,
     tiers: Sequence[Tier],
@@ -243,7 +253,8 @@ def open_tiers(
 
     Raises:
         TypeError: A tier is not a :class:`~ckpt.Tier`.
-        ValueError: A tier repeats the directory or another tier; ``{rank}`` or
+        ValueError: A tier repeats the directory or another tier, or one lies inside
+            the other (links resolved); ``{rank}`` or
             ``{node}`` in a tier's URL.
     """
     tiers = list(tiers)
@@ -257,15 +268,17 @@ def open_tiers(
                 "may be each rank's own; every tier of tiers=[...] must be storage every rank "
                 "sees at the same path; see docs/tiers.md"
             )
-    seen = [same_root_key(first.directory)]
+    seen = [first.directory]
     for tier in tiers:
         if not isinstance(tier, Tier):
             raise TypeError(f"tiers must hold ckpt.Tier objects, got {type(tier).__name__}")
         url = os.fspath(tier.url)
-        if same_root_key(url) in seen:
-            raise ValueError(
-                f"tier {url!r} repeats the directory or another tier (a link or file:// URL "
-                "to the same directory counts as the same)"
-            )
-        seen.append(same_root_key(url))
+        for other in seen:
+            if roots_overlap(url, other):
+                raise ValueError(
+                    f"tier {url!r} repeats the directory or another tier, or lies inside it or "
+                    f"around it ({other!r}; links and file:// URLs resolved): a retention or "
+                    "copy in one would reach into the other"
+                )
+        seen.append(url)
     return TierSet(first, tiers, nice, group, node_local)
