@@ -346,3 +346,35 @@ def test_a_corrupt_step_newer_than_every_other_only_in_a_tier(tmp_path, caplog):
         info = mgr.restore(data=target)
     assert info is not None and (info.step, info.tier) == (2, 0)
     assert any("step 5 in tier 1" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.s3
+def test_leftovers_of_a_killed_copy_on_an_object_store_never_mix_into_the_next(tmp_path, s3_bucket):
+    bucket, options = s3_bucket
+    first, remote = tmp_path / "t0", f"s3://{bucket}/run"
+    save_steps(first, range(2))
+    storage = RemoteStorage(remote, options)
+    name = tensor_file(first, 1).name
+    storage.makedirs("step_000000000001")
+    storage.write_file(("step_000000000001", name), lambda f: f.write(b"half a tensor"))
+    assert listed(first) == [0, 1]
+    with bounded():
+        save_steps(first, [2], tiers=[ckpt.Tier(remote, storage_options=options)])
+    reader = ckpt.CheckpointReader(remote, storage_options=options)
+    assert reader.all_steps() == [0, 1, 2]
+    for step in range(3):
+        reader.verify(step)
+        assert torch.equal(reader.read(step)["data"]["w"], state(step)["w"])
+
+
+def test_ckpt_copy_skips_a_step_already_there_but_says_when_it_differs(capsys, tmp_path):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    save_steps(src, range(2))
+    save_steps(dst, [1])  # another run's step 1
+    before = fingerprint(dst / "step_000000000001")
+    code, out, err = run(capsys, "copy", src, dst)
+    assert code == 0 and out.split("\n")[0] == "copied step 0"
+    assert "step 1" in err and "not the same checkpoint" in err
+    assert fingerprint(dst / "step_000000000001") == before
+    code, _, err = run(capsys, "copy", f"{src}:0", dst)
+    assert code == 0 and "not the same" not in err  # the same bytes: no warning
