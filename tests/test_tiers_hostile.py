@@ -378,3 +378,25 @@ def test_ckpt_copy_skips_a_step_already_there_but_says_when_it_differs(capsys, t
     assert fingerprint(dst / "step_000000000001") == before
     code, _, err = run(capsys, "copy", f"{src}:0", dst)
     assert code == 0 and "not the same" not in err  # the same bytes: no warning
+
+
+@pytest.mark.parametrize("kind", ["fifo", "link_outside", "directory"])
+def test_ckpt_copy_of_a_step_with_a_hostile_file_fails_naming_it(capsys, tmp_path, kind):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    save_steps(src, range(2))
+    victim = tensor_file(src, 1)
+    outside = tmp_path / "outside.bin"
+    outside.write_bytes(victim.read_bytes())
+    kept = outside.read_bytes()
+    victim.unlink()
+    if kind == "fifo":
+        os.mkfifo(victim)
+    elif kind == "link_outside":
+        os.symlink(outside, victim)
+    else:
+        victim.mkdir()
+    code, _, err = run(capsys, "copy", f"{src}:1", dst)
+    assert code == 1 and victim.name in err, err
+    assert listed(dst) == []
+    assert not (dst / "step_000000000001").exists()
+    assert outside.read_bytes() == kept
