@@ -400,3 +400,24 @@ def test_ckpt_copy_of_a_step_with_a_hostile_file_fails_naming_it(capsys, tmp_pat
     assert listed(dst) == []
     assert not (dst / "step_000000000001").exists()
     assert outside.read_bytes() == kept
+
+
+@pytest.mark.parametrize(
+    ("timeout", "error"),
+    [(float("inf"), None), (-1, None), (0, None), (float("nan"), ValueError), ("x", TypeError)],
+)
+def test_close_takes_any_timeout_and_always_stops_the_copier(tmp_path, timeout, error):
+    first, tier = tmp_path / "t0", tmp_path / "t1"
+    mgr = ckpt.CheckpointManager(first, tiers=[ckpt.Tier(tier)])
+    mgr.save(0, data=state(0))
+    copier = mgr._tiers.copier  # type: ignore[union-attr]
+    with bounded():
+        if error is None:
+            mgr.close(timeout=timeout)
+        else:
+            with pytest.raises(error, match="timeout"):
+                mgr.close(timeout=timeout)
+        copier._thread.join()  # stopped: no thread left behind
+    with bounded(), ckpt.CheckpointManager(first, tiers=[ckpt.Tier(tier)]) as again:
+        again.save(1, data=state(1))  # the locks were released
+    assert listed(tier) == [0, 1]

@@ -12,6 +12,7 @@ cadence selects and that are newer than that tier's newest step.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Collection, Sequence
@@ -25,7 +26,7 @@ from ckpt.saving.writer import CheckpointWriter
 from ckpt.storage import Storage
 from ckpt.tiers.tier import Tier
 
-__all__ = ["Copier"]
+__all__ = ["Copier", "checked_timeout"]
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +48,22 @@ class _TierState:
         self.retry_at = 0.0
         self.failed_in: int = -1
         """The ``wait`` generation in which a copy (or the listing) last failed."""
+
+
+def checked_timeout(timeout: object) -> float | None:
+    """``timeout`` in seconds as a wait takes it: ``None`` (or infinity) waits without bound.
+
+    Raises:
+        TypeError: ``timeout`` is not a number.
+        ValueError: ``timeout`` is NaN.
+    """
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float):
+        raise TypeError(f"timeout must be a number of seconds or None, got {timeout!r}")
+    if math.isnan(timeout):
+        raise ValueError("timeout must be a number of seconds or None, got nan")
+    return None if math.isinf(timeout) and timeout > 0 else max(0.0, float(timeout))
 
 
 class Copier:
@@ -123,6 +140,7 @@ class Copier:
         failed a copy since this call, or after ``timeout`` seconds: never hangs
         on an unreachable tier.
         """
+        timeout = checked_timeout(timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             self._generation += 1
@@ -169,8 +187,11 @@ class Copier:
         thread, which releases its writers when done). Returns whether all copied.
         """
         start = time.monotonic()
-        done = self.wait(timeout)
-        self.stop_soon()
+        try:
+            done = self.wait(timeout)
+            timeout = checked_timeout(timeout)
+        finally:
+            self.stop_soon()  # also when ``timeout`` is refused
         left = None if timeout is None else max(0.0, timeout - (time.monotonic() - start))
         self._thread.join(left)
         return done

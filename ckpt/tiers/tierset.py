@@ -14,7 +14,7 @@ from ckpt.reading.reader import CheckpointReader
 from ckpt.restoring.locations import MapLocation
 from ckpt.restoring.tiered import across_tiers
 from ckpt.saving.writer import CheckpointWriter
-from ckpt.tiers.copier import Copier
+from ckpt.tiers.copier import Copier, checked_timeout
 from ckpt.tiers.ranks import Follower, RankShare
 from ckpt.tiers.tier import Tier
 
@@ -161,7 +161,19 @@ class TierSet:
 
         With ``writer`` and ``policy``, the first tier's retention runs once more
         after the copies (as in :meth:`wait`).
+
+        Raises:
+            TypeError: ``timeout`` is not a number (the copier is stopped all the same).
+            ValueError: ``timeout`` is NaN (likewise).
         """
+        try:
+            checked_timeout(timeout)
+        except (TypeError, ValueError):
+            if self.copier is not None:
+                self.copier.stop_soon()
+            if self.follower is not None:
+                self.follower.stop_soon()
+            raise
         done = True
         if self.copier is not None:
             done = self.copier.close(self._bounded(timeout))
@@ -182,6 +194,7 @@ class TierSet:
 
     def _bounded(self, timeout: float | None) -> float | None:
         """``timeout``, within the part of the group's timeout a collective may wait for."""
+        timeout = checked_timeout(timeout)
         if self._group is None:
             return timeout
         limit = float(self._group.timeout) * WAIT_SHARE
