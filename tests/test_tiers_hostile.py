@@ -421,3 +421,27 @@ def test_close_takes_any_timeout_and_always_stops_the_copier(tmp_path, timeout, 
     with bounded(), ckpt.CheckpointManager(first, tiers=[ckpt.Tier(tier)]) as again:
         again.save(1, data=state(1))  # the locks were released
     assert listed(tier) == [0, 1]
+
+
+def test_an_interrupted_copy_lists_nothing_and_leaves_no_attempt(capsys, tmp_path, monkeypatch):
+    from ckpt.saving import copying
+
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    save_steps(src, range(2))
+    real = copying.Hasher.update
+    calls = []
+
+    def update(self, data):
+        calls.append(len(data))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(self, data)
+
+    monkeypatch.setattr(copying.Hasher, "update", update)
+    code, _, err = run(capsys, "copy", f"{src}:1", dst)
+    assert code == 130 and "interrupted" in err
+    monkeypatch.undo()
+    assert listed(dst) == []
+    assert [p.name for p in dst.iterdir() if not p.name.startswith(".ckpt-writer")] == []
+    code, _, _ = run(capsys, "copy", f"{src}:1", dst)
+    assert code == 0 and listed(dst) == [1]
