@@ -66,6 +66,7 @@ def test_roots_overlap_by_whole_names():
     assert not roots_overlap("/a/run", "/a/run2")
     assert not roots_overlap("s3://b/run", "gs://b/run/x")
     assert roots_overlap("/a/run/", "file:///a/run/x/..")
+    assert roots_overlap("/", "/a/run")
 
 
 def test_two_tiers_that_are_one_directory_are_refused(tmp_path):

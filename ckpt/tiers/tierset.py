@@ -242,12 +242,8 @@ def same_root_key(url: str) -> str:
 
 def roots_overlap(a: str, b: str) -> bool:
     """Whether the roots ``a`` and ``b`` are one directory, or one lies inside the other."""
-    first, second = same_root_key(a), same_root_key(b)
-    return (
-        first == second
-        or (first + "/").startswith(second + "/")
-        or (second + "/").startswith(first + "/")
-    )
+    first, second = (same_root_key(u).rstrip("/") + "/" for u in (a, b))
+    return first.startswith(second) or second.startswith(first)
 
 
 def open_tiers(
