@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 from typing import Any
 
 from ckpt.cli.render import dump_json, note, out
@@ -10,9 +11,13 @@ from ckpt.cli.source import open_reader, parse_root, parse_target
 from ckpt.errors import CheckpointError, CheckpointNotFoundError
 from ckpt.progress import progress_bar
 from ckpt.reading.reader import CheckpointReader
+from ckpt.saving.copying import read_source_manifest
 from ckpt.saving.writer import CheckpointWriter
+from ckpt.tiers.tierset import roots_overlap
 
 __all__ = ["add_parser", "copy"]
+
+logger = logging.getLogger(__name__)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -51,12 +56,19 @@ def copy(
         The ``ckpt copy --json`` document: the roots, the steps copied and skipped.
 
     Raises:
+        ValueError: ``source`` and ``destination`` are the same root, or one lies inside the
+            other (links resolved).
         CheckpointNotFoundError: ``source`` or ``step`` does not exist.
         CorruptCheckpointError: A source file fails its size or checksum (nothing of
             that step is listed in ``destination``).
         CheckpointLockedError: Another process holds ``destination``'s writer lock.
         CheckpointWriteError: Writing ``destination`` failed.
     """
+    if roots_overlap(source, destination):
+        raise ValueError(
+            f"ckpt copy: the source and destination are the same root, or one lies inside "
+            f"the other ({source!r}, {destination!r}); a copy needs a root of its own"
+        )
     reader = open_reader(source, storage_options)
     steps = reader.all_steps()
     if step is not None:
@@ -70,6 +82,8 @@ def copy(
     with CheckpointWriter(destination, storage_options=storage_options) as writer:
         todo = [s for s in steps if not writer.is_committed(s)]
         skipped = [s for s in steps if s not in todo]
+        for s in skipped:
+            _warn_if_different(reader, writer, s)
         total = sum(_step_bytes(reader, s) for s in todo) if progress else None
         with progress_bar(
             total, "copy", enabled=progress, unit="B", unit_scale=True, line=True
@@ -84,6 +98,23 @@ def copy(
         "copied": copied,
         "skipped": skipped,
     }
+
+
+def _warn_if_different(reader: CheckpointReader, writer: CheckpointWriter, step: int) -> None:
+    """Warn when ``step``, skipped as already in the destination, is another checkpoint there."""
+    try:
+        theirs = read_source_manifest(writer.storage, step)[0]
+        ours = read_source_manifest(reader.steps.storage, step)[0]
+    except CheckpointError:
+        return  # not ours to judge here: `ckpt verify` tells
+    if theirs != ours:
+        logger.warning(
+            "step %d in %s is not the same checkpoint as in %s (its manifest differs); "
+            "it is kept, not replaced",
+            step,
+            writer.directory,
+            reader.directory,
+        )
 
 
 def _step_bytes(reader: CheckpointReader, step: int) -> int:

@@ -12,20 +12,21 @@ cadence selects and that are newer than that tier's newest step.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Collection, Sequence
 
-from ckpt.errors import CheckpointNotFoundError, CorruptCheckpointError
+from ckpt.errors import CheckpointExistsError, CheckpointNotFoundError, CorruptCheckpointError
 from ckpt.policies.retention import RetentionPolicy
 from ckpt.reading.steps import StepReader
-from ckpt.saving.copying import CopyShare
+from ckpt.saving.copying import CopyShare, read_source_manifest
 from ckpt.saving.pipeline import set_thread_nice
 from ckpt.saving.writer import CheckpointWriter
 from ckpt.storage import Storage
 from ckpt.tiers.tier import Tier
 
-__all__ = ["Copier"]
+__all__ = ["Copier", "checked_timeout"]
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +48,22 @@ class _TierState:
         self.retry_at = 0.0
         self.failed_in: int = -1
         """The ``wait`` generation in which a copy (or the listing) last failed."""
+
+
+def checked_timeout(timeout: object) -> float | None:
+    """``timeout`` in seconds as a wait takes it: ``None`` (or infinity) waits without bound.
+
+    Raises:
+        TypeError: ``timeout`` is not a number.
+        ValueError: ``timeout`` is NaN.
+    """
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float):
+        raise TypeError(f"timeout must be a number of seconds or None, got {timeout!r}")
+    if math.isnan(timeout):
+        raise ValueError("timeout must be a number of seconds or None, got nan")
+    return None if math.isinf(timeout) and timeout > 0 else max(0.0, float(timeout))
 
 
 class Copier:
@@ -123,6 +140,7 @@ class Copier:
         failed a copy since this call, or after ``timeout`` seconds: never hangs
         on an unreachable tier.
         """
+        timeout = checked_timeout(timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             self._generation += 1
@@ -169,8 +187,11 @@ class Copier:
         thread, which releases its writers when done). Returns whether all copied.
         """
         start = time.monotonic()
-        done = self.wait(timeout)
-        self.stop_soon()
+        try:
+            done = self.wait(timeout)
+            timeout = checked_timeout(timeout)
+        finally:
+            self.stop_soon()  # also when ``timeout`` is refused
         left = None if timeout is None else max(0.0, timeout - (time.monotonic() - start))
         self._thread.join(left)
         return done
@@ -290,6 +311,18 @@ class Copier:
                 e,
             )
             return True  # a missing or corrupt source is never copied
+        except CheckpointExistsError as e:
+            if step is None:
+                raise
+            # Something not ckpt's own holds the step's name in the tier (under the lock,
+            # no copy of ours is in flight): retrying would block every newer step.
+            logger.warning(
+                "step %d is not copied to tier %s: %s; the newer steps go on",
+                step,
+                state.tier.url,
+                e,
+            )
+            return True
         except Exception as e:
             logger.warning(
                 "%s tier %s failed (training goes on; retrying, %d step(s) pending): %s",
@@ -321,8 +354,28 @@ class Copier:
         """Copy ``step`` (unless already there), then apply the tier's retention."""
         if writer.is_committed(step):
             logger.debug("step %d is already in tier %s", step, writer.directory)
+            self._compare(step, writer)
             return
         writer.commit_copy(self._source, step, self._share)
         with self._cond:
             self.copied.append((index, step))
         writer.retain(self._states[index].tier.retention, step)
+
+    def _compare(self, step: int, writer: CheckpointWriter) -> None:
+        """Warn when the tier's ``step`` is not the first tier's (an overwrite, another run)."""
+        try:
+            theirs = read_source_manifest(writer.storage, step)[0]
+            ours = read_source_manifest(self._source, step)[0]
+        except Exception as e:  # the copy or the restore tells why
+            logger.debug(
+                "step %d: cannot compare the copy in tier %s: %s", step, writer.directory, e
+            )
+            return
+        if theirs != ours:
+            logger.warning(
+                "step %d in tier %s differs from step %d in the first tier (saved again with "
+                "overwrite=True, or another run shares the tier): the tier keeps its own copy",
+                step,
+                writer.directory,
+                step,
+            )

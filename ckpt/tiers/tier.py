@@ -46,6 +46,10 @@ class Tier:
     max_backlog: int = 64
 
     def __post_init__(self) -> None:
+        if not isinstance(self.url, str | os.PathLike):
+            raise TypeError(f"Tier.url must be a path or URL string, got {type(self.url).__name__}")
+        if not os.fspath(self.url):
+            raise ValueError("Tier.url must not be empty")
         for name in ("every_steps", "max_backlog"):
             value = getattr(self, name)
             optional = name == "every_steps" and value is None

@@ -14,11 +14,11 @@ from ckpt.reading.reader import CheckpointReader
 from ckpt.restoring.locations import MapLocation
 from ckpt.restoring.tiered import across_tiers
 from ckpt.saving.writer import CheckpointWriter
-from ckpt.tiers.copier import Copier
+from ckpt.tiers.copier import Copier, checked_timeout
 from ckpt.tiers.ranks import Follower, RankShare
 from ckpt.tiers.tier import Tier
 
-__all__ = ["TierSet", "open_tiers"]
+__all__ = ["TierSet", "open_tiers", "roots_overlap", "same_root_key"]
 
 logger = logging.getLogger(__name__)
 
@@ -161,7 +161,19 @@ class TierSet:
 
         With ``writer`` and ``policy``, the first tier's retention runs once more
         after the copies (as in :meth:`wait`).
+
+        Raises:
+            TypeError: ``timeout`` is not a number (the copier is stopped all the same).
+            ValueError: ``timeout`` is NaN (likewise).
         """
+        try:
+            checked_timeout(timeout)
+        except (TypeError, ValueError):
+            if self.copier is not None:
+                self.copier.stop_soon()
+            if self.follower is not None:
+                self.follower.stop_soon()
+            raise
         done = True
         if self.copier is not None:
             done = self.copier.close(self._bounded(timeout))
@@ -182,6 +194,7 @@ class TierSet:
 
     def _bounded(self, timeout: float | None) -> float | None:
         """``timeout``, within the part of the group's timeout a collective may wait for."""
+        timeout = checked_timeout(timeout)
         if self._group is None:
             return timeout
         limit = float(self._group.timeout) * WAIT_SHARE
@@ -220,6 +233,19 @@ def node_directory(directory: str, process_group: Any, tiers: Sequence[Tier]) ->
     return directory.replace("{rank}", str(rank)), True
 
 
+def same_root_key(url: str) -> str:
+    """What identifies the root ``url``: a local path (or ``file://``) resolved through links."""
+    if "://" in url and not url.startswith("file://"):
+        return url.rstrip("/")
+    return os.path.realpath(url.removeprefix("file://"))
+
+
+def roots_overlap(a: str, b: str) -> bool:
+    """Whether the roots ``a`` and ``b`` are one directory, or one lies inside the other."""
+    first, second = (same_root_key(u).rstrip("/") + "/" for u in (a, b))
+    return first.startswith(second) or second.startswith(first)
+
+
 def open_tiers(
     first: CheckpointReader,
     tiers: Sequence[Tier],
@@ -236,7 +262,8 @@ def open_tiers(
 
     Raises:
         TypeError: A tier is not a :class:`~ckpt.Tier`.
-        ValueError: A tier repeats the directory or another tier; ``{rank}`` or
+        ValueError: A tier repeats the directory or another tier, or one lies inside
+            the other (links resolved); ``{rank}`` or
             ``{node}`` in a tier's URL.
     """
     tiers = list(tiers)
@@ -250,12 +277,17 @@ def open_tiers(
                 "may be each rank's own; every tier of tiers=[...] must be storage every rank "
                 "sees at the same path; see docs/tiers.md"
             )
-    urls = [first.directory]
+    seen = [first.directory]
     for tier in tiers:
         if not isinstance(tier, Tier):
             raise TypeError(f"tiers must hold ckpt.Tier objects, got {type(tier).__name__}")
         url = os.fspath(tier.url)
-        if url in urls or os.path.abspath(url) in [os.path.abspath(u) for u in urls]:
-            raise ValueError(f"tier {url!r} repeats the directory or another tier")
-        urls.append(url)
+        for other in seen:
+            if roots_overlap(url, other):
+                raise ValueError(
+                    f"tier {url!r} repeats the directory or another tier, or lies inside it or "
+                    f"around it ({other!r}; links and file:// URLs resolved): a retention or "
+                    "copy in one would reach into the other"
+                )
+        seen.append(url)
     return TierSet(first, tiers, nice, group, node_local)
