@@ -20,7 +20,7 @@ import ckpt
 from ckpt.cli import main
 from ckpt.format.blobs import BLOB_DIR, blob_file_name
 from ckpt.format.names import step_dir_name
-from ckpt.reading.describe import describe_sharing
+from ckpt.reading.sharing import describe_sharing
 
 BIG = 32768  # float32 elements: 128 KiB, above the store's threshold
 

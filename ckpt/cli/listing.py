@@ -156,7 +156,7 @@ def _sharing(reader: Any, doc: dict[str, Any]) -> dict[str, Any]:
     meanwhile shares nothing, one whose manifest cannot be read is listed in
     ``sharing_unknown`` (its blobs count as this step's own).
     """
-    from ckpt.reading.describe import describe_sharing  # noqa: PLC0415 - CLI imports stay lazy
+    from ckpt.reading.sharing import describe_sharing  # noqa: PLC0415 - CLI imports stay lazy
 
     unknown: list[int] = []
     if doc["format_version"] != 4:

@@ -1,7 +1,7 @@
 """What a checkpoint holds, described from its manifest alone: pure, no I/O.
 
 :func:`describe_manifest` turns a validated :class:`~ckpt.format.Manifest` (format
-versions 1 to 3) into a :class:`Description`: the checkpoint's bookkeeping, its
+versions 1 to 5) into a :class:`Description`: the checkpoint's bookkeeping, its
 files, and per item every tensor's key, dtype, shape and bytes, plus an
 optimizer's class, hyperparameters and parameter names. No tensor data is read.
 
@@ -18,7 +18,7 @@ is listed at both.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,17 +26,15 @@ import torch
 
 from ckpt.errors import CorruptCheckpointError
 from ckpt.format import GlobalTensorRecord, ItemRecord, Manifest, TensorRecord
-from ckpt.format.blobs import file_parts, is_ref, ref_key
+from ckpt.format.blobs import file_parts, is_ref
 from ckpt.format.tensorfile import check_stored_dtype
 from ckpt.state.tree import Json, KeyPath, unflatten_at
 
 __all__ = [
     "Description",
     "ItemInfo",
-    "Sharing",
     "TensorInfo",
     "describe_manifest",
-    "describe_sharing",
     "format_version_of",
     "item_tensor_keys",
     "key_of",
@@ -487,59 +485,3 @@ def describe_manifest(manifest: Manifest, *, format_version: int | None = None) 
         nbytes=sum(files.values()),
         items=tuple(_item_info(manifest, n, r) for n, r in manifest.items.items()),
     )
-
-
-@dataclass(frozen=True)
-class Sharing:
-    """How much of a step's storage it shares with other steps (format version 4 blobs).
-
-    Attributes:
-        shared_nbytes: Bytes of its blobs that another listed step references too.
-        own_nbytes: Bytes only it holds (its own files and the blobs no other listed
-            step references): what deleting it alone frees.
-        shared_with: The other steps referencing at least one of its blobs, ascending.
-    """
-
-    shared_nbytes: int
-    own_nbytes: int
-    shared_with: tuple[int, ...]
-
-    def to_json(self) -> dict[str, Json]:
-        """A JSON-compatible dict."""
-        return {
-            "shared_nbytes": self.shared_nbytes,
-            "own_nbytes": self.own_nbytes,
-            "shared_with": list(self.shared_with),
-        }
-
-
-def _blob_sizes(manifest: Manifest) -> dict[str, int]:
-    """The blobs a manifest references: each key (once) with its file's size."""
-    sizes: dict[str, int] = {}
-    for name, record in manifest.files.items():
-        key = ref_key(name)
-        if key is not None:
-            sizes[key] = record.size
-    return sizes
-
-
-def describe_sharing(manifest: Manifest, others: Iterable[Manifest]) -> Sharing:
-    """Split a step's bytes (its :attr:`Description.nbytes`) into shared and its own; reads nothing.
-
-    Args:
-        manifest: The step described.
-        others: The manifests of the other steps of its root (its own is skipped).
-    """
-    mine = _blob_sizes(manifest)
-    shared: set[str] = set()
-    steps: set[int] = set()
-    for other in others:
-        if other.step == manifest.step or not mine:
-            continue
-        common = mine.keys() & _blob_sizes(other).keys()
-        if common:
-            shared |= common
-            steps.add(other.step)
-    total = sum(mine.values()) + sum(r.size for n, r in manifest.files.items() if not is_ref(n))
-    shared_nbytes = sum(mine[k] for k in shared)
-    return Sharing(shared_nbytes, total - shared_nbytes, tuple(sorted(steps)))
