@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import BinaryIO
 
 import torch
@@ -86,8 +86,14 @@ def _read_cast(
         flat[begin // itemsize : (begin + n) // itemsize].copy_(buffer[:n].view(entry.dtype))
 
 
-def run_reads(files: list[tuple[BinaryIO, list[DeferredRead]]]) -> None:
-    """Read each entry of the open files into its live tensor; large ones on several threads."""
+def run_reads(
+    files: list[tuple[BinaryIO, list[DeferredRead]]], pool: Executor | None = None
+) -> None:
+    """Read each entry of the open files into its live tensor; large ones on several threads.
+
+    ``pool``: the threads to read on (reused across calls); by default, new ones
+    when the reads are large enough.
+    """
     casts: list[tuple[int, DeferredRead]] = []
     direct: list[tuple[int, DeferredRead]] = []
     for f, reads in files:
@@ -109,17 +115,31 @@ def run_reads(files: list[tuple[BinaryIO, list[DeferredRead]]]) -> None:
         for begin in range(0, entry.nbytes, READ_SLICE_BYTES):
             part = view[begin : begin + READ_SLICE_BYTES]
             slices.append(_Slice(fd, at + begin, part, path, entry.name))
+    if pool is not None and len(slices) > 1:
+        _read_on(pool, slices)
+        return
     total = sum(len(piece.view) for piece in slices)
-    workers = min(os.cpu_count() or 1, MAX_READ_THREADS)
+    workers = read_threads()
     if workers >= 2 and total >= PARALLEL_READ_BYTES:
-        with ThreadPoolExecutor(workers, thread_name_prefix="ckpt-read") as pool:
-            try:
-                done = pool.map(_Slice.read, slices)
-            except RuntimeError:  # the interpreter is exiting: read on this thread
-                pass
-            else:
-                for _ in done:
-                    pass  # re-raises the first failure
-                return
+        with ThreadPoolExecutor(workers, thread_name_prefix="ckpt-read") as own:
+            _read_on(own, slices)
+        return
     for piece in slices:
         piece.read()
+
+
+def read_threads() -> int:
+    """How many threads large reads use."""
+    return min(os.cpu_count() or 1, MAX_READ_THREADS)
+
+
+def _read_on(pool: Executor, slices: list[_Slice]) -> None:
+    """Read the slices on ``pool`` (on this thread if the interpreter is exiting)."""
+    try:
+        done = pool.map(_Slice.read, slices)
+    except RuntimeError:  # the interpreter is exiting: read on this thread
+        for piece in slices:
+            piece.read()
+        return
+    for _ in done:
+        pass  # re-raises the first failure

@@ -5,13 +5,14 @@ from __future__ import annotations
 import dataclasses
 import resource
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from typing import BinaryIO
 
 import torch
 
 from ckpt.format.tensorfile import TensorEntry
-from ckpt.io.live_reads import DeferredRead, run_reads
+from ckpt.io.live_reads import DeferredRead, read_threads, run_reads
 from ckpt.io.spill import spill_room
 from ckpt.storage import Storage
 
@@ -131,15 +132,20 @@ class PendingReads:
             self._spill.flush()
         run_reads([(s, reads) for s, reads in groups if not isinstance(s, Reopen)])
         closed = [(s, reads) for s, reads in groups if isinstance(s, Reopen)]
+        if not closed:
+            return
         batch = held_files_limit()
-        for at in range(0, len(closed), batch):  # a few at a time, read together in parallel
-            with ExitStack() as opened:
-                run_reads(
-                    [
-                        (opened.enter_context(s.storage.reopen(s.identity, *s.parts)), reads)
-                        for s, reads in closed[at : at + batch]
-                    ]
-                )
+        workers = read_threads()
+        with ThreadPoolExecutor(max(1, workers), thread_name_prefix="ckpt-read") as pool:
+            for at in range(0, len(closed), batch):  # a few at a time, read in parallel
+                with ExitStack() as opened:
+                    run_reads(
+                        [
+                            (opened.enter_context(s.storage.reopen(s.identity, *s.parts)), reads)
+                            for s, reads in closed[at : at + batch]
+                        ],
+                        pool if workers >= 2 else None,
+                    )
 
     def close(self) -> None:
         """Close the files; reads not run are dropped."""
