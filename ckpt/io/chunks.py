@@ -27,10 +27,12 @@ from ckpt.storage import Storage
 __all__ = [
     "SAFETENSORS_METADATA",
     "assemble_tensor",
+    "check_chunk_digest",
     "chunk_checksum",
     "data_offsets",
     "read_chunk",
     "read_chunk_slice",
+    "read_range",
     "verify_sharded_files",
 ]
 
@@ -90,7 +92,7 @@ def _target(
     return out
 
 
-def _read_range(f: BinaryIO, at: int, view: memoryview, path: str, key: str | None) -> None:
+def read_range(f: BinaryIO, at: int, view: memoryview, path: str, key: str | None) -> None:
     """Fill ``view`` with the file's bytes from ``at``; a short file is corrupt."""
     if not len(view):
         return
@@ -148,17 +150,27 @@ def read_chunk(
     parts = file_parts(directory, chunk.file)  # a blob (version 5) lies in the store
     path = storage.path(*parts)
     with storage.open_read(*parts) as f:
-        _read_range(f, chunk.begin, view, path, name)
+        read_range(f, chunk.begin, view, path, name)
     if verify:
-        actual = chunk_checksum(view)
-        if actual != chunk.checksum:
-            raise CorruptCheckpointError(
-                f"checksum mismatch in {_where(chunk, index)}: expected {chunk.checksum}, "
-                f"actual {actual}",
-                path=path,
-                key=name,
-            )
+        check_chunk_digest(chunk_checksum(view), chunk, index, path, name)
     return target
+
+
+def check_chunk_digest(
+    actual: str, chunk: ChunkRecord, index: int | None, path: str, name: str | None
+) -> None:
+    """Refuse a chunk whose bytes hash to ``actual`` rather than its recorded checksum.
+
+    Raises:
+        CorruptCheckpointError: The digests differ; names the chunk, the file and the tensor.
+    """
+    if actual != chunk.checksum:
+        raise CorruptCheckpointError(
+            f"checksum mismatch in {_where(chunk, index)}: expected {chunk.checksum}, "
+            f"actual {actual}",
+            path=path,
+            key=name,
+        )
 
 
 def read_chunk_slice(
@@ -204,7 +216,7 @@ def read_chunk_slice(
     parts = file_parts(directory, chunk.file)  # a blob (version 5) lies in the store
     path = storage.path(*parts)
     with storage.open_read(*parts) as f:
-        _read_range(f, chunk.begin + dim0_start * row_bytes, tensor_bytes(target), path, name)
+        read_range(f, chunk.begin + dim0_start * row_bytes, tensor_bytes(target), path, name)
     return target
 
 

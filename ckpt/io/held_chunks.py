@@ -31,6 +31,7 @@ from ckpt.format import ChunkRecord, GlobalTensorRecord
 from ckpt.format.blobs import file_parts
 from ckpt.format.checksums import Hasher
 from ckpt.format.tensorfile import TensorEntry, tensor_bytes
+from ckpt.io.chunks import check_chunk_digest, read_range
 from ckpt.io.live_reads import DeferredRead, run_reads
 from ckpt.io.pending import Reopen, Source, held_files_limit
 from ckpt.io.spill import spill_room
@@ -119,7 +120,7 @@ class HeldChunks:
         with _opened(self.storage, file.source) as f:
             hasher = Hasher()
             self._stream(f, entry, file.path, hasher, None)
-        _compare(hasher, chunk, index, file.path, name)
+        check_chunk_digest(hasher.digest(), chunk, index, file.path, name)
         return CheckedChunk(file.source, entry, file.path)
 
     def recheck(self) -> None:
@@ -185,7 +186,7 @@ class HeldChunks:
         with self.storage.open_read(*file_parts(self.directory, chunk.file)) as f:
             if spill is None:
                 held = torch.empty(entry.shape, dtype=entry.dtype)
-                _read_exactly(f, entry, tensor_bytes(held), file.path)
+                read_range(f, entry.begin, tensor_bytes(held), file.path, entry.name)
                 if hasher is not None:
                     hasher.update(tensor_bytes(held))
                 source: Source | torch.Tensor = held
@@ -196,7 +197,7 @@ class HeldChunks:
                 spill.flush()  # the reads use the descriptor
                 source, moved = spill, dataclasses.replace(entry, begin=at, end=at + entry.nbytes)
         if hasher is not None:
-            _compare(hasher, chunk, index, file.path, entry.name)
+            check_chunk_digest(hasher.digest(), chunk, index, file.path, entry.name)
         return CheckedChunk(source, moved, file.path)
 
     def _spill_file(self, nbytes: int) -> BinaryIO | None:
@@ -245,31 +246,6 @@ def _opened(storage: Storage, source: Source) -> Iterator[BinaryIO]:
             yield f
     else:
         yield source
-
-
-def _read_exactly(f: BinaryIO, entry: TensorEntry, view: memoryview, path: str) -> None:
-    f.seek(entry.begin)
-    filled = 0
-    while filled < len(view):
-        n = f.readinto(view[filled:])  # type: ignore[attr-defined]
-        if not n:
-            raise CorruptCheckpointError(
-                f"file ends {len(view) - filled} bytes before the chunk's last byte",
-                path=path,
-                key=entry.name,
-            )
-        filled += n
-
-
-def _compare(hasher: Hasher, chunk: ChunkRecord, index: int, path: str, name: str) -> None:
-    actual = hasher.digest()
-    if actual != chunk.checksum:
-        raise CorruptCheckpointError(
-            f"checksum mismatch in chunk {index} at offsets {list(chunk.offsets)}: "
-            f"expected {chunk.checksum}, actual {actual}",
-            path=path,
-            key=name,
-        )
 
 
 Fill = Callable[[torch.Tensor], None]
