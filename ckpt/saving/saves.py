@@ -94,16 +94,35 @@ class Saves:
         )
         self._take_lock()
         self._refuse_committed(step, overwrite)
+
+        def finish(files: Files, signalled: bool) -> Checkpoint:
+            return self._finish(step, files, manifest, token, overwrite, signalled, start)
+
+        return self._commit_now_or_later(step, files, finish, manifest, async_save, nice, start)
+
+    def _commit_now_or_later(
+        self,
+        step: int,
+        files: Files,
+        finish: Callable[[Files, bool], Checkpoint],
+        template: Manifest,
+        async_save: bool,
+        nice: int | None,
+        start: float,
+    ) -> Checkpoint:
+        """Run ``finish(files, signalled)`` now, or stage ``files`` and run it in the background.
+
+        ``signalled`` (a stop was requested before this save) is read before staging, so
+        the cadence knows this save answers the signal whichever thread commits it.
+        """
         signalled = self._timing.stop_requested()
         if not async_save:
-            return self._finish(step, files, manifest, token, overwrite, signalled, start)
+            return finish(files, signalled)
         staged = self._staging.stage(files)
         self._timing.staged(step, signalled)
-        self._saver.start(
-            step, self._finish, (step, staged, manifest, token, overwrite, signalled, start), nice
-        )
+        self._saver.start(step, finish, (staged, signalled), nice)
         logger.debug("step %d staged in %.3f s", step, time.perf_counter() - start)
-        return self._checkpoints.info(manifest)
+        return self._checkpoints.info(template)
 
     def _refuse_committed(self, step: int, overwrite: bool) -> None:
         if not overwrite and self._writer.is_committed(step):
@@ -134,13 +153,14 @@ class Saves:
             self._refuse_committed(step, overwrite)
 
         pending = self._collective.begin(step, epoch, metrics, overwrite, items, prepare)
-        signalled = self._timing.stop_requested()
-        if not async_save:
+
+        def finish(files: Files, signalled: bool) -> Checkpoint:
+            pending.captured.files = files
             return self._finish_collective(pending, signalled, start)
-        pending.captured.files = self._staging.stage(pending.captured.files)
-        self._timing.staged(step, signalled)
-        self._saver.start(step, self._finish_collective, (pending, signalled, start), nice)
-        return self._checkpoints.info(pending.template)
+
+        return self._commit_now_or_later(
+            step, pending.captured.files, finish, pending.template, async_save, nice, start
+        )
 
     def _finish_collective(self, pending: Any, signalled: bool, start: float) -> Checkpoint:
         """Write, agree, commit (coordinator) and apply retention (coordinator)."""
