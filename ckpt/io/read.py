@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from contextlib import ExitStack
 from typing import BinaryIO
 
@@ -28,7 +28,33 @@ from ckpt.restoring.locations import MapLocation, mapped_device, place
 from ckpt.state.optim import Target
 from ckpt.storage import Storage
 
-__all__ = ["load_tensors"]
+__all__ = ["load_tensors", "tensors_by_file"]
+
+
+def tensors_by_file(
+    storage: Storage, directory: str, manifest: Manifest, names: Iterable[str]
+) -> dict[str, list[str]]:
+    """The named stored tensors grouped by the file holding them, in first-use order.
+
+    Raises:
+        CorruptCheckpointError: A name is not in the manifest, or its dtype is one ckpt
+            never writes; names the manifest and the tensor.
+    """
+    by_file: dict[str, list[str]] = {}
+    for name in names:
+        record = manifest.tensors.get(name)
+        if record is None:
+            raise CorruptCheckpointError(
+                "state refers to a tensor the manifest does not list",
+                path=storage.path(directory, MANIFEST_NAME),
+                key=name,
+            )
+        try:
+            check_stored_dtype(name, record)
+        except CorruptCheckpointError as e:
+            raise e.located(storage.path(directory, MANIFEST_NAME)) from e
+        by_file.setdefault(record.file, []).append(name)
+    return by_file
 
 
 def load_tensors(
@@ -74,20 +100,7 @@ def load_tensors(
         CorruptCheckpointError: A file's size, header or checksum disagrees with the manifest.
     """
     into = into or {}
-    by_file: dict[str, list[str]] = {}
-    for name in names:
-        record = manifest.tensors.get(name)
-        if record is None:
-            raise CorruptCheckpointError(
-                "state refers to a tensor the manifest does not list",
-                path=storage.path(directory, MANIFEST_NAME),
-                key=name,
-            )
-        try:
-            check_stored_dtype(name, record)
-        except CorruptCheckpointError as e:
-            raise e.located(storage.path(directory, MANIFEST_NAME)) from e
-        by_file.setdefault(record.file, []).append(name)
+    by_file = tensors_by_file(storage, directory, manifest, names)
     out: dict[str, torch.Tensor] = {}
     reader = _FileReader(storage, directory, manifest, map_location, verify, into)
     with ExitStack() as on_error:

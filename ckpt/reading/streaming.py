@@ -18,7 +18,7 @@ from typing import BinaryIO
 import torch
 
 from ckpt.errors import CorruptCheckpointError
-from ckpt.format import MANIFEST_NAME, Manifest, TensorRecord, rank_manifest
+from ckpt.format import Manifest, TensorRecord, rank_manifest
 from ckpt.format.checksums import CHUNK_BYTES, Hasher
 from ckpt.format.tensorfile import TensorEntry, read_tensor, tensor_bytes
 from ckpt.io import assemble_tensor
@@ -30,7 +30,7 @@ from ckpt.io.checks import (
     open_listed,
     read_header,
 )
-from ckpt.state.items import check_stored_dtype
+from ckpt.io.read import tensors_by_file
 from ckpt.storage import Storage
 
 __all__ = ["stream_item"]
@@ -72,18 +72,7 @@ def stream_item(
             del tensor
         return
     view = rank_manifest(manifest, 0) if manifest.sharded is not None else manifest
-    by_file: dict[str, list[str]] = {}
-    for name in by_name:
-        stored = view.tensors.get(name)
-        if stored is None:
-            raise CorruptCheckpointError(
-                "state refers to a tensor the manifest does not list",
-                path=storage.path(step_name, MANIFEST_NAME),
-                key=name,
-            )
-        check_stored_dtype(name, stored)
-        by_file.setdefault(stored.file, []).append(name)
-    for file_name, names in by_file.items():
+    for file_name, names in tensors_by_file(storage, step_name, view, by_name).items():
         yield from _stream_file(storage, step_name, view, file_name, names, by_name, verify)
 
 
