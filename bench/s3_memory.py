@@ -9,6 +9,11 @@ trained model and AdamW, and the time each took. The restore reads each object
 once, checks it, keeps the checked bytes in an unnamed local temporary file and
 then reads them into the live tensors. Needs Linux (/proc) and ``ckpt[s3]``
 plus ``moto[server]``.
+
+``--block-mib`` sets s3fs's ``default_block_size``. Saves upload in parallel
+multipart parts of max(8 MiB, size / 10,000) (``ckpt/storage/multipart.py``);
+a block size under 8 MiB only lowers that minimum part (never below S3's
+5 MiB), so it can make parts smaller but never larger.
 """
 
 from __future__ import annotations
@@ -76,7 +81,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gib", type=float, default=1.0, help="state size in GiB")
     parser.add_argument("--endpoint", help="an S3 endpoint URL (default: start moto)")
-    parser.add_argument("--block-mib", type=int, default=None, help="s3fs default_block_size")
+    parser.add_argument("--block-mib", type=int, default=None, help="s3fs default_block_size (lowers the 8 MiB minimum part)")
     args = parser.parse_args()
 
     server = None
