@@ -2,8 +2,9 @@
 
 A checkpoint saved by several ranks (format v3) is read as saved; one saved by
 one process (v1, v2) as one saved by a group of one
-(:mod:`ckpt.distributed.one_process`). Each rank maps the saved chunks onto its
-part of every live tensor with DCP's load planner
+(:mod:`ckpt.distributed.one_process`). Each module and optimizer is validated
+and built by its item kind (:mod:`ckpt.state.kinds.sharded`): each rank maps
+the saved chunks onto its part of every live tensor with DCP's load planner
 (:mod:`ckpt.distributed.reading`), checks the chunks it needs, holding their
 files (reading into fresh tensors those without a live counterpart), and
 validates its own items (random streams, schedulers, samplers, ...) as a

@@ -1,4 +1,7 @@
-"""The state of sharded items (modules and their optimizers), keyed by parameter name.
+"""DCP's state-dict bridge: sharded modules' and optimizers' state, keyed by parameter name.
+
+The item kinds of :mod:`ckpt.state.kinds.sharded` capture and load through
+these narrow functions.
 
 Modules (plain, DDP-wrapped, FSDP2, holding DTensors) are saved as DCP's
 ``get_model_state_dict`` gives them: keyed by fully qualified name, without
