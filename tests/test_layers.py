@@ -21,6 +21,7 @@ HIGHER = (
     "restoring",
     "reading",
     "manager",
+    "assembly",
     "distributed",
     "convert",
     "cli",
