@@ -1,4 +1,8 @@
-"""The checkpoint manager: numbered steps, atomic commits, restore and retention."""
+"""The checkpoint manager: numbered steps, atomic commits, restore and retention.
+
+Its parts (writer, reader, restorer, tiers, policies; in a process group the
+group and its agreement) are assembled from its options by :mod:`ckpt.assembly`.
+"""
 
 from __future__ import annotations
 
@@ -7,26 +11,18 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from ckpt.distributed import collective_save, open_rank_group
-from ckpt.format import Manifest, step_dir_name
+from ckpt.assembly import ManagerOptions, assemble_manager
+from ckpt.format import step_dir_name
 from ckpt.gc_pause import paused_gc
-from ckpt.policies.cadence import SaveCadence, SaveTiming
-from ckpt.policies.options import check_manager_options
-from ckpt.policies.preemption import PreemptionWatch, watched_signals
 from ckpt.policies.retention import RetentionPolicy
-from ckpt.reading.reader import Checkpoint, CheckpointReader
+from ckpt.reading.reader import Checkpoint
 from ckpt.restoring.locations import MapLocation
-from ckpt.restoring.restorer import Restorer, restore_options
-from ckpt.saving.pipeline import Saver, check_save_args
-from ckpt.saving.saves import Saves
-from ckpt.saving.staging import StagingBuffers
-from ckpt.saving.writer import CheckpointWriter
+from ckpt.restoring.restorer import restore_options
+from ckpt.saving.pipeline import check_save_args
 from ckpt.saving.writer_lock import LOCK_NAME  # noqa: F401 (re-exported)
 from ckpt.saving.writer_lock import release_quietly as _release_quietly  # noqa: F401
 from ckpt.state.items import reserved_names
-from ckpt.state.tree import Json
 from ckpt.tiers import Tier
-from ckpt.tiers.tierset import node_directory, open_tiers
 
 __all__ = ["Checkpoint", "CheckpointManager"]
 
@@ -149,70 +145,30 @@ class CheckpointManager:
     ):
         self.retention = RetentionPolicy(keep_last, keep_every, keep_best, best_metric, best_mode)
         self.fallback_to_intact = bool(fallback_to_intact)
-        check_manager_options(
+        options = ManagerOptions(
+            fallback_to_intact=self.fallback_to_intact,
             storage_options=storage_options,
-            agree_every=agree_every,
+            every_steps=every_steps,
+            every_seconds=every_seconds,
+            preemption_signals=preemption_signals,
             background_nice=background_nice,
+            process_group=process_group,
+            collective_timeout=collective_timeout,
+            handshake_timeout=handshake_timeout,
+            agree_every=agree_every,
+            tiers=tiers,
+            incremental=incremental,
         )
-        cadence = SaveCadence(every_steps, every_seconds)
-        given = os.fspath(directory)
-        directory, node_local = node_directory(given, process_group, tiers)
-        self._writer = CheckpointWriter(
-            directory, storage_options=storage_options, incremental=incremental
-        )
-        self._storage = self._writer.storage
-        self._checkpoints = CheckpointReader(storage=self._storage)
-        self._reader = self._checkpoints.steps
-        self._group = open_rank_group(process_group, float(collective_timeout))
-        blobs = self._writer.blob_index if incremental else None  # format version 5
-        self._collective = (
-            None
-            if self._group is None
-            else collective_save(self._storage, self._group, node_local, blobs)
-        )
-        self._tiers = open_tiers(
-            self._checkpoints, tiers, self._group, background_nice, node_local=node_local
-        )
-        readers = self._tiers.readers if self._tiers else ()
-        self._restorer = Restorer(self._reader, self._checkpoints, self._group, readers, node_local)
-        signals = watched_signals(preemption_signals)
-        self._handshake: Any = None
-        self._decisions: Any = None
-        agree = None
-        if self._group is not None:
-            from ckpt.distributed.handshake import open_manager_agreement  # noqa: PLC0415
-
-            config: dict[str, Json] = {
-                "directory": given if node_local else self._storage.url,
-                "fallback_to_intact": self.fallback_to_intact,  # every rank tries the same steps
-                "every_steps": every_steps,
-                "every_seconds": every_seconds,
-                "signals": [int(s) for s in signals],
-                "agree_every": agree_every,
-                "timeouts": [float(collective_timeout), float(handshake_timeout)],
-                "tiers": [[os.fspath(t.url), t.every_steps] for t in tiers],  # rank 0 copies
-                "incremental": bool(incremental),  # the blob plan is collective
-            }
-            self._handshake, self._decisions, agree = open_manager_agreement(
-                self._group, process_group, config, float(handshake_timeout)
-            )
+        take_lock = lambda: self._take_lock()  # noqa: E731, PLW0108 - looked up at each call
+        parts = assemble_manager(directory, options, take_lock, self._retain)
         self.async_save = bool(async_save)
         self.background_nice = background_nice
-        self._staging = StagingBuffers()
-        self._saver = Saver(collective=self._group is not None)
-        watch = PreemptionWatch(signals) if signals else None
-        self._timing = SaveTiming(cadence, watch, agree, agree_every)
-        self._saves = Saves(
-            self._writer,
-            self._checkpoints,
-            self._collective,
-            self._handshake,
-            self._timing,
-            self._staging,
-            self._saver,
-            lambda: self._take_lock(),  # noqa: PLW0108 - looked up at each call (tests stand in)
-            self._retain,
-        )
+        self._parts = parts
+        self._writer, self._storage = parts.writer, parts.storage
+        self._checkpoints, self._reader = parts.checkpoints, parts.reader
+        self._group, self._tiers, self._restorer = parts.group, parts.tiers, parts.restorer
+        self._handshake, self._decisions = parts.handshake, parts.decisions
+        self._staging, self._saver, self._timing = parts.staging, parts.saver, parts.timing
 
     def __repr__(self) -> str:
         return f"CheckpointManager({self._storage.url!r}, {self.retention})"
@@ -234,22 +190,10 @@ class CheckpointManager:
         Raises:
             Exception: What a background save raised, if it failed.
         """
-        try:
-            self._saver.wait()
-        finally:
-            try:
-                if self._tiers is not None:
-                    self._tiers.close(timeout, self._writer, self.retention)
-            finally:
-                self._release()
+        self._parts.close(timeout, self.retention)
 
     def _release(self) -> None:
-        self._timing.close()
-        if self._decisions is not None:
-            self._decisions.close()
-        self._writer.close()
-        if self._group is not None:
-            self._group.close()  # ckpt's gloo group; a closed manager runs no collective
+        self._parts.release()
 
     def _take_lock(self) -> None:
         self._writer.lock()
@@ -362,7 +306,7 @@ class CheckpointManager:
         _, checked_metrics = check_save_args(
             step, epoch, metrics, rng, overwrite, items, RESERVED_NAMES
         )
-        return self._saves.save(
+        return self._parts.saves.save(
             step,
             epoch,
             checked_metrics,
@@ -499,11 +443,6 @@ class CheckpointManager:
         """
         self._saver.wait()
         return self._checkpoints.verify(step)
-
-    # ---------------------------------------------------------------- helpers
-
-    def _info(self, manifest: Manifest) -> Checkpoint:
-        return self._checkpoints.info(manifest)
 
 
 RESERVED_NAMES = reserved_names(CheckpointManager.save, CheckpointManager.restore)

@@ -21,6 +21,7 @@ HIGHER = (
     "restoring",
     "reading",
     "manager",
+    "assembly",
     "distributed",
     "convert",
     "cli",
@@ -61,3 +62,44 @@ def test_the_checker_sees_an_import(tmp_path):
     probe = tmp_path / "probe.py"
     probe.write_text("from ckpt.io.read import x\nimport ckpt.storage.local\n")
     assert ckpt_imports(probe) == {"io", "storage"}
+
+
+def _tells_modules_from_optimizers(path: pathlib.Path) -> bool:
+    """Whether ``path`` calls ``isinstance(x, ...Module)`` or ``isinstance(x, ...Optimizer)``."""
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "isinstance":
+            classes = node.args[1] if len(node.args) == 2 else None
+            names = {getattr(n, "attr", getattr(n, "id", None)) for n in ast.walk(classes)}
+            if names & {"Module", "Optimizer"}:
+                return True
+    return False
+
+
+def test_item_kinds_live_in_state_kinds():
+    """Sharded modules and optimizers are item kinds (issue 18): ``distributed/`` keeps the group.
+
+    Only the sharded kinds in ``state/kinds/`` reach ``ckpt.distributed`` (its
+    narrow functions: DCP's state-dict bridge, planners, chunk reads), and in
+    ``distributed/`` only DCP's state-dict bridge (``states.py``) tells a module
+    from an optimizer.
+    """
+    reaching = sorted(
+        str(path.relative_to(PACKAGE.parent))
+        for path in (PACKAGE / "state").rglob("*.py")
+        if "distributed" in ckpt_imports(path) and not path.name.startswith("sharded")
+    )
+    assert not reaching
+    telling = sorted(
+        path.name
+        for path in (PACKAGE / "distributed").glob("*.py")
+        if path.name != "states.py" and _tells_modules_from_optimizers(path)
+    )
+    assert not telling
+
+
+def test_the_checker_sees_an_item_kind_check(tmp_path):
+    probe = tmp_path / "probe.py"
+    probe.write_text("import torch\nok = isinstance(o, (dict, torch.nn.Module))\n")
+    assert _tells_modules_from_optimizers(probe)
+    probe.write_text("ok = isinstance(o, dict)\n")
+    assert not _tells_modules_from_optimizers(probe)

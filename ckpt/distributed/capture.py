@@ -1,7 +1,9 @@
 """What one rank saves: its shards of the sharded items, and its own items as a v2 section.
 
-Pure transformations of live state into tensors to write and records to
-gather; the writing is :mod:`ckpt.distributed.writing`.
+Each sharded item is captured by its kind (:func:`ckpt.state.kinds.sharded_kinds`)
+and laid out across the ranks here. Pure transformations of live state into
+tensors to write and records to gather; the writing is
+:mod:`ckpt.distributed.writing`.
 """
 
 from __future__ import annotations
@@ -15,13 +17,15 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from ckpt.distributed.planning import Shard, plan_writes
-from ckpt.distributed.states import pair_optimizers, parameter_names, sharded_state
+from ckpt.distributed.states import pair_optimizers
 from ckpt.format import ItemRecord, Manifest, item_file_name
 from ckpt.format.checksums import hash_bytes
 from ckpt.format.tensorfile import tensor_bytes
 from ckpt.state.items import assemble_manifest, capture
-from ckpt.state.optim import class_name, module_param_names
-from ckpt.state.tree import Json, flatten, tensor_refs
+from ckpt.state.kinds import sharded_kind_of
+from ckpt.state.kinds.sharded_module import register_sharded, variant_name
+from ckpt.state.optim import module_param_names
+from ckpt.state.tree import Json
 
 __all__ = [
     "LocalCapture",
@@ -31,7 +35,6 @@ __all__ = [
     "chunk_key",
     "lay_out",
     "rank_file_name",
-    "register_sharded",
     "shard_file_name",
 ]
 
@@ -79,23 +82,6 @@ class LocalCapture:
     """Names of module tensors that are no parameters: ranks may hold different values."""
 
 
-def register_sharded(items: Mapping[str, Any]) -> None:
-    """Register every FSDP2 module's sharded parameters again, as its ``state_dict()`` does.
-
-    After a forward with ``reshard_after_forward=False`` (an eval pass), FSDP2 leaves
-    the unsharded parameters registered: then neither the module's parameters nor
-    their names match its optimizer's. ``FSDPModule.reshard()`` frees them (the next
-    forward gathers them again) and changes no value.
-    """
-    from torch.distributed.fsdp import FSDPModule  # noqa: PLC0415 - FSDP2 only when used
-
-    for obj in items.values():
-        if isinstance(obj, torch.nn.Module):
-            for module in obj.modules():
-                if isinstance(module, FSDPModule):
-                    module.reshard()
-
-
 def capture_local(
     items: Mapping[str, Any],
     rank: int,
@@ -119,17 +105,13 @@ def capture_local(
     flat: dict[str, torch.Tensor] = {}
     buffers: set[str] = set()
     for name, obj in items.items():
-        if not isinstance(obj, (torch.nn.Module, torch.optim.Optimizer)):
+        kind = sharded_kind_of(obj)
+        if kind is None:
             continue
-        tree, tensors = flatten(sharded_state(name, items, pairs), name)
-        if isinstance(obj, torch.nn.Module):
-            records[name] = ItemRecord("module", tree)
-            params = parameter_names(obj)
-            buffers.update(n for path, n in tensor_refs(tree) if path[0] not in params)
-        else:
-            extra: dict[str, Json] = {"class": class_name(obj), "model": pairs[name]}
-            records[name] = ItemRecord("optimizer", tree, extra)
-        flat.update(tensors)
+        captured = kind.capture(name, items, pairs)
+        records[name] = captured.record
+        buffers.update(captured.buffers)
+        flat.update(captured.tensors)
     own_files, own = own_manifest({n: o for n, o in items.items() if n not in records})
     renamed = {f: rank_file_name(f, rank) for f in own_files}
     own = dataclasses.replace(
@@ -138,15 +120,6 @@ def capture_local(
     )
     own_files = {renamed[f]: tensors for f, tensors in own_files.items()}
     return LocalCapture(records, flat, own_files, own, buffers)
-
-
-def variant_name(name: str, rank: int) -> str:
-    """The global tensor holding rank ``rank``'s own value of a module buffer the ranks disagree on.
-
-    Rank 0's value is the tensor ``name`` itself. ``#`` never occurs in a tensor
-    name made from a string key (it is escaped), so no state key can produce this.
-    """
-    return f"{name}#rank{rank}"
 
 
 def _digest(t: torch.Tensor) -> str:

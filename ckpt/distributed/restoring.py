@@ -2,8 +2,9 @@
 
 A checkpoint saved by several ranks (format v3) is read as saved; one saved by
 one process (v1, v2) as one saved by a group of one
-(:mod:`ckpt.distributed.one_process`). Each rank maps the saved chunks onto its
-part of every live tensor with DCP's load planner
+(:mod:`ckpt.distributed.one_process`). Each module and optimizer is validated
+and built by its item kind (:mod:`ckpt.state.kinds.sharded`): each rank maps
+the saved chunks onto its part of every live tensor with DCP's load planner
 (:mod:`ckpt.distributed.reading`), checks the chunks it needs, holding their
 files (reading into fresh tensors those without a live counterpart), and
 validates its own items (random streams, schedulers, samplers, ...) as a
@@ -27,34 +28,20 @@ from typing import Any
 
 import torch
 
-from ckpt.distributed.capture import register_sharded, variant_name
-from ckpt.distributed.destinations import (
-    live_optimizer_tensors,
-    module_destinations,
-    optimizer_destinations,
-)
 from ckpt.distributed.group import RankGroup
 from ckpt.distributed.one_process import group_of_one
 from ckpt.distributed.outcomes import raise_agreed
-from ckpt.distributed.reading import (
-    ChunkSource,
-    PlannedReads,
-    SavedChunks,
-    WholeTensors,
-    check_then_read,
-    read_into,
-)
-from ckpt.distributed.states import (
-    apply_sharded,
-    pair_optimizers,
-)
+from ckpt.distributed.reading import ChunkSource, PlannedReads, SavedChunks, WholeTensors, read_into
+from ckpt.distributed.states import pair_optimizers
 from ckpt.errors import CheckpointNotFoundError, IncompatibleCheckpointError, PartialRestoreError
 from ckpt.format import Manifest, ShardedSection, rank_manifest
 from ckpt.io import load_tensors
 from ckpt.restoring.locations import MapLocation, mapped_device, place
 from ckpt.restoring.pipeline import PreparedRestore, apply_restore, check_items, prepare_restore
 from ckpt.state.items import build_state
-from ckpt.state.kinds import RestoreOptions
+from ckpt.state.kinds import RestoreOptions, sharded_kind_of, sharded_kind_of_record
+from ckpt.state.kinds.sharded import ShardedKind
+from ckpt.state.kinds.sharded_module import register_sharded
 from ckpt.state.rng import RNG_ITEM, RandomStreams
 from ckpt.state.tree import tensor_refs, unflatten
 from ckpt.storage import Storage
@@ -90,6 +77,8 @@ class ShardedRestore:
     """The chunks' files, held from the checks to the reads into live tensors."""
     group: RankGroup | None = None
     """The ranks that agree, before any applies, that their files are still as checked."""
+    kinds: dict[str, ShardedKind] = field(default_factory=dict)
+    """The kind of each sharded item, which applies it."""
 
     def recheck(self) -> None:
         """Raise unless every file held or closed since the checks is still as checked.
@@ -168,7 +157,8 @@ def _read_sharded(
     register_sharded(sharded_live)
     restore.pairs = pairs = pair_optimizers(sharded_live)
     for name in sorted(sharded_live, key=lambda n: section.items[n].kind != "module"):
-        state, nbytes, reads = _read_item(chunks, section, name, items, pairs, options, rank)
+        kind, state, nbytes, reads = _read_item(chunks, section, name, items, pairs, options, rank)
+        restore.kinds[name] = kind
         restore.sharded[name] = state
         restore.nbytes += nbytes
         if reads is not None:
@@ -216,63 +206,27 @@ def _read_item(
     pairs: Mapping[str, str],
     options: RestoreOptions,
     rank: int,
-) -> tuple[Any, int, PlannedReads | None]:
-    """Read a module or optimizer item's saved state, checked; change nothing.
+) -> tuple[ShardedKind, Any, int, PlannedReads | None]:
+    """Validate a module or optimizer item and read its saved state, checked; change nothing.
 
-    Chunks saved by several ranks that have a live counterpart (a module's
-    tensors; an optimizer's state, when it has some of the same layout) are
-    only checked now, and read into the live tensors when the restore is
-    applied (the returned reads); everything else is read into fresh tensors
-    placed like the live ones.
+    Its kind validates it and places every saved tensor. Chunks saved by
+    several ranks that have a live counterpart (a module's tensors; an
+    optimizer's state, when it has some of the same layout) are only checked
+    now, and read into the live tensors when the restore is applied (the
+    returned reads); everything else is read into fresh tensors placed like
+    the live ones.
     """
     record = section.items[name]
-    obj = items[name]
-    live_kind = "module" if isinstance(obj, torch.nn.Module) else "optimizer"
-    if record.kind != live_kind:
+    kind = sharded_kind_of(items[name])
+    if kind is None or record.kind != kind.stored:
+        live_kind = type(items[name]).__qualname__ if kind is None else kind.stored
         raise IncompatibleCheckpointError(
             f"item {name!r} was saved as a {record.kind}, not a {live_kind}", key=name
         )
     held = source if isinstance(source, SavedChunks) else None  # checked now, read at apply
-    if isinstance(obj, torch.nn.Module):
-        return _read_module(source, held, section, name, items, pairs, options, rank)
-    candidates = None if held is None else live_optimizer_tensors(name, items, pairs, record)
-    dest = optimizer_destinations(
-        name, obj, items[pairs[name]], record, section, options, candidates
-    )
-    live = {n: t for n, t in dest.items() if candidates and candidates.get(n) is t}
-    fresh = {n: t for n, t in dest.items() if n not in live}
-    nbytes = read_into(source, {n: section.tensors[n] for n in fresh}, fresh)
-    reads = None
-    if held is not None and live:
-        checked, reads = check_then_read(held, {n: section.tensors[n] for n in live}, live)
-        nbytes += checked
-    return (unflatten(record.state, {**dest, **live}), []), nbytes, reads
-
-
-def _read_module(
-    source: ChunkSource,
-    held: SavedChunks | None,
-    section: ShardedSection,
-    name: str,
-    items: Mapping[str, Any],
-    pairs: Mapping[str, str],
-    options: RestoreOptions,
-    rank: int,
-) -> tuple[Any, int, PlannedReads | None]:
-    """A module item: checked now and read into its live tensors later when ``held``."""
-    record = section.items[name]
-    tree, dest, unexpected = module_destinations(
-        name, record, items, pairs, options, held is not None
-    )
-    if held is not None and any(t.device.type == "meta" for t in dest.values()):
-        held = None  # the live module holds no data yet: read into fresh tensors
-        tree, dest, unexpected = module_destinations(name, record, items, pairs, options, False)
-    own = {n: variant_name(n, rank) for n in dest if variant_name(n, rank) in section.tensors}
-    records = {n: section.tensors[own.get(n, n)] for n in dest}
-    if held is not None:
-        nbytes, reads = check_then_read(held, records, dest)
-        return (unflatten(tree, dest), unexpected), nbytes, reads
-    return (unflatten(tree, dest), unexpected), read_into(source, records, dest), None
+    plan = kind.validate(name, record, items, pairs, options, section, held)
+    state, nbytes, reads = kind.build(plan, source, section, rank)
+    return kind, (state, plan.unexpected), nbytes, reads
 
 
 def apply_sharded_restore(
@@ -320,7 +274,7 @@ def _apply_items(
         try:
             if name in restore.reads:
                 restore.reads[name].run()
-            m, u = apply_sharded(name, items, restore.pairs, state, strict)
+            m, u = restore.kinds[name].apply(name, items, restore.pairs, state, strict)
         except Exception as e:
             rest = order[i + 1 :] + _own_names(restore)
             raise PartialRestoreError(
@@ -397,8 +351,7 @@ def read_full(
             read_into(source, {tensor_name: r}, {tensor_name: t})
             device = mapped_device(map_location, "cpu")
             full[tensor_name] = place(t, device, None, map_location=map_location, key=tensor_name)
-        state = unflatten(record.state, full)
-        out[name] = _index_packed(state) if record.kind == "optimizer" else state
+        out[name] = sharded_kind_of_record(name, record).full_state(unflatten(record.state, full))
     view = rank_manifest(manifest, 0)
     names = list(dict.fromkeys(n for r in view.items.values() for _, n in tensor_refs(r.state)))
     loaded, _ = load_tensors(storage, step_name, view, names, {}, map_location, verify=verify)
@@ -413,20 +366,6 @@ def check_own_items(manifest: Manifest) -> None:
     assert section is not None
     for rank in range(section.world_size):
         check_items(rank_manifest(manifest, rank))
-
-
-def _index_packed(state: dict[str, Any]) -> dict[str, Any]:
-    """Turn an optimizer state keyed by parameter name into torch's index-packed form."""
-    index: dict[str, int] = {}
-    groups = []
-    for group in state["param_groups"]:
-        ids = []
-        for param_name in group["params"]:
-            index.setdefault(param_name, len(index))
-            ids.append(index[param_name])
-        groups.append({**group, "params": ids})
-    per_param = {index[n]: v for n, v in state["state"].items() if n in index}
-    return {"state": per_param, "param_groups": groups}
 
 
 def prepare_on_rank(

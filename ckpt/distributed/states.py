@@ -1,4 +1,7 @@
-"""The state of sharded items (modules and their optimizers), keyed by parameter name.
+"""DCP's state-dict bridge: sharded modules' and optimizers' state, keyed by parameter name.
+
+The item kinds of :mod:`ckpt.state.kinds.sharded` capture and load through
+these narrow functions.
 
 Modules (plain, DDP-wrapped, FSDP2, holding DTensors) are saved as DCP's
 ``get_model_state_dict`` gives them: keyed by fully qualified name, without
@@ -28,10 +31,13 @@ from torch.distributed.checkpoint.state_dict import (
 from ckpt.torch_compat import fully_qualified_names
 
 __all__ = [
-    "apply_sharded",
+    "load_optimizer_state",
+    "module_state",
     "optimizer_param_names",
+    "optimizer_state",
     "pair_optimizers",
     "parameter_names",
+    "set_module_state",
     "sharded_state",
 ]
 
@@ -86,13 +92,15 @@ def optimizer_param_names(model: nn.Module, optimizer: torch.optim.Optimizer) ->
     return out
 
 
-def sharded_state(name: str, items: Mapping[str, Any], pairs: Mapping[str, str]) -> dict[str, Any]:
-    """A module or optimizer item's state, keyed by parameter name (shards as DTensors)."""
-    obj = items[name]
-    if isinstance(obj, nn.Module):
-        return dict(get_model_state_dict(obj, options=StateDictOptions(full_state_dict=False)))
-    names = optimizer_param_names(items[pairs[name]], obj)
-    packed = obj.state_dict()
+def module_state(model: nn.Module) -> dict[str, Any]:
+    """A module's state as ``get_model_state_dict`` gives it (by parameter name, DTensor shards)."""
+    return dict(get_model_state_dict(model, options=StateDictOptions(full_state_dict=False)))
+
+
+def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """An optimizer's state with its per-parameter state and groups keyed by parameter name."""
+    names = optimizer_param_names(model, optimizer)
+    packed = optimizer.state_dict()
     groups = [
         {**{k: v for k, v in g.items() if k != "params"}, "params": [names[i] for i in g["params"]]}
         for g in packed["param_groups"]
@@ -100,23 +108,30 @@ def sharded_state(name: str, items: Mapping[str, Any], pairs: Mapping[str, str])
     return {"state": {names[i]: s for i, s in packed["state"].items()}, "param_groups": groups}
 
 
-def apply_sharded(
-    name: str,
-    items: Mapping[str, Any],
-    pairs: Mapping[str, str],
-    state: dict[str, Any],
-    strict: bool,
-) -> tuple[list[str], list[str]]:
-    """Load ``state`` into a module or optimizer item; return missing and unexpected keys."""
+def sharded_state(name: str, items: Mapping[str, Any], pairs: Mapping[str, str]) -> dict[str, Any]:
+    """A module or optimizer item's state, keyed by parameter name (shards as DTensors)."""
     obj = items[name]
     if isinstance(obj, nn.Module):
-        options = StateDictOptions(full_state_dict=False, strict=strict)
-        result = set_model_state_dict(obj, state, options=options)
-        return list(result.missing_keys), list(result.unexpected_keys)
-    names = optimizer_param_names(items[pairs[name]], obj)
+        return module_state(obj)
+    return optimizer_state(items[pairs[name]], obj)
+
+
+def set_module_state(
+    model: nn.Module, state: dict[str, Any], strict: bool
+) -> tuple[list[str], list[str]]:
+    """Load a state keyed by parameter name (``set_model_state_dict``); missing, unexpected keys."""
+    options = StateDictOptions(full_state_dict=False, strict=strict)
+    result = set_model_state_dict(model, state, options=options)
+    return list(result.missing_keys), list(result.unexpected_keys)
+
+
+def load_optimizer_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]
+) -> None:
+    """Load a state keyed by parameter name (see :func:`optimizer_state`): ``load_state_dict``."""
+    names = optimizer_param_names(model, optimizer)
     index = {n: i for i, n in enumerate(names)}
     groups = [{**g, "params": [index[p] for p in g["params"]]} for g in state["param_groups"]]
-    obj.load_state_dict(
+    optimizer.load_state_dict(
         {"state": {index[n]: s for n, s in state["state"].items()}, "param_groups": groups}
     )
-    return [], []
