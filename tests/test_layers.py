@@ -97,6 +97,33 @@ def test_item_kinds_live_in_state_kinds():
     assert not telling
 
 
+def _imported_names(path: pathlib.Path) -> set[str]:
+    """The names ``path`` imports from ckpt modules (``from ckpt.x import name``)."""
+    return {
+        alias.name
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("ckpt")
+        for alias in node.names
+    }
+
+
+def test_items_are_validated_by_their_kinds():
+    """``distributed/`` checks no saved item against a live one: its kind does (issue 18).
+
+    Matching module keys, an optimizer's class, groups and numbers, and where each
+    saved tensor goes live in ``state/kinds/sharded_module.py`` and
+    ``sharded_optimizer.py``; ``distributed/`` imports none of those checks.
+    """
+    checks = {"check_group_types", "check_optimizer_numbers", "class_name"}
+    checks |= {"module_destinations", "optimizer_destinations", "live_optimizer_tensors"}
+    offenders = sorted(
+        f"{path.name} imports {name}"
+        for path in (PACKAGE / "distributed").glob("*.py")
+        for name in _imported_names(path) & checks
+    )
+    assert not offenders
+
+
 def test_the_checker_sees_an_item_kind_check(tmp_path):
     probe = tmp_path / "probe.py"
     probe.write_text("import torch\nok = isinstance(o, (dict, torch.nn.Module))\n")

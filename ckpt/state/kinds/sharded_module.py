@@ -4,6 +4,11 @@ Saved as DCP's ``get_model_state_dict`` gives the state (keyed by fully
 qualified name, without wrapper prefixes, shards as DTensors) and loaded with
 ``set_model_state_dict`` (:mod:`ckpt.distributed.states`). Buffers the ranks
 hold different values of are saved once per rank (:func:`variant_name`).
+
+On restore, saved keys are matched to the live module's by parameter name
+(:func:`module_destinations`), and each saved tensor gets a destination shaped
+and placed like its live counterpart: a fresh tensor, or the live tensor
+itself when the bytes are read into it once every rank's checks passed.
 """
 
 from __future__ import annotations
@@ -14,7 +19,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from ckpt.distributed.destinations import module_destinations
 from ckpt.distributed.reading import (
     ChunkSource,
     PlannedReads,
@@ -22,13 +26,14 @@ from ckpt.distributed.reading import (
     check_then_read,
     read_into,
 )
-from ckpt.distributed.states import module_state, parameter_names, set_module_state
+from ckpt.distributed.states import module_state, parameter_names, set_module_state, sharded_state
+from ckpt.errors import IncompatibleCheckpointError
 from ckpt.format import ItemRecord, ShardedSection
 from ckpt.state.kinds.base import RestoreOptions
 from ckpt.state.kinds.sharded import ShardedCaptured, ShardedKind, ShardedPlan
-from ckpt.state.tree import flatten, tensor_refs, unflatten
+from ckpt.state.tree import Json, flatten, tensor_refs, unflatten
 
-__all__ = ["ShardedModuleKind", "register_sharded", "variant_name"]
+__all__ = ["ShardedModuleKind", "module_destinations", "register_sharded", "variant_name"]
 
 
 def variant_name(name: str, rank: int) -> str:
@@ -118,3 +123,52 @@ class ShardedModuleKind(ShardedKind):
     ) -> tuple[list[str], list[str]]:
         """``set_model_state_dict``; the missing and unexpected keys it reports."""
         return set_module_state(items[name], state, strict)
+
+
+def module_destinations(
+    name: str,
+    record: ItemRecord,
+    items: Mapping[str, Any],
+    pairs: Mapping[str, str],
+    options: RestoreOptions,
+    in_place: bool,
+) -> tuple[Json, dict[str, torch.Tensor], list[str]]:
+    """Match a module's saved keys to its live ones; a tensor to read each saved tensor into.
+
+    With ``in_place`` that tensor is the live one (as ``get_model_state_dict``
+    gives it), else a fresh one like it.
+
+    Keys are matched, not stored tensor names: weights tied when saved (one stored
+    tensor) load into untied live ones and the other way round.
+
+    Returns:
+        The saved tree restricted to the live keys, the destinations by stored
+        name, and the saved keys the live module lacks.
+    """
+    live = sharded_state(name, items, pairs)
+    tree = record.state
+    if not isinstance(tree, dict) or any(k.startswith("$") for k in tree):
+        raise IncompatibleCheckpointError(
+            f"item {name!r}: the saved module state is not keyed by parameter name", key=name
+        )
+    _check_names(name, set(tree), set(live), options.strict)
+    kept = {k: v for k, v in tree.items() if k in live}
+    dest: dict[str, torch.Tensor] = {}
+    for key, value in kept.items():
+        for _, stored in tensor_refs(value):
+            target = live[key]
+            if stored not in dest and isinstance(target, torch.Tensor):
+                dest[stored] = target if in_place else torch.empty_like(target)
+    return kept, dest, sorted(set(tree) - set(live))
+
+
+def _check_names(item: str, saved: set[str], live: set[str], strict: bool) -> None:
+    if saved == live or not strict:
+        return
+    missing, unexpected = sorted(live - saved), sorted(saved - live)
+    raise IncompatibleCheckpointError(
+        f"item {item!r} does not match the checkpoint: missing {missing[:10]}, "
+        f"unexpected {unexpected[:10]}: restore into the model that was saved (the same "
+        "modules and names), or pass strict=False to restore only the keys both have",
+        key=item,
+    )
