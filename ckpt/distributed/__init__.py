@@ -142,14 +142,14 @@ def read_consolidated(
     storage: Storage, step_name: str, manifest: Manifest, map_location: Any, verify: bool
 ) -> dict[str, Any]:
     """Every item of a checkpoint saved by several ranks, with full tensors (see ``read``)."""
-    from ckpt.distributed.restoring import read_full  # noqa: PLC0415
+    from ckpt.distributed.consolidated import read_full  # noqa: PLC0415
 
     return read_full(storage, step_name, manifest, map_location, verify)
 
 
 def verify_sharded(storage: Storage, step_name: str, manifest: Manifest) -> int:
     """Check every file and shard of a checkpoint saved by several ranks; return the bytes read."""
-    from ckpt.distributed.restoring import check_own_items  # noqa: PLC0415
+    from ckpt.distributed.own_items import check_own_items  # noqa: PLC0415
     from ckpt.io import verify_sharded_files  # noqa: PLC0415
 
     check_own_items(manifest)

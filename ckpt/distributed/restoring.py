@@ -8,42 +8,37 @@ the saved chunks onto its part of every live tensor with DCP's load planner
 (:mod:`ckpt.distributed.reading`), checks the chunks it needs, holding their
 files (reading into fresh tensors those without a live counterpart), and
 validates its own items (random streams, schedulers, samplers, ...) as a
-single-process restore does. Only when every rank has succeeded (the caller
-agrees, see :mod:`ckpt.distributed.outcomes`) does a rank change anything:
-the ranks agree that no file they checked changed since, then each reads the
-checked chunks into its live tensors (not hashed again), loads modules through DCP's
+single-process restore does (:mod:`ckpt.distributed.own_items`). Only when
+every rank has succeeded (the caller agrees, see
+:mod:`ckpt.distributed.outcomes`) does a rank change anything: the ranks agree
+that no file they checked changed since, then each reads the checked chunks
+into its live tensors (not hashed again), loads modules through DCP's
 ``set_model_state_dict`` and optimizers through torch's ``load_state_dict``,
 then its own items. A rank that did not exist when the checkpoint was saved
 takes rank 0's own items, and its random streams are seeded from the step and
-its rank, with a warning.
+its rank, with a warning. (``read()`` of such a checkpoint, without a group:
+:mod:`ckpt.distributed.consolidated`.)
 """
 
 from __future__ import annotations
 
 import logging
-import random
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
 from ckpt.distributed.group import RankGroup
 from ckpt.distributed.one_process import group_of_one
 from ckpt.distributed.outcomes import raise_agreed
-from ckpt.distributed.reading import ChunkSource, PlannedReads, SavedChunks, WholeTensors, read_into
+from ckpt.distributed.own_items import apply_own_items, own_names, prepare_own_items
+from ckpt.distributed.reading import ChunkSource, PlannedReads, SavedChunks, WholeTensors
 from ckpt.distributed.states import pair_optimizers
-from ckpt.errors import CheckpointNotFoundError, IncompatibleCheckpointError, PartialRestoreError
-from ckpt.format import Manifest, ShardedSection, rank_manifest
-from ckpt.io import load_tensors
-from ckpt.restoring.locations import MapLocation, mapped_device, place
-from ckpt.restoring.pipeline import PreparedRestore, apply_restore, check_items, prepare_restore
-from ckpt.state.items import build_state
-from ckpt.state.kinds import RestoreOptions, sharded_kind_of, sharded_kind_of_record
+from ckpt.errors import IncompatibleCheckpointError, PartialRestoreError
+from ckpt.format import Manifest, ShardedSection
+from ckpt.restoring.pipeline import PreparedRestore
+from ckpt.state.kinds import RestoreOptions, sharded_kind_of
 from ckpt.state.kinds.sharded import ShardedKind
 from ckpt.state.kinds.sharded_module import register_sharded
-from ckpt.state.rng import RNG_ITEM, RandomStreams
-from ckpt.state.tree import tensor_refs, unflatten
 from ckpt.storage import Storage
 
 __all__ = [
@@ -51,8 +46,6 @@ __all__ = [
     "apply_sharded_restore",
     "prepare_on_rank",
     "prepare_sharded_restore",
-    "check_own_items",
-    "read_full",
 ]
 
 logger = logging.getLogger(__name__)
@@ -126,7 +119,9 @@ def prepare_sharded_restore(
     restore = ShardedRestore({}, {}, None, chunks=held, group=group)
     try:
         _read_sharded(restore, chunks, section, items, options, rank)
-        _prepare_own(restore, storage, step_name, manifest, items, options, rng, verify, rank)
+        restore.own, restore.reseed = prepare_own_items(
+            storage, step_name, manifest, items, options, rng=rng, verify=verify, rank=rank
+        )
     except BaseException:
         restore.close()
         raise
@@ -163,39 +158,6 @@ def _read_sharded(
         restore.nbytes += nbytes
         if reads is not None:
             restore.reads[name] = reads
-
-
-def _prepare_own(
-    restore: ShardedRestore,
-    storage: Storage,
-    step_name: str,
-    manifest: Manifest,
-    items: dict[str, Any],
-    options: RestoreOptions,
-    rng: bool,
-    verify: bool,
-    rank: int,
-) -> None:
-    """Check this rank's own items (as the rank saved them, or as rank 0 did) into ``restore``."""
-    section = manifest.sharded
-    assert section is not None
-    own_index = rank if rank < section.world_size else 0
-    view = rank_manifest(manifest, own_index)
-    own_items = {n: o for n, o in items.items() if n not in section.items}
-    for name in own_items:
-        if name not in view.items:
-            raise CheckpointNotFoundError(
-                f"item {name!r} is not in checkpoint step {manifest.step}", key=name
-            )
-    if rng and RNG_ITEM in view.items:
-        if own_index == rank:
-            own_items[RNG_ITEM] = RandomStreams()
-        else:
-            restore.reseed = _seed_for(manifest.step, rank)
-    if own_items:
-        restore.own = prepare_restore(
-            storage, step_name, view, own_items, options, verify=verify, read=load_tensors
-        )
 
 
 def _read_item(
@@ -276,7 +238,7 @@ def _apply_items(
                 restore.reads[name].run()
             m, u = restore.kinds[name].apply(name, items, restore.pairs, state, strict)
         except Exception as e:
-            rest = order[i + 1 :] + _own_names(restore)
+            rest = order[i + 1 :] + own_names(restore.own)
             raise PartialRestoreError(
                 f"loading item {name!r} raised {type(e).__name__}: {e}. Restored before it: "
                 f"{order[:i]}; not restored, unchanged: {rest}; {name!r} itself may be "
@@ -292,80 +254,10 @@ def _apply_items(
             missing[name] = m
         if u:
             unexpected[name] = u
-    if restore.own is not None:
-        try:
-            own_missing, own_unexpected = apply_restore(restore.own, where)
-        except PartialRestoreError as e:
-            raise PartialRestoreError(
-                e.reason,
-                path=e.path,
-                key=e.key,
-                item=e.item,
-                applied=[*order, *e.applied],
-                not_applied=e.not_applied,
-            ) from e.__cause__
-        missing.update(own_missing)
-        unexpected.update(own_unexpected)
-    if restore.reseed is not None:
-        _seed_all(restore.reseed)
+    own_missing, own_unexpected = apply_own_items(restore.own, restore.reseed, order, where)
+    missing.update(own_missing)
+    unexpected.update(own_unexpected)
     return missing, unexpected
-
-
-def _own_names(restore: ShardedRestore) -> list[str]:
-    return [] if restore.own is None else [p.name for p in restore.own.plans]
-
-
-def _seed_for(step: int, rank: int) -> int:
-    return (step * 1_000_003 + rank * 7_919 + 0x5EED) % (2**63)
-
-
-def _seed_all(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
-    try:
-        import numpy  # noqa: PLC0415
-    except ImportError:
-        return
-    numpy.random.seed(seed % 2**32)
-
-
-def read_full(
-    storage: Storage, step_name: str, manifest: Manifest, map_location: MapLocation, verify: bool
-) -> dict[str, Any]:
-    """Every item of a v3 checkpoint as plain state, sharded tensors consolidated in full.
-
-    Modules come back keyed by parameter name; optimizers in torch's
-    index-packed form, parameters numbered as their groups list them; the
-    items each rank saved for itself as rank 0 saved them. Memory: the result
-    plus one chunk.
-    """
-    section = manifest.sharded
-    assert section is not None
-    out: dict[str, Any] = {}
-    source = SavedChunks(storage, step_name, verify=verify)
-    for name, record in section.items.items():
-        full = {}
-        for tensor_name in dict.fromkeys(n for _, n in tensor_refs(record.state)):
-            r = section.tensors[tensor_name]
-            t = torch.empty(r.shape, dtype=r.dtype)
-            read_into(source, {tensor_name: r}, {tensor_name: t})
-            device = mapped_device(map_location, "cpu")
-            full[tensor_name] = place(t, device, None, map_location=map_location, key=tensor_name)
-        out[name] = sharded_kind_of_record(name, record).full_state(unflatten(record.state, full))
-    view = rank_manifest(manifest, 0)
-    names = list(dict.fromkeys(n for r in view.items.values() for _, n in tensor_refs(r.state)))
-    loaded, _ = load_tensors(storage, step_name, view, names, {}, map_location, verify=verify)
-    for name, own in view.items.items():
-        out[name] = build_state(own, loaded, name)
-    return out
-
-
-def check_own_items(manifest: Manifest) -> None:
-    """Check every rank's own items without live objects (what ``verify()`` runs)."""
-    section = manifest.sharded
-    assert section is not None
-    for rank in range(section.world_size):
-        check_items(rank_manifest(manifest, rank))
 
 
 def prepare_on_rank(

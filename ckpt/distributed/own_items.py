@@ -1,0 +1,134 @@
+"""A rank's own items in a restore: the items each rank saved for itself, not sharded.
+
+Random streams, schedulers, samplers and the like are saved by every rank in
+its own part of a v3 checkpoint and restored as a single-process restore
+restores them (:mod:`ckpt.restoring.pipeline`), after the rank's modules and
+optimizers. A rank that did not exist when the checkpoint was saved takes rank
+0's own items, and its random streams are seeded from the step and its rank.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import torch
+
+from ckpt.errors import CheckpointNotFoundError, PartialRestoreError
+from ckpt.format import Manifest, rank_manifest
+from ckpt.io import load_tensors
+from ckpt.restoring.pipeline import PreparedRestore, apply_restore, check_items, prepare_restore
+from ckpt.state.kinds import RestoreOptions
+from ckpt.state.rng import RNG_ITEM, RandomStreams
+from ckpt.storage import Storage
+
+__all__ = ["apply_own_items", "check_own_items", "own_names", "prepare_own_items"]
+
+
+def prepare_own_items(
+    storage: Storage,
+    step_name: str,
+    manifest: Manifest,
+    items: dict[str, Any],
+    options: RestoreOptions,
+    *,
+    rng: bool,
+    verify: bool,
+    rank: int,
+) -> tuple[PreparedRestore | None, int | None]:
+    """Check this rank's own items (as the rank saved them, or as rank 0 did); change nothing.
+
+    Returns:
+        The prepared restore of the rank's own items (``None`` when it has
+        none), and the seed for its random streams when the checkpoint has none
+        for this rank (else ``None``).
+
+    Raises:
+        CheckpointNotFoundError: An item is not in the checkpoint.
+    """
+    section = manifest.sharded
+    assert section is not None
+    own_index = rank if rank < section.world_size else 0
+    view = rank_manifest(manifest, own_index)
+    own_items = {n: o for n, o in items.items() if n not in section.items}
+    for name in own_items:
+        if name not in view.items:
+            raise CheckpointNotFoundError(
+                f"item {name!r} is not in checkpoint step {manifest.step}", key=name
+            )
+    reseed = None
+    if rng and RNG_ITEM in view.items:
+        if own_index == rank:
+            own_items[RNG_ITEM] = RandomStreams()
+        else:
+            reseed = _seed_for(manifest.step, rank)
+    own = None
+    if own_items:
+        own = prepare_restore(
+            storage, step_name, view, own_items, options, verify=verify, read=load_tensors
+        )
+    return own, reseed
+
+
+def apply_own_items(
+    own: PreparedRestore | None, reseed: int | None, applied: list[str], where: str
+) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """Apply this rank's own items, then seed its random streams with ``reseed`` if given.
+
+    Args:
+        own: What :func:`prepare_own_items` prepared.
+        reseed: The seed it returned.
+        applied: The items applied before (the rank's modules and optimizers).
+        where: The checkpoint, for errors.
+
+    Returns:
+        The missing and unexpected keys, by item.
+
+    Raises:
+        PartialRestoreError: An item's own code raised while it was loaded
+            (naming ``applied`` among the items restored before it).
+    """
+    missing: dict[str, list[str]] = {}
+    unexpected: dict[str, list[str]] = {}
+    if own is not None:
+        try:
+            missing, unexpected = apply_restore(own, where)
+        except PartialRestoreError as e:
+            raise PartialRestoreError(
+                e.reason,
+                path=e.path,
+                key=e.key,
+                item=e.item,
+                applied=[*applied, *e.applied],
+                not_applied=e.not_applied,
+            ) from e.__cause__
+    if reseed is not None:
+        _seed_all(reseed)
+    return missing, unexpected
+
+
+def own_names(own: PreparedRestore | None) -> list[str]:
+    """The own items ``own`` restores, in order."""
+    return [] if own is None else [p.name for p in own.plans]
+
+
+def check_own_items(manifest: Manifest) -> None:
+    """Check every rank's own items without live objects (what ``verify()`` runs)."""
+    section = manifest.sharded
+    assert section is not None
+    for rank in range(section.world_size):
+        check_items(rank_manifest(manifest, rank))
+
+
+def _seed_for(step: int, rank: int) -> int:
+    return (step * 1_000_003 + rank * 7_919 + 0x5EED) % (2**63)
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy  # noqa: PLC0415
+    except ImportError:
+        return
+    numpy.random.seed(seed % 2**32)
