@@ -148,6 +148,47 @@ def optimizer_destinations(
     :func:`live_optimizer_tensors`) is laid out as that fresh tensor would be
     gets the live tensor instead (none is allocated); the others a fresh one.
     """
+    names = _check_saved_optimizer(name, optimizer, model, record, section, options)
+    params = {
+        n: p
+        for n, p in zip(
+            names, (p for g in optimizer.param_groups for p in g["params"]), strict=True
+        )
+    }
+    dest: dict[str, torch.Tensor] = {}
+    taken: set[int] = set()  # a live tensor shared by two states is taken once
+    for path, tensor_name in tensor_refs(record.state):
+        saved = section.tensors[tensor_name]
+        param = params.get(str(path[1])) if len(path) >= 3 and path[0] == "state" else None
+        if param is None:
+            raise IncompatibleCheckpointError(
+                f"item {name!r}: state for an unknown parameter at {list(path)}", key=name
+            )
+        like_param = tuple(saved.shape) == tuple(param.shape) and param.dim() > 0
+        candidate = (live or {}).get(tensor_name)
+        if candidate is not None and _laid_out_as_fresh(candidate, param, saved, like_param):
+            where = local_shards(candidate).untyped_storage().data_ptr()
+            if where not in taken:
+                dest[tensor_name] = candidate
+                taken.add(where)
+                continue
+            taken.add(where)
+        if like_param:
+            dest[tensor_name] = torch.empty_like(param, dtype=saved.dtype)
+        else:
+            dest[tensor_name] = torch.empty(saved.shape, dtype=saved.dtype)
+    return dest
+
+
+def _check_saved_optimizer(
+    name: str,
+    optimizer: torch.optim.Optimizer,
+    model: torch.nn.Module,
+    record: ItemRecord,
+    section: ShardedSection,
+    options: RestoreOptions,
+) -> list[str]:
+    """Check the saved class, param groups and numbers; return the live parameters' names."""
     saved_class = record.extra.get("class")
     if saved_class != class_name(optimizer) and not options.optimizer_class_change:
         raise IncompatibleCheckpointError(
@@ -156,12 +197,6 @@ def optimizer_destinations(
             key=f"{name}.class",
         )
     names = optimizer_param_names(model, optimizer)
-    params = {
-        n: p
-        for n, p in zip(
-            names, (p for g in optimizer.param_groups for p in g["params"]), strict=True
-        )
-    }
     state = record.state
     groups = state.get("param_groups") if isinstance(state, dict) else None
     if not isinstance(groups, list) or len(groups) != len(optimizer.param_groups):
@@ -192,29 +227,7 @@ def optimizer_destinations(
     ):
         check_group_types(f"{name}.param_groups[{g}]", saved_group, live_group)
     check_optimizer_numbers(name, decoded)
-    dest: dict[str, torch.Tensor] = {}
-    taken: set[int] = set()  # a live tensor shared by two states is taken once
-    for path, tensor_name in tensor_refs(state):
-        saved = section.tensors[tensor_name]
-        param = params.get(str(path[1])) if len(path) >= 3 and path[0] == "state" else None
-        if param is None:
-            raise IncompatibleCheckpointError(
-                f"item {name!r}: state for an unknown parameter at {list(path)}", key=name
-            )
-        like_param = tuple(saved.shape) == tuple(param.shape) and param.dim() > 0
-        candidate = (live or {}).get(tensor_name)
-        if candidate is not None and _laid_out_as_fresh(candidate, param, saved, like_param):
-            where = local_shards(candidate).untyped_storage().data_ptr()
-            if where not in taken:
-                dest[tensor_name] = candidate
-                taken.add(where)
-                continue
-            taken.add(where)
-        if like_param:
-            dest[tensor_name] = torch.empty_like(param, dtype=saved.dtype)
-        else:
-            dest[tensor_name] = torch.empty(saved.shape, dtype=saved.dtype)
-    return dest
+    return names
 
 
 def _laid_out_as_fresh(
