@@ -130,3 +130,9 @@ def test_the_checker_sees_an_item_kind_check(tmp_path):
     assert _tells_modules_from_optimizers(probe)
     probe.write_text("ok = isinstance(o, dict)\n")
     assert not _tells_modules_from_optimizers(probe)
+
+
+def test_the_checker_sees_an_imported_check(tmp_path):
+    probe = tmp_path / "probe.py"
+    probe.write_text("from ckpt.state.optim import check_group_types, class_name\nimport os\n")
+    assert _imported_names(probe) == {"check_group_types", "class_name"}
