@@ -11,10 +11,10 @@ Example:
     ...         mgr.save(step, model=model, optimizer=optimizer, scheduler=scheduler)
 """
 
-from __future__ import annotations
-
-import importlib
-from typing import TYPE_CHECKING, Any
+import importlib as _importlib
+import sys as _sys
+import types as _types
+import typing as _typing
 
 from ckpt._version import __version__
 from ckpt.converting import ImportReport, export, import_checkpoint
@@ -32,7 +32,7 @@ from ckpt.errors import (
     PartialRestoreError,
 )
 
-if TYPE_CHECKING:
+if _typing.TYPE_CHECKING:
     from ckpt.data import ResumableSampler, resumable_loader
     from ckpt.format.limits import MAX_STEP
     from ckpt.manager import Checkpoint, CheckpointManager
@@ -68,21 +68,21 @@ imports neither torch nor the saving and restoring machinery, so that ``ckpt ls`
 ``ckpt info``, which read manifests only, start without them."""
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> _typing.Any:
     module = _LAZY.get(name)
     if module is None:
         return _submodule(name)
-    value = getattr(importlib.import_module(module), name)
+    value = getattr(_importlib.import_module(module), name)
     globals()[name] = value
     return value
 
 
-def _submodule(name: str) -> Any:
+def _submodule(name: str) -> _typing.Any:
     """``ckpt.storage`` after ``import ckpt``, as when this package imported every module."""
     if name.startswith("_"):
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     try:
-        return importlib.import_module(f"{__name__}.{name}")
+        return _importlib.import_module(f"{__name__}.{name}")
     except ModuleNotFoundError as e:
         if e.name != f"{__name__}.{name}":
             raise
@@ -126,3 +126,23 @@ __all__ = [
     "resumable_loader",
     "verify_resume",
 ]
+
+
+class _Package(_types.ModuleType):
+    """This package's module type: its namespace, looked at whole, holds every public name.
+
+    ``vars(ckpt)`` (and anything else reading ``ckpt.__dict__``) first imports the
+    names of :data:`_LAZY` not used yet; attribute access (``ckpt.X``, ``from ckpt
+    import X``) imports only the name asked for.
+    """
+
+    @property  # type: ignore[misc]
+    def __dict__(self) -> dict[str, _typing.Any]:  # type: ignore[override]
+        namespace = globals()
+        for name in _LAZY:
+            if name not in namespace:
+                __getattr__(name)
+        return namespace
+
+
+_sys.modules[__name__].__class__ = _Package

@@ -90,7 +90,7 @@ class ManifestReader:
         for _ in range(LIST_ATTEMPTS):
             target = step if step is not None else self.latest_step()
             if target is None:
-                raise self._nothing_saved()
+                raise self.nothing_saved()
             try:
                 return self._describe(target)
             except CheckpointNotFoundError:
@@ -105,7 +105,7 @@ class ManifestReader:
         )
 
     def _describe(self, step: int | None) -> Description:
-        step_name, manifest = self._found(step)
+        step_name, manifest = self.found(step)
         version = None
         if format_version_of(manifest) == 1:  # or 2, if its manifest was compressed
             with self._storage.open_read(step_name, MANIFEST_NAME) as f:
@@ -124,10 +124,17 @@ class ManifestReader:
         """
         return self._steps.manifest(step)
 
-    def _found(self, step: int | None) -> tuple[str, Manifest]:
+    def found(self, step: int | None) -> tuple[str, Manifest]:
+        """Like :meth:`manifest`, but raise when nothing is saved.
+
+        Raises:
+            CheckpointNotFoundError: Nothing is saved (naming a missing root), or
+                ``step`` is not committed.
+            CorruptCheckpointError: The manifest is malformed.
+        """
         found = self._steps.manifest(step)
         if found is None:
-            raise self._nothing_saved()
+            raise self.nothing_saved()
         return found
 
     def _root_exists(self) -> bool:
@@ -136,7 +143,8 @@ class ManifestReader:
         except (OSError, ValueError):  # cannot tell: say nothing was saved
             return True
 
-    def _nothing_saved(self) -> CheckpointNotFoundError:
+    def nothing_saved(self) -> CheckpointNotFoundError:
+        """The error for a root where nothing is committed (saying whether it exists)."""
         if not self._root_exists():
             return CheckpointNotFoundError(
                 "no checkpoint directory: it does not exist", path=self.directory

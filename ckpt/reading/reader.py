@@ -114,7 +114,7 @@ class CheckpointReader(ManifestReader):
             CorruptCheckpointError: Its manifest is malformed.
             CheckpointError: Checkpoints kept changing under every attempt for a minute.
         """
-        found = self._steps.retrying(step, self.manifest, "described")
+        found = self.steps.retrying(step, self.manifest, "described")
         return None if found is None else self.info(found[1])
 
     # ------------------------------------------------------------------ verify
@@ -138,17 +138,17 @@ class CheckpointReader(ManifestReader):
             CorruptCheckpointError: Anything is wrong; the message names the step,
                 the file and, for checksums, the expected and actual digests.
         """
-        return self._steps.retrying(step, self._verify)
+        return self.steps.retrying(step, self._verify)
 
     def _verify(self, step: int | None) -> Checkpoint:
         start = time.perf_counter()
-        step_name, manifest = self._found(step)
-        with located(self._storage.path(step_name, MANIFEST_NAME)):
+        step_name, manifest = self.found(step)
+        with located(self.steps.storage.path(step_name, MANIFEST_NAME)):
             if manifest.sharded is not None:
-                nbytes = verify_sharded(self._storage, step_name, manifest)
+                nbytes = verify_sharded(self.steps.storage, step_name, manifest)
             else:
                 check_items(manifest)
-                nbytes = verify_checkpoint_files(self._storage, step_name, manifest)
+                nbytes = verify_checkpoint_files(self.steps.storage, step_name, manifest)
         unchecked = [n for n, r in manifest.files.items() if r.checksum is None]
         if unchecked:
             logger.warning(
@@ -159,7 +159,7 @@ class CheckpointReader(ManifestReader):
         logger.info(
             "verified step %d at %s (%d bytes in %.3f s)",
             manifest.step,
-            self._storage.url_of(step_name),
+            self.steps.storage.url_of(step_name),
             nbytes,
             time.perf_counter() - start,
         )
@@ -206,11 +206,11 @@ class CheckpointReader(ManifestReader):
             return self._read(s, map_location, verify, wanted)
 
         if step is None and self.fallback_to_intact:
-            found = self._steps.newest_intact(attempt, "read")
+            found = self.steps.newest_intact(attempt, "read")
             if found is None:
-                raise self._nothing_saved()
+                raise self.nothing_saved()
             return found
-        return self._steps.retrying(step, attempt)
+        return self.steps.retrying(step, attempt)
 
     def _read(
         self,
@@ -219,18 +219,20 @@ class CheckpointReader(ManifestReader):
         verify: bool,
         items: tuple[str, ...] | None,
     ) -> dict[str, Any]:
-        step_name, manifest = self._found(step)
-        manifest_path = self._storage.path(step_name, MANIFEST_NAME)
+        step_name, manifest = self.found(step)
+        manifest_path = self.steps.storage.path(step_name, MANIFEST_NAME)
         if items is not None:
             manifest = _only(manifest, items, manifest_path)
         with located(manifest_path):
             if manifest.sharded is not None:
-                return read_consolidated(self._storage, step_name, manifest, map_location, verify)
+                return read_consolidated(
+                    self.steps.storage, step_name, manifest, map_location, verify
+                )
             names = list(
                 dict.fromkeys(n for r in manifest.items.values() for _, n in tensor_refs(r.state))
             )
             loaded, _ = load_tensors(
-                self._storage, step_name, manifest, names, {}, map_location, verify=verify
+                self.steps.storage, step_name, manifest, names, {}, map_location, verify=verify
             )
             return {name: build_state(r, loaded, name) for name, r in manifest.items.items()}
 
@@ -263,17 +265,17 @@ class CheckpointReader(ManifestReader):
             raise TypeError(f"item must be an item name, got {type(item).__name__}")
 
         def lookup(s: int | None) -> tuple[str, Manifest, list[tuple[str, str]]]:
-            step_name, manifest = self._found(s)
-            with located(self._storage.path(step_name, MANIFEST_NAME)):
-                _only(manifest, (item,), self._storage.path(step_name, MANIFEST_NAME))
+            step_name, manifest = self.found(s)
+            with located(self.steps.storage.path(step_name, MANIFEST_NAME)):
+                _only(manifest, (item,), self.steps.storage.path(step_name, MANIFEST_NAME))
                 return step_name, manifest, item_tensor_keys(manifest, item)
 
         with paused_gc():  # not while iterating: the caller's code runs then
-            step_name, manifest, keys = self._steps.retrying(step, lookup)
-            before = self._steps.identity(manifest.step)
+            step_name, manifest, keys = self.steps.retrying(step, lookup)
+            before = self.steps.identity(manifest.step)
         sharded = manifest.sharded is not None and item in manifest.sharded.items
         stream = stream_item(
-            self._storage, step_name, manifest, keys, sharded=sharded, verify=verify
+            self.steps.storage, step_name, manifest, keys, sharded=sharded, verify=verify
         )
         return self._guarded(stream, manifest.step, before)
 
@@ -283,15 +285,15 @@ class CheckpointReader(ManifestReader):
         """``stream``, telling a step deleted or replaced meanwhile from a corrupt one."""
         step_name = step_dir_name(step)
         try:
-            with located(self._storage.path(step_name, MANIFEST_NAME)):
+            with located(self.steps.storage.path(step_name, MANIFEST_NAME)):
                 yield from stream
         except (CorruptCheckpointError, CheckpointNotFoundError) as e:
-            if before is None or self._steps.identity(step) == before:
+            if before is None or self.steps.identity(step) == before:
                 raise
             raise CheckpointNotFoundError(
                 f"step {step} was deleted or replaced while being streamed (by retention in "
                 "another process?); what was yielded before is from the step as it was",
-                path=self._storage.url_of(step_name),
+                path=self.steps.storage.url_of(step_name),
             ) from e
 
     # ---------------------------------------------------------------- helpers
@@ -302,7 +304,7 @@ class CheckpointReader(ManifestReader):
             step=manifest.step,
             epoch=manifest.epoch,
             metrics=dict(manifest.metrics),
-            path=self._storage.url_of(step_dir_name(manifest.step)),
+            path=self.steps.storage.url_of(step_dir_name(manifest.step)),
             items=tuple(manifest.items),
         )
 
