@@ -136,7 +136,7 @@ class _Package(_types.ModuleType):
     import X``) imports only the name asked for.
     """
 
-    @property  # type: ignore[misc]
+    @property
     def __dict__(self) -> dict[str, _typing.Any]:  # type: ignore[override]
         namespace = globals()
         for name in _LAZY:

@@ -230,14 +230,15 @@ def every_view(root: Path) -> list[list[str]]:
 
 @pytest.fixture(scope="module")
 def trained_roots(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A root of two steps (model, stepped AdamW, RNG, a dict of several dtypes), and an
+    """A root of two steps (packed model, stepped AdamW, RNG, a dict of several dtypes), and an
     incremental root of two steps (format version 4)."""
     base = tmp_path_factory.mktemp("torch_free")
-    model, optimizer = trained_live_objects()
+    model, optimizer = trained_live_objects(build=ManySmall)  # small tensors: packed
     mixed = {
         "ints": torch.arange(5),
         "flags": torch.ones(3, dtype=torch.bool),
         "half": torch.ones(2).half(),
+        "big": torch.zeros(8192),
     }
     roots = {"run": base / "run", "incremental": base / "incremental"}
     with ckpt.CheckpointManager(roots["run"]) as mgr:
@@ -284,6 +285,11 @@ def _first_pack(doc: dict[str, Any]) -> dict[str, Any]:
     return found
 
 
+def _member(doc: dict[str, Any]) -> str:
+    """A stored tensor that is a value (not a pack)."""
+    return next(name for name in doc["tensors"] if not name.endswith("#pack"))
+
+
 def _param_group(doc: dict[str, Any]) -> dict[str, Any]:
     group: dict[str, Any] = doc["items"]["optimizer"]["state"]["param_groups"][0]
     return group
@@ -303,9 +309,9 @@ EDITS: dict[str, Callable[[dict[str, Any]], None]] = {
     "device_in_group": lambda d: _param_group(d).update(on={"$device": "cuda:1"}),
     "bad_device_in_group": lambda d: _param_group(d).update(on={"$device": "gpu"}),
     "param_in_group": lambda d: _param_group(d).update(
-        held={"$param": {"tensor": next(iter(d["tensors"])), "requires_grad": True}}
+        held={"$param": {"tensor": _member(d), "requires_grad": True}}
     ),
-    "tensor_in_group": lambda d: _param_group(d).update(held={"$tensor": next(iter(d["tensors"]))}),
+    "tensor_in_group": lambda d: _param_group(d).update(held={"$tensor": _member(d)}),
 }
 """Manifests edited by hand: each must read the same (or fail the same) without torch."""
 
