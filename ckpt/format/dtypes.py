@@ -126,7 +126,8 @@ class NamedDtype:
 
 
 _NAMED: dict[str, Any] = {name: NamedDtype(name, size) for name, size in ITEMSIZES.items()}
-_TORCH: dict[str, Any] = {}
+_TORCH: list[dict[str, Any]] = []
+"""torch's dtypes by name, once built (whole, then stored: safe to read from any thread)."""
 
 
 def torch_loaded() -> bool:
@@ -142,15 +143,16 @@ def dtypes_by_name() -> dict[str, torch.dtype]:
     """
     if not torch_loaded():
         return _NAMED
-    if not _TORCH:
-        import torch  # noqa: PLC0415 - already imported: a lookup
+    if _TORCH:
+        return _TORCH[0]
+    import torch  # noqa: PLC0415 - already imported: a lookup
 
-        _TORCH.update(
-            (str(d).removeprefix("torch."), d)
-            for d in vars(torch).values()
-            if isinstance(d, torch.dtype)
-        )
-    return _TORCH
+    table = {
+        str(d).removeprefix("torch."): d for d in vars(torch).values() if isinstance(d, torch.dtype)
+    }
+    if ITEMSIZES.keys() <= table.keys():  # not a torch still being imported: keep it
+        _TORCH.append(table)
+    return table
 
 
 def dtype_of(name: str) -> torch.dtype | None:

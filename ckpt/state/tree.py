@@ -382,7 +382,7 @@ def _leaf(t: torch.Tensor, parameter: bool, requires_grad: bool) -> torch.Tensor
     return t.detach().requires_grad_(requires_grad)
 
 
-_DTYPES: dict[str, Any] = {}
+_DTYPES: list[dict[str, Any]] = []
 
 
 def _dtypes() -> dict[str, Any]:
@@ -390,12 +390,15 @@ def _dtypes() -> dict[str, Any]:
     if not _DTYPES:
         import torch  # noqa: PLC0415 - see the note above
 
-        _DTYPES.update(
-            (str(d).removeprefix("torch."), d)
-            for d in vars(torch).values()
-            if isinstance(d, torch.dtype)
+        # Built whole, then stored: a thread never sees half of it.
+        _DTYPES.append(
+            {
+                str(d).removeprefix("torch."): d
+                for d in vars(torch).values()
+                if isinstance(d, torch.dtype)
+            }
         )
-    return _DTYPES
+    return _DTYPES[0]
 
 
 def _device(text: str) -> Any:
