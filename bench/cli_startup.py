@@ -19,8 +19,12 @@ differences from ``import torch``; and, for ``import ckpt``, ``info`` and
 (timed inside the child: the steadier figure on a loaded machine).
 
 With ``--against TREE`` (another checkout's root, whose ``ckpt`` package is
-imported instead), times only those after-``import torch`` figures, the two
-trees taking turns, and prints them side by side.
+imported instead), times each command's CPU, whole process and after ``import
+torch``, the two trees taking turns, and prints them side by side.
+
+Since issue 21's third pass, ``ckpt ls`` and ``ckpt info`` import no torch: their
+whole process is compared with ``python -c "import torch"`` and with a bare
+``python -c pass``.
 """
 
 from __future__ import annotations
@@ -79,11 +83,11 @@ def child_env(tree: Path = ROOT) -> dict[str, str]:
     return env
 
 
-def whole(argv: list[str]) -> tuple[float, float]:
+def whole(argv: list[str], tree: Path = ROOT) -> tuple[float, float]:
     """Wall and CPU (user + system) seconds of one run of the whole process ``argv``."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
-    subprocess.run(argv, check=True, env=child_env(), stdout=subprocess.DEVNULL, cwd=ROOT)
+    subprocess.run(argv, check=True, env=child_env(tree), stdout=subprocess.DEVNULL, cwd=tree)
     elapsed = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     return elapsed, after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
@@ -123,6 +127,7 @@ def commands(roots: dict[str, Path]) -> list[tuple[str, list[str], str | None]]:
     """``(label, whole-process argv, the same after import torch)`` for each command timed."""
     py = sys.executable
     runs: list[tuple[str, list[str], str | None]] = [
+        ("python (nothing imported)", [py, "-c", "pass"], None),
         ("import torch", [py, "-c", "import torch"], None),
         ("import ckpt", [py, "-c", "import ckpt"], "import ckpt"),
     ]
@@ -139,22 +144,37 @@ def commands(roots: dict[str, Path]) -> list[tuple[str, list[str], str | None]]:
 
 
 def compare(runs: list[tuple[str, list[str], str | None]], against: Path, repeat: int) -> None:
-    """Print each command's CPU after ``import torch``, ``against`` and this tree taking turns."""
+    """Print each command's CPU, ``against`` and this tree taking turns.
+
+    Both the whole process (``python -m ckpt ...``; the console script is left
+    out: it is installed for one tree) and, where the command has one, the
+    figure after ``import torch`` in the child.
+    """
     trees = {"against": against.resolve(), "this tree": ROOT}
-    cpu: dict[tuple[str, str], list[float]] = {}
+    cpu: dict[tuple[str, str, str], list[float]] = {}
     for round_ in range(repeat + 1):  # round 0 warms the caches
-        for label, _, body in runs:
+        for label, argv, body in runs:
+            if "console script" in label:
+                continue
             for tree_name, tree in trees.items():
+                measured = {"whole": whole(argv, tree)[1]}
                 if body is not None:
-                    measured = after_torch(body, tree)[1]
-                    if round_:
-                        cpu.setdefault((label, tree_name), []).append(measured)
-    print(f"after import torch, CPU ms, median of {repeat}; against = {trees['against']}\n")
-    print("| command | against | this tree |")
-    print("|---|---:|---:|")
-    for label, _, body in runs:
-        if body is not None:
-            cells = [f"{1000 * statistics.median(cpu[label, t]):.0f}" for t in trees]
+                    measured["after torch"] = after_torch(body, tree)[1]
+                if round_:
+                    for kind, value in measured.items():
+                        cpu.setdefault((label, kind, tree_name), []).append(value)
+    print(f"CPU ms, median of {repeat}; against = {trees['against']}\n")
+    print("| command | whole: against | this tree | after torch: against | this tree |")
+    print("|---|---:|---:|---:|---:|")
+    for label, _, _ in runs:
+        cells = [
+            f"{1000 * statistics.median(cpu[label, kind, t]):.0f}"
+            if (label, kind, t) in cpu
+            else "-"
+            for kind in ("whole", "after torch")
+            for t in trees
+        ]
+        if cells[0] != "-":
             print(f"| `{label}` | {' | '.join(cells)} |")
 
 

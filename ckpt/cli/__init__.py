@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import json
 import logging
 import os
@@ -23,7 +24,6 @@ from collections.abc import Sequence
 from typing import Any
 
 from ckpt._version import __version__
-from ckpt.cli import copying, diffing, listing, pruning, verify_resume, verifying
 from ckpt.cli.render import note
 from ckpt.errors import CheckpointError
 from ckpt.gc_pause import paused_gc
@@ -89,11 +89,25 @@ def _register_convert(subparsers: argparse._SubParsersAction) -> None:  # type: 
     add_import_parser(subparsers)
 
 
-def build_parser(*, converters: bool = True) -> argparse.ArgumentParser:
+_MODULES = (
+    ("ckpt.cli.listing", ("add_ls_parser", "add_info_parser")),
+    ("ckpt.cli.verifying", ("add_parser",)),
+    ("ckpt.cli.diffing", ("add_parser",)),
+    ("ckpt.cli.pruning", ("add_parser",)),
+    ("ckpt.cli.copying", ("add_parser",)),
+    ("ckpt.cli.verify_resume", ("add_parser",)),
+)
+"""The command modules, in ``--help`` order, with the functions that add their parsers."""
+
+
+def build_parser(
+    *, converters: bool = True, manifest_only: bool = False
+) -> argparse.ArgumentParser:
     """The ``ckpt`` argument parser, with every command.
 
     Args:
         converters: Also add ``export`` and ``import`` (importing :mod:`ckpt.convert`).
+        manifest_only: Only ``ls`` and ``info`` (whose module imports no torch).
     """
     parser = argparse.ArgumentParser(
         prog="ckpt",
@@ -108,13 +122,10 @@ def build_parser(*, converters: bool = True) -> argparse.ArgumentParser:
         required=True,
         help="what to do (COMMAND --help for more)",
     )
-    listing.add_ls_parser(subparsers)
-    listing.add_info_parser(subparsers)
-    verifying.add_parser(subparsers)
-    diffing.add_parser(subparsers)
-    pruning.add_parser(subparsers)
-    copying.add_parser(subparsers)
-    verify_resume.add_parser(subparsers)
+    for module_name, adders in _MODULES[:1] if manifest_only else _MODULES:
+        module = importlib.import_module(module_name)  # each imported only when added
+        for adder in adders:
+            getattr(module, adder)(subparsers)
     if converters:
         _register_convert(subparsers)
     for sub in subparsers.choices.values():
@@ -125,7 +136,8 @@ def build_parser(*, converters: bool = True) -> argparse.ArgumentParser:
 _CORE_COMMANDS = frozenset({"ls", "info", "verify", "diff", "prune", "copy", "verify-resume"})
 """Commands that need no converter: for these, :mod:`ckpt.convert` is not even imported."""
 _MANIFEST_ONLY = frozenset({"ls", "info"})
-"""Commands that read manifests only: short, and run with the cyclic collector paused."""
+"""Commands that read manifests only: short, run with the cyclic collector paused, and
+only their own module is imported (no torch)."""
 
 
 def _command_name(argv: Sequence[str]) -> str | None:
@@ -201,7 +213,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(words: list[str], name: str | None) -> int:
     with paused_gc():
-        parser = build_parser(converters=name not in _CORE_COMMANDS)
+        parser = build_parser(
+            converters=name not in _CORE_COMMANDS, manifest_only=name in _MANIFEST_ONLY
+        )
         try:
             args = parser.parse_args(words)
         except SystemExit as e:  # --help, --version, or a usage error (already printed)

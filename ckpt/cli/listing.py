@@ -1,6 +1,7 @@
 """``ckpt ls`` (the committed steps of a root) and ``ckpt info`` (one checkpoint's contents).
 
-Both read manifests only, never tensor data.
+Both read manifests only, never tensor data, through a
+:class:`~ckpt.reading.manifests.ManifestReader`: neither imports torch.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import fnmatch
 from typing import Any
 
 from ckpt.cli.render import dump_json, human_bytes, note, out, short_value, table
-from ckpt.cli.source import no_checkpoint, open_reader, parse_root, parse_target
+from ckpt.cli.source import no_checkpoint, open_manifests, parse_root, parse_target
 from ckpt.errors import CheckpointError, CheckpointNotFoundError
 from ckpt.gc_pause import paused_gc
 
@@ -94,7 +95,7 @@ def ls_doc(reader: Any) -> dict[str, Any]:
 @paused_gc()  # tens of thousands of short-lived JSON nodes: see ckpt.gc_pause
 def run_ls(args: argparse.Namespace) -> int:
     """``ckpt ls``: exit 1 (after listing every step) when a step is damaged."""
-    reader = open_reader(parse_root(args.directory, "ls"), args.storage_options)
+    reader = open_manifests(parse_root(args.directory, "ls"), args.storage_options)
     doc = ls_doc(reader)
     damaged = [c for c in doc["checkpoints"] if c["damaged"]]
     if args.json:
@@ -242,7 +243,7 @@ def _item_lines(item: dict[str, Any]) -> list[str]:
 def run_info(args: argparse.Namespace) -> int:
     """``ckpt info``."""
     target = parse_target(args.target)
-    reader = open_reader(target.root, args.storage_options)
+    reader = open_manifests(target.root, args.storage_options)
     doc = info_doc(reader, target.step, args.tensors)
     if args.json:
         out(dump_json(doc))

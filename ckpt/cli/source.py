@@ -5,16 +5,20 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import fsspec
 
 from ckpt.errors import CheckpointNotFoundError
-from ckpt.reading.reader import CheckpointReader
+from ckpt.reading.manifests import ManifestReader
+
+if TYPE_CHECKING:
+    from ckpt.reading.reader import CheckpointReader
 
 __all__ = [
     "Target",
     "no_checkpoint",
+    "open_manifests",
     "open_reader",
     "parse_root",
     "parse_target",
@@ -96,8 +100,20 @@ def open_reader(root: str, storage_options: dict[str, Any] | None) -> Checkpoint
     Raises:
         CheckpointNotFoundError: ``root`` does not exist (nothing is created).
     """
+    from ckpt.reading.reader import CheckpointReader  # noqa: PLC0415 - imports torch
+
     require_root(root, storage_options)
     return CheckpointReader(root, storage_options=storage_options)
+
+
+def open_manifests(root: str, storage_options: dict[str, Any] | None) -> ManifestReader:
+    """Open ``root`` to list and describe it (``ls``, ``info``): manifests only, no torch.
+
+    Raises:
+        CheckpointNotFoundError: ``root`` does not exist (nothing is created).
+    """
+    require_root(root, storage_options)
+    return ManifestReader(root, storage_options=storage_options)
 
 
 def no_checkpoint(directory: str) -> CheckpointNotFoundError:

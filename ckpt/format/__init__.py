@@ -11,8 +11,10 @@ names), :mod:`~ckpt.format.records` (the typed records a manifest holds),
 (validating files, tensors and items), :mod:`~ckpt.format.sharded` (version 3:
 checkpoints saved by several ranks), :mod:`~ckpt.format.blobs` (version 4: the
 content store of incremental saves), :mod:`~ckpt.format.packs` (packs of small
-tensors), :mod:`~ckpt.format.sealing` (the manifest's own checksum) and
-:mod:`~ckpt.format.bounds` (size and compression limits). The limits are
+tensors), :mod:`~ckpt.format.sealing` (the manifest's own checksum),
+:mod:`~ckpt.format.dtypes` (dtypes by name, with or without torch) and
+:mod:`~ckpt.format.bounds` (size and compression limits). Decoding a manifest
+imports no torch (see :mod:`~ckpt.format.dtypes`). The limits are
 re-exported here as values (``COMPRESS_MANIFEST_ABOVE`` and ``INFLATE_FREELY``
 only there): to change one, assign it in :mod:`ckpt.format.bounds`.
 """

@@ -16,9 +16,12 @@ so every reader handles it as it handles a step's own file, and the one function
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
-import torch
 import xxhash
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "BLOB_DIR",

@@ -12,8 +12,6 @@ import sys
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-import torch
-
 from ckpt.state.tree import check_text
 
 __all__ = [
@@ -73,7 +71,8 @@ def _plain_number(given: object) -> object:
         return int(given)
     if isinstance(given, float):  # NumPy's float64 is a float subclass
         return float(given)
-    if isinstance(given, torch.Tensor):
+    torch = sys.modules.get("torch")  # not imported: nothing given is a tensor
+    if torch is not None and isinstance(given, torch.Tensor):
         return given.item() if given.numel() == 1 and given.device.type != "meta" else given
     if isinstance(given, numbers.Integral) and not _is_boolean(given):
         return int(given)

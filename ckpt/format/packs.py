@@ -5,8 +5,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import torch
-
 from ckpt.format.records import TensorRecord
 
 PACK_SUFFIX = "/#pack"
@@ -32,7 +30,7 @@ def check_packs(
             pack = tensors.get(pack_name)
             if pack is None or pack.pack is not None:
                 raise bad(f"tensors.{name}", f"pack {pack_name!r} is not a stored tensor")
-            if pack.dtype != torch.uint8 or len(pack.shape) != 1:
+            if str(pack.dtype) != "torch.uint8" or len(pack.shape) != 1:  # torch's or a name
                 pack_file = ""  # never a file name: refused below
             else:
                 pack_file = pack_files[pack_name] = pack.file

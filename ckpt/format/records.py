@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-
-import torch
+from typing import TYPE_CHECKING
 
 from ckpt.state.tree import Json
+
+if TYPE_CHECKING:
+    import torch
 
 ITEM_KINDS = ("module", "optimizer", "stateful", "dict", "rng")
 

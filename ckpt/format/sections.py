@@ -4,22 +4,21 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ckpt.format.blobs import is_blob_key, ref_key, ref_name
 from ckpt.format.checksums import ALGORITHM
+from ckpt.format.dtypes import dtype_of, dtypes_by_name
 from ckpt.format.limits import MAX_BYTES, byte_count
 from ckpt.format.names import is_tensor_file_name
 from ckpt.format.packs import check_packs
 from ckpt.format.records import ITEM_KINDS, FileRecord, ItemRecord, TensorRecord, tensor_record
 from ckpt.state.tree import Json
 
+if TYPE_CHECKING:
+    import torch
+
 DIGEST = re.compile(r"xxh3_64:[0-9a-f]{16}")
-_DTYPES = {
-    str(d).removeprefix("torch."): d for d in vars(torch).values() if isinstance(d, torch.dtype)
-}
 
 
 def encode_tensor(r: TensorRecord) -> dict[str, Any]:
@@ -129,7 +128,7 @@ def decode_tensors(
     valid_devices: set[str] = set()
     shapes = _ShapeBytes()
     # Hot: one pass per record of a manifest of many thousand tensors (locals, no generators).
-    dtypes, fields, new_record = _DTYPES, _TENSOR_FIELDS, tensor_record
+    dtypes, fields, new_record = dtypes_by_name(), _TENSOR_FIELDS, tensor_record
     for name, record in doc.items():
         if not isinstance(record, dict):
             raise bad(f"tensors.{name}", "must be an object")
@@ -142,6 +141,8 @@ def decode_tensors(
             raise bad(f"tensors.{name}", f"names file {file!r}, which is not in 'files'")
         dtype_name = info.get("dtype")
         dtype = dtypes.get(dtype_name) if isinstance(dtype_name, str) else None
+        if dtype is None and isinstance(dtype_name, str):
+            dtype = dtype_of(dtype_name)  # one this table lacks: torch decides
         if dtype is None:
             raise bad(f"tensors.{name}", f"unknown dtype {dtype_name!r}")
         shape: Any = info.get("shape")
@@ -198,10 +199,22 @@ class _ShapeBytes:
 _INT_TYPE = frozenset({int})
 
 
+_PLAIN_DEVICE = re.compile(r"(?:cpu|cuda|meta|mps|xpu)(?::(?:0|[1-9][0-9]?))?")
+"""Device strings torch certainly parses (checked against torch in the tests): no import needed."""
+
+
 def _check_device(device: Json, where: str, bad: Any) -> None:
-    """Raise unless ``device`` is a string torch parses as a device."""
+    """Raise unless ``device`` is a string torch parses as a device.
+
+    Common ones (``cpu``, ``cuda:1``) are known without torch; any other is
+    handed to ``torch.device`` (importing torch).
+    """
     if not isinstance(device, str):
         raise bad(where, "device must be a string")
+    if _PLAIN_DEVICE.fullmatch(device):
+        return
+    import torch  # noqa: PLC0415 - only for device strings out of the ordinary
+
     try:
         torch.device(device)
     except RuntimeError as e:

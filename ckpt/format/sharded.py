@@ -17,13 +17,12 @@ import itertools
 import math
 from collections.abc import Mapping
 from dataclasses import replace
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ckpt.errors import CorruptCheckpointError
 from ckpt.format.blobs import is_blob_key, ref_key, ref_name
 from ckpt.format.checksums import ALGORITHM
+from ckpt.format.dtypes import STORABLE, dtypes_by_name
 from ckpt.format.limits import MAX_BYTES, byte_count
 from ckpt.format.records import (
     ChunkRecord,
@@ -42,8 +41,10 @@ from ckpt.format.sections import (
     encode_tensor,
     shown_shape,
 )
-from ckpt.format.tensorfile import dtype_name
 from ckpt.state.tree import Json, tensor_refs
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "MAX_WORLD_SIZE",
@@ -65,14 +66,6 @@ dimensions) need few; a layout needing more is refused rather than checked for m
 
 _CHUNK_FIELDS = ("offsets", "sizes", "file", "begin", "checksum")
 _BLOB_CHUNK_FIELDS = ("offsets", "sizes", "blob", "begin", "checksum")
-_STORABLE: dict[str, torch.dtype] = {}
-for _dtype in vars(torch).values():
-    if isinstance(_dtype, torch.dtype):
-        try:
-            dtype_name(_dtype)
-        except TypeError:
-            continue
-        _STORABLE[str(_dtype).removeprefix("torch.")] = _dtype
 
 
 def encode_sharded(section: ShardedSection) -> dict[str, Json]:
@@ -191,9 +184,10 @@ def _decode_globals(
         if unknown:
             raise bad(where, f"unknown fields {unknown}")
         dtype_doc, shape, chunks_doc = info.get("dtype"), info.get("shape"), info.get("chunks")
-        dtype = _STORABLE.get(dtype_doc) if isinstance(dtype_doc, str) else None
+        storable = dtype_doc if isinstance(dtype_doc, str) and dtype_doc in STORABLE else None
+        dtype = None if storable is None else dtypes_by_name().get(storable)
         if dtype is None:
-            raise bad(where, f"dtype {dtype_doc!r} is not one ckpt writes ({sorted(_STORABLE)})")
+            raise bad(where, f"dtype {dtype_doc!r} is not one ckpt writes ({sorted(STORABLE)})")
         if not _is_dims(shape):
             raise bad(where, "shape must be a list of non-negative ints")
         assert isinstance(shape, list)

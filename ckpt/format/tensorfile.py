@@ -27,6 +27,7 @@ import torch
 
 from ckpt.errors import CorruptCheckpointError
 from ckpt.format.checksums import hash_bytes
+from ckpt.format.dtypes import Typed, check_stored_dtype
 from ckpt.format.limits import byte_count
 from ckpt.state.tree import loads_strict
 
@@ -84,32 +85,6 @@ def dtype_name(dtype: torch.dtype) -> str:
         return _SAFETENSORS_DTYPES[dtype]
     except KeyError:
         raise TypeError(f"dtype {dtype} cannot be stored in a safetensors file") from None
-
-
-class Typed(Protocol):
-    """A record of a stored tensor: it names the tensor's dtype."""
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """The stored dtype."""
-        ...
-
-
-def check_stored_dtype(name: str, record: Typed) -> None:
-    """Refuse a tensor record whose dtype ckpt never writes (``qint32``, say): corruption.
-
-    The one check restore, verify, read, streaming and describe share: torch
-    would otherwise fail on such a dtype with its own error, or build it.
-
-    Raises:
-        CorruptCheckpointError: Naming the tensor.
-    """
-    try:
-        dtype_name(record.dtype)
-    except TypeError as e:
-        raise CorruptCheckpointError(
-            f"tensor has dtype {record.dtype}, which ckpt never writes", key=name
-        ) from e
 
 
 def dtype_from_name(name: str) -> torch.dtype | None:

@@ -20,20 +20,67 @@ read from, their own module; they are deliberately not re-exported here.
 
 from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from ckpt.format import MAX_MANIFEST_BYTES
-from ckpt.io.chunks import (
-    assemble_tensor,
-    chunk_checksum,
-    data_offsets,
-    read_chunk,
-    read_chunk_slice,
-    verify_sharded_files,
-)
-from ckpt.io.manifest import manifest_digest, read_manifest
-from ckpt.io.pending import PendingReads
-from ckpt.io.read import load_tensors
-from ckpt.io.verify import verify_checkpoint_files
-from ckpt.io.write import write_checkpoint_files
+
+if TYPE_CHECKING:
+    from ckpt.io.chunks import (
+        assemble_tensor,
+        chunk_checksum,
+        data_offsets,
+        read_chunk,
+        read_chunk_slice,
+        verify_sharded_files,
+    )
+    from ckpt.io.manifest import manifest_digest, read_manifest
+    from ckpt.io.pending import PendingReads
+    from ckpt.io.read import load_tensors
+    from ckpt.io.verify import verify_checkpoint_files
+    from ckpt.io.write import write_checkpoint_files
+
+_HOMES = {
+    "assemble_tensor": "chunks",
+    "chunk_checksum": "chunks",
+    "data_offsets": "chunks",
+    "read_chunk": "chunks",
+    "read_chunk_slice": "chunks",
+    "verify_sharded_files": "chunks",
+    "manifest_digest": "manifest",
+    "read_manifest": "manifest",
+    "PendingReads": "pending",
+    "load_tensors": "read",
+    "verify_checkpoint_files": "verify",
+    "write_checkpoint_files": "write",
+}
+"""Each name's module, imported on first use: reading a manifest (``ckpt ls``) needs no torch."""
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        return _submodule(name)
+    value = getattr(importlib.import_module(f"{__name__}.{home}"), name)
+    globals()[name] = value
+    return value
+
+
+def _submodule(name: str) -> Any:
+    """``ckpt.io.write`` after ``import ckpt.io``, as when this package imported every module."""
+    if name.startswith("_"):
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    try:
+        return importlib.import_module(f"{__name__}.{name}")
+    except ModuleNotFoundError as e:
+        if e.name != f"{__name__}.{name}":
+            raise
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_HOMES})
+
 
 __all__ = [
     "MAX_MANIFEST_BYTES",

@@ -18,17 +18,19 @@ is listed at both.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ckpt.errors import CorruptCheckpointError
 from ckpt.format import GlobalTensorRecord, ItemRecord, Manifest, TensorRecord
 from ckpt.format.blobs import file_parts, is_ref
-from ckpt.format.tensorfile import check_stored_dtype
-from ckpt.state.tree import Json, KeyPath, unflatten_at
+from ckpt.format.dtypes import check_stored_dtype
+from ckpt.state.tree import Json, KeyPath, placeholder, unflatten_at
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "Description",
@@ -187,9 +189,6 @@ def format_version_of(manifest: Manifest, *, compressed: bool = False) -> int:
     return 1
 
 
-_PLACEHOLDER = torch.empty(0)
-
-
 def _decoded(record: ItemRecord, item: str) -> tuple[Any, list[tuple[KeyPath, str]]]:
     """An item's state with placeholder tensors, and ``(key path, stored name)`` per reference."""
     flat = _flat_refs(record.state)
@@ -199,7 +198,7 @@ def _decoded(record: ItemRecord, item: str) -> tuple[Any, list[tuple[KeyPath, st
 
     def lookup(name: str, path: KeyPath) -> torch.Tensor:
         refs.append((path, name))
-        return _PLACEHOLDER
+        return placeholder()  # no torch needed for a tree of plain references
 
     try:
         state = unflatten_at(record.state, lookup)
@@ -316,11 +315,17 @@ def _jsonable(value: Any) -> Json:
         return [_jsonable(v) for v in value]
     if isinstance(value, dict):
         return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, torch.Tensor):
+    if _is_tensor(value):
         return "<tensor>"
     if isinstance(value, bytes):
         return f"<{len(value)} bytes>"
     return str(value)
+
+
+def _is_tensor(value: Any) -> bool:
+    """A tensor, or the plain object :func:`placeholder` gives before torch is imported."""
+    torch = sys.modules.get("torch")
+    return type(value) is object or (torch is not None and isinstance(value, torch.Tensor))
 
 
 def _param_groups(state: Any) -> tuple[dict[str, Json], ...]:

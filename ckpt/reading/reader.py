@@ -9,7 +9,6 @@ through one of these.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import time
@@ -20,23 +19,18 @@ from typing import Any
 import torch
 
 from ckpt.distributed import read_consolidated, verify_sharded
-from ckpt.errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
+from ckpt.errors import CheckpointNotFoundError, CorruptCheckpointError
 from ckpt.format import MANIFEST_NAME, Manifest, step_dir_name
 from ckpt.gc_pause import paused_gc
 from ckpt.io import load_tensors, verify_checkpoint_files
-from ckpt.reading.describe import (
-    Description,
-    describe_manifest,
-    format_version_of,
-    item_tensor_keys,
-)
-from ckpt.reading.steps import LIST_ATTEMPTS, StepReader
+from ckpt.reading.describe import item_tensor_keys
+from ckpt.reading.manifests import ManifestReader, located
 from ckpt.reading.streaming import stream_item
 from ckpt.restoring.locations import MapLocation, check_map_location
 from ckpt.restoring.pipeline import check_items
 from ckpt.state.items import build_state
 from ckpt.state.tree import tensor_refs
-from ckpt.storage import Storage, storage_of
+from ckpt.storage import Storage
 
 __all__ = ["Checkpoint", "CheckpointReader", "located"]
 
@@ -74,7 +68,7 @@ class Checkpoint:
         return self.step + 1
 
 
-class CheckpointReader:
+class CheckpointReader(ManifestReader):
     """Read-only access to the checkpoints of one root: lists, describes, verifies and reads.
 
     Never creates a directory, never takes the writer lock, never writes. A root
@@ -106,40 +100,8 @@ class CheckpointReader:
         fallback_to_intact: bool = False,
         storage: Storage | None = None,
     ) -> None:
-        storage = storage_of(directory, storage_options, storage)
-        self._steps = StepReader(storage)
+        super().__init__(directory, storage_options=storage_options, storage=storage)
         self.fallback_to_intact = bool(fallback_to_intact)
-
-    def __repr__(self) -> str:
-        return f"CheckpointReader({self.directory!r})"
-
-    @property
-    def _storage(self) -> Storage:
-        return self._steps.storage
-
-    @property
-    def steps(self) -> StepReader:
-        """The listing and manifest access under this reader (its owner may share it)."""
-        return self._steps
-
-    @property
-    def directory(self) -> str:
-        """The root directory, as given."""
-        return self._storage.url
-
-    # ----------------------------------------------------------------- listing
-
-    def all_steps(self) -> list[int]:
-        """Return the steps of all committed checkpoints, ascending (``[]`` for a missing root).
-
-        Safe against another process committing and deleting meanwhile: a step
-        deleted while being listed is never taken for the last committed one.
-        """
-        return self._steps.all_steps()
-
-    def latest_step(self) -> int | None:
-        """Return the newest committed step, or ``None`` if there is none."""
-        return self._steps.latest_step()
 
     @paused_gc()
     def checkpoint(self, step: int | None = None) -> Checkpoint | None:
@@ -152,45 +114,8 @@ class CheckpointReader:
             CorruptCheckpointError: Its manifest is malformed.
             CheckpointError: Checkpoints kept changing under every attempt for a minute.
         """
-        found = self._steps.retrying(step, self.manifest, "described")
+        found = self.steps.retrying(step, self.manifest, "described")
         return None if found is None else self.info(found[1])
-
-    @paused_gc()
-    def describe(self, step: int | None = None) -> Description:
-        """Describe a checkpoint (the latest when ``step`` is ``None``) from its manifest alone.
-
-        Reads no tensor data: items, every tensor's key, dtype, shape and bytes,
-        optimizer classes, hyperparameters and parameter names, metrics, world size.
-
-        Raises:
-            CheckpointNotFoundError: No checkpoint (or no directory), or ``step`` is not committed.
-            CorruptCheckpointError: Its manifest is malformed.
-        """
-        for _ in range(LIST_ATTEMPTS):
-            target = step if step is not None else self.latest_step()
-            if target is None:
-                raise self._nothing_saved()
-            try:
-                return self._describe(target)
-            except CheckpointNotFoundError:
-                # Only the manifest is read, so no digest is taken first (it would read it
-                # twice): the latest step deleted meanwhile means listing again.
-                if step is not None or self._steps.is_committed(target):
-                    raise
-        raise CheckpointError(
-            f"checkpoints kept changing while being described ({LIST_ATTEMPTS} attempts each "
-            "found the latest step deleted); retry, or keep more checkpoints",
-            path=self.directory,
-        )
-
-    def _describe(self, step: int | None) -> Description:
-        step_name, manifest = self._found(step)
-        version = None
-        if format_version_of(manifest) == 1:  # or 2, if its manifest was compressed
-            with self._storage.open_read(step_name, MANIFEST_NAME) as f:
-                version = format_version_of(manifest, compressed=f.read(1) == b"x")
-        with located(self._storage.path(step_name, MANIFEST_NAME)):
-            return describe_manifest(manifest, format_version=version)
 
     # ------------------------------------------------------------------ verify
 
@@ -213,17 +138,17 @@ class CheckpointReader:
             CorruptCheckpointError: Anything is wrong; the message names the step,
                 the file and, for checksums, the expected and actual digests.
         """
-        return self._steps.retrying(step, self._verify)
+        return self.steps.retrying(step, self._verify)
 
     def _verify(self, step: int | None) -> Checkpoint:
         start = time.perf_counter()
-        step_name, manifest = self._found(step)
-        with located(self._storage.path(step_name, MANIFEST_NAME)):
+        step_name, manifest = self.found(step)
+        with located(self.steps.storage.path(step_name, MANIFEST_NAME)):
             if manifest.sharded is not None:
-                nbytes = verify_sharded(self._storage, step_name, manifest)
+                nbytes = verify_sharded(self.steps.storage, step_name, manifest)
             else:
                 check_items(manifest)
-                nbytes = verify_checkpoint_files(self._storage, step_name, manifest)
+                nbytes = verify_checkpoint_files(self.steps.storage, step_name, manifest)
         unchecked = [n for n, r in manifest.files.items() if r.checksum is None]
         if unchecked:
             logger.warning(
@@ -234,7 +159,7 @@ class CheckpointReader:
         logger.info(
             "verified step %d at %s (%d bytes in %.3f s)",
             manifest.step,
-            self._storage.url_of(step_name),
+            self.steps.storage.url_of(step_name),
             nbytes,
             time.perf_counter() - start,
         )
@@ -281,11 +206,11 @@ class CheckpointReader:
             return self._read(s, map_location, verify, wanted)
 
         if step is None and self.fallback_to_intact:
-            found = self._steps.newest_intact(attempt, "read")
+            found = self.steps.newest_intact(attempt, "read")
             if found is None:
-                raise self._nothing_saved()
+                raise self.nothing_saved()
             return found
-        return self._steps.retrying(step, attempt)
+        return self.steps.retrying(step, attempt)
 
     def _read(
         self,
@@ -294,18 +219,20 @@ class CheckpointReader:
         verify: bool,
         items: tuple[str, ...] | None,
     ) -> dict[str, Any]:
-        step_name, manifest = self._found(step)
-        manifest_path = self._storage.path(step_name, MANIFEST_NAME)
+        step_name, manifest = self.found(step)
+        manifest_path = self.steps.storage.path(step_name, MANIFEST_NAME)
         if items is not None:
             manifest = _only(manifest, items, manifest_path)
         with located(manifest_path):
             if manifest.sharded is not None:
-                return read_consolidated(self._storage, step_name, manifest, map_location, verify)
+                return read_consolidated(
+                    self.steps.storage, step_name, manifest, map_location, verify
+                )
             names = list(
                 dict.fromkeys(n for r in manifest.items.values() for _, n in tensor_refs(r.state))
             )
             loaded, _ = load_tensors(
-                self._storage, step_name, manifest, names, {}, map_location, verify=verify
+                self.steps.storage, step_name, manifest, names, {}, map_location, verify=verify
             )
             return {name: build_state(r, loaded, name) for name, r in manifest.items.items()}
 
@@ -338,17 +265,17 @@ class CheckpointReader:
             raise TypeError(f"item must be an item name, got {type(item).__name__}")
 
         def lookup(s: int | None) -> tuple[str, Manifest, list[tuple[str, str]]]:
-            step_name, manifest = self._found(s)
-            with located(self._storage.path(step_name, MANIFEST_NAME)):
-                _only(manifest, (item,), self._storage.path(step_name, MANIFEST_NAME))
+            step_name, manifest = self.found(s)
+            with located(self.steps.storage.path(step_name, MANIFEST_NAME)):
+                _only(manifest, (item,), self.steps.storage.path(step_name, MANIFEST_NAME))
                 return step_name, manifest, item_tensor_keys(manifest, item)
 
         with paused_gc():  # not while iterating: the caller's code runs then
-            step_name, manifest, keys = self._steps.retrying(step, lookup)
-            before = self._steps.identity(manifest.step)
+            step_name, manifest, keys = self.steps.retrying(step, lookup)
+            before = self.steps.identity(manifest.step)
         sharded = manifest.sharded is not None and item in manifest.sharded.items
         stream = stream_item(
-            self._storage, step_name, manifest, keys, sharded=sharded, verify=verify
+            self.steps.storage, step_name, manifest, keys, sharded=sharded, verify=verify
         )
         return self._guarded(stream, manifest.step, before)
 
@@ -358,46 +285,18 @@ class CheckpointReader:
         """``stream``, telling a step deleted or replaced meanwhile from a corrupt one."""
         step_name = step_dir_name(step)
         try:
-            with located(self._storage.path(step_name, MANIFEST_NAME)):
+            with located(self.steps.storage.path(step_name, MANIFEST_NAME)):
                 yield from stream
         except (CorruptCheckpointError, CheckpointNotFoundError) as e:
-            if before is None or self._steps.identity(step) == before:
+            if before is None or self.steps.identity(step) == before:
                 raise
             raise CheckpointNotFoundError(
                 f"step {step} was deleted or replaced while being streamed (by retention in "
                 "another process?); what was yielded before is from the step as it was",
-                path=self._storage.url_of(step_name),
+                path=self.steps.storage.url_of(step_name),
             ) from e
 
     # ---------------------------------------------------------------- helpers
-
-    def manifest(self, step: int | None) -> tuple[str, Manifest] | None:
-        """The step directory and manifest of ``step`` (the latest when ``None``; ``None`` if none).
-
-        Raises:
-            CheckpointNotFoundError: ``step`` is not committed.
-            CorruptCheckpointError: The manifest is malformed.
-        """
-        return self._steps.manifest(step)
-
-    def _found(self, step: int | None) -> tuple[str, Manifest]:
-        found = self._steps.manifest(step)
-        if found is None:
-            raise self._nothing_saved()
-        return found
-
-    def _root_exists(self) -> bool:
-        try:
-            return bool(self._storage.fs.exists(self._storage.path()))
-        except (OSError, ValueError):  # cannot tell: say nothing was saved
-            return True
-
-    def _nothing_saved(self) -> CheckpointNotFoundError:
-        if not self._root_exists():
-            return CheckpointNotFoundError(
-                "no checkpoint directory: it does not exist", path=self.directory
-            )
-        return CheckpointNotFoundError("no checkpoint has been saved", path=self.directory)
 
     def info(self, manifest: Manifest) -> Checkpoint:
         """The :class:`Checkpoint` a manifest describes (its path below this root)."""
@@ -405,7 +304,7 @@ class CheckpointReader:
             step=manifest.step,
             epoch=manifest.epoch,
             metrics=dict(manifest.metrics),
-            path=self._storage.url_of(step_dir_name(manifest.step)),
+            path=self.steps.storage.url_of(step_dir_name(manifest.step)),
             items=tuple(manifest.items),
         )
 
@@ -448,15 +347,3 @@ def _only(manifest: Manifest, items: tuple[str, ...], path: str) -> Manifest:
         items={n: r for n, r in manifest.items.items() if n in keep},
         sharded=section,
     )
-
-
-@contextlib.contextmanager
-def located(path: str) -> Iterator[None]:
-    """Fill in ``path`` on checkpoint errors raised inside that name no file."""
-    try:
-        yield
-    except CheckpointError as e:
-        found = e.located(path)
-        if found is e:
-            raise
-        raise found from e

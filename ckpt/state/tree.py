@@ -43,12 +43,14 @@ from __future__ import annotations
 import base64
 import json
 import math
+import sys
 from collections.abc import Callable, Mapping
-from typing import Any, TypeAlias
-
-import torch
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from ckpt.errors import CorruptCheckpointError
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "Json",
@@ -57,6 +59,7 @@ __all__ = [
     "flatten",
     "format_key_path",
     "loads_strict",
+    "placeholder",
     "tensor_name",
     "tensor_refs",
     "tensors_by_path",
@@ -84,11 +87,8 @@ _TAGS = frozenset(
 )
 _PARAM_KEYS = frozenset({"tensor", "requires_grad"})
 _SPECIAL_FLOATS = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
-_DTYPES = {
-    str(dtype).removeprefix("torch."): dtype
-    for dtype in vars(torch).values()
-    if isinstance(dtype, torch.dtype)
-}
+# torch is imported where tensors, dtypes or devices are made, not with this module:
+# decoding a tree of plain values (describing a manifest) needs no torch.
 
 
 def _escape(component: str) -> str:
@@ -138,6 +138,8 @@ def format_key_path(prefix: str, path: KeyPath) -> str:
 
 
 def _tensor_identity(t: torch.Tensor) -> tuple[Any, ...] | None:
+    import torch  # noqa: PLC0415 - see the note above (imported: a lookup)
+
     if t.layout != torch.strided or t.device.type == "meta":
         return None
     ptr = t.data_ptr()
@@ -178,6 +180,8 @@ def loads_strict(raw: bytes) -> Json:
 
 def tensors_by_path(state: Any) -> dict[KeyPath, torch.Tensor]:
     """Map the key path of every tensor in a nested state (dicts, lists, tuples) to the tensor."""
+    import torch  # noqa: PLC0415 - see the note above
+
     found: dict[KeyPath, torch.Tensor] = {}
 
     def visit(obj: Any, path: KeyPath) -> None:
@@ -210,6 +214,8 @@ def flatten(value: Any, prefix: str) -> tuple[Json, dict[str, torch.Tensor]]:
         TypeError: A value or key cannot be stored without pickle; the message
             names its key path.
     """
+    import torch  # noqa: PLC0415 - see the note above
+
     tensors: dict[str, torch.Tensor] = {}
     seen: dict[tuple[Any, ...], str] = {}
 
@@ -328,13 +334,32 @@ def tensor_refs(tree: Json) -> list[tuple[KeyPath, str]]:
 
     def record(name: str, path: KeyPath) -> torch.Tensor:
         found.append((path, name))
-        return _PLACEHOLDER
+        return placeholder()
 
     _decode(tree, record)
     return found
 
 
-_PLACEHOLDER = torch.empty(0)
+_PLACEHOLDER: list[Any] = []
+_NOT_A_TENSOR: Any = object()
+
+
+def placeholder() -> torch.Tensor:
+    """What a lookup that only collects references returns for a tensor.
+
+    An empty tensor once torch is imported; before that (nothing to build: a
+    ``$param`` or ``$requires_grad`` imports torch before its lookup) a plain
+    object, so that decoding a tree of plain tensor references needs no torch.
+    """
+    if _PLACEHOLDER:
+        held: torch.Tensor = _PLACEHOLDER[0]
+        return held
+    if "torch" not in sys.modules:
+        return _NOT_A_TENSOR  # type: ignore[no-any-return]
+    import torch  # noqa: PLC0415 - imported: a lookup
+
+    _PLACEHOLDER.append(torch.empty(0))
+    return placeholder()
 
 
 def _is_param_arg(arg: Json) -> bool:
@@ -348,9 +373,39 @@ def _is_param_arg(arg: Json) -> bool:
 
 def _leaf(t: torch.Tensor, parameter: bool, requires_grad: bool) -> torch.Tensor:
     """A new leaf over ``t``'s memory: an ``nn.Parameter``, or a tensor that requires grad."""
+    import torch  # noqa: PLC0415 - see the note above
+
+    if type(t) is object:  # placeholder() from before torch was imported
+        t = placeholder()
     if parameter:
         return torch.nn.Parameter(t.detach(), requires_grad=requires_grad)
     return t.detach().requires_grad_(requires_grad)
+
+
+_DTYPES: list[dict[str, Any]] = []
+
+
+def _dtypes() -> dict[str, Any]:
+    """The dtypes of torch by name (imports torch)."""
+    if not _DTYPES:
+        import torch  # noqa: PLC0415 - see the note above
+
+        # Built whole, then stored: a thread never sees half of it.
+        _DTYPES.append(
+            {
+                str(d).removeprefix("torch."): d
+                for d in vars(torch).values()
+                if isinstance(d, torch.dtype)
+            }
+        )
+    return _DTYPES[0]
+
+
+def _device(text: str) -> Any:
+    """``torch.device(text)`` (imports torch)."""
+    import torch  # noqa: PLC0415 - see the note above
+
+    return torch.device(text)
 
 
 def _decode(tree: Json, lookup: Callable[[str, KeyPath], torch.Tensor]) -> Any:
@@ -392,11 +447,11 @@ def _decode(tree: Json, lookup: Callable[[str, KeyPath], torch.Tensor]) -> Any:
                 return base64.b64decode(arg, validate=True)
             except ValueError as e:
                 raise bad(path, "invalid base64 in $bytes") from e
-        if tag == "$dtype" and isinstance(arg, str) and arg in _DTYPES:
-            return _DTYPES[arg]
+        if tag == "$dtype" and isinstance(arg, str) and arg in _dtypes():
+            return _dtypes()[arg]
         if tag == "$device" and isinstance(arg, str):
             try:
-                return torch.device(arg)
+                return _device(arg)
             except RuntimeError as e:
                 raise bad(path, f"invalid device {arg!r}") from e
         if tag == "$tensor" and isinstance(arg, str):
