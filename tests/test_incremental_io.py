@@ -2,7 +2,8 @@
 
 Saves: new blobs are fsynced on a helper thread and the store directory once per
 save; a name a crashed save left is replaced atomically; a save whose blobs could
-not be made durable fails and forgets them. Restores: the files of a step are
+not be made durable fails and forgets them; tensors hashed ahead on helper
+threads and tensors hashed as they are copied get the same keys. Restores: the files of a step are
 checked on several threads, and a failure is the same whatever the threads.
 Differential throughout (``torch.equal``, dtype, device).
 """
@@ -17,6 +18,7 @@ from conftest import assert_same_state
 
 import ckpt
 import ckpt.io.read
+import ckpt.saving.blobs
 import ckpt.storage
 from ckpt.format.blobs import BLOB_DIR, blob_file_name, blob_key
 from ckpt.format.tensorfile import tensor_bytes
@@ -135,3 +137,20 @@ def test_corrupt_blobs_fail_a_restore_alike_whatever_the_threads(tmp_path, monke
         errors.append(str(e.value))
     assert errors[0] == errors[1] == errors[2]
     assert "data/t3" in errors[0]
+
+
+@pytest.mark.parametrize("threads", [1, 4])
+def test_tensors_hashed_ahead_and_copied_ones_share_blobs_alike(tmp_path, monkeypatch, threads):
+    monkeypatch.setattr(ckpt.saving.blobs, "HASH_THREADS", threads)
+    torch.manual_seed(0)
+    x = torch.randn(256, 128)
+    first = {"t": x.t().contiguous(), "u": big(1), "v": big(2)}  # hashed ahead (with threads)
+    second = {"t": x.t(), "u": big(1), "v": big(3)}  # "t" needs a copy: hashed as it is copied
+    with ckpt.CheckpointManager(tmp_path, incremental=True) as mgr:
+        mgr.save(1, data=first, rng=False)
+        stored = set(os.listdir(tmp_path / BLOB_DIR))
+        mgr.save(2, data=second, rng=False)
+    assert set(os.listdir(tmp_path / BLOB_DIR)) - stored == {blob_file_name(key_of(big(3)))}
+    reader = ckpt.CheckpointReader(tmp_path)
+    assert_same_state(reader.read(1)["data"], first)
+    assert_same_state(reader.read(2)["data"], {n: t.contiguous() for n, t in second.items()})

@@ -24,9 +24,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 import re
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import BinaryIO
 
 import torch
@@ -154,8 +156,11 @@ class BlobStore:
     ) -> None:
         """Reference each large tensor of ``files`` (updating ``records`` and ``refs``).
 
-        What stays in the step's own files goes in ``kept``.
+        What stays in the step's own files goes in ``kept``. Tensors already
+        contiguous on the CPU are hashed ahead on helper threads (``xxhash``
+        releases the GIL) while this thread writes the blobs the store lacks.
         """
+        large: list[tuple[str, torch.Tensor, TensorRecord]] = []
         for file_name, tensors in files.items():
             own: dict[str, torch.Tensor] = {}
             for name, t in tensors.items():
@@ -168,22 +173,34 @@ class BlobStore:
                 ):
                     own[name] = t
                     continue
-                key, blob = self._blob_of(t, known, stats, new)
+                large.append((name, t, record))
+            if own:
+                kept[file_name] = own
+        with _KeysAhead([t for _, t, _ in large]) as ahead:
+            for i, (name, t, record) in enumerate(large):
+                key, blob = self._blob_of(t, known, stats, new, ahead.key(i, stats))
                 ref = ref_name(key, name)
                 refs[ref] = blob
                 records[name] = dataclasses.replace(record, file=ref)
                 stats.referenced += t.nbytes
-            if own:
-                kept[file_name] = own
 
     def _blob_of(
-        self, t: torch.Tensor, known: dict[str, FileRecord], stats: SaveStats, new: _NewBlobs
+        self,
+        t: torch.Tensor,
+        known: dict[str, FileRecord],
+        stats: SaveStats,
+        new: _NewBlobs,
+        key: str | None,
     ) -> tuple[str, FileRecord]:
-        """The key and file record of ``t``'s blob, writing the blob if the store lacks it."""
+        """The key and file record of ``t``'s blob, writing the blob if the store lacks it.
+
+        ``key``: hashed ahead from the same bytes, or ``None`` (hashed now).
+        """
         cpu = cpu_contiguous(t.detach())
-        start = time.perf_counter()
-        key = blob_key(cpu, tensor_bytes(cpu))
-        stats.hash_seconds += time.perf_counter() - start
+        if key is None:
+            start = time.perf_counter()
+            key = blob_key(cpu, tensor_bytes(cpu))
+            stats.hash_seconds += time.perf_counter() - start
         blob = known.get(key)
         if blob is not None and key not in self._checked and not self._intact(key, blob):
             blob = None
@@ -306,6 +323,56 @@ class BlobStore:
             logger.warning("could not delete blob %s: %s", self._storage.url_of(BLOB_DIR, name), e)
             return 0
         return 1
+
+
+HASH_THREADS = 4
+"""Helper threads hashing tensors ahead of the blob writes, at most (and no more than CPUs)."""
+
+
+class _KeysAhead:
+    """Blob keys of the tensors already contiguous on the CPU, hashed on helper threads.
+
+    Only those: their bytes are hashed where they lie, as :meth:`BlobStore._blob_of`
+    would hash them (a tensor needing a CPU copy is hashed there, one copy at a
+    time). Use as a context manager: hashes not needed after an error are dropped.
+    """
+
+    def __init__(self, tensors: list[torch.Tensor]) -> None:
+        ready = [i for i, t in enumerate(tensors) if _in_place(t)]
+        workers = min(HASH_THREADS, os.cpu_count() or 1, len(ready))
+        self._pool = (
+            ThreadPoolExecutor(workers, thread_name_prefix="ckpt-hash") if workers >= 2 else None
+        )
+        self._keys: dict[int, Future[str]] = {}
+        if self._pool is not None:
+            self._keys = {i: self._pool.submit(_key_of, tensors[i]) for i in ready}
+
+    def __enter__(self) -> _KeysAhead:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def key(self, index: int, stats: SaveStats) -> str | None:
+        """Tensor ``index``'s key (the wait for it counted as hashing), or ``None``: not ahead."""
+        future = self._keys.pop(index, None)
+        if future is None:
+            return None
+        start = time.perf_counter()
+        key = future.result()
+        stats.hash_seconds += time.perf_counter() - start
+        return key
+
+
+def _in_place(t: torch.Tensor) -> bool:
+    """Whether ``t``'s bytes are written where they lie (no copy to make first)."""
+    return t.device.type == "cpu" and t.is_contiguous() and not (t.is_conj() or t.is_neg())
+
+
+def _key_of(t: torch.Tensor) -> str:
+    cpu = cpu_contiguous(t.detach())
+    return blob_key(cpu, tensor_bytes(cpu))
 
 
 class _NewBlobs:
