@@ -1,6 +1,7 @@
 """Benchmark: incremental saves against full saves of the same state, in one run.
 
-Usage: python bench/incremental_bench.py [--mib 512] [--frozen 0.9] [--saves 5] [--dir DIR]
+Usage: python bench/incremental_bench.py [--mib 512] [--frozen 0.9] [--saves 5] [--restores N]
+[--dir DIR]
 
 A model of about ``--mib`` MiB of float32 parameters, a fraction ``--frozen`` of
 whose bytes never change (a frozen base), the rest changed before every save (an
@@ -9,7 +10,8 @@ save), one with ``incremental=True``. Every save is synchronous (every file and
 blob fsynced before the clock stops). Reports, per save after the first, the
 medians of: bytes written (growth of the root, no retention), save time, time
 spent hashing the bytes (establishing identity) as a share of the full save, and
-restore time (with verification) of the newest step from each root.
+restore time (with verification) of the newest step from each root (``--restores``
+times each, taking turns; by default as many as ``--saves``).
 """
 
 from __future__ import annotations
@@ -89,7 +91,7 @@ def measure(args: argparse.Namespace, model: torch.nn.Module, base: Path) -> Non
         if step > 0:
             hashing.append(hash_seconds(model))
     restore: dict[str, list[float]] = {k: [] for k in roots}
-    for _ in range(args.saves):
+    for _ in range(args.restores or args.saves):
         for kind, mgr in managers.items():
             target = build(args.mib, args.frozen)
             began = time.perf_counter()
@@ -128,6 +130,7 @@ def main() -> None:
     parser.add_argument("--mib", type=float, default=512)
     parser.add_argument("--frozen", type=float, default=0.9)
     parser.add_argument("--saves", type=int, default=5)
+    parser.add_argument("--restores", type=int, default=0, help="default: --saves")
     parser.add_argument("--dir", default=None)
     run(parser.parse_args())
 

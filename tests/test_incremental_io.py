@@ -3,8 +3,9 @@
 Saves: new blobs are fsynced on a helper thread and the store directory once per
 save; a name a crashed save left is replaced atomically; a save whose blobs could
 not be made durable fails and forgets them; tensors hashed ahead on helper
-threads and tensors hashed as they are copied get the same keys. Restores: the files of a step are
-checked on several threads, and a failure is the same whatever the threads.
+threads and tensors hashed as they are copied get the same keys. Restores: the
+files of a step are checked on several threads, and a failure is the same
+whatever the threads.
 Differential throughout (``torch.equal``, dtype, device).
 """
 

@@ -1,4 +1,8 @@
-"""The checked read of tensors: each file hashed whole; tensors placed, or their reads deferred."""
+"""The checked read of tensors: each file hashed whole; tensors placed, or their reads deferred.
+
+Independent local files are checked on several threads when every tensor goes
+to the CPU (a step of an incremental root is one file per blob).
+"""
 
 from __future__ import annotations
 

@@ -344,8 +344,10 @@ class _KeysAhead:
             ThreadPoolExecutor(workers, thread_name_prefix="ckpt-hash") if workers >= 2 else None
         )
         self._keys: dict[int, Future[str]] = {}
-        if self._pool is not None:
-            self._keys = {i: self._pool.submit(_key_of, tensors[i]) for i in ready}
+        if self._pool is not None:  # RuntimeError: the interpreter is exiting, hashed inline
+            with contextlib.suppress(RuntimeError):
+                for i in ready:
+                    self._keys[i] = self._pool.submit(_key_of, tensors[i])
 
     def __enter__(self) -> _KeysAhead:
         return self
