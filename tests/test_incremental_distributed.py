@@ -385,3 +385,22 @@ def test_v5_refuses_malformed_blob_chunks(edit, key, why):
     with pytest.raises(ckpt.CorruptCheckpointError, match=why) as info:
         decode_manifest(raw_of(doc), "m.json")
     assert info.value.key == key
+
+
+def on_ranks_incremental_node_local(rank: int, world: int, root: str) -> str:
+    try:
+        ckpt.CheckpointManager(
+            os.path.join(root, "{rank}"),
+            tiers=[ckpt.Tier(os.path.join(root, "shared"))],
+            incremental=True,
+        )
+    except ValueError as e:
+        return str(e)
+    return "built"
+
+
+def test_incremental_with_node_local_roots_is_refused_when_the_manager_is_built(
+    rank_pool, tmp_path
+):
+    for said in rank_pool.run(on_ranks_incremental_node_local, str(tmp_path)):
+        assert "incremental=True" in said and "node-local" in said and "not supported" in said

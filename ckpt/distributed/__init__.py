@@ -61,12 +61,15 @@ def collective_save(
             ``blob_index``, the blobs the root holds.
 
     Raises:
-        NotImplementedError: Incremental saves to node-local roots; ``group`` is closed.
+        ValueError: ``incremental=True`` with node-local roots; ``group`` is closed.
     """
     if blob_index is not None and node_local:
         group.close()  # the manager is not built: its group goes with it
-        raise NotImplementedError(
-            "incremental=True with node-local roots in a process group: not supported"
+        raise ValueError(
+            "incremental=True with a node-local directory ('{rank}' in the directory, with "
+            "tiers) in a process group is not supported: a rank's own root cannot hold the "
+            "blobs the other ranks write; use a directory every rank shares, or "
+            "incremental=False"
         )
     from ckpt.distributed.saving import CollectiveSave  # noqa: PLC0415 - imports DCP
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 from collections.abc import Iterator, Mapping
 from typing import BinaryIO
 
@@ -17,6 +18,7 @@ from ckpt.storage import Storage
 __all__ = [
     "alias_entries",
     "check_digest",
+    "check_opened_size",
     "check_size",
     "matching_entry",
     "open_listed",
@@ -83,12 +85,36 @@ def check_size(storage: Storage, directory: str, file_name: str, manifest: Manif
     except CheckpointNotFoundError as e:
         raise _missing(manifest, file_name, path) from e
     if actual != expected:
-        raise CorruptCheckpointError(
-            f"file size in step {manifest.step} is {actual} bytes, the manifest says {expected}",
-            path=path,
-            key=ref_alias(file_name),
-        )
+        raise _size_error(manifest, file_name, path, actual, expected)
     return path
+
+
+def check_opened_size(
+    storage: Storage, directory: str, file_name: str, manifest: Manifest, f: BinaryIO
+) -> str:
+    """:func:`check_size` of a file already opened by :func:`open_listed`; return its path.
+
+    A local file's size is its descriptor's (no second lookup of its name); an
+    object store's is asked of the store.
+    """
+    if storage.file_identity(f) is None:
+        return check_size(storage, directory, file_name, manifest)
+    path = storage.path(*file_parts(directory, file_name))
+    expected = manifest.files[file_name].size
+    actual = os.fstat(f.fileno()).st_size
+    if actual != expected:
+        raise _size_error(manifest, file_name, path, actual, expected)
+    return path
+
+
+def _size_error(
+    manifest: Manifest, file_name: str, path: str, actual: int, expected: int
+) -> CorruptCheckpointError:
+    return CorruptCheckpointError(
+        f"file size in step {manifest.step} is {actual} bytes, the manifest says {expected}",
+        path=path,
+        key=ref_alias(file_name),
+    )
 
 
 def _missing(manifest: Manifest, file_name: str, path: str) -> CorruptCheckpointError:

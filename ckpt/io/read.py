@@ -1,9 +1,15 @@
-"""The checked read of tensors: each file hashed whole; tensors placed, or their reads deferred."""
+"""The checked read of tensors: each file hashed whole; tensors placed, or their reads deferred.
+
+Independent local files are checked on several threads when every tensor goes
+to the CPU (a step of an incremental root is one file per blob).
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping
+import threading
+from collections.abc import Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from typing import BinaryIO
 
@@ -17,11 +23,12 @@ from ckpt.format.tensorfile import TensorEntry, check_stored_dtype, read_tensor,
 from ckpt.io.checks import (
     alias_entries,
     check_digest,
-    check_size,
+    check_opened_size,
     matching_entry,
     open_listed,
     read_header,
 )
+from ckpt.io.live_reads import read_threads
 from ckpt.io.pending import PendingReads, Reopen, Source
 from ckpt.io.spill import copy_bytes
 from ckpt.restoring.locations import MapLocation, mapped_device, place
@@ -102,32 +109,69 @@ def load_tensors(
     into = into or {}
     by_file = tensors_by_file(storage, directory, manifest, names)
     out: dict[str, torch.Tensor] = {}
+    jobs: list[tuple[str, dict[str, Target]]] = []
+    for file_name, file_names in by_file.items():
+        wanted: dict[str, Target] = {}
+        for name in file_names:
+            record = manifest.tensors[name]
+            device, dtype = targets.get(name, (None, None))
+            if device is None and not callable(map_location):
+                device = mapped_device(map_location, record.device)
+            if device is not None and device.type == "meta":
+                out[name] = torch.empty(record.shape, dtype=dtype or record.dtype, device="meta")
+            else:
+                wanted[name] = (device, dtype)
+        if wanted:
+            jobs.append((file_name, wanted))
     reader = _FileReader(storage, directory, manifest, map_location, verify, into)
     with ExitStack() as on_error:
         on_error.push(reader.pending)
-        for file_name, file_names in by_file.items():
-            wanted: dict[str, Target] = {}
-            for name in file_names:
-                record = manifest.tensors[name]
-                device, dtype = targets.get(name, (None, None))
-                if device is None and not callable(map_location):
-                    device = mapped_device(map_location, record.device)
-                if device is not None and device.type == "meta":
-                    out[name] = torch.empty(
-                        record.shape, dtype=dtype or record.dtype, device="meta"
-                    )
-                else:
-                    wanted[name] = (device, dtype)
-            if wanted:
-                out.update(reader.load(file_name, wanted))
+        for loaded in _load_files(reader, jobs, storage):
+            out.update(loaded)
         for cuda in reader.cuda_devices:  # pinned host copies are asynchronous: finish them
             torch.cuda.synchronize(cuda)
         on_error.pop_all()
     return out, reader.pending
 
 
+def _load_files(
+    reader: _FileReader, jobs: list[tuple[str, dict[str, Target]]], storage: Storage
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Each file's tensors, in ``jobs`` order; independent local files checked on several threads.
+
+    Every file is still read and hashed whole before its tensors count; the
+    first file (in order) that fails raises, after every other file's check has
+    stopped. Files are checked one at a time on an object store (the spill is
+    one sequential file) or when a tensor may go to a GPU.
+    """
+    workers = min(read_threads(), len(jobs))
+    if workers < 2 or not storage.atomic_rename or not _all_cpu(jobs, reader.into):
+        for file_name, wanted in jobs:
+            yield reader.load(file_name, wanted)
+        return
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="ckpt-check")
+    try:
+        futures = [pool.submit(reader.load, file_name, wanted) for file_name, wanted in jobs]
+        for future in futures:
+            yield future.result()
+    finally:  # on an error: stop the checks not begun, wait for those running
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _all_cpu(jobs: list[tuple[str, dict[str, Target]]], into: Mapping[str, torch.Tensor]) -> bool:
+    """Whether every tensor of ``jobs`` is built on (or read into a tensor on) the CPU."""
+    for _, wanted in jobs:
+        for name, (device, _) in wanted.items():
+            live = into.get(name)
+            if live is not None and live.device.type != "cpu":
+                return False
+            if live is None and (device is None or device.type != "cpu"):
+                return False
+    return True
+
+
 class _FileReader:
-    """Loads the wanted tensors of one file at a time for :func:`load_tensors`."""
+    """Loads the wanted tensors of one file per call for :func:`load_tensors`; calls may overlap."""
 
     def __init__(
         self,
@@ -142,7 +186,8 @@ class _FileReader:
         self.map_location, self.verify, self.into = map_location, verify, into
         self.pending = PendingReads()
         self.cuda_devices: set[torch.device] = set()
-        self._scratch = bytearray()
+        self._local = threading.local()  # each checking thread's own scratch buffer
+        self._lock = threading.Lock()  # around ``pending``, shared by the checking threads
 
     def load(self, file_name: str, wanted: Mapping[str, Target]) -> dict[str, torch.Tensor]:
         """Read ``wanted`` from one file (hashing it whole), deferring reads into live tensors.
@@ -150,7 +195,6 @@ class _FileReader:
         Packed tensors are cut from their pack, which is read whole.
         """
         manifest = self.manifest
-        path = check_size(self.storage, self.directory, file_name, manifest)
         record = manifest.files[file_name]
         hasher = Hasher() if self.verify and record.checksum else None
         packed = {n: manifest.tensors[n] for n in wanted if manifest.tensors[n].pack is not None}
@@ -160,21 +204,21 @@ class _FileReader:
         spill = None
         out: dict[str, torch.Tensor] = {}
         buffers: dict[str, torch.Tensor] = {}
-        if not self._scratch:
-            self._scratch = bytearray(CHUNK_BYTES)
+        scratch = self._scratch()
         with ExitStack() as file_scope:
             parts = file_parts(self.directory, file_name)
             f = file_scope.enter_context(
                 open_listed(self.storage, self.directory, file_name, manifest)
             )
+            path = check_opened_size(self.storage, self.directory, file_name, manifest, f)
             source: Source = f
             identity = self.storage.file_identity(f) if in_place else None
             if in_place and identity is None:  # an object store: checked bytes wait locally
                 spill = self.pending.spill(sum(manifest.tensors[n].nbytes for n in in_place))
                 if spill is None:
                     in_place = set()  # no room: read them into fresh memory instead
-            elif in_place and self.pending.can_hold():
-                self.pending.hold(file_scope.pop_all())  # open until the pending reads ran
+            elif in_place and self._hold(file_scope):
+                pass  # open until the pending reads ran
             elif in_place:  # closed now, reopened for the reads only if still the file checked
                 source = Reopen(self.storage, identity, parts)
             entries, data_start = read_header(f, path, record.size, hasher)
@@ -194,11 +238,26 @@ class _FileReader:
                 if entry.name in in_place:
                     out[entry.name] = self._defer(f, source, entry, data_start, path, hasher, spill)
                 elif hasher is not None:
-                    hasher.skip(f, entry.nbytes, self._scratch)
+                    hasher.skip(f, entry.nbytes, scratch)
         if hasher is not None:
             check_digest(record, hasher, path, manifest.step, file_name)
         out.update(self._cut(packed, buffers, wanted))
         return out
+
+    def _scratch(self) -> bytearray:
+        """This thread's buffer for bytes hashed and dropped."""
+        scratch: bytearray | None = getattr(self._local, "scratch", None)
+        if scratch is None:
+            scratch = self._local.scratch = bytearray(CHUNK_BYTES)
+        return scratch
+
+    def _hold(self, scope: ExitStack) -> bool:
+        """Keep the file ``scope`` holds open until the pending reads, if one more may stay open."""
+        with self._lock:
+            if not self.pending.can_hold():
+                return False
+            self.pending.hold(scope.pop_all())
+            return True
 
     def _defer(
         self,
@@ -213,12 +272,13 @@ class _FileReader:
         """Hash a tensor's bytes now and schedule reading them into its live tensor."""
         live = self.into[entry.name]
         if spill is None:
-            self.pending.add(source, entry, data_start, path, live)
+            with self._lock:
+                self.pending.add(source, entry, data_start, path, live)
             if hasher is not None:
-                hasher.skip(f, entry.nbytes, self._scratch)
+                hasher.skip(f, entry.nbytes, self._scratch())
             return live
-        at = spill.tell()
-        copy_bytes(f, spill, entry, path, hasher, self._scratch)
+        at = spill.tell()  # object stores: one file checked at a time
+        copy_bytes(f, spill, entry, path, hasher, self._scratch())
         moved = dataclasses.replace(entry, begin=at, end=at + entry.nbytes)
         self.pending.add(spill, moved, 0, path, live)
         return live
@@ -236,7 +296,8 @@ class _FileReader:
             cut = buffers[r.pack][r.offset : r.offset + r.nbytes].view(r.dtype).reshape(r.shape)
             if name in self.into:
                 out[name] = self.into[name]
-                self.pending.copy(cut, self.into[name])
+                with self._lock:
+                    self.pending.copy(cut, self.into[name])
                 continue
             device, dtype = wanted[name]
             out[name] = place(

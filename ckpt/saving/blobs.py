@@ -6,27 +6,35 @@ Crash safety rests on two orders:
 
 - A save writes (and makes durable) every blob it references before its
   manifest commits, so a committed step never references a blob not yet there.
+  On local disk a new blob is written under its final name, fsynced on a helper
+  thread while the next one is hashed and written, and the store directory is
+  fsynced once for all of them (as a step's own files are written), instead of a
+  temporary name, an fsync, a rename and a directory fsync per blob.
 - A sweep deletes only blobs that no committed manifest references, and it runs
   after retention deleted manifests, so a blob goes only once no listed step needs it.
 
-What a crash leaves (a blob written for a save that never committed, a blob
-whose last step was deleted before the sweep, a half-written temporary file)
-is referenced by nothing and reclaimed by the next writer's first sweep.
+What a crash leaves (a blob written for a save that never committed, even
+half, a blob whose last step was deleted before the sweep, a half-written
+temporary file) is referenced by nothing and reclaimed by the next writer's
+first sweep; a save that finds such a name still there writes over it atomically.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import os
 import re
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import BinaryIO
 
 import torch
 
 from ckpt.errors import CheckpointError, CheckpointWriteError
-from ckpt.format import FileRecord, Manifest, step_dir_name
+from ckpt.format import FileRecord, Manifest, TensorRecord, step_dir_name
 from ckpt.format import bounds as format_bounds
 from ckpt.format.blobs import (
     BLOB_DIR,
@@ -47,7 +55,7 @@ from ckpt.format.tensorfile import (
     write_tensors,
 )
 from ckpt.io import read_manifest
-from ckpt.storage import Storage
+from ckpt.storage import BackgroundSyncs, Storage
 from ckpt.storage.local import NEW_FILE_PREFIX
 
 __all__ = ["BlobStore", "SaveStats", "blob_begin", "write_blob"]
@@ -123,6 +131,36 @@ class BlobStore:
         records = dict(manifest.tensors)
         refs: dict[str, FileRecord] = {}
         kept: Files = {}
+        new = _NewBlobs(self._storage)
+        try:
+            self._reference(files, records, refs, kept, new, known, stats)
+            new.finish()
+        except BaseException:
+            new.abandon()
+            for key in new.keys:  # perhaps not durable: written anew by the next save needing it
+                known.pop(key, None)
+                self._checked.discard(key)
+            raise
+        self.last = stats
+        return kept, dataclasses.replace(manifest, files=refs, tensors=records)
+
+    def _reference(
+        self,
+        files: Files,
+        records: dict[str, TensorRecord],
+        refs: dict[str, FileRecord],
+        kept: Files,
+        new: _NewBlobs,
+        known: dict[str, FileRecord],
+        stats: SaveStats,
+    ) -> None:
+        """Reference each large tensor of ``files`` (updating ``records`` and ``refs``).
+
+        What stays in the step's own files goes in ``kept``. Tensors already
+        contiguous on the CPU are hashed ahead on helper threads (``xxhash``
+        releases the GIL) while this thread writes the blobs the store lacks.
+        """
+        large: list[tuple[str, torch.Tensor, TensorRecord]] = []
         for file_name, tensors in files.items():
             own: dict[str, torch.Tensor] = {}
             for name, t in tensors.items():
@@ -135,29 +173,39 @@ class BlobStore:
                 ):
                     own[name] = t
                     continue
-                key, blob = self._blob_of(t, known, stats)
+                large.append((name, t, record))
+            if own:
+                kept[file_name] = own
+        with _KeysAhead([t for _, t, _ in large]) as ahead:
+            for i, (name, t, record) in enumerate(large):
+                key, blob = self._blob_of(t, known, stats, new, ahead.key(i, stats))
                 ref = ref_name(key, name)
                 refs[ref] = blob
                 records[name] = dataclasses.replace(record, file=ref)
                 stats.referenced += t.nbytes
-            if own:
-                kept[file_name] = own
-        self.last = stats
-        return kept, dataclasses.replace(manifest, files=refs, tensors=records)
 
     def _blob_of(
-        self, t: torch.Tensor, known: dict[str, FileRecord], stats: SaveStats
+        self,
+        t: torch.Tensor,
+        known: dict[str, FileRecord],
+        stats: SaveStats,
+        new: _NewBlobs,
+        key: str | None,
     ) -> tuple[str, FileRecord]:
-        """The key and file record of ``t``'s blob, writing the blob if the store lacks it."""
+        """The key and file record of ``t``'s blob, writing the blob if the store lacks it.
+
+        ``key``: hashed ahead from the same bytes, or ``None`` (hashed now).
+        """
         cpu = cpu_contiguous(t.detach())
-        start = time.perf_counter()
-        key = blob_key(cpu, tensor_bytes(cpu))
-        stats.hash_seconds += time.perf_counter() - start
+        if key is None:
+            start = time.perf_counter()
+            key = blob_key(cpu, tensor_bytes(cpu))
+            stats.hash_seconds += time.perf_counter() - start
         blob = known.get(key)
         if blob is not None and key not in self._checked and not self._intact(key, blob):
             blob = None
         if blob is None:
-            blob = self._write(key, cpu)
+            blob = new.write(key, cpu)
             known[key] = blob
             stats.written += blob.size
         self._checked.add(key)
@@ -185,9 +233,6 @@ class BlobStore:
             logger.warning("blob %s no longer matches its checksum: written anew", name)
             return False
         return True
-
-    def _write(self, key: str, t: torch.Tensor) -> FileRecord:
-        return write_blob(self._storage, key, t)
 
     # ------------------------------------------------------ several ranks
 
@@ -280,18 +325,118 @@ class BlobStore:
         return 1
 
 
+HASH_THREADS = 4
+"""Helper threads hashing tensors ahead of the blob writes, at most (and no more than CPUs)."""
+
+
+class _KeysAhead:
+    """Blob keys of the tensors already contiguous on the CPU, hashed on helper threads.
+
+    Only those: their bytes are hashed where they lie, as :meth:`BlobStore._blob_of`
+    would hash them (a tensor needing a CPU copy is hashed there, one copy at a
+    time). Use as a context manager: hashes not needed after an error are dropped.
+    """
+
+    def __init__(self, tensors: list[torch.Tensor]) -> None:
+        ready = [i for i, t in enumerate(tensors) if _in_place(t)]
+        workers = min(HASH_THREADS, os.cpu_count() or 1, len(ready))
+        self._pool = (
+            ThreadPoolExecutor(workers, thread_name_prefix="ckpt-hash") if workers >= 2 else None
+        )
+        self._keys: dict[int, Future[str]] = {}
+        if self._pool is not None:  # RuntimeError: the interpreter is exiting, hashed inline
+            with contextlib.suppress(RuntimeError):
+                for i in ready:
+                    self._keys[i] = self._pool.submit(_key_of, tensors[i])
+
+    def __enter__(self) -> _KeysAhead:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def key(self, index: int, stats: SaveStats) -> str | None:
+        """Tensor ``index``'s key (the wait for it counted as hashing), or ``None``: not ahead."""
+        future = self._keys.pop(index, None)
+        if future is None:
+            return None
+        start = time.perf_counter()
+        key = future.result()
+        stats.hash_seconds += time.perf_counter() - start
+        return key
+
+
+def _in_place(t: torch.Tensor) -> bool:
+    """Whether ``t``'s bytes are written where they lie (no copy to make first)."""
+    return t.device.type == "cpu" and t.is_contiguous() and not (t.is_conj() or t.is_neg())
+
+
+def _key_of(t: torch.Tensor) -> str:
+    cpu = cpu_contiguous(t.detach())
+    return blob_key(cpu, tensor_bytes(cpu))
+
+
+class _NewBlobs:
+    """The blobs one save writes, made durable together before its manifest commits.
+
+    On local disk each is fsynced on a helper thread while the next is hashed
+    and written (see :class:`~ckpt.storage.BackgroundSyncs`), then the store
+    directory is fsynced once; an object store's PUTs are durable as they return.
+    """
+
+    def __init__(self, storage: Storage) -> None:
+        self._storage = storage
+        self._syncs = BackgroundSyncs() if storage.atomic_rename else None
+        self.keys: list[str] = []
+        """The blobs written (or begun): forgotten if the save fails."""
+
+    def write(self, key: str, t: torch.Tensor) -> FileRecord:
+        self.keys.append(key)
+        return write_blob(self._storage, key, t, syncs=self._syncs)
+
+    def finish(self) -> None:
+        """Wait for every fsync, then fsync the store directory: every blob is durable."""
+        if self._syncs is None or not self.keys:
+            return
+        try:
+            self._syncs.wait()
+            self._storage.sync_dir(BLOB_DIR)
+        except OSError as e:
+            if isinstance(e, CheckpointError):
+                raise
+            raise CheckpointWriteError(
+                f"could not make the new blobs durable: {e.strerror or e}; earlier "
+                "checkpoints are intact",
+                path=self._storage.url_of(BLOB_DIR),
+                errno=e.errno,
+            ) from e
+
+    def abandon(self) -> None:
+        """Wait for the fsyncs begun (their errors are moot: the save failed already)."""
+        if self._syncs is not None:
+            with contextlib.suppress(OSError):
+                self._syncs.wait()
+
+
 def blob_begin(t: torch.Tensor) -> int:
     """The byte at which the data of ``t``'s blob starts (its safetensors header's length)."""
     return len(encode_header(layout({BLOB_TENSOR: t}), _METADATA))
 
 
-def write_blob(storage: Storage, key: str, t: torch.Tensor) -> FileRecord:
-    """Write one blob durably under its final name, never visible half-written.
+def write_blob(
+    storage: Storage, key: str, t: torch.Tensor, *, syncs: BackgroundSyncs | None = None
+) -> FileRecord:
+    """Write one blob under its final name, durably (with ``syncs``: once they are waited for).
 
     Local disk: a temporary name, fsynced, renamed into place, the directory
-    fsynced. Object stores: one PUT. Content-named, so an identical blob
-    already there (a crashed save's) is replaced by the same bytes. Under the
-    root's writer lock, held by this process or by the coordinator of its group.
+    fsynced, so it is never visible half-written. With ``syncs`` (local disk):
+    created under its final name, its fsync started on ``syncs``; the caller
+    waits for them and fsyncs the store directory before any manifest references
+    it; a name already there (a crashed save's blob) is replaced as without.
+    Object stores: one PUT. Content-named, so an identical blob already there is
+    replaced by the same bytes. Under the root's writer lock, held by this
+    process or by the coordinator of its group.
     """
     hashers: list[Hasher] = []
 
@@ -302,7 +447,12 @@ def write_blob(storage: Storage, key: str, t: torch.Tensor) -> FileRecord:
     name = blob_file_name(key)
     try:
         storage.makedirs(BLOB_DIR)
-        size = storage.write_file((BLOB_DIR, name), write, replace=True)
+        size = None
+        if syncs is not None:
+            with contextlib.suppress(FileExistsError):  # then replaced, atomically
+                size = storage.write_file((BLOB_DIR, name), write, syncs=syncs)
+        if size is None:
+            size = storage.write_file((BLOB_DIR, name), write, replace=True)
     except OSError as e:
         if isinstance(e, CheckpointError):
             raise

@@ -203,6 +203,9 @@ class Storage(abc.ABC):
     def makedirs(self, *parts: str) -> None:
         """Create a directory below the root (and its parents) if it does not exist."""
 
+    def sync_dir(self, *parts: str) -> None:  # noqa: B027 - nothing to do on an object store
+        """Make the names lately created in a directory durable (local disk: fsync it)."""
+
     @abc.abstractmethod
     def write_file(
         self,

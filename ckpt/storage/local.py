@@ -336,6 +336,11 @@ class LocalStorage(Storage):
             finally:
                 os.close(fd)
 
+    def sync_dir(self, *parts: str) -> None:
+        """Make a directory below the root durable: fsync it (reached without following a link)."""
+        with self._dir(_components(parts)) as fd:
+            SYSCALLS.fsync(fd)
+
     def write_file(
         self,
         parts: tuple[str, ...],
