@@ -81,7 +81,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gib", type=float, default=1.0, help="state size in GiB")
     parser.add_argument("--endpoint", help="an S3 endpoint URL (default: start moto)")
-    parser.add_argument("--block-mib", type=int, default=None, help="s3fs default_block_size (lowers the 8 MiB minimum part)")
+    parser.add_argument(
+        "--block-mib",
+        type=int,
+        default=None,
+        help="s3fs default_block_size (lowers the 8 MiB minimum part)",
+    )
     args = parser.parse_args()
 
     server = None
