@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -48,35 +49,37 @@ def version(layer: int, step: int) -> int:
     return (0, 0, step // 2, step)[layer]
 
 
-def expected(step: int) -> dict[str, torch.Tensor]:
-    """The full model state of step ``step``."""
+def expected(step: int, bias: bool = True) -> dict[str, torch.Tensor]:
+    """The full model state of step ``step`` (without biases: every tensor is a blob)."""
     state = {}
     for layer in range(LAYERS):
         v = version(layer, step)
         gen = torch.Generator().manual_seed(1000 * (layer if layer >= 2 else 0) + v)
         state[f"{layer}.weight"] = torch.randn(WIDTH, WIDTH, generator=gen)
-        state[f"{layer}.bias"] = torch.full((WIDTH,), float(step + layer))
+        if bias:
+            state[f"{layer}.bias"] = torch.full((WIDTH,), float(step + layer))
     return state
 
 
-def plain_model() -> nn.Module:
+def plain_model(bias: bool = True) -> nn.Module:
     """The model, unwrapped, with values matching no step."""
     torch.manual_seed(12345)
-    return nn.Sequential(*(nn.Linear(WIDTH, WIDTH) for _ in range(LAYERS)))
+    return nn.Sequential(*(nn.Linear(WIDTH, WIDTH, bias=bias) for _ in range(LAYERS)))
 
 
-def group_model(how: str) -> nn.Module:
+def group_model(how: str, bias: bool = True) -> nn.Module:
     """The model on the ranks: ``"ddp"`` (replicated) or ``"fsdp"`` (FSDP2, sharded)."""
-    return wrap(plain_model(), how)
+    return wrap(plain_model(bias), how)
 
 
-def load(model: nn.Module, step: int) -> dict[str, torch.Tensor]:
+def load(model: nn.Module, step: int, bias: bool = True) -> dict[str, torch.Tensor]:
     """Load step ``step``'s state into the ranks' model; return it gathered back in full."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    set_model_state_dict(model, expected(step), options=StateDictOptions(full_state_dict=True))
+    options = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, expected(step, bias), options=options)  # which it distributes
     full = full_model_state(model)
-    assert_same_state(full, expected(step))
+    assert_same_state(full, expected(step, bias))
     return full
 
 
@@ -105,9 +108,11 @@ def referenced(url: str, steps: list[int], options: dict[str, Any] | None = None
     return {blob_file_name(k) for s in steps for k in manifest_doc(url, s, options)["blobs"]}
 
 
-def restore_in_one_process(url: str, step: int | None, **kwargs: Any) -> tuple[int, nn.Module]:
+def restore_in_one_process(
+    url: str, step: int | None, bias: bool = True, **kwargs: Any
+) -> tuple[int, nn.Module]:
     """Restore ``step`` (the latest if None) into a plain model in this process."""
-    model = plain_model()
+    model = plain_model(bias)
     info = ckpt.CheckpointManager(url, process_group=False, **kwargs).restore(
         step, model=model, rng=False
     )
@@ -197,14 +202,14 @@ def test_two_ranks_on_s3_write_each_blob_once_across_ranks_and_steps_and_restore
 
 
 def on_ranks_save_until_stopped(
-    rank: int, world: int, root: str, how: str, stop: str, limit: int
+    rank: int, world: int, root: str, how: str, bias: bool, stop: str, limit: int
 ) -> dict[str, Any]:
     """Save steps with ``keep_last=1`` until ``stop`` exists (agreed by the ranks) or ``limit``."""
-    model = group_model(how)
+    model = group_model(how, bias)
     step = 0
     with ckpt.CheckpointManager(root, incremental=True, keep_last=1) as mgr:
         while step < limit:
-            load(model, step)
+            load(model, step, bias)
             mgr.save(step, model=model, rng=False)
             step += 1
             done = torch.tensor([int(os.path.exists(stop))])
@@ -215,16 +220,56 @@ def on_ranks_save_until_stopped(
     return {"saves": step, "steps": steps}
 
 
-def read_while_saving(root: str, operations: int, stop: str, result: str) -> None:
+def hold_after_reading_manifests(held: list[list[int]]) -> Callable[[], None]:
+    """Make the next manifest read wait until the group has pruned that step; call to arm.
+
+    The operation then reads a step whose files and blobs retention and the sweep
+    deleted after it read the manifest: it must find the newer step, never fail.
+    Appends ``[step held, step the operation ended on]`` to ``held`` (the second
+    filled in by the caller).
+    """
+    from ckpt.reading.steps import StepReader
+
+    real = StepReader.manifest
+    armed = [False]
+
+    def holding(self: StepReader, step: int | None) -> Any:
+        found = real(self, step)
+        if armed[0] and found is not None:
+            armed[0] = False
+            k = found[1].step
+            for _ in range(6000):  # save k + 2 committed: k pruned and swept (a minute at most)
+                latest = self.latest_step()
+                if latest is not None and latest >= k + 2:
+                    break
+                time.sleep(0.01)
+            held.append([k])
+        return found
+
+    StepReader.manifest = holding  # type: ignore[method-assign]
+
+    def arm() -> None:
+        armed[0] = True
+
+    return arm
+
+
+def read_while_saving(
+    root: str, bias: bool, operations: int, hold_every: int, stop: str, result: str
+) -> None:
     """Restore and verify the latest step ``operations`` times; then create ``stop``.
 
-    Goes on (up to 10 x ``operations``) until it has seen 2 steps. Writes what it
-    saw, and every error, as JSON to ``result``.
+    Every ``hold_every``-th operation is held after reading its manifest until the
+    group has pruned that step (:func:`hold_after_reading_manifests`). Goes on (up
+    to 10 x ``operations``) until it has seen 2 steps. Writes what it saw, and every
+    error, as JSON to ``result``.
     """
     seen: list[int] = []
     errors: list[str] = []
     mismatches: list[str] = []
+    held: list[list[int]] = []
     try:
+        arm = hold_after_reading_manifests(held)
         mgr = ckpt.CheckpointManager(root, process_group=False)
         for _ in range(6000):  # until the group's first commit (a minute at most)
             if mgr.latest_step() is not None:
@@ -232,34 +277,50 @@ def read_while_saving(root: str, operations: int, stop: str, result: str) -> Non
             time.sleep(0.01)
         i = 0
         while i < operations or (len(set(seen)) < 2 and i < 10 * operations):
+            holding = i % hold_every == hold_every - 1
+            if holding:
+                arm()
             try:
                 if i % 2:
                     seen.append(mgr.verify().step)
                 else:
-                    model = plain_model()
+                    model = plain_model(bias)
                     info = mgr.restore(model=model, rng=False)
                     assert info is not None
                     seen.append(info.step)
                     try:
-                        assert_same_state(dict(model.state_dict()), expected(info.step))
+                        assert_same_state(dict(model.state_dict()), expected(info.step, bias))
                     except AssertionError as e:
                         mismatches.append(f"step {info.step}: {e}")
+                if holding:
+                    held[-1].append(seen[-1])
             except Exception as e:
                 errors.append(f"operation {i}: {type(e).__name__}: {e}")
             i += 1
     finally:
         Path(stop).touch()
-        Path(result).write_text(json.dumps({"seen": seen, "errors": errors, "bad": mismatches}))
+        report = {"seen": seen, "errors": errors, "bad": mismatches, "held": held}
+        Path(result).write_text(json.dumps(report))
 
 
-def race(forkserver: Any, rank_pool: Any, tmp_path: Path, how: str, operations: int) -> None:
+def race(
+    forkserver: Any,
+    rank_pool: Any,
+    tmp_path: Path,
+    how: str,
+    bias: bool,
+    operations: int,
+    hold_every: int,
+) -> None:
     root, stop, result = str(tmp_path / "run"), str(tmp_path / "stop"), tmp_path / "seen.json"
-    reader = forkserver.Process(target=read_while_saving, args=(root, operations, stop, result))
+    reader = forkserver.Process(
+        target=read_while_saving, args=(root, bias, operations, hold_every, stop, result)
+    )
     reader.start()
     try:
         limit = 50 * operations
         outcomes = rank_pool.run(
-            on_ranks_save_until_stopped, root, how, stop, limit, timeout=60 + operations
+            on_ranks_save_until_stopped, root, how, bias, stop, limit, timeout=60 + operations
         )
     finally:
         Path(stop).touch()
@@ -274,29 +335,32 @@ def race(forkserver: Any, rank_pool: Any, tmp_path: Path, how: str, operations: 
     assert len(seen) >= operations
     assert seen == sorted(seen)
     assert len(set(seen)) > 1, "the group made no progress while the reader read"
+    # Each held operation read a pruned step's manifest, and went on to a newer step.
+    assert len(report["held"]) >= operations // hold_every, report["held"]
+    assert all(len(h) == 2 and h[1] >= h[0] + 2 for h in report["held"]), report["held"]
     last = outcomes[0]["saves"] - 1
     assert [o["steps"] for o in outcomes] == [[last], [last]]
     assert blob_names(root) == referenced(root, [last])
-    got, model = restore_in_one_process(root, None)
+    got, model = restore_in_one_process(root, None, bias)
     assert got == last
-    assert_same_state(dict(model.state_dict()), expected(last))
+    assert_same_state(dict(model.state_dict()), expected(last, bias))
 
 
 @pytest.mark.distributed
 def test_a_reader_never_finds_bytes_missing_while_two_ranks_save_and_prune(
     forkserver, rank_pool, tmp_path
 ):
-    race(forkserver, rank_pool, tmp_path, "fsdp", 40)
+    race(forkserver, rank_pool, tmp_path, "fsdp", False, 40, 10)
 
 
 @pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.timeout(1800)
-@pytest.mark.parametrize("how", ["ddp", "fsdp"])
+@pytest.mark.parametrize(("how", "bias"), [("ddp", True), ("fsdp", False)])
 def test_a_reader_never_finds_bytes_missing_in_1000_operations_on_two_ranks(
-    forkserver, rank_pool, tmp_path, how
+    forkserver, rank_pool, tmp_path, how, bias
 ):
-    race(forkserver, rank_pool, tmp_path, how, 1000)
+    race(forkserver, rank_pool, tmp_path, how, bias, 1000, 50)
 
 
 # ------------------------------------------------------------- a corrupt shared blob
