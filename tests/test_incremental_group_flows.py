@@ -31,6 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import fsspec
 import pytest
 import torch
 import torch.distributed as dist
@@ -151,7 +152,7 @@ def on_ranks_save_counting_blob_writes(
 
 @pytest.mark.s3
 @pytest.mark.distributed
-@pytest.mark.parametrize("how", ["ddp", "fsdp"])
+@pytest.mark.parametrize("how", ["ddp", pytest.param("fsdp", marks=pytest.mark.slow)])
 def test_two_ranks_on_s3_write_each_blob_once_across_ranks_and_steps_and_restore_bitwise(
     rank_pool, s3_bucket, how
 ):
@@ -334,7 +335,7 @@ def race(
 def test_a_reader_never_finds_bytes_missing_while_two_ranks_save_and_prune(
     forkserver, rank_pool, tmp_path
 ):
-    race(forkserver, rank_pool, tmp_path, "fsdp", False, 200, 20)
+    race(forkserver, rank_pool, tmp_path, "fsdp", False, 100, 10)
 
 
 @pytest.mark.slow
@@ -350,67 +351,82 @@ def test_a_reader_never_finds_bytes_missing_in_1000_operations_on_two_ranks(
 # ------------------------------------------------------------- a corrupt shared blob
 
 
-def on_ranks_save_steps(rank: int, world: int, root: str, how: str, saves: int) -> list[Any]:
+def on_ranks_save_steps(
+    rank: int, world: int, url: str, options: dict[str, Any] | None, how: str, saves: int
+) -> list[Any]:
     """Save steps ``0 .. saves-1``; the full states gathered before each save."""
     model = group_model(how)
     gathered = []
-    with ckpt.CheckpointManager(root, incremental=True) as mgr:
+    with ckpt.CheckpointManager(url, incremental=True, storage_options=options) as mgr:
         for step in range(saves):
             gathered.append(load(model, step))
             mgr.save(step, model=model, rng=False)
     return gathered
 
 
-def on_ranks_restore_with_fallback(rank: int, world: int, root: str, how: str) -> dict[str, Any]:
+def on_ranks_restore_with_fallback(
+    rank: int, world: int, url: str, options: dict[str, Any] | None, how: str
+) -> dict[str, Any]:
     """Restore with ``fallback_to_intact``: the step, the full state, or the error."""
     model = group_model(how)
     try:
-        with ckpt.CheckpointManager(root, fallback_to_intact=True) as mgr:
+        with ckpt.CheckpointManager(url, fallback_to_intact=True, storage_options=options) as mgr:
             info = mgr.restore(model=model, rng=False)
     except Exception as e:
         return {"error": f"{type(e).__name__}: {e}"}
     return {"step": None if info is None else info.step, "state": full_model_state(model)}
 
 
-def shared_blob(root: str, how: str, shared_by: list[int], not_by: list[int]) -> str:
+def shared_blob(
+    url: str, options: dict[str, Any] | None, how: str, shared_by: list[int], not_by: list[int]
+) -> str:
     """A blob of weight 2 referenced by the steps ``shared_by`` and by none of ``not_by``.
 
     FSDP2: the blob of rank 1's half (only rank 1 reads it in a collective restore).
     """
-    chunks = manifest_doc(root, shared_by[0])["tensors"]["model/2.weight"]["chunks"]
+    chunks = manifest_doc(url, shared_by[0], options)["tensors"]["model/2.weight"]["chunks"]
     chunk = chunks[-1]
     if how == "fsdp":
         assert len(chunks) == 2 and chunk["offsets"][0] == WIDTH // 2
     key: str = chunk["blob"]
-    assert all(key in manifest_doc(root, s)["blobs"] for s in shared_by)
-    assert all(key not in manifest_doc(root, s)["blobs"] for s in not_by)
+    assert all(key in manifest_doc(url, s, options)["blobs"] for s in shared_by)
+    assert all(key not in manifest_doc(url, s, options)["blobs"] for s in not_by)
     return blob_file_name(key)
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("how", ["ddp", "fsdp"])
+@pytest.mark.parametrize(
+    ("where", "how"),
+    [("local", "ddp"), ("local", "fsdp"), pytest.param("s3", "fsdp", marks=pytest.mark.s3)],
+)
 def test_a_corrupt_shared_blob_fails_each_step_referencing_it_and_the_group_falls_back(
-    rank_pool, tmp_path, how
+    rank_pool, tmp_path, request, where, how
 ):
-    root = str(tmp_path / "run")
-    gathered = rank_pool.run(on_ranks_save_steps, root, how, 4)
+    if where == "s3":
+        bucket, options = request.getfixturevalue("s3_bucket")
+        url: str = f"s3://{bucket}/run"
+    else:
+        url, options = str(tmp_path / "run"), None
+    gathered = rank_pool.run(on_ranks_save_steps, url, options, how, 4)
     # Weight 2 changes at step 2: steps 2 and 3 share its new blob, steps 0 and 1 the old.
-    path = tmp_path / "run" / BLOB_DIR / shared_blob(root, how, [2, 3], [0, 1])
-    raw = bytearray(path.read_bytes())
+    name = shared_blob(url, options, how, [2, 3], [0, 1])
+    fs, path = fsspec.core.url_to_fs(url, **(options or {}))
+    blob = f"{path}/{BLOB_DIR}/{name}"
+    raw = bytearray(fs.cat_file(blob))
     raw[-5] ^= 0x10
-    path.write_bytes(bytes(raw))
-    reader = ckpt.CheckpointReader(root)
+    fs.pipe_file(blob, bytes(raw))
+    reader = ckpt.CheckpointReader(url, storage_options=options)
     for step in (2, 3):
         with pytest.raises(ckpt.CorruptCheckpointError) as e:
             reader.verify(step)
-        assert path.name in str(e.value)
+        assert name in str(e.value)
     for step in (0, 1):
         assert reader.verify(step).step == step
-    outcomes = rank_pool.run(on_ranks_restore_with_fallback, root, how)
+    outcomes = rank_pool.run(on_ranks_restore_with_fallback, url, options, how)
     for rank, outcome in enumerate(outcomes):
         assert outcome.get("step") == 1, outcome.get("error")
         assert_same_state(outcome["state"], gathered[rank][1])
         assert_same_state(outcome["state"], expected(1))
-    got, model = restore_in_one_process(root, None, fallback_to_intact=True)
+    got, model = restore_in_one_process(url, None, fallback_to_intact=True, storage_options=options)
     assert got == 1
     assert_same_state(dict(model.state_dict()), gathered[0][1])
