@@ -152,11 +152,46 @@ def restore_matches_torch(
 
 def read_manifest_doc(path) -> dict:
     """Parse a manifest (plain or zlib-compressed JSON), to edit and reseal with write_manifest."""
-    import json
+    return _manifest_json(path.read_bytes())
+
+
+def _manifest_json(raw: bytes) -> dict:
     import zlib
 
-    raw = path.read_bytes()
     return json.loads(zlib.decompress(raw) if raw[:1] == b"x" else raw)
+
+
+# The content store of incremental roots (format versions 4 and 5), at any fsspec URL.
+
+
+def manifest_doc(url: str, step: int, options: dict[str, Any] | None = None) -> dict:
+    """The parsed manifest of step ``step`` of the root at ``url``."""
+    import fsspec
+
+    from ckpt.format.names import step_dir_name
+
+    fs, path = fsspec.core.url_to_fs(url, **(options or {}))
+    return _manifest_json(fs.cat_file(f"{path}/{step_dir_name(step)}/manifest.json"))
+
+
+def blobs_on_disk(url: str, options: dict[str, Any] | None = None) -> set[str]:
+    """The file names in the content store of the root at ``url``."""
+    import fsspec
+
+    from ckpt.format.blobs import BLOB_DIR
+
+    fs, path = fsspec.core.url_to_fs(url, **(options or {}))
+    if not fs.exists(f"{path}/{BLOB_DIR}"):
+        return set()
+    return {n.rsplit("/", 1)[-1] for n in fs.ls(f"{path}/{BLOB_DIR}", detail=False)}
+
+
+def referenced_blobs(url: str, steps: list[int], options: dict[str, Any] | None = None) -> set[str]:
+    """The blob file names the manifests of ``steps`` list."""
+    from ckpt.format.blobs import blob_file_name
+
+    docs = [manifest_doc(url, s, options) for s in steps]
+    return {blob_file_name(k) for doc in docs for k in doc.get("blobs", {})}
 
 
 # Checkpoints saved by several ranks (format version 3), written by hand.

@@ -20,7 +20,13 @@ import incremental_worker
 import pytest
 import torch
 from conftest import assert_same_state
-from helpers import read_manifest_doc, write_manifest
+from helpers import (
+    blobs_on_disk,
+    manifest_doc,
+    read_manifest_doc,
+    referenced_blobs,
+    write_manifest,
+)
 from torch import nn
 
 import ckpt
@@ -51,22 +57,6 @@ def usage(url: str) -> int:
         for name, info in fs.find(path, detail=True).items()
         if not name.endswith(".ckpt-writer.lock")
     )
-
-
-def manifest_doc(url: str, step: int) -> dict:
-    fs, path = fsspec.core.url_to_fs(url)
-    return json.loads(fs.cat_file(f"{path}/{step_dir_name(step)}/manifest.json"))
-
-
-def blobs_on_disk(url: str) -> set[str]:
-    fs, path = fsspec.core.url_to_fs(url)
-    if not fs.exists(f"{path}/{BLOB_DIR}"):
-        return set()
-    return {n.rsplit("/", 1)[-1] for n in fs.ls(f"{path}/{BLOB_DIR}", detail=False)}
-
-
-def referenced_blobs(url: str, steps: list[int]) -> set[str]:
-    return {blob_file_name(k) for s in steps for k in manifest_doc(url, s).get("blobs", {})}
 
 
 # ----------------------------------------------------------- a 90 % frozen model
