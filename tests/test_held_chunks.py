@@ -17,7 +17,7 @@ from helpers import split_chunks, write_sharded_checkpoint
 
 import ckpt
 from ckpt.format import GlobalTensorRecord
-from ckpt.io import held_chunks, read_manifest
+from ckpt.io import held_chunks, held_files, read_manifest
 from ckpt.io.held_chunks import ChunkReads, HeldChunks
 from ckpt.storage import Storage
 
@@ -92,7 +92,7 @@ def test_checked_chunks_are_read_into_live_tensors_bit_for_bit(storage, verify):
 
 def test_spilled_chunks_go_through_memory_when_the_spill_has_no_room(monkeypatch):
     storage = Storage(f"memory://held-chunks-{uuid.uuid4().hex}")
-    monkeypatch.setattr(held_chunks, "spill_room", lambda nbytes: False)
+    monkeypatch.setattr(held_files, "spill_room", lambda nbytes: False)
     records = _records(storage)
     live = _fresh_live()
     with HeldChunks(storage, STEP, verify=True) as held:

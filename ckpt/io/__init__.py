@@ -7,6 +7,8 @@ The edge between the pure format modules and the filesystem, one concern per mod
 - :mod:`ckpt.io.checks`: one file's size, header and checksum against the manifest.
 - :mod:`ckpt.io.read`: the checked read of tensors.
 - :mod:`ckpt.io.pending`: the in-place second pass, run once every check has passed.
+- :mod:`ckpt.io.held_files`: the checked files kept for that pass (held open, or
+  reopened only if unchanged) and the spill, for one process or a rank of a group.
 - :mod:`ckpt.io.live_reads`: reading checked bytes straight into live tensors.
 - :mod:`ckpt.io.spill`: where checked object-store bytes wait locally.
 - :mod:`ckpt.io.verify`: checking every file of a checkpoint without loading it.

@@ -9,7 +9,9 @@ the second pass reads the bytes checked even if the checkpoint is replaced or
 deleted meanwhile. At most :func:`~ckpt.io.pending.held_files_limit` files stay
 open; the others are closed, and reopened (for the checks and the reads) only
 if still the same file. Object-store bytes are copied, as they are hashed, into
-one unnamed local spill file (into memory when the spill has no room).
+one unnamed local spill file (into memory when the spill has no room). The
+files and the spill are kept in a :class:`~ckpt.io.held_files.HeldFiles`, as
+for a restore in one process.
 :meth:`HeldChunks.recheck` tells whether a held file was written to since (its
 size and modification time), without touching a live tensor. :class:`ChunkReads`
 is the second pass: it reads without hashing again.
@@ -19,9 +21,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable
+from contextlib import ExitStack
 from typing import BinaryIO
 
 import torch
@@ -32,9 +33,9 @@ from ckpt.format.blobs import file_parts
 from ckpt.format.checksums import Hasher
 from ckpt.format.tensorfile import TensorEntry, tensor_bytes
 from ckpt.io.chunks import check_chunk_digest, read_range
+from ckpt.io.held_files import HeldFiles, Reopen, Source, opened, recheck_reopened
 from ckpt.io.live_reads import DeferredRead, run_reads
-from ckpt.io.pending import Reopen, Source, held_files_limit
-from ckpt.io.spill import spill_room
+from ckpt.io.pending import held_files_limit
 from ckpt.storage import Storage
 
 __all__ = ["CHECK_READ_BYTES", "CheckedChunk", "ChunkReads", "HeldChunks"]
@@ -83,12 +84,10 @@ class HeldChunks:
 
     def __init__(self, storage: Storage, directory: str, *, verify: bool) -> None:
         self.storage, self.directory, self.verify = storage, directory, verify
-        self._stack = ExitStack()
+        self._kept = HeldFiles(held_files_limit())
         self._files: dict[str, _File] = {}
         self._held: list[tuple[BinaryIO, _File]] = []
-        self._limit = held_files_limit()
         self._scratch = bytearray()
-        self._spill: BinaryIO | None = None
 
     def __enter__(self) -> HeldChunks:
         return self
@@ -117,7 +116,7 @@ class HeldChunks:
                     f"file ends before the last byte of chunk {index}", path=file.path, key=name
                 )
             return CheckedChunk(file.source, entry, file.path)
-        with _opened(self.storage, file.source) as f:
+        with opened(file.source) as f:
             hasher = Hasher()
             self._stream(f, entry, file.path, hasher, None)
         check_chunk_digest(hasher.digest(), chunk, index, file.path, name)
@@ -138,15 +137,12 @@ class HeldChunks:
                 raise CorruptCheckpointError(
                     "file was changed after it was checked", path=file.path
                 )
-        for file in self._files.values():
-            if isinstance(file.source, Reopen):
-                with _opened(self.storage, file.source):
-                    pass
+        recheck_reopened([f.source for f in self._files.values() if f.source is not None])
 
     def close(self) -> None:
         """Close the held files and the spill; chunks not read yet cannot be read any more."""
-        self._files, self._held, self._spill = {}, [], None
-        self._stack.close()
+        self._files, self._held = {}, []
+        self._kept.close()
 
     def _file(self, file_name: str, name: str) -> _File:
         """The file as checked: opened once, then held (or closed and its identity kept)."""
@@ -168,12 +164,10 @@ class HeldChunks:
             file = _File(path, None, identity)
             if identity is not None:
                 file.size = os.fstat(f.fileno()).st_size
-                if len(self._held) < self._limit:
-                    file.source, file.stamp = f, _contents_stamp(f)
+                file.source = self._kept.keep(scope, f, self.storage, identity, parts)
+                if file.source is f:  # held: open until close()
+                    file.stamp = _contents_stamp(f)
                     self._held.append((f, file))
-                    self._stack.push(scope.pop_all())  # open until close()
-                else:
-                    file.source = Reopen(self.storage, identity, parts)
         self._files[file_name] = file
         return file
 
@@ -182,7 +176,7 @@ class HeldChunks:
     ) -> CheckedChunk:
         """Copy an object-store chunk, hashed, to the spill file (or memory if it has no room)."""
         hasher = Hasher() if self.verify else None
-        spill = self._spill_file(entry.nbytes)
+        spill = self._kept.spill(entry.nbytes)
         with self.storage.open_read(*file_parts(self.directory, chunk.file)) as f:
             if spill is None:
                 held = torch.empty(entry.shape, dtype=entry.dtype)
@@ -199,14 +193,6 @@ class HeldChunks:
         if hasher is not None:
             check_chunk_digest(hasher.digest(), chunk, index, file.path, entry.name)
         return CheckedChunk(source, moved, file.path)
-
-    def _spill_file(self, nbytes: int) -> BinaryIO | None:
-        if not spill_room(nbytes):
-            return None
-        if self._spill is None:
-            spill = tempfile.TemporaryFile(dir=tempfile.gettempdir())  # noqa: SIM115 - held
-            self._spill = self._stack.enter_context(spill)
-        return self._spill
 
     def _stream(
         self, f: BinaryIO, entry: TensorEntry, path: str, hasher: Hasher | None, to: BinaryIO | None
@@ -236,16 +222,6 @@ def _contents_stamp(f: BinaryIO) -> tuple[int, int]:
     """Size and modification time: a write changes them, an unlink or rename does not."""
     info = os.fstat(f.fileno())
     return info.st_size, info.st_mtime_ns
-
-
-@contextmanager
-def _opened(storage: Storage, source: Source) -> Iterator[BinaryIO]:
-    """The held file itself, or a closed one reopened (and compared with what was checked)."""
-    if isinstance(source, Reopen):
-        with storage.reopen(source.identity, *source.parts) as f:
-            yield f
-    else:
-        yield source
 
 
 Fill = Callable[[torch.Tensor], None]
@@ -292,14 +268,14 @@ class ChunkReads:
         run_reads([(s, r) for s, r in by_file.values() if not isinstance(s, Reopen)])
         for source, reads in by_file.values():
             if isinstance(source, Reopen):
-                with _opened(storage, source) as f:
+                with opened(source) as f:
                     run_reads([(f, reads)])
         for chunk, fill in fills:
             if isinstance(chunk.source, torch.Tensor):
                 fill(chunk.source)
                 continue
             buffer = torch.empty(chunk.entry.shape, dtype=chunk.entry.dtype)
-            with _opened(storage, chunk.source) as f:
+            with opened(chunk.source) as f:
                 run_reads([(f, [(chunk.entry, 0, chunk.path, buffer)])])
             fill(buffer)
             del buffer

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import dataclasses
 import resource
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from typing import BinaryIO
@@ -12,8 +10,8 @@ from typing import BinaryIO
 import torch
 
 from ckpt.format.tensorfile import TensorEntry
+from ckpt.io.held_files import HeldFiles, Reopen, Source, opened, recheck_reopened
 from ckpt.io.live_reads import DeferredRead, read_threads, run_reads
-from ckpt.io.spill import spill_room
 from ckpt.storage import Storage
 
 __all__ = ["MAX_HELD_FILES", "PendingReads", "Reopen", "Source", "held_files_limit"]
@@ -40,18 +38,6 @@ def held_files_limit() -> int:
     return max(1, min(MAX_HELD_FILES, soft // 8))
 
 
-@dataclasses.dataclass(frozen=True)
-class Reopen:
-    """A checked file closed to bound open descriptors: reopened only if still identical."""
-
-    storage: Storage
-    identity: object
-    parts: tuple[str, ...]
-
-
-Source = BinaryIO | Reopen
-
-
 class PendingReads:
     """Reads straight into live tensors, held back until every check of a restore has passed.
 
@@ -61,14 +47,13 @@ class PendingReads:
     time, and must still be the same file (device, inode, size, modification
     and change times), else the restore fails; object-store bytes wait in one
     unnamed local spill file. Open descriptors stay bounded however many files
-    a checkpoint has. Use as a context manager, or call :meth:`close`.
+    a checkpoint has (the files and the spill are kept in a
+    :class:`~ckpt.io.held_files.HeldFiles`). Use as a context manager, or call
+    :meth:`close`.
     """
 
     def __init__(self) -> None:
-        self._files = ExitStack()
-        self._held = 0
-        self._limit = held_files_limit()
-        self._spill: BinaryIO | None = None
+        self._files = HeldFiles(held_files_limit())
         self._reads: dict[int, tuple[Source, list[DeferredRead]]] = {}
         self._copies: list[tuple[torch.Tensor, torch.Tensor]] = []
 
@@ -78,27 +63,26 @@ class PendingReads:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def can_hold(self) -> bool:
-        """Whether one more checked file may stay open until the reads."""
-        return self._held < self._limit
+    def keep(
+        self,
+        scope: ExitStack,
+        f: BinaryIO,
+        storage: Storage,
+        identity: object,
+        parts: tuple[str, ...],
+    ) -> Source:
+        """Hold checked file ``f`` open until :meth:`close`, or close it to reopen for the reads.
 
-    def hold(self, scope: ExitStack) -> None:
-        """Keep what ``scope`` holds (one checked file) open until :meth:`close`."""
-        self._held += 1
-        self._files.push(scope)
+        See :meth:`HeldFiles.keep <ckpt.io.held_files.HeldFiles.keep>`.
+        """
+        return self._files.keep(scope, f, storage, identity, parts)
 
     def spill(self, nbytes: int) -> BinaryIO | None:
         """The one unnamed local file where checked remote bytes wait, if ``nbytes`` more fit.
 
-        It lives in ``tempfile.gettempdir()`` (``TMPDIR``) and disappears when
-        closed or when the process dies.
+        See :meth:`HeldFiles.spill <ckpt.io.held_files.HeldFiles.spill>`.
         """
-        if not spill_room(nbytes):
-            return None
-        if self._spill is None:
-            spill = tempfile.TemporaryFile(dir=tempfile.gettempdir())  # noqa: SIM115 - held
-            self._spill = self._files.enter_context(spill)
-        return self._spill
+        return self._files.spill(nbytes)
 
     def add(
         self, source: Source, entry: TensorEntry, data_start: int, path: str, out: torch.Tensor
@@ -123,15 +107,11 @@ class PendingReads:
                 tensors may be partly overwritten).
         """
         groups, self._reads = list(self._reads.values()), {}
-        for source, _ in groups:
-            if isinstance(source, Reopen):
-                with source.storage.reopen(source.identity, *source.parts):
-                    pass
+        recheck_reopened([source for source, _ in groups])
         copies, self._copies = self._copies, []
         for tensor, out in copies:
             out.copy_(tensor)
-        if self._spill is not None:
-            self._spill.flush()
+        self._files.flush()
         run_reads([(s, reads) for s, reads in groups if not isinstance(s, Reopen)])
         closed = [(s, reads) for s, reads in groups if isinstance(s, Reopen)]
         if not closed:
@@ -140,10 +120,10 @@ class PendingReads:
         workers = read_threads()
         with ThreadPoolExecutor(max(1, workers), thread_name_prefix="ckpt-read") as pool:
             for at in range(0, len(closed), batch):  # a few at a time, read in parallel
-                with ExitStack() as opened:
+                with ExitStack() as files:
                     run_reads(
                         [
-                            (opened.enter_context(s.storage.reopen(s.identity, *s.parts)), reads)
+                            (files.enter_context(opened(s)), reads)
                             for s, reads in closed[at : at + batch]
                         ],
                         pool if workers >= 2 else None,
@@ -153,6 +133,4 @@ class PendingReads:
         """Close the files; reads not run are dropped."""
         self._reads = {}
         self._copies = []
-        self._spill = None
-        self._held = 0
         self._files.close()

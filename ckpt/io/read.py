@@ -29,7 +29,7 @@ from ckpt.io.checks import (
     read_header,
 )
 from ckpt.io.live_reads import read_threads
-from ckpt.io.pending import PendingReads, Reopen, Source
+from ckpt.io.pending import PendingReads, Source
 from ckpt.io.spill import copy_bytes
 from ckpt.restoring.locations import MapLocation, mapped_device, place
 from ckpt.state.optim import Target
@@ -217,10 +217,8 @@ class _FileReader:
                 spill = self.pending.spill(sum(manifest.tensors[n].nbytes for n in in_place))
                 if spill is None:
                     in_place = set()  # no room: read them into fresh memory instead
-            elif in_place and self._hold(file_scope):
-                pass  # open until the pending reads ran
-            elif in_place:  # closed now, reopened for the reads only if still the file checked
-                source = Reopen(self.storage, identity, parts)
+            elif in_place:  # held until the pending reads ran, or closed and reopened then
+                source = self.pending.keep(file_scope, f, self.storage, identity, parts)
             entries, data_start = read_header(f, path, record.size, hasher)
             entries = alias_entries(entries, file_name, path)
             for name in [*direct, *packs]:
@@ -250,14 +248,6 @@ class _FileReader:
         if scratch is None:
             scratch = self._local.scratch = bytearray(CHUNK_BYTES)
         return scratch
-
-    def _hold(self, scope: ExitStack) -> bool:
-        """Keep the file ``scope`` holds open until the pending reads, if one more may stay open."""
-        with self._lock:
-            if not self.pending.can_hold():
-                return False
-            self.pending.hold(scope.pop_all())
-            return True
 
     def _defer(
         self,
