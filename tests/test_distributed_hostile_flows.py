@@ -6,6 +6,8 @@ on the ranks (tests/rank_pool.py).
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 from torch import nn
@@ -35,3 +37,32 @@ def test_a_model_whose_shapes_differ_between_ranks_is_refused_not_mixed(rank_poo
         assert "(6, 13) on rank 1" in message
         assert "every rank must hold the same model" in message
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(("step_", ".ckpt-tmp"))]
+
+
+class _Counted(nn.Module):
+    """A plain module with a buffer each rank sets to its own rank (a per-rank buffer)."""
+
+    def __init__(self, value: float) -> None:
+        super().__init__()
+        self.layer = nn.Linear(3, 2)
+        self.register_buffer("seen", torch.full((2,), value))
+
+
+def on_ranks_restore_with_a_manager_of_this_rank_only(rank: int, world: int, root: str) -> Any:
+    """Every rank saves its own state; then each restores it through a manager of its own."""
+    import torch.distributed as dist
+
+    with ckpt.CheckpointManager(root) as mgr:
+        mgr.save(0, model=_Counted(float(rank)), mine={"rank": rank})
+    alone = dist.new_group([rank], use_local_synchronization=True)
+    model, mine = _Counted(-1.0), {"rank": -1}
+    with ckpt.CheckpointManager(root, process_group=alone) as mgr:
+        mgr.restore(model=model, mine=mine)
+    return mine["rank"], model.seen.tolist()
+
+
+def test_a_subgroup_manager_restores_each_rank_its_own_state_by_global_rank(rank_pool, tmp_path):
+    # The rank at position 0 of a group of some of the ranks took rank 0's own items and
+    # buffers from a checkpoint every rank saved, instead of its own.
+    outcomes = rank_pool.run(on_ranks_restore_with_a_manager_of_this_rank_only, str(tmp_path))
+    assert outcomes == [(rank, [float(rank)] * 2) for rank in range(len(outcomes))]

@@ -113,7 +113,7 @@ def prepare_collective(
     """
     from ckpt.distributed.restoring import prepare_on_rank  # noqa: PLC0415
 
-    rank, world_size = (0, 1) if group is None else (group.rank, group.world_size)
+    rank, world_size = (0, 1) if group is None else (_saved_rank(manifest, group), group.world_size)
     restore = prepare_on_rank(
         storage,
         step_name,
@@ -127,6 +127,22 @@ def prepare_collective(
         group=group,
     )
     return PreparedCollective(step_name, manifest, restore)
+
+
+def _saved_rank(manifest: Manifest, group: Any) -> int:
+    """Which rank's own state (items, random streams, buffers) this rank of ``group`` restores.
+
+    The rank of the group, except for a group of some of the ranks restoring a
+    checkpoint saved by every rank of a job of this size: then this process's
+    global rank, so each rank takes what it saved itself, not what the rank at
+    its position in the group did.
+    """
+    import torch.distributed as dist  # noqa: PLC0415
+
+    saved = 1 if manifest.sharded is None else manifest.sharded.world_size
+    if group.world_size < saved and dist.is_initialized() and saved == dist.get_world_size():
+        return int(dist.get_rank())
+    return int(group.rank)
 
 
 def apply_sharded_restore(

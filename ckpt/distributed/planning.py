@@ -138,8 +138,8 @@ def _check_alike(gathered: list[Json]) -> None:
     first: dict[str, tuple[int, tuple[int, ...], str]] = {}
     for rank, doc in enumerate(gathered):
         assert isinstance(doc, list)
-        for fqn, _, _, size, dtype, *_ in doc:
-            dtype = str(dtype_from_name(dtype)).removeprefix("torch.")
+        for fqn, _, _, size, name, *_ in doc:
+            dtype = str(dtype_from_name(name)).removeprefix("torch.")
             seen = first.setdefault(fqn, (rank, tuple(size), dtype))
             if seen[1:] != (tuple(size), dtype):
                 raise ValueError(
