@@ -66,3 +66,24 @@ def test_a_subgroup_manager_restores_each_rank_its_own_state_by_global_rank(rank
     # buffers from a checkpoint every rank saved, instead of its own.
     outcomes = rank_pool.run(on_ranks_restore_with_a_manager_of_this_rank_only, str(tmp_path))
     assert outcomes == [(rank, [float(rank)] * 2) for rank in range(len(outcomes))]
+
+
+def on_ranks_restore_into_a_state_dict(rank: int, world: int, root: str) -> str:
+    """DCP's habit: restore into the dict get_model_state_dict returns, not the module."""
+    from dist_training import make
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    model, _, _ = make("fsdp")
+    with ckpt.CheckpointManager(root) as mgr:
+        mgr.save(0, model=model)
+        with pytest.raises(ckpt.IncompatibleCheckpointError) as failed:
+            mgr.restore(model=get_model_state_dict(model))
+    return str(failed.value)
+
+
+def test_restoring_a_module_into_its_state_dict_says_to_pass_the_module(rank_pool, tmp_path):
+    # It said "item 'model' was saved as a module, not a optimizer".
+    for message in rank_pool.run(on_ranks_restore_into_a_state_dict, str(tmp_path)):
+        assert "item 'model' was saved as a module" in message
+        assert "(model=model), not into a dict" in message
+        assert "manifest.json" in message

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from ckpt.errors import IncompatibleCheckpointError
 from ckpt.format import Manifest
 
 if TYPE_CHECKING:
@@ -113,6 +114,7 @@ def prepare_collective(
     """
     from ckpt.distributed.restoring import prepare_on_rank  # noqa: PLC0415
 
+    _check_live_kinds(manifest, items)
     rank, world_size = (0, 1) if group is None else (_saved_rank(manifest, group), group.world_size)
     restore = prepare_on_rank(
         storage,
@@ -127,6 +129,38 @@ def prepare_collective(
         group=group,
     )
     return PreparedCollective(step_name, manifest, restore)
+
+
+def _check_live_kinds(manifest: Manifest, items: dict[str, Any]) -> None:
+    """Refuse a module item restored into anything but a module, an optimizer into a dict.
+
+    Raises:
+        IncompatibleCheckpointError: Names the item, what it was saved as and what was passed.
+    """
+    from collections.abc import Mapping  # noqa: PLC0415
+
+    import torch  # noqa: PLC0415
+
+    records = manifest.items if manifest.sharded is None else manifest.sharded.items
+    for name, obj in items.items():
+        record = records.get(name)
+        kind = None if record is None else record.kind
+        module = kind == "module" and not isinstance(obj, torch.nn.Module)
+        if module or (kind == "optimizer" and isinstance(obj, Mapping)):
+            raise IncompatibleCheckpointError(
+                f"item {name!r} was saved as a {kind}, so it restores into a live {kind} "
+                f"({name}={name}), not into {_what(obj)}; read() returns its full tensors",
+                key=name,
+            )
+
+
+def _what(obj: Any) -> str:
+    """``"a dict (a state dict?)"`` for a mapping, else ``"a <type name>"``."""
+    from collections.abc import Mapping  # noqa: PLC0415
+
+    if isinstance(obj, Mapping):
+        return "a dict (a state dict, such as get_model_state_dict returns)"
+    return f"a {type(obj).__name__}"
 
 
 def _saved_rank(manifest: Manifest, group: Any) -> int:
