@@ -22,7 +22,7 @@ def on_ranks_save_a_model_built_differently(rank: int, world: int, root: str) ->
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(7, 13), nn.ReLU(), nn.Linear(13, 5 + rank))
     with ckpt.CheckpointManager(root) as mgr:
-        with pytest.raises(ckpt.CheckpointError) as failed:
+        with pytest.raises(ckpt.CheckpointWriteError) as failed:
             mgr.save(1, model=model)
         assert mgr.all_steps() == []
     return str(failed.value)
@@ -87,3 +87,47 @@ def test_restoring_a_module_into_its_state_dict_says_to_pass_the_module(rank_poo
         assert "item 'model' was saved as a module" in message
         assert "(model=model), not into a dict" in message
         assert "manifest.json" in message
+
+
+def on_ranks_save_steps(rank: int, world: int, root: str) -> None:
+    from dist_training import make, train_step
+
+    model, optimizer, scheduler = make("fsdp")
+    with ckpt.CheckpointManager(root) as mgr:
+        for step in (1, 2):
+            train_step(model, optimizer, scheduler, step)
+            mgr.save(step, model=model, optimizer=optimizer)
+
+
+def on_ranks_restore_classes(rank: int, world: int, root: str) -> list[str]:
+    """The error class restoring the latest raises, then the step fallback_to_intact picks."""
+    from dist_training import make
+
+    model, optimizer, _ = make("fsdp", seed=3)
+    said = []
+    for fallback in (False, True):
+        with ckpt.CheckpointManager(root, fallback_to_intact=fallback) as mgr:
+            try:
+                said.append(str(mgr.restore(model=model, optimizer=optimizer).step))
+            except ckpt.CheckpointError as e:
+                said.append(f"{type(e).__name__}: {e}")
+    return said
+
+
+def test_a_missing_shard_file_is_corruption_that_fallback_skips(rank_pool, tmp_path):
+    # It was a CheckpointNotFoundError, which fallback_to_intact does not skip (in a
+    # group and in one process), where a missing file of a one-process step is corrupt.
+    from dist_training import build_model
+
+    rank_pool.run(on_ranks_save_steps, str(tmp_path))
+    (tmp_path / "step_000000000002" / "rank1_shards.safetensors").unlink()
+    for said in rank_pool.run(on_ranks_restore_classes, str(tmp_path)):
+        assert said[0].startswith("CorruptCheckpointError: ")
+        assert "rank1_shards.safetensors" in said[0] and "missing" in said[0]
+        assert said[1] == "1"
+    model = build_model(3)
+    alone = ckpt.CheckpointManager(tmp_path, fallback_to_intact=True)
+    assert alone.restore(model=model).step == 1
+    with pytest.raises(ckpt.CorruptCheckpointError, match="listed in the manifest is missing"):
+        alone.read(2)
+    alone.close()
