@@ -131,3 +131,27 @@ def test_a_missing_shard_file_is_corruption_that_fallback_skips(rank_pool, tmp_p
     with pytest.raises(ckpt.CorruptCheckpointError, match="listed in the manifest is missing"):
         alone.read(2)
     alone.close()
+
+
+def on_ranks_construct_on_rank_0_only(rank: int, world: int, root: str) -> str | None:
+    """`if rank == 0: CheckpointManager(...)`: the error rank 0 gets (rank 1 waits it out)."""
+    import time
+
+    if rank != 0:
+        time.sleep(5)
+        return None
+    with pytest.raises(ckpt.CollectiveError) as failed:
+        ckpt.CheckpointManager(root, collective_timeout=2, handshake_timeout=2)
+    return str(failed.value)
+
+
+def test_a_manager_constructed_on_rank_0_only_says_every_rank_must_construct_it(
+    fresh_ranks, tmp_path
+):
+    # It said only "creating the gloo group failed ...; a rank did not join within the
+    # timeout". Fresh ranks: torch's count of groups created now differs between them.
+    outcomes = fresh_ranks(on_ranks_construct_on_rank_0_only, 2, 60, args=(str(tmp_path),))
+    assert all(o.returned for o in outcomes), [o.error for o in outcomes]
+    message = outcomes[0].result
+    assert "a rank of [0, 1] did not join within the timeout" in message
+    assert "`if rank == 0: CheckpointManager(...)` cannot work" in message

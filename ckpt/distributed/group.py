@@ -128,7 +128,11 @@ class RankGroup:
                 use_local_synchronization=some,
             )
         except Exception as e:
-            hint = "; a rank did not join within the timeout"
+            hint = (
+                f"; a rank of {ranks} did not join within the timeout: every rank of the "
+                "group constructs each CheckpointManager together, in the same order (not "
+                "only rank 0: `if rank == 0: CheckpointManager(...)` cannot work)"
+            )
             raise self._error("creating the gloo group", e, hint) from e
         if group is None or group == dist.GroupMember.NON_GROUP_MEMBER:
             raise ValueError(f"rank {dist.get_rank()} is not in the process group (ranks {ranks})")
