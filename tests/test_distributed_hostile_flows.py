@@ -155,3 +155,25 @@ def test_a_manager_constructed_on_rank_0_only_says_every_rank_must_construct_it(
     message = outcomes[0].result
     assert "a rank of [0, 1] did not join within the timeout" in message
     assert "`if rank == 0: CheckpointManager(...)` cannot work" in message
+
+
+def test_assign_into_a_meta_module_from_a_sharded_checkpoint_is_refused_not_ignored(
+    rank_pool, tmp_path
+):
+    # restore(assign=True) of a checkpoint saved by several ranks returned success and
+    # left a model built on the meta device there (assign was not passed on).
+    from dist_training import build_model
+
+    rank_pool.run(on_ranks_save_steps, str(tmp_path))
+    with torch.device("meta"):
+        model = build_model(3)
+    with ckpt.CheckpointManager(tmp_path) as mgr:
+        with pytest.raises(ckpt.IncompatibleCheckpointError, match="to_empty") as failed:
+            mgr.restore(model=model, assign=True)
+        assert "item 'model' is on the meta device" in str(failed.value)
+        assert all(p.is_meta for p in model.parameters())
+        model.to_empty(device="cpu")
+        mgr.restore(model=model)
+    expected = ckpt.CheckpointReader(tmp_path).read()["model"]
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, expected[key]) and value.dtype == expected[key].dtype, key

@@ -115,6 +115,8 @@ def prepare_collective(
     from ckpt.distributed.restoring import prepare_on_rank  # noqa: PLC0415
 
     _check_live_kinds(manifest, items)
+    if options.assign:
+        _refuse_assign_into_meta(items)
     rank, world_size = (0, 1) if group is None else (_saved_rank(manifest, group), group.world_size)
     restore = prepare_on_rank(
         storage,
@@ -150,6 +152,27 @@ def _check_live_kinds(manifest: Manifest, items: dict[str, Any]) -> None:
             raise IncompatibleCheckpointError(
                 f"item {name!r} was saved as a {kind}, so it restores into a live {kind} "
                 f"({name}={name}), not into {_what(obj)}; read() returns its full tensors",
+                key=name,
+            )
+
+
+def _refuse_assign_into_meta(items: dict[str, Any]) -> None:
+    """Refuse ``assign=True`` into a module on the meta device, which would stay there.
+
+    Raises:
+        IncompatibleCheckpointError: Names the item and what to do instead.
+    """
+    import torch  # noqa: PLC0415
+
+    for name, obj in items.items():
+        if not isinstance(obj, torch.nn.Module):
+            continue
+        if any(t.is_meta for t in (*obj.parameters(), *obj.buffers())):
+            raise IncompatibleCheckpointError(
+                f"item {name!r} is on the meta device: restore(assign=True) does not assign "
+                "tensors from a checkpoint saved by several ranks, or in a process group; "
+                f"materialize the module first ({name}.to_empty(device=...)), then restore "
+                "without assign: its tensors are read in place",
                 key=name,
             )
 
