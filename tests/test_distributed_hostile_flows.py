@@ -177,3 +177,62 @@ def test_assign_into_a_meta_module_from_a_sharded_checkpoint_is_refused_not_igno
     expected = ckpt.CheckpointReader(tmp_path).read()["model"]
     for key, value in model.state_dict().items():
         assert torch.equal(value, expected[key]) and value.dtype == expected[key].dtype, key
+
+
+def on_ranks_hsdp_restores(rank: int, world: int, root: str) -> dict[str, Any]:
+    """HSDP on 2x2: managers on each replica's shard group restore three checkpoints."""
+    from dist_training import build_model, full_model_state, make, train_step
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
+    model, optimizer, scheduler = make("none")
+    fully_shard(model, mesh=mesh)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.05)
+    train_step(model, optimizer, scheduler, 0)  # BatchNorm statistics differ per rank
+    expected = full_model_state(model)
+    replica, shard = mesh.get_local_rank("replicate"), mesh.get_group("shard")
+    with ckpt.CheckpointManager(f"{root}/replica{replica}", process_group=shard) as mgr:
+        mgr.save(0, model=model)
+    with ckpt.CheckpointManager(f"{root}/all") as mgr:
+        mgr.save(0, model=model)
+
+    def restore(directory: str, **options: Any) -> str:
+        fresh = build_model(9)
+        fully_shard(fresh, mesh=mesh)
+        before = full_model_state(fresh)
+        with ckpt.CheckpointManager(directory, process_group=shard) as mgr:
+            try:
+                mgr.restore(model=fresh, **options)
+            except ckpt.CheckpointError as e:
+                unchanged = all(
+                    torch.equal(v, before[k]) for k, v in full_model_state(fresh).items()
+                )
+                return f"{type(e).__name__} unchanged={unchanged}: {e}"
+        got = full_model_state(fresh)
+        return ",".join(sorted(k for k in expected if not torch.equal(got[k], expected[k])))
+
+    return {
+        "own": restore(f"{root}/replica{replica}"),
+        "all": restore(f"{root}/all"),
+        "replica0": restore(f"{root}/replica0"),
+        "replica0 without rng": restore(f"{root}/replica0", rng=False),
+    }
+
+
+@pytest.mark.slow
+def test_hsdp_replica_managers_restore_their_own_state_or_refuse_another_replicas(
+    fresh_ranks, tmp_path
+):
+    outcomes = fresh_ranks(on_ranks_hsdp_restores, 4, 300, args=(str(tmp_path),))
+    assert all(o.returned for o in outcomes), [o.error for o in outcomes]
+    for rank, outcome in enumerate(outcomes):
+        said = outcome.result
+        assert said["own"] == "" and said["all"] == "", (rank, said)  # every tensor exact
+        if rank < 2:  # replica 0 restoring its own checkpoint
+            assert said["replica0"] == said["replica0 without rng"] == ""
+        else:  # another replica's streams: refused alike, nothing changed
+            assert said["replica0"].startswith("IncompatibleCheckpointError unchanged=True")
+            assert f"saved by rank {rank - 2} but this is rank {rank}" in said["replica0"]
+            # Without them, replica 0's state, whose BatchNorm statistics are its own.
+            assert said["replica0 without rng"] == "1.running_mean,1.running_var"
