@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ckpt.errors import IncompatibleCheckpointError
 from ckpt.format import Manifest
 
 if TYPE_CHECKING:
@@ -112,12 +111,11 @@ def prepare_collective(
         IncompatibleCheckpointError: An item does not fit the live object.
         CorruptCheckpointError: A chunk or file fails its checks.
     """
+    from ckpt.distributed.live_items import check_live_items, saved_rank  # noqa: PLC0415
     from ckpt.distributed.restoring import prepare_on_rank  # noqa: PLC0415
 
-    _check_live_kinds(manifest, items)
-    if options.assign:
-        _refuse_assign_into_meta(items)
-    rank, world_size = (0, 1) if group is None else (_saved_rank(manifest, group), group.world_size)
+    check_live_items(manifest, items, assign=options.assign)
+    rank, world_size = (0, 1) if group is None else (saved_rank(manifest, group), group.world_size)
     restore = prepare_on_rank(
         storage,
         step_name,
@@ -131,75 +129,6 @@ def prepare_collective(
         group=group,
     )
     return PreparedCollective(step_name, manifest, restore)
-
-
-def _check_live_kinds(manifest: Manifest, items: dict[str, Any]) -> None:
-    """Refuse a module item restored into anything but a module, an optimizer into a dict.
-
-    Raises:
-        IncompatibleCheckpointError: Names the item, what it was saved as and what was passed.
-    """
-    from collections.abc import Mapping  # noqa: PLC0415
-
-    import torch  # noqa: PLC0415
-
-    records = manifest.items if manifest.sharded is None else manifest.sharded.items
-    for name, obj in items.items():
-        record = records.get(name)
-        kind = None if record is None else record.kind
-        module = kind == "module" and not isinstance(obj, torch.nn.Module)
-        if module or (kind == "optimizer" and isinstance(obj, Mapping)):
-            raise IncompatibleCheckpointError(
-                f"item {name!r} was saved as a {kind}, so it restores into a live {kind} "
-                f"({name}={name}), not into {_what(obj)}; read() returns its full tensors",
-                key=name,
-            )
-
-
-def _refuse_assign_into_meta(items: dict[str, Any]) -> None:
-    """Refuse ``assign=True`` into a module on the meta device, which would stay there.
-
-    Raises:
-        IncompatibleCheckpointError: Names the item and what to do instead.
-    """
-    import torch  # noqa: PLC0415
-
-    for name, obj in items.items():
-        if not isinstance(obj, torch.nn.Module):
-            continue
-        if any(t.is_meta for t in (*obj.parameters(), *obj.buffers())):
-            raise IncompatibleCheckpointError(
-                f"item {name!r} is on the meta device: restore(assign=True) does not assign "
-                "tensors from a checkpoint saved by several ranks, or in a process group; "
-                f"materialize the module first ({name}.to_empty(device=...)), then restore "
-                "without assign: its tensors are read in place",
-                key=name,
-            )
-
-
-def _what(obj: Any) -> str:
-    """``"a dict (a state dict?)"`` for a mapping, else ``"a <type name>"``."""
-    from collections.abc import Mapping  # noqa: PLC0415
-
-    if isinstance(obj, Mapping):
-        return "a dict (a state dict, such as get_model_state_dict returns)"
-    return f"a {type(obj).__name__}"
-
-
-def _saved_rank(manifest: Manifest, group: Any) -> int:
-    """Which rank's own state (items, random streams, buffers) this rank of ``group`` restores.
-
-    The rank of the group, except for a group of some of the ranks restoring a
-    checkpoint saved by every rank of a job of this size: then this process's
-    global rank, so each rank takes what it saved itself, not what the rank at
-    its position in the group did.
-    """
-    import torch.distributed as dist  # noqa: PLC0415
-
-    saved = 1 if manifest.sharded is None else manifest.sharded.world_size
-    if group.world_size < saved and dist.is_initialized() and saved == dist.get_world_size():
-        return int(dist.get_rank())
-    return int(group.rank)
 
 
 def apply_sharded_restore(
