@@ -236,3 +236,48 @@ def test_hsdp_replica_managers_restore_their_own_state_or_refuse_another_replica
             assert f"saved by rank {rank - 2} but this is rank {rank}" in said["replica0"]
             # Without them, replica 0's state, whose BatchNorm statistics are its own.
             assert said["replica0 without rng"] == "1.running_mean,1.running_var"
+
+
+def on_ranks_fork_with_a_closed_manager_uncollected(rank: int, world: int, root: str) -> int:
+    """A closed manager left to the cycle collector, collected in a forked child (a worker)."""
+    import gc
+    import os
+
+    gc.disable()
+    try:
+        mgr = ckpt.CheckpointManager(root)
+        mgr.close()
+        del mgr  # garbage in a reference cycle: collected at some later allocation
+        pid = os.fork()
+        if pid == 0:  # a DataLoader worker is forked like this
+            gc.collect()
+            os._exit(0)
+        status = _wait_or_kill(pid, 60)
+    finally:
+        gc.enable()
+        gc.collect()
+    return status
+
+
+def _wait_or_kill(pid: int, seconds: float) -> int:
+    """The child's exit code, or -1000 once it was killed, still running after ``seconds``."""
+    import os
+    import signal
+    import time
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    return -1000
+
+
+def test_a_closed_manager_collected_in_a_forked_worker_does_not_crash_it(rank_pool, tmp_path):
+    # DataLoader workers (num_workers > 0) forked after a manager was closed crashed with
+    # "Unexpected segmentation fault encountered in worker" (or hung): the closed
+    # manager's gloo group, destroyed only when collected, was destroyed in the worker.
+    assert rank_pool.run(on_ranks_fork_with_a_closed_manager_uncollected, str(tmp_path)) == [0, 0]
