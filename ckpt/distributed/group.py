@@ -128,11 +128,16 @@ class RankGroup:
                 use_local_synchronization=some,
             )
         except Exception as e:
-            hint = "; a rank did not join within the timeout"
+            hint = (
+                f"; a rank of {ranks} did not join within the timeout: every rank of the "
+                "group constructs each CheckpointManager together, in the same order (not "
+                "only rank 0: `if rank == 0: CheckpointManager(...)` cannot work)"
+            )
             raise self._error("creating the gloo group", e, hint) from e
         if group is None or group == dist.GroupMember.NON_GROUP_MEMBER:
             raise ValueError(f"rank {dist.get_rank()} is not in the process group (ranks {ranks})")
-        self._group: dist.ProcessGroup = group
+        self._held: dist.ProcessGroup | None = group
+        self._name = str(group.group_name)
         self.rank = dist.get_rank(group)
         # Global rank of each group rank (torch < 2.6 broadcasts take a global src).
         self._global = dist.get_process_group_ranks(group)
@@ -164,7 +169,7 @@ class RankGroup:
         buffer = torch.zeros(longest, dtype=torch.uint8)
         buffer[: len(payload)] = _as_tensor(payload)
         parts = [torch.empty(longest, dtype=torch.uint8) for _ in range(self.world_size)]
-        self._run("all_gather_json", lambda: dist.all_gather(parts, buffer, group=self._group))
+        self._run("all_gather_json", lambda: dist.all_gather(parts, buffer, group=self._pg))
         return [
             _decode(_as_bytes(part[:length]), "all_gather_json", rank, self)
             for rank, (part, length) in enumerate(zip(parts, lengths, strict=True))
@@ -225,7 +230,7 @@ class RankGroup:
             CollectiveError: A rank died or did not arrive within the timeout.
         """
         flag = torch.zeros(1, dtype=torch.int64)
-        self._run("barrier", lambda: dist.all_reduce(flag, group=self._group))
+        self._run("barrier", lambda: dist.all_reduce(flag, group=self._pg))
 
     def max_of(self, values: list[int], operation: str = "max_of") -> list[int]:
         """For each position, the largest value any rank passed there (one small all_reduce).
@@ -240,14 +245,14 @@ class RankGroup:
         tensor = torch.tensor(values, dtype=torch.int64)
         self._run(
             operation,
-            lambda: dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self._group),
+            lambda: dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self._pg),
         )
         return [int(v) for v in tensor.tolist()]
 
     @property
     def name(self) -> str:
         """The gloo subgroup's name: the same on every rank, unique within the job."""
-        return str(self._group.group_name)
+        return self._name
 
     @property
     def closed(self) -> bool:
@@ -297,11 +302,17 @@ class RankGroup:
         if self._closed:
             return
         self._closed = True
+        # Let go of the group here, not when this object is garbage collected: a manager
+        # in a reference cycle is collected at any later allocation, possibly in a forked
+        # DataLoader worker, where destroying a gloo group (whose threads the fork did not
+        # copy) crashes the worker.
+        group, self._held = self._held, None
+        assert group is not None
         if self._idle_key is not None and self._broken is None:
-            _IDLE.setdefault(self._idle_key, []).append(self._group)
+            _IDLE.setdefault(self._idle_key, []).append(group)
             return
         try:
-            dist.destroy_process_group(self._group)
+            dist.destroy_process_group(group)
         except (ValueError, RuntimeError) as e:  # the default group was destroyed first
             logger.debug("ckpt gloo group already gone: %s", e)
 
@@ -317,6 +328,13 @@ class RankGroup:
 
     # -- internals -------------------------------------------------------------------
 
+    @property
+    def _pg(self) -> dist.ProcessGroup:
+        """The gloo group (only until :meth:`close`; collectives check ``closed`` first)."""
+        if self._held is None:
+            raise RuntimeError(CLOSED)
+        return self._held
+
     def _check_src(self, src: int) -> None:
         if isinstance(src, bool) or not isinstance(src, int) or not 0 <= src < self.world_size:
             last = self.world_size - 1
@@ -325,7 +343,7 @@ class RankGroup:
     def _gather_lengths(self, payload: bytes | None) -> list[int]:
         mine = torch.tensor([_NOTHING if payload is None else len(payload)], dtype=torch.int64)
         lengths = [torch.empty(1, dtype=torch.int64) for _ in range(self.world_size)]
-        dist.all_gather(lengths, mine, group=self._group)
+        dist.all_gather(lengths, mine, group=self._pg)
         return [int(length.item()) for length in lengths]
 
     def _broadcast(
@@ -334,7 +352,7 @@ class RankGroup:
         """Broadcast ``payload`` (None: src has nothing valid) from ``src``: length, then bytes."""
         length = torch.tensor([_NOTHING if payload is None else len(payload)], dtype=torch.int64)
         root = self._global[src]
-        self._run(operation, lambda: dist.broadcast(length, src=root, group=self._group))
+        self._run(operation, lambda: dist.broadcast(length, src=root, group=self._pg))
         size = int(length.item())
         if size == _NOTHING:
             if error is not None:
@@ -346,7 +364,7 @@ class RankGroup:
             buffer = _as_tensor(payload or b"")
         else:
             buffer = torch.empty(size, dtype=torch.uint8)
-        self._run(operation, lambda: dist.broadcast(buffer, src=root, group=self._group))
+        self._run(operation, lambda: dist.broadcast(buffer, src=root, group=self._pg))
         return _as_bytes(buffer)
 
     def _run(self, operation: str, collective: Callable[[], _T]) -> _T:

@@ -104,6 +104,7 @@ def plan_writes(
     planner.set_up_planner(dict(tensors), is_coordinator=rank == 0)
     local = planner.create_local_plan()
     gathered = all_gather([_item_to_json(item) for item in local.items])
+    _check_alike(gathered)
     _check_covered(gathered)
     plans = [SavePlan([_item_from_json(d) for d in doc]) for doc in gathered]
     global_plans, _ = planner.create_global_plan(plans)
@@ -123,6 +124,30 @@ def plan_writes(
             )
         )
     return shards
+
+
+def _check_alike(gathered: list[Json]) -> None:
+    """Refuse a tensor whose global shape or dtype differs between ranks (the same on every rank).
+
+    DCP's planner would keep one rank's shape for the tensor and write each rank's
+    share of a replicated one, so the checkpoint would mix the ranks' models.
+
+    Raises:
+        ValueError: Names the first such tensor and what two ranks hold of it.
+    """
+    first: dict[str, tuple[int, tuple[int, ...], str]] = {}
+    for rank, doc in enumerate(gathered):
+        assert isinstance(doc, list)
+        for fqn, _, _, size, name, *_ in doc:
+            dtype = str(dtype_from_name(name)).removeprefix("torch.")
+            seen = first.setdefault(fqn, (rank, tuple(size), dtype))
+            if seen[1:] != (tuple(size), dtype):
+                raise ValueError(
+                    f"tensor {fqn!r} is {seen[2]} of shape {seen[1]} on rank {seen[0]} but "
+                    f"{dtype} of shape {tuple(size)} on rank {rank}: every rank must hold the "
+                    "same model and optimizer (build them the same way on every rank, then "
+                    "wrap them in DistributedDataParallel or shard them with fully_shard)"
+                )
 
 
 def _check_covered(gathered: list[Json]) -> None:

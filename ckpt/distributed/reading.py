@@ -27,6 +27,7 @@ from typing import Protocol
 import torch
 
 from ckpt.distributed.planning import ChunkRead, local_shards, plan_reads
+from ckpt.errors import CheckpointNotFoundError, CorruptCheckpointError
 from ckpt.format import GlobalTensorRecord, Manifest
 from ckpt.io import load_tensors, read_chunk
 from ckpt.io.held_chunks import CheckedChunk, ChunkReads, HeldChunks
@@ -69,12 +70,12 @@ class SavedChunks:
         reads only if unchanged (:class:`~ckpt.io.held_chunks.HeldChunks`).
 
         Raises:
-            CheckpointNotFoundError: Its file is missing (with ``verify``).
             CorruptCheckpointError: The chunk fails its checksum, or its file is short or missing.
         """
         if self._held is None:
             self._held = HeldChunks(self.storage, self.directory, verify=self.verify)
-        return self._held.check(name, record, index)
+        with _missing_is_corrupt(name):
+            return self._held.check(name, record, index)
 
     def recheck(self) -> None:
         """Raise unless every file checked is still as checked (see ``HeldChunks.recheck``)."""
@@ -95,17 +96,33 @@ class SavedChunks:
     def read(
         self, name: str, record: GlobalTensorRecord, index: int, out: torch.Tensor | None
     ) -> torch.Tensor:
-        """Read only the chunk's bytes and check them."""
-        return read_chunk(
-            self.storage,
-            self.directory,
-            record,
-            record.chunks[index],
-            verify=self.verify,
-            out=out,
-            name=name,
-            index=index,
-        )
+        """Read only the chunk's bytes and check them (a missing file is corruption)."""
+        with _missing_is_corrupt(name):
+            return read_chunk(
+                self.storage,
+                self.directory,
+                record,
+                record.chunks[index],
+                verify=self.verify,
+                out=out,
+                name=name,
+                index=index,
+            )
+
+
+@contextlib.contextmanager
+def _missing_is_corrupt(name: str) -> Iterator[None]:
+    """A file the manifest lists that is gone is corruption of its step, as in one process.
+
+    So ``fallback_to_intact`` skips the step (and a step deleted meanwhile is read
+    again), instead of the error of an item or step that does not exist.
+    """
+    try:
+        yield
+    except CheckpointNotFoundError as e:
+        raise CorruptCheckpointError(
+            "a file listed in the manifest is missing", path=e.path, key=name
+        ) from e
 
 
 class WholeTensors:

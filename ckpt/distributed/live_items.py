@@ -1,0 +1,73 @@
+"""Checks of the live objects a collective restore loads into, and whose own state each rank takes.
+
+Run before anything is read: a module item restored into a state dict, or
+``assign=True`` into a module on the meta device, is refused with what to do
+(instead of an unrelated message, or a restore that returns and loads nothing).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ckpt.errors import IncompatibleCheckpointError
+from ckpt.format import Manifest
+
+__all__ = ["check_live_items", "saved_rank"]
+
+
+def check_live_items(manifest: Manifest, items: Mapping[str, Any], *, assign: bool) -> None:
+    """Refuse live objects a module or optimizer item cannot be restored into.
+
+    Raises:
+        IncompatibleCheckpointError: A module item given anything but a module, an
+            optimizer item given a dict, or (with ``assign``) a module on the meta
+            device; the message names the item and what to pass instead.
+    """
+    records = manifest.items if manifest.sharded is None else manifest.sharded.items
+    for name, obj in items.items():
+        record = records.get(name)
+        kind = None if record is None else record.kind
+        not_module = kind == "module" and not isinstance(obj, torch.nn.Module)
+        if not_module or (kind == "optimizer" and isinstance(obj, Mapping)):
+            raise IncompatibleCheckpointError(
+                f"item {name!r} was saved as a {kind}, so it restores into a live {kind} "
+                f"({name}={name}), not into {_what(obj)}; read() returns its full tensors",
+                key=name,
+            )
+        if assign and isinstance(obj, torch.nn.Module) and _on_meta(obj):
+            raise IncompatibleCheckpointError(
+                f"item {name!r} is on the meta device: restore(assign=True) does not assign "
+                "tensors from a checkpoint saved by several ranks, or in a process group; "
+                f"materialize the module first ({name}.to_empty(device=...)), then restore "
+                "without assign: its tensors are read in place",
+                key=name,
+            )
+
+
+def saved_rank(manifest: Manifest, group: Any) -> int:
+    """Which rank's own state (items, random streams, buffers) this rank of ``group`` restores.
+
+    The rank in the group, except for a group of some of the ranks restoring a
+    checkpoint saved by every rank of a job of this size: then this process's
+    global rank, so each rank takes what it saved itself, not what the rank at
+    its position in the group did.
+    """
+    saved = 1 if manifest.sharded is None else manifest.sharded.world_size
+    if group.world_size < saved and dist.is_initialized() and saved == dist.get_world_size():
+        return int(dist.get_rank())
+    return int(group.rank)
+
+
+def _on_meta(module: torch.nn.Module) -> bool:
+    return any(t.is_meta for t in (*module.parameters(), *module.buffers()))
+
+
+def _what(obj: Any) -> str:
+    """``"a dict (a state dict, ...)"`` for a mapping, else ``"a <type name>"``."""
+    if isinstance(obj, Mapping):
+        return "a dict (a state dict, such as get_model_state_dict returns)"
+    return f"a {type(obj).__name__}"
