@@ -173,3 +173,77 @@ def test_a_file_torch_save_wrote_is_refused_with_what_to_do(tmp_path: Path) -> N
     trainer = _trainer(tmp_path, CheckpointIO(), 2)
     with pytest.raises(ckpt.CheckpointNotFoundError, match=r"without this plugin.*convert it once"):
         trainer.fit(Small(), ckpt_path=tmp_path / "old.ckpt")
+
+
+def on_ranks_rank_0_saves_alone(rank: int, world_size: int, root: str) -> int:
+    """What Lightning's DDP strategy does: rank 0 saves and removes alone, every rank loads."""
+    import torch.distributed as dist
+
+    io, path = CheckpointIO(), os.path.join(root, "last.ckpt")
+    if rank == 0:
+        io.save_checkpoint({"global_step": 3, "state_dict": {"w": torch.ones(2)}}, path)
+    dist.barrier()
+    step = int(io.load_checkpoint(path)["global_step"])
+    dist.barrier()
+    if rank == 0:
+        io.remove_checkpoint(path)
+    return step
+
+
+def test_in_a_process_group_rank_0_saves_alone(rank_pool: Any, tmp_path: Path) -> None:
+    """Under strategy="ddp" a collective manager would wait for the other ranks at every save."""
+    assert rank_pool.run(on_ranks_rank_0_saves_alone, str(tmp_path), timeout=90) == [3, 3]
+    assert not (tmp_path / "last.ckpt").exists()
+
+
+DDP_SCRIPT = """
+import os, sys, torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
+from ckpt.integrations.lightning import CheckpointIO
+
+class Small(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Linear(4, 2)
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = ((self.net(x) - y) ** 2).mean()
+        self.log("train_loss", loss)
+        return loss
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+    def train_dataloader(self):
+        gen = torch.Generator().manual_seed(0)
+        data = TensorDataset(torch.randn(64, 4, generator=gen), torch.randn(64, 2, generator=gen))
+        return DataLoader(data, batch_size=4)
+
+root, steps = sys.argv[1], int(sys.argv[2])
+saver = ModelCheckpoint(dirpath=root, save_top_k=2, monitor="train_loss", save_last=True,
+                        every_n_train_steps=2)
+trainer = L.Trainer(max_steps=steps, accelerator="cpu", devices=2, strategy="ddp",
+                    plugins=[CheckpointIO()], callbacks=[saver], logger=False,
+                    enable_progress_bar=False, enable_model_summary=False)
+trainer.fit(Small(), ckpt_path=sys.argv[3] if len(sys.argv) > 3 else None)
+"""
+
+
+@pytest.mark.slow
+def test_ddp_on_two_cpu_processes_saves_and_resumes(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    script = tmp_path / "train.py"
+    script.write_text(DDP_SCRIPT)
+    root = tmp_path / "checkpoints"
+    for steps, resume in [(4, []), (6, [str(root / "last.ckpt")])]:
+        subprocess.run(
+            [sys.executable, str(script), str(root), str(steps), *resume],
+            check=True,
+            timeout=300,
+            cwd=tmp_path,
+            env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        )
+        assert CheckpointIO().load_checkpoint(root / "last.ckpt")["global_step"] == steps

@@ -97,6 +97,8 @@ class CheckpointIO(_LightningCheckpointIO):  # type: ignore[misc,unused-ignore]
         super().__init__()
         self.storage_options = storage_options
         self.verify = verify
+        # Managers are private to this process (process_group=False): under strategy="ddp"
+        # Lightning saves on rank 0 alone, and a collective manager would wait for the others.
         # AsyncCheckpointIO saves in a thread while ModelCheckpoint removes top-k losers in
         # the main one: a removal waits for the save in progress instead of breaking it.
         self._lock = threading.Lock()
@@ -117,7 +119,9 @@ class CheckpointIO(_LightningCheckpointIO):  # type: ignore[misc,unused-ignore]
         step = step if isinstance(step, int) and not isinstance(step, bool) and step >= 0 else 0
         with (
             self._lock,
-            CheckpointManager(os.fspath(path), keep_last=1, storage_options=options) as manager,
+            CheckpointManager(
+                os.fspath(path), keep_last=1, storage_options=options, process_group=False
+            ) as manager,
         ):
             try:
                 manager.save(
@@ -151,7 +155,9 @@ class CheckpointIO(_LightningCheckpointIO):  # type: ignore[misc,unused-ignore]
                 ".load_checkpoint(old, weights_only=False), new)",
                 path=os.fspath(path),
             )
-        manager = CheckpointManager(os.fspath(path), storage_options=self.storage_options)
+        manager = CheckpointManager(
+            os.fspath(path), storage_options=self.storage_options, process_group=False
+        )
         state = manager.read(map_location=location, verify=self.verify)
         if not isinstance(state.get(ITEM), dict):
             raise CheckpointNotFoundError(
