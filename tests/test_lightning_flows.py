@@ -84,6 +84,18 @@ def test_load_from_checkpoint_reads_what_the_plugin_wrote(tmp_path: Path) -> Non
     assert Small.load_from_checkpoint(tmp_path / "t", weights_only=False).hparams.lr == 0.3
 
 
+def test_load_from_checkpoint_of_a_directory_not_lightnings_is_a_clear_error(
+    tmp_path: Path,
+) -> None:
+    with ckpt.CheckpointManager(tmp_path / "plain") as manager:
+        manager.save(1, model=nn.Linear(2, 2))
+    with pytest.raises(ckpt.CheckpointNotFoundError, match="not a Lightning checkpoint"):
+        Small.load_from_checkpoint(tmp_path / "plain")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ckpt.CheckpointError, match="empty"):
+        Small.load_from_checkpoint(tmp_path / "empty")
+
+
 def test_save_weights_only_checkpoints_load_into_the_module(tmp_path: Path) -> None:
     saver = ModelCheckpoint(dirpath=tmp_path, save_weights_only=True, save_last=True)
     trainer = _trainer(tmp_path, CheckpointIO(), 2, [saver])

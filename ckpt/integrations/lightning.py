@@ -12,8 +12,9 @@ path again (``last.ckpt``) replaces it atomically. Importing this module
 imports Lightning; ``import ckpt`` does not. It also lets
 ``LightningModule.load_from_checkpoint`` (and ``LightningDataModule``'s) read a
 checkpoint this plugin wrote: Lightning reads a path with ``torch.load``, which
-cannot open a ckpt root, so a path that is a ckpt root is read here instead
-(anything else still goes to Lightning).
+cannot open a directory, so a local directory is read here instead (one that
+is not a ckpt checkpoint raises a ``CheckpointError``; files and URLs still go
+to Lightning).
 
 Example:
     >>> from ckpt.integrations.lightning import CheckpointIO
@@ -36,7 +37,6 @@ from lightning.pytorch.core import saving as _lightning_saving
 
 from ckpt.errors import CheckpointNotFoundError
 from ckpt.manager import CheckpointManager
-from ckpt.reading.reader import CheckpointReader
 from ckpt.restoring.locations import MapLocation
 from ckpt.storage import open_storage
 
@@ -175,14 +175,9 @@ class CheckpointIO(_LightningCheckpointIO):  # type: ignore[misc,unused-ignore]
             open_storage(parent or ".", self.storage_options).remove_tree(name)
 
 
-def _is_ckpt_root(path: Any) -> bool:
-    """Whether ``path`` is a local directory holding a ckpt checkpoint (not a torch.save file)."""
-    if not isinstance(path, (str, os.PathLike)) or not os.path.isdir(os.fspath(path)):
-        return False
-    try:
-        return bool(CheckpointReader(os.fspath(path)).all_steps())
-    except Exception:  # not ours: Lightning's loader gives its own error
-        return False
+def _is_local_directory(path: Any) -> bool:
+    """Whether ``path`` is a local directory: a ckpt root, never a file ``torch.load`` reads."""
+    return isinstance(path, (str, os.PathLike)) and os.path.isdir(os.fspath(path))
 
 
 def _reading_ckpt_roots(load: Callable[..., Any]) -> Callable[..., Any]:
@@ -192,7 +187,7 @@ def _reading_ckpt_roots(load: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(load)
     def pl_load(path_or_url: Any, map_location: Any = None, weights_only: Any = None) -> Any:
-        if _is_ckpt_root(path_or_url):
+        if _is_local_directory(path_or_url):  # a ckpt root, or a clear CheckpointError
             return CheckpointIO().load_checkpoint(path_or_url, map_location=map_location)
         return load(path_or_url, map_location=map_location, weights_only=weights_only)
 
