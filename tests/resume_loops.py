@@ -355,3 +355,10 @@ def raising_when_resumed_step(items: dict[str, Any], i: int) -> torch.Tensor:
 
 
 NOT_CALLABLE = 3
+
+
+def loader_item_build() -> dict[str, Any]:
+    """Returns the loader itself as an item (ckpt saves ``loader.sampler``)."""
+    items = readme_build()
+    items["loader"] = LOADER
+    return items

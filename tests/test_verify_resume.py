@@ -171,6 +171,8 @@ def test_build_must_return_a_dict_of_named_items():
         _verify("list_build", "readme_step")
     with pytest.raises(TypeError, match="got the key 0"):
         _verify("int_keys_build", "readme_step")
+    with pytest.raises(TypeError, match=r"item 'loader', a ResumableDataLoader.*loader\.sampler"):
+        _verify("loader_item_build", "readme_step")
 
 
 def _no_verify_dirs(tmp_path):

@@ -74,13 +74,32 @@ def _build(build: BuildFn, run: str) -> dict[str, Any]:
             "build() must return a dict of fresh items by name (e.g. {'model': model, "
             f"'optimizer': optimizer}}), got {type(items).__name__}"
         )
-    for key in items:
+    for key, item in items.items():
         if not isinstance(key, str) or not key:
             raise TypeError(
                 f"build() must return a dict of fresh items by name, got the key {key!r}: "
                 "item names are non-empty strings"
             )
+        _check_item(key, item)
     return items
+
+
+def _check_item(name: str, item: Any) -> None:
+    """Refuse an item ckpt cannot save, before the loop runs (a loader: save its sampler)."""
+    if isinstance(item, Mapping) or (
+        callable(getattr(item, "state_dict", None))
+        and callable(getattr(item, "load_state_dict", None))
+    ):
+        return
+    hint = (
+        f"; for a DataLoader built by ckpt.resumable_loader, return {name}.sampler instead"
+        if hasattr(item, "sampler") and hasattr(item, "dataset")
+        else ""
+    )
+    raise TypeError(
+        f"build() returned item {name!r}, a {type(item).__name__}: items are modules, "
+        f"optimizers, objects with state_dict()/load_state_dict(), or dicts{hint}"
+    )
 
 
 def _run(
