@@ -259,3 +259,22 @@ def test_ddp_on_two_cpu_processes_saves_and_resumes(tmp_path: Path) -> None:
             env={**os.environ, "PYTHONWARNINGS": "ignore"},
         )
         assert CheckpointIO().load_checkpoint(root / "last.ckpt")["global_step"] == steps
+
+
+def test_switching_a_run_to_the_plugin(tmp_path: Path) -> None:
+    """A run Lightning's default plugin checkpointed: convert its last.ckpt once, resume."""
+    saver = ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_train_steps=2)
+    _trainer(tmp_path, TorchCheckpointIO(), 4, [saver]).fit(Small())
+    old, new = tmp_path / "last.ckpt", tmp_path / "converted.ckpt"
+    state = TorchCheckpointIO().load_checkpoint(old, weights_only=False)
+    CheckpointIO().save_checkpoint(state, new)
+    # saving over the old file is refused, and the file is kept
+    again = ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_train_steps=2)
+    with pytest.raises(ckpt.CheckpointWriteError, match="a file is in the way"):
+        _trainer(tmp_path, CheckpointIO(), 6, [again]).fit(Small(), ckpt_path=new)
+    assert old.is_file()
+    saver = ModelCheckpoint(dirpath=tmp_path / "run2", save_last=True, every_n_train_steps=2)
+    resumed = _trainer(tmp_path, CheckpointIO(), 6, [saver])
+    resumed.fit(Small(), ckpt_path=new)
+    assert resumed.global_step == 6
+    assert CheckpointIO().load_checkpoint(tmp_path / "run2" / "last.ckpt")["global_step"] == 6

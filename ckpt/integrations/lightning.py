@@ -24,6 +24,7 @@ Example:
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import os
@@ -35,7 +36,7 @@ import torch
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO as _LightningCheckpointIO
 from lightning.pytorch.core import saving as _lightning_saving
 
-from ckpt.errors import CheckpointNotFoundError
+from ckpt.errors import CheckpointNotFoundError, CheckpointWriteError
 from ckpt.manager import CheckpointManager
 from ckpt.restoring.locations import MapLocation
 from ckpt.storage import open_storage
@@ -112,9 +113,18 @@ class CheckpointIO(_LightningCheckpointIO):  # type: ignore[misc,unused-ignore]
             TypeError: A value cannot be stored without pickle; the message names its key
                 path (e.g. an object in ``hyper_parameters``: store plain values, or leave
                 it out with ``save_hyperparameters(ignore=[...])``).
-            CheckpointWriteError: Writing failed; what ``path`` held before is intact.
+            CheckpointWriteError: Writing failed, or a file (one ``torch.save`` wrote?) is at
+                ``path``; what ``path`` held before is intact.
         """
         options = storage_options if storage_options is not None else self.storage_options
+        if os.path.isfile(os.fspath(path)):
+            raise CheckpointWriteError(
+                "a file is in the way (a checkpoint Lightning's default CheckpointIO wrote?): "
+                "ckpt stores a directory at this path and does not delete the file; move or "
+                "remove it, or give ModelCheckpoint another dirpath",
+                path=os.fspath(path),
+                errno=errno.EEXIST,
+            )
         step = checkpoint.get("global_step", 0)
         step = step if isinstance(step, int) and not isinstance(step, bool) and step >= 0 else 0
         with (
