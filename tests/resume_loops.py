@@ -362,3 +362,7 @@ def loader_item_build() -> dict[str, Any]:
     items = readme_build()
     items["loader"] = LOADER
     return items
+
+
+def dict_loss_step(items: dict[str, Any], i: int) -> dict[str, Any]:
+    return {"loss": readme_step(items, i)}

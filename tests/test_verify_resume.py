@@ -173,6 +173,9 @@ def test_build_must_return_a_dict_of_named_items():
         _verify("int_keys_build", "readme_step")
     with pytest.raises(TypeError, match=r"item 'loader', a ResumableDataLoader.*loader\.sampler"):
         _verify("loader_item_build", "readme_step")
+    with pytest.raises(TypeError, match="must return a tensor") as info:
+        _verify("readme_build", "dict_loss_step")
+    assert "step(items, 0) in the first uninterrupted run" in info.value.__notes__[0]
 
 
 def _no_verify_dirs(tmp_path):

@@ -113,7 +113,11 @@ def _run(
             e.add_note(f"raised by step(items, {i}) in the {run} of verify_resume")
             raise
         trace.seconds += time.perf_counter() - began
-        trace.record(i, items, loss)
+        try:
+            trace.record(i, items, loss)
+        except TypeError as e:  # a loss that is not a tensor, a number or None
+            e.add_note(f"returned by step(items, {i}) in the {run} of verify_resume")
+            raise
 
 
 def run_reference(build: BuildFn, step: StepFn, steps: int) -> Trace:
