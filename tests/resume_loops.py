@@ -308,3 +308,61 @@ def noisy_after_resume_step(items: dict[str, Any], i: int) -> torch.Tensor:
     if BUILDS["count"] >= 3:
         loss = loss + int.from_bytes(os.urandom(2), "little") * 1e-3
     return loss
+
+
+def resumable_workers_build() -> dict[str, Any]:
+    """The README loop with two workers drawing random augmentations, through resumable_loader."""
+    global LOADER  # noqa: PLW0603 - a script-level loader, as in a training script
+    _ITERATORS.clear()
+    items = _model_and_optimizer()
+    LOADER = ckpt.resumable_loader(Points(augment=True), batch_size=4, seed=0, num_workers=2)
+    items["sampler"] = LOADER.sampler
+    return items
+
+
+def plain_workers_build() -> dict[str, Any]:
+    """The README loop with two workers and no randomness in the dataset: exact."""
+    global LOADER  # noqa: PLW0603 - a script-level loader, as in a training script
+    _ITERATORS.clear()
+    items = _model_and_optimizer()
+    LOADER = ckpt.resumable_loader(Points(), batch_size=4, seed=0, num_workers=2)
+    items["sampler"] = LOADER.sampler
+    return items
+
+
+def list_build() -> list[Any]:
+    """Returns a list, not the dict of items by name."""
+    return list(_model_and_optimizer().values())
+
+
+def int_keys_build() -> dict[Any, Any]:
+    return dict(enumerate(_model_and_optimizer().values()))
+
+
+def raising_step(items: dict[str, Any], i: int) -> torch.Tensor:
+    if i == 2:
+        raise ValueError("the loss went NaN at step 2")
+    return readme_step(items, i)
+
+
+def raising_when_resumed_step(items: dict[str, Any], i: int) -> torch.Tensor:
+    """Raises at step 3 in the fresh interpreter of a resumed run only (``python -c``)."""
+    import sys
+
+    if sys.argv[0] == "-c" and i == 3:
+        raise RuntimeError("out of memory in the resumed run")
+    return readme_step(items, i)
+
+
+NOT_CALLABLE = 3
+
+
+def loader_item_build() -> dict[str, Any]:
+    """Returns the loader itself as an item (ckpt saves ``loader.sampler``)."""
+    items = readme_build()
+    items["loader"] = LOADER
+    return items
+
+
+def dict_loss_step(items: dict[str, Any], i: int) -> dict[str, Any]:
+    return {"loss": readme_step(items, i)}

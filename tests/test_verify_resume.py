@@ -144,3 +144,83 @@ def test_a_departure_a_second_resume_does_not_repeat_is_blamed_on_the_loop():
     assert not report.exact and not report.deterministic
     assert report.reference_differences[0].item == "loss"
     assert "two resumes from the same checkpoint" in report.diagnosis[0]
+
+
+def test_random_draws_in_resumable_loader_workers_are_diagnosed():
+    report = _verify("resumable_workers_build", "workers_step", steps=6, save_at=2)
+    assert report.deterministic and not report.exact
+    assert any("random draws inside DataLoader workers" in d for d in report.diagnosis), report
+
+
+def test_resumable_loader_workers_resume_exactly_without_random_draws():
+    report = _verify("plain_workers_build", "workers_step", steps=10, save_at=3)
+    assert report.exact, str(report)
+
+
+def test_what_names_nothing_or_is_not_callable_fails_before_running():
+    with pytest.raises(ValueError, match="'resume_loops:nope' names nothing"):
+        _verify("readme_build", "nope")
+    with pytest.raises(TypeError, match="not callable"):
+        _verify("readme_build", "NOT_CALLABLE")
+    with pytest.raises(ImportError, match="cannot import 'no_such_module:build'"):
+        ckpt.verify_resume("no_such_module:build", "x:y", steps=3, save_at=0)
+
+
+def test_build_must_return_a_dict_of_named_items():
+    with pytest.raises(TypeError, match=r"dict of fresh items by name.*got list"):
+        _verify("list_build", "readme_step")
+    with pytest.raises(TypeError, match="got the key 0"):
+        _verify("int_keys_build", "readme_step")
+    with pytest.raises(TypeError, match=r"item 'loader', a ResumableDataLoader.*loader\.sampler"):
+        _verify("loader_item_build", "readme_step")
+    with pytest.raises(TypeError, match="must return a tensor") as info:
+        _verify("readme_build", "dict_loss_step")
+    assert "step(items, 0) in the first uninterrupted run" in info.value.__notes__[0]
+
+
+def _no_verify_dirs(tmp_path):
+    return not [p for p in tmp_path.iterdir() if p.name.startswith("ckpt-verify-resume-")]
+
+
+def test_a_step_that_raises_names_the_run_and_step_and_cleans_up(tmp_path, monkeypatch):
+    import random
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    state = random.getstate()
+    with pytest.raises(ValueError, match="NaN at step 2") as info:
+        _verify("readme_build", "raising_step")
+    assert "step(items, 2) in the first uninterrupted run" in info.value.__notes__[0]
+    assert random.getstate() == state and _no_verify_dirs(tmp_path)
+
+
+def test_a_step_that_raises_in_the_fresh_process_is_reported_with_its_traceback(
+    tmp_path, monkeypatch
+):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    with pytest.raises(RuntimeError, match="resumed run in a fresh process failed") as info:
+        ckpt.verify_resume(
+            f"{LOOPS}:readme_build", f"{LOOPS}:raising_when_resumed_step", steps=5, save_at=1
+        )
+    message = str(info.value)
+    assert "out of memory in the resumed run" in message
+    assert "step(items, 3) in the resumed run" in message and "raising_when_resumed_step" in message
+    assert _no_verify_dirs(tmp_path)
+
+
+def test_cli_usage_errors_and_a_raising_loop_exit_2_with_a_message(capsys):
+    from ckpt.cli import main
+
+    base = ["verify-resume", "--steps", "4", "--save-at", "1", "--in-process"]
+    cases = {
+        (f"{LOOPS}:list_build", f"{LOOPS}:readme_step"): "got list",
+        (f"{LOOPS}:readme_build", f"{LOOPS}:nope"): "names nothing",
+        (f"{LOOPS}:readme_build", f"{LOOPS}:NOT_CALLABLE"): "not callable",
+        (f"{LOOPS}:readme_build", f"{LOOPS}:raising_step"): "step(items, 2)",
+    }
+    for (build, step), words in cases.items():
+        assert main([*base, build, step]) == 2, (build, step)
+        err = capsys.readouterr().err
+        assert words in err and "Traceback" not in err, err

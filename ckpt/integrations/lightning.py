@@ -9,7 +9,12 @@ checkpoint (numbered by ``global_step``; the module's weights in the item
 no pickle, committed atomically, every file checksummed, readable with the
 ``ckpt`` command (``ls``, ``info``, ``verify``, ``export``). Saving the same
 path again (``last.ckpt``) replaces it atomically. Importing this module
-imports Lightning; ``import ckpt`` does not.
+imports Lightning; ``import ckpt`` does not. It also lets
+``LightningModule.load_from_checkpoint`` (and ``LightningDataModule``'s) read a
+checkpoint this plugin wrote: Lightning reads a path with ``torch.load``, which
+cannot open a directory, so a local directory is read here instead (one that
+is not a ckpt checkpoint raises a ``CheckpointError``; files and URLs still go
+to Lightning).
 
 Example:
     >>> from ckpt.integrations.lightning import CheckpointIO
@@ -19,15 +24,19 @@ Example:
 
 from __future__ import annotations
 
+import errno
+import functools
 import logging
 import os
-from collections.abc import Mapping
+import threading
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO as _LightningCheckpointIO
+from lightning.pytorch.core import saving as _lightning_saving
 
-from ckpt.errors import CheckpointNotFoundError
+from ckpt.errors import CheckpointNotFoundError, CheckpointWriteError
 from ckpt.manager import CheckpointManager
 from ckpt.restoring.locations import MapLocation
 from ckpt.storage import open_storage
@@ -89,6 +98,11 @@ class CheckpointIO(_LightningCheckpointIO):  # type: ignore[misc,unused-ignore]
         super().__init__()
         self.storage_options = storage_options
         self.verify = verify
+        # Managers are private to this process (process_group=False): under strategy="ddp"
+        # Lightning saves on rank 0 alone, and a collective manager would wait for the others.
+        # AsyncCheckpointIO saves in a thread while ModelCheckpoint removes top-k losers in
+        # the main one: a removal waits for the save in progress instead of breaking it.
+        self._lock = threading.Lock()
 
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
@@ -99,12 +113,26 @@ class CheckpointIO(_LightningCheckpointIO):  # type: ignore[misc,unused-ignore]
             TypeError: A value cannot be stored without pickle; the message names its key
                 path (e.g. an object in ``hyper_parameters``: store plain values, or leave
                 it out with ``save_hyperparameters(ignore=[...])``).
-            CheckpointWriteError: Writing failed; what ``path`` held before is intact.
+            CheckpointWriteError: Writing failed, or a file (one ``torch.save`` wrote?) is at
+                ``path``; what ``path`` held before is intact.
         """
         options = storage_options if storage_options is not None else self.storage_options
+        if os.path.isfile(os.fspath(path)):
+            raise CheckpointWriteError(
+                "a file is in the way (a checkpoint Lightning's default CheckpointIO wrote?): "
+                "ckpt stores a directory at this path and does not delete the file; move or "
+                "remove it, or give ModelCheckpoint another dirpath",
+                path=os.fspath(path),
+                errno=errno.EEXIST,
+            )
         step = checkpoint.get("global_step", 0)
         step = step if isinstance(step, int) and not isinstance(step, bool) and step >= 0 else 0
-        with CheckpointManager(os.fspath(path), keep_last=1, storage_options=options) as manager:
+        with (
+            self._lock,
+            CheckpointManager(
+                os.fspath(path), keep_last=1, storage_options=options, process_group=False
+            ) as manager,
+        ):
             try:
                 manager.save(
                     step, epoch=_epoch(checkpoint), rng=False, overwrite=True, **_items(checkpoint)
@@ -132,11 +160,14 @@ class CheckpointIO(_LightningCheckpointIO):  # type: ignore[misc,unused-ignore]
         if os.path.isfile(os.fspath(path)):
             raise CheckpointNotFoundError(
                 "a file, not a ckpt checkpoint (one torch.save wrote, through Lightning's "
-                "default CheckpointIO?): load it with that plugin, or convert it with "
-                "`ckpt import`",
+                "default CheckpointIO?): resume from it without this plugin, or, if you trust "
+                "the file, convert it once: CheckpointIO().save_checkpoint(TorchCheckpointIO()"
+                ".load_checkpoint(old, weights_only=False), new)",
                 path=os.fspath(path),
             )
-        manager = CheckpointManager(os.fspath(path), storage_options=self.storage_options)
+        manager = CheckpointManager(
+            os.fspath(path), storage_options=self.storage_options, process_group=False
+        )
         state = manager.read(map_location=location, verify=self.verify)
         if not isinstance(state.get(ITEM), dict):
             raise CheckpointNotFoundError(
@@ -150,4 +181,28 @@ class CheckpointIO(_LightningCheckpointIO):  # type: ignore[misc,unused-ignore]
     def remove_checkpoint(self, path: Any) -> None:
         """Remove the checkpoint at ``path`` (nothing when it is gone already)."""
         parent, name = os.path.split(os.fspath(path).rstrip("/"))
-        open_storage(parent or ".", self.storage_options).remove_tree(name)
+        with self._lock:
+            open_storage(parent or ".", self.storage_options).remove_tree(name)
+
+
+def _is_local_directory(path: Any) -> bool:
+    """Whether ``path`` is a local directory: a ckpt root, never a file ``torch.load`` reads."""
+    return isinstance(path, (str, os.PathLike)) and os.path.isdir(os.fspath(path))
+
+
+def _reading_ckpt_roots(load: Callable[..., Any]) -> Callable[..., Any]:
+    """Lightning's ``pl_load``, reading a ckpt root with :class:`CheckpointIO` instead."""
+    if getattr(load, "_ckpt_reads_roots", False):
+        return load
+
+    @functools.wraps(load)
+    def pl_load(path_or_url: Any, map_location: Any = None, weights_only: Any = None) -> Any:
+        if _is_local_directory(path_or_url):  # a ckpt root, or a clear CheckpointError
+            return CheckpointIO().load_checkpoint(path_or_url, map_location=map_location)
+        return load(path_or_url, map_location=map_location, weights_only=weights_only)
+
+    pl_load._ckpt_reads_roots = True  # type: ignore[attr-defined]
+    return pl_load
+
+
+_lightning_saving.pl_load = _reading_ckpt_roots(_lightning_saving.pl_load)  # type: ignore[attr-defined]

@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import traceback
 from typing import Any
 
 import ckpt.errors
@@ -84,8 +85,10 @@ def main(job_path: str) -> int:
         )
         _save_trace(trace, result)
     except Exception as e:  # handed to the parent, which raises it
+        message = "\n".join([str(e), *getattr(e, "__notes__", ())])
+        where = traceback.format_exc(limit=-3)
         with open(os.path.join(result, "error.json"), "w", encoding="utf-8") as f:
-            json.dump({"type": type(e).__name__, "message": str(e)}, f)
+            json.dump({"type": type(e).__name__, "message": message, "traceback": where}, f)
         return 1
     return 0
 
@@ -135,7 +138,8 @@ def run_in_fresh_process(
         if isinstance(cls, type) and issubclass(cls, ckpt.errors.CheckpointError):
             raise cls(f"in the fresh process: {error['message']}")
         raise RuntimeError(
-            f"the resumed run in a fresh process failed: {error['type']}: {error['message']}"
+            f"the resumed run in a fresh process failed: {error['type']}: {error['message']}\n"
+            + str(error.get("traceback", ""))[-3000:]
         )
     if done.returncode != 0:
         raise RuntimeError(

@@ -96,6 +96,14 @@ def _loader_notes(name: str, loader: DataLoader[Any], item_ids: set[int]) -> lis
             "every iter() and whose prefetched batches are not counted; build it with "
             "ckpt.resumable_loader(...) and save `loader.sampler` with the items"
         )
+    elif workers > 0:
+        notes.append(
+            f"random draws inside DataLoader workers: `{name}` runs {workers} workers; a run "
+            "resumed mid-epoch starts fresh workers, whose random streams start over, so "
+            "random augmentations in the dataset differ after the resume. Derive per-sample "
+            "randomness from the index and epoch (a torch.Generator seeded from them), or "
+            "use num_workers=0"
+        )
     sampler = loader.sampler
     if isinstance(sampler, ResumableSampler) and id(sampler) not in item_ids:
         notes.append(
