@@ -205,4 +205,7 @@ def _reading_ckpt_roots(load: Callable[..., Any]) -> Callable[..., Any]:
     return pl_load
 
 
-_lightning_saving.pl_load = _reading_ckpt_roots(_lightning_saving.pl_load)  # type: ignore[attr-defined]
+# Lightning's internal loader (lightning.pytorch.core.saving.pl_load, as of
+# lightning 2.6); a Lightning without it keeps its own loading, the plugin unaffected.
+if callable(getattr(_lightning_saving, "pl_load", None)):
+    _lightning_saving.pl_load = _reading_ckpt_roots(_lightning_saving.pl_load)  # type: ignore[attr-defined]
