@@ -260,6 +260,22 @@ def test_info_empty_directory(capsys: pytest.CaptureFixture[str], tmp_path: Path
     assert code == 1 and "no committed checkpoint" in err
 
 
+@pytest.mark.parametrize("command", ["ls", "info", "verify"])
+def test_a_directory_of_roots_names_them(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, command: str
+) -> None:
+    """A Lightning ModelCheckpoint directory holds one root per .ckpt: the error names them."""
+    save_run(tmp_path / "epoch=0-step=2.ckpt", steps=1)
+    save_run(tmp_path / "last.ckpt", steps=1)
+    (tmp_path / "not_a_root").mkdir()
+    (tmp_path / "a_link").symlink_to(tmp_path / "last.ckpt")
+    code, _, err = run(capsys, command, tmp_path)
+    assert code == (0 if command == "ls" else 1)  # ls lists nothing: not a failure
+    assert "holds checkpoint roots" in err
+    assert "epoch=0-step=2.ckpt" in err and "last.ckpt" in err
+    assert "not_a_root" not in err and "a_link" not in err
+
+
 # -------------------------------------------------------------------- verify
 
 

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import fsspec
 
 from ckpt.errors import CheckpointNotFoundError
+from ckpt.format.names import MANIFEST_NAME
 from ckpt.reading.manifests import ManifestReader
 
 if TYPE_CHECKING:
@@ -116,11 +117,60 @@ def open_manifests(root: str, storage_options: dict[str, Any] | None) -> Manifes
     return ManifestReader(root, storage_options=storage_options)
 
 
+_MAX_ENTRIES_LOOKED_AT = 1000
+
+
+def _roots_inside(directory: str) -> list[str]:
+    """Local subdirectories of ``directory`` holding a committed step (sorted, at most 3).
+
+    A Lightning ``ModelCheckpoint`` directory, for one, holds one root per ``.ckpt``.
+    Looks at no more than ``_MAX_ENTRIES_LOOKED_AT`` entries; never follows links.
+    """
+    roots: list[str] = []
+    try:
+        with os.scandir(directory) as entries:
+            for count, entry in enumerate(entries):
+                if count >= _MAX_ENTRIES_LOOKED_AT:
+                    break
+                if entry.is_dir(follow_symlinks=False) and _holds_a_step(entry.path):
+                    roots.append(entry.name)
+    except OSError:
+        return []
+    return sorted(roots)[:3]
+
+
+def _holds_a_step(path: str) -> bool:
+    try:
+        with os.scandir(path) as entries:
+            for count, entry in enumerate(entries):
+                if count >= _MAX_ENTRIES_LOOKED_AT:
+                    return False
+                if _STEP_DIR.fullmatch(entry.name) and os.path.isfile(
+                    os.path.join(entry.path, MANIFEST_NAME)
+                ):
+                    return True
+    except OSError:
+        return False
+    return False
+
+
 def no_checkpoint(directory: str) -> CheckpointNotFoundError:
-    """The error for a root with no committed checkpoint (a step directory: its root)."""
+    """The error for a root with no committed checkpoint (a step directory: its root).
+
+    A local directory holding checkpoint roots (a Lightning ``ModelCheckpoint``
+    directory) is named with up to three of them to pass instead.
+    """
     name = os.path.basename(directory.rstrip("/"))
     found = _STEP_DIR.fullmatch(name)
     if found is None:
+        inside = [] if _URL.match(directory) else _roots_inside(directory)
+        if inside:
+            listed = ", ".join(os.path.join(directory, root) for root in inside)
+            return CheckpointNotFoundError(
+                f"no committed checkpoint: this directory holds checkpoint roots; pass one: "
+                f"{listed}",
+                path=directory,
+            )
         return CheckpointNotFoundError("no committed checkpoint", path=directory)
     parent = os.path.dirname(directory.rstrip("/")) or "."
     return CheckpointNotFoundError(
