@@ -113,6 +113,13 @@ def test_reader_answers_as_the_manager_does(saved):
         reader.read(4)
 
 
+def test_a_reader_is_usable_in_a_with_statement(saved):
+    root, model, _ = saved
+    with ckpt.CheckpointReader(root) as reader:
+        assert_same_state(reader.read()["model"], model.state_dict())
+    assert reader.latest_step() == 3  # it held nothing: still usable after the block
+
+
 def test_read_some_items_reads_only_their_files(saved, monkeypatch):
     root, model, _ = saved
     reader = ckpt.CheckpointReader(root)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Self
 
 from ckpt.errors import CheckpointError, CheckpointNotFoundError
 from ckpt.format import MANIFEST_NAME, Manifest
@@ -47,6 +47,13 @@ class ManifestReader:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.directory!r})"
+
+    def __enter__(self) -> Self:
+        """A reader holds nothing open between calls; ``with`` is accepted for symmetry."""
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
 
     @property
     def _storage(self) -> Storage:
