@@ -10,7 +10,7 @@ import torch
 from conftest import assert_same_state
 
 import ckpt
-from ckpt.data.sampler import ResumableSampler, resumable_loader
+from ckpt.data import ResumableSampler, resumable_loader
 
 EPOCHS = 3
 

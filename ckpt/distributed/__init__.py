@@ -114,8 +114,9 @@ def prepare_collective(
         IncompatibleCheckpointError: An item does not fit the live object.
         CorruptCheckpointError: A chunk or file fails its checks.
     """
-    from ckpt.distributed.live_items import check_live_items, saved_rank  # noqa: PLC0415
+    from ckpt.distributed.own_items import saved_rank  # noqa: PLC0415
     from ckpt.distributed.restoring import prepare_on_rank  # noqa: PLC0415
+    from ckpt.state.kinds.sharded_live import check_live_items  # noqa: PLC0415
 
     check_live_items(manifest, items, assign=options.assign)
     rank, world_size = (0, 1) if group is None else (saved_rank(manifest, group), group.world_size)

@@ -13,6 +13,7 @@ import random
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from ckpt.errors import CheckpointNotFoundError, PartialRestoreError
 from ckpt.format import Manifest, rank_manifest
@@ -22,7 +23,13 @@ from ckpt.state.kinds import RestoreOptions
 from ckpt.state.rng import RNG_ITEM, RandomStreams
 from ckpt.storage import Storage
 
-__all__ = ["apply_own_items", "check_own_items", "own_names", "prepare_own_items"]
+__all__ = [
+    "apply_own_items",
+    "check_own_items",
+    "own_names",
+    "prepare_own_items",
+    "saved_rank",
+]
 
 
 def prepare_own_items(
@@ -132,3 +139,17 @@ def _seed_all(seed: int) -> None:
     except ImportError:
         return
     numpy.random.seed(seed % 2**32)
+
+
+def saved_rank(manifest: Manifest, group: Any) -> int:
+    """Which rank's own state (items, random streams, buffers) this rank of ``group`` restores.
+
+    The rank in the group, except for a group of some of the ranks restoring a
+    checkpoint saved by every rank of a job of this size: then this process's
+    global rank, so each rank takes what it saved itself, not what the rank at
+    its position in the group did.
+    """
+    saved = 1 if manifest.sharded is None else manifest.sharded.world_size
+    if group.world_size < saved and dist.is_initialized() and saved == dist.get_world_size():
+        return int(dist.get_rank())
+    return int(group.rank)

@@ -1,8 +1,9 @@
-"""Checks of the live objects a collective restore loads into, and whose own state each rank takes.
+"""The live objects a restore of sharded items refuses before reading anything.
 
-Run before anything is read: a module item restored into a state dict, or
-``assign=True`` into a module on the meta device, is refused with what to do
-(instead of an unrelated message, or a restore that returns and loads nothing).
+A module item restored into a state dict (DCP's ``get_model_state_dict`` habit),
+an optimizer item into a dict, or ``assign=True`` into a module on the meta
+device is refused with what to do, instead of an unrelated message or a restore
+that returns and loads nothing.
 """
 
 from __future__ import annotations
@@ -11,12 +12,11 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from ckpt.errors import IncompatibleCheckpointError
 from ckpt.format import Manifest
 
-__all__ = ["check_live_items", "saved_rank"]
+__all__ = ["check_live_items"]
 
 
 def check_live_items(manifest: Manifest, items: Mapping[str, Any], *, assign: bool) -> None:
@@ -46,20 +46,6 @@ def check_live_items(manifest: Manifest, items: Mapping[str, Any], *, assign: bo
                 "without assign: its tensors are read in place",
                 key=name,
             )
-
-
-def saved_rank(manifest: Manifest, group: Any) -> int:
-    """Which rank's own state (items, random streams, buffers) this rank of ``group`` restores.
-
-    The rank in the group, except for a group of some of the ranks restoring a
-    checkpoint saved by every rank of a job of this size: then this process's
-    global rank, so each rank takes what it saved itself, not what the rank at
-    its position in the group did.
-    """
-    saved = 1 if manifest.sharded is None else manifest.sharded.world_size
-    if group.world_size < saved and dist.is_initialized() and saved == dist.get_world_size():
-        return int(dist.get_rank())
-    return int(group.rank)
 
 
 def _on_meta(module: torch.nn.Module) -> bool:
