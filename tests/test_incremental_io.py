@@ -16,13 +16,16 @@ import os
 import pytest
 import torch
 from conftest import assert_same_state
+from helpers import read_manifest_doc, write_manifest
 
 import ckpt
 import ckpt.io.read
 import ckpt.saving.blobs
 import ckpt.storage
-from ckpt.format.blobs import BLOB_DIR, blob_file_name, blob_key
-from ckpt.format.tensorfile import tensor_bytes
+from ckpt.format.blobs import BLOB_DIR, BLOB_TENSOR, blob_file_name, blob_key
+from ckpt.format.checksums import hash_bytes
+from ckpt.format.names import step_dir_name
+from ckpt.format.tensorfile import TensorEntry, encode_header, tensor_bytes
 
 BIG = 32768
 """Floats of a tensor stored as a blob (128 KiB, above the 64 KiB threshold)."""
@@ -155,3 +158,42 @@ def test_tensors_hashed_ahead_and_copied_ones_share_blobs_alike(tmp_path, monkey
     reader = ckpt.CheckpointReader(tmp_path)
     assert_same_state(reader.read(1)["data"], first)
     assert_same_state(reader.read(2)["data"], {n: t.contiguous() for n, t in second.items()})
+
+
+def test_files_checked_in_batches_fail_at_the_first_bad_file_in_order(tmp_path, monkeypatch):
+    state = {f"t{i:02}": big(i) for i in range(40)}
+    with ckpt.CheckpointManager(tmp_path, incremental=True) as mgr:
+        mgr.save(1, data=state, rng=False)
+    for name in ("t30", "t07"):  # in different batches of the checking threads
+        path = blob(tmp_path, state[name])
+        raw = bytearray(path.read_bytes())
+        raw[-1] ^= 1
+        path.write_bytes(bytes(raw))
+    for threads in (1, 2, 4):
+        monkeypatch.setattr(ckpt.io.read, "read_threads", lambda n=threads: n)
+        live = {n: torch.zeros(BIG) for n in state}
+        with pytest.raises(ckpt.CorruptCheckpointError, match="checksum") as e:
+            ckpt.CheckpointManager(tmp_path).restore(data=live, rng=False)
+        assert_same_state(live, {n: torch.zeros(BIG) for n in state})  # nothing changed
+        assert "data/t07" in str(e.value) and blob_file_name(key_of(state["t07"])) in str(e.value)
+
+
+@pytest.mark.parametrize("metadata", [None, {"format": "np"}, {"format": "pt", "x": "y"}])
+def test_a_blob_header_written_otherwise_is_parsed_and_checked_in_full(tmp_path, metadata):
+    # A valid header that is not byte for byte ckpt's own takes the full parse, and reads.
+    state = {"a": big(0), "b": big(1)}
+    with ckpt.CheckpointManager(tmp_path, incremental=True) as mgr:
+        mgr.save(1, data=state, rng=False)
+    key = key_of(state["a"])
+    entry = TensorEntry(BLOB_TENSOR, torch.float32, (BIG,), 0, BIG * 4)
+    raw = encode_header([entry], metadata) + tensor_bytes(state["a"]).tobytes()
+    assert raw != blob(tmp_path, state["a"]).read_bytes()
+    blob(tmp_path, state["a"]).write_bytes(raw)
+    path = tmp_path / step_dir_name(1) / "manifest.json"
+    doc = read_manifest_doc(path)
+    doc["blobs"][key] = {"size": len(raw), "checksum": hash_bytes(raw)}
+    write_manifest(path, doc)
+    live = {n: torch.zeros(BIG) for n in state}
+    ckpt.CheckpointManager(tmp_path).restore(data=live, rng=False)
+    assert_same_state(live, state)
+    assert_same_state(ckpt.CheckpointReader(tmp_path).read(1)["data"], state)

@@ -16,6 +16,8 @@ so every reader handles it as it handles a step's own file, and the one function
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import TYPE_CHECKING
 
 import xxhash
@@ -25,6 +27,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BLOB_DIR",
+    "BLOB_METADATA",
     "BLOB_TENSOR",
     "blob_file_name",
     "blob_key",
@@ -41,6 +44,9 @@ BLOB_DIR = ".ckpt-blobs"
 """The content store's directory in the root: never a step name, never a temporary one."""
 BLOB_TENSOR = "data"
 """The name of the one tensor a blob file holds."""
+BLOB_METADATA: Mapping[str, str] = MappingProxyType({"format": "pt"})
+"""The ``__metadata__`` of every blob's safetensors header (as the safetensors library's
+``save_file`` of torch tensors writes it)."""
 
 _KEY = re.compile(r"[0-9a-f]{32}")
 _SUFFIX = ".safetensors"

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import math
 import os
 from collections.abc import Iterator, Mapping
 from typing import BinaryIO
 
+import torch
+
 from ckpt.errors import CheckpointNotFoundError, CorruptCheckpointError
 from ckpt.format import FileRecord, Manifest, TensorRecord
-from ckpt.format.blobs import BLOB_TENSOR, file_parts, ref_alias
+from ckpt.format.blobs import BLOB_METADATA, BLOB_TENSOR, file_parts, ref_alias
 from ckpt.format.checksums import Hasher
-from ckpt.format.tensorfile import MAX_HEADER_BYTES, TensorEntry, parse_header
+from ckpt.format.tensorfile import MAX_HEADER_BYTES, TensorEntry, encode_header, parse_header
 from ckpt.storage import Storage
 
 __all__ = [
@@ -20,6 +24,7 @@ __all__ = [
     "check_digest",
     "check_opened_size",
     "check_size",
+    "file_entries",
     "matching_entry",
     "open_listed",
     "read_header",
@@ -37,6 +42,44 @@ def read_header(
     if hasher is not None:
         hasher.update(prefix)
     return entries, data_start
+
+
+def file_entries(
+    f: BinaryIO, path: str, file_name: str, manifest: Manifest, hasher: Hasher | None
+) -> tuple[dict[str, TensorEntry], int]:
+    """:func:`read_header` then :func:`alias_entries`: a file's entries by the manifest's names.
+
+    A blob whose header is byte for byte the one ckpt writes for its tensor's
+    dtype and shape (and whose size fits it exactly) is not parsed: those bytes
+    can only parse to the one entry the manifest expects. Any other header is
+    parsed and checked in full, with the same errors as before.
+    """
+    record = manifest.files[file_name]
+    alias = ref_alias(file_name)
+    tensor = manifest.tensors.get(alias) if alias is not None else None
+    if alias is not None and tensor is not None and tensor.pack is None:
+        expected = _blob_header(tensor.dtype, tensor.shape)
+        if expected is not None and record.size == len(expected) + tensor.nbytes:
+            head = f.read(len(expected))
+            if head == expected:
+                if hasher is not None:
+                    hasher.update(head)
+                entry = TensorEntry(alias, tensor.dtype, tensor.shape, 0, tensor.nbytes)
+                return {alias: entry}, len(head)
+            f.seek(0)
+    entries, data_start = read_header(f, path, record.size, hasher)
+    return alias_entries(entries, file_name, path), data_start
+
+
+@functools.lru_cache(maxsize=1024)
+def _blob_header(dtype: torch.dtype, shape: tuple[int, ...]) -> bytes | None:
+    """The header ckpt writes for a blob of ``dtype`` and ``shape`` (``None``: none it writes)."""
+    try:
+        nbytes = math.prod(shape) * dtype.itemsize
+        entry = TensorEntry(BLOB_TENSOR, dtype, tuple(shape), 0, nbytes)
+        return encode_header([entry], BLOB_METADATA)
+    except (TypeError, ValueError, OverflowError):
+        return None
 
 
 def alias_entries(
@@ -90,14 +133,22 @@ def check_size(storage: Storage, directory: str, file_name: str, manifest: Manif
 
 
 def check_opened_size(
-    storage: Storage, directory: str, file_name: str, manifest: Manifest, f: BinaryIO
+    storage: Storage,
+    directory: str,
+    file_name: str,
+    manifest: Manifest,
+    f: BinaryIO,
+    identity: object = ...,
 ) -> str:
     """:func:`check_size` of a file already opened by :func:`open_listed`; return its path.
 
     A local file's size is its descriptor's (no second lookup of its name); an
-    object store's is asked of the store.
+    object store's is asked of the store. ``identity``, if given, is
+    ``storage.file_identity(f)``, already asked by the caller.
     """
-    if storage.file_identity(f) is None:
+    if identity is ...:
+        identity = storage.file_identity(f)
+    if identity is None:
         return check_size(storage, directory, file_name, manifest)
     path = storage.path(*file_parts(directory, file_name))
     expected = manifest.files[file_name].size

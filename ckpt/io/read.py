@@ -21,12 +21,11 @@ from ckpt.format.blobs import file_parts
 from ckpt.format.checksums import CHUNK_BYTES, Hasher
 from ckpt.format.tensorfile import TensorEntry, check_stored_dtype, read_tensor, tensor_bytes
 from ckpt.io.checks import (
-    alias_entries,
     check_digest,
     check_opened_size,
+    file_entries,
     matching_entry,
     open_listed,
-    read_header,
 )
 from ckpt.io.live_reads import read_threads
 from ckpt.io.pending import PendingReads, Source
@@ -149,13 +148,27 @@ def _load_files(
         for file_name, wanted in jobs:
             yield reader.load(file_name, wanted)
         return
+    size = max(1, len(jobs) // (workers * _BATCHES_PER_THREAD))
+    batches = [jobs[at : at + size] for at in range(0, len(jobs), size)]
     pool = ThreadPoolExecutor(workers, thread_name_prefix="ckpt-check")
     try:
-        futures = [pool.submit(reader.load, file_name, wanted) for file_name, wanted in jobs]
+        futures = [pool.submit(_load_batch, reader, batch) for batch in batches]
         for future in futures:
-            yield future.result()
+            yield from future.result()
     finally:  # on an error: stop the checks not begun, wait for those running
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+_BATCHES_PER_THREAD = 4
+"""Files checked on threads go in about this many batches per thread: one task per
+file cost more in submission and waiting than checking a small blob file (issue 20)."""
+
+
+def _load_batch(
+    reader: _FileReader, batch: list[tuple[str, dict[str, Target]]]
+) -> list[dict[str, torch.Tensor]]:
+    """Each file's tensors of one batch, in order; the first file that fails raises."""
+    return [reader.load(file_name, wanted) for file_name, wanted in batch]
 
 
 def _all_cpu(jobs: list[tuple[str, dict[str, Target]]], into: Mapping[str, torch.Tensor]) -> bool:
@@ -210,17 +223,16 @@ class _FileReader:
             f = file_scope.enter_context(
                 open_listed(self.storage, self.directory, file_name, manifest)
             )
-            path = check_opened_size(self.storage, self.directory, file_name, manifest, f)
+            identity = self.storage.file_identity(f)
+            path = check_opened_size(self.storage, self.directory, file_name, manifest, f, identity)
             source: Source = f
-            identity = self.storage.file_identity(f) if in_place else None
             if in_place and identity is None:  # an object store: checked bytes wait locally
                 spill = self.pending.spill(sum(manifest.tensors[n].nbytes for n in in_place))
                 if spill is None:
                     in_place = set()  # no room: read them into fresh memory instead
             elif in_place:  # held until the pending reads ran, or closed and reopened then
                 source = self.pending.keep(file_scope, f, self.storage, identity, parts)
-            entries, data_start = read_header(f, path, record.size, hasher)
-            entries = alias_entries(entries, file_name, path)
+            entries, data_start = file_entries(f, path, file_name, manifest, hasher)
             for name in [*direct, *packs]:
                 matching_entry(entries, name, manifest.tensors[name], path)
             for entry in sorted(entries.values(), key=lambda e: e.begin):

@@ -38,6 +38,7 @@ from ckpt.format import FileRecord, Manifest, TensorRecord, step_dir_name
 from ckpt.format import bounds as format_bounds
 from ckpt.format.blobs import (
     BLOB_DIR,
+    BLOB_METADATA,
     BLOB_TENSOR,
     blob_file_name,
     blob_key,
@@ -64,7 +65,7 @@ logger = logging.getLogger(__name__)
 
 Files = dict[str, dict[str, torch.Tensor]]
 
-_METADATA = {"format": "pt"}
+_METADATA = BLOB_METADATA
 
 _LEFTOVER = re.compile(re.escape(NEW_FILE_PREFIX) + r"[0-9a-f]{8}\.([0-9a-f]{32})\.safetensors")
 """A temporary file of a blob write that a crash interrupted (``Storage.write_file``)."""
