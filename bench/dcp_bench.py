@@ -128,6 +128,26 @@ def ckpt_load(args, target: Path, model, optimizer) -> None:
         profile.dump_stats(Path(args.profile) / f"{args.method}-rank{args.rank}.prof")
 
 
+def _import_ckpt_modules() -> None:
+    """Import what ckpt imports on first use, as DCP's modules are imported before the timer.
+
+    ckpt imports its process-group modules only when a group is in use, and (``import
+    ckpt`` being lazy) the manager itself when first named.
+    """
+    import importlib
+
+    for name in (
+        "ckpt.manager",
+        "ckpt.distributed.own_items",
+        "ckpt.distributed.restoring",
+        "ckpt.distributed.saving",
+        "ckpt.state.kinds.sharded_live",
+        "ckpt.state.kinds.sharded_module",
+        "ckpt.state.kinds.sharded_optimizer",
+    ):
+        importlib.import_module(name)
+
+
 def rank_main(args) -> None:
     """One rank of one measurement; prints a JSON line."""
     from datetime import timedelta
@@ -137,11 +157,8 @@ def rank_main(args) -> None:
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     import ckpt
-    import ckpt.distributed.restoring
-    import ckpt.distributed.saving
 
-    # Both libraries' modules are imported before the timer (DCP's just above): ckpt
-    # imports those for process groups only when a group is in use.
+    _import_ckpt_modules()  # before the timer, as DCP's just above
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{args.port}", rank=args.rank,
         world_size=args.ranks, timeout=timedelta(seconds=RANK_TIMEOUT),
