@@ -31,6 +31,27 @@ HOSTILE = {"a/b": [1, 2.5, None, True], "../x": {"": "é\u0000\ud800😀"}, "0":
 # -- functions the ranks run -----------------------------------------------------------
 
 
+def on_many_closed_groups(rank, world_size):
+    from ckpt.distributed import group as group_module
+
+    kept = group_module._KEPT
+    before = len(kept)
+    for _ in range(group_module.KEPT_GROUPS + 3):
+        with RankGroup(timeout=30) as group:
+            assert group.all_gather_json(rank) == [0, 1]
+        assert len(kept) <= group_module.KEPT_GROUPS
+    names = {str(g.group_name) for g in kept}
+    with RankGroup(timeout=30) as fresh:  # a new group, never a kept one
+        new_name = fresh.name
+        fresh.mark_broken("a collective failed")
+    return {
+        "grew": len(kept) >= min(before + 1, group_module.KEPT_GROUPS),
+        "bounded": len(kept) <= group_module.KEPT_GROUPS,
+        "fresh": new_name not in names,
+        "broken_not_kept": new_name not in {str(g.group_name) for g in kept},
+    }
+
+
 def on_every_operation(rank, world_size):
     with RankGroup(timeout=30) as group:
         seen = {
@@ -355,3 +376,10 @@ def test_the_pool_restarts_after_a_rank_dies(rank_pool):
 def test_the_pool_refuses_functions_it_cannot_import(rank_pool):
     with pytest.raises(ValueError, match="module-level"):
         rank_pool.run(lambda rank, world_size: None)
+
+
+def test_closed_groups_of_every_rank_are_kept_unused_and_bounded(rank_pool):
+    # close() does not wait for gloo to join a group's threads; a broken one is destroyed,
+    # and a group is never taken up again (a rank whose group broke would not).
+    for seen in rank_pool.run(on_many_closed_groups):
+        assert seen == {"grew": True, "bounded": True, "fresh": True, "broken_not_kept": True}
