@@ -12,7 +12,10 @@ three child processes:
 2. the same run, SIGKILLed right after a random step;
 3. a new process that restores the latest checkpoint and finishes the run.
 
-Then it prints a hash of the final state of both runs.
+Then it prints a hash of the final state of both runs. If they differ, it names
+the tensors that differ and runs the uninterrupted run once more: if that one
+differs too, training itself is not reproducible on this machine; if it agrees,
+the resume is at fault.
 """
 
 from __future__ import annotations
@@ -63,14 +66,13 @@ def files_of(directory: str) -> dict[Path, int]:
     return {p: p.stat().st_size for p in Path(directory).rglob("*") if p.is_file()}
 
 
-def state_hash(model: nn.Module, optimizer: torch.optim.Optimizer) -> str:
-    digest = hashlib.sha256()
-    for key, value in sorted(model.state_dict().items()):
-        digest.update(key.encode() + value.numpy().tobytes())
-    for index, state in sorted(optimizer.state_dict()["state"].items()):
-        for name, value in sorted(state.items()):
-            digest.update(f"{index}.{name}".encode() + value.numpy().tobytes())
-    return digest.hexdigest()[:16]
+def state_digests(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, str]:
+    """A short hash of each tensor of the final state, and of the random stream."""
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    for index, state in optimizer.state_dict()["state"].items():
+        tensors |= {f"optimizer.{index}.{name}": v for name, v in state.items()}
+    tensors["rng"] = torch.get_rng_state()
+    return {k: hashlib.sha256(v.numpy().tobytes()).hexdigest()[:16] for k, v in tensors.items()}
 
 
 def train(directory: str, kill_after: int | None, report: bool) -> None:
@@ -103,7 +105,9 @@ def train(directory: str, kill_after: int | None, report: bool) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
         step += 1
     mgr.close()
-    print(json.dumps({"hash": state_hash(model, optimizer), "loss": loss.item()}))
+    digests = state_digests(model, optimizer)
+    whole = hashlib.sha256(json.dumps(digests, sort_keys=True).encode()).hexdigest()[:16]
+    print(json.dumps({"hash": whole, "loss": loss.item(), "tensors": digests}))
 
 
 def child(directory: str, kill_after: int | None = None, report: bool = False) -> dict | None:
@@ -139,12 +143,29 @@ def main() -> int:
         assert child(os.path.join(tmp, "resumed"), kill_after) is None, "the run was not killed"
         print("3) new process resumes from the latest checkpoint")
         resumed = child(os.path.join(tmp, "resumed"))
+        # on a mismatch: do two uninterrupted runs agree? (else training is not reproducible)
+        again = child(os.path.join(tmp, "again")) if resumed != straight else None
     assert straight is not None and resumed is not None
     print(f"uninterrupted: state hash {straight['hash']}  final loss {straight['loss']!r}")
     print(f"resumed:       state hash {resumed['hash']}  final loss {resumed['loss']!r}")
-    same = straight == resumed
-    print("IDENTICAL: the resumed run matches bit for bit" if same else "MISMATCH")
-    return 0 if same else 1
+    if straight == resumed:
+        print("IDENTICAL: the resumed run matches bit for bit")
+        return 0
+    print(f"MISMATCH in {differing(straight, resumed)}")
+    assert again is not None
+    if again == straight:
+        print("a second uninterrupted run matches the first: the resume is at fault")
+    else:  # then the resumed run cannot be expected to match either
+        where = differing(straight, again)
+        print(f"a second uninterrupted run differs from the first too, in {where}: "
+              "training is not reproducible on this machine, whatever the resume")  # fmt: skip
+    return 1
+
+
+def differing(a: dict, b: dict) -> str:
+    """Which tensors of the final state differ between two runs."""
+    names = [k for k in a["tensors"] if a["tensors"][k] != b["tensors"].get(k)]
+    return f"{len(names)} of {len(a['tensors'])} tensors: {', '.join(names) or '(the loss only)'}"
 
 
 if __name__ == "__main__":
