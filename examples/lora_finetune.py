@@ -77,6 +77,10 @@ def state_digests(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[st
 
 def train(directory: str, kill_after: int | None, report: bool) -> None:
     """One training process: resume if a checkpoint exists, train, save every few steps."""
+    # One CPU thread: a multi-threaded BLAS may split a product's sums over threads and
+    # add them in whatever order they finish, so two runs differ in the last bits
+    # whether or not they resumed (seen once on a CI machine, never on ours).
+    torch.set_num_threads(1)
     model, optimizer = build()
     mgr = ckpt.CheckpointManager(directory, keep_last=2, incremental=True)
     full = ckpt.CheckpointManager(directory + "-full", keep_last=1) if report else None
