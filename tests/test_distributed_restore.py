@@ -442,6 +442,7 @@ def on_ranks_reads_into_live(rank: int, world: int, root: str) -> dict[str, Any]
     """Prepare a restore of a group's checkpoint: chunks checked, read into live ones at apply."""
     from ckpt.distributed.planning import local_shards
     from ckpt.distributed.restoring import apply_sharded_restore, prepare_on_rank
+    from ckpt.restoring.pipeline import RestoreRequest
     from ckpt.state.kinds import RestoreOptions
 
     model, optimizer, scheduler = make("fsdp", seed=5)
@@ -456,11 +457,11 @@ def on_ranks_reads_into_live(rank: int, world: int, root: str) -> dict[str, Any]
     mgr = ckpt.CheckpointManager(root)
     found = mgr._reader.manifest(None)
     assert found is not None
-    options = RestoreOptions(None, True, False, False, False)
-    items: dict[str, Any] = {"model": model, "optimizer": optimizer}
-    prepared = prepare_on_rank(
-        mgr._storage, *found, items, options, rng=False, verify=True, rank=rank, world_size=world
+    request = RestoreRequest(
+        RestoreOptions(None, True, False, False, False), rng=False, verify=True
     )
+    items: dict[str, Any] = {"model": model, "optimizer": optimizer}
+    prepared = prepare_on_rank(mgr._storage, *found, items, request, rank=rank, world_size=world)
     live = {local_shards(p).untyped_storage().data_ptr() for p in model.parameters()}
     dest = prepared.reads["model"].dest
     into_live = all(
@@ -474,7 +475,7 @@ def on_ranks_reads_into_live(rank: int, world: int, root: str) -> dict[str, Any]
     )
     unchanged = full_model_state(model)
     _exact(optimizer_before, full_optimizer_state(model, optimizer))
-    apply_sharded_restore(prepared, items, True, root)
+    apply_sharded_restore(prepared, root)
     mgr.close()
     after_ptrs = {
         local_shards(t).untyped_storage().data_ptr()

@@ -7,18 +7,14 @@ See ``docs/distributed.md``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ckpt.format import Manifest
-
 if TYPE_CHECKING:
-    from ckpt.state.kinds import RestoreOptions
+    from ckpt.format import Manifest
+    from ckpt.restoring.pipeline import Prepared, RestoreRequest
     from ckpt.storage import Storage
 
 __all__ = [
-    "PreparedCollective",
-    "apply_sharded_restore",
     "collective_save",
     "open_rank_group",
     "prepare_collective",
@@ -78,70 +74,21 @@ def collective_save(
     return collective
 
 
-@dataclass
-class PreparedCollective:
-    """A restore of a checkpoint saved by several ranks that every rank has read and checked."""
-
-    step_name: str
-    manifest: Manifest
-    restore: Any
-    """The :class:`~ckpt.distributed.restoring.ShardedRestore`."""
-
-    @property
-    def nbytes(self) -> int:
-        """The bytes of tensor data read on this rank."""
-        return int(self.restore.nbytes)
-
-
 def prepare_collective(
     storage: Storage,
     step_name: str,
     manifest: Manifest,
     items: dict[str, Any],
-    options: RestoreOptions,
-    rng: bool,
-    verify: bool,
-    group: Any,
-) -> PreparedCollective:
+    request: RestoreRequest,
+) -> Prepared:
     """Read and check this rank's part of a restore; change nothing, run no collective.
 
-    Any checkpoint restores this way: one saved by several ranks, or by one process
-    (seen as a group of one). The caller agrees on the outcome with the other
-    ranks before anything is applied (see :mod:`ckpt.distributed.outcomes`).
-
-    Raises:
-        CheckpointNotFoundError: An item is not in the checkpoint.
-        IncompatibleCheckpointError: An item does not fit the live object.
-        CorruptCheckpointError: A chunk or file fails its checks.
+    See :func:`ckpt.distributed.restoring.prepare_in_group` (imported here on
+    first use: it imports DCP).
     """
-    from ckpt.distributed.own_items import saved_rank  # noqa: PLC0415
-    from ckpt.distributed.restoring import prepare_on_rank  # noqa: PLC0415
-    from ckpt.state.kinds.sharded_live import check_live_items  # noqa: PLC0415
+    from ckpt.distributed.restoring import prepare_in_group  # noqa: PLC0415 - imports DCP
 
-    check_live_items(manifest, items, assign=options.assign)
-    rank, world_size = (0, 1) if group is None else (saved_rank(manifest, group), group.world_size)
-    restore = prepare_on_rank(
-        storage,
-        step_name,
-        manifest,
-        items,
-        options,
-        rng=rng,
-        verify=verify,
-        rank=rank,
-        world_size=world_size,
-        group=group,
-    )
-    return PreparedCollective(step_name, manifest, restore)
-
-
-def apply_sharded_restore(
-    restore: Any, items: dict[str, Any], strict: bool, where: str
-) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
-    """Load what :func:`prepare_collective` read (see :mod:`ckpt.distributed.restoring`)."""
-    from ckpt.distributed import restoring  # noqa: PLC0415
-
-    return restoring.apply_sharded_restore(restore, items, strict, where)
+    return prepare_in_group(storage, step_name, manifest, items, request)
 
 
 def read_consolidated(

@@ -15,20 +15,18 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ckpt.errors import CheckpointNotFoundError, PartialRestoreError
+from ckpt.errors import CheckpointNotFoundError
 from ckpt.format import Manifest, rank_manifest
 from ckpt.io import load_tensors
-from ckpt.restoring.pipeline import PreparedRestore, apply_restore, check_items, prepare_restore
-from ckpt.state.kinds import RestoreOptions
+from ckpt.restoring.pipeline import PreparedRestore, RestoreRequest, check_items, prepare_restore
 from ckpt.state.rng import RNG_ITEM, RandomStreams
 from ckpt.storage import Storage
 
 __all__ = [
-    "apply_own_items",
     "check_own_items",
-    "own_names",
     "prepare_own_items",
     "saved_rank",
+    "seed_streams",
 ]
 
 
@@ -37,10 +35,8 @@ def prepare_own_items(
     step_name: str,
     manifest: Manifest,
     items: dict[str, Any],
-    options: RestoreOptions,
+    request: RestoreRequest,
     *,
-    rng: bool,
-    verify: bool,
     rank: int,
 ) -> tuple[PreparedRestore | None, int | None]:
     """Check this rank's own items (as the rank saved them, or as rank 0 did); change nothing.
@@ -64,7 +60,7 @@ def prepare_own_items(
                 f"item {name!r} is not in checkpoint step {manifest.step}", key=name
             )
     reseed = None
-    if rng and RNG_ITEM in view.items:
+    if request.rng and RNG_ITEM in view.items:
         if own_index == rank:
             own_items[RNG_ITEM] = RandomStreams()
         else:
@@ -72,51 +68,15 @@ def prepare_own_items(
     own = None
     if own_items:
         own = prepare_restore(
-            storage, step_name, view, own_items, options, verify=verify, read=load_tensors
+            storage,
+            step_name,
+            view,
+            own_items,
+            request.options,
+            verify=request.verify,
+            read=load_tensors,
         )
     return own, reseed
-
-
-def apply_own_items(
-    own: PreparedRestore | None, reseed: int | None, applied: list[str], where: str
-) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
-    """Apply this rank's own items, then seed its random streams with ``reseed`` if given.
-
-    Args:
-        own: What :func:`prepare_own_items` prepared.
-        reseed: The seed it returned.
-        applied: The items applied before (the rank's modules and optimizers).
-        where: The checkpoint, for errors.
-
-    Returns:
-        The missing and unexpected keys, by item.
-
-    Raises:
-        PartialRestoreError: An item's own code raised while it was loaded
-            (naming ``applied`` among the items restored before it).
-    """
-    missing: dict[str, list[str]] = {}
-    unexpected: dict[str, list[str]] = {}
-    if own is not None:
-        try:
-            missing, unexpected = apply_restore(own, where)
-        except PartialRestoreError as e:
-            raise PartialRestoreError(
-                e.reason,
-                path=e.path,
-                key=e.key,
-                item=e.item,
-                applied=[*applied, *e.applied],
-                not_applied=e.not_applied,
-            ) from e.__cause__
-    if reseed is not None:
-        _seed_all(reseed)
-    return missing, unexpected
-
-
-def own_names(own: PreparedRestore | None) -> list[str]:
-    """The own items ``own`` restores, in order."""
-    return [] if own is None else [p.name for p in own.plans]
 
 
 def check_own_items(manifest: Manifest) -> None:
@@ -131,7 +91,8 @@ def _seed_for(step: int, rank: int) -> int:
     return (step * 1_000_003 + rank * 7_919 + 0x5EED) % (2**63)
 
 
-def _seed_all(seed: int) -> None:
+def seed_streams(seed: int) -> None:
+    """Seed Python's, torch's and (if installed) NumPy's random streams with ``seed``."""
     random.seed(seed)
     torch.manual_seed(seed)
     try:

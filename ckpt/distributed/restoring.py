@@ -25,25 +25,28 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from ckpt.distributed.group import RankGroup
 from ckpt.distributed.one_process import group_of_one
 from ckpt.distributed.outcomes import raise_agreed
-from ckpt.distributed.own_items import apply_own_items, own_names, prepare_own_items
+from ckpt.distributed.own_items import prepare_own_items, saved_rank, seed_streams
 from ckpt.distributed.reading import ChunkSource, PlannedReads, SavedChunks, WholeTensors
 from ckpt.distributed.states import pair_optimizers
-from ckpt.errors import IncompatibleCheckpointError, PartialRestoreError
+from ckpt.errors import IncompatibleCheckpointError
 from ckpt.format import Manifest, ShardedSection
-from ckpt.restoring.pipeline import PreparedRestore
+from ckpt.restoring.pipeline import ApplyStep, Keys, PreparedRestore, RestoreRequest, apply_steps
 from ckpt.state.kinds import RestoreOptions, sharded_kind_of
 from ckpt.state.kinds.sharded import ShardedKind
+from ckpt.state.kinds.sharded_live import check_live_items
 from ckpt.state.kinds.sharded_module import register_sharded
 from ckpt.storage import Storage
 
 __all__ = [
     "ShardedRestore",
     "apply_sharded_restore",
+    "prepare_in_group",
     "prepare_on_rank",
     "prepare_sharded_restore",
 ]
@@ -53,13 +56,23 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class ShardedRestore:
-    """A v3 restore on one rank that has read and checked everything; nothing changed yet."""
+    """A restore on one rank that has read and checked everything; nothing changed yet.
 
-    sharded: dict[str, Any]
+    A :class:`~ckpt.restoring.pipeline.Prepared`: :meth:`apply` is a collective
+    when :attr:`group` is set (every rank of the group applies together).
+    """
+
+    step_name: str
+    manifest: Manifest
+    """The checkpoint's manifest as saved (a version 1 or 2 one too)."""
+    items: Mapping[str, Any]
+    """The live items restored."""
+    strict: bool
+    sharded: dict[str, Any] = field(default_factory=dict)
     """``{item: (state, saved keys the live module lacks)}`` for modules and optimizers,
     the states holding fresh tensors."""
-    pairs: dict[str, str]
-    own: PreparedRestore | None
+    pairs: dict[str, str] = field(default_factory=dict)
+    own: PreparedRestore | None = None
     reseed: int | None = None
     """Seed for this rank's random streams when the checkpoint has none for it."""
     nbytes: int = 0
@@ -82,10 +95,74 @@ class ShardedRestore:
         if self.chunks is not None:
             self.chunks.recheck()
 
+    def apply(self, where: str) -> tuple[Keys, Keys]:
+        """Load everything read (see :func:`apply_sharded_restore`)."""
+        return apply_sharded_restore(self, where)
+
     def close(self) -> None:
         """Let go of the files held for the reads into live tensors."""
         if self.chunks is not None:
             self.chunks.close()
+        if self.own is not None:
+            self.own.close()
+
+
+def prepare_in_group(
+    storage: Storage,
+    step_name: str,
+    manifest: Manifest,
+    items: dict[str, Any],
+    request: RestoreRequest,
+) -> ShardedRestore:
+    """Read and check this rank's part of a restore; change nothing, run no collective.
+
+    Any checkpoint restores this way: one saved by several ranks, or by one
+    process (seen as a group of one), on the ranks of ``request.group`` (or
+    in one process without a group). The caller agrees on the outcome with the
+    other ranks before anything is applied (see :mod:`ckpt.distributed.outcomes`).
+
+    Raises:
+        CheckpointNotFoundError: An item is not in the checkpoint.
+        IncompatibleCheckpointError: An item does not fit the live object.
+        CorruptCheckpointError: A chunk or file fails its checks.
+    """
+    group = request.group
+    rank, world_size = (0, 1) if group is None else (saved_rank(manifest, group), group.world_size)
+    return prepare_on_rank(
+        storage, step_name, manifest, items, request, rank=rank, world_size=world_size
+    )
+
+
+def prepare_on_rank(
+    storage: Storage,
+    step_name: str,
+    manifest: Manifest,
+    items: dict[str, Any],
+    request: RestoreRequest,
+    *,
+    rank: int,
+    world_size: int,
+) -> ShardedRestore:
+    """Prepare a restore on this rank, from a checkpoint saved by any number of processes.
+
+    Live objects a module or optimizer item cannot be restored into are refused
+    first, before anything is read
+    (:func:`~ckpt.state.kinds.sharded_live.check_live_items`). A
+    single-process checkpoint (format 1 or 2) is read as one saved by a group
+    of one (:mod:`ckpt.distributed.one_process`). Runs no collective: the caller
+    agrees on the outcome with the other ranks (and applying it on
+    ``request.group`` runs one, see :func:`apply_sharded_restore`).
+    """
+    check_live_items(manifest, items, assign=request.options.assign)
+    view, source = manifest, None
+    if manifest.sharded is None:
+        view = group_of_one(manifest, items)
+        source = WholeTensors(storage, step_name, manifest, verify=request.verify)
+    restore = prepare_sharded_restore(
+        storage, step_name, view, items, request, rank=rank, world_size=world_size, source=source
+    )
+    restore.manifest = manifest
+    return restore
 
 
 def prepare_sharded_restore(
@@ -93,14 +170,11 @@ def prepare_sharded_restore(
     step_name: str,
     manifest: Manifest,
     items: dict[str, Any],
-    options: RestoreOptions,
+    request: RestoreRequest,
     *,
-    rng: bool,
-    verify: bool,
     rank: int,
     world_size: int,
     source: ChunkSource | None = None,
-    group: RankGroup | None = None,
 ) -> ShardedRestore:
     """Read and check everything this rank restores from a v3 checkpoint; change nothing.
 
@@ -114,13 +188,15 @@ def prepare_sharded_restore(
     """
     section = manifest.sharded
     assert section is not None
-    chunks = source or SavedChunks(storage, step_name, verify=verify)
+    chunks = source or SavedChunks(storage, step_name, verify=request.verify)
     held = chunks if isinstance(chunks, SavedChunks) else None
-    restore = ShardedRestore({}, {}, None, chunks=held, group=group)
+    restore = ShardedRestore(
+        step_name, manifest, items, request.options.strict, chunks=held, group=request.group
+    )
     try:
-        _read_sharded(restore, chunks, section, items, options, rank)
+        _read_sharded(restore, chunks, section, items, request.options, rank)
         restore.own, restore.reseed = prepare_own_items(
-            storage, step_name, manifest, items, options, rng=rng, verify=verify, rank=rank
+            storage, step_name, manifest, items, request, rank=rank
         )
     except BaseException:
         restore.close()
@@ -191,14 +267,13 @@ def _read_item(
     return kind, (state, plan.unexpected), nbytes, reads
 
 
-def apply_sharded_restore(
-    restore: ShardedRestore, items: Mapping[str, Any], strict: bool, where: str
-) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+def apply_sharded_restore(restore: ShardedRestore, where: str) -> tuple[Keys, Keys]:
     """Load everything read: modules, optimizers, then this rank's own items.
 
     First, before anything changes, every file the checks held or closed must
     still be as checked, on every rank of ``restore.group`` (a collective: every
-    rank of the group calls this).
+    rank of the group calls this). Then the items are loaded in order, through
+    the one loop of every restore (:func:`~ckpt.restoring.pipeline.apply_steps`).
 
     Raises:
         CorruptCheckpointError: A file changed since its checks, on this rank or
@@ -207,9 +282,17 @@ def apply_sharded_restore(
     """
     try:
         _recheck_everywhere(restore)
-        return _apply_items(restore, items, strict, where)
+        steps = [ApplyStep(name, partial(_load_sharded, restore, name)) for name in restore.sharded]
+        missing, unexpected = apply_steps(
+            steps + ([] if restore.own is None else restore.own.steps()), where
+        )
     finally:
         restore.close()
+    if restore.own is not None:
+        restore.own.finish()
+    if restore.reseed is not None:
+        seed_streams(restore.reseed)
+    return missing, unexpected
 
 
 def _recheck_everywhere(restore: ShardedRestore) -> None:
@@ -226,74 +309,12 @@ def _recheck_everywhere(restore: ShardedRestore) -> None:
     raise_agreed(restore.group, error, "checking the checked files again")
 
 
-def _apply_items(
-    restore: ShardedRestore, items: Mapping[str, Any], strict: bool, where: str
-) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
-    missing: dict[str, list[str]] = {}
-    unexpected: dict[str, list[str]] = {}
-    order = list(restore.sharded)
-    for i, (name, (state, saved_only)) in enumerate(restore.sharded.items()):
-        try:
-            if name in restore.reads:
-                restore.reads[name].run()
-            m, u = restore.kinds[name].apply(name, items, restore.pairs, state, strict)
-        except Exception as e:
-            rest = order[i + 1 :] + own_names(restore.own)
-            raise PartialRestoreError(
-                f"loading item {name!r} raised {type(e).__name__}: {e}. Restored before it: "
-                f"{order[:i]}; not restored, unchanged: {rest}; {name!r} itself may be "
-                "partly loaded",
-                path=where,
-                key=name,
-                item=name,
-                applied=order[:i],
-                not_applied=rest,
-            ) from e
-        u = sorted({*u, *saved_only})
-        if m:
-            missing[name] = m
-        if u:
-            unexpected[name] = u
-    own_missing, own_unexpected = apply_own_items(restore.own, restore.reseed, order, where)
-    missing.update(own_missing)
-    unexpected.update(own_unexpected)
-    return missing, unexpected
-
-
-def prepare_on_rank(
-    storage: Storage,
-    step_name: str,
-    manifest: Manifest,
-    items: dict[str, Any],
-    options: RestoreOptions,
-    *,
-    rng: bool,
-    verify: bool,
-    rank: int,
-    world_size: int,
-    group: RankGroup | None = None,
-) -> ShardedRestore:
-    """Prepare a restore on this rank, from a checkpoint saved by any number of processes.
-
-    A single-process checkpoint (format 1 or 2) is read as one saved by a group
-    of one (:mod:`ckpt.distributed.one_process`). Runs no collective: the caller
-    agrees on the outcome with the other ranks (and applying it on ``group``
-    runs one, see :func:`apply_sharded_restore`).
-    """
-    view, source = manifest, None
-    if manifest.sharded is None:
-        view = group_of_one(manifest, items)
-        source = WholeTensors(storage, step_name, manifest, verify=verify)
-    return prepare_sharded_restore(
-        storage,
-        step_name,
-        view,
-        items,
-        options,
-        rng=rng,
-        verify=verify,
-        rank=rank,
-        world_size=world_size,
-        source=source,
-        group=group,
+def _load_sharded(restore: ShardedRestore, name: str) -> tuple[list[str], list[str]]:
+    """Read a module's or optimizer's checked chunks into its live tensors, then load it."""
+    state, saved_only = restore.sharded[name]
+    if name in restore.reads:
+        restore.reads[name].run()
+    missing, unexpected = restore.kinds[name].apply(
+        name, restore.items, restore.pairs, state, restore.strict
     )
+    return missing, sorted({*unexpected, *saved_only})

@@ -9,20 +9,25 @@
 2. **Read and check** (:func:`prepare_restore`): every file is read and its
    checksum compared; the states are assembled, and small stateful objects
    (and modules' own-way loaders) are dry-run on copies. Still nothing changed.
-3. **Apply** (:func:`apply_restore`): bytes go straight into live tensors where
+3. **Apply** (:meth:`PreparedRestore.apply`): bytes go straight into live tensors where
    that is exact (see :mod:`ckpt.restoring.inplace`), then each item is loaded, in kind
    order (modules, optimizers, other stateful objects, dicts, random streams).
    If an item's own code raises now (a hook, a ``load_state_dict`` override),
    a :class:`~ckpt.errors.PartialRestoreError` names it, the items already
    loaded, and the items not yet loaded, which are untouched.
+
+A restore in a process group (or of a checkpoint saved by several ranks) is
+prepared by :mod:`ckpt.distributed.restoring`; both prepared forms are a
+:class:`Prepared`, and both apply their items through :func:`apply_steps`.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from functools import partial
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -36,12 +41,140 @@ from ckpt.state.kinds import ItemPlan, RestoreOptions, kind_of, kind_of_record
 from ckpt.state.optim import module_param_names
 from ckpt.storage import Storage
 
-__all__ = ["PreparedRestore", "apply_restore", "check_items", "plan_items", "prepare_restore"]
+__all__ = [
+    "ApplyStep",
+    "Keys",
+    "Prepared",
+    "PreparedRestore",
+    "RestoreRequest",
+    "apply_steps",
+    "check_items",
+    "plan_items",
+    "prepare_restore",
+]
+
+Keys = dict[str, list[str]]
+"""Missing (or unexpected) keys of non-strict module loads, by item."""
+
+
+@dataclass(frozen=True)
+class RestoreRequest:
+    """What one ``restore`` call asks for, as it travels from the restorer to each rank.
+
+    Attributes:
+        options: How every item is checked and loaded (``strict`` among them).
+        rng: Restore the random streams.
+        verify: Compare every byte read with its checksum.
+        group: ckpt's rank group (:class:`~ckpt.distributed.group.RankGroup`),
+            or ``None`` in one process.
+    """
+
+    options: RestoreOptions
+    rng: bool
+    verify: bool
+    group: Any = None
+
+
+class Prepared(Protocol):
+    """A restore that has passed every check and read every byte; nothing is changed yet.
+
+    One process or one rank of a group alike: :class:`PreparedRestore`, or
+    :class:`~ckpt.distributed.restoring.ShardedRestore`.
+    """
+
+    @property
+    def step_name(self) -> str:
+        """The step's directory name."""
+        ...
+
+    @property
+    def manifest(self) -> Manifest:
+        """The step's manifest, as saved."""
+        ...
+
+    @property
+    def nbytes(self) -> int:
+        """The bytes of tensor data read."""
+        ...
+
+    def apply(self, where: str) -> tuple[Keys, Keys]:
+        """Load every item (``where`` names the checkpoint in errors); missing, unexpected keys.
+
+        Raises:
+            PartialRestoreError: An item's own code raised while it was loaded.
+        """
+        ...
+
+    def close(self) -> None:
+        """Let go of the files held for reads into live tensors (when not applied)."""
+        ...
+
+
+@dataclass(frozen=True)
+class ApplyStep:
+    """One item to load, in apply order.
+
+    Attributes:
+        name: The item.
+        load: Loads it (reading its own checked bytes first, if any); returns its
+            missing and unexpected keys. What it raises is the item's failure.
+        read_first: Bytes held back until now, read into live tensors before the
+            item is loaded; what it raises is raised as it is.
+    """
+
+    name: str
+    load: Callable[[], tuple[list[str], list[str]]]
+    read_first: Callable[[], None] | None = None
+
+
+def apply_steps(steps: Sequence[ApplyStep], where: str) -> tuple[Keys, Keys]:
+    """Load every item in order; the one loop of every restore.
+
+    Args:
+        steps: The items, in apply order.
+        where: The checkpoint, for errors.
+
+    Returns:
+        Missing and unexpected keys of non-strict module loads, by item.
+
+    Raises:
+        PartialRestoreError: An item's ``load`` raised: it names the item, the
+            items loaded before it, and those not loaded (unchanged).
+    """
+    missing: Keys = {}
+    unexpected: Keys = {}
+    applied: list[str] = []
+    for i, step in enumerate(steps):
+        if step.read_first is not None:
+            step.read_first()
+        try:
+            miss, unexp = step.load()
+        except Exception as e:
+            rest = [s.name for s in steps[i + 1 :]]
+            raise PartialRestoreError(
+                f"loading item {step.name!r} raised {type(e).__name__}: {e}. Restored before "
+                f"it: {applied}; not restored, unchanged: {rest}; {step.name!r} itself may be "
+                "partly loaded",
+                path=where,
+                key=step.name,
+                item=step.name,
+                applied=applied,
+                not_applied=rest,
+            ) from e
+        applied.append(step.name)
+        if miss:
+            missing[step.name] = miss
+        if unexp:
+            unexpected[step.name] = unexp
+    return missing, unexpected
 
 
 @dataclass
 class PreparedRestore:
-    """A restore that has passed every check and read every byte; nothing is changed yet."""
+    """A one-process restore that has passed every check and read every byte; nothing changed.
+
+    A :class:`Prepared`.
+    """
 
     step_name: str
     manifest: Manifest
@@ -56,6 +189,44 @@ class PreparedRestore:
     def nbytes(self) -> int:
         """The bytes of tensor data read."""
         return sum(t.numel() * t.element_size() for t in self.loaded.values())
+
+    def steps(self) -> list[ApplyStep]:
+        """The items to load, in order; the held-back bytes are read before the first."""
+        return [
+            ApplyStep(
+                plan.name,
+                partial(plan.kind.apply, plan, state),
+                self._read_held if i == 0 else None,
+            )
+            for i, (plan, state) in enumerate(zip(self.plans, self.states, strict=True))
+        ]
+
+    def finish(self) -> None:
+        """Run each kind's hook after every item was loaded."""
+        restored = {id(plan.obj) for plan in self.plans}
+        for plan in self.plans:
+            plan.kind.after_restore(plan, restored)
+
+    def apply(self, where: str) -> tuple[Keys, Keys]:
+        """Read the held-back bytes into live tensors, then load every item in order.
+
+        Raises:
+            PartialRestoreError: An item's own code raised while it was loaded.
+        """
+        try:
+            missing, unexpected = apply_steps(self.steps(), where)
+        finally:
+            self.close()
+        self.finish()
+        return missing, unexpected
+
+    def close(self) -> None:
+        """Let go of the files held for the reads into live tensors."""
+        self.pending.close()
+
+    def _read_held(self) -> None:
+        with self.pending:
+            self.pending.run()  # every check has passed: read straight into live tensors
 
 
 def _saved_state(name: str, manifest: Manifest) -> tuple[Any, dict[int, str]]:
@@ -168,49 +339,3 @@ def prepare_restore(
         states = [plan.kind.build(plan, loaded) for plan in plans]
         on_error.pop_all()
     return PreparedRestore(step_name, manifest, plans, states, loaded, pending)
-
-
-def apply_restore(
-    prepared: PreparedRestore, path: str
-) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
-    """Read the held-back bytes into live tensors, then load every item in order.
-
-    Args:
-        prepared: From :func:`prepare_restore`.
-        path: The checkpoint directory, for errors.
-
-    Returns:
-        Missing and unexpected keys of non-strict module loads, by item.
-
-    Raises:
-        PartialRestoreError: An item's own code raised while it was loaded.
-    """
-    with prepared.pending:
-        prepared.pending.run()  # every check has passed: read straight into live tensors
-    missing: dict[str, list[str]] = {}
-    unexpected: dict[str, list[str]] = {}
-    applied: list[str] = []
-    for i, (plan, state) in enumerate(zip(prepared.plans, prepared.states, strict=True)):
-        try:
-            miss, unexp = plan.kind.apply(plan, state)
-        except Exception as e:
-            rest = [p.name for p in prepared.plans[i + 1 :]]
-            raise PartialRestoreError(
-                f"loading item {plan.name!r} raised {type(e).__name__}: {e}. Restored before it: "
-                f"{applied}; not restored, unchanged: {rest}; {plan.name!r} itself may be "
-                "partly loaded",
-                path=path,
-                key=plan.name,
-                item=plan.name,
-                applied=applied,
-                not_applied=rest,
-            ) from e
-        applied.append(plan.name)
-        if miss:
-            missing[plan.name] = miss
-        if unexp:
-            unexpected[plan.name] = unexp
-    restored = {id(plan.obj) for plan in prepared.plans}
-    for plan in prepared.plans:
-        plan.kind.after_restore(plan, restored)
-    return missing, unexpected

@@ -5,9 +5,12 @@ the newest intact one with ``fallback``), every item is checked and every byte
 read before anything changes, then the items are applied in kind order.
 Checkpoints saved by one process, restored in one process, go through
 :mod:`ckpt.restoring.pipeline`; checkpoints saved by several ranks, and any
-restore inside a process group, through :mod:`ckpt.distributed`. In a group the
-ranks agree at each of those points (:mod:`ckpt.distributed.outcomes`), so all go
-on or all raise alike.
+restore inside a process group, through :mod:`ckpt.distributed`; either gives a
+:class:`~ckpt.restoring.pipeline.Prepared`, which the restorer applies without
+knowing which. The options travel as one
+:class:`~ckpt.restoring.pipeline.RestoreRequest`. In a group the ranks agree at
+each of those points (:mod:`ckpt.distributed.outcomes`), so all go on or all
+raise alike.
 """
 
 from __future__ import annotations
@@ -16,16 +19,16 @@ import logging
 import time
 from collections.abc import Callable, Collection, Iterable, Sequence
 from functools import partial
-from typing import Any, TypeAlias, cast
+from typing import Any, cast
 
-from ckpt.distributed import PreparedCollective, apply_sharded_restore, prepare_collective
+from ckpt.distributed import prepare_collective
 from ckpt.errors import CheckpointNotFoundError
 from ckpt.format import MANIFEST_NAME, Manifest, step_dir_name
 from ckpt.io import load_tensors
 from ckpt.reading.reader import Checkpoint, CheckpointReader, located
 from ckpt.reading.steps import StepReader
 from ckpt.restoring.locations import MapLocation, check_map_location
-from ckpt.restoring.pipeline import PreparedRestore, apply_restore, prepare_restore
+from ckpt.restoring.pipeline import Keys, Prepared, RestoreRequest, prepare_restore
 from ckpt.restoring.tiered import across_tiers, agreed_across_tiers
 from ckpt.state.items import check_flags, check_item_name
 from ckpt.state.kinds import RestoreOptions
@@ -35,10 +38,6 @@ from ckpt.storage import Storage
 __all__ = ["Prepared", "Restorer", "apply_prepared", "prepare_step", "restore_options"]
 
 logger = logging.getLogger(__name__)
-
-Missing = dict[str, list[str]]
-
-Prepared: TypeAlias = "PreparedRestore | PreparedCollective"
 
 
 def restore_options(
@@ -71,16 +70,16 @@ def prepare_step(
     step_name: str,
     manifest: Manifest,
     items: dict[str, Any],
-    options: RestoreOptions,
+    request: RestoreRequest,
     *,
-    rng: bool,
-    verify: bool,
-    group: Any,
     read: Callable[..., Any],
 ) -> Prepared:
     """Check a checkpoint against the live items and read its tensors; mutate nothing.
 
-    ``read`` is :func:`ckpt.io.load_tensors` (or a stand-in with its signature).
+    A checkpoint saved by several ranks, and any restore in a process group
+    (``request.group``), is prepared by :mod:`ckpt.distributed.restoring`;
+    any other by :func:`ckpt.restoring.pipeline.prepare_restore`, which reads
+    with ``read`` (:func:`ckpt.io.load_tensors` or a stand-in with its signature).
 
     Raises:
         CheckpointNotFoundError: An item is not in the checkpoint.
@@ -88,14 +87,12 @@ def prepare_step(
         CorruptCheckpointError: Anything in the checkpoint is malformed.
     """
     manifest_path = storage.path(step_name, MANIFEST_NAME)
-    if manifest.sharded is not None or group is not None:
+    if manifest.sharded is not None or request.group is not None:
         with located(manifest_path):
-            return prepare_collective(
-                storage, step_name, manifest, items, options, rng, verify, group
-            )
-    if rng and RNG_ITEM in manifest.items:
+            return prepare_collective(storage, step_name, manifest, items, request)
+    if request.rng and RNG_ITEM in manifest.items:
         items[RNG_ITEM] = RandomStreams()
-    elif rng:
+    elif request.rng:
         logger.warning(
             "checkpoint step %d holds no random state; the random streams are not restored",
             manifest.step,
@@ -110,13 +107,11 @@ def prepare_step(
             )
     with located(manifest_path):
         return prepare_restore(
-            storage, step_name, manifest, items, options, verify=verify, read=read
+            storage, step_name, manifest, items, request.options, verify=request.verify, read=read
         )
 
 
-def apply_prepared(
-    prepared: Prepared, items: dict[str, Any], strict: bool, where: str
-) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+def apply_prepared(prepared: Prepared, where: str) -> tuple[Keys, Keys]:
     """Load what :func:`prepare_step` read into the live items; warn about non-strict keys.
 
     Returns:
@@ -125,10 +120,7 @@ def apply_prepared(
     Raises:
         PartialRestoreError: An item's own code raised while it was loaded.
     """
-    if isinstance(prepared, PreparedRestore):
-        missing, unexpected = apply_restore(prepared, where)
-    else:
-        missing, unexpected = apply_sharded_restore(prepared.restore, items, strict, where)
+    missing, unexpected = prepared.apply(where)
     for name in missing.keys() | unexpected.keys():
         logger.warning(
             "restored %r non-strictly: missing keys %s, unexpected keys %s",
@@ -185,6 +177,7 @@ class Restorer:
         as :meth:`ckpt.CheckpointManager.restore` documents.
         """
         start = time.perf_counter()
+        request = RestoreRequest(options, rng, verify, self._group)
         tier, checkpoints = 0, self._checkpoints
         if len(self._readers) > 1:
             search: Callable[..., Any] = across_tiers
@@ -197,7 +190,7 @@ class Restorer:
             found = search(
                 [r.steps for r in self._readers[skip:]],
                 step,
-                lambda i, s: self._prepare(s, dict(items), options, rng, verify, i + skip),
+                lambda i, s: self._prepare(s, dict(items), request, i + skip),
                 fallback=step is None and fallback,
             )
             prepared = None if found is None else found[1]
@@ -206,14 +199,14 @@ class Restorer:
         else:
             prepared = self._prepare_with_fallback(
                 step,
-                lambda s: self._prepare(s, dict(items), options, rng, verify),
+                lambda s: self._prepare(s, dict(items), request),
                 list(items),
                 fallback=step is None and fallback,
             )
         if prepared is None:
             return None
         where = checkpoints.steps.storage.url_of(prepared.step_name)
-        missing, unexpected = self._apply(prepared, items, options.strict, where)
+        missing, unexpected = self._apply(prepared, items, where)
         logger.info(
             "restored step %d from %s (%d bytes in %.3f s)",
             prepared.manifest.step,
@@ -263,25 +256,21 @@ class Restorer:
         """Whether this rank sees ``step`` committed now."""
         return self._steps.storage.exists(step_dir_name(step), MANIFEST_NAME)
 
-    def _apply(
-        self, prepared: Prepared, items: dict[str, Any], strict: bool, where: str
-    ) -> tuple[Missing, Missing]:
+    def _apply(self, prepared: Prepared, items: dict[str, Any], where: str) -> tuple[Keys, Keys]:
         """Load what was prepared; in a process group, a failure on any rank raises on all."""
         if self._group is None:
-            return apply_prepared(prepared, items, strict, where)
+            return apply_prepared(prepared, where)
         from ckpt.distributed import outcomes  # noqa: PLC0415 - only in a process group
 
         return outcomes.run_agreed_apply(
-            self._group, lambda: apply_prepared(prepared, items, strict, where), items, where
+            self._group, lambda: apply_prepared(prepared, where), items, where
         )
 
     def _prepare(
         self,
         step: int | None,
         items: dict[str, Any],
-        options: RestoreOptions,
-        rng: bool,
-        verify: bool,
+        request: RestoreRequest,
         tier: int = 0,
     ) -> Prepared | None:
         """Check ``step`` of tier ``tier`` (latest if ``None``) against the items; None: none."""
@@ -289,13 +278,4 @@ class Restorer:
         found = steps.manifest(step)
         if found is None:
             return None
-        return prepare_step(
-            steps.storage,
-            *found,
-            items,
-            options,
-            rng=rng,
-            verify=verify,
-            group=self._group,
-            read=load_tensors,
-        )
+        return prepare_step(steps.storage, *found, items, request, read=load_tensors)
