@@ -330,3 +330,31 @@ def test_a_step_saved_twice_is_refused_naming_its_directory_once(rank_pool, tmp_
             f"step 0 is already saved; choose a new step or pass overwrite=True (file {step_dir!r})"
         )
         assert path == step_dir
+
+
+def on_ranks_replica_managers_in_one_root(rank: int, world: int, root: str) -> str | None:
+    """A manager per one-rank group ("replica"), both on one root: what the second is told."""
+    import torch.distributed as dist
+
+    replica = dist.new_group([rank], use_local_synchronization=True)
+    mgr = ckpt.CheckpointManager(root, process_group=replica)
+    try:
+        if rank == 0:
+            mgr.save(0, model=nn.Linear(2, 2))
+        dist.barrier()
+        if rank == 0:
+            return None
+        with pytest.raises(ckpt.CheckpointLockedError) as refused:
+            mgr.save(1, model=nn.Linear(2, 2))
+        return str(refused.value)
+    finally:
+        dist.barrier()  # rank 0 holds the lock until rank 1 was refused
+        mgr.close()
+
+
+def test_replica_managers_sharing_a_root_are_told_to_take_one_each(rank_pool, tmp_path):
+    # It said only that the ranks of a job share one collective manager, which they do
+    # not when each replica (HSDP) has its own.
+    message = rank_pool.run(on_ranks_replica_managers_in_one_root, str(tmp_path))[1]
+    assert "another writer holds this directory" in message
+    assert "managers on groups of some of the ranks (one per HSDP replica) each write" in message
