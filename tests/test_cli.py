@@ -494,6 +494,21 @@ def test_diff_v3_checkpoint(capsys: pytest.CaptureFixture[str], tmp_path: Path) 
     assert code == 0
 
 
+def test_info_of_a_group_checkpoint_says_whose_per_rank_items_it_shows(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    # It showed rank 0's sampler, scheduler and random streams of a 3-rank checkpoint
+    # as if they were the job's, with nothing saying each rank saved its own.
+    write_sharded_checkpoint(
+        open_storage(str(tmp_path)), step_dir_name(0), {"w": torch.arange(6.0)}, world_size=3
+    )
+    code, out, _ = run(capsys, "info", tmp_path)
+    assert code == 0
+    own, model = out.split("item 'own'")[1], out.split("item 'model'")[1].split("item ")[0]
+    assert own.splitlines()[1] == "  rank 0's: each of the 3 ranks saved its own"
+    assert "saved its own" not in model
+
+
 def test_diff_corrupt_and_missing(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     save_model(tmp_path / "a", small_model())
     save_model(tmp_path / "b", small_model())

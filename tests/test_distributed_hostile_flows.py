@@ -281,3 +281,80 @@ def test_a_closed_manager_collected_in_a_forked_worker_does_not_crash_it(rank_po
     # "Unexpected segmentation fault encountered in worker" (or hung): the closed
     # manager's gloo group, destroyed only when collected, was destroyed in the worker.
     assert rank_pool.run(on_ranks_fork_with_a_closed_manager_uncollected, str(tmp_path)) == [0, 0]
+
+
+def on_ranks_save_an_item_of_another_kind(rank: int, world: int, root: str) -> tuple[str, str]:
+    """Rank 0 passes ``x`` as a dict, rank 1 as a module: the error, and what the root holds."""
+    import os
+
+    torch.manual_seed(0)
+    with ckpt.CheckpointManager(root) as mgr:
+        mgr.save(0, model=nn.Linear(3, 2))
+        x: Any = {"a": 1} if rank == 0 else nn.Linear(2, 2)
+        with pytest.raises(ValueError) as failed:
+            mgr.save(1, model=nn.Linear(3, 2), x=x)
+        assert mgr.all_steps() == [0]
+        mgr.restore(model=nn.Linear(3, 2))  # the earlier step is intact
+    return type(failed.value).__name__, str(failed.value) + str(sorted(os.listdir(root)))
+
+
+def test_an_item_of_another_kind_on_one_rank_is_refused_before_anything_is_written(
+    rank_pool, tmp_path
+):
+    # It was written on every rank, then refused at the commit as a CheckpointWriteError:
+    # "could not commit step 1: CorruptCheckpointError: invalid manifest: item names or
+    # kinds differ from rank 0's (first: 'x')", as if the checkpoint were corrupt.
+    for name, message in rank_pool.run(on_ranks_save_an_item_of_another_kind, str(tmp_path)):
+        assert name == "ValueError"
+        assert "each item of the same kind on every rank" in message
+        assert "'x': 'dict'" in message and "'x': 'module'" in message
+        assert "nothing of step 1 was written" in message
+        assert "Corrupt" not in message and ".ckpt-tmp" not in message
+
+
+def on_ranks_save_a_step_twice(rank: int, world: int, root: str) -> tuple[str, str | None]:
+    """The error every rank raises saving a committed step again without overwrite."""
+    with ckpt.CheckpointManager(root) as mgr:
+        mgr.save(0, data={"rank": rank})
+        with pytest.raises(ckpt.CheckpointExistsError) as failed:
+            mgr.save(0, data={"rank": rank})
+    return str(failed.value), failed.value.path
+
+
+def test_a_step_saved_twice_is_refused_naming_its_directory_once(rank_pool, tmp_path):
+    # Rank 0's error travelled as its full text and was located again: "... pass
+    # overwrite=True (file '.../step_000000000000') (file '.../step_000000000000')".
+    step_dir = str(tmp_path / "step_000000000000")
+    for message, path in rank_pool.run(on_ranks_save_a_step_twice, str(tmp_path)):
+        assert message == (
+            f"step 0 is already saved; choose a new step or pass overwrite=True (file {step_dir!r})"
+        )
+        assert path == step_dir
+
+
+def on_ranks_replica_managers_in_one_root(rank: int, world: int, root: str) -> str | None:
+    """A manager per one-rank group ("replica"), both on one root: what the second is told."""
+    import torch.distributed as dist
+
+    replica = dist.new_group([rank], use_local_synchronization=True)
+    mgr = ckpt.CheckpointManager(root, process_group=replica)
+    try:
+        if rank == 0:
+            mgr.save(0, model=nn.Linear(2, 2))
+        dist.barrier()
+        if rank == 0:
+            return None
+        with pytest.raises(ckpt.CheckpointLockedError) as refused:
+            mgr.save(1, model=nn.Linear(2, 2))
+        return str(refused.value)
+    finally:
+        dist.barrier()  # rank 0 holds the lock until rank 1 was refused
+        mgr.close()
+
+
+def test_replica_managers_sharing_a_root_are_told_to_take_one_each(rank_pool, tmp_path):
+    # It said only that the ranks of a job share one collective manager, which they do
+    # not when each replica (HSDP) has its own.
+    message = rank_pool.run(on_ranks_replica_managers_in_one_root, str(tmp_path))[1]
+    assert "another writer holds this directory" in message
+    assert "managers on groups of some of the ranks (one per HSDP replica) each write" in message

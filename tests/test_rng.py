@@ -228,6 +228,8 @@ def test_a_changed_world_size_warns(tmp_path, monkeypatch, caplog):
     with caplog.at_level(logging.WARNING, logger="ckpt"):
         mgr.restore(data={})
     assert "world size 4 restored with world size 2" in caplog.text
+    # Once: it was logged at the plan's check and again when the streams were set.
+    assert caplog.text.count("restored with world size") == 1
 
 
 def test_rng_is_a_reserved_item_name(tmp_path):

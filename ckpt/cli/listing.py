@@ -209,9 +209,15 @@ def _header(doc: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _item_lines(item: dict[str, Any]) -> list[str]:
+_GLOBAL_KINDS = ("module", "optimizer")
+"""Kinds saved once for all the ranks of a group; every other item each rank saves itself."""
+
+
+def _item_lines(item: dict[str, Any], world_size: int) -> list[str]:
     count = len(item["tensors"])
     lines = [f"item {item['name']!r} ({item['kind']}, {human_bytes(item['nbytes'])})"]
+    if world_size > 1 and item["kind"] not in _GLOBAL_KINDS:
+        lines.append(f"  rank 0's: each of the {world_size} ranks saved its own")
     if item.get("optimizer_class"):
         lines.append(f"  optimizer: {item['optimizer_class']}")
     for i, group in enumerate(item.get("param_groups") or ()):
@@ -251,6 +257,6 @@ def run_info(args: argparse.Namespace) -> int:
     lines = _header(doc)
     for item in doc["items"]:
         lines.append("")
-        lines.extend(_item_lines(item))
+        lines.extend(_item_lines(item, doc["world_size"]))
     out("\n".join(lines))
     return 0

@@ -31,10 +31,16 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
-from ckpt.distributed.capture import RankCapture, capture_local, capture_own, lay_out
+from ckpt.distributed.capture import (
+    LocalCapture,
+    RankCapture,
+    capture_local,
+    capture_own,
+    lay_out,
+)
 from ckpt.distributed.group import RankGroup
 from ckpt.distributed.writing import BlobPlan, assemble_v3, shard_keys, write_rank_files
 from ckpt.errors import (
@@ -98,11 +104,25 @@ def _different_calls(step: int, calls: list[Any]) -> str | None:
             "on every rank)"
         )
     return (
-        f"every rank must call save() with the same step, epoch and item names, and the same "
-        f"metrics and overwrite: rank 0 saves {calls[0]}, but "
+        f"every rank must call save() with the same step, epoch and item names (each item "
+        f"of the same kind on every rank), and the same metrics and overwrite: rank 0 saves "
+        f"{calls[0]}, but "
         + "; ".join(f"rank {r} saves {calls[r]}" for r in differing)
         + f"{hint}; nothing of step {step} was written"
     )
+
+
+def _kinds(items: Mapping[str, Any], local: LocalCapture | None) -> dict[str, str | None]:
+    """``{item: the kind it is saved as}``, sorted (kinds unknown where the capture failed).
+
+    Compared across the ranks before anything is written: the same name saved as a
+    dict on one rank and a module on another would otherwise fail only at the
+    commit, as a manifest whose ranks disagree.
+    """
+    if local is None:
+        return dict.fromkeys(sorted(items))
+    records = {**local.own.items, **local.sharded_items}
+    return {name: records[name].kind if name in records else None for name in sorted(items)}
 
 
 @dataclasses.dataclass
@@ -161,9 +181,9 @@ class CollectiveSave:
         plan = group.broadcast_json(opened)
         assert isinstance(plan, dict)
         if "error" in plan:
-            kind, message = plan["error"]
+            kind, message, path, key = plan["error"]
             raise _RAISED_AS.get(kind, CheckpointWriteError)(
-                message, path=self.storage.url_of(step_dir_name(step))
+                message, path=path or self.storage.url_of(step_dir_name(step)), key=key
             )
         attempt = Attempt.from_json(plan)
         file_token, header = attempt.file_token, attempt.header
@@ -180,7 +200,7 @@ class CollectiveSave:
             error = e
         # metrics as text: NaN equals NaN there, so only values that differ differ
         shown = json.dumps(metrics, sort_keys=True, separators=(",", ":"))
-        call = {"step": step, "epoch": epoch, "metrics": shown, "items": sorted(items)}
+        call = {"step": step, "epoch": epoch, "metrics": shown, "items": _kinds(items, local)}
         call["overwrite"] = overwrite  # rank 0 decides it: every rank must ask the same
         agreed = self._agree(step, attempt, error, call, as_raised=_CAPTURE_ERRORS)
         mismatch = _different_calls(step, agreed)
@@ -316,10 +336,10 @@ class CollectiveSave:
                 header=ManifestHeader.now(),
                 collective=True,
             )
-        except CheckpointError as e:
-            return {"error": [type(e).__name__, str(e)]}
+        except CheckpointError as e:  # its reason and location apart: located once, not twice
+            return {"error": [type(e).__name__, e.reason, e.path, e.key]}
         except OSError as e:
-            return {"error": ["CheckpointWriteError", f"cannot start the save: {e}"]}
+            return {"error": ["CheckpointWriteError", f"cannot start the save: {e}", None, None]}
         return attempt.to_json()
 
     def _agree(

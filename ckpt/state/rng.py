@@ -117,18 +117,12 @@ def check_rng_state(state: object, *, live: bool = True) -> None:
         _check_streams(state)
         _check_plain_values(state)
         return
-    rank, world_size = _process_rank()
+    rank = _process_rank()[0]
     if state["rank"] != rank:
         raise IncompatibleCheckpointError(
             f"the random state was saved by rank {state['rank']} but this is rank {rank}; "
             "each rank restores its own streams (pass rng=False to skip them)",
             key=f"{RNG_ITEM}.rank",
-        )
-    if state["world_size"] != world_size:
-        logger.warning(
-            "random state saved with world size %d restored with world size %d",
-            state["world_size"],
-            world_size,
         )
     _check_streams(state)
     _check_plain_values(state)
@@ -280,8 +274,19 @@ class RandomStreams:
         return capture_rng_state()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Check and restore the streams (see :func:`set_rng_state`)."""
+        """Check and restore the streams (see :func:`set_rng_state`).
+
+        Warns once when they were saved with another world size (not at each check:
+        a restore checks them when it plans and again when it applies).
+        """
         check_rng_state(state_dict)
+        saved, (_, world_size) = state_dict["world_size"], _process_rank()
+        if saved != world_size:
+            logger.warning(
+                "random state saved with world size %d restored with world size %d",
+                saved,
+                world_size,
+            )
         set_rng_state(state_dict)
 
     def check_state_dict(self, state_dict: object) -> None:

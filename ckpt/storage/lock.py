@@ -89,7 +89,8 @@ def _what_to_do(identity: tuple[int, int]) -> str:
         "one process may write to a checkpoint directory at a time: stop the other "
         "writer, or write to another directory (a killed writer's lock is released); "
         "the ranks of a job share one collective CheckpointManager, created on every "
-        "rank after init_process_group"
+        "rank after init_process_group, and managers on groups of some of the ranks "
+        "(one per HSDP replica) each write to a directory of their own"
     )
 
 
