@@ -122,7 +122,7 @@ def test_fsdp2_checkpoint_consolidates_in_one_process_without_a_group(rank_pool,
     model, optimizer, scheduler = make("none", seed=3, lr=0.9)
     mgr = ckpt.CheckpointManager(tmp_path)
     mgr.restore(model=model, optimizer=optimizer, scheduler=scheduler, data={})
-    assert "saved by 2 ranks on 1 ranks" in caplog.text
+    assert "saved by 2 ranks on one process" in caplog.text
     _exact(saved["model"], {k: v for k, v in model.state_dict().items()})
     names = [n for n, _ in model.named_parameters()]
     packed = optimizer.state_dict()["state"]

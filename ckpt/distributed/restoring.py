@@ -201,18 +201,22 @@ def prepare_sharded_restore(
     except BaseException:
         restore.close()
         raise
-    if world_size != section.world_size:
-        logger.warning(
-            "restoring step %d saved by %d ranks on %d ranks%s",
+    if world_size != section.world_size and (rank == 0 or restore.reseed is not None):
+        logger.warning(  # once per job, and on each rank whose streams are seeded afresh
+            "restoring step %d saved by %s on %s%s",
             manifest.step,
-            section.world_size,
-            world_size,
+            _ranks(section.world_size),
+            _ranks(world_size),
             f"; rank {rank} did not exist then: its random streams are seeded from the step "
             "and its rank"
             if restore.reseed is not None
             else "",
         )
     return restore
+
+
+def _ranks(count: int) -> str:
+    return "one process" if count == 1 else f"{count} ranks"
 
 
 def _read_sharded(
