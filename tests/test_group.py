@@ -32,7 +32,7 @@ HOSTILE = {"a/b": [1, 2.5, None, True], "../x": {"": "é\u0000\ud800😀"}, "0":
 
 
 def on_many_closed_groups(rank, world_size):
-    from ckpt.distributed import group as group_module
+    from ckpt.distributed import kept_groups as group_module
 
     kept = group_module._KEPT
     before = len(kept)
@@ -40,21 +40,21 @@ def on_many_closed_groups(rank, world_size):
         with RankGroup(timeout=30) as group:
             assert group.all_gather_json(rank) == [0, 1]
         assert len(kept) <= group_module.KEPT_GROUPS
-    names = {str(g.group_name) for g in kept}
+    earlier = list(kept)
     with RankGroup(timeout=30) as fresh:  # a new group, never a kept one
-        new_name = fresh.name
+        made = fresh._held
         fresh.mark_broken("a collective failed")
     return {
         "grew": len(kept) >= min(before + 1, group_module.KEPT_GROUPS),
         "bounded": len(kept) <= group_module.KEPT_GROUPS,
-        "fresh": new_name not in names,
-        "broken_not_kept": new_name not in {str(g.group_name) for g in kept},
+        "fresh": all(made is not g for g in earlier),
+        "broken_not_kept": all(made is not g for g in kept),
     }
 
 
 def on_exit_with_kept_groups(rank, world_size):
     """Groups closed, then the exit handler run in a forked child and in the rank itself."""
-    from ckpt.distributed import group as group_module
+    from ckpt.distributed import kept_groups as group_module
 
     for _ in range(2):
         with RankGroup(timeout=30) as group:

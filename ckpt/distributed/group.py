@@ -18,13 +18,10 @@ Example:
 
 from __future__ import annotations
 
-import atexit
 import ctypes
 import json
 import logging
 import math
-import os
-from collections import deque
 from collections.abc import Callable
 from datetime import timedelta
 from typing import TypeVar
@@ -32,6 +29,7 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 
+from ckpt.distributed.kept_groups import destroy, keep, take_idle
 from ckpt.errors import CollectiveError
 from ckpt.state.tree import Json
 
@@ -128,7 +126,7 @@ class RankGroup:
         some = len(ranks) < dist.get_world_size()
         self._idle_key = (tuple(ranks), self.timeout) if some else None
         try:
-            group = _take_idle(self._idle_key) or dist.new_group(
+            group = take_idle(self._idle_key) or dist.new_group(
                 ranks=ranks,
                 backend="gloo",
                 timeout=timedelta(seconds=self.timeout),
@@ -302,14 +300,13 @@ class RankGroup:
     def close(self) -> None:
         """Let go of the gloo subgroup; later collectives raise. Idempotent.
 
-        Unless a collective failed on it (then it is destroyed), the gloo group of some
-        of the ranks is kept for the next :class:`RankGroup` over the same ranks (its
-        ranks close and open theirs in the same order, as every collective call), and
-        a group of every rank is kept alive, unused, among the last
-        :data:`KEPT_GROUPS` closed: destroying a gloo group joins its threads (about
-        20 ms on 2 CPU ranks), which a manager's ``close()`` need not wait for. Those
-        are never reused (a rank whose group failed would create a new one while the
-        others took up the old), and go with the default group or the process.
+        Unless a collective failed on it (then it is destroyed), the gloo group is kept
+        (:mod:`ckpt.distributed.kept_groups`): a group of some of the ranks for the next
+        :class:`RankGroup` over the same ranks (its ranks close and open theirs in the
+        same order, as every collective call); a group of every rank alive but unused,
+        since destroying it joins its threads (about 20 ms on 2 CPU ranks), which a
+        manager's ``close()`` need not wait for. Those are never reused (a rank whose
+        group failed would create a new one while the others took up the old).
         """
         if self._closed:
             return
@@ -321,15 +318,9 @@ class RankGroup:
         group, self._held = self._held, None
         assert group is not None
         if self._broken is not None:
-            _destroy(group)
-            return
-        _KEEPER[0] = os.getpid()
-        if self._idle_key is not None:
-            _IDLE.setdefault(self._idle_key, []).append(group)
+            destroy(group)
         else:
-            _KEPT.append(group)
-            if len(_KEPT) > KEPT_GROUPS:
-                _destroy(_KEPT.popleft())
+            keep(group, self._idle_key)
 
     def __enter__(self) -> RankGroup:
         return self
@@ -409,63 +400,6 @@ class RankGroup:
             rank=getattr(self, "rank", None),
             timeout=self.timeout,
         )
-
-
-_IDLE: dict[tuple[tuple[int, ...], float], list[dist.ProcessGroup]] = {}
-"""Closed gloo groups of some of the ranks, by (ranks, timeout), kept for reuse."""
-
-
-KEPT_GROUPS = 8
-"""Closed gloo groups of every rank kept alive (not destroyed at close), at most."""
-
-_KEPT: deque[dist.ProcessGroup] = deque()
-"""Closed gloo groups of every rank, oldest first: never reused, destroyed beyond
-:data:`KEPT_GROUPS` (held here so that no garbage collection, say in a forked DataLoader
-worker, ever destroys one)."""
-
-
-_KEEPER = [0]
-"""The pid that kept the groups of :data:`_KEPT` and :data:`_IDLE` (a forked child
-inherits them, unusable: it must never destroy them)."""
-
-
-@atexit.register
-def _let_go_at_exit() -> None:
-    """Destroy the kept gloo groups at exit, while the interpreter is whole (not in a fork).
-
-    Left to the interpreter's finalization, about one exit in eight of a 2-rank FSDP2
-    job aborted there ("terminate called without an active exception", SIGABRT: a
-    failed job for torchrun) after every save had succeeded.
-    """
-    if os.getpid() != _KEEPER[0]:
-        return
-    while _KEPT:
-        _destroy(_KEPT.popleft())
-    for groups in _IDLE.values():
-        while groups:
-            _destroy(groups.pop())
-    _IDLE.clear()
-
-
-def _destroy(group: dist.ProcessGroup) -> None:
-    """Destroy a gloo group of ckpt's (nothing if the default group took it down first)."""
-    try:
-        dist.destroy_process_group(group)
-    except (ValueError, RuntimeError) as e:  # the default group was destroyed first
-        logger.debug("ckpt gloo group already gone: %s", e)
-
-
-def _take_idle(key: tuple[tuple[int, ...], float] | None) -> dist.ProcessGroup | None:
-    """A kept gloo group over ``key``'s ranks that is still alive, or ``None``."""
-    idle = _IDLE.get(key, []) if key is not None else []
-    while idle:
-        group = idle.pop()
-        try:
-            dist.get_process_group_ranks(group)  # raises once the default group was destroyed
-        except (KeyError, ValueError, RuntimeError):
-            continue
-        return group
-    return None
 
 
 def _check_lengths(
