@@ -49,6 +49,10 @@ _NOTHING = -1
 MAX_TIMEOUT = 1e9
 # A failure's message is cut to this many characters before it is gathered.
 MAX_FAILURE_CHARS = 4096
+# JSON of at most this many bytes travels with its length in all_gather_json's first
+# collective (most values: outcomes, steps, names); a longer one takes a second.
+INLINE_BYTES = 1024
+_HEADER_BYTES = 8  # a payload's length, int64 little-endian, before its inline bytes
 
 
 CLOSED = (
@@ -169,18 +173,16 @@ class RankGroup:
             CollectiveError: A rank failed, died or did not answer within the timeout.
         """
         payload, encode_error = _encode(value)
-        lengths = self._run("all_gather_json", lambda: self._gather_lengths(payload))
+        first = self._run("all_gather_json", lambda: self._gather_lengths(payload))
+        lengths = [length for length, _ in first]
         _check_lengths("all_gather_json", lengths, encode_error, self)
         payload = payload or b""  # not None here: _check_lengths raised otherwise
         longest = max(lengths)
-        buffer = torch.zeros(longest, dtype=torch.uint8)
-        buffer[: len(payload)] = _as_tensor(payload)
-        parts = [torch.empty(longest, dtype=torch.uint8) for _ in range(self.world_size)]
-        self._run("all_gather_json", lambda: dist.all_gather(parts, buffer, group=self._pg))
-        return [
-            _decode(_as_bytes(part[:length]), "all_gather_json", rank, self)
-            for rank, (part, length) in enumerate(zip(parts, lengths, strict=True))
-        ]
+        if longest <= INLINE_BYTES:  # every value came with its length: one collective
+            datas = [inline[:length] for length, inline in first]
+        else:
+            datas = self._gather_payloads(payload, lengths)
+        return [_decode(data, "all_gather_json", rank, self) for rank, data in enumerate(datas)]
 
     def broadcast_json(self, value: Json | None, src: int = 0) -> Json:
         """Send one JSON value from rank ``src`` to every rank.
@@ -355,11 +357,36 @@ class RankGroup:
             last = self.world_size - 1
             raise ValueError(f"src must be a rank of the group (0 to {last}), got {src!r}")
 
-    def _gather_lengths(self, payload: bytes | None) -> list[int]:
-        mine = torch.tensor([_NOTHING if payload is None else len(payload)], dtype=torch.int64)
-        lengths = [torch.empty(1, dtype=torch.int64) for _ in range(self.world_size)]
-        dist.all_gather(lengths, mine, group=self._pg)
-        return [int(length.item()) for length in lengths]
+    def _gather_lengths(self, payload: bytes | None) -> list[tuple[int, bytes]]:
+        """Each rank's payload length (``_NOTHING``: none) and, if that fits, its bytes.
+
+        A payload of at most :data:`INLINE_BYTES` travels with its length, in the same
+        collective; every rank sees every length, so all of them know alike whether a
+        second collective (:meth:`_gather_payloads`) follows.
+        """
+        length = _NOTHING if payload is None else len(payload)
+        mine = torch.zeros(_HEADER_BYTES + INLINE_BYTES, dtype=torch.uint8)
+        mine[:_HEADER_BYTES] = _as_tensor(length.to_bytes(_HEADER_BYTES, "little", signed=True))
+        if payload is not None and 0 < length <= INLINE_BYTES:
+            mine[_HEADER_BYTES : _HEADER_BYTES + length] = _as_tensor(payload)
+        parts = [torch.empty_like(mine) for _ in range(self.world_size)]
+        dist.all_gather(parts, mine, group=self._pg)
+        gathered: list[tuple[int, bytes]] = []
+        for part in parts:
+            data = _as_bytes(part)
+            gathered.append(
+                (int.from_bytes(data[:_HEADER_BYTES], "little", signed=True), data[_HEADER_BYTES:])
+            )
+        return gathered
+
+    def _gather_payloads(self, payload: bytes, lengths: list[int]) -> list[bytes]:
+        """Every rank's whole payload, when one is longer than :data:`INLINE_BYTES`."""
+        longest = max(lengths)
+        buffer = torch.zeros(longest, dtype=torch.uint8)
+        buffer[: len(payload)] = _as_tensor(payload)
+        parts = [torch.empty(longest, dtype=torch.uint8) for _ in range(self.world_size)]
+        self._run("all_gather_json", lambda: dist.all_gather(parts, buffer, group=self._pg))
+        return [_as_bytes(part[:length]) for part, length in zip(parts, lengths, strict=True)]
 
     def _broadcast(
         self, operation: str, payload: bytes | None, src: int, error: TypeError | None
