@@ -302,16 +302,26 @@ def _about_inline(extra):
 
 
 def on_sizes_about_inline(rank, world_size):
-    """Values of INLINE_BYTES (sent with their lengths) and one byte more (a second gather)."""
+    """Values of INLINE_BYTES (sent with their lengths) and one byte more (a second collective)."""
     with RankGroup(timeout=30) as group:
-        return [group.all_gather_json(_about_inline(extra[rank])) for extra in SIZES_ABOUT_INLINE]
+        gathered = [group.all_gather_json(_about_inline(e[rank])) for e in SIZES_ABOUT_INLINE]
+        sent = [
+            [
+                group.broadcast_json(_about_inline(extra) if rank == 1 else None, src=1),
+                group.broadcast_bytes(b"\x80" * (INLINE_BYTES + extra) if rank == 0 else None),
+            ]
+            for extra in (-INLINE_BYTES, -1, 0, 1)
+        ]
+    return {"gathered": gathered, "sent": sent}
 
 
 def test_values_about_the_inline_size_arrive_whole_on_every_rank(rank_pool):
     seen = rank_pool.run(on_sizes_about_inline)
     assert seen[0] == seen[1]
     expected = [[_about_inline(e) for e in extra] for extra in SIZES_ABOUT_INLINE]
-    assert seen[0] == expected
+    assert seen[0]["gathered"] == expected
+    sent = [[_about_inline(e), b"\x80" * (INLINE_BYTES + e)] for e in (-INLINE_BYTES, -1, 0, 1)]
+    assert seen[0]["sent"] == sent
     assert len(json.dumps(_about_inline(0), ensure_ascii=False).encode()) == INLINE_BYTES
 
 
