@@ -155,6 +155,7 @@ def _import_ckpt_modules() -> None:
 
     for name in (
         "ckpt.manager",
+        "ckpt.distributed.handshake",
         "ckpt.distributed.own_items",
         "ckpt.distributed.restoring",
         "ckpt.distributed.saving",
