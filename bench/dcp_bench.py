@@ -128,6 +128,23 @@ def ckpt_load(args, target: Path, model, optimizer) -> None:
         profile.dump_stats(Path(args.profile) / f"{args.method}-rank{args.rank}.prof")
 
 
+def ckpt_save(args, target: Path, model, optimizer) -> None:
+    """Save with ckpt; with ``--profile DIR``, under cProfile (``save-ckpt-rankN.prof``)."""
+    import cProfile
+
+    import ckpt
+
+    profile = cProfile.Profile() if args.profile else None
+    if profile is not None:
+        profile.enable()
+    mgr = ckpt.CheckpointManager(str(target))
+    mgr.save(0, model=model, optimizer=optimizer, rng=False)
+    mgr.close()
+    if profile is not None:
+        profile.disable()
+        profile.dump_stats(Path(args.profile) / f"save-{args.method}-rank{args.rank}.prof")
+
+
 def _import_ckpt_modules() -> None:
     """Import what ckpt imports on first use, as DCP's modules are imported before the timer.
 
@@ -138,6 +155,7 @@ def _import_ckpt_modules() -> None:
 
     for name in (
         "ckpt.manager",
+        "ckpt.distributed.handshake",
         "ckpt.distributed.own_items",
         "ckpt.distributed.restoring",
         "ckpt.distributed.saving",
@@ -155,8 +173,6 @@ def rank_main(args) -> None:
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-    import ckpt
 
     _import_ckpt_modules()  # before the timer, as DCP's just above
     dist.init_process_group(
@@ -182,9 +198,7 @@ def rank_main(args) -> None:
         dcp.save({"model": model_state, "optim": optim_state},
                  storage_writer=dcp.FileSystemWriter(str(target)))  # fmt: skip
     elif args.phase == "save":
-        mgr = ckpt.CheckpointManager(str(target))
-        mgr.save(0, model=model, optimizer=optimizer, rng=False)
-        mgr.close()
+        ckpt_save(args, target, model, optimizer)
     elif args.method == "dcp":
         model_state, optim_state = get_state_dict(model, optimizer)
         state = {"model": model_state, "optim": optim_state}
@@ -409,7 +423,7 @@ def main() -> int:
     parser.add_argument("--dir", default=None)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument(
-        "--profile", default=None, help="write a cProfile of each rank's ckpt loads to this folder"
+        "--profile", default=None, help="write a cProfile of each rank's ckpt saves and loads here"
     )
     parser.add_argument("--rank", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)

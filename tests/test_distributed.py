@@ -604,3 +604,28 @@ def test_a_private_manager_refuses_dtensors_with_a_clear_error(rank_pool, tmp_pa
         "process group" in m
         for m in rank_pool.run(on_ranks_private_manager_with_dtensors, str(tmp_path))
     )
+
+
+def on_ranks_restore_different_items_and_steps(rank: int, world: int, root: str) -> list[str]:
+    """Rank 0 asks for the latest step of the model, rank 1 for step 0 of both items."""
+    model, optimizer, _ = make("fsdp", seed=2)
+    before = full_model_state(model)
+    items: dict[str, Any] = (
+        {"model": model} if rank == 0 else {"model": model, "optimizer": optimizer}
+    )
+    step = None if rank == 0 else 0
+    with ckpt.CheckpointManager(root) as mgr:
+        with pytest.raises(ValueError, match="same items") as items_info:
+            mgr.restore(step=step, **items)
+        with pytest.raises(ValueError, match="same step") as step_info:
+            mgr.restore(step=step, model=model, optimizer=optimizer)
+        _exact(before, full_model_state(model))
+        assert mgr.restore(model=model, optimizer=optimizer) is not None
+    return [str(items_info.value), str(step_info.value)]
+
+
+def test_items_are_checked_before_steps_and_both_refused_together(rank_pool, tmp_path):
+    rank_pool.run(on_ranks_save, str(tmp_path), "fsdp")
+    messages = rank_pool.run(on_ranks_restore_different_items_and_steps, str(tmp_path))
+    assert messages[0] == messages[1]
+    assert "rank 1 restores" in messages[0][0] and "rank 0: None, rank 1: 0" in messages[0][1]

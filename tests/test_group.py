@@ -7,6 +7,7 @@ report what they saw and the test asserts on it here, in the test process.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 import pickle
@@ -21,7 +22,7 @@ from helpers import call_outcome
 from rank_pool import RankError
 
 import ckpt
-from ckpt.distributed.group import MAX_FAILURE_CHARS, RankGroup
+from ckpt.distributed.group import INLINE_BYTES, MAX_FAILURE_CHARS, RankGroup
 
 pytestmark = pytest.mark.distributed
 
@@ -209,11 +210,13 @@ def on_pickle_refused(rank, world_size):
 def on_kill(rank, world_size, when):
     group = RankGroup(timeout=10)
     group.barrier()
+    # Longer than INLINE_BYTES: rank 0's value takes a second collective after the lengths.
+    value = {"rank": rank, "pad": "x" * INLINE_BYTES}
     if rank == 1:
         if when == "mid_gather":  # rank 0 has the lengths and waits for the payloads
             group._gather_lengths(b"{}")
         os.kill(os.getpid(), signal.SIGKILL)
-    first = call_outcome(group.all_gather_json, {"rank": rank})
+    first = call_outcome(group.all_gather_json, value)
     second = call_outcome(group.barrier)
     return {"first": first, "second": second}
 
@@ -288,6 +291,38 @@ def test_megabytes_of_unicode_json_and_bytes_arrive_whole(rank_pool):
         assert s["gathered_digests"] == [seen[0]["own_digest"], seen[1]["own_digest"]]
         assert s["echoed_digest"] == seen[0]["own_digest"]
     assert seen[0]["own_digest"] != seen[1]["own_digest"]
+
+
+SIZES_ABOUT_INLINE = [(0, 0), (0, 1), (1, 0), (1, 1), (-1, 0), (0, -1), (3, -3)]
+
+
+def _about_inline(extra):
+    """A JSON string whose encoding is INLINE_BYTES + extra bytes (ending in a 3-byte euro sign)."""
+    return "x" * (INLINE_BYTES - 5 + extra) + "\u20ac"
+
+
+def on_sizes_about_inline(rank, world_size):
+    """Values of INLINE_BYTES (sent with their lengths) and one byte more (a second collective)."""
+    with RankGroup(timeout=30) as group:
+        gathered = [group.all_gather_json(_about_inline(e[rank])) for e in SIZES_ABOUT_INLINE]
+        sent = [
+            [
+                group.broadcast_json(_about_inline(extra) if rank == 1 else None, src=1),
+                group.broadcast_bytes(b"\x80" * (INLINE_BYTES + extra) if rank == 0 else None),
+            ]
+            for extra in (-INLINE_BYTES, -1, 0, 1)
+        ]
+    return {"gathered": gathered, "sent": sent}
+
+
+def test_values_about_the_inline_size_arrive_whole_on_every_rank(rank_pool):
+    seen = rank_pool.run(on_sizes_about_inline)
+    assert seen[0] == seen[1]
+    expected = [[_about_inline(e) for e in extra] for extra in SIZES_ABOUT_INLINE]
+    assert seen[0]["gathered"] == expected
+    sent = [[_about_inline(e), b"\x80" * (INLINE_BYTES + e)] for e in (-INLINE_BYTES, -1, 0, 1)]
+    assert seen[0]["sent"] == sent
+    assert len(json.dumps(_about_inline(0), ensure_ascii=False).encode()) == INLINE_BYTES
 
 
 def test_failures_lists_the_failed_ranks_the_same_on_every_rank(rank_pool):

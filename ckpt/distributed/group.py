@@ -18,7 +18,6 @@ Example:
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import math
@@ -30,19 +29,22 @@ import torch
 import torch.distributed as dist
 
 from ckpt.distributed.kept_groups import destroy, keep, take_idle
+from ckpt.distributed.wire import INLINE_BYTES
+from ckpt.distributed.wire import NOTHING as _NOTHING
+from ckpt.distributed.wire import as_bytes as _as_bytes
+from ckpt.distributed.wire import as_tensor as _as_tensor
+from ckpt.distributed.wire import encode as _encode
+from ckpt.distributed.wire import pack as _pack
+from ckpt.distributed.wire import unpack as _unpack
 from ckpt.errors import CollectiveError
 from ckpt.state.tree import Json
 
-__all__ = ["CLOSED", "RankGroup"]
+__all__ = ["CLOSED", "INLINE_BYTES", "RankGroup"]
 
 logger = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 
-# A length a rank sends instead of its payload's when it has nothing valid to send
-# (its value is not JSON, or it is the source and gave no bytes), so that every rank
-# leaves the collective together and raises, rather than the others hanging.
-_NOTHING = -1
 # The longest timeout, in seconds (about 31 years; gloo counts milliseconds in 64 bits).
 MAX_TIMEOUT = 1e9
 # A failure's message is cut to this many characters before it is gathered.
@@ -167,18 +169,16 @@ class RankGroup:
             CollectiveError: A rank failed, died or did not answer within the timeout.
         """
         payload, encode_error = _encode(value)
-        lengths = self._run("all_gather_json", lambda: self._gather_lengths(payload))
+        first = self._run("all_gather_json", lambda: self._gather_lengths(payload))
+        lengths = [length for length, _ in first]
         _check_lengths("all_gather_json", lengths, encode_error, self)
         payload = payload or b""  # not None here: _check_lengths raised otherwise
         longest = max(lengths)
-        buffer = torch.zeros(longest, dtype=torch.uint8)
-        buffer[: len(payload)] = _as_tensor(payload)
-        parts = [torch.empty(longest, dtype=torch.uint8) for _ in range(self.world_size)]
-        self._run("all_gather_json", lambda: dist.all_gather(parts, buffer, group=self._pg))
-        return [
-            _decode(_as_bytes(part[:length]), "all_gather_json", rank, self)
-            for rank, (part, length) in enumerate(zip(parts, lengths, strict=True))
-        ]
+        if longest <= INLINE_BYTES:  # every value came with its length: one collective
+            datas = [inline[:length] for length, inline in first]
+        else:
+            datas = self._gather_payloads(payload, lengths)
+        return [_decode(data, "all_gather_json", rank, self) for rank, data in enumerate(datas)]
 
     def broadcast_json(self, value: Json | None, src: int = 0) -> Json:
         """Send one JSON value from rank ``src`` to every rank.
@@ -346,26 +346,45 @@ class RankGroup:
             last = self.world_size - 1
             raise ValueError(f"src must be a rank of the group (0 to {last}), got {src!r}")
 
-    def _gather_lengths(self, payload: bytes | None) -> list[int]:
-        mine = torch.tensor([_NOTHING if payload is None else len(payload)], dtype=torch.int64)
-        lengths = [torch.empty(1, dtype=torch.int64) for _ in range(self.world_size)]
-        dist.all_gather(lengths, mine, group=self._pg)
-        return [int(length.item()) for length in lengths]
+    def _gather_lengths(self, payload: bytes | None) -> list[tuple[int, bytes]]:
+        """Each rank's payload length (``_NOTHING``: none) and, if that fits, its bytes.
+
+        A payload of at most :data:`INLINE_BYTES` travels with its length, in the same
+        collective; every rank sees every length, so all of them know alike whether a
+        second collective (:meth:`_gather_payloads`) follows.
+        """
+        mine = _pack(payload)
+        parts = [torch.empty_like(mine) for _ in range(self.world_size)]
+        dist.all_gather(parts, mine, group=self._pg)
+        return [_unpack(part) for part in parts]
+
+    def _gather_payloads(self, payload: bytes, lengths: list[int]) -> list[bytes]:
+        """Every rank's whole payload, when one is longer than :data:`INLINE_BYTES`."""
+        longest = max(lengths)
+        buffer = torch.zeros(longest, dtype=torch.uint8)
+        buffer[: len(payload)] = _as_tensor(payload)
+        parts = [torch.empty(longest, dtype=torch.uint8) for _ in range(self.world_size)]
+        self._run("all_gather_json", lambda: dist.all_gather(parts, buffer, group=self._pg))
+        return [_as_bytes(part[:length]) for part, length in zip(parts, lengths, strict=True)]
 
     def _broadcast(
         self, operation: str, payload: bytes | None, src: int, error: TypeError | None
     ) -> bytes:
-        """Broadcast ``payload`` (None: src has nothing valid) from ``src``: length, then bytes."""
-        length = torch.tensor([_NOTHING if payload is None else len(payload)], dtype=torch.int64)
+        """Broadcast ``payload`` (None: src has nothing valid) from ``src``.
+
+        Its length goes first, with the payload itself when that is at most
+        :data:`INLINE_BYTES` (one collective); a longer payload follows in a second.
+        """
+        head = _pack(payload if self.rank == src else b"")
         root = self._global[src]
-        self._run(operation, lambda: dist.broadcast(length, src=root, group=self._pg))
-        size = int(length.item())
+        self._run(operation, lambda: dist.broadcast(head, src=root, group=self._pg))
+        size, inline = _unpack(head)
         if size == _NOTHING:
             if error is not None:
                 raise error
             raise self._error(operation, ValueError(f"rank {src} had nothing valid to send"))
-        if size == 0:
-            return b""
+        if size <= INLINE_BYTES:
+            return inline[:size]
         if self.rank == src:
             buffer = _as_tensor(payload or b"")
         else:
@@ -417,36 +436,12 @@ def _check_lengths(
     raise group._error(operation, ValueError(f"rank(s) {bad} could not encode their value as JSON"))
 
 
-def _encode(value: Json) -> tuple[bytes | None, TypeError | None]:
-    """JSON-encode ``value`` as UTF-8 (lone surrogates kept), or say why not."""
-    try:
-        text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
-    except (TypeError, ValueError, RecursionError) as e:
-        error = TypeError(f"cannot send {type(value).__name__} as JSON: {e}")
-        error.__cause__ = e
-        return None, error
-    return text.encode("utf-8", "surrogatepass"), None
-
-
 def _decode(data: bytes, operation: str, rank: int, group: RankGroup) -> Json:
     try:
         return json.loads(data.decode("utf-8", "surrogatepass"))
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         bad = ValueError(f"rank {rank} sent bytes that are not JSON: {e}")
         raise group._error(operation, bad) from e
-
-
-def _as_tensor(data: bytes) -> torch.Tensor:
-    """A writable uint8 CPU tensor holding a copy of ``data``."""
-    if not data:
-        return torch.empty(0, dtype=torch.uint8)
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
-
-
-def _as_bytes(tensor: torch.Tensor) -> bytes:
-    """A copy of a uint8 CPU tensor's bytes (without numpy, an optional torch dependency)."""
-    tensor = tensor.contiguous()
-    return ctypes.string_at(tensor.data_ptr(), tensor.numel()) if tensor.numel() else b""
 
 
 def _describe(error: BaseException) -> str:

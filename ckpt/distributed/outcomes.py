@@ -95,7 +95,10 @@ def check_same_items(group: RankGroup, names: list[str]) -> None:
     Raises:
         ValueError: On every rank, naming what each rank restores.
     """
-    asked = group.all_gather_json(sorted(names))
+    _refuse_different_items(group.all_gather_json(sorted(names)))
+
+
+def _refuse_different_items(asked: list[Json]) -> None:
     if any(a != asked[0] for a in asked):
         raise ValueError(
             "every rank must restore the same items: "
@@ -104,15 +107,34 @@ def check_same_items(group: RankGroup, names: list[str]) -> None:
 
 
 def agree_on_candidates(
-    group: RankGroup, step: int | None, steps: Callable[[], list[int]], fallback: bool
+    group: RankGroup,
+    step: int | None,
+    steps: Callable[[], list[int]],
+    fallback: bool,
+    names: list[str],
 ) -> list[int]:
     """The steps every rank tries, in order: ``step``, or rank 0's newest (all, with ``fallback``).
 
+    One exchange: each rank sends its item ``names`` and ``step``, and rank 0 (when it
+    asks for the latest) the steps it lists; every rank checks the same answers in the
+    same order (items, then steps, then rank 0's listing).
+
     Raises:
-        ValueError: The ranks asked for different steps (on every rank).
+        ValueError: The ranks name different items, or asked for different steps (on
+            every rank).
         CheckpointError: Rank 0 could not list the steps (on every rank).
     """
-    asked = group.all_gather_json(step)
+    found: Json = None
+    if group.is_coordinator and step is None:
+        try:
+            listed = sorted(steps(), reverse=True)
+            found = {"steps": listed if fallback else listed[:1]}
+        except CheckpointError as e:  # every rank raises it, none waits for a step
+            found = {"error": f"{type(e).__name__}: {e}"}
+    sent = group.all_gather_json({"items": sorted(names), "step": step, "found": found})
+    answers = [a if isinstance(a, dict) else {} for a in sent]
+    _refuse_different_items([a.get("items") for a in answers])
+    asked = [a.get("step") for a in answers]
     if any(a != asked[0] for a in asked):
         raise ValueError(
             "every rank must restore the same step: they asked for "
@@ -120,14 +142,7 @@ def agree_on_candidates(
         )
     if step is not None:
         return [step]
-    found: Json = None
-    if group.is_coordinator:
-        try:
-            listed = sorted(steps(), reverse=True)
-            found = {"steps": listed if fallback else listed[:1]}
-        except CheckpointError as e:  # every rank raises it, none waits for a step
-            found = {"error": f"{type(e).__name__}: {e}"}
-    decided = group.broadcast_json(found)
+    decided = answers[0].get("found")
     if not isinstance(decided, dict) or "error" in decided:
         error = decided.get("error") if isinstance(decided, dict) else decided
         raise CheckpointError(f"rank 0 could not find the latest step: {error}")

@@ -239,15 +239,13 @@ class Restorer:
             return cast("Prepared | None", self._steps.newest_intact(prepare, "restored"))
         from ckpt.distributed import outcomes  # noqa: PLC0415 - only in a process group
 
-        outcomes.check_same_items(self._group, names)
-
         def listed() -> list[int]:  # on rank 0 only
             if fallback:
                 return self._checkpoints.all_steps()
             latest = self._checkpoints.latest_step()
             return [] if latest is None else [latest]
 
-        candidates = outcomes.agree_on_candidates(self._group, step, listed, fallback)
+        candidates = outcomes.agree_on_candidates(self._group, step, listed, fallback, names)
         seen = self._committed if step is None else None  # rank 0 chose the candidates
         found = outcomes.first_agreed(self._group, candidates, prepare, fallback, seen)
         return None if found is None else found[1]
