@@ -28,14 +28,9 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 
+from ckpt.distributed import wire
 from ckpt.distributed.kept_groups import destroy, keep, take_idle
 from ckpt.distributed.wire import INLINE_BYTES
-from ckpt.distributed.wire import NOTHING as _NOTHING
-from ckpt.distributed.wire import as_bytes as _as_bytes
-from ckpt.distributed.wire import as_tensor as _as_tensor
-from ckpt.distributed.wire import encode as _encode
-from ckpt.distributed.wire import pack as _pack
-from ckpt.distributed.wire import unpack as _unpack
 from ckpt.errors import CollectiveError
 from ckpt.state.tree import Json
 
@@ -168,7 +163,7 @@ class RankGroup:
             TypeError: This rank's value is not JSON (the other ranks raise CollectiveError).
             CollectiveError: A rank failed, died or did not answer within the timeout.
         """
-        payload, encode_error = _encode(value)
+        payload, encode_error = wire.encode(value)
         first = self._run("all_gather_json", lambda: self._gather_lengths(payload))
         lengths = [length for length, _ in first]
         _check_lengths("all_gather_json", lengths, encode_error, self)
@@ -196,7 +191,7 @@ class RankGroup:
             CollectiveError: A rank failed, died or did not answer within the timeout.
         """
         self._check_src(src)
-        payload, encode_error = _encode(value) if self.rank == src else (b"", None)
+        payload, encode_error = wire.encode(value) if self.rank == src else (b"", None)
         data = self._broadcast("broadcast_json", payload, src, encode_error)
         return _decode(data, "broadcast_json", src, self)
 
@@ -347,25 +342,25 @@ class RankGroup:
             raise ValueError(f"src must be a rank of the group (0 to {last}), got {src!r}")
 
     def _gather_lengths(self, payload: bytes | None) -> list[tuple[int, bytes]]:
-        """Each rank's payload length (``_NOTHING``: none) and, if that fits, its bytes.
+        """Each rank's payload length (``wire.NOTHING``: none) and, if that fits, its bytes.
 
         A payload of at most :data:`INLINE_BYTES` travels with its length, in the same
         collective; every rank sees every length, so all of them know alike whether a
         second collective (:meth:`_gather_payloads`) follows.
         """
-        mine = _pack(payload)
+        mine = wire.pack(payload)
         parts = [torch.empty_like(mine) for _ in range(self.world_size)]
         dist.all_gather(parts, mine, group=self._pg)
-        return [_unpack(part) for part in parts]
+        return [wire.unpack(part) for part in parts]
 
     def _gather_payloads(self, payload: bytes, lengths: list[int]) -> list[bytes]:
         """Every rank's whole payload, when one is longer than :data:`INLINE_BYTES`."""
         longest = max(lengths)
         buffer = torch.zeros(longest, dtype=torch.uint8)
-        buffer[: len(payload)] = _as_tensor(payload)
+        buffer[: len(payload)] = wire.as_tensor(payload)
         parts = [torch.empty(longest, dtype=torch.uint8) for _ in range(self.world_size)]
         self._run("all_gather_json", lambda: dist.all_gather(parts, buffer, group=self._pg))
-        return [_as_bytes(part[:length]) for part, length in zip(parts, lengths, strict=True)]
+        return [wire.as_bytes(part[:length]) for part, length in zip(parts, lengths, strict=True)]
 
     def _broadcast(
         self, operation: str, payload: bytes | None, src: int, error: TypeError | None
@@ -375,22 +370,22 @@ class RankGroup:
         Its length goes first, with the payload itself when that is at most
         :data:`INLINE_BYTES` (one collective); a longer payload follows in a second.
         """
-        head = _pack(payload if self.rank == src else b"")
+        head = wire.pack(payload if self.rank == src else b"")
         root = self._global[src]
         self._run(operation, lambda: dist.broadcast(head, src=root, group=self._pg))
-        size, inline = _unpack(head)
-        if size == _NOTHING:
+        size, inline = wire.unpack(head)
+        if size == wire.NOTHING:
             if error is not None:
                 raise error
             raise self._error(operation, ValueError(f"rank {src} had nothing valid to send"))
         if size <= INLINE_BYTES:
             return inline[:size]
         if self.rank == src:
-            buffer = _as_tensor(payload or b"")
+            buffer = wire.as_tensor(payload or b"")
         else:
             buffer = torch.empty(size, dtype=torch.uint8)
         self._run(operation, lambda: dist.broadcast(buffer, src=root, group=self._pg))
-        return _as_bytes(buffer)
+        return wire.as_bytes(buffer)
 
     def _run(self, operation: str, collective: Callable[[], _T]) -> _T:
         """Run one collective; any failure breaks the group and raises CollectiveError."""
