@@ -520,3 +520,34 @@ def test_fallback_with_every_step_corrupt_fails_every_rank_alike(rank_pool, tmp_
     outcomes = rank_pool.run(on_ranks_restore_outcome, str(tmp_path), True)
     assert [o["error"] for o in outcomes] == ["CorruptCheckpointError"] * 2
     assert all("no intact checkpoint" in o["message"] for o in outcomes)
+
+
+def on_ranks_restore_without_saved_streams(rank: int, world: int, root: str) -> dict[str, Any]:
+    """Save step 1 with ``rng=False``, restore it with ``rng=True``; warnings, streams kept."""
+    model, optimizer, _ = make("fsdp")
+    with ckpt.CheckpointManager(root) as mgr:
+        mgr.save(1, model=model, optimizer=optimizer, data={"rank": rank}, rng=False)
+    torch.manual_seed(40 + rank)
+    expected = torch.rand(3)
+    torch.manual_seed(40 + rank)
+    handler = _Warnings()
+    logging.getLogger("ckpt").addHandler(handler)
+    try:
+        with ckpt.CheckpointManager(root) as mgr:
+            data: dict[str, Any] = {}
+            mgr.restore(model=model, optimizer=optimizer, data=data)
+    finally:
+        logging.getLogger("ckpt").removeHandler(handler)
+    return {"data": data, "draw": torch.rand(3), "expected": expected, "warnings": handler.messages}
+
+
+def test_a_group_restoring_a_step_without_random_streams_warns_once_and_keeps_them(
+    rank_pool, tmp_path
+):
+    """Each rank's own items go through the one-process preparation: the same warning, once."""
+    outcomes = rank_pool.run(on_ranks_restore_without_saved_streams, str(tmp_path))
+    for rank, outcome in enumerate(outcomes):
+        assert outcome["data"] == {"rank": rank}
+        assert_same_state(outcome["draw"], outcome["expected"])
+    assert ["holds no random state" in m for m in outcomes[0]["warnings"]] == [True]
+    assert not any("random" in m for o in outcomes[1:] for m in o["warnings"])

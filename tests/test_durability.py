@@ -167,7 +167,7 @@ def test_a_restore_racing_retention_gets_a_retryable_error_or_the_newer_step(tmp
         return original(storage, directory, *args, **kwargs)
 
     monkeypatch.setattr(ckpt.io.read, "load_tensors", delete_first)
-    monkeypatch.setattr("ckpt.restoring.restorer.load_tensors", delete_first)
+    monkeypatch.setattr("ckpt.restoring.pipeline.load_tensors", delete_first)
     live: dict = {}
     with pytest.raises(ckpt.CheckpointNotFoundError, match="deleted while being restored"):
         mgr.restore(1, data=live)

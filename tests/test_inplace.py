@@ -197,14 +197,14 @@ def test_checkpoint_deleted_between_checks_and_reads_still_loads_what_was_checke
     saved, monkeypatch
 ):
     root, model, optimizer = saved
-    original = ckpt.restoring.restorer.load_tensors
+    original = ckpt.restoring.pipeline.load_tensors
 
     def then_delete(*args, **kwargs):
         out = original(*args, **kwargs)
         shutil.rmtree(root / step_dir_name(5))
         return out
 
-    monkeypatch.setattr(ckpt.restoring.restorer, "load_tensors", then_delete)
+    monkeypatch.setattr(ckpt.restoring.pipeline, "load_tensors", then_delete)
     live_model, live_opt = trained_live_objects(2)
     ckpt.CheckpointManager(root).restore(5, model=live_model, optimizer=live_opt)
     assert_same_state(live_model.state_dict(), model.state_dict())
@@ -214,14 +214,14 @@ def test_checkpoint_deleted_between_checks_and_reads_still_loads_what_was_checke
 def test_a_read_that_fails_after_the_checks_says_what_it_left(saved, monkeypatch):
     root, _, _ = saved
     path = root / step_dir_name(5) / "optimizer.safetensors"
-    original = ckpt.restoring.restorer.load_tensors
+    original = ckpt.restoring.pipeline.load_tensors
 
     def then_shrink(*args, **kwargs):
         out = original(*args, **kwargs)
         os.truncate(path, path.stat().st_size // 2)  # the open file itself shrinks
         return out
 
-    monkeypatch.setattr(ckpt.restoring.restorer, "load_tensors", then_shrink)
+    monkeypatch.setattr(ckpt.restoring.pipeline, "load_tensors", then_shrink)
     live_model, live_opt = trained_live_objects(2)
     with pytest.raises(ckpt.CorruptCheckpointError, match="after every check had passed") as e:
         ckpt.CheckpointManager(root).restore(model=live_model, optimizer=live_opt)

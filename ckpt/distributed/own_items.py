@@ -15,11 +15,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ckpt.errors import CheckpointNotFoundError
 from ckpt.format import Manifest, rank_manifest
-from ckpt.io import load_tensors
-from ckpt.restoring.pipeline import PreparedRestore, RestoreRequest, check_items, prepare_restore
-from ckpt.state.rng import RNG_ITEM, RandomStreams
+from ckpt.restoring.pipeline import PreparedRestore, RestoreRequest, check_items, prepare_own
+from ckpt.state.rng import RNG_ITEM
 from ckpt.storage import Storage
 
 __all__ = [
@@ -38,13 +36,16 @@ def prepare_own_items(
     request: RestoreRequest,
     *,
     rank: int,
-) -> tuple[PreparedRestore | None, int | None]:
+) -> tuple[PreparedRestore, int | None]:
     """Check this rank's own items (as the rank saved them, or as rank 0 did); change nothing.
 
+    They are prepared as a one-process restore prepares its items
+    (:func:`~ckpt.restoring.pipeline.prepare_own`), from the rank's own part of
+    the checkpoint (rank 0's for a rank that did not exist at save time).
+
     Returns:
-        The prepared restore of the rank's own items (``None`` when it has
-        none), and the seed for its random streams when the checkpoint has none
-        for this rank (else ``None``).
+        The prepared restore of the rank's own items, and the seed for its
+        random streams when the checkpoint has none for this rank (else ``None``).
 
     Raises:
         CheckpointNotFoundError: An item is not in the checkpoint.
@@ -54,28 +55,12 @@ def prepare_own_items(
     own_index = rank if rank < section.world_size else 0
     view = rank_manifest(manifest, own_index)
     own_items = {n: o for n, o in items.items() if n not in section.items}
-    for name in own_items:
-        if name not in view.items:
-            raise CheckpointNotFoundError(
-                f"item {name!r} is not in checkpoint step {manifest.step}", key=name
-            )
     reseed = None
-    if request.rng and RNG_ITEM in view.items:
-        if own_index == rank:
-            own_items[RNG_ITEM] = RandomStreams()
-        else:
-            reseed = _seed_for(manifest.step, rank)
-    own = None
-    if own_items:
-        own = prepare_restore(
-            storage,
-            step_name,
-            view,
-            own_items,
-            request.options,
-            verify=request.verify,
-            read=load_tensors,
-        )
+    if request.rng and RNG_ITEM in view.items and own_index != rank:
+        reseed = _seed_for(manifest.step, rank)
+    own = prepare_own(
+        storage, step_name, view, own_items, request, streams=reseed is None, warn=rank == 0
+    )
     return own, reseed
 
 

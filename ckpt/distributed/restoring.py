@@ -48,7 +48,6 @@ __all__ = [
     "apply_sharded_restore",
     "prepare_in_group",
     "prepare_on_rank",
-    "prepare_sharded_restore",
 ]
 
 logger = logging.getLogger(__name__)
@@ -149,46 +148,27 @@ def prepare_on_rank(
     first, before anything is read
     (:func:`~ckpt.state.kinds.sharded_live.check_live_items`). A
     single-process checkpoint (format 1 or 2) is read as one saved by a group
-    of one (:mod:`ckpt.distributed.one_process`). Runs no collective: the caller
+    of one (:mod:`ckpt.distributed.one_process`), its tensors whole
+    (:class:`~ckpt.distributed.reading.WholeTensors`); a checkpoint saved by
+    several ranks by chunks, whose files stay held until the restore is
+    applied (or :meth:`ShardedRestore.close`). Runs no collective: the caller
     agrees on the outcome with the other ranks (and applying it on
     ``request.group`` runs one, see :func:`apply_sharded_restore`).
-    """
-    check_live_items(manifest, items, assign=request.options.assign)
-    view, source = manifest, None
-    if manifest.sharded is None:
-        view = group_of_one(manifest, items)
-        source = WholeTensors(storage, step_name, manifest, verify=request.verify)
-    restore = prepare_sharded_restore(
-        storage, step_name, view, items, request, rank=rank, world_size=world_size, source=source
-    )
-    restore.manifest = manifest
-    return restore
-
-
-def prepare_sharded_restore(
-    storage: Storage,
-    step_name: str,
-    manifest: Manifest,
-    items: dict[str, Any],
-    request: RestoreRequest,
-    *,
-    rank: int,
-    world_size: int,
-    source: ChunkSource | None = None,
-) -> ShardedRestore:
-    """Read and check everything this rank restores from a v3 checkpoint; change nothing.
-
-    The files of the chunks still to read into live tensors stay held until
-    the restore is applied (or :meth:`ShardedRestore.close`).
 
     Raises:
         CheckpointNotFoundError: An item is not in the checkpoint.
         IncompatibleCheckpointError: An item does not fit the live object.
         CorruptCheckpointError: A chunk fails its checksum or a file is malformed.
     """
-    section = manifest.sharded
+    check_live_items(manifest, items, assign=request.options.assign)
+    view = manifest if manifest.sharded is not None else group_of_one(manifest, items)
+    section = view.sharded
     assert section is not None
-    chunks = source or SavedChunks(storage, step_name, verify=request.verify)
+    chunks: ChunkSource
+    if manifest.sharded is None:
+        chunks = WholeTensors(storage, step_name, manifest, verify=request.verify)
+    else:
+        chunks = SavedChunks(storage, step_name, verify=request.verify)
     held = chunks if isinstance(chunks, SavedChunks) else None
     restore = ShardedRestore(
         step_name, manifest, items, request.options.strict, chunks=held, group=request.group
@@ -196,7 +176,7 @@ def prepare_sharded_restore(
     try:
         _read_sharded(restore, chunks, section, items, request.options, rank)
         restore.own, restore.reseed = prepare_own_items(
-            storage, step_name, manifest, items, request, rank=rank
+            storage, step_name, view, items, request, rank=rank
         )
     except BaseException:
         restore.close()

@@ -16,14 +16,18 @@
    a :class:`~ckpt.errors.PartialRestoreError` names it, the items already
    loaded, and the items not yet loaded, which are untouched.
 
-A restore in a process group (or of a checkpoint saved by several ranks) is
-prepared by :mod:`ckpt.distributed.restoring`; both prepared forms are a
+:func:`prepare_own` prepares the items a process restores from whole files:
+every item of a one-process restore, and each rank's own items in a group. A
+restore in a process group (or of a checkpoint saved by several ranks) reads
+its modules and optimizers by chunks (:mod:`ckpt.distributed.restoring`) and
+its own items through :func:`prepare_own`; both prepared forms are a
 :class:`Prepared`, and both apply their items through :func:`apply_steps`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -32,13 +36,19 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from ckpt.errors import CorruptCheckpointError, IncompatibleCheckpointError, PartialRestoreError
+from ckpt.errors import (
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    IncompatibleCheckpointError,
+    PartialRestoreError,
+)
 from ckpt.format import Manifest
 from ckpt.io import PendingReads, load_tensors
 from ckpt.restoring.inplace import choose_destinations
 from ckpt.state.items import check_stored_dtype, skeleton
 from ckpt.state.kinds import ItemPlan, RestoreOptions, kind_of, kind_of_record
 from ckpt.state.optim import module_param_names
+from ckpt.state.rng import RNG_ITEM, RandomStreams
 from ckpt.storage import Storage
 
 __all__ = [
@@ -50,8 +60,11 @@ __all__ = [
     "apply_steps",
     "check_items",
     "plan_items",
+    "prepare_own",
     "prepare_restore",
 ]
+
+logger = logging.getLogger(__name__)
 
 Keys = dict[str, list[str]]
 """Missing (or unexpected) keys of non-strict module loads, by item."""
@@ -304,11 +317,8 @@ def prepare_restore(
     options: RestoreOptions,
     *,
     verify: bool,
-    read: Callable[..., tuple[dict[str, torch.Tensor], PendingReads]] = load_tensors,
 ) -> PreparedRestore:
     """Validate every item, read and check every byte, assemble and dry-run every state.
-
-    ``read`` is :func:`ckpt.io.load_tensors` (or a stand-in with its signature).
 
     Raises:
         CheckpointNotFoundError: A tensor file is missing.
@@ -324,7 +334,7 @@ def prepare_restore(
         manifest.tensors,
         options.map_location,
     )
-    loaded, pending = read(
+    loaded, pending = load_tensors(
         storage,
         step_name,
         manifest,
@@ -339,3 +349,48 @@ def prepare_restore(
         states = [plan.kind.build(plan, loaded) for plan in plans]
         on_error.pop_all()
     return PreparedRestore(step_name, manifest, plans, states, loaded, pending)
+
+
+def prepare_own(
+    storage: Storage,
+    step_name: str,
+    manifest: Manifest,
+    items: Mapping[str, Any],
+    request: RestoreRequest,
+    *,
+    streams: bool = True,
+    warn: bool = True,
+) -> PreparedRestore:
+    """Prepare the items this process restores from whole files, as it (or rank 0) saved them.
+
+    Every item of a one-process restore of a one-process checkpoint; in a group, a
+    rank's own items (``manifest`` is then that rank's view, see
+    :func:`ckpt.format.rank_manifest`). With ``request.rng`` the saved random
+    streams are restored too, unless ``streams`` is false (another rank's
+    streams: the caller seeds this rank's afresh); ``warn`` logs that the
+    checkpoint holds none.
+
+    Raises:
+        CheckpointNotFoundError: An item is not in the checkpoint.
+        IncompatibleCheckpointError: An item does not fit its live object.
+        CorruptCheckpointError: Anything in the checkpoint is malformed.
+    """
+    for name in items:
+        if name not in manifest.items:
+            raise CheckpointNotFoundError(
+                f"item {name!r} is not in checkpoint step {manifest.step} "
+                f"(it holds {sorted(manifest.items)})",
+                key=name,
+            )
+    own = dict(items)
+    if request.rng and RNG_ITEM in manifest.items:
+        if streams:
+            own[RNG_ITEM] = RandomStreams()
+    elif request.rng and warn:
+        logger.warning(
+            "checkpoint step %d holds no random state; the random streams are not restored",
+            manifest.step,
+        )
+    return prepare_restore(
+        storage, step_name, manifest, own, request.options, verify=request.verify
+    )

@@ -3,11 +3,12 @@
 One process or every rank of a group alike: the step is chosen (the latest, or
 the newest intact one with ``fallback``), every item is checked and every byte
 read before anything changes, then the items are applied in kind order.
-Checkpoints saved by one process, restored in one process, go through
-:mod:`ckpt.restoring.pipeline`; checkpoints saved by several ranks, and any
-restore inside a process group, through :mod:`ckpt.distributed`; either gives a
-:class:`~ckpt.restoring.pipeline.Prepared`, which the restorer applies without
-knowing which. The options travel as one
+Which bytes each item is read from is decided in one place,
+:func:`prepare_step`: a process's own items from whole files
+(:func:`ckpt.restoring.pipeline.prepare_own`), modules and optimizers by
+chunks wherever ranks are involved (:mod:`ckpt.distributed.restoring`);
+either gives a :class:`~ckpt.restoring.pipeline.Prepared`, which the restorer
+applies without knowing which. The options travel as one
 :class:`~ckpt.restoring.pipeline.RestoreRequest`. In a group the ranks agree at
 each of those points (:mod:`ckpt.distributed.outcomes`), so all go on or all
 raise alike.
@@ -22,17 +23,14 @@ from functools import partial
 from typing import Any, cast
 
 from ckpt.distributed import prepare_collective
-from ckpt.errors import CheckpointNotFoundError
 from ckpt.format import MANIFEST_NAME, Manifest, step_dir_name
-from ckpt.io import load_tensors
 from ckpt.reading.reader import Checkpoint, CheckpointReader, located
 from ckpt.reading.steps import StepReader
 from ckpt.restoring.locations import MapLocation, check_map_location
-from ckpt.restoring.pipeline import Keys, Prepared, RestoreRequest, prepare_restore
+from ckpt.restoring.pipeline import Keys, Prepared, RestoreRequest, prepare_own
 from ckpt.restoring.tiered import across_tiers, agreed_across_tiers
 from ckpt.state.items import check_flags, check_item_name
 from ckpt.state.kinds import RestoreOptions
-from ckpt.state.rng import RNG_ITEM, RandomStreams
 from ckpt.storage import Storage
 
 __all__ = ["Prepared", "Restorer", "apply_prepared", "prepare_step", "restore_options"]
@@ -71,44 +69,28 @@ def prepare_step(
     manifest: Manifest,
     items: dict[str, Any],
     request: RestoreRequest,
-    *,
-    read: Callable[..., Any],
 ) -> Prepared:
     """Check a checkpoint against the live items and read its tensors; mutate nothing.
 
-    A checkpoint saved by several ranks, and any restore in a process group
-    (``request.group``), is prepared by :mod:`ckpt.distributed.restoring`;
-    any other by :func:`ckpt.restoring.pipeline.prepare_restore`, which reads
-    with ``read`` (:func:`ckpt.io.load_tensors` or a stand-in with its signature).
+    The one place that decides how each item's bytes are read. A process
+    restores its own items (random streams, schedulers, samplers, ...) from
+    whole files, as it saved them (:func:`ckpt.restoring.pipeline.prepare_own`).
+    Modules and optimizers are read the same way in one process from a
+    checkpoint one process saved; otherwise (a checkpoint saved by several
+    ranks, or any restore in a process group) each rank reads the chunks of
+    them that its part of every live tensor needs, as DCP's load planner maps
+    them (:mod:`ckpt.distributed.restoring`, which prepares the rank's own
+    items through the same ``prepare_own``).
 
     Raises:
         CheckpointNotFoundError: An item is not in the checkpoint.
         IncompatibleCheckpointError: An item does not fit its live object.
         CorruptCheckpointError: Anything in the checkpoint is malformed.
     """
-    manifest_path = storage.path(step_name, MANIFEST_NAME)
-    if manifest.sharded is not None or request.group is not None:
-        with located(manifest_path):
+    with located(storage.path(step_name, MANIFEST_NAME)):
+        if manifest.sharded is not None or request.group is not None:
             return prepare_collective(storage, step_name, manifest, items, request)
-    if request.rng and RNG_ITEM in manifest.items:
-        items[RNG_ITEM] = RandomStreams()
-    elif request.rng:
-        logger.warning(
-            "checkpoint step %d holds no random state; the random streams are not restored",
-            manifest.step,
-        )
-    for name in items:
-        if name not in manifest.items:
-            raise CheckpointNotFoundError(
-                f"item {name!r} is not in checkpoint step {manifest.step} "
-                f"(it holds {sorted(manifest.items)})",
-                path=manifest_path,
-                key=name,
-            )
-    with located(manifest_path):
-        return prepare_restore(
-            storage, step_name, manifest, items, request.options, verify=request.verify, read=read
-        )
+        return prepare_own(storage, step_name, manifest, items, request)
 
 
 def apply_prepared(prepared: Prepared, where: str) -> tuple[Keys, Keys]:
@@ -276,4 +258,4 @@ class Restorer:
         found = steps.manifest(step)
         if found is None:
             return None
-        return prepare_step(steps.storage, *found, items, request, read=load_tensors)
+        return prepare_step(steps.storage, *found, items, request)
