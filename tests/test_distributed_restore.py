@@ -551,3 +551,38 @@ def test_a_group_restoring_a_step_without_random_streams_warns_once_and_keeps_th
         assert_same_state(outcome["draw"], outcome["expected"])
     assert ["holds no random state" in m for m in outcomes[0]["warnings"]] == [True]
     assert not any("random" in m for o in outcomes[1:] for m in o["warnings"])
+
+
+def on_ranks_private_restore_of_a_group_checkpoint(
+    rank: int, world: int, root: str
+) -> dict[str, Any]:
+    """Save step 1 on the group; then each rank restores it alone (``process_group=False``)."""
+    model, optimizer, scheduler = make("fsdp")
+    torch.manual_seed(60 + rank)
+    train_step(model, optimizer, scheduler, 0)
+    expected = full_model_state(model)
+    with ckpt.CheckpointManager(root) as mgr:
+        mgr.save(1, model=model, optimizer=optimizer, data={"rank": rank})
+    draws = torch.rand(4)
+    plain, plain_opt, _ = make("none", seed=9)
+    data: dict[str, Any] = {}
+    torch.manual_seed(999)
+    with ckpt.CheckpointManager(root, process_group=False) as private:
+        private.restore(model=plain, optimizer=plain_opt, data=data)
+    return {
+        "model": {k: v.detach().clone() for k, v in plain.state_dict().items()},
+        "expected": expected,
+        "data": data,
+        "draws": (draws, torch.rand(4)),
+    }
+
+
+def test_a_private_manager_on_each_rank_restores_its_own_streams_from_a_group_checkpoint(
+    rank_pool, tmp_path
+):
+    """``process_group=False`` on rank r takes rank r's own items and streams, full tensors."""
+    outcomes = rank_pool.run(on_ranks_private_restore_of_a_group_checkpoint, str(tmp_path))
+    for rank, outcome in enumerate(outcomes):
+        assert outcome["data"] == {"rank": rank}
+        _exact(outcome["model"], outcome["expected"])
+        assert_same_state(*outcome["draws"])

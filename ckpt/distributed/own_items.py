@@ -88,14 +88,18 @@ def seed_streams(seed: int) -> None:
 
 
 def saved_rank(manifest: Manifest, group: Any) -> int:
-    """Which rank's own state (items, random streams, buffers) this rank of ``group`` restores.
+    """Which rank's own state (items, random streams, buffers) this process restores.
 
-    The rank in the group, except for a group of some of the ranks restoring a
+    Its rank in ``group``, except for a group of some of the ranks restoring a
     checkpoint saved by every rank of a job of this size: then this process's
     global rank, so each rank takes what it saved itself, not what the rank at
-    its position in the group did.
+    its position in the group did. Without a group (a manager private to this
+    process, ``process_group=False``), its global rank in a job, else 0.
     """
+    initialized = dist.is_available() and dist.is_initialized()
+    if group is None:
+        return int(dist.get_rank()) if initialized else 0
     saved = 1 if manifest.sharded is None else manifest.sharded.world_size
-    if group.world_size < saved and dist.is_initialized() and saved == dist.get_world_size():
+    if group.world_size < saved and initialized and saved == dist.get_world_size():
         return int(dist.get_rank())
     return int(group.rank)

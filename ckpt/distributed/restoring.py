@@ -126,7 +126,8 @@ def prepare_in_group(
         CorruptCheckpointError: A chunk or file fails its checks.
     """
     group = request.group
-    rank, world_size = (0, 1) if group is None else (saved_rank(manifest, group), group.world_size)
+    world_size = 1 if group is None else group.world_size
+    rank = saved_rank(manifest, group)
     return prepare_on_rank(
         storage, step_name, manifest, items, request, rank=rank, world_size=world_size
     )
