@@ -30,6 +30,7 @@ from ckpt.errors import (
     IncompatibleCheckpointError,
     InexactResumeError,
     PartialRestoreError,
+    RankMismatchError,
 )
 
 if _typing.TYPE_CHECKING:
@@ -114,6 +115,7 @@ __all__ = [
     "MAX_STEP",
     "MapLocation",
     "PartialRestoreError",
+    "RankMismatchError",
     "ResumableSampler",
     "ResumeReport",
     "RetentionPolicy",

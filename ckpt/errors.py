@@ -18,6 +18,8 @@ each subclass also derives from the builtin it resembles, so existing
     ├── CheckpointLockedError (BlockingIOError)        another process is writing here
     ├── CollectiveError (RuntimeError)                 a collective among the ranks failed
     │                                                  (a rank died, or the timeout passed)
+    ├── RankMismatchError (ValueError)                 the ranks of a group asked for different
+    │                                                  things (steps, items, options, calls)
     ├── PartialRestoreError (RuntimeError)             an item's own code raised while being
     │                                                  loaded, after every check had passed
     └── InexactResumeError (AssertionError)            ``verify_resume`` found that a resumed
@@ -41,6 +43,7 @@ __all__ = [
     "IncompatibleCheckpointError",
     "InexactResumeError",
     "PartialRestoreError",
+    "RankMismatchError",
 ]
 
 
@@ -198,6 +201,15 @@ class CollectiveError(CheckpointError, RuntimeError):
             rank=self.rank,
             timeout=self.timeout,
         )
+
+
+class RankMismatchError(CheckpointError, ValueError):
+    """The ranks of a process group asked for different things: steps, items, options, calls.
+
+    Raised on every rank alike, before anything is written or changed; the message
+    names what each rank asked for, ``path`` the root or step directory and ``key``
+    the item, when one item differs.
+    """
 
 
 class InexactResumeError(CheckpointError, AssertionError):

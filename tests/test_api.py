@@ -31,6 +31,29 @@ def test_every_error_derives_from_checkpoint_error_and_its_builtin():
         assert (err.path, err.key) == ("/x/manifest.json", "model")
 
 
+def test_a_rank_mismatch_is_a_checkpoint_error_and_a_value_error():
+    assert ckpt.RankMismatchError is ckpt.errors.RankMismatchError
+    assert "RankMismatchError" in ckpt.errors.__all__
+    assert issubclass(ckpt.RankMismatchError, ckpt.CheckpointError)
+    assert issubclass(ckpt.RankMismatchError, ValueError)
+    err = ckpt.RankMismatchError(
+        "every rank must restore the same items: rank 0 restores ['model']; "
+        "rank 1 restores ['model', 'optimizer']",
+        path="/run",
+        key="optimizer",
+    )
+    assert str(err) == (
+        "every rank must restore the same items: rank 0 restores ['model']; "
+        "rank 1 restores ['model', 'optimizer'] (file '/run', key 'optimizer')"
+    )
+    assert err.reason.endswith("rank 1 restores ['model', 'optimizer']")
+    assert (err.path, err.key) == ("/run", "optimizer")
+    located = ckpt.RankMismatchError("the ranks differ").located("/run/step_000000000001")
+    assert type(located) is ckpt.RankMismatchError
+    assert str(located) == "the ranks differ (file '/run/step_000000000001')"
+    assert str(ckpt.RankMismatchError("the ranks differ")) == "the ranks differ"
+
+
 def test_every_public_name_has_a_docstring():
     for name in ckpt.__all__:
         obj = getattr(ckpt, name)

@@ -439,6 +439,10 @@ def on_ranks_disagree(rank: int, world: int, root: str, what: str) -> str:
         extra = {"extra": {"x": 1}} if what == "items" and rank == 1 else {}
         with pytest.raises(ValueError, match="same step, epoch and item names") as info:
             mgr.save(step, model=model, optimizer=optimizer, **extra)
+        assert isinstance(info.value, ckpt.RankMismatchError)
+        assert isinstance(info.value, ckpt.CheckpointError)
+        assert info.value.path == f"{root}/step_{step:012d}"
+        assert info.value.key == ("extra" if what == "items" else None)
         assert mgr.all_steps() == [0]
         assert not [n for n in os.listdir(root) if n.startswith(".ckpt-tmp")]
         dist.barrier()  # both ranks have looked before the next save opens its attempt
@@ -508,6 +512,8 @@ def on_ranks_restore_different_steps(rank: int, world: int, root: str) -> str:
         mgr.save(1, model=model, optimizer=optimizer)
         with pytest.raises(ValueError, match="same step") as info:
             mgr.restore(step=rank, model=model, optimizer=optimizer)
+        assert isinstance(info.value, ckpt.RankMismatchError)
+        assert isinstance(info.value, ckpt.CheckpointError)
         assert mgr.restore(model=model, optimizer=optimizer).step == 1  # type: ignore[union-attr]
     return str(info.value)
 
@@ -564,6 +570,9 @@ def on_ranks_restore_different_items(rank: int, world: int, root: str) -> str:
     )
     with ckpt.CheckpointManager(root) as mgr, pytest.raises(ValueError, match="same items") as info:
         mgr.restore(**items)
+    assert isinstance(info.value, ckpt.RankMismatchError)
+    assert isinstance(info.value, ckpt.CheckpointError)
+    assert info.value.key == "optimizer"
     _exact(before, full_model_state(model))
     return str(info.value)
 
@@ -619,6 +628,10 @@ def on_ranks_restore_different_items_and_steps(rank: int, world: int, root: str)
             mgr.restore(step=step, **items)
         with pytest.raises(ValueError, match="same step") as step_info:
             mgr.restore(step=step, model=model, optimizer=optimizer)
+        for refused in (items_info.value, step_info.value):
+            assert isinstance(refused, ckpt.RankMismatchError)
+            assert isinstance(refused, ckpt.CheckpointError)
+        assert items_info.value.key == "optimizer"
         _exact(before, full_model_state(model))
         assert mgr.restore(model=model, optimizer=optimizer) is not None
     return [str(items_info.value), str(step_info.value)]

@@ -51,6 +51,9 @@ def on_ranks_should_save_different_steps(rank: int, world: int, root: str) -> tu
     with ckpt.CheckpointManager(root, every_seconds=1000.0, handshake_timeout=30) as mgr:
         with pytest.raises(ValueError) as raised:
             mgr.should_save(5 + rank)
+        assert isinstance(raised.value, ckpt.RankMismatchError)
+        assert isinstance(raised.value, ckpt.CheckpointError)
+        assert raised.value.path == root
         return str(raised.value), mgr.should_save(7)
 
 
@@ -127,6 +130,9 @@ def on_ranks_save_with_own_metrics(rank: int, world: int, root: str) -> tuple[st
     with ckpt.CheckpointManager(root, keep_best=1, best_metric="loss") as mgr:
         with pytest.raises(ValueError) as raised:
             mgr.save(0, model=model, metrics={"loss": float(rank)})
+        assert isinstance(raised.value, ckpt.RankMismatchError)
+        assert isinstance(raised.value, ckpt.CheckpointError)
+        assert (raised.value.path, raised.value.key) == (f"{root}/step_000000000000", None)
         saved = mgr.save(1, model=model, metrics={"loss": 0.5, "other": float("nan")})
         assert saved.metrics["loss"] == 0.5
         return str(raised.value), mgr.all_steps()
@@ -144,6 +150,9 @@ def on_ranks_directories(rank: int, world: int, root: str, local: bool) -> str:
     if not local:
         with pytest.raises(ValueError) as refused:
             ckpt.CheckpointManager(f"{root}/{rank}")
+        assert isinstance(refused.value, ckpt.RankMismatchError)
+        assert isinstance(refused.value, ckpt.CheckpointError)
+        assert refused.value.path == f"{root}/{rank}"
         return str(refused.value)
     with ckpt.CheckpointManager(root) as mgr:
         if rank == 1:  # a node-local disk: the same path, other contents
@@ -326,6 +335,9 @@ def on_ranks_fallback_on_rank_0_only(rank: int, world: int, root: str) -> str:
     """fallback_to_intact on rank 0 only: refused at construction on every rank."""
     with pytest.raises(ValueError) as refused:
         ckpt.CheckpointManager(root, fallback_to_intact=rank == 0)
+    assert isinstance(refused.value, ckpt.RankMismatchError)
+    assert isinstance(refused.value, ckpt.CheckpointError)
+    assert refused.value.path == root
     return str(refused.value)
 
 
@@ -343,6 +355,8 @@ def on_ranks_overwrite_on_rank_0_only(rank: int, world: int, root: str) -> tuple
         before = fingerprint(f"{root}/step_000000000000")
         with pytest.raises(ValueError) as refused:
             mgr.save(0, model=model, overwrite=rank == 0)
+        assert isinstance(refused.value, ckpt.RankMismatchError)
+        assert isinstance(refused.value, ckpt.CheckpointError)
         assert fingerprint(f"{root}/step_000000000000") == before  # not replaced
         return str(refused.value), mgr.all_steps()
 

@@ -25,6 +25,9 @@ def on_ranks_save_a_model_built_differently(rank: int, world: int, root: str) ->
         with pytest.raises(ckpt.CheckpointWriteError) as failed:
             mgr.save(1, model=model)
         assert mgr.all_steps() == []
+    cause = failed.value.__cause__
+    assert isinstance(cause, ckpt.RankMismatchError) and isinstance(cause, ValueError)
+    assert cause.key == "model/2.weight"
     return str(failed.value)
 
 
@@ -293,6 +296,8 @@ def on_ranks_save_an_item_of_another_kind(rank: int, world: int, root: str) -> t
         x: Any = {"a": 1} if rank == 0 else nn.Linear(2, 2)
         with pytest.raises(ValueError) as failed:
             mgr.save(1, model=nn.Linear(3, 2), x=x)
+        assert isinstance(failed.value, ckpt.CheckpointError)
+        assert (failed.value.path, failed.value.key) == (f"{root}/step_000000000001", "x")
         assert mgr.all_steps() == [0]
         mgr.restore(model=nn.Linear(3, 2))  # the earlier step is intact
     return type(failed.value).__name__, str(failed.value) + str(sorted(os.listdir(root)))
@@ -305,7 +310,7 @@ def test_an_item_of_another_kind_on_one_rank_is_refused_before_anything_is_writt
     # "could not commit step 1: CorruptCheckpointError: invalid manifest: item names or
     # kinds differ from rank 0's (first: 'x')", as if the checkpoint were corrupt.
     for name, message in rank_pool.run(on_ranks_save_an_item_of_another_kind, str(tmp_path)):
-        assert name == "ValueError"
+        assert name == "RankMismatchError"  # a ValueError (pytest.raises above)
         assert "each item of the same kind on every rank" in message
         assert "'x': 'dict'" in message and "'x': 'module'" in message
         assert "nothing of step 1 was written" in message

@@ -126,6 +126,9 @@ def test_every_steps_alone_needs_no_agreement(rank_pool, tmp_path):
 def on_ranks_configured_differently(rank: int, world: int, root: str) -> str:
     with pytest.raises(ValueError, match="same every_steps") as info:
         ckpt.CheckpointManager(root, every_seconds=10.0 if rank == 0 else None)
+    assert isinstance(info.value, ckpt.RankMismatchError)
+    assert isinstance(info.value, ckpt.CheckpointError)
+    assert info.value.path == root
     return str(info.value)
 
 
@@ -137,6 +140,8 @@ def test_ranks_configuring_their_managers_differently_are_refused_together(rank_
 def on_ranks_incremental_on_one_rank(rank: int, world: int, root: str) -> str:
     with pytest.raises(ValueError, match="incremental") as info:
         ckpt.CheckpointManager(root, incremental=rank == 0)
+    assert isinstance(info.value, ckpt.RankMismatchError)
+    assert isinstance(info.value, ckpt.CheckpointError)
     return str(info.value)
 
 
@@ -196,6 +201,9 @@ def on_ranks_different_calls(rank: int, world: int, root: str) -> str:
                 mgr.save(1, state={"w": torch.ones(2)})
             else:
                 mgr.restore(state={"w": torch.ones(2)})
+        assert isinstance(info.value, ckpt.RankMismatchError)
+        assert isinstance(info.value, ckpt.CheckpointError)
+        assert info.value.path == root
         mgr.save(1, state={"w": torch.ones(2)})  # the ranks are still in step
     return str(info.value)
 

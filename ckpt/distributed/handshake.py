@@ -24,7 +24,7 @@ from datetime import timedelta
 from typing import Any
 
 from ckpt.distributed.group import CLOSED, MAX_TIMEOUT, RankGroup
-from ckpt.errors import CollectiveError
+from ckpt.errors import CollectiveError, RankMismatchError
 from ckpt.state.tree import Json
 from ckpt.torch_compat import default_store
 
@@ -43,10 +43,12 @@ class Handshake:
         timeout: Seconds a rank waits for the others before raising.
         token: The same on every rank, new for each handshake (a group's name may
             come again).
+        path: The checkpoint root, named when the ranks came for different calls.
     """
 
-    def __init__(self, group: RankGroup, timeout: float, token: str):
+    def __init__(self, group: RankGroup, timeout: float, token: str, path: str | None = None):
         self.timeout = float(timeout)
+        self.path = path
         self._group = group
         self._store: Any = default_store()
         self._prefix = f"ckpt/handshake/{group.name}/{token}/"  # token: this manager's
@@ -63,7 +65,7 @@ class Handshake:
         Raises:
             CollectiveError: A rank did not come within the timeout (named), or gave up
                 waiting for this one; the manager's collectives are refused from then on.
-            ValueError: The ranks came for different calls (on every rank).
+            RankMismatchError: The ranks came for different calls (on every rank).
         """
         group, n = self._group, self._count
         if group.closed:  # before posting a key: the others are told this rank did not come
@@ -109,10 +111,11 @@ class Handshake:
             )
         differing = [r for r, c in enumerate(calls) if c["call"] != calls[0]["call"]]
         if differing:
-            raise ValueError(
+            raise RankMismatchError(
                 f"every rank of the group must make the same call together: rank 0 called "
                 f"{_show(calls[0])}, but "
-                + "; ".join(f"rank {r} called {_show(calls[r])}" for r in differing)
+                + "; ".join(f"rank {r} called {_show(calls[r])}" for r in differing),
+                path=self.path,
             )
 
     def _key(self, n: int, rank: int | str) -> str:
@@ -144,11 +147,14 @@ class Handshake:
         )
 
 
-def agreeing(decisions: RankGroup) -> Callable[[int, list[bool]], list[bool]]:
+def agreeing(
+    decisions: RankGroup, path: str | None = None
+) -> Callable[[int, list[bool]], list[bool]]:
     """``should_save``'s agreement over ``decisions``: flags or-ed across the ranks.
 
     The same all-reduce compares the step every rank passed: ranks asking about
-    different steps all raise a ``ValueError`` (they would save different steps). A
+    different steps all raise a :class:`~ckpt.RankMismatchError` naming ``path``, the
+    checkpoint root (they would save different steps). A
     rank that does not come within the group's timeout makes every other rank raise
     a :class:`~ckpt.CollectiveError` saying what every rank must do.
     """
@@ -168,12 +174,13 @@ def agreeing(decisions: RankGroup) -> Callable[[int, list[bool]], list[bool]]:
                 timeout=decisions.timeout,
             ) from e
         if highest != -lowest:
-            raise ValueError(
+            raise RankMismatchError(
                 f"should_save(): the ranks passed different steps (from {-lowest} to "
                 f"{highest}; rank {decisions.rank} passed {step}): every rank of the group "
                 "must call should_save(step) with the same step, together; count steps the "
                 "same way on every rank (the same number of batches per rank, as "
-                "DistributedSampler or ckpt.resumable_loader give)"
+                "DistributedSampler or ckpt.resumable_loader give)",
+                path=path,
             )
         return [bool(v) for v in agreed]
 
@@ -199,8 +206,9 @@ def open_agreement(
         The handshake, and the gloo group ``should_save`` agrees on (or ``None``).
 
     Raises:
-        ValueError: The ranks configured their managers differently (on every rank);
-            ``group`` is closed.
+        RankMismatchError: The ranks configured their managers differently (on every
+            rank); ``group`` is closed.
+        ValueError: A bad ``timeout``; ``group`` is closed.
     """
     try:
         return _open(group, process_group, config, timeout)
@@ -217,7 +225,8 @@ def open_manager_agreement(
     As :func:`open_agreement`, plus the agreement (``None`` without a decision group).
     """
     handshake, decisions = open_agreement(group, process_group, config, timeout)
-    return handshake, decisions, None if decisions is None else agreeing(decisions)
+    agree = None if decisions is None else agreeing(decisions, handshake.path)
+    return handshake, decisions, agree
 
 
 def _open(
@@ -226,17 +235,20 @@ def _open(
     sent = group.all_gather_json({"config": config, "token": secrets.token_hex(8)})
     docs = [doc if isinstance(doc, dict) else {} for doc in sent]
     configs = [doc.get("config") for doc in docs]
+    directory = config.get("directory")
+    path = directory if isinstance(directory, str) else None
     differing = [r for r, c in enumerate(configs) if c != configs[0]]
     if differing:
-        raise ValueError(
+        raise RankMismatchError(
             "every rank must construct its CheckpointManager with the same every_steps, "
             "every_seconds, preemption_signals, timeouts, fallback_to_intact, tiers and "
             "incremental, and the same directory (on storage every rank sees): rank 0 has "
-            f"{configs[0]}, but " + "; ".join(f"rank {r} has {configs[r]}" for r in differing)
+            f"{configs[0]}, but " + "; ".join(f"rank {r} has {configs[r]}" for r in differing),
+            path=path,
         )
     if isinstance(timeout, bool) or not 0 < timeout <= MAX_TIMEOUT:
         raise ValueError(f"handshake_timeout must be between 0 and {MAX_TIMEOUT:g} s: {timeout!r}")
     decisions = None
     if config.get("every_seconds") is not None or config.get("signals"):
         decisions = RankGroup(process_group, timeout=timeout)
-    return Handshake(group, timeout, str(docs[0].get("token"))), decisions
+    return Handshake(group, timeout, str(docs[0].get("token")), path), decisions

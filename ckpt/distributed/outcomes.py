@@ -24,6 +24,7 @@ from ckpt.errors import (
     CorruptCheckpointError,
     IncompatibleCheckpointError,
     PartialRestoreError,
+    RankMismatchError,
 )
 from ckpt.state.tree import Json
 
@@ -49,6 +50,7 @@ _SHARED: dict[str, type[Exception]] = {
         CorruptCheckpointError,
         IncompatibleCheckpointError,
         PartialRestoreError,
+        RankMismatchError,
         ValueError,
         TypeError,
     )
@@ -89,21 +91,37 @@ def raise_agreed(group: RankGroup | None, error: Exception | None, doing: str) -
     raise cls(f"{doing} failed on another rank ({where}); nothing was changed") from error
 
 
-def check_same_items(group: RankGroup, names: list[str]) -> None:
+def check_same_items(group: RankGroup, names: list[str], *, path: str | None = None) -> None:
     """Refuse, on every rank, a restore whose ranks name different items.
 
+    Args:
+        group: The ranks.
+        names: This rank's item names.
+        path: The checkpoint root, named in the error.
+
     Raises:
-        ValueError: On every rank, naming what each rank restores.
+        RankMismatchError: On every rank, naming what each rank restores.
     """
-    _refuse_different_items(group.all_gather_json(sorted(names)))
+    _refuse_different_items(group.all_gather_json(sorted(names)), path)
 
 
-def _refuse_different_items(asked: list[Json]) -> None:
+def _refuse_different_items(asked: list[Json], path: str | None) -> None:
     if any(a != asked[0] for a in asked):
-        raise ValueError(
+        raise RankMismatchError(
             "every rank must restore the same items: "
-            + "; ".join(f"rank {r} restores {a}" for r, a in enumerate(asked))
+            + "; ".join(f"rank {r} restores {a}" for r, a in enumerate(asked)),
+            path=path,
+            key=_the_differing_item(asked),
         )
+
+
+def _the_differing_item(asked: list[Json]) -> str | None:
+    """The one item name that some ranks restore and others do not, else ``None``."""
+    if not all(isinstance(a, list) for a in asked):
+        return None
+    named = [{str(n) for n in a} for a in asked if isinstance(a, list)]
+    differing = set[str]().union(*named) - named[0].intersection(*named[1:])
+    return differing.pop() if len(differing) == 1 else None
 
 
 def agree_on_candidates(
@@ -112,16 +130,19 @@ def agree_on_candidates(
     steps: Callable[[], list[int]],
     fallback: bool,
     names: list[str],
+    *,
+    path: str | None = None,
 ) -> list[int]:
     """The steps every rank tries, in order: ``step``, or rank 0's newest (all, with ``fallback``).
 
     One exchange: each rank sends its item ``names`` and ``step``, and rank 0 (when it
     asks for the latest) the steps it lists; every rank checks the same answers in the
-    same order (items, then steps, then rank 0's listing).
+    same order (items, then steps, then rank 0's listing). ``path``, the checkpoint
+    root, is named in the errors.
 
     Raises:
-        ValueError: The ranks name different items, or asked for different steps (on
-            every rank).
+        RankMismatchError: The ranks name different items, or asked for different steps
+            (on every rank).
         CheckpointError: Rank 0 could not list the steps (on every rank).
     """
     found: Json = None
@@ -133,12 +154,13 @@ def agree_on_candidates(
             found = {"error": f"{type(e).__name__}: {e}"}
     sent = group.all_gather_json({"items": sorted(names), "step": step, "found": found})
     answers = [a if isinstance(a, dict) else {} for a in sent]
-    _refuse_different_items([a.get("items") for a in answers])
+    _refuse_different_items([a.get("items") for a in answers], path)
     asked = [a.get("step") for a in answers]
     if any(a != asked[0] for a in asked):
-        raise ValueError(
+        raise RankMismatchError(
             "every rank must restore the same step: they asked for "
-            + ", ".join(f"rank {r}: {a}" for r, a in enumerate(asked))
+            + ", ".join(f"rank {r}: {a}" for r, a in enumerate(asked)),
+            path=path,
         )
     if step is not None:
         return [step]

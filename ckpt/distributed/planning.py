@@ -37,7 +37,7 @@ from torch.distributed.checkpoint.planner import (
 )
 from torch.distributed.tensor import DTensor
 
-from ckpt.errors import IncompatibleCheckpointError
+from ckpt.errors import IncompatibleCheckpointError, RankMismatchError
 from ckpt.format import GlobalTensorRecord
 from ckpt.format.tensorfile import dtype_from_name, dtype_name
 from ckpt.state.tree import Json
@@ -133,7 +133,8 @@ def _check_alike(gathered: list[Json]) -> None:
     share of a replicated one, so the checkpoint would mix the ranks' models.
 
     Raises:
-        ValueError: Names the first such tensor and what two ranks hold of it.
+        RankMismatchError: Names the first such tensor (its key) and what two ranks hold
+            of it.
     """
     first: dict[str, tuple[int, tuple[int, ...], str]] = {}
     for rank, doc in enumerate(gathered):
@@ -142,11 +143,12 @@ def _check_alike(gathered: list[Json]) -> None:
             dtype = str(dtype_from_name(name)).removeprefix("torch.")
             seen = first.setdefault(fqn, (rank, tuple(size), dtype))
             if seen[1:] != (tuple(size), dtype):
-                raise ValueError(
+                raise RankMismatchError(
                     f"tensor {fqn!r} is {seen[2]} of shape {seen[1]} on rank {seen[0]} but "
                     f"{dtype} of shape {tuple(size)} on rank {rank}: every rank must hold the "
                     "same model and optimizer (build them the same way on every rank, then "
-                    "wrap them in DistributedDataParallel or shard them with fully_shard)"
+                    "wrap them in DistributedDataParallel or shard them with fully_shard)",
+                    key=fqn,
                 )
 
 

@@ -19,7 +19,9 @@ Any failure before the commit: nothing is committed, the coordinator removes
 the attempt, and every rank raises :class:`~ckpt.CheckpointWriteError` naming
 the failed ranks; a ``TypeError`` or ``ValueError`` capturing a rank's state (a
 value that cannot be stored) is raised as such on every rank, as one process
-raises it. A rank that dies makes the others' collectives fail within
+raises it. Ranks whose ``save`` calls differ (step, epoch, items or their kinds,
+metrics, overwrite) all raise :class:`~ckpt.RankMismatchError` before anything is
+written. A rank that dies makes the others' collectives fail within
 the group's timeout (:class:`~ckpt.CollectiveError`), never hang.
 """
 
@@ -48,6 +50,7 @@ from ckpt.errors import (
     CheckpointExistsError,
     CheckpointLockedError,
     CheckpointWriteError,
+    RankMismatchError,
 )
 from ckpt.format import (
     MANIFEST_NAME,
@@ -110,6 +113,14 @@ def _different_calls(step: int, calls: list[Any]) -> str | None:
         + "; ".join(f"rank {r} saves {calls[r]}" for r in differing)
         + f"{hint}; nothing of step {step} was written"
     )
+
+
+def _differing_item(calls: list[Any]) -> str | None:
+    """The one item whose name or kind differs between the ranks' calls, else ``None``."""
+    kinds = [call["items"] for call in calls]
+    names = set().union(*kinds)
+    differing = {n for n in names if any(k.get(n, ...) != kinds[0].get(n, ...) for k in kinds)}
+    return differing.pop() if len(differing) == 1 else None
 
 
 def _kinds(items: Mapping[str, Any], local: LocalCapture | None) -> dict[str, str | None]:
@@ -203,12 +214,7 @@ class CollectiveSave:
         call = {"step": step, "epoch": epoch, "metrics": shown, "items": _kinds(items, local)}
         call["overwrite"] = overwrite  # rank 0 decides it: every rank must ask the same
         agreed = self._agree(step, attempt, error, call, as_raised=_CAPTURE_ERRORS)
-        mismatch = _different_calls(step, agreed)
-        if mismatch is not None:
-            if group.is_coordinator or self.node_local:
-                self._abandon(attempt)
-            group.barrier()
-            raise ValueError(mismatch)
+        self._refuse_different_calls(step, attempt, agreed)
         assert local is not None
         try:
             captured = lay_out(local, group.rank, file_token, group.all_gather_json)
@@ -216,6 +222,25 @@ class CollectiveSave:
             self._agree(step, attempt, e)
             raise
         return PendingSave(step, overwrite, attempt, template, captured)
+
+    def _refuse_different_calls(self, step: int, attempt: Attempt, calls: list[Any]) -> None:
+        """Abandon the save and raise on every rank when the ranks' ``save`` calls differ.
+
+        Raises:
+            RankMismatchError: Naming each rank's call, the step directory, and the item
+                when one item differs.
+        """
+        mismatch = _different_calls(step, calls)
+        if mismatch is None:
+            return
+        if self.group.is_coordinator or self.node_local:
+            self._abandon(attempt)
+        self.group.barrier()
+        raise RankMismatchError(
+            mismatch,
+            path=self.storage.url_of(step_dir_name(step)),
+            key=_differing_item(calls),
+        )
 
     def finish(
         self,
