@@ -573,6 +573,7 @@ def on_ranks_restore_different_items(rank: int, world: int, root: str) -> str:
     assert isinstance(info.value, ckpt.RankMismatchError)
     assert isinstance(info.value, ckpt.CheckpointError)
     assert info.value.key == "optimizer"
+    assert info.value.path is not None and info.value.path.endswith(Path(root).name)
     _exact(before, full_model_state(model))
     return str(info.value)
 
@@ -632,6 +633,8 @@ def on_ranks_restore_different_items_and_steps(rank: int, world: int, root: str)
             assert isinstance(refused, ckpt.RankMismatchError)
             assert isinstance(refused, ckpt.CheckpointError)
         assert items_info.value.key == "optimizer"
+        for refused in (items_info.value, step_info.value):
+            assert refused.path is not None and refused.path.endswith(Path(root).name)
         _exact(before, full_model_state(model))
         assert mgr.restore(model=model, optimizer=optimizer) is not None
     return [str(items_info.value), str(step_info.value)]

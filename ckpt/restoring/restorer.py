@@ -166,7 +166,9 @@ class Restorer:
             if self._group is not None:
                 from ckpt.distributed import outcomes  # noqa: PLC0415 - only in a process group
 
-                outcomes.check_same_items(self._group, list(items))
+                outcomes.check_same_items(
+                    self._group, list(items), path=self._steps.storage.url_of()
+                )
                 search = partial(agreed_across_tiers, self._group)
             skip = self._skip  # a node-local first tier holds this rank's files only
             found = search(
@@ -227,7 +229,10 @@ class Restorer:
             latest = self._checkpoints.latest_step()
             return [] if latest is None else [latest]
 
-        candidates = outcomes.agree_on_candidates(self._group, step, listed, fallback, names)
+        root = self._steps.storage.url_of()
+        candidates = outcomes.agree_on_candidates(
+            self._group, step, listed, fallback, names, path=root
+        )
         seen = self._committed if step is None else None  # rank 0 chose the candidates
         found = outcomes.first_agreed(self._group, candidates, prepare, fallback, seen)
         return None if found is None else found[1]
