@@ -10,6 +10,8 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import assert_same_state
+from dist_training import full_model_state, full_optimizer_state
 from torch import nn
 
 import ckpt
@@ -363,3 +365,68 @@ def test_replica_managers_sharing_a_root_are_told_to_take_one_each(rank_pool, tm
     message = rank_pool.run(on_ranks_replica_managers_in_one_root, str(tmp_path))[1]
     assert "another writer holds this directory" in message
     assert "managers on groups of some of the ranks (one per HSDP replica) each write" in message
+
+
+def _fsdp_over_tensor_parallel(seed: int, mesh: Any) -> nn.Module:
+    """As torchtitan builds it: tensor parallel on the "tp" dimension, then FSDP2 on "dp"."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        RowwiseParallel,
+        parallelize_module,
+    )
+
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4))
+    parallelize_module(model, mesh["tp"], {"0": ColwiseParallel(), "2": RowwiseParallel()})
+    fully_shard(model, mesh=mesh["dp"])
+    return model
+
+
+def on_ranks_fsdp_over_tensor_parallel(rank: int, world: int, root: str) -> dict[str, Any]:
+    """FSDP2 x tensor parallel on a 2x2 mesh: saved and restored by a manager on every rank;
+    a manager on either dimension's groups is refused before anything is written."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    model = _fsdp_over_tensor_parallel(0, mesh)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    for step in range(2):
+        x = torch.randn(4, 6, generator=torch.Generator().manual_seed(10 * step + rank // 2))
+        optimizer.zero_grad()
+        model(x).sum().backward()
+        optimizer.step()
+    expected = full_model_state(model), full_optimizer_state(model, optimizer)
+    refused = {}
+    for dim, other in (("dp", "tp"), ("tp", "dp")):  # one root per group of the dimension
+        where = f"{root}/{dim}-group{mesh.get_local_rank(other)}"
+        with ckpt.CheckpointManager(where, process_group=mesh.get_group(dim)) as mgr:
+            with pytest.raises(ckpt.CheckpointWriteError) as info:
+                mgr.save(0, model=model, optimizer=optimizer)
+            assert mgr.all_steps() == []
+        refused[dim] = str(info.value)
+    with ckpt.CheckpointManager(f"{root}/all") as mgr:
+        mgr.save(0, model=model, optimizer=optimizer)
+        fresh = _fsdp_over_tensor_parallel(7, mesh)
+        fresh_optimizer = torch.optim.AdamW(fresh.parameters(), lr=0.1)
+        mgr.restore(model=fresh, optimizer=fresh_optimizer)
+    assert_same_state(expected[0], full_model_state(fresh))
+    assert_same_state(expected[1], full_optimizer_state(fresh, fresh_optimizer))
+    return {"refused": refused, "model": expected[0]}
+
+
+@pytest.mark.slow
+def test_fsdp2_over_tensor_parallel_on_a_2d_mesh_saves_restores_and_consolidates(
+    fresh_ranks, tmp_path
+):
+    outcomes = fresh_ranks(on_ranks_fsdp_over_tensor_parallel, 4, 240, args=(str(tmp_path),))
+    assert all(o.returned for o in outcomes), [o.error for o in outcomes]
+    for outcome in outcomes:
+        for message in outcome.result["refused"].values():
+            assert "hold only" in message and "with FSDP2 x tensor parallel, every rank" in message
+    torch.manual_seed(3)
+    one = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4))
+    ckpt.CheckpointManager(tmp_path / "all").restore(model=one)
+    expected = outcomes[0].result["model"]
+    for key, value in one.state_dict().items():
+        assert torch.equal(value, expected[key]) and value.dtype == expected[key].dtype, key

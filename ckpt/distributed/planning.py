@@ -172,9 +172,11 @@ def _check_covered(gathered: list[Json]) -> None:
                 f"tensor {fqn!r} of shape {shapes[fqn]}: the {len(gathered)} ranks of this "
                 f"manager's group hold only {held} of its {total} elements together; its "
                 "DTensor's device mesh spans ranks outside the group (as when a manager is "
-                "built on the replicate dimension of a 2-D mesh, whose ranks hold the same "
-                "shard). Build the manager on a group whose ranks hold a whole copy: every "
-                "rank, or one replica's ranks (the shard dimension)"
+                "built on the replicate dimension of HSDP's 2-D mesh, whose ranks hold the "
+                "same shard, or on either dimension of FSDP2 x tensor parallel, where no "
+                "dimension's ranks hold a whole copy). Build the manager on a group whose "
+                "ranks hold a whole copy: every rank, or with HSDP one replica's ranks (the "
+                "shard dimension); with FSDP2 x tensor parallel, every rank"
             )
 
 
