@@ -9,9 +9,11 @@ holds them (:class:`ShardedSection`, ``Manifest.sharded``).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from ckpt.errors import CheckpointNotFoundError
 from ckpt.state.tree import Json
 
 if TYPE_CHECKING:
@@ -167,3 +169,18 @@ class Manifest:
     created_at: str = ""
     versions: dict[str, str] = field(default_factory=dict)
     sharded: ShardedSection | None = None
+
+    def require(self, names: Iterable[str], path: str | None = None) -> None:
+        """Raise unless every item in ``names`` is in this checkpoint.
+
+        Raises:
+            CheckpointNotFoundError: Naming the first missing item and those held.
+        """
+        for name in names:
+            if name not in self.items:
+                raise CheckpointNotFoundError(
+                    f"item {name!r} is not in checkpoint step {self.step} "
+                    f"(it holds {sorted(self.items)})",
+                    path=path,
+                    key=name,
+                )

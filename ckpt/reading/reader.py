@@ -323,14 +323,7 @@ def _item_names(items: Iterable[str] | None) -> tuple[str, ...] | None:
 
 def _only(manifest: Manifest, items: tuple[str, ...], path: str) -> Manifest:
     """The manifest with only ``items`` (every one of which must be in it)."""
-    for name in items:
-        if name not in manifest.items:
-            raise CheckpointNotFoundError(
-                f"item {name!r} is not in checkpoint step {manifest.step} "
-                f"(it holds {sorted(manifest.items)})",
-                path=path,
-                key=name,
-            )
+    manifest.require(items, path)
     keep = set(items)
     section = manifest.sharded
     if section is None:

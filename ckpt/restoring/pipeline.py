@@ -37,7 +37,6 @@ import torch
 from torch import nn
 
 from ckpt.errors import (
-    CheckpointNotFoundError,
     CorruptCheckpointError,
     IncompatibleCheckpointError,
     PartialRestoreError,
@@ -375,13 +374,7 @@ def prepare_own(
         IncompatibleCheckpointError: An item does not fit its live object.
         CorruptCheckpointError: Anything in the checkpoint is malformed.
     """
-    for name in items:
-        if name not in manifest.items:
-            raise CheckpointNotFoundError(
-                f"item {name!r} is not in checkpoint step {manifest.step} "
-                f"(it holds {sorted(manifest.items)})",
-                key=name,
-            )
+    manifest.require(items)
     own = dict(items)
     if request.rng and RNG_ITEM in manifest.items:
         if streams:
