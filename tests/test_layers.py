@@ -136,3 +136,71 @@ def test_the_checker_sees_an_imported_check(tmp_path):
     probe = tmp_path / "probe.py"
     probe.write_text("from ckpt.state.optim import check_group_types, class_name\nimport os\n")
     assert _imported_names(probe) == {"check_group_types", "class_name"}
+
+
+def _module_name(path: pathlib.Path, root: pathlib.Path) -> str:
+    parts = path.relative_to(root.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _load_time_imports(path: pathlib.Path, name: str, modules: set[str]) -> set[str]:
+    """The modules of ``modules`` that ``path`` imports when it is loaded.
+
+    Imports inside functions and under ``if TYPE_CHECKING:`` are left out; ``from
+    package import submodule`` counts as the submodule alone.
+    """
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.parse(path.read_text(encoding="utf-8")).body:
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            continue
+        for inner in node.body if isinstance(node, ast.Try) else [node]:
+            if isinstance(inner, ast.Import):
+                found.update(a.name for a in inner.names)
+            elif isinstance(inner, ast.ImportFrom):
+                base = inner.module or ""
+                if inner.level:
+                    up = package.split(".")[: len(package.split(".")) - inner.level + 1]
+                    base = ".".join([*up, base] if base else up)
+                subs = {f"{base}.{a.name}" for a in inner.names} & modules
+                found.update(subs or {base})
+    return (found & modules) - {name}
+
+
+def import_cycles(root: pathlib.Path) -> list[list[str]]:
+    """Each group of modules under ``root`` that import one another when loaded."""
+    paths = {_module_name(p, root): p for p in root.rglob("*.py")}
+    graph = {n: _load_time_imports(p, n, set(paths)) for n, p in paths.items()}
+
+    def reaches(start: str) -> set[str]:
+        seen, todo = set(), [start]
+        while todo:
+            for nxt in graph[todo.pop()] - seen:
+                seen.add(nxt)
+                todo.append(nxt)
+        return seen
+
+    reach = {n: reaches(n) for n in graph}
+    cycles = {
+        frozenset({n, *(m for m in reach[n] if n in reach[m])}) for n in graph if n in reach[n]
+    }
+    return sorted(sorted(c) for c in cycles)
+
+
+def test_no_modules_import_each_other_when_loaded():
+    """No import cycle, e.g. storage's base/local/lock (issue 18): each layer loads alone."""
+    assert import_cycles(PACKAGE) == []
+
+
+def test_the_checker_sees_an_import_cycle(tmp_path):
+    package = tmp_path / "pkg"
+    (package / "sub").mkdir(parents=True)
+    (package / "__init__.py").write_text("from pkg import a\n")
+    (package / "a.py").write_text("from pkg.sub import b\n")
+    (package / "sub" / "__init__.py").write_text("")
+    (package / "sub" / "b.py").write_text("from ..a import thing\n")
+    (package / "c.py").write_text(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import pkg.a\n"
+        "def f():\n    import pkg.a\n"
+    )
+    assert import_cycles(package) == [["pkg.a", "pkg.sub.b"]]
