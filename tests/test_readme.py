@@ -25,6 +25,9 @@ def test_readme_has_two_setup_commands_and_ci_runs_the_test_one():
     assert tests in (ROOT / ".ci" / "run").read_text()
 
 
+ALARMING = re.compile(r"warning|error|failed|traceback|deprecat", re.I)
+
+
 def assert_example_ends_identical(script: str, *args: str) -> None:
     done = subprocess.run(
         [sys.executable, str(ROOT / "examples" / script), *args],
@@ -35,6 +38,8 @@ def assert_example_ends_identical(script: str, *args: str) -> None:
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "IDENTICAL" in done.stdout
+    output = done.stdout + done.stderr  # nothing a newcomer would take for an error
+    assert not ALARMING.search(output), output
 
 
 def test_demo_resumes_bit_identically():
