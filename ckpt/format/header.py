@@ -9,10 +9,14 @@ from __future__ import annotations
 import dataclasses
 import platform
 from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ckpt._version import __version__
+
+if TYPE_CHECKING:
+    from ckpt.format.records import Manifest
 
 __all__ = ["ManifestHeader"]
 
@@ -40,3 +44,21 @@ class ManifestHeader:
                 "python": platform.python_version(),
             },
         )
+
+    @classmethod
+    def of(cls, manifest: Manifest) -> ManifestHeader:
+        """The header ``manifest`` was saved with (kept when a step is copied or re-sealed)."""
+        return cls(manifest.created_at, dict(manifest.versions))
+
+    def to_json(self) -> dict[str, Any]:
+        """The header as JSON (inside a commit attempt)."""
+        return {"created_at": self.created_at, "versions": dict(self.versions)}
+
+    @classmethod
+    def from_json(cls, doc: Any) -> ManifestHeader:
+        """The header :meth:`to_json` described.
+
+        Raises:
+            KeyError, TypeError: ``doc`` is not such a description.
+        """
+        return cls(doc["created_at"], dict(doc["versions"]))

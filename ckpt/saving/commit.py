@@ -150,7 +150,7 @@ def commit_checkpoint(
         raise ValueError("files committed by their manifest need names unique to the attempt")
     attempt: Attempt | None = None
     try:
-        header = ManifestHeader(manifest.created_at, manifest.versions)
+        header = ManifestHeader.of(manifest)
         attempt = open_attempt(
             storage, step, overwrite=overwrite, token=token, header=header, protocol=protocol
         )

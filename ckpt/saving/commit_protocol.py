@@ -127,7 +127,7 @@ class Attempt:
     def to_json(self) -> dict[str, Any]:
         """The attempt as a JSON object (for a broadcast)."""
         doc = dataclasses.asdict(self)
-        doc["header"] = {"created_at": self.header.created_at, "versions": self.header.versions}
+        doc["header"] = self.header.to_json()
         return doc
 
     @classmethod
@@ -138,10 +138,7 @@ class Attempt:
             ValueError: ``doc`` is not such a description.
         """
         try:
-            header = doc["header"]
-            attempt = cls(
-                **{**doc, "header": ManifestHeader(header["created_at"], dict(header["versions"]))}
-            )
+            attempt = cls(**{**doc, "header": ManifestHeader.from_json(doc["header"])})
         except (KeyError, TypeError) as e:
             raise ValueError(f"not a commit attempt: {doc!r}") from e
         if attempt.strategy not in _PROTOCOLS:

@@ -130,7 +130,7 @@ def copy_step(
         and not target.exists(step_name, MANIFEST_NAME)
     ):
         remove_unreferenced(target, step_name, None, grace=0.0)
-    header = ManifestHeader(manifest.created_at, manifest.versions)
+    header = ManifestHeader.of(manifest)
     attempt: Attempt | None = None
     try:
         token = secrets.token_hex(4)
