@@ -117,8 +117,11 @@ def test_ddp_and_fsdp2_checkpoints_restore_into_each_other(
         _exact(saved[rank]["optimizer"], restored[rank]["optimizer"])
 
 
-def test_fsdp2_checkpoint_consolidates_in_one_process_without_a_group(rank_pool, tmp_path, caplog):
-    saved = rank_pool.run(on_ranks_save, str(tmp_path), "fsdp")[0]
+@pytest.mark.parametrize("how", ["fsdp", "ddp"])
+def test_a_group_checkpoint_consolidates_in_one_process_without_a_group(
+    rank_pool, tmp_path, caplog, how
+):
+    saved = rank_pool.run(on_ranks_save, str(tmp_path), how)[0]
     model, optimizer, scheduler = make("none", seed=3, lr=0.9)
     mgr = ckpt.CheckpointManager(tmp_path)
     mgr.restore(model=model, optimizer=optimizer, scheduler=scheduler, data={})
