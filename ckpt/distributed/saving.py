@@ -29,28 +29,26 @@ from __future__ import annotations
 
 import base64
 import dataclasses
-import json
 import logging
 import secrets
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 from ckpt.distributed.capture import (
-    LocalCapture,
     RankCapture,
     capture_local,
     capture_own,
     lay_out,
 )
 from ckpt.distributed.group import RankGroup
+from ckpt.distributed.save_calls import refuse_different_calls, save_call
 from ckpt.distributed.writing import BlobPlan, assemble_v3, shard_keys, write_rank_files
 from ckpt.errors import (
     CheckpointError,
     CheckpointExistsError,
     CheckpointLockedError,
     CheckpointWriteError,
-    RankMismatchError,
 )
 from ckpt.format import (
     MANIFEST_NAME,
@@ -89,51 +87,6 @@ _CAPTURE_ERRORS: tuple[type[Exception], ...] = (TypeError, ValueError)
 
 def _describe(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"
-
-
-def _different_calls(step: int, calls: list[Any]) -> str | None:
-    """Why the ranks' ``save`` calls differ (step, epoch, metrics or item names), or ``None``.
-
-    The same on every rank, since every rank sees every call.
-    """
-    differing = [r for r, call in enumerate(calls) if call != calls[0]]
-    if not differing:
-        return None
-    hint = ""
-    if any(calls[r]["metrics"] != calls[0]["metrics"] for r in differing):
-        hint = (
-            " (metrics are stored once for the step and rank it for keep_best: reduce "
-            "them across the ranks first, e.g. with dist.all_reduce, and pass the result "
-            "on every rank)"
-        )
-    return (
-        f"every rank must call save() with the same step, epoch and item names (each item "
-        f"of the same kind on every rank), and the same metrics and overwrite: rank 0 saves "
-        f"{calls[0]}, but "
-        + "; ".join(f"rank {r} saves {calls[r]}" for r in differing)
-        + f"{hint}; nothing of step {step} was written"
-    )
-
-
-def _differing_item(calls: list[Any]) -> str | None:
-    """The one item whose name or kind differs between the ranks' calls, else ``None``."""
-    kinds = [call["items"] for call in calls]
-    names = set().union(*kinds)
-    differing = {n for n in names if any(k.get(n, ...) != kinds[0].get(n, ...) for k in kinds)}
-    return differing.pop() if len(differing) == 1 else None
-
-
-def _kinds(items: Mapping[str, Any], local: LocalCapture | None) -> dict[str, str | None]:
-    """``{item: the kind it is saved as}``, sorted (kinds unknown where the capture failed).
-
-    Compared across the ranks before anything is written: the same name saved as a
-    dict on one rank and a module on another would otherwise fail only at the
-    commit, as a manifest whose ranks disagree.
-    """
-    if local is None:
-        return dict.fromkeys(sorted(items))
-    records = {**local.own.items, **local.sharded_items}
-    return {name: records[name].kind if name in records else None for name in sorted(items)}
 
 
 @dataclasses.dataclass
@@ -209,10 +162,7 @@ class CollectiveSave:
             local = capture_local(items, group.rank, own)
         except Exception as e:
             error = e
-        # metrics as text: NaN equals NaN there, so only values that differ differ
-        shown = json.dumps(metrics, sort_keys=True, separators=(",", ":"))
-        call = {"step": step, "epoch": epoch, "metrics": shown, "items": _kinds(items, local)}
-        call["overwrite"] = overwrite  # rank 0 decides it: every rank must ask the same
+        call = save_call(step, epoch, metrics, overwrite, items, local)
         agreed = self._agree(step, attempt, error, call, as_raised=_CAPTURE_ERRORS)
         self._refuse_different_calls(step, attempt, agreed)
         assert local is not None
@@ -230,17 +180,13 @@ class CollectiveSave:
             RankMismatchError: Naming each rank's call, the step directory, and the item
                 when one item differs.
         """
-        mismatch = _different_calls(step, calls)
-        if mismatch is None:
+        refused = refuse_different_calls(step, calls, self.storage.url_of(step_dir_name(step)))
+        if refused is None:
             return
         if self.group.is_coordinator or self.node_local:
             self._abandon(attempt)
         self.group.barrier()
-        raise RankMismatchError(
-            mismatch,
-            path=self.storage.url_of(step_dir_name(step)),
-            key=_differing_item(calls),
-        )
+        raise refused
 
     def finish(
         self,
