@@ -573,6 +573,62 @@ def test_three_ranks_one_reseeding_stop_alike_at_an_item_failing_on_two(
     assert_same_state(outcomes[2]["before"]["rng"], outcomes[2]["after"]["rng"], "rng")
 
 
+def on_ranks_finish_fails(rank: int, world: int, root: str, failing: str) -> dict[str, Any]:
+    """Restore where rank 1 fails at ``failing`` (``flaky``, or ``finish``: after every item).
+
+    Returns the error and the collectives this rank ran (patched in for this call only).
+    """
+    from ckpt.distributed.group import RankGroup
+    from ckpt.restoring.pipeline import PreparedRestore
+
+    ran: list[str] = []
+    run, finish = RankGroup._run, PreparedRestore.finish
+
+    def counted(self: Any, operation: str, collective: Any) -> Any:
+        ran.append(operation)
+        return run(self, operation, collective)
+
+    def refusing(self: Any) -> None:
+        raise RuntimeError("finishing refused on this rank")
+
+    model, optimizer, scheduler = make("fsdp", seed=5)
+    flaky = Flaky(fail_live=rank == 1 and failing == "flaky")
+    RankGroup._run = counted  # type: ignore[method-assign]
+    if rank == 1 and failing == "finish":
+        PreparedRestore.finish = refusing  # type: ignore[method-assign]
+    try:
+        with ckpt.CheckpointManager(root) as mgr:
+            mgr.restore(
+                model=model, optimizer=optimizer, scheduler=scheduler, flaky=flaky, extra={}
+            )
+    except ckpt.CheckpointError as e:
+        error = e
+    finally:
+        RankGroup._run, PreparedRestore.finish = run, finish  # type: ignore[method-assign]
+    return {
+        "error": type(error).__name__,
+        "message": str(error),
+        "applied": list(getattr(error, "applied", [])),
+        "not_applied": list(getattr(error, "not_applied", [])),
+        "ran": ran,
+    }
+
+
+def test_every_path_runs_the_same_collectives_on_every_rank(rank_pool, tmp_path):
+    """A failure at an item runs none after it; one after the items, one agreement more."""
+    rank_pool.run(on_ranks_save_items, str(tmp_path))
+    at_item = rank_pool.run(on_ranks_finish_fails, str(tmp_path), "flaky")
+    at_end = rank_pool.run(on_ranks_finish_fails, str(tmp_path), "finish")
+    assert at_item[0]["ran"] == at_item[1]["ran"]
+    assert at_end[0]["ran"] == at_end[1]["ran"]
+    # construct 1, items and step 1, checks 1, recheck 1; then 3 items; then the end
+    assert len(at_item[0]["ran"]) == 4 + 3 and len(at_end[0]["ran"]) == 4 + 6 + 1
+    for outcome in at_end:
+        assert outcome["error"] == "PartialRestoreError", outcome["message"]
+        assert "rank(s) [1] (rank 1: RuntimeError: finishing refused" in outcome["message"]
+        assert outcome["applied"] == APPLY_ORDER and outcome["not_applied"] == []
+
+
 # ------------------------------------------------- reads into live tensors
 
 
