@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import assert_same_state
+from conftest import assert_same_state, states_differ
 from dist_training import full_model_state, full_optimizer_state, make, train_step
 
 import ckpt
@@ -414,7 +414,9 @@ def on_ranks_one_rank_refuses(rank: int, world: int, root: str, where: str) -> d
     return {
         "error": type(error).__name__,
         "message": str(error),
+        "item": getattr(error, "item", None),
         "applied": list(getattr(error, "applied", [])),
+        "not_applied": list(getattr(error, "not_applied", [])),
         "unchanged": not [k for k in before if not torch.equal(before[k], after[k])],
         "n": flaky.n,
     }
@@ -431,8 +433,200 @@ def test_a_load_failing_on_one_rank_raises_partial_restore_on_every_rank(rank_po
     outcomes = rank_pool.run(on_ranks_one_rank_refuses, str(tmp_path), "apply")
     assert [o["error"] for o in outcomes] == ["PartialRestoreError"] * 2
     assert all("rank(s) [1]" in o["message"] for o in outcomes)
-    assert outcomes[0]["applied"] == ["flaky", "model", "optimizer"] and outcomes[0]["n"] == 0
+    # every rank stops at the item that failed on rank 1: rank 0 loaded it, loads nothing after
+    assert [o["item"] for o in outcomes] == ["flaky"] * 2
+    assert outcomes[0]["applied"] == ["model", "optimizer"] and outcomes[0]["n"] == 0
     assert outcomes[1]["applied"] == ["model", "optimizer"] and outcomes[1]["n"] == -1
+    assert [o["not_applied"] for o in outcomes] == [["rng"]] * 2
+
+
+APPLY_ORDER = ["model", "optimizer", "flaky", "scheduler", "extra", "rng"]
+"""The steps of the restores below, in apply order, on every rank."""
+
+
+def _items_state(model: Any, optimizer: Any, scheduler: Any, flaky: Flaky, extra: dict) -> dict:
+    """Every item's state (module and optimizer in full: a collective), the torch stream's."""
+    rng = torch.get_rng_state()  # first: before anything else runs
+    return {
+        "rng": rng,
+        "model": full_model_state(model),
+        "optimizer": full_optimizer_state(model, optimizer),
+        "scheduler": scheduler.state_dict(),
+        "flaky": flaky.n,
+        "extra": dict(extra),
+    }
+
+
+def on_ranks_save_items(rank: int, world: int, root: str) -> dict[str, Any]:
+    """Train one step and save every item of ``APPLY_ORDER``; their states as saved."""
+    model, optimizer, scheduler = make("fsdp")
+    train_step(model, optimizer, scheduler, 0)
+    flaky, extra = Flaky(n=rank), {"x": rank}
+    saved = _items_state(model, optimizer, scheduler, flaky, extra)
+    torch.set_rng_state(saved["rng"])  # as it was when the state was taken
+    with ckpt.CheckpointManager(root) as mgr:
+        mgr.save(0, model=model, optimizer=optimizer, scheduler=scheduler, flaky=flaky, extra=extra)
+    return saved
+
+
+def _boom(*args: Any) -> None:
+    raise RuntimeError("a hook refused on this rank")
+
+
+def on_ranks_hook_fails(
+    rank: int, world: int, root: str, where: str, failing: list[int], no_rng: tuple[int, ...] = ()
+) -> dict[str, Any]:
+    """Restore into objects trained apart whose item ``where`` raises on the ranks ``failing``.
+
+    ``where``: ``model`` or ``optimizer`` (a ``load_state_dict`` post-hook raises,
+    after loading) or ``flaky`` (its ``load_state_dict`` raises). The ranks ``no_rng``
+    restore with ``rng=False``.
+    """
+    model, optimizer, scheduler = make("fsdp", seed=5)
+    for step in range(2):
+        train_step(model, optimizer, scheduler, step)
+    flaky, extra = Flaky(n=-1), {"x": -1}
+    if rank in failing:
+        if where == "model":
+            model.register_load_state_dict_post_hook(_boom)
+        elif where == "optimizer":
+            optimizer.register_load_state_dict_post_hook(_boom)
+        else:
+            flaky.fail_live = True
+    before = _items_state(model, optimizer, scheduler, flaky, extra)
+    torch.set_rng_state(before["rng"])
+    error: Exception | None = None
+    with ckpt.CheckpointManager(root) as mgr:
+        try:
+            mgr.restore(
+                model=model,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                flaky=flaky,
+                extra=extra,
+                rng=rank not in no_rng,
+            )
+        except Exception as e:
+            error = e
+    return {
+        "error": type(error).__name__,
+        "message": str(error),
+        "item": getattr(error, "item", None),
+        "applied": list(getattr(error, "applied", [])),
+        "not_applied": list(getattr(error, "not_applied", [])),
+        "before": before,
+        "after": _items_state(model, optimizer, scheduler, flaky, extra),
+    }
+
+
+def _check_stopped_at(where: str, outcome: dict[str, Any], saved: dict[str, Any]) -> None:
+    """The items up to ``where`` hold the saved state, those after it their state before."""
+    at = APPLY_ORDER.index(where)
+    for name in APPLY_ORDER:
+        assert states_differ(saved[name], outcome["before"][name]), name  # a restore shows
+        expected = saved[name] if APPLY_ORDER.index(name) <= at else outcome["before"][name]
+        assert_same_state(expected, outcome["after"][name], name)
+
+
+@pytest.mark.parametrize("where", ["model", "optimizer", "flaky"])
+def test_an_item_failing_on_one_rank_stops_every_rank_at_that_item(rank_pool, tmp_path, where):
+    saved = rank_pool.run(on_ranks_save_items, str(tmp_path))
+    outcomes = rank_pool.run(on_ranks_hook_fails, str(tmp_path), where, [1])
+    at = APPLY_ORDER.index(where)
+    for outcome in outcomes:
+        assert outcome["error"] == "PartialRestoreError", outcome["message"]
+        assert outcome["item"] == where
+        assert outcome["applied"] == APPLY_ORDER[:at]
+        assert outcome["not_applied"] == APPLY_ORDER[at + 1 :]
+        assert "rank(s) [1] (rank 1: RuntimeError: " in outcome["message"]
+    _check_stopped_at(where, outcomes[0], saved[0])  # the healthy rank
+    if where != "flaky":  # a post-hook raises after the load: rank 1 loaded it too
+        _check_stopped_at(where, outcomes[1], saved[1])
+
+
+def test_ranks_loading_different_items_agree_on_a_failure_at_the_end(rank_pool, tmp_path):
+    """Rank 1 restores no streams: the ranks' items differ, each loads all it can, no hang."""
+    rank_pool.run(on_ranks_save_items, str(tmp_path))
+    outcomes = rank_pool.run(on_ranks_hook_fails, str(tmp_path), "flaky", [1], (1,))
+    assert [o["error"] for o in outcomes] == ["PartialRestoreError"] * 2
+    assert all("rank(s) [1]" in o["message"] for o in outcomes)
+    assert outcomes[0]["applied"] == APPLY_ORDER and outcomes[0]["not_applied"] == []
+    assert outcomes[1]["item"] == "flaky" and outcomes[1]["applied"] == ["model", "optimizer"]
+    assert outcomes[1]["not_applied"] == ["scheduler", "extra"]
+
+
+def test_three_ranks_one_reseeding_stop_alike_at_an_item_failing_on_two(
+    rank_pool, fresh_ranks, tmp_path
+):
+    saved = rank_pool.run(on_ranks_save_items, str(tmp_path))
+    ran = fresh_ranks(on_ranks_hook_fails, 3, 120, args=(str(tmp_path), "flaky", [0, 2]))
+    assert all(o.returned for o in ran), [o.error for o in ran]
+    outcomes = [o.result for o in ran]
+    for outcome in outcomes:
+        assert outcome["error"] == "PartialRestoreError", outcome["message"]
+        assert outcome["item"] == "flaky"
+        assert outcome["applied"] == ["model", "optimizer"]
+        assert outcome["not_applied"] == ["scheduler", "extra", "rng"]
+        assert "rank(s) [0, 2]" in outcome["message"]
+    # rank 1 (healthy) loaded up to flaky; rank 2 (saved streams: none) kept its own
+    _check_stopped_at("flaky", outcomes[1], saved[1])
+    assert_same_state(outcomes[2]["before"]["rng"], outcomes[2]["after"]["rng"], "rng")
+
+
+def on_ranks_finish_fails(rank: int, world: int, root: str, failing: str) -> dict[str, Any]:
+    """Restore where rank 1 fails at ``failing`` (``flaky``, or ``finish``: after every item).
+
+    Returns the error and the collectives this rank ran (patched in for this call only).
+    """
+    from ckpt.distributed.group import RankGroup
+    from ckpt.restoring.pipeline import PreparedRestore
+
+    ran: list[str] = []
+    run, finish = RankGroup._run, PreparedRestore.finish
+
+    def counted(self: Any, operation: str, collective: Any) -> Any:
+        ran.append(operation)
+        return run(self, operation, collective)
+
+    def refusing(self: Any) -> None:
+        raise RuntimeError("finishing refused on this rank")
+
+    model, optimizer, scheduler = make("fsdp", seed=5)
+    flaky = Flaky(fail_live=rank == 1 and failing == "flaky")
+    RankGroup._run = counted  # type: ignore[method-assign]
+    if rank == 1 and failing == "finish":
+        PreparedRestore.finish = refusing  # type: ignore[method-assign]
+    try:
+        with ckpt.CheckpointManager(root) as mgr:
+            mgr.restore(
+                model=model, optimizer=optimizer, scheduler=scheduler, flaky=flaky, extra={}
+            )
+    except ckpt.CheckpointError as e:
+        error = e
+    finally:
+        RankGroup._run, PreparedRestore.finish = run, finish  # type: ignore[method-assign]
+    return {
+        "error": type(error).__name__,
+        "message": str(error),
+        "applied": list(getattr(error, "applied", [])),
+        "not_applied": list(getattr(error, "not_applied", [])),
+        "ran": ran,
+    }
+
+
+def test_every_path_runs_the_same_collectives_on_every_rank(rank_pool, tmp_path):
+    """A failure at an item runs none after it; one after the items, one agreement more."""
+    rank_pool.run(on_ranks_save_items, str(tmp_path))
+    at_item = rank_pool.run(on_ranks_finish_fails, str(tmp_path), "flaky")
+    at_end = rank_pool.run(on_ranks_finish_fails, str(tmp_path), "finish")
+    assert at_item[0]["ran"] == at_item[1]["ran"]
+    assert at_end[0]["ran"] == at_end[1]["ran"]
+    # construct 1, items and step 1, checks 1, recheck 1; then 3 items; then the end
+    assert len(at_item[0]["ran"]) == 4 + 3 and len(at_end[0]["ran"]) == 4 + 6 + 1
+    for outcome in at_end:
+        assert outcome["error"] == "PartialRestoreError", outcome["message"]
+        assert "rank(s) [1] (rank 1: RuntimeError: finishing refused" in outcome["message"]
+        assert outcome["applied"] == APPLY_ORDER and outcome["not_applied"] == []
 
 
 # ------------------------------------------------- reads into live tensors

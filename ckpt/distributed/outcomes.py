@@ -7,13 +7,16 @@ error of the same class (the class of the lowest failing rank's error), so an
 the others (which would leave them waiting on each other). With
 ``fallback_to_intact``, rank 0 lists the committed steps and every rank tries
 the same ones, newest first, skipping those the ranks agreed are corrupt.
+Loading, the ranks agree after each item (:class:`ApplyAgreement`), so an item
+failing on one rank stops every rank after that same item.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
-from typing import Any, TypeVar
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ckpt.distributed.group import RankGroup
 from ckpt.errors import (
@@ -28,11 +31,16 @@ from ckpt.errors import (
 )
 from ckpt.state.tree import Json
 
+if TYPE_CHECKING:
+    from ckpt.restoring.pipeline import ApplyStep
+
 __all__ = [
+    "ApplyAgreement",
     "agree_on_candidates",
     "check_same_items",
     "first_agreed",
     "raise_agreed",
+    "raise_agreed_sharing",
     "run_agreed_apply",
 ]
 
@@ -81,7 +89,10 @@ def raise_agreed(group: RankGroup | None, error: Exception | None, doing: str) -
     Raises:
         CollectiveError: A rank died or did not answer in time.
     """
-    failed = _failures(group, error)
+    _raise_failed(_failures(group, error), error, doing)
+
+
+def _raise_failed(failed: list[tuple[int, str]], error: Exception | None, doing: str) -> None:
     if not failed:
         return
     cls = _agreed_class(failed)
@@ -89,6 +100,35 @@ def raise_agreed(group: RankGroup | None, error: Exception | None, doing: str) -
         raise error
     where = "; ".join(f"rank {r}: {m}" for r, m in failed)
     raise cls(f"{doing} failed on another rank ({where}); nothing was changed") from error
+
+
+def raise_agreed_sharing(
+    group: RankGroup, error: Exception | None, doing: str, value: Json
+) -> list[Json]:
+    """:func:`raise_agreed`, each rank sending ``value`` in the same gather; every rank's value.
+
+    One collective, raising as :func:`raise_agreed` does (the same class on every
+    rank); an answer that is not of this form counts as that rank's failure.
+    """
+    described = None if error is None else _describe(error)
+    sent = group.all_gather_json({"error": described, "value": value})
+    failed: list[tuple[int, str]] = []
+    for rank, answer in enumerate(sent):
+        said = answer.get("error") if isinstance(answer, dict) else f"CollectiveError: {answer!r}"
+        if said is not None:
+            failed.append((rank, said if isinstance(said, str) else f"CollectiveError: {said!r}"))
+    _raise_failed(failed, error, doing)
+    return [answer.get("value") if isinstance(answer, dict) else None for answer in sent]
+
+
+def _describe(error: BaseException) -> str:
+    """``"TypeName: message"``, cut to 4,096 characters, as :meth:`RankGroup.failures` sends."""
+    try:
+        message = str(error)
+    except Exception:
+        message = "<unprintable message>"
+    text = f"{type(error).__name__}: {message}" if message else type(error).__name__
+    return text if len(text) <= 4096 else text[:4093] + "..."
 
 
 def check_same_items(group: RankGroup, names: list[str], *, path: str | None = None) -> None:
@@ -243,13 +283,85 @@ def _unseen(
     )
 
 
-def run_agreed_apply(
-    group: RankGroup,
-    apply: Callable[[], _T],
-    items: Mapping[str, Any],
-    where: str,
-) -> _T:
+@dataclass
+class ApplyAgreement:
+    """How the ranks of a group apply a restore together: the same items, the same outcome.
+
+    Every rank runs the same collectives in the same order, in every path (``n``
+    steps, the items in apply order, the same names on every rank):
+
+    1. Before anything changes, one gather carries each rank's recheck error and
+       its step names (:func:`raise_agreed_sharing`, run by the caller). A file
+       changed on any rank: every rank raises there (the same class), nothing is
+       applied, and goes on to 3. Step names that differ between ranks (not
+       expected: a rank that reseeds its streams applies a step named ``rng`` as
+       the others do) leave :attr:`agreed` false on every rank: 2 is skipped
+       everywhere and a failure while loading is agreed in 3 only (as before
+       per-step agreement: the healthy ranks then load every item).
+    2. After each step, one gather (:meth:`step`): if the step failed on any rank,
+       every rank raises the same :class:`~ckpt.errors.PartialRestoreError` (the
+       same item, ``applied`` and ``not_applied``), which :func:`run_agreed_apply`
+       raises as it is, with no further collective: ``1 + k`` collectives for a
+       failure at step ``k``, on one rank or on all.
+    3. Once every step is loaded (or 1 raised), one gather (:func:`run_agreed_apply`):
+       a failure after the steps (an ``after_restore`` hook), in 1, or while
+       loading without 2, raises :class:`~ckpt.errors.PartialRestoreError` on
+       every rank. A success runs ``1 + n + 1`` collectives.
+
+    A rank that dies, or leaves a step by a ``BaseException`` (``KeyboardInterrupt``),
+    leaves the others to raise :class:`~ckpt.errors.CollectiveError` after the
+    timeout, as in any collective.
+
+    Attributes:
+        group: The ranks.
+        where: The checkpoint, for errors.
+        names: This rank's steps, in apply order.
+        agreed: Every rank applies the same steps: each is agreed (2).
+        applied: The steps loaded, once every one is.
+        raised: The error :meth:`step` raised on every rank, if it did.
+    """
+
+    group: RankGroup
+    where: str
+    names: list[str] = field(default_factory=list)
+    agreed: bool = False
+    applied: list[str] = field(default_factory=list)
+    raised: PartialRestoreError | None = None
+
+    def step(self, step: ApplyStep, error: Exception | None) -> None:
+        """Learn whether ``step`` loaded on every rank; else raise the same error on every rank.
+
+        Raises:
+            PartialRestoreError: The step failed on a rank: it names the step, the steps
+                loaded before it and those not loaded, on every rank alike; chained from
+                this rank's error, if any.
+            CollectiveError: A rank died or did not answer in time.
+        """
+        failed = self.group.failures(error)
+        if not failed:
+            return
+        at = self.names.index(step.name)
+        before, rest = self.names[:at], self.names[at + 1 :]
+        text = "; ".join(f"rank {r}: {m}" for r, m in failed)
+        self.raised = PartialRestoreError(
+            f"loading item {step.name!r} failed on rank(s) {[r for r, _ in failed]} ({text}). "
+            f"On every rank, restored before it: {before}; not restored, unchanged: {rest}; "
+            f"{step.name!r} itself may be partly loaded ("
+            + ("this rank loaded it)" if error is None else "it failed on this rank too)"),
+            path=self.where,
+            key=step.name,
+            item=step.name,
+            applied=before,
+            not_applied=rest,
+        )
+        raise self.raised from error
+
+
+def run_agreed_apply(agreement: ApplyAgreement, apply: Callable[[], _T]) -> _T:
     """Apply on this rank, then learn whether every rank did: any failure raises everywhere.
+
+    The last collective of :class:`ApplyAgreement` (3); a failure already agreed at
+    its step (2) is raised as it is, without it (every rank does the same).
 
     Raises:
         PartialRestoreError: On every rank when an item's own code raised on any
@@ -259,13 +371,18 @@ def run_agreed_apply(
     result: Any = None
     try:
         result = apply()
+    except PartialRestoreError as e:
+        if e is agreement.raised:
+            raise
+        error = e
     except Exception as e:
         error = e
-    failed = group.failures(error)
+    failed = agreement.group.failures(error)
     if not failed:
         return result  # type: ignore[no-any-return]
     text = "; ".join(f"rank {r}: {m}" for r, m in failed)
     mine = error if isinstance(error, PartialRestoreError) else None
+    applied = list(agreement.applied) if mine is None else list(mine.applied)
     raise PartialRestoreError(
         f"loading the restored state failed on rank(s) {[r for r, _ in failed]} ({text}); "
         + (
@@ -273,9 +390,11 @@ def run_agreed_apply(
             if error is None
             else "on this rank: see the items applied and not applied"
         ),
-        path=where,
+        path=agreement.where,
         key=None if mine is None else mine.key,
         item=None if mine is None else mine.item,
-        applied=sorted(items) if error is None else ([] if mine is None else mine.applied),
-        not_applied=[] if error is None else (sorted(items) if mine is None else mine.not_applied),
+        applied=applied,
+        not_applied=[n for n in agreement.names if n not in applied]
+        if mine is None
+        else mine.not_applied,
     ) from error

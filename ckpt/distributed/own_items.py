@@ -10,19 +10,27 @@ optimizers. A rank that did not exist when the checkpoint was saved takes rank
 from __future__ import annotations
 
 import random
+from functools import partial
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from ckpt.format import Manifest, rank_manifest
-from ckpt.restoring.pipeline import PreparedRestore, RestoreRequest, check_items, prepare_own
+from ckpt.restoring.pipeline import (
+    ApplyStep,
+    PreparedRestore,
+    RestoreRequest,
+    check_items,
+    prepare_own,
+)
 from ckpt.state.rng import RNG_ITEM
 from ckpt.storage import Storage
 
 __all__ = [
     "check_own_items",
     "prepare_own_items",
+    "reseed_step",
     "saved_rank",
     "seed_streams",
 ]
@@ -85,6 +93,20 @@ def seed_streams(seed: int) -> None:
     except ImportError:
         return
     numpy.random.seed(seed % 2**32)
+
+
+def reseed_step(seed: int) -> ApplyStep:
+    """The step that seeds this rank's random streams afresh, named as restored ones are.
+
+    Last, where a rank restoring its saved streams loads them, so every rank of a
+    group applies the same steps (see :class:`ckpt.distributed.outcomes.ApplyAgreement`).
+    """
+    return ApplyStep(RNG_ITEM, partial(_reseed, seed))
+
+
+def _reseed(seed: int) -> tuple[list[str], list[str]]:
+    seed_streams(seed)
+    return [], []
 
 
 def saved_rank(manifest: Manifest, group: Any) -> int:

@@ -30,8 +30,8 @@ from typing import Any
 
 from ckpt.distributed.group import RankGroup
 from ckpt.distributed.one_process import group_of_one
-from ckpt.distributed.outcomes import raise_agreed
-from ckpt.distributed.own_items import prepare_own_items, saved_rank, seed_streams
+from ckpt.distributed.outcomes import ApplyAgreement, raise_agreed_sharing, run_agreed_apply
+from ckpt.distributed.own_items import prepare_own_items, reseed_step, saved_rank
 from ckpt.distributed.reading import ChunkSource, PlannedReads, SavedChunks, WholeTensors
 from ckpt.distributed.states import pair_optimizers
 from ckpt.errors import IncompatibleCheckpointError
@@ -256,32 +256,70 @@ def apply_sharded_restore(restore: ShardedRestore, where: str) -> tuple[Keys, Ke
     """Load everything read: modules, optimizers, then this rank's own items.
 
     First, before anything changes, every file the checks held or closed must
-    still be as checked, on every rank of ``restore.group`` (a collective: every
-    rank of the group calls this). Then the items are loaded in order, through
-    the one loop of every restore (:func:`~ckpt.restoring.pipeline.apply_steps`).
+    still be as checked, on every rank of ``restore.group``. Then the items are
+    loaded in order, through the one loop of every restore
+    (:func:`~ckpt.restoring.pipeline.apply_steps`). In a group this is
+    collective (every rank of the group calls it): the ranks agree on the
+    recheck and their items, on each item as it is loaded, and on the end
+    (:class:`~ckpt.distributed.outcomes.ApplyAgreement` counts the collectives
+    of each path), so an item failing on one rank stops every rank after it.
 
     Raises:
         CorruptCheckpointError: A file changed since its checks, on this rank or
-            (naming it) on another; nothing was changed on any rank.
-        PartialRestoreError: An item's own code raised while it was loaded.
+            (naming it) on another; nothing was changed on any rank (without a group).
+        PartialRestoreError: An item's own code raised while it was loaded (in a
+            group: on any rank, and every rank raises it alike); in a group, too,
+            when a file changed since its checks (nothing applied on any rank).
     """
+    if restore.group is None:
+        return _apply_here(restore, where, None)
+    agreement = ApplyAgreement(restore.group, where)
+    return run_agreed_apply(agreement, partial(_apply_here, restore, where, agreement))
+
+
+def _apply_here(
+    restore: ShardedRestore, where: str, agreement: ApplyAgreement | None
+) -> tuple[Keys, Keys]:
+    """Recheck everywhere, then load this rank's steps (each agreed, when every rank's match)."""
     try:
-        _recheck_everywhere(restore)
-        steps = [ApplyStep(name, partial(_load_sharded, restore, name)) for name in restore.sharded]
-        missing, unexpected = apply_steps(
-            steps + ([] if restore.own is None else restore.own.steps()), where
-        )
+        steps = _steps(restore)
+        names = [step.name for step in steps]
+        if agreement is not None:
+            agreement.names = names
+        agreed = _recheck_everywhere(restore, names)
+        agree = None
+        if agreement is not None and agreed:
+            agreement.agreed = True
+            agree = agreement.step
+        missing, unexpected = apply_steps(steps, where, agree)
     finally:
         restore.close()
+    if agreement is not None:
+        agreement.applied = names
     if restore.own is not None:
         restore.own.finish()
-    if restore.reseed is not None:
-        seed_streams(restore.reseed)
     return missing, unexpected
 
 
-def _recheck_everywhere(restore: ShardedRestore) -> None:
-    """Raise on every rank of the group unless every rank's files are still as checked."""
+def _steps(restore: ShardedRestore) -> list[ApplyStep]:
+    """The items to load, in order: modules, optimizers, own items, then reseeded streams."""
+    steps = [ApplyStep(name, partial(_load_sharded, restore, name)) for name in restore.sharded]
+    if restore.own is not None:
+        steps += restore.own.steps()
+    if restore.reseed is not None:
+        steps.append(reseed_step(restore.reseed))
+    return steps
+
+
+def _recheck_everywhere(restore: ShardedRestore, names: list[str]) -> bool:
+    """Raise on every rank unless every rank's files are still as checked.
+
+    In a group, one collective: each rank's recheck outcome travels with its step
+    ``names``.
+
+    Returns:
+        Whether every rank of the group applies the same steps (``False`` without one).
+    """
     error: Exception | None = None
     try:
         restore.recheck()
@@ -290,8 +328,15 @@ def _recheck_everywhere(restore: ShardedRestore) -> None:
     if restore.group is None:
         if error is not None:
             raise error
-        return
-    raise_agreed(restore.group, error, "checking the checked files again")
+        return False
+    sent = raise_agreed_sharing(restore.group, error, "checking the checked files again", names)
+    if all(theirs == names for theirs in sent):
+        return True
+    logger.warning(
+        "the ranks load different items (%s): an item failing on one rank does not stop the others",
+        "; ".join(f"rank {r}: {theirs}" for r, theirs in enumerate(sent)),
+    )
+    return False
 
 
 def _load_sharded(restore: ShardedRestore, name: str) -> tuple[list[str], list[str]]:

@@ -139,12 +139,20 @@ class ApplyStep:
     read_first: Callable[[], None] | None = None
 
 
-def apply_steps(steps: Sequence[ApplyStep], where: str) -> tuple[Keys, Keys]:
+def apply_steps(
+    steps: Sequence[ApplyStep],
+    where: str,
+    agree: Callable[[ApplyStep, Exception | None], None] | None = None,
+) -> tuple[Keys, Keys]:
     """Load every item in order; the one loop of every restore.
 
     Args:
         steps: The items, in apply order.
         where: The checkpoint, for errors.
+        agree: In a process group whose ranks apply the same steps: called on every
+            rank after each step, with what it raised on this rank (its
+            ``read_first`` too) or ``None``; it raises on every rank when the step
+            failed on any (see :class:`ckpt.distributed.outcomes.ApplyAgreement`).
 
     Returns:
         Missing and unexpected keys of non-strict module loads, by item.
@@ -157,22 +165,29 @@ def apply_steps(steps: Sequence[ApplyStep], where: str) -> tuple[Keys, Keys]:
     unexpected: Keys = {}
     applied: list[str] = []
     for i, step in enumerate(steps):
-        if step.read_first is not None:
-            step.read_first()
+        if step.read_first is not None and agree is None:
+            step.read_first()  # raised as it is
+        error: Exception | None = None
         try:
+            if step.read_first is not None and agree is not None:
+                step.read_first()  # in a group: this step's failure, agreed as one
             miss, unexp = step.load()
         except Exception as e:
+            error = e
+        if agree is not None:
+            agree(step, error)  # raises on every rank if the step failed on any
+        if error is not None:
             rest = [s.name for s in steps[i + 1 :]]
             raise PartialRestoreError(
-                f"loading item {step.name!r} raised {type(e).__name__}: {e}. Restored before "
-                f"it: {applied}; not restored, unchanged: {rest}; {step.name!r} itself may be "
-                "partly loaded",
+                f"loading item {step.name!r} raised {type(error).__name__}: {error}. Restored "
+                f"before it: {applied}; not restored, unchanged: {rest}; {step.name!r} itself "
+                "may be partly loaded",
                 path=where,
                 key=step.name,
                 item=step.name,
                 applied=applied,
                 not_applied=rest,
-            ) from e
+            ) from error
         applied.append(step.name)
         if miss:
             missing[step.name] = miss

@@ -242,14 +242,14 @@ class Restorer:
         return self._steps.storage.exists(step_dir_name(step), MANIFEST_NAME)
 
     def _apply(self, prepared: Prepared, items: dict[str, Any], where: str) -> tuple[Keys, Keys]:
-        """Load what was prepared; in a process group, a failure on any rank raises on all."""
-        if self._group is None:
-            return apply_prepared(prepared, where)
-        from ckpt.distributed import outcomes  # noqa: PLC0415 - only in a process group
+        """Load what was prepared; in a process group, a failure on any rank raises on all.
 
-        return outcomes.run_agreed_apply(
-            self._group, lambda: apply_prepared(prepared, where), items, where
-        )
+        In a group ``prepared`` is a :class:`~ckpt.distributed.restoring.ShardedRestore`
+        whose apply is collective: the ranks agree on each item as it is loaded and on
+        the end (:class:`~ckpt.distributed.outcomes.ApplyAgreement`).
+        """
+        del items  # every rank's prepared restore names its own
+        return apply_prepared(prepared, where)
 
     def _prepare(
         self,
