@@ -190,7 +190,9 @@ class Restorer:
         if prepared is None:
             return None
         where = checkpoints.steps.storage.url_of(prepared.step_name)
-        missing, unexpected = self._apply(prepared, items, where)
+        # in a group, apply is collective: the ranks agree on each item as it is loaded
+        # and on the end (ckpt.distributed.outcomes.ApplyAgreement)
+        missing, unexpected = apply_prepared(prepared, where)
         logger.info(
             "restored step %d from %s (%d bytes in %.3f s)",
             prepared.manifest.step,
@@ -240,16 +242,6 @@ class Restorer:
     def _committed(self, step: int) -> bool:
         """Whether this rank sees ``step`` committed now."""
         return self._steps.storage.exists(step_dir_name(step), MANIFEST_NAME)
-
-    def _apply(self, prepared: Prepared, items: dict[str, Any], where: str) -> tuple[Keys, Keys]:
-        """Load what was prepared; in a process group, a failure on any rank raises on all.
-
-        In a group ``prepared`` is a :class:`~ckpt.distributed.restoring.ShardedRestore`
-        whose apply is collective: the ranks agree on each item as it is loaded and on
-        the end (:class:`~ckpt.distributed.outcomes.ApplyAgreement`).
-        """
-        del items  # every rank's prepared restore names its own
-        return apply_prepared(prepared, where)
 
     def _prepare(
         self,
