@@ -479,7 +479,8 @@ def on_ranks_hook_fails(
     """Restore into objects trained apart whose item ``where`` raises on the ranks ``failing``.
 
     ``where``: ``model`` or ``optimizer`` (a ``load_state_dict`` post-hook raises,
-    after loading) or ``flaky`` (its ``load_state_dict`` raises). The ranks ``no_rng``
+    after loading), ``flaky`` (its ``load_state_dict`` raises) or ``rng`` (setting
+    the torch stream raises: the last step, agreed with the end). The ranks ``no_rng``
     restore with ``rng=False``.
     """
     model, optimizer, scheduler = make("fsdp", seed=5)
@@ -491,11 +492,14 @@ def on_ranks_hook_fails(
             model.register_load_state_dict_post_hook(_boom)
         elif where == "optimizer":
             optimizer.register_load_state_dict_post_hook(_boom)
-        else:
+        elif where == "flaky":
             flaky.fail_live = True
     before = _items_state(model, optimizer, scheduler, flaky, extra)
     torch.set_rng_state(before["rng"])
     error: Exception | None = None
+    set_rng_state = torch.set_rng_state
+    if rank in failing and where == "rng":  # the last step: loading the torch stream raises
+        torch.set_rng_state = _boom  # type: ignore[assignment]
     with ckpt.CheckpointManager(root) as mgr:
         try:
             mgr.restore(
@@ -508,6 +512,8 @@ def on_ranks_hook_fails(
             )
         except Exception as e:
             error = e
+        finally:
+            torch.set_rng_state = set_rng_state
     return {
         "error": type(error).__name__,
         "message": str(error),
@@ -528,7 +534,7 @@ def _check_stopped_at(where: str, outcome: dict[str, Any], saved: dict[str, Any]
         assert_same_state(expected, outcome["after"][name], name)
 
 
-@pytest.mark.parametrize("where", ["model", "optimizer", "flaky"])
+@pytest.mark.parametrize("where", ["model", "optimizer", "flaky", "rng"])
 def test_an_item_failing_on_one_rank_stops_every_rank_at_that_item(rank_pool, tmp_path, where):
     saved = rank_pool.run(on_ranks_save_items, str(tmp_path))
     outcomes = rank_pool.run(on_ranks_hook_fails, str(tmp_path), where, [1])
@@ -540,7 +546,7 @@ def test_an_item_failing_on_one_rank_stops_every_rank_at_that_item(rank_pool, tm
         assert outcome["not_applied"] == APPLY_ORDER[at + 1 :]
         assert "rank(s) [1] (rank 1: RuntimeError: " in outcome["message"]
     _check_stopped_at(where, outcomes[0], saved[0])  # the healthy rank
-    if where != "flaky":  # a post-hook raises after the load: rank 1 loaded it too
+    if where not in ("flaky", "rng"):  # a post-hook raises after the load: rank 1 loaded it
         _check_stopped_at(where, outcomes[1], saved[1])
 
 
@@ -622,7 +628,8 @@ def test_every_path_runs_the_same_collectives_on_every_rank(rank_pool, tmp_path)
     assert at_item[0]["ran"] == at_item[1]["ran"]
     assert at_end[0]["ran"] == at_end[1]["ran"]
     # construct 1, items and step 1, checks 1, recheck 1; then 3 items; then the end
-    assert len(at_item[0]["ran"]) == 4 + 3 and len(at_end[0]["ran"]) == 4 + 6 + 1
+    # (the last of the 6 items is agreed with the end)
+    assert len(at_item[0]["ran"]) == 4 + 3 and len(at_end[0]["ran"]) == 4 + 5 + 1
     for outcome in at_end:
         assert outcome["error"] == "PartialRestoreError", outcome["message"]
         assert "rank(s) [1] (rank 1: RuntimeError: finishing refused" in outcome["message"]

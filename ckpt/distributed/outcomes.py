@@ -110,6 +110,19 @@ def raise_agreed_sharing(
     One collective, raising as :func:`raise_agreed` does (the same class on every
     rank); an answer that is not of this form counts as that rank's failure.
     """
+    failed, values = _gather_outcomes(group, error, value)
+    _raise_failed(failed, error, doing)
+    return values
+
+
+def _gather_outcomes(
+    group: RankGroup, error: Exception | None, value: Json
+) -> tuple[list[tuple[int, str]], list[Json]]:
+    """One gather of each rank's error and ``value``.
+
+    Returns:
+        The failed ranks (as :meth:`RankGroup.failures` gives them) and every rank's value.
+    """
     described = None if error is None else _describe(error)
     sent = group.all_gather_json({"error": described, "value": value})
     failed: list[tuple[int, str]] = []
@@ -117,8 +130,7 @@ def raise_agreed_sharing(
         said = answer.get("error") if isinstance(answer, dict) else f"CollectiveError: {answer!r}"
         if said is not None:
             failed.append((rank, said if isinstance(said, str) else f"CollectiveError: {said!r}"))
-    _raise_failed(failed, error, doing)
-    return [answer.get("value") if isinstance(answer, dict) else None for answer in sent]
+    return failed, [answer.get("value") if isinstance(answer, dict) else None for answer in sent]
 
 
 def _describe(error: BaseException) -> str:
@@ -298,15 +310,17 @@ class ApplyAgreement:
        the others do) leave :attr:`agreed` false on every rank: 2 is skipped
        everywhere and a failure while loading is agreed in 3 only (as before
        per-step agreement: the healthy ranks then load every item).
-    2. After each step, one gather (:meth:`step`): if the step failed on any rank,
-       every rank raises the same :class:`~ckpt.errors.PartialRestoreError` (the
-       same item, ``applied`` and ``not_applied``), which :func:`run_agreed_apply`
-       raises as it is, with no further collective: ``1 + k`` collectives for a
-       failure at step ``k``, on one rank or on all.
+    2. After each step but the last, one gather (:meth:`step`): if the step failed
+       on any rank, every rank raises the same
+       :class:`~ckpt.errors.PartialRestoreError` (the same item, ``applied`` and
+       ``not_applied``), which :func:`run_agreed_apply` raises as it is, with no
+       further collective: ``1 + k`` collectives for a failure at step ``k < n``,
+       on one rank or on all. The last step is agreed in 3, which carries the
+       item each rank failed at: its failure raises the same error as 2 would.
     3. Once every step is loaded (or 1 raised), one gather (:func:`run_agreed_apply`):
        a failure after the steps (an ``after_restore`` hook), in 1, or while
        loading without 2, raises :class:`~ckpt.errors.PartialRestoreError` on
-       every rank. A success runs ``1 + n + 1`` collectives.
+       every rank. A success runs ``1 + (n - 1) + 1`` collectives.
 
     A rank that dies, or leaves a step by a ``BaseException`` (``KeyboardInterrupt``),
     leaves the others to raise :class:`~ckpt.errors.CollectiveError` after the
@@ -331,26 +345,34 @@ class ApplyAgreement:
     def step(self, step: ApplyStep, error: Exception | None) -> None:
         """Learn whether ``step`` loaded on every rank; else raise the same error on every rank.
 
+        The last step is agreed by :func:`run_agreed_apply`'s gather instead (one
+        collective less; nothing follows it to leave untouched).
+
         Raises:
             PartialRestoreError: The step failed on a rank: it names the step, the steps
                 loaded before it and those not loaded, on every rank alike; chained from
                 this rank's error, if any.
             CollectiveError: A rank died or did not answer in time.
         """
-        failed = self.group.failures(error)
-        if not failed:
+        if step.name == self.names[-1]:
             return
-        at = self.names.index(step.name)
+        failed = self.group.failures(error)
+        if failed:
+            self.raise_at(step.name, failed, error)
+
+    def raise_at(self, name: str, failed: list[tuple[int, str]], error: Exception | None) -> None:
+        """Raise, on every rank alike, that step ``name`` failed on the ``failed`` ranks."""
+        at = self.names.index(name)
         before, rest = self.names[:at], self.names[at + 1 :]
         text = "; ".join(f"rank {r}: {m}" for r, m in failed)
         self.raised = PartialRestoreError(
-            f"loading item {step.name!r} failed on rank(s) {[r for r, _ in failed]} ({text}). "
+            f"loading item {name!r} failed on rank(s) {[r for r, _ in failed]} ({text}). "
             f"On every rank, restored before it: {before}; not restored, unchanged: {rest}; "
-            f"{step.name!r} itself may be partly loaded ("
+            f"{name!r} itself may be partly loaded ("
             + ("this rank loaded it)" if error is None else "it failed on this rank too)"),
             path=self.where,
-            key=step.name,
-            item=step.name,
+            key=name,
+            item=name,
             applied=before,
             not_applied=rest,
         )
@@ -377,11 +399,17 @@ def run_agreed_apply(agreement: ApplyAgreement, apply: Callable[[], _T]) -> _T:
         error = e
     except Exception as e:
         error = e
-    failed = agreement.group.failures(error)
+    mine = error if isinstance(error, PartialRestoreError) else None
+    last = agreement.names[-1] if agreement.agreed and agreement.names else None
+    sent = error
+    if mine is not None and mine.item == last and isinstance(mine.__cause__, Exception):
+        sent = mine.__cause__  # the last step's own error, as a step's agreement sends it
+    failed, items = _gather_outcomes(agreement.group, sent, None if mine is None else mine.item)
     if not failed:
         return result  # type: ignore[no-any-return]
+    if last is not None and last in items:  # the last step failed on a rank (see step)
+        agreement.raise_at(last, failed, sent)
     text = "; ".join(f"rank {r}: {m}" for r, m in failed)
-    mine = error if isinstance(error, PartialRestoreError) else None
     applied = list(agreement.applied) if mine is None else list(mine.applied)
     raise PartialRestoreError(
         f"loading the restored state failed on rank(s) {[r for r, _ in failed]} ({text}); "
