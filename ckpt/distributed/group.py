@@ -34,7 +34,7 @@ from ckpt.distributed.wire import INLINE_BYTES
 from ckpt.errors import CollectiveError
 from ckpt.state.tree import Json
 
-__all__ = ["CLOSED", "INLINE_BYTES", "RankGroup"]
+__all__ = ["CLOSED", "INLINE_BYTES", "RankGroup", "describe_failure"]
 
 logger = logging.getLogger(__name__)
 
@@ -282,7 +282,7 @@ class RankGroup:
         Raises:
             CollectiveError: A rank died or did not answer within the timeout.
         """
-        outcomes = self.all_gather_json(None if error is None else _describe(error))
+        outcomes = self.all_gather_json(None if error is None else describe_failure(error))
         failed: list[tuple[int, str]] = []
         for rank, outcome in enumerate(outcomes):
             if outcome is None:
@@ -409,7 +409,7 @@ class RankGroup:
         return CollectiveError(
             f"{operation} failed on rank {getattr(self, 'rank', '?')} of "
             f"{getattr(self, 'world_size', '?')} (timeout {self.timeout:g} s): "
-            f"{_describe(cause)}{hint}",
+            f"{describe_failure(cause)}{hint}",
             operation=operation,
             rank=getattr(self, "rank", None),
             timeout=self.timeout,
@@ -439,8 +439,8 @@ def _decode(data: bytes, operation: str, rank: int, group: RankGroup) -> Json:
         raise group._error(operation, bad) from e
 
 
-def _describe(error: BaseException) -> str:
-    """``"TypeName: message"``, cut to MAX_FAILURE_CHARS; never raises."""
+def describe_failure(error: BaseException) -> str:
+    """``"TypeName: message"``, cut to MAX_FAILURE_CHARS; never raises (as ranks send errors)."""
     try:
         message = str(error)
     except Exception:

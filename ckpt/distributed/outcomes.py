@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from ckpt.distributed.group import RankGroup
+from ckpt.distributed.group import RankGroup, describe_failure
 from ckpt.errors import (
     CheckpointError,
     CheckpointNotFoundError,
@@ -123,7 +123,7 @@ def _gather_outcomes(
     Returns:
         The failed ranks (as :meth:`RankGroup.failures` gives them) and every rank's value.
     """
-    described = None if error is None else _describe(error)
+    described = None if error is None else describe_failure(error)
     sent = group.all_gather_json({"error": described, "value": value})
     failed: list[tuple[int, str]] = []
     for rank, answer in enumerate(sent):
@@ -131,16 +131,6 @@ def _gather_outcomes(
         if said is not None:
             failed.append((rank, said if isinstance(said, str) else f"CollectiveError: {said!r}"))
     return failed, [answer.get("value") if isinstance(answer, dict) else None for answer in sent]
-
-
-def _describe(error: BaseException) -> str:
-    """``"TypeName: message"``, cut to 4,096 characters, as :meth:`RankGroup.failures` sends."""
-    try:
-        message = str(error)
-    except Exception:
-        message = "<unprintable message>"
-    text = f"{type(error).__name__}: {message}" if message else type(error).__name__
-    return text if len(text) <= 4096 else text[:4093] + "..."
 
 
 def check_same_items(group: RankGroup, names: list[str], *, path: str | None = None) -> None:

@@ -41,7 +41,7 @@ from ckpt.distributed.capture import (
     capture_own,
     lay_out,
 )
-from ckpt.distributed.group import RankGroup
+from ckpt.distributed.group import RankGroup, describe_failure
 from ckpt.distributed.save_calls import refuse_different_calls, save_call
 from ckpt.distributed.writing import BlobPlan, assemble_v3, shard_keys, write_rank_files
 from ckpt.errors import (
@@ -83,10 +83,6 @@ _RAISED_AS = {
 _CAPTURE_ERRORS: tuple[type[Exception], ...] = (TypeError, ValueError)
 """Errors of capturing a rank's state that every rank raises as such, as one process does
 (a value that cannot be stored, named by its key path), not as a failed write."""
-
-
-def _describe(e: BaseException) -> str:
-    return f"{type(e).__name__}: {e}"
 
 
 @dataclasses.dataclass
@@ -289,7 +285,7 @@ class CollectiveSave:
             index = self.blob_index()
             self.storage.makedirs(BLOB_DIR)  # here, once: ranks creating it at once would race
         except Exception as e:
-            return {"error": f"cannot list the content store: {_describe(e)}"}
+            return {"error": f"cannot list the content store: {describe_failure(e)}"}
         return {"present": sorted({k for w in wanted for k in w if k in index})}
 
     def _open(self, step: int, overwrite: bool, prepare: Callable[[], None]) -> dict[str, Any]:
@@ -328,7 +324,7 @@ class CollectiveSave:
         that failed so raises its own error, the others one naming each failed rank.
         """
         docs = self.group.all_gather_json(
-            {"error": None if error is None else _describe(error), "report": report}
+            {"error": None if error is None else describe_failure(error), "report": report}
         )
         failed = [(r, d["error"]) for r, d in enumerate(docs) if d["error"] is not None]
         if not failed:
@@ -401,7 +397,7 @@ class CollectiveSave:
         except Exception as e:
             logger.error("could not commit step %d: %s", step, e)
             self._abandon(attempt)
-            return {"error": _describe(e)}
+            return {"error": describe_failure(e)}
         outcome: dict[str, Any] = {"error": None, "items": list(manifest.items)}
         if self.node_local:
             outcome["manifest"] = base64.b64encode(raw).decode("ascii")
