@@ -86,6 +86,26 @@ def test_a_failing_module_hook_leaves_every_later_item_untouched(mgr):
         assert_same_state(after[name], before[name])
 
 
+class Unprintable(RuntimeError):
+    """An error whose message cannot be printed (its ``__str__`` raises)."""
+
+    def __str__(self) -> str:
+        raise ValueError("no message")
+
+
+def unprintable_boom(*args, **kwargs):
+    raise Unprintable()
+
+
+def test_an_item_error_that_cannot_be_printed_is_still_a_partial_restore(mgr):
+    items = live(2)
+    items["model"].register_load_state_dict_post_hook(unprintable_boom)
+    with pytest.raises(ckpt.PartialRestoreError, match="<unprintable message>") as e:
+        mgr.restore(**items)
+    assert (e.value.item, e.value.applied) == ("model", ())
+    assert isinstance(e.value.__cause__, Unprintable)
+
+
 def test_a_failing_optimizer_hook_lists_the_model_as_restored(mgr):
     items = live(2)
     items["optimizer"].register_load_state_dict_pre_hook(boom)

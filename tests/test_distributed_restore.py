@@ -636,6 +636,90 @@ def test_every_path_runs_the_same_collectives_on_every_rank(rank_pool, tmp_path)
         assert outcome["applied"] == APPLY_ORDER and outcome["not_applied"] == []
 
 
+class _Unprintable(RuntimeError):
+    """An error whose message cannot be printed (its ``__str__`` raises)."""
+
+    def __str__(self) -> str:
+        raise ValueError("no message")
+
+
+def _raise_unprintable(*args: Any) -> None:
+    raise _Unprintable()
+
+
+def on_ranks_apply_breaks(rank: int, world: int, root: str, how: str) -> dict[str, Any]:
+    """Restore where rank 1 breaks as ``how`` says; the error and the collectives run.
+
+    ``close``: rank 0's ``flaky`` refuses, then rank 1's files fail to close (after the
+    failure was agreed). ``unprintable``: rank 1's torch stream (the last step) raises
+    an error whose message cannot be printed.
+    """
+    from ckpt.distributed.group import RankGroup
+    from ckpt.distributed.restoring import ShardedRestore
+
+    ran: list[str] = []
+    run, close, set_rng_state = RankGroup._run, ShardedRestore.close, torch.set_rng_state
+
+    def counted(self: Any, operation: str, collective: Any) -> Any:
+        ran.append(operation)
+        return run(self, operation, collective)
+
+    def failing_close(self: Any) -> None:
+        close(self)
+        raise OSError("closing the files failed on this rank")
+
+    model, optimizer, scheduler = make("fsdp", seed=5)
+    flaky = Flaky(fail_live=rank == 0 and how == "close")
+    RankGroup._run = counted  # type: ignore[method-assign]
+    if rank == 1 and how == "close":
+        ShardedRestore.close = failing_close  # type: ignore[method-assign]
+    error: Exception | None = None
+    try:
+        with ckpt.CheckpointManager(root) as mgr:
+            if rank == 1 and how == "unprintable":
+                torch.set_rng_state = _raise_unprintable  # type: ignore[assignment]
+            try:
+                mgr.restore(
+                    model=model, optimizer=optimizer, scheduler=scheduler, flaky=flaky, extra={}
+                )
+            finally:
+                torch.set_rng_state = set_rng_state
+    except Exception as e:
+        error = e
+    finally:
+        RankGroup._run, ShardedRestore.close = run, close  # type: ignore[method-assign]
+    return {
+        "error": type(error).__name__,
+        "item": getattr(error, "item", None),
+        "applied": list(getattr(error, "applied", [])),
+        "not_applied": list(getattr(error, "not_applied", [])),
+        "ran": ran,
+    }
+
+
+def test_a_rank_failing_again_after_an_agreed_failure_runs_no_collective_more(rank_pool, tmp_path):
+    """Rank 1's files fail to close after every rank stopped at flaky: it raises the same."""
+    rank_pool.run(on_ranks_save_items, str(tmp_path))
+    outcomes = rank_pool.run(on_ranks_apply_breaks, str(tmp_path), "close")
+    assert outcomes[0]["ran"] == outcomes[1]["ran"]
+    for outcome in outcomes:
+        assert outcome["error"] == "PartialRestoreError"
+        assert outcome["item"] == "flaky"
+        assert outcome["applied"] == ["model", "optimizer"]
+        assert outcome["not_applied"] == ["scheduler", "extra", "rng"]
+
+
+def test_an_unprintable_error_at_the_last_item_is_agreed_as_any_other(rank_pool, tmp_path):
+    rank_pool.run(on_ranks_save_items, str(tmp_path))
+    outcomes = rank_pool.run(on_ranks_apply_breaks, str(tmp_path), "unprintable")
+    assert outcomes[0]["ran"] == outcomes[1]["ran"]
+    for outcome in outcomes:
+        assert outcome["error"] == "PartialRestoreError"
+        assert outcome["item"] == "rng"
+        assert outcome["applied"] == APPLY_ORDER[:-1]
+        assert outcome["not_applied"] == []
+
+
 # ------------------------------------------------- reads into live tensors
 
 

@@ -304,7 +304,8 @@ class ApplyAgreement:
        on any rank, every rank raises the same
        :class:`~ckpt.errors.PartialRestoreError` (the same item, ``applied`` and
        ``not_applied``), which :func:`run_agreed_apply` raises as it is, with no
-       further collective: ``1 + k`` collectives for a failure at step ``k < n``,
+       further collective (a rank failing again after it, closing its files, logs
+       that and raises it too): ``1 + k`` collectives for a failure at step ``k < n``,
        on one rank or on all. The last step is agreed in 3, which carries the
        item each rank failed at: its failure raises the same error as 2 would.
     3. Once every step is loaded (or 1 raised), one gather (:func:`run_agreed_apply`):
@@ -383,11 +384,14 @@ def run_agreed_apply(agreement: ApplyAgreement, apply: Callable[[], _T]) -> _T:
     result: Any = None
     try:
         result = apply()
-    except PartialRestoreError as e:
-        if e is agreement.raised:
-            raise
-        error = e
     except Exception as e:
+        if agreement.raised is not None:  # agreed at its step (2): every rank raises it, now
+            if e is not agreement.raised:  # e.g. closing the files failed after it, here only
+                logger.warning(
+                    "after the agreed failure, this rank failed too: %s", describe_failure(e)
+                )
+                raise agreement.raised from agreement.raised.__cause__
+            raise
         error = e
     mine = error if isinstance(error, PartialRestoreError) else None
     last = agreement.names[-1] if agreement.agreed and agreement.names else None

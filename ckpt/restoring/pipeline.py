@@ -179,9 +179,9 @@ def apply_steps(
         if error is not None:
             rest = [s.name for s in steps[i + 1 :]]
             raise PartialRestoreError(
-                f"loading item {step.name!r} raised {type(error).__name__}: {error}. Restored "
-                f"before it: {applied}; not restored, unchanged: {rest}; {step.name!r} itself "
-                "may be partly loaded",
+                f"loading item {step.name!r} raised {type(error).__name__}: {_message(error)}. "
+                f"Restored before it: {applied}; not restored, unchanged: {rest}; "
+                f"{step.name!r} itself may be partly loaded",
                 path=where,
                 key=step.name,
                 item=step.name,
@@ -194,6 +194,14 @@ def apply_steps(
         if unexp:
             unexpected[step.name] = unexp
     return missing, unexpected
+
+
+def _message(error: BaseException) -> str:
+    """``str(error)``, or a placeholder when it raises (the item's error is still raised)."""
+    try:
+        return str(error)
+    except Exception:
+        return "<unprintable message>"
 
 
 @dataclass
