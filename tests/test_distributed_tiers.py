@@ -387,3 +387,28 @@ def test_per_rank_first_tiers_resume_exactly_from_an_object_store(rank_pool, tmp
     reader = ckpt.CheckpointReader(remote, storage_options=options)
     assert reader.all_steps() == [0, 1, 2, 3]
     reader.verify(3)
+
+
+def on_ranks_close_twice(rank: int, world: int, first: str, second: str) -> list[str]:
+    """Save one step with a second tier, close inside the ``with`` (closed again on exit)."""
+    import logging
+
+    model, optimizer, scheduler = make("fsdp")
+    messages: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: messages.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("ckpt").addHandler(handler)
+    try:
+        with _manager(first, second, None) as mgr:
+            mgr.save(0, model=model, optimizer=optimizer, scheduler=scheduler)
+            mgr.close(timeout=60)
+    finally:
+        logging.getLogger("ckpt").removeHandler(handler)
+    return messages
+
+
+def test_closing_twice_with_tiers_is_quiet_on_every_rank(rank_pool, tmp_path):
+    """close() is idempotent: the second (the ``with``'s) runs no collective, logs nothing."""
+    first, second = tmp_path / "fast", tmp_path / "slow"
+    assert rank_pool.run(on_ranks_close_twice, str(first), str(second)) == [[], []]
+    assert (second / step_dir_name(0) / "manifest.json").exists()

@@ -62,6 +62,8 @@ class TierSet:
         self._all = [first, *self.readers]
         self._group = group
         self._saved: int | None = None
+        self._closed: bool | None = None
+        """What the first :meth:`close` returned (``None`` until then)."""
         self.copier: Copier | None = None
         self.follower: Follower | None = None
         source = first.steps.storage
@@ -160,7 +162,8 @@ class TierSet:
         """Wait for the pending copies up to ``timeout``, then stop the copier (or follower).
 
         With ``writer`` and ``policy``, the first tier's retention runs once more
-        after the copies (as in :meth:`wait`).
+        after the copies (as in :meth:`wait`). Idempotent: a second call returns
+        what the first did, and runs nothing (no collective: the group is closed).
 
         Raises:
             TypeError: ``timeout`` is not a number (the copier is stopped all the same).
@@ -174,6 +177,8 @@ class TierSet:
             if self.follower is not None:
                 self.follower.stop_soon()
             raise
+        if self._closed is not None:
+            return self._closed
         done = True
         if self.copier is not None:
             done = self.copier.close(self._bounded(timeout))
@@ -190,6 +195,7 @@ class TierSet:
         saved, own = self._saved, self.copier is None and self.node_local
         if own and saved is not None and writer is not None and policy is not None:
             self._retain_own(writer, policy, saved)  # after rank 0's copies
+        self._closed = done
         return done
 
     def _bounded(self, timeout: float | None) -> float | None:
