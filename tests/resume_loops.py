@@ -354,6 +354,21 @@ def raising_when_resumed_step(items: dict[str, Any], i: int) -> torch.Tensor:
     return readme_step(items, i)
 
 
+def hanging_when_resumed_step(items: dict[str, Any], i: int) -> torch.Tensor:
+    """Hangs at step 3 of a resumed run in a fresh interpreter, with a child process of
+    its own (its pid written to ``$CKPT_TEST_GRANDCHILD``), as a stuck DataLoader would."""
+    import subprocess
+    import sys
+    import time
+
+    if sys.argv[0] == "-c" and i == 3:
+        sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+        with open(os.environ["CKPT_TEST_GRANDCHILD"], "w") as f:
+            f.write(str(sleeper.pid))
+        time.sleep(600)
+    return readme_step(items, i)
+
+
 NOT_CALLABLE = 3
 
 

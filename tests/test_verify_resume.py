@@ -224,3 +224,56 @@ def test_cli_usage_errors_and_a_raising_loop_exit_2_with_a_message(capsys):
         assert main([*base, build, step]) == 2, (build, step)
         err = capsys.readouterr().err
         assert words in err and "Traceback" not in err, err
+
+
+@pytest.mark.slow
+def test_a_fresh_process_past_its_timeout_is_killed_with_its_children(tmp_path, monkeypatch):
+    import os
+    import tempfile
+    import time
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    pid_file = tmp_path / "grandchild.pid"
+    monkeypatch.setenv("CKPT_TEST_GRANDCHILD", str(pid_file))
+    with pytest.raises(TimeoutError, match="ran past timeout=30 s and was killed"):
+        ckpt.verify_resume(
+            f"{LOOPS}:readme_build",
+            f"{LOOPS}:hanging_when_resumed_step",
+            steps=5,
+            save_at=1,
+            timeout=30,
+        )
+    grandchild = int(pid_file.read_text())
+    for _ in range(600):  # killed with its session: gone once the kernel has reaped it
+        try:
+            os.kill(grandchild, 0)
+        except ProcessLookupError:
+            break
+        with open(f"/proc/{grandchild}/stat") as f:
+            if f.read().split(")")[-1].split()[0] == "Z":
+                break  # a zombie left to init: killed
+        time.sleep(0.05)
+    else:
+        pytest.fail(f"the resumed run's child {grandchild} outlived the timeout")
+    assert _no_verify_dirs(tmp_path)
+
+
+@pytest.mark.parametrize("timeout", [0, -1.0, float("nan"), float("inf"), "5", True])
+def test_a_bad_timeout_is_refused_before_running(timeout):
+    with pytest.raises((TypeError, ValueError), match="timeout"):
+        ckpt.verify_resume(
+            "resume_loops:readme_build",
+            "resume_loops:readme_step",
+            steps=3,
+            save_at=0,
+            timeout=timeout,
+        )
+
+
+def test_cli_timeout_is_passed_on_and_a_bad_one_exits_2(capsys):
+    from ckpt.cli import main
+
+    base = ["verify-resume", "--steps", "3", "--save-at", "0", f"{LOOPS}:readme_build"]
+    assert main([*base, f"{LOOPS}:readme_step", "--timeout", "0"]) == 2
+    assert "timeout must be a positive" in capsys.readouterr().err
+    assert main([*base, f"{LOOPS}:readme_step", "--timeout", "120", "--in-process"]) == 0

@@ -41,6 +41,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
     p.add_argument(
         "--async-save", dest="async_save", action="store_true", help="save with async_save=True"
     )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="kill the resumed run in a fresh process after SECONDS (exit 2)",
+    )
     p.add_argument("--json", action="store_true", help="print JSON (schema in docs/cli.md)")
     p.set_defaults(func=run_verify_resume)
 
@@ -65,6 +72,7 @@ def run_verify_resume(args: argparse.Namespace) -> int:
             save_at=args.save_at,
             fresh_process=not args.in_process,
             manager_options={"async_save": True} if args.async_save else None,
+            timeout=args.timeout,
         )
     except CheckpointError:
         raise

@@ -21,6 +21,7 @@ def verify_resume(
     save_at: int,
     fresh_process: bool = True,
     manager_options: Mapping[str, Any] | None = None,
+    timeout: float | None = None,
 ) -> ResumeReport:
     """Check that a training loop resumed from a checkpoint continues bit for bit.
 
@@ -47,6 +48,9 @@ def verify_resume(
         fresh_process: Resume in a new interpreter (``sys.executable``), as a real
             restart does; ``False`` resumes in this process, with freshly built items.
         manager_options: Options for the saving ``CheckpointManager`` (``async_save``, ...).
+        timeout: Seconds the resumed run in a fresh process may take (``None``: no
+            limit); past it the process is killed, with those it started. A run in
+            this process (``fresh_process=False``) cannot be bounded.
 
     Returns:
         The report; ``report.raise_if_inexact()`` fails a test with it.
@@ -56,6 +60,7 @@ def verify_resume(
             callable a new interpreter cannot import (a lambda, a nested function,
             one defined in ``__main__``).
         CheckpointError: Saving or restoring failed.
+        TimeoutError: The resumed run in a fresh process ran past ``timeout``.
 
     Example:
         >>> report = ckpt.verify_resume("train:build", "train:step", steps=6, save_at=2)
@@ -70,4 +75,5 @@ def verify_resume(
         save_at=save_at,
         fresh_process=fresh_process,
         manager_options=manager_options,
+        timeout=timeout,
     )

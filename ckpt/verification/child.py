@@ -8,8 +8,10 @@ and hands its trace back through ckpt's own format (tensors) and a JSON file
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import traceback
@@ -101,12 +103,17 @@ def run_in_fresh_process(
     checkpoint: str,
     workdir: str,
     storage_options: dict[str, Any] | None,
+    timeout: float | None = None,
 ) -> Trace:
     """Run the resumed run in ``sys.executable -c`` and return its trace.
+
+    The child runs in a session of its own: past ``timeout`` seconds it is killed
+    with every process it started (DataLoader workers, ...).
 
     Raises:
         CheckpointError: The restore failed in the child (the same class).
         RuntimeError: The child's own code failed, or the child died.
+        TimeoutError: The child ran past ``timeout``.
     """
     result = os.path.join(workdir, "resumed")
     os.makedirs(result)
@@ -123,13 +130,7 @@ def run_in_fresh_process(
     job_path = os.path.join(workdir, "job.json")
     with open(job_path, "w", encoding="utf-8") as f:
         json.dump(job, f)
-    done = subprocess.run(
-        [sys.executable, "-c", _CODE, job_path, _PACKAGE_ROOT],
-        capture_output=True,
-        text=True,
-        check=False,
-        stdin=subprocess.DEVNULL,
-    )
+    done = _run_child([sys.executable, "-c", _CODE, job_path, _PACKAGE_ROOT], timeout)
     error_path = os.path.join(result, "error.json")
     if os.path.exists(error_path):
         with open(error_path, encoding="utf-8") as f:
@@ -147,3 +148,32 @@ def run_in_fresh_process(
             + done.stderr[-4000:]
         )
     return _load_trace(result)
+
+
+def _run_child(command: list[str], timeout: float | None) -> subprocess.CompletedProcess[str]:
+    """Run ``command`` in a new session; past ``timeout`` kill the session and raise."""
+    child = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, err = child.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.pid, signal.SIGKILL)
+        _, err = child.communicate()
+        raise TimeoutError(
+            f"the resumed run in a fresh process ran past timeout={timeout:g} s and was "
+            "killed, with the processes it started; a step hangs, or raise the timeout"
+            + (f"; its last output:\n{err[-2000:]}" if err else "")
+        ) from None
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.pid, signal.SIGKILL)
+        child.wait()
+        raise
+    return subprocess.CompletedProcess(command, child.returncode, out, err)

@@ -62,9 +62,11 @@ def verify_resume(
     save_at: int,
     fresh_process: bool = True,
     manager_options: Mapping[str, Any] | None = None,
+    timeout: float | None = None,
 ) -> ResumeReport:
     """Check that a loop resumes exactly: :func:`ckpt.verify_resume` (documented there)."""
     options = _check_args(steps, save_at, manager_options)
+    _check_timeout(timeout)
     build_fn, step_fn = resolve(build), resolve(step)
     refs = _references(build, step, fresh_process)
     initial = capture_rng_state()
@@ -76,7 +78,7 @@ def verify_resume(
         if refs is not None:
             os.makedirs(workdir)
             return run_in_fresh_process(
-                refs[0], refs[1], steps, save_at, checkpoint, workdir, storage
+                refs[0], refs[1], steps, save_at, checkpoint, workdir, storage, timeout
             )
         return run_resumed(build_fn, step_fn, steps, save_at, checkpoint, storage)
 
@@ -118,3 +120,12 @@ def verify_resume(
     )
     logger.info("verify_resume: %s (%.2f s)", "exact" if report.exact else "NOT exact", total)
     return report
+
+
+def _check_timeout(timeout: float | None) -> None:
+    if timeout is None:
+        return
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise TypeError(f"timeout must be a number of seconds or None, got {timeout!r}")
+    if not timeout > 0 or timeout == float("inf"):
+        raise ValueError(f"timeout must be a positive, finite number of seconds: {timeout!r}")
