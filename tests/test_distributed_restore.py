@@ -9,8 +9,10 @@ on every rank. Functions named ``on_ranks_*`` run on the ranks.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -579,45 +581,64 @@ def test_three_ranks_one_reseeding_stop_alike_at_an_item_failing_on_two(
     assert_same_state(outcomes[2]["before"]["rng"], outcomes[2]["after"]["rng"], "rng")
 
 
+@contextlib.contextmanager
+def _collectives_run() -> Iterator[list[str]]:
+    """The names of ckpt's collectives this rank runs in the block (patched in for it only)."""
+    from ckpt.distributed.group import RankGroup
+
+    ran: list[str] = []
+    run = RankGroup._run
+
+    def counted(self: Any, operation: str, collective: Any) -> Any:
+        ran.append(operation)
+        return run(self, operation, collective)
+
+    RankGroup._run = counted  # type: ignore[method-assign]
+    try:
+        yield ran
+    finally:
+        RankGroup._run = run  # type: ignore[method-assign]
+
+
+def _failed_apply(error: Exception | None, ran: list[str]) -> dict[str, Any]:
+    """What a restore that should fail raised on this rank, and the collectives it ran."""
+    return {
+        "error": type(error).__name__,
+        "message": str(error),
+        "item": getattr(error, "item", None),
+        "applied": list(getattr(error, "applied", [])),
+        "not_applied": list(getattr(error, "not_applied", [])),
+        "ran": ran,
+    }
+
+
 def on_ranks_finish_fails(rank: int, world: int, root: str, failing: str) -> dict[str, Any]:
     """Restore where rank 1 fails at ``failing`` (``flaky``, or ``finish``: after every item).
 
     Returns the error and the collectives this rank ran (patched in for this call only).
     """
-    from ckpt.distributed.group import RankGroup
     from ckpt.restoring.pipeline import PreparedRestore
 
-    ran: list[str] = []
-    run, finish = RankGroup._run, PreparedRestore.finish
-
-    def counted(self: Any, operation: str, collective: Any) -> Any:
-        ran.append(operation)
-        return run(self, operation, collective)
+    finish = PreparedRestore.finish
 
     def refusing(self: Any) -> None:
         raise RuntimeError("finishing refused on this rank")
 
     model, optimizer, scheduler = make("fsdp", seed=5)
     flaky = Flaky(fail_live=rank == 1 and failing == "flaky")
-    RankGroup._run = counted  # type: ignore[method-assign]
     if rank == 1 and failing == "finish":
         PreparedRestore.finish = refusing  # type: ignore[method-assign]
+    error: Exception | None = None
     try:
-        with ckpt.CheckpointManager(root) as mgr:
+        with _collectives_run() as ran, ckpt.CheckpointManager(root) as mgr:
             mgr.restore(
                 model=model, optimizer=optimizer, scheduler=scheduler, flaky=flaky, extra={}
             )
     except ckpt.CheckpointError as e:
         error = e
     finally:
-        RankGroup._run, PreparedRestore.finish = run, finish  # type: ignore[method-assign]
-    return {
-        "error": type(error).__name__,
-        "message": str(error),
-        "applied": list(getattr(error, "applied", [])),
-        "not_applied": list(getattr(error, "not_applied", [])),
-        "ran": ran,
-    }
+        PreparedRestore.finish = finish  # type: ignore[method-assign]
+    return _failed_apply(error, ran)
 
 
 def test_every_path_runs_the_same_collectives_on_every_rank(rank_pool, tmp_path):
@@ -654,15 +675,9 @@ def on_ranks_apply_breaks(rank: int, world: int, root: str, how: str) -> dict[st
     failure was agreed). ``unprintable``: rank 1's torch stream (the last step) raises
     an error whose message cannot be printed.
     """
-    from ckpt.distributed.group import RankGroup
     from ckpt.distributed.restoring import ShardedRestore
 
-    ran: list[str] = []
-    run, close, set_rng_state = RankGroup._run, ShardedRestore.close, torch.set_rng_state
-
-    def counted(self: Any, operation: str, collective: Any) -> Any:
-        ran.append(operation)
-        return run(self, operation, collective)
+    close, set_rng_state = ShardedRestore.close, torch.set_rng_state
 
     def failing_close(self: Any) -> None:
         close(self)
@@ -670,12 +685,11 @@ def on_ranks_apply_breaks(rank: int, world: int, root: str, how: str) -> dict[st
 
     model, optimizer, scheduler = make("fsdp", seed=5)
     flaky = Flaky(fail_live=rank == 0 and how == "close")
-    RankGroup._run = counted  # type: ignore[method-assign]
     if rank == 1 and how == "close":
         ShardedRestore.close = failing_close  # type: ignore[method-assign]
     error: Exception | None = None
     try:
-        with ckpt.CheckpointManager(root) as mgr:
+        with _collectives_run() as ran, ckpt.CheckpointManager(root) as mgr:
             if rank == 1 and how == "unprintable":
                 torch.set_rng_state = _raise_unprintable  # type: ignore[assignment]
             try:
@@ -687,14 +701,8 @@ def on_ranks_apply_breaks(rank: int, world: int, root: str, how: str) -> dict[st
     except Exception as e:
         error = e
     finally:
-        RankGroup._run, ShardedRestore.close = run, close  # type: ignore[method-assign]
-    return {
-        "error": type(error).__name__,
-        "item": getattr(error, "item", None),
-        "applied": list(getattr(error, "applied", [])),
-        "not_applied": list(getattr(error, "not_applied", [])),
-        "ran": ran,
-    }
+        ShardedRestore.close = close  # type: ignore[method-assign]
+    return _failed_apply(error, ran)
 
 
 def test_a_rank_failing_again_after_an_agreed_failure_runs_no_collective_more(rank_pool, tmp_path):
