@@ -31,14 +31,13 @@ def save_call(
     """
     # metrics as text: NaN equals NaN there, so only values that differ differ
     shown = json.dumps(dict(metrics), sort_keys=True, separators=(",", ":"))
-    call: dict[str, Any] = {
+    return {
         "step": step,
         "epoch": epoch,
         "metrics": shown,
         "items": _kinds(items, local),
+        "overwrite": overwrite,  # rank 0 decides it: every rank must ask the same
     }
-    call["overwrite"] = overwrite  # rank 0 decides it: every rank must ask the same
-    return call
 
 
 def refuse_different_calls(step: int, calls: list[Any], path: str) -> RankMismatchError | None:
