@@ -36,11 +36,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from ckpt.errors import (
-    CorruptCheckpointError,
-    IncompatibleCheckpointError,
-    PartialRestoreError,
-)
+from ckpt.errors import CorruptCheckpointError, IncompatibleCheckpointError, PartialRestoreError
 from ckpt.format import Manifest
 from ckpt.io import PendingReads, load_tensors
 from ckpt.restoring.inplace import choose_destinations
