@@ -107,8 +107,8 @@ def run_in_fresh_process(
 ) -> Trace:
     """Run the resumed run in ``sys.executable -c`` and return its trace.
 
-    The child runs in a session of its own: past ``timeout`` seconds it is killed
-    with every process it started (DataLoader workers, ...).
+    With ``timeout``, the child runs in a session of its own: past ``timeout``
+    seconds it is killed with every process it started (DataLoader workers, ...).
 
     Raises:
         CheckpointError: The restore failed in the child (the same class).
@@ -151,14 +151,19 @@ def run_in_fresh_process(
 
 
 def _run_child(command: list[str], timeout: float | None) -> subprocess.CompletedProcess[str]:
-    """Run ``command`` in a new session; past ``timeout`` kill the session and raise."""
+    """Run ``command``; past ``timeout`` kill it with every process it started, and raise.
+
+    Only with a timeout does the child get a session of its own (so that it can be
+    killed with its processes): without one it stays in this process's group, where
+    a scheduler or a terminal stopping the group stops it too.
+    """
     child = subprocess.Popen(
         command,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         stdin=subprocess.DEVNULL,
         text=True,
-        start_new_session=True,
+        start_new_session=timeout is not None,
     )
     try:
         out, err = child.communicate(timeout=timeout)
@@ -173,7 +178,10 @@ def _run_child(command: list[str], timeout: float | None) -> subprocess.Complete
         ) from None
     except BaseException:
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(child.pid, signal.SIGKILL)
+            if timeout is None:
+                child.kill()
+            else:
+                os.killpg(child.pid, signal.SIGKILL)
         child.wait()
         raise
     return subprocess.CompletedProcess(command, child.returncode, out, err)
